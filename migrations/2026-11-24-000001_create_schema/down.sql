@@ -1,0 +1,13 @@
+DROP TABLE audit_log;
+DROP TABLE ticket_tags;
+DROP TABLE tags;
+DROP TABLE comments;
+DROP TABLE tickets;
+DROP TABLE bulk_operations;
+DROP TABLE users;
+DROP TABLE organizations;
+DROP TYPE operation_status;
+DROP TYPE ticket_channel;
+DROP TYPE ticket_priority;
+DROP TYPE ticket_status;
+DROP TYPE user_role;

@@ -1,0 +1,196 @@
+//! `ticketops doctor`: is the database reachable, migrated and healthy?
+
+use anyhow::Context as _;
+use diesel::sql_types::{BigInt, Double, Text};
+use diesel::{QueryableByName, RunQueryDsl, sql_query};
+use serde_json::json;
+
+use crate::cli::Context;
+use crate::cmd::migrate;
+use crate::db;
+use crate::exit;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exits 1 when the database is unreachable, migrations are pending, or a foreign key lacks an index."
+)]
+pub struct Args {}
+
+#[derive(QueryableByName)]
+struct TableStats {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Double)]
+    estimated_rows: f64,
+    #[diesel(sql_type = BigInt)]
+    total_bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    dead_tuples: i64,
+}
+
+#[derive(QueryableByName)]
+struct UnindexedForeignKey {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    constraint_name: String,
+    #[diesel(sql_type = Text)]
+    definition: String,
+}
+
+#[derive(QueryableByName)]
+struct Version {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+/// Foreign keys whose columns are not the leading columns of some index: every delete or
+/// key update on the referenced table would scan the referencing one.
+const UNINDEXED_FOREIGN_KEYS_SQL: &str = "
+SELECT c.conrelid::regclass::text AS table_name, c.conname::text AS constraint_name,
+       pg_get_constraintdef(c.oid) AS definition
+FROM pg_constraint c
+WHERE c.contype = 'f'
+  AND c.connamespace = 'public'::regnamespace
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_index i
+      WHERE i.indrelid = c.conrelid
+        AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
+        AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] <@ c.conkey)
+ORDER BY 1, 2";
+
+const TABLE_STATS_SQL: &str = "
+SELECT c.relname::text AS table_name,
+       greatest(c.reltuples, 0)::float8 AS estimated_rows,
+       pg_total_relation_size(c.oid) AS total_bytes,
+       coalesce(s.n_dead_tup, 0) AS dead_tuples
+FROM pg_class c
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
+  AND c.relname <> '__diesel_schema_migrations'
+ORDER BY c.relname";
+
+pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
+    let url = ctx.database_url()?;
+    let masked = db::mask_url(url);
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+
+    let version: Version = sql_query("SELECT current_setting('server_version') AS version")
+        .get_result(&mut conn)
+        .context("cannot read the server version")?;
+    let migrations = migrate::status(&mut conn)?;
+    let pending: Vec<&str> = migrations
+        .iter()
+        .filter(|(_, applied)| !applied)
+        .map(|(v, _)| v.as_str())
+        .collect();
+    let tables: Vec<TableStats> = sql_query(TABLE_STATS_SQL)
+        .load(&mut conn)
+        .context("cannot read table statistics")?;
+    let unindexed: Vec<UnindexedForeignKey> = sql_query(UNINDEXED_FOREIGN_KEYS_SQL)
+        .load(&mut conn)
+        .context("cannot list foreign keys")?;
+    let pool_state = pool.state();
+
+    let mut problems = Vec::new();
+    if !pending.is_empty() {
+        problems.push(format!(
+            "{} migration(s) pending ({}): run `ticketops migrate run`",
+            pending.len(),
+            pending.join(", ")
+        ));
+    }
+    for fk in &unindexed {
+        problems.push(format!(
+            "foreign key {} on {} has no supporting index: {}",
+            fk.constraint_name, fk.table_name, fk.definition
+        ));
+    }
+
+    if ctx.global.json {
+        let tables_json: Vec<_> = tables
+            .iter()
+            .map(|t| {
+                json!({
+                    "table": t.table_name,
+                    "estimated_rows": t.estimated_rows as i64,
+                    "total_bytes": t.total_bytes,
+                    "dead_tuples": t.dead_tuples,
+                })
+            })
+            .collect();
+        ctx.print_json(&json!({
+            "database_url": masked,
+            "server_version": version.version,
+            "pending_migrations": pending,
+            "tables": tables_json,
+            "unindexed_foreign_keys": unindexed.iter().map(|f| &f.constraint_name).collect::<Vec<_>>(),
+            "pool": { "max_size": pool.max_size(), "connections": pool_state.connections,
+                      "idle": pool_state.idle_connections,
+                      "connection_timeout_ms": db::CONNECTION_TIMEOUT.as_millis() as u64 },
+            "healthy": problems.is_empty(),
+            "problems": problems,
+        }))?;
+    } else {
+        println!("database       {masked}");
+        println!("server         PostgreSQL {}", version.version);
+        println!(
+            "migrations     {} applied, {} pending",
+            migrations.len() - pending.len(),
+            pending.len()
+        );
+        println!(
+            "pool           max {} connections, {} open, checkout timeout {} s, checked on checkout",
+            pool.max_size(),
+            pool_state.connections,
+            db::CONNECTION_TIMEOUT.as_secs()
+        );
+        println!();
+        println!(
+            "{:<20} {:>12} {:>12} {:>12}",
+            "table", "est. rows", "size", "dead tuples"
+        );
+        for t in &tables {
+            println!(
+                "{:<20} {:>12} {:>12} {:>12}",
+                t.table_name,
+                t.estimated_rows as i64,
+                human_bytes(t.total_bytes),
+                t.dead_tuples
+            );
+        }
+        println!();
+        if unindexed.is_empty() {
+            println!("foreign keys   every foreign key has a supporting index");
+        }
+        if problems.is_empty() {
+            println!("status         healthy");
+        } else {
+            for p in &problems {
+                println!("problem        {p}");
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(exit::SUCCESS)
+    } else {
+        eprintln!("error: {}", problems.join("; "));
+        Ok(exit::FAILURE)
+    }
+}
+
+fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,214 @@
+//! `ticketops import tickets|users|comments FILE|-`: the command-line side of the import
+//! pipeline in `crate::import`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::cli::Context;
+use crate::db::BatchTimeouts;
+use crate::exit::UsageError;
+use crate::import::comments::CommentImport;
+use crate::import::normalize::InputZone;
+use crate::import::source::{Encoding, Input, parse_delimiter};
+use crate::import::tickets::TicketImport;
+use crate::import::users::UserImport;
+use crate::import::{self, ImportOptions, MaxRejects, Mode};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum What {
+    /// Import tickets (upsert by external_id), creating their users, organizations and tags
+    #[command(after_help = TICKETS_HELP)]
+    Tickets {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Bring back tickets that are soft-deleted in the database (otherwise skipped)
+        #[arg(long)]
+        undelete: bool,
+        /// Fast first load into EMPTY tickets/ticket_tags: drops their secondary indexes and
+        /// foreign keys, loads, recreates and validates them, all in one transaction
+        #[arg(long)]
+        initial_load: bool,
+    },
+    /// Import users (upsert by e-mail): email, name, role, organization
+    Users {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Bring back users that are soft-deleted in the database (otherwise skipped)
+        #[arg(long)]
+        undelete: bool,
+    },
+    /// Import comments: ticket_external_id, author_email, body, public, created_at, external_id
+    Comments {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+const TICKETS_HELP: &str = "\
+Columns (by header name, case- and space-insensitive): external_id, subject, description, status,
+priority, channel, requester_email, requester_name, assignee_email, organization, tags, created_at,
+updated_at, solved_at. Required: external_id, subject, requester_email, status.
+
+Every row is accounted for: rows_read = inserted + updated + unchanged + duplicate + skipped_deleted
++ rejected. Rejected rows go to the rejects file with _record, _line and _error columns; fix them
+there and import that file again.
+
+Examples:
+  ticketops import tickets dump.csv
+  ticketops import tickets export.csv --map 'Ticket ID=external_id' --map 'Title=subject' \\
+      --value-map 'status:Pending Customer Response=pending'
+  zcat dump.csv.gz | ticketops import tickets - --rejects rejects.csv --json
+  ticketops import tickets dump.csv --resume        # continue after a crash or Ctrl-C";
+
+/// Options every import shares.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// The CSV file, or - for stdin
+    pub file: String,
+    /// Read a column under another header name: 'Source Header=field' (repeatable)
+    #[arg(long = "map", value_name = "HEADER=FIELD")]
+    pub maps: Vec<String>,
+    /// Translate a value before it is checked: 'field:Source Value=value' (repeatable)
+    #[arg(long = "value-map", value_name = "FIELD:FROM=TO")]
+    pub value_maps: Vec<String>,
+    /// Field delimiter: one ASCII character, or 'tab'
+    #[arg(long, default_value = ",", value_parser = parse_delimiter)]
+    pub delimiter: u8,
+    /// Separator between tags in the tags column
+    #[arg(long, default_value_t = ';')]
+    pub tag_separator: char,
+    /// Time zone of timestamps written without an offset (IANA name, e.g. Europe/Berlin)
+    #[arg(long, default_value = "UTC", value_parser = InputZone::parse)]
+    pub timezone: InputZone,
+    /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
+    #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
+    pub encoding: Encoding,
+    /// Where rejected rows go [default: FILE's name with .rejects.csv; required for stdin]
+    #[arg(long, value_name = "PATH")]
+    pub rejects: Option<PathBuf>,
+    /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
+    #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
+    pub max_rejects: Option<MaxRejects>,
+    /// Rows per batch transaction
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_size: u64,
+    /// Continue the latest unfinished import of a file with the same content from its checkpoint
+    #[arg(long, conflicts_with_all = ["atomic", "dry_run"])]
+    pub resume: bool,
+    /// Import the whole file in one transaction: on any failure nothing is committed
+    #[arg(long)]
+    pub atomic: bool,
+    /// Do everything inside a transaction that is rolled back, and report what would happen
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Lock wait limit per statement, in seconds, so a live application's locks are not waited on for long
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub lock_timeout: f64,
+    /// Statement time limit, in seconds
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub statement_timeout: f64,
+}
+
+impl CommonArgs {
+    fn options(&self, undelete: bool, initial_load: bool) -> anyhow::Result<ImportOptions> {
+        let renames = self
+            .maps
+            .iter()
+            .map(|m| {
+                m.rsplit_once('=')
+                    .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
+                    .filter(|(from, to)| !from.is_empty() && !to.is_empty())
+                    .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mode = match (self.atomic || initial_load, self.dry_run) {
+            (_, true) => Mode::DryRun,
+            (true, false) => Mode::Atomic,
+            (false, false) => Mode::Batched,
+        };
+        if initial_load && self.resume {
+            return Err(UsageError("--initial-load runs in one transaction and cannot be resumed".into()).into());
+        }
+        let seconds = |s: f64, flag: &str| -> anyhow::Result<Duration> {
+            if s.is_finite() && s >= 0.0 {
+                Ok(Duration::from_secs_f64(s))
+            } else {
+                Err(UsageError(format!("{flag} must be a number of seconds, not {s}")).into())
+            }
+        };
+        Ok(ImportOptions {
+            input: Input::from_arg(&self.file),
+            delimiter: self.delimiter,
+            encoding: self.encoding,
+            zone: self.timezone,
+            tag_separator: self.tag_separator,
+            renames,
+            value_maps: self.value_maps.clone(),
+            rejects: self.rejects.clone(),
+            max_rejects: self.max_rejects,
+            batch_size: self.batch_size as usize,
+            mode,
+            resume: self.resume,
+            undelete,
+            initial_load,
+            timeouts: BatchTimeouts {
+                lock_timeout: seconds(self.lock_timeout, "--lock-timeout")?,
+                statement_timeout: seconds(self.statement_timeout, "--statement-timeout")?,
+            },
+        })
+    }
+
+    /// What is recorded in `bulk_operations.args`.
+    fn to_json(&self, extra: serde_json::Value) -> serde_json::Value {
+        let mut args = json!({
+            "file": self.file,
+            "map": self.maps,
+            "value_map": self.value_maps,
+            "delimiter": (self.delimiter as char).to_string(),
+            "tag_separator": self.tag_separator.to_string(),
+            "encoding": format!("{:?}", self.encoding).to_lowercase(),
+            "batch_size": self.batch_size,
+            "atomic": self.atomic,
+            "dry_run": self.dry_run,
+            "resume": self.resume,
+        });
+        if let (Some(obj), Some(more)) = (args.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        args
+    }
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    match args.what {
+        What::Tickets {
+            common,
+            undelete,
+            initial_load,
+        } => {
+            let options = common.options(undelete, initial_load)?;
+            let kind = TicketImport::new(undelete, initial_load);
+            let args_json = common.to_json(json!({ "undelete": undelete, "initial_load": initial_load }));
+            import::run(ctx, options, kind, args_json)
+        }
+        What::Users { common, undelete } => {
+            let options = common.options(undelete, false)?;
+            let kind = UserImport::new(undelete);
+            import::run(ctx, options, kind, common.to_json(json!({ "undelete": undelete })))
+        }
+        What::Comments { common } => {
+            let options = common.options(false, false)?;
+            let kind = CommentImport::default();
+            import::run(ctx, options, kind, common.to_json(json!({})))
+        }
+    }
+}

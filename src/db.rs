@@ -1,0 +1,242 @@
+//! Database plumbing: the connection pool, URL masking, per-batch timeouts, advisory locks.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, PooledConnection};
+use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::{Connection, QueryResult, RunQueryDsl, sql_query};
+
+use crate::exit::LockHeld;
+
+/// The migrations in `migrations/`, embedded in the binary (build.rs rebuilds on change).
+pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations");
+
+pub type Pool = diesel::r2d2::Pool<ConnectionManager<PgConnection>>;
+pub type PooledConn = PooledConnection<ConnectionManager<PgConnection>>;
+
+/// How long to wait for a connection from the pool (and for the server to answer at all).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Returns the URL with any password replaced by `***`, safe to print and log.
+pub fn mask_url(url: &str) -> String {
+    // postgres://user:password@host/db — the password sits between the first ':' after the
+    // scheme and the last '@' before the host. Key-value strings ("host=... password=...")
+    // are handled too.
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@') {
+            let userinfo = &authority[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
+            }
+        }
+        // A password may also be given as a query parameter.
+        return mask_query_password(url);
+    }
+    url.split(' ')
+        .map(|part| match part.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn mask_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", masked.join("&"))
+}
+
+/// Adds `application_name=ticketops` (so the DBA sees who we are in pg_stat_activity) and a
+/// connect timeout, unless the URL sets them already.
+fn with_connection_params(url: &str) -> String {
+    if !url.contains("://") {
+        let mut s = url.to_string();
+        if !url.contains("application_name") {
+            s.push_str(" application_name=ticketops");
+        }
+        if !url.contains("connect_timeout") {
+            s.push_str(" connect_timeout=10");
+        }
+        return s;
+    }
+    let mut s = url.to_string();
+    for (key, value) in [("application_name", "ticketops"), ("connect_timeout", "10")] {
+        if !url.contains(&format!("{key}=")) {
+            s.push(if s.contains('?') { '&' } else { '?' });
+            s.push_str(&format!("{key}={value}"));
+        }
+    }
+    s
+}
+
+/// Connects once directly, so that an unreachable server gives libpq's own message rather
+/// than the pool's "timed out", then builds the pool.
+pub fn connect_pool(url: &str, size: u32) -> anyhow::Result<Pool> {
+    let full_url = with_connection_params(url);
+    establish(url)?;
+    let manager = ConnectionManager::<PgConnection>::new(full_url);
+    diesel::r2d2::Pool::builder()
+        .max_size(size.max(1))
+        .min_idle(Some(0))
+        .test_on_check_out(true)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .build(manager)
+        .with_context(|| format!("cannot create a connection pool for {}", mask_url(url)))
+}
+
+/// One connection outside any pool, with a message a person can act on when it fails.
+pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
+    PgConnection::establish(&with_connection_params(url)).map_err(|err| {
+        let reason = err.to_string();
+        let reason = reason.trim().replace('\n', " ");
+        anyhow::anyhow!(
+            "cannot connect to {}: {} — is the server running? set DATABASE_URL or --database-url",
+            mask_url(url),
+            reason
+        )
+    })
+}
+
+/// Checks a connection out of the pool with context.
+pub fn get(pool: &Pool) -> anyhow::Result<PooledConn> {
+    pool.get().context("cannot get a database connection from the pool")
+}
+
+/// Timeouts applied to each batch transaction, so that a bulk job never waits long on
+/// rows a live application holds, nor holds its own locks for long.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTimeouts {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl Default for BatchTimeouts {
+    fn default() -> Self {
+        BatchTimeouts {
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Sets the timeouts for the rest of the current transaction only.
+pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        timeouts.lock_timeout.as_millis(),
+        timeouts.statement_timeout.as_millis()
+    ))
+}
+
+/// Runs `f` in its own transaction with `SET LOCAL lock_timeout` / `statement_timeout`.
+pub fn in_batch_transaction<T, E, F>(conn: &mut PgConnection, timeouts: BatchTimeouts, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut PgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    conn.transaction(|conn| {
+        set_local_timeouts(conn, timeouts)?;
+        f(conn)
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct LockAnswer {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+/// The 64-bit advisory lock key for a name: stable across runs and clients.
+const LOCK_KEY_SQL: &str = "('x' || substr(md5('ticketops:' || $1), 1, 16))::bit(64)::bigint";
+
+/// A session-level PostgreSQL advisory lock held for as long as this value lives; it is
+/// released explicitly on drop, and by the server if the connection dies.
+pub struct AdvisoryLock {
+    conn: PooledConn,
+    name: String,
+}
+
+impl AdvisoryLock {
+    /// Tries to take the lock without waiting; another holder gives [`LockHeld`] (exit 75).
+    pub fn try_acquire(pool: &Pool, name: &str) -> anyhow::Result<AdvisoryLock> {
+        let mut conn = get(pool)?;
+        let answer: LockAnswer = sql_query(format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL}) AS locked"))
+            .bind::<Text, _>(name)
+            .get_result(&mut conn)
+            .with_context(|| format!("cannot take the advisory lock '{name}'"))?;
+        if !answer.locked {
+            return Err(LockHeld(name.to_string()).into());
+        }
+        Ok(AdvisoryLock {
+            conn,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        let _ = sql_query(format!("SELECT pg_advisory_unlock({LOCK_KEY_SQL}) AS locked"))
+            .bind::<Text, _>(&self.name)
+            .execute(&mut self.conn);
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+pub struct Count {
+    #[diesel(sql_type = BigInt)]
+    pub count: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_password_in_urls() {
+        assert_eq!(
+            mask_url("postgres://u:secret@host:5432/db"),
+            "postgres://u:***@host:5432/db"
+        );
+        assert_eq!(
+            mask_url("postgresql://u:p%40ss@h/db?sslmode=require"),
+            "postgresql://u:***@h/db?sslmode=require"
+        );
+        assert_eq!(mask_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            mask_url("postgres://h/db?user=u&password=pw"),
+            "postgres://h/db?user=u&password=***"
+        );
+        assert_eq!(
+            mask_url("host=h user=u password=pw dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+    }
+
+    #[test]
+    fn adds_application_name() {
+        assert_eq!(
+            with_connection_params("postgres://u@h/db"),
+            "postgres://u@h/db?application_name=ticketops&connect_timeout=10"
+        );
+        assert_eq!(
+            with_connection_params("postgres://u@h/db?application_name=x"),
+            "postgres://u@h/db?application_name=x&connect_timeout=10"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Organizations, users and tags referenced by imported rows: resolved to ids through
+//! client-side caches, the missing ones upserted in one set-based statement per batch.
+
+use std::collections::HashMap;
+
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
+
+use crate::models::UserRole;
+
+/// Caches are cleared past this many entries, so memory stays bounded on exports with
+/// millions of distinct users.
+const CACHE_LIMIT: usize = 500_000;
+
+#[derive(QueryableByName)]
+struct IdName {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+#[derive(QueryableByName)]
+struct IdEmailRole {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+/// A user as an imported row refers to it.
+#[derive(Debug, Clone)]
+pub struct UserRef<'a> {
+    pub email: &'a str,
+    pub name: Option<&'a str>,
+    pub role: UserRole,
+    pub organization_id: Option<i64>,
+}
+
+#[derive(Default)]
+pub struct EntityCache {
+    organizations: HashMap<String, i64>,
+    users: HashMap<String, (i64, UserRole)>,
+    tags: HashMap<String, i64>,
+}
+
+impl EntityCache {
+    /// Forgets everything, e.g. after a rolled-back batch whose inserts are gone.
+    pub fn clear(&mut self) {
+        self.organizations.clear();
+        self.users.clear();
+        self.tags.clear();
+    }
+
+    pub fn organization_id(&self, name: &str) -> Option<i64> {
+        self.organizations.get(name).copied()
+    }
+
+    pub fn user_id(&self, email: &str) -> Option<i64> {
+        self.users.get(email).map(|(id, _)| *id)
+    }
+
+    pub fn tag_id(&self, name: &str) -> Option<i64> {
+        self.tags.get(name).copied()
+    }
+
+    pub fn ensure_organizations<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> QueryResult<()> {
+        let missing = missing_keys(&self.organizations, names);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        bound_cache(&mut self.organizations);
+        for row in upsert_names(conn, "organizations", &missing)? {
+            self.organizations.insert(row.name, row.id);
+        }
+        Ok(())
+    }
+
+    pub fn ensure_tags<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> QueryResult<()> {
+        let missing = missing_keys(&self.tags, names);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        bound_cache(&mut self.tags);
+        for row in upsert_names(conn, "tags", &missing)? {
+            self.tags.insert(row.name, row.id);
+        }
+        Ok(())
+    }
+
+    /// Makes sure every user exists. A new user is inserted with the given role; an existing
+    /// customer referred to as an agent becomes an agent (never the other way round); a
+    /// non-empty name fills or replaces the stored one, an empty name never erases it.
+    pub fn ensure_users(&mut self, conn: &mut PgConnection, refs: &[UserRef<'_>]) -> QueryResult<()> {
+        // One entry per e-mail: the strongest role and the last non-empty name win.
+        let mut wanted: HashMap<&str, UserRef<'_>> = HashMap::new();
+        for r in refs {
+            // A cached user needs another look only to be promoted from customer.
+            if let Some((_, cached_role)) = self.users.get(r.email)
+                && !(r.role > *cached_role && *cached_role == UserRole::Customer)
+            {
+                continue;
+            }
+            let entry = wanted.entry(r.email).or_insert_with(|| r.clone());
+            if r.role > entry.role {
+                entry.role = r.role;
+            }
+            if r.name.is_some() {
+                entry.name = r.name;
+            }
+            if entry.organization_id.is_none() {
+                entry.organization_id = r.organization_id;
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        bound_cache(&mut self.users);
+        let mut emails = Vec::with_capacity(wanted.len());
+        let mut names = Vec::with_capacity(wanted.len());
+        let mut roles = Vec::with_capacity(wanted.len());
+        let mut orgs = Vec::with_capacity(wanted.len());
+        for r in wanted.values() {
+            emails.push(r.email.to_string());
+            names.push(r.name.map(str::to_string));
+            roles.push(r.role.as_str().to_string());
+            orgs.push(r.organization_id);
+        }
+        let rows: Vec<IdEmailRole> = sql_query(UPSERT_USERS_SQL)
+            .bind::<Array<Text>, _>(&emails)
+            .bind::<Array<Nullable<Text>>, _>(&names)
+            .bind::<Array<Text>, _>(&roles)
+            .bind::<Array<Nullable<BigInt>>, _>(&orgs)
+            .load(conn)?;
+        for row in rows {
+            let role = UserRole::from_label(&row.role).unwrap_or(UserRole::Customer);
+            self.users.insert(row.email, (row.id, role));
+        }
+        if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(e.as_str())) {
+            // Inserted by a concurrent transaction after our snapshot: the caller retries.
+            return Err(diesel::result::Error::QueryBuilderError(
+                format!("user {missing} was created concurrently; retry the batch").into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+const UPSERT_USERS_SQL: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS i(email, name, role, organization_id)
+), written AS (
+    INSERT INTO users AS u (email, name, role, organization_id)
+    SELECT email, nullif(name, ''), role::user_role, organization_id FROM input
+    ON CONFLICT (email) DO UPDATE SET
+        name = coalesce(excluded.name, u.name),
+        role = CASE WHEN u.role = 'customer' THEN excluded.role ELSE u.role END,
+        organization_id = coalesce(u.organization_id, excluded.organization_id),
+        updated_at = now()
+    WHERE (excluded.name IS NOT NULL AND excluded.name IS DISTINCT FROM u.name)
+       OR (u.role = 'customer' AND excluded.role <> 'customer')
+       OR (u.organization_id IS NULL AND excluded.organization_id IS NOT NULL)
+    RETURNING u.id, u.email, u.role::text AS role
+)
+SELECT id, email, role FROM written
+UNION ALL
+SELECT u.id, u.email, u.role::text FROM users u JOIN input i ON i.email = u.email
+WHERE u.email NOT IN (SELECT email FROM written)";
+
+/// Inserts the names that do not exist yet into `table` (organizations or tags, both with a
+/// unique `name`) and returns the ids of all of them.
+fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> QueryResult<Vec<IdName>> {
+    let sql = format!(
+        "WITH input AS (SELECT DISTINCT unnest($1::text[]) AS name),
+              inserted AS (INSERT INTO {table} (name) SELECT name FROM input ON CONFLICT (name) DO NOTHING RETURNING id, name)
+         SELECT id, name FROM inserted
+         UNION ALL SELECT t.id, t.name FROM {table} t JOIN input USING (name)"
+    );
+    let rows: Vec<IdName> = sql_query(&sql).bind::<Array<Text>, _>(names).load(conn)?;
+    if rows.len() < names.len() {
+        // A concurrent transaction inserted one after our snapshot; a second look sees it.
+        let again: Vec<IdName> = sql_query(format!("SELECT id, name FROM {table} WHERE name = ANY($1)"))
+            .bind::<Array<Text>, _>(names)
+            .load(conn)?;
+        return Ok(again);
+    }
+    Ok(rows)
+}
+
+fn missing_keys<'a, V>(cache: &HashMap<String, V>, keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut missing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !cache.contains_key(*k))
+        .map(str::to_string)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    missing
+}
+
+fn bound_cache<V>(cache: &mut HashMap<String, V>) {
+    if cache.len() > CACHE_LIMIT {
+        cache.clear();
+    }
+}

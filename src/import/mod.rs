@@ -1,0 +1,825 @@
+//! The CSV import pipeline shared by `import tickets`, `import users` and `import comments`.
+//!
+//! A reader thread parses and validates records into batches while the main thread writes
+//! the previous batch, so parsing overlaps database work. Each batch is one short
+//! transaction that also stores the operation's checkpoint, so a crash loses at most the
+//! batch in flight and `--resume` continues exactly after the last committed one.
+
+pub mod comments;
+pub mod entities;
+pub mod normalize;
+pub mod rejects;
+pub mod source;
+pub mod tickets;
+pub mod users;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use csv::ByteRecord;
+use diesel::{Connection, PgConnection};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::cli::Context;
+use crate::db::{self, AdvisoryLock, BatchTimeouts};
+use crate::exit::{self, UsageError};
+use crate::models::{NewBulkOperation, OperationStatus};
+use crate::operation;
+use crate::output;
+use crate::signals::StopFlags;
+use normalize::InputZone;
+use rejects::{RejectTally, RejectsWriter};
+use source::{ColumnMap, CsvSource, Encoding, FieldSpec, Input, Position, RecordFields, RowError, ValueMap};
+
+/// How rows are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Each batch commits on its own, with a checkpoint.
+    Batched,
+    /// The whole file in one transaction: on any failure nothing is committed.
+    Atomic,
+    /// Everything in one transaction that is rolled back at the end.
+    DryRun,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum MaxRejects {
+    Count(u64),
+    Percent(f64),
+}
+
+impl MaxRejects {
+    pub fn parse(value: &str) -> Result<MaxRejects, String> {
+        let v = value.trim();
+        if let Some(p) = v.strip_suffix('%') {
+            let pct: f64 = p.trim().parse().map_err(|_| format!("not a percentage: {value:?}"))?;
+            if !(0.0..=100.0).contains(&pct) {
+                return Err(format!("a percentage must be between 0 and 100, not {value:?}"));
+            }
+            return Ok(MaxRejects::Percent(pct));
+        }
+        v.parse()
+            .map(MaxRejects::Count)
+            .map_err(|_| format!("expected a number or a percentage like 5%, not {value:?}"))
+    }
+
+    /// Whether `rejected` of `read` rows is over the limit. A percentage is judged only once
+    /// enough rows were read for it to mean something (or at the end).
+    fn exceeded(self, rejected: u64, read: u64, at_end: bool) -> bool {
+        match self {
+            MaxRejects::Count(max) => rejected > max,
+            MaxRejects::Percent(pct) => {
+                (at_end || read >= 1000) && read > 0 && (rejected as f64) * 100.0 / (read as f64) > pct
+            }
+        }
+    }
+}
+
+/// Everything the import commands share, from the command line.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub input: Input,
+    pub delimiter: u8,
+    pub encoding: Encoding,
+    pub zone: InputZone,
+    pub tag_separator: char,
+    pub renames: Vec<(String, String)>,
+    pub value_maps: Vec<String>,
+    pub rejects: Option<PathBuf>,
+    pub max_rejects: Option<MaxRejects>,
+    pub batch_size: usize,
+    pub mode: Mode,
+    pub resume: bool,
+    pub undelete: bool,
+    pub initial_load: bool,
+    pub timeouts: BatchTimeouts,
+}
+
+/// Where every input row went. `rows_read` always equals the sum of the others.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub rows_read: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub duplicate: u64,
+    pub skipped_deleted: u64,
+    pub rejected: u64,
+}
+
+impl Counts {
+    pub fn accounted(&self) -> u64 {
+        self.inserted + self.updated + self.unchanged + self.duplicate + self.skipped_deleted + self.rejected
+    }
+}
+
+/// Parse-time settings an import kind needs.
+pub struct ParseOptions {
+    pub zone: InputZone,
+    pub tag_separator: char,
+}
+
+/// A valid row with where it came from.
+pub struct Numbered<R> {
+    pub record: u64,
+    pub line: u64,
+    pub raw: ByteRecord,
+    pub row: R,
+}
+
+/// A row that a writer found invalid against the database (e.g. a comment on a ticket that
+/// does not exist).
+pub struct WriterReject {
+    pub record: u64,
+    pub line: u64,
+    pub raw: ByteRecord,
+    pub error: RowError,
+}
+
+/// One kind of import: its fields, how a record becomes a row, and how a batch is written.
+pub trait ImportKind {
+    type Row: Send + 'static;
+    /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
+    const NAME: &'static str;
+    const FIELDS: &'static [FieldSpec];
+
+    fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<Self::Row, RowError>;
+
+    /// The key that identifies a row within a file (last occurrence wins), if any.
+    fn key(row: &Self::Row) -> Option<&str>;
+
+    /// Told which fields the file has, once its header is read.
+    fn configure(&mut self, _columns: &ColumnMap) {}
+
+    /// Called once inside the import's transaction (atomic modes) or before the first batch.
+    fn begin(&mut self, _conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Writes one deduplicated batch, adding to `counts` and returning rows it rejected.
+    fn write_batch(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<Self::Row>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<Vec<WriterReject>>;
+
+    /// Called once after the last batch, in the same transaction as it (atomic modes).
+    fn end(&mut self, _conn: &mut PgConnection) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Forgets cached state after a rolled-back batch.
+    fn reset(&mut self) {}
+}
+
+/// What the reader thread hands to the writer.
+struct Batch<R> {
+    rows: Vec<Numbered<R>>,
+    rejects: Vec<(u64, u64, ByteRecord, RowError)>,
+    end: Position,
+    rows_read: u64,
+}
+
+/// What is stored in `bulk_operations.checkpoint` after each committed batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Checkpoint {
+    position: Position,
+    rejects_bytes: u64,
+    counts: Counts,
+    tally: RejectTally,
+}
+
+/// The result of one import, printed as the summary.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    pub operation_id: Option<i64>,
+    pub kind: String,
+    pub status: OperationStatus,
+    pub file: String,
+    pub counts: Counts,
+    pub rejects_file: Option<String>,
+    pub tally: RejectTally,
+    pub elapsed: std::time::Duration,
+    pub stop_reason: String,
+    pub dry_run: bool,
+}
+
+impl ImportReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.counts;
+        let ms = self.elapsed.as_millis() as u64;
+        json!({
+            "operation_id": self.operation_id,
+            "kind": self.kind,
+            "status": self.status.as_str(),
+            "file": self.file,
+            "rows_read": c.rows_read,
+            "inserted": c.inserted,
+            "updated": c.updated,
+            "unchanged": c.unchanged,
+            "duplicate": c.duplicate,
+            "skipped_deleted": c.skipped_deleted,
+            "rejected": c.rejected,
+            "rejects_file": self.rejects_file,
+            "duration_ms": ms,
+            "rows_per_sec": (output::rate(c.rows_read, self.elapsed) * 10.0).round() / 10.0,
+            "dry_run": self.dry_run,
+            "stopped": self.stop_reason,
+            "errors": self.tally,
+        })
+    }
+
+    pub fn print_human(&self) {
+        let c = &self.counts;
+        let verb = if self.dry_run { "would be " } else { "" };
+        eprintln!(
+            "{}{} {}: {} ({} rows in {:.1} s, {:.0} rows/s)",
+            if self.dry_run { "dry run: " } else { "" },
+            self.kind,
+            self.file,
+            self.status.as_str(),
+            c.rows_read,
+            self.elapsed.as_secs_f64(),
+            output::rate(c.rows_read, self.elapsed)
+        );
+        eprintln!(
+            "  read {}  = {verb}inserted {} + {verb}updated {} + unchanged {} + duplicate {} + skipped (deleted) {} + rejected {}",
+            c.rows_read, c.inserted, c.updated, c.unchanged, c.duplicate, c.skipped_deleted, c.rejected
+        );
+        for (reason, t) in &self.tally.0 {
+            let lines: Vec<String> = t.first_lines.iter().map(|l| l.to_string()).collect();
+            let more = if t.count as usize > t.first_lines.len() {
+                ", …"
+            } else {
+                ""
+            };
+            eprintln!("  rejected {:>6}  {reason} (lines {}{more})", t.count, lines.join(", "));
+        }
+        if let Some(file) = &self.rejects_file {
+            eprintln!("  rejected rows written to {file}");
+        }
+        if let Some(id) = self.operation_id.filter(|_| !self.dry_run) {
+            eprintln!("  operation {id}");
+        }
+    }
+}
+
+/// The default rejects path: next to the input, `<name>.rejects.csv`.
+fn default_rejects_path(input: &Input) -> Option<PathBuf> {
+    match input {
+        Input::Stdin => None,
+        Input::File(path) => {
+            let name = path.file_name()?.to_string_lossy();
+            let stem = name.strip_suffix(".csv").unwrap_or(&name);
+            Some(path.with_file_name(format!("{stem}.rejects.csv")))
+        }
+    }
+}
+
+fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n =
+            std::io::Read::read(&mut file, &mut buffer).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Runs one import from start to summary and returns the exit code.
+pub fn run<K: ImportKind>(
+    ctx: &Context,
+    options: ImportOptions,
+    mut kind: K,
+    args_json: serde_json::Value,
+) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let op_kind = format!("import {}", K::NAME);
+    let stop = StopFlags::install()?;
+
+    let rejects_path = match (&options.rejects, default_rejects_path(&options.input)) {
+        (Some(path), _) => path.clone(),
+        (None, Some(path)) => path,
+        (None, None) => {
+            return Err(UsageError("reading from stdin needs --rejects PATH for the rejected rows".into()).into());
+        }
+    };
+    if options.resume && matches!(options.input, Input::Stdin) {
+        return Err(UsageError("--resume needs a file: stdin cannot be read again".into()).into());
+    }
+    if options.resume && options.mode != Mode::Batched {
+        return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
+    }
+
+    let pool = ctx.pool(2)?;
+    let source_sha = match &options.input {
+        Input::File(path) => Some(sha256_file(path)?),
+        Input::Stdin => None,
+    };
+    // One import of the same file at a time: a second one would race the first's checkpoints.
+    let _lock = match &source_sha {
+        Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(&pool, &format!("import:{sha}"))?),
+        _ => None,
+    };
+    let mut conn = db::get(&pool)?;
+
+    // A resume picks up the latest unfinished import of a file with the same content.
+    let mut resumed: Option<(i64, Checkpoint)> = None;
+    if options.resume {
+        let sha = source_sha.as_deref().expect("files have a hash");
+        match operation::latest_unfinished(&mut conn, &op_kind, sha).context("cannot look up unfinished imports")? {
+            Some(op) => {
+                let checkpoint = match op.checkpoint {
+                    Some(value) => serde_json::from_value::<Checkpoint>(value)
+                        .with_context(|| format!("operation {} has an unreadable checkpoint", op.id))?,
+                    None => Checkpoint {
+                        position: Position::default(),
+                        rejects_bytes: 0,
+                        counts: Counts::default(),
+                        tally: RejectTally::default(),
+                    },
+                };
+                ctx.info(format!(
+                    "resuming operation {} ({}) after record {} (line {})",
+                    op.id,
+                    op.status.as_str(),
+                    checkpoint.position.record,
+                    checkpoint.position.line
+                ));
+                resumed = Some((op.id, checkpoint));
+            }
+            None => ctx.info("nothing to resume: no unfinished import of this file; starting from the beginning"),
+        }
+    }
+    let resume_at = resumed.as_ref().map(|(_, c)| c.position).filter(|p| p.record > 0);
+    let mut source = CsvSource::open(&options.input, options.delimiter, options.encoding, resume_at)?;
+
+    // Everything that can be wrong with the header is an error before anything is written.
+    let empty_input = source.raw_header.is_empty();
+    if empty_input {
+        ctx.info(format!(
+            "{}: the input is empty (no header, no rows); nothing to import",
+            options.input.display()
+        ));
+    }
+    let columns = if empty_input {
+        None
+    } else {
+        Some(ColumnMap::resolve(&source.header, K::FIELDS, &options.renames).with_context(|| options.input.display())?)
+    };
+    let value_map = ValueMap::parse(&options.value_maps, K::FIELDS)?;
+    if let Some(columns) = &columns {
+        kind.configure(columns);
+    }
+    if let Some(ignored) = columns.as_ref().map(|c| &c.ignored).filter(|i| !i.is_empty()) {
+        ctx.info(format!("warning: ignoring unknown column(s): {}", ignored.join(", ")));
+    }
+
+    let (mut counts, mut tally, start_rejects_len) = match &resumed {
+        Some((_, c)) => (c.counts, c.tally.clone(), Some(c.rejects_bytes)),
+        None => (Counts::default(), RejectTally::default(), None),
+    };
+    let mut rejects = RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len);
+
+    let file_display = options.input.display();
+    let operator = operation::operator();
+    let new_op = NewBulkOperation {
+        kind: &op_kind,
+        args: args_json,
+        operator: &operator,
+        source_file: match &options.input {
+            Input::File(p) => p.to_str(),
+            Input::Stdin => None,
+        },
+        source_sha256: source_sha.as_deref(),
+    };
+    // The operation row is committed at once in batched and atomic modes, so that the outcome
+    // can be recorded whatever happens to the import's own transaction; a dry run records it
+    // inside the transaction it rolls back.
+    let op_id = match (&resumed, options.mode) {
+        (Some((id, _)), _) => {
+            operation::reopen(&mut conn, *id).context("cannot reopen the operation")?;
+            *id
+        }
+        (None, Mode::DryRun) => 0,
+        (None, _) => operation::start(&mut conn, &new_op).context("cannot record the operation")?,
+    };
+
+    let progress = output::byte_progress(ctx.show_progress(), options.input.size());
+    progress.set_prefix("importing");
+
+    // The reader thread: parse and validate while the database works on the previous batch.
+    let (sender, receiver) = mpsc::sync_channel::<anyhow::Result<Batch<K::Row>>>(2);
+    let batch_size = options.batch_size.max(1);
+    let parse_options = ParseOptions {
+        zone: options.zone,
+        tag_separator: options.tag_separator,
+    };
+    let encoding = options.encoding;
+    let reader_progress = progress.clone();
+    let reader = columns.map(|columns| {
+        std::thread::spawn(move || {
+            read_batches::<K>(
+                &mut source,
+                &columns,
+                &value_map,
+                encoding,
+                &parse_options,
+                batch_size,
+                &sender,
+                &reader_progress,
+            )
+        })
+    });
+
+    let mut process =
+        |conn: &mut PgConnection, counts: &mut Counts, tally: &mut RejectTally| -> anyhow::Result<LoopEnd> {
+            let id = if options.mode == Mode::DryRun {
+                operation::start(conn, &new_op).context("cannot record the operation")?
+            } else {
+                op_id
+            };
+            process_batches(
+                conn,
+                id,
+                &receiver,
+                &mut kind,
+                &options,
+                &mut rejects,
+                counts,
+                tally,
+                &stop,
+                &progress,
+            )
+        };
+    let result: anyhow::Result<LoopEnd> = if reader.is_none() {
+        Ok(LoopEnd::default())
+    } else {
+        match options.mode {
+            Mode::Batched => process(&mut conn, &mut counts, &mut tally),
+            Mode::Atomic => {
+                // A max-rejects abort or a signal rolls an atomic import back too.
+                let mut unclean_end = None;
+                let committed = conn.transaction(|c| {
+                    let end = process(c, &mut counts, &mut tally)?;
+                    if end.abort.is_none() && end.signal.is_none() {
+                        Ok(end)
+                    } else {
+                        unclean_end = Some(end);
+                        Err(anyhow::anyhow!("rolled back"))
+                    }
+                });
+                match (committed, unclean_end) {
+                    (Ok(end), _) => Ok(end),
+                    (Err(_), Some(end)) => Ok(end),
+                    (Err(e), None) => Err(e),
+                }
+            }
+            Mode::DryRun => {
+                let mut outcome = None;
+                let _ = conn.transaction::<(), anyhow::Error, _>(|c| {
+                    outcome = Some(process(c, &mut counts, &mut tally));
+                    Err(anyhow::anyhow!("dry run: rolled back"))
+                });
+                outcome.expect("the transaction ran")
+            }
+        }
+    };
+    progress.finish_and_clear();
+    drop(receiver);
+    if let Some(handle) = reader {
+        let _ = handle.join();
+    }
+    rejects.flush()?;
+
+    let rolled_back = options.mode == Mode::Atomic;
+    let (status, message, mut exit_code, stop_reason) = match &result {
+        Err(e) => {
+            let status = if rolled_back {
+                OperationStatus::RolledBack
+            } else {
+                OperationStatus::Failed
+            };
+            (status, Some(format!("{e:#}")), exit::FAILURE, "error")
+        }
+        Ok(LoopEnd { abort: Some(msg), .. }) => {
+            let status = if rolled_back {
+                OperationStatus::RolledBack
+            } else {
+                OperationStatus::Failed
+            };
+            (status, Some(msg.clone()), exit::FAILURE, "max-rejects")
+        }
+        Ok(LoopEnd { signal: Some(code), .. }) => {
+            let status = if rolled_back {
+                OperationStatus::RolledBack
+            } else {
+                OperationStatus::Interrupted
+            };
+            (
+                status,
+                Some(format!("stopped by {}", StopFlags::signal_name(*code))),
+                *code,
+                "signal",
+            )
+        }
+        Ok(_) => (OperationStatus::Succeeded, None, exit::SUCCESS, "done"),
+    };
+    if result.is_ok() && counts.accounted() != counts.rows_read {
+        bail!(
+            "internal error: {} rows read but {} accounted for ({counts:?})",
+            counts.rows_read,
+            counts.accounted()
+        );
+    }
+    if op_id != 0 {
+        operation::finish(
+            &mut conn,
+            op_id,
+            status,
+            &serde_json::to_value(counts)?,
+            message.as_deref(),
+        )
+        .context("cannot record the end of the operation")?;
+    }
+    if status == OperationStatus::Succeeded && counts.rejected > 0 {
+        exit_code = exit::REJECTED_ROWS;
+    }
+
+    let report = ImportReport {
+        operation_id: (op_id != 0).then_some(op_id),
+        kind: op_kind,
+        status,
+        file: file_display,
+        counts,
+        rejects_file: rejects.written().then(|| rejects.path().display().to_string()),
+        tally,
+        elapsed: started.elapsed(),
+        stop_reason: stop_reason.to_string(),
+        dry_run: options.mode == Mode::DryRun,
+    };
+    if !ctx.global.quiet {
+        report.print_human();
+    }
+    if ctx.global.json {
+        ctx.print_json(&report.to_json())?;
+    }
+    match result {
+        Err(e) => {
+            let what_stays = match options.mode {
+                Mode::Batched => format!(
+                    "batches committed before it stay (operation {op_id}); fix the cause and run again, or add --resume"
+                ),
+                Mode::Atomic => "nothing was committed".to_string(),
+                Mode::DryRun => "dry run, nothing was written".to_string(),
+            };
+            Err(e.context(format!("{} of {} failed; {what_stays}", report.kind, report.file)))
+        }
+        Ok(end) => {
+            if let Some(msg) = end.abort {
+                let what_stays = if rolled_back {
+                    "nothing was committed"
+                } else {
+                    "batches committed before it stay"
+                };
+                eprintln!("error: {msg}; {what_stays}");
+            }
+            Ok(exit_code)
+        }
+    }
+}
+
+/// How the batch loop ended when it did not fail.
+#[derive(Debug, Default)]
+struct LoopEnd {
+    /// `--max-rejects` was exceeded.
+    abort: Option<String>,
+    /// A signal asked us to stop (its exit code).
+    signal: Option<i32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn process_batches<K: ImportKind>(
+    conn: &mut PgConnection,
+    op_id: i64,
+    receiver: &mpsc::Receiver<anyhow::Result<Batch<K::Row>>>,
+    kind: &mut K,
+    options: &ImportOptions,
+    rejects: &mut RejectsWriter,
+    counts: &mut Counts,
+    tally: &mut RejectTally,
+    stop: &StopFlags,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<LoopEnd> {
+    kind.begin(conn, op_id)?;
+    let started = Instant::now();
+    for batch in receiver.iter() {
+        let batch = batch?;
+        let first_line = batch
+            .rows
+            .first()
+            .map(|r| r.line)
+            .or(batch.rejects.first().map(|r| r.1))
+            .unwrap_or(0);
+        let mut batch_counts = *counts;
+        let mut batch_tally = tally.clone();
+        batch_counts.rows_read += batch.rows_read;
+
+        for (record, line, raw, error) in &batch.rejects {
+            rejects.write(raw, *record, *line, error)?;
+            batch_counts.rejected += 1;
+            batch_tally.add(&error.reason, *line);
+        }
+        // Within a file the last occurrence of a key wins; earlier ones are duplicates.
+        let rows = dedupe::<K>(batch.rows, &mut batch_counts);
+
+        let write = |conn: &mut PgConnection,
+                     rows: Vec<Numbered<K::Row>>,
+                     kind: &mut K,
+                     c: &mut Counts,
+                     t: &mut RejectTally,
+                     rejects: &mut RejectsWriter|
+         -> anyhow::Result<()> {
+            db::set_local_timeouts(conn, options.timeouts)?;
+            let writer_rejects = kind.write_batch(conn, op_id, rows, c)?;
+            for r in &writer_rejects {
+                rejects.write(&r.raw, r.record, r.line, &r.error)?;
+                c.rejected += 1;
+                t.add(&r.error.reason, r.line);
+            }
+            let rejects_bytes = rejects.flush()?;
+            if options.mode == Mode::Batched {
+                let checkpoint = Checkpoint {
+                    position: batch.end,
+                    rejects_bytes,
+                    counts: *c,
+                    tally: t.clone(),
+                };
+                operation::save_checkpoint(
+                    conn,
+                    op_id,
+                    &serde_json::to_value(&checkpoint)?,
+                    &serde_json::to_value(*c)?,
+                )?;
+            }
+            Ok(())
+        };
+        let result = if options.mode == Mode::Batched {
+            conn.transaction(|conn| write(conn, rows, kind, &mut batch_counts, &mut batch_tally, rejects))
+        } else {
+            write(conn, rows, kind, &mut batch_counts, &mut batch_tally, rejects)
+        };
+        if let Err(err) = result {
+            kind.reset();
+            return Err(err.context(format!(
+                "batch starting at line {first_line} of {} could not be written",
+                options.input.display()
+            )));
+        }
+        *counts = batch_counts;
+        *tally = batch_tally;
+        progress.set_message(format!(
+            "{} rows, {:.0} rows/s",
+            counts.rows_read,
+            output::rate(counts.rows_read, started.elapsed())
+        ));
+
+        if let Some(limit) = options.max_rejects
+            && limit.exceeded(counts.rejected, counts.rows_read, false)
+        {
+            return Ok(LoopEnd {
+                abort: Some(format!(
+                    "too many rejected rows: {} of {} read, over --max-rejects; stopped",
+                    counts.rejected, counts.rows_read
+                )),
+                signal: None,
+            });
+        }
+        if let Some(code) = stop.requested() {
+            return Ok(LoopEnd {
+                abort: None,
+                signal: Some(code),
+            });
+        }
+    }
+    if let Some(limit) = options.max_rejects
+        && limit.exceeded(counts.rejected, counts.rows_read, true)
+    {
+        return Ok(LoopEnd {
+            abort: Some(format!(
+                "too many rejected rows: {} of {} read, over --max-rejects",
+                counts.rejected, counts.rows_read
+            )),
+            signal: None,
+        });
+    }
+    kind.end(conn)?;
+    Ok(LoopEnd::default())
+}
+
+/// Keeps the last row per key; counts the others as duplicates.
+fn dedupe<K: ImportKind>(rows: Vec<Numbered<K::Row>>, counts: &mut Counts) -> Vec<Numbered<K::Row>> {
+    let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+    let mut keep = vec![true; rows.len()];
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(key) = K::key(&r.row)
+            && let Some(previous) = last.insert(key.to_string(), i)
+        {
+            keep[previous] = false;
+            counts.duplicate += 1;
+        }
+    }
+    rows.into_iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| r).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_batches<K: ImportKind>(
+    source: &mut CsvSource,
+    columns: &ColumnMap,
+    value_map: &ValueMap,
+    encoding: Encoding,
+    options: &ParseOptions,
+    batch_size: usize,
+    sender: &mpsc::SyncSender<anyhow::Result<Batch<K::Row>>>,
+    progress: &indicatif::ProgressBar,
+) {
+    let mut record = ByteRecord::new();
+    let mut batch = Batch {
+        rows: Vec::with_capacity(batch_size),
+        rejects: Vec::new(),
+        end: Position::default(),
+        rows_read: 0,
+    };
+    loop {
+        let next = match source.next(&mut record) {
+            Ok(next) => next,
+            Err(e) => {
+                let _ = sender.send(Err(e));
+                return;
+            }
+        };
+        let Some((line, after)) = next else { break };
+        batch.rows_read += 1;
+        batch.end = after;
+        let parsed = if record.len() != columns.header_len {
+            Err(RowError::new(
+                None,
+                "wrong number of fields",
+                format!(
+                    "expected {} fields (as in the header), found {}",
+                    columns.header_len,
+                    record.len()
+                ),
+            ))
+        } else {
+            let fields = RecordFields {
+                record: &record,
+                columns,
+                fields: K::FIELDS,
+                encoding,
+                value_map,
+            };
+            K::parse(&fields, options)
+        };
+        match parsed {
+            Ok(row) => batch.rows.push(Numbered {
+                record: after.record,
+                line,
+                raw: record.clone(),
+                row,
+            }),
+            Err(error) => batch.rejects.push((after.record, line, record.clone(), error)),
+        }
+        if batch.rows.len() + batch.rejects.len() >= batch_size {
+            progress.set_position(after.byte);
+            let full = std::mem::replace(
+                &mut batch,
+                Batch {
+                    rows: Vec::with_capacity(batch_size),
+                    rejects: Vec::new(),
+                    end: after,
+                    rows_read: 0,
+                },
+            );
+            if sender.send(Ok(full)).is_err() {
+                return; // the writer stopped (error or signal)
+            }
+        }
+    }
+    if batch.rows_read > 0 {
+        progress.set_position(batch.end.byte);
+        let _ = sender.send(Ok(batch));
+    }
+}

@@ -1,0 +1,287 @@
+//! Parsing and normalising one field's text: enums with their common aliases, timestamps,
+//! e-mail addresses, tag lists. Every function returns a reason a person can act on.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use crate::models::{TicketChannel, TicketPriority, TicketStatus, UserRole};
+
+/// Lower-cases and folds spaces, hyphens and underscores, so that `On Hold`, `on-hold` and
+/// `ON_HOLD` compare equal.
+fn fold(value: &str) -> String {
+    value
+        .trim()
+        .chars()
+        .map(|c| {
+            if c == ' ' || c == '-' {
+                '_'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+pub fn ticket_status(value: &str) -> Result<TicketStatus, String> {
+    let folded = fold(value);
+    let status = match folded.as_str() {
+        "new" | "unopened" => TicketStatus::New,
+        "open" | "opened" | "in_progress" | "active" | "reopened" => TicketStatus::Open,
+        "pending" | "waiting" | "awaiting_customer" | "waiting_on_customer" => TicketStatus::Pending,
+        "on_hold" | "onhold" | "hold" | "held" => TicketStatus::OnHold,
+        "solved" | "resolved" | "done" => TicketStatus::Solved,
+        "closed" | "close" | "archived" => TicketStatus::Closed,
+        "" => return Err("status is empty".into()),
+        _ => {
+            return Err(format!(
+                "unknown status {:?} (expected one of new, open, pending, on_hold, solved, closed; use --value-map for others)",
+                value.trim()
+            ));
+        }
+    };
+    Ok(status)
+}
+
+/// A blank priority means `normal`.
+pub fn ticket_priority(value: &str) -> Result<TicketPriority, String> {
+    let folded = fold(value);
+    let priority = match folded.as_str() {
+        "" | "normal" | "medium" | "med" | "moderate" | "p3" => TicketPriority::Normal,
+        "low" | "minor" | "p4" => TicketPriority::Low,
+        "high" | "major" | "important" | "p2" => TicketPriority::High,
+        "urgent" | "critical" | "blocker" | "emergency" | "highest" | "p1" => TicketPriority::Urgent,
+        _ => {
+            return Err(format!(
+                "unknown priority {:?} (expected one of low, normal, high, urgent; use --value-map for others)",
+                value.trim()
+            ));
+        }
+    };
+    Ok(priority)
+}
+
+/// A blank channel means `other`.
+pub fn ticket_channel(value: &str) -> Result<TicketChannel, String> {
+    let folded = fold(value);
+    let channel = match folded.as_str() {
+        "" | "other" | "unknown" => TicketChannel::Other,
+        "email" | "e_mail" | "mail" => TicketChannel::Email,
+        "web" | "web_form" | "webform" | "form" | "portal" => TicketChannel::Web,
+        "chat" | "live_chat" | "livechat" | "messaging" => TicketChannel::Chat,
+        "phone" | "voice" | "call" | "telephone" => TicketChannel::Phone,
+        "social" | "twitter" | "facebook" | "social_media" => TicketChannel::Social,
+        "api" => TicketChannel::Api,
+        _ => {
+            return Err(format!(
+                "unknown channel {:?} (expected one of email, web, chat, phone, social, api, other; use --value-map for others)",
+                value.trim()
+            ));
+        }
+    };
+    Ok(channel)
+}
+
+/// A blank role means `customer`.
+pub fn user_role(value: &str) -> Result<UserRole, String> {
+    let folded = fold(value);
+    let role = match folded.as_str() {
+        "" | "customer" | "end_user" | "enduser" | "user" | "requester" | "contact" => UserRole::Customer,
+        "agent" | "staff" | "support" => UserRole::Agent,
+        "admin" | "administrator" => UserRole::Admin,
+        _ => {
+            return Err(format!(
+                "unknown role {:?} (expected one of customer, agent, admin; use --value-map for others)",
+                value.trim()
+            ));
+        }
+    };
+    Ok(role)
+}
+
+pub fn boolean(value: &str) -> Result<Option<bool>, String> {
+    match fold(value).as_str() {
+        "" => Ok(None),
+        "true" | "t" | "yes" | "y" | "1" | "public" => Ok(Some(true)),
+        "false" | "f" | "no" | "n" | "0" | "private" | "internal" => Ok(Some(false)),
+        _ => Err(format!("not a boolean: {:?} (expected true or false)", value.trim())),
+    }
+}
+
+/// Lower-cases and checks the shape `local@domain.tld`, no spaces. An empty value is `None`.
+pub fn email(value: &str) -> Result<Option<String>, String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    let lower = trimmed.to_lowercase();
+    let valid = match lower.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !domain.contains("..")
+                && !lower
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "<>(),;:\"[]\\".contains(c))
+        }
+        None => false,
+    };
+    if valid {
+        Ok(Some(lower))
+    } else {
+        Err(format!("not an e-mail address: {trimmed:?}"))
+    }
+}
+
+/// The time zone assumed for timestamps that carry no offset.
+#[derive(Debug, Clone, Copy)]
+pub enum InputZone {
+    Utc,
+    Named(Tz),
+}
+
+impl InputZone {
+    pub fn parse(name: &str) -> Result<InputZone, String> {
+        if name.eq_ignore_ascii_case("utc") || name == "Z" {
+            return Ok(InputZone::Utc);
+        }
+        name.parse::<Tz>()
+            .map(InputZone::Named)
+            .map_err(|_| format!("unknown time zone {name:?} (use an IANA name such as Europe/Berlin, or UTC)"))
+    }
+
+    fn to_utc(self, naive: NaiveDateTime) -> Result<DateTime<Utc>, String> {
+        match self {
+            InputZone::Utc => Ok(naive.and_utc()),
+            InputZone::Named(tz) => match tz.from_local_datetime(&naive) {
+                chrono::LocalResult::Single(dt) => Ok(dt.with_timezone(&Utc)),
+                // An autumn-back hour happens twice: take the earlier, as PostgreSQL does.
+                chrono::LocalResult::Ambiguous(earlier, _) => Ok(earlier.with_timezone(&Utc)),
+                chrono::LocalResult::None => Err(format!("{naive} does not exist in {tz} (a daylight-saving gap)")),
+            },
+        }
+    }
+}
+
+/// RFC 3339 (`2024-03-01T12:00:00Z`, `+02:00`), `YYYY-MM-DD HH:MM:SS[.frac]` (with `T` or a
+/// space, optional offset), or a bare date (midnight). An empty value is `None`.
+pub fn timestamp(value: &str, zone: InputZone) -> Result<Option<DateTime<Utc>>, String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(dt) = DateTime::parse_from_rfc3339(v) {
+        return Ok(Some(dt.with_timezone(&Utc)));
+    }
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%dT%H:%M:%S%.f%#z",
+    ] {
+        if let Ok(dt) = DateTime::parse_from_str(v, format) {
+            return Ok(Some(dt.with_timezone(&Utc)));
+        }
+    }
+    if let Some(stripped) = v.strip_suffix(" UTC").or_else(|| v.strip_suffix('Z')) {
+        for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+            if let Ok(naive) = NaiveDateTime::parse_from_str(stripped.trim_end(), format) {
+                return Ok(Some(naive.and_utc()));
+            }
+        }
+    }
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(naive) = NaiveDateTime::parse_from_str(v, format) {
+            return zone.to_utc(naive).map(Some);
+        }
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+        let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
+        return zone.to_utc(midnight).map(Some);
+    }
+    Err(format!(
+        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM:SS[.frac] or YYYY-MM-DD)"
+    ))
+}
+
+/// Splits a tag list on `separator`, trims, lower-cases, drops empties and duplicates,
+/// and returns the tags sorted (a stable order makes set comparison cheap).
+pub fn tags(value: &str, separator: char) -> Result<Vec<String>, String> {
+    let mut tags: Vec<String> = value
+        .split(separator)
+        .map(|t| t.trim().to_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(bad) = tags.iter().find(|t| t.chars().count() > 100) {
+        return Err(format!("tag longer than 100 characters: {bad:?}"));
+    }
+    tags.sort();
+    tags.dedup();
+    Ok(tags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_aliases() {
+        assert_eq!(ticket_status("On Hold"), Ok(TicketStatus::OnHold));
+        assert_eq!(ticket_status("on-hold"), Ok(TicketStatus::OnHold));
+        assert_eq!(ticket_status(" OPEN "), Ok(TicketStatus::Open));
+        assert!(ticket_status("bogus").unwrap_err().contains("unknown status \"bogus\""));
+        assert!(ticket_status("").is_err());
+    }
+
+    #[test]
+    fn priority_aliases() {
+        assert_eq!(ticket_priority("Critical"), Ok(TicketPriority::Urgent));
+        assert_eq!(ticket_priority("Medium"), Ok(TicketPriority::Normal));
+        assert_eq!(ticket_priority(""), Ok(TicketPriority::Normal));
+        assert!(ticket_priority("asap").is_err());
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(email(" Ann@Example.COM "), Ok(Some("ann@example.com".into())));
+        assert_eq!(email(""), Ok(None));
+        assert!(email("not-an-email").is_err());
+        assert!(email("a@b").is_err());
+        assert!(email("a b@c.com").is_err());
+        assert!(email("a@@c.com").is_err());
+    }
+
+    #[test]
+    fn timestamps() {
+        let utc = InputZone::Utc;
+        let expect = |s: &str| timestamp(s, utc).unwrap().unwrap().to_rfc3339();
+        assert_eq!(expect("2024-03-01T12:00:00Z"), "2024-03-01T12:00:00+00:00");
+        assert_eq!(expect("2024-03-01T12:00:00+02:00"), "2024-03-01T10:00:00+00:00");
+        assert_eq!(expect("2024-03-01 12:00:00"), "2024-03-01T12:00:00+00:00");
+        assert_eq!(expect("2024-03-01 12:00:00.250"), "2024-03-01T12:00:00.250+00:00");
+        assert_eq!(expect("2024-03-01 12:00:00+01"), "2024-03-01T11:00:00+00:00");
+        assert_eq!(expect("2024-03-01"), "2024-03-01T00:00:00+00:00");
+        assert_eq!(timestamp("  ", utc), Ok(None));
+        assert!(timestamp("2024-13-01", utc).is_err());
+        assert!(timestamp("yesterday", utc).is_err());
+        let berlin = InputZone::parse("Europe/Berlin").unwrap();
+        assert_eq!(
+            timestamp("2024-07-01 12:00:00", berlin).unwrap().unwrap().to_rfc3339(),
+            "2024-07-01T10:00:00+00:00"
+        );
+        assert!(timestamp("2024-03-31 02:30:00", berlin).is_err());
+    }
+
+    #[test]
+    fn tag_lists() {
+        assert_eq!(tags(" VIP; billing;;vip ", ';').unwrap(), vec!["billing", "vip"]);
+        assert!(tags("", ';').unwrap().is_empty());
+    }
+}

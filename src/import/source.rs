@@ -1,0 +1,482 @@
+//! Reading a CSV dump: which column holds which field, decoding, and each record's position
+//! (record number, line, byte offset) so that errors and checkpoints can point at it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use csv::ByteRecord;
+
+use crate::exit::UsageError;
+
+/// One field an import kind understands.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Utf8,
+    Latin1,
+}
+
+impl Encoding {
+    pub fn parse(name: &str) -> Result<Encoding, String> {
+        match name.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "utf8" => Ok(Encoding::Utf8),
+            "latin1" | "iso88591" | "l1" => Ok(Encoding::Latin1),
+            _ => Err(format!("unsupported encoding {name:?} (use utf-8 or latin1)")),
+        }
+    }
+}
+
+/// Where the input comes from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Stdin,
+    File(PathBuf),
+}
+
+impl Input {
+    pub fn from_arg(arg: &str) -> Input {
+        if arg == "-" {
+            Input::Stdin
+        } else {
+            Input::File(PathBuf::from(arg))
+        }
+    }
+
+    pub fn display(&self) -> String {
+        match self {
+            Input::Stdin => "-".into(),
+            Input::File(path) => path.display().to_string(),
+        }
+    }
+
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Input::Stdin => None,
+            Input::File(path) => std::fs::metadata(path).ok().map(|m| m.len()),
+        }
+    }
+}
+
+/// Header names compare case-, space- and punctuation-insensitively: `External ID`,
+/// `external_id` and `ExternalId` are the same column.
+pub fn header_key(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(|c| c.to_lowercase())
+        .collect()
+}
+
+/// Which column of the file feeds each field of the import kind.
+#[derive(Debug, Clone)]
+pub struct ColumnMap {
+    /// Indexed like the kind's field list: the file column, if any.
+    pub positions: Vec<Option<usize>>,
+    /// Header columns that feed no field (columns starting with `_` are not listed).
+    pub ignored: Vec<String>,
+    pub header_len: usize,
+}
+
+impl ColumnMap {
+    pub fn resolve(header: &[String], fields: &[FieldSpec], renames: &[(String, String)]) -> anyhow::Result<ColumnMap> {
+        for (_, field) in renames {
+            if !fields.iter().any(|f| f.name == field) {
+                let known: Vec<&str> = fields.iter().map(|f| f.name).collect();
+                return Err(UsageError(format!(
+                    "--map names an unknown field {field:?}; the fields are: {}",
+                    known.join(", ")
+                ))
+                .into());
+            }
+        }
+        let mut positions = vec![None; fields.len()];
+        let mut ignored = Vec::new();
+        for (column, name) in header.iter().enumerate() {
+            if name.trim().starts_with('_') {
+                continue; // our own _record/_line/_error columns from a rejects file
+            }
+            let key = header_key(name);
+            let target = renames
+                .iter()
+                .find(|(source, _)| header_key(source) == key)
+                .map(|(_, field)| field.as_str())
+                .or_else(|| fields.iter().find(|f| header_key(f.name) == key).map(|f| f.name));
+            match target.and_then(|t| fields.iter().position(|f| f.name == t)) {
+                Some(field) if positions[field].is_none() => positions[field] = Some(column),
+                Some(field) => bail!(
+                    "columns {:?} and {:?} both map to the field {}",
+                    header[positions[field].unwrap()],
+                    name,
+                    fields[field].name
+                ),
+                None => ignored.push(name.clone()),
+            }
+        }
+        let missing: Vec<&str> = fields
+            .iter()
+            .zip(&positions)
+            .filter(|(f, p)| f.required && p.is_none())
+            .map(|(f, _)| f.name)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the header has no column for the required field(s) {} (header: {}); use --map 'Header Name=field'",
+                missing.join(", "),
+                header.join(", ")
+            );
+        }
+        Ok(ColumnMap {
+            positions,
+            ignored,
+            header_len: header.len(),
+        })
+    }
+
+    pub fn has(&self, field: usize) -> bool {
+        self.positions[field].is_some()
+    }
+}
+
+/// `--value-map 'status:Pending Customer Response=pending'`: source values rewritten before
+/// parsing, per field, compared trimmed and case-insensitively.
+#[derive(Debug, Clone, Default)]
+pub struct ValueMap {
+    map: HashMap<(String, String), String>,
+}
+
+impl ValueMap {
+    pub fn parse(specs: &[String], fields: &[FieldSpec]) -> anyhow::Result<ValueMap> {
+        let mut map = HashMap::new();
+        for spec in specs {
+            let parsed = spec
+                .split_once(':')
+                .and_then(|(field, rest)| rest.rsplit_once('=').map(|(from, to)| (field, from, to)));
+            let Some((field, from, to)) = parsed else {
+                return Err(UsageError(format!(
+                    "--value-map {spec:?} is not of the form 'field:Source Value=value'"
+                ))
+                .into());
+            };
+            let field = field.trim();
+            if !fields.iter().any(|f| f.name == field) {
+                return Err(UsageError(format!("--value-map {spec:?} names an unknown field {field:?}")).into());
+            }
+            map.insert((field.to_string(), from.trim().to_lowercase()), to.trim().to_string());
+        }
+        Ok(ValueMap { map })
+    }
+
+    pub fn apply<'a>(&'a self, field: &str, value: Cow<'a, str>) -> Cow<'a, str> {
+        if self.map.is_empty() {
+            return value;
+        }
+        match self.map.get(&(field.to_string(), value.trim().to_lowercase())) {
+            Some(mapped) => Cow::Borrowed(mapped.as_str()),
+            None => value,
+        }
+    }
+}
+
+/// A problem with one input record: what and where, grouped in the summary by `reason`.
+#[derive(Debug, Clone)]
+pub struct RowError {
+    pub column: Option<String>,
+    /// A short, stable reason used to group errors ("invalid status").
+    pub reason: String,
+    /// The full message for the rejects file.
+    pub message: String,
+}
+
+impl RowError {
+    pub fn new(column: Option<&str>, reason: &str, message: impl Into<String>) -> RowError {
+        RowError {
+            column: column.map(str::to_string),
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.column {
+            Some(column) => format!("column {column}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
+}
+
+/// The fields of one record, decoded on demand.
+pub struct RecordFields<'a> {
+    pub record: &'a ByteRecord,
+    pub columns: &'a ColumnMap,
+    pub fields: &'a [FieldSpec],
+    pub encoding: Encoding,
+    pub value_map: &'a ValueMap,
+}
+
+impl<'a> RecordFields<'a> {
+    /// The trimmed text of field `index`, or `None` when the file has no such column.
+    pub fn get(&self, index: usize) -> Result<Option<Cow<'a, str>>, RowError> {
+        let Some(column) = self.columns.positions[index] else {
+            return Ok(None);
+        };
+        let name = self.fields[index].name;
+        let bytes = self.record.get(column).unwrap_or(b"");
+        let text = match self.encoding {
+            Encoding::Utf8 => match std::str::from_utf8(bytes) {
+                Ok(s) => Cow::Borrowed(s.trim()),
+                Err(e) => {
+                    return Err(RowError::new(
+                        Some(name),
+                        "invalid UTF-8",
+                        format!(
+                            "invalid UTF-8 at byte {} of the field (use --encoding latin1 for Latin-1 files)",
+                            e.valid_up_to() + 1
+                        ),
+                    ));
+                }
+            },
+            Encoding::Latin1 => Cow::Owned(bytes.iter().map(|&b| b as char).collect::<String>().trim().to_string()),
+        };
+        Ok(Some(self.value_map.apply(name, text)))
+    }
+
+    /// Like `get`, but an empty or absent value is `None`.
+    pub fn non_empty(&self, index: usize) -> Result<Option<Cow<'a, str>>, RowError> {
+        Ok(self.get(index)?.filter(|v| !v.is_empty()))
+    }
+
+    /// A required non-empty value.
+    pub fn required(&self, index: usize) -> Result<Cow<'a, str>, RowError> {
+        let name = self.fields[index].name;
+        self.non_empty(index)?
+            .ok_or_else(|| RowError::new(Some(name), "missing required value", format!("{name} is empty")))
+    }
+
+    /// Applies a parser and attaches the column name to its error.
+    pub fn parse<T>(
+        &self,
+        index: usize,
+        reason: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, RowError> {
+        let value = self.get(index)?.unwrap_or(Cow::Borrowed(""));
+        parse(&value).map_err(|message| RowError::new(Some(self.fields[index].name), reason, message))
+    }
+}
+
+/// Where a record stands in the input. `byte_end` is where the next record starts: the
+/// point to resume from once this record's batch is committed.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Position {
+    pub record: u64,
+    pub line: u64,
+    pub byte: u64,
+}
+
+/// A CSV reader over a file or stdin that reports absolute positions, also after a resume.
+pub struct CsvSource {
+    reader: csv::Reader<Box<dyn Read + Send>>,
+    /// Added to the reader's own positions (BOM, or where a resume started).
+    base: Position,
+    pub header: Vec<String>,
+    pub raw_header: ByteRecord,
+    records_read: u64,
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl CsvSource {
+    /// Opens the input and reads its header. With `resume_at`, continues after that
+    /// position (the header is still read from the start of the file).
+    pub fn open(
+        input: &Input,
+        delimiter: u8,
+        encoding: Encoding,
+        resume_at: Option<Position>,
+    ) -> anyhow::Result<CsvSource> {
+        let (mut raw, mut start): (Box<dyn Read + Send>, u64) = match input {
+            Input::Stdin => (Box::new(io::stdin()), 0),
+            Input::File(path) => (Box::new(open_file(path)?), 0),
+        };
+        // Skip a UTF-8 byte order mark at the byte level: the csv parser would otherwise see it
+        // as part of the first field, and a quoted first header would not parse as quoted.
+        let mut first = [0u8; 3];
+        let got = read_up_to(&mut raw, &mut first)?;
+        let rest: Box<dyn Read + Send> = if got == 3 && first == UTF8_BOM {
+            start = 3;
+            raw
+        } else {
+            Box::new(io::Cursor::new(first[..got].to_vec()).chain(raw))
+        };
+        let mut reader = csv_builder(delimiter).from_reader(rest);
+        let mut raw_header = ByteRecord::new();
+        if !reader
+            .read_byte_record(&mut raw_header)
+            .with_context(|| format!("cannot read {}", input.display()))?
+        {
+            raw_header.clear();
+        }
+        let header: Vec<String> = raw_header
+            .iter()
+            .map(|h| match encoding {
+                Encoding::Utf8 => String::from_utf8_lossy(h).trim().to_string(),
+                Encoding::Latin1 => h.iter().map(|&b| b as char).collect::<String>().trim().to_string(),
+            })
+            .collect();
+        let mut base = Position {
+            record: 0,
+            line: 0,
+            byte: start,
+        };
+        if let Some(at) = resume_at {
+            let Input::File(path) = input else {
+                bail!("--resume needs a file, not stdin")
+            };
+            let mut file = open_file(path)?;
+            file.seek(SeekFrom::Start(at.byte))
+                .with_context(|| format!("cannot seek in {}", path.display()))?;
+            reader = csv_builder(delimiter).from_reader(Box::new(BufReader::with_capacity(1 << 20, file)));
+            base = at;
+        }
+        let records_read = base.record;
+        Ok(CsvSource {
+            reader,
+            base,
+            header,
+            raw_header,
+            records_read,
+        })
+    }
+
+    /// Reads the next record into `record`; returns its position (line where it starts) and
+    /// the position after it, or `None` at the end of the input.
+    pub fn next(&mut self, record: &mut ByteRecord) -> anyhow::Result<Option<(u64, Position)>> {
+        let more = self.reader.read_byte_record(record).map_err(|e| match e.kind() {
+            csv::ErrorKind::Io(_) => anyhow::Error::new(e).context("cannot read the input"),
+            _ => anyhow::anyhow!("cannot parse the CSV input: {e}"),
+        })?;
+        if !more {
+            return Ok(None);
+        }
+        self.records_read += 1;
+        let start = record.position().map(|p| p.line()).unwrap_or(0);
+        // The reader's line counts from 1 at its own start; a resumed reader starts at `base`.
+        let line = if self.base.line == 0 {
+            start
+        } else {
+            self.base.line + start - 1
+        };
+        let after = self.reader.position();
+        let after_line = if self.base.line == 0 {
+            after.line()
+        } else {
+            self.base.line + after.line() - 1
+        };
+        Ok(Some((
+            line,
+            Position {
+                record: self.records_read,
+                line: after_line,
+                byte: self.base.byte + after.byte(),
+            },
+        )))
+    }
+}
+
+fn csv_builder(delimiter: u8) -> csv::ReaderBuilder {
+    let mut builder = csv::ReaderBuilder::new();
+    // Headers are read by hand (for positions and BOM handling); a record with the wrong
+    // number of fields is rejected by us with its line rather than stopping the reader.
+    builder
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delimiter)
+        .buffer_capacity(1 << 20);
+    builder
+}
+
+fn open_file(path: &Path) -> anyhow::Result<File> {
+    File::open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A one-byte delimiter from the command line (`,`, `;`, `\t` or `tab`).
+pub fn parse_delimiter(value: &str) -> Result<u8, String> {
+    match value {
+        "\\t" | "tab" | "\t" => Ok(b'\t'),
+        v if v.len() == 1 && v.is_ascii() => Ok(v.as_bytes()[0]),
+        _ => Err(format!("the delimiter must be one ASCII character, not {value:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIELDS: &[FieldSpec] = &[
+        FieldSpec {
+            name: "external_id",
+            required: true,
+        },
+        FieldSpec {
+            name: "subject",
+            required: true,
+        },
+        FieldSpec {
+            name: "tags",
+            required: false,
+        },
+    ];
+
+    #[test]
+    fn header_names_are_forgiving() {
+        let header: Vec<String> = ["External ID", " SUBJECT ", "Extra", "_error"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let map = ColumnMap::resolve(&header, FIELDS, &[]).unwrap();
+        assert_eq!(map.positions, vec![Some(0), Some(1), None]);
+        assert_eq!(map.ignored, vec!["Extra".to_string()]);
+    }
+
+    #[test]
+    fn renames_and_missing_required() {
+        let header: Vec<String> = ["Ticket Number", "Title"].iter().map(|s| s.to_string()).collect();
+        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        assert!(err.contains("external_id, subject"), "{err}");
+        let renames = vec![
+            ("ticket number".to_string(), "external_id".to_string()),
+            ("Title".into(), "subject".into()),
+        ];
+        let map = ColumnMap::resolve(&header, FIELDS, &renames).unwrap();
+        assert_eq!(map.positions, vec![Some(0), Some(1), None]);
+    }
+
+    #[test]
+    fn value_maps() {
+        let vm = ValueMap::parse(&["external_id:Foo Bar=baz".to_string()], FIELDS).unwrap();
+        assert_eq!(vm.apply("external_id", Cow::Borrowed(" foo bar ")), "baz");
+        assert_eq!(vm.apply("subject", Cow::Borrowed("foo bar")), "foo bar");
+        assert!(ValueMap::parse(&["nonsense".to_string()], FIELDS).is_err());
+    }
+}

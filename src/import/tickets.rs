@@ -1,0 +1,852 @@
+//! `import tickets`: the fields of a ticket dump and how a batch of them is written.
+//!
+//! Write path, per batch:
+//! 1. organizations, users and tags are resolved to ids (cached; missing ones upserted);
+//! 2. one index lookup tells which external_ids exist already;
+//! 3. new tickets get ids from the sequence and go in with binary `COPY`, with their tag
+//!    links and an `insert` audit row each — the fastest way PostgreSQL takes rows;
+//! 4. rows that exist are staged with binary `COPY` into a temporary table, compared with the
+//!    stored row and tag set in one query, and only those that really differ are merged with
+//!    `INSERT … ON CONFLICT (external_id) DO UPDATE … WHERE <differs> RETURNING`, their
+//!    before-images written to `audit_log` by the same statement. Unchanged rows are never
+//!    written, so a re-import leaves no dead tuples.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+use diesel::{PgConnection, QueryableByName, sql_query};
+
+use super::entities::{EntityCache, UserRef};
+use super::normalize;
+use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
+use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
+use crate::models::{NewAuditEntry, NewTicket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::schema::{audit_log, ticket_tags, tickets};
+
+const EXTERNAL_ID: usize = 0;
+const SUBJECT: usize = 1;
+const DESCRIPTION: usize = 2;
+const STATUS: usize = 3;
+const PRIORITY: usize = 4;
+const CHANNEL: usize = 5;
+const REQUESTER_EMAIL: usize = 6;
+const REQUESTER_NAME: usize = 7;
+const ASSIGNEE_EMAIL: usize = 8;
+const ORGANIZATION: usize = 9;
+const TAGS: usize = 10;
+const CREATED_AT: usize = 11;
+const UPDATED_AT: usize = 12;
+const SOLVED_AT: usize = 13;
+
+/// The import format, in the order `export tickets` writes it.
+pub const FIELDS: &[FieldSpec] = &[
+    FieldSpec {
+        name: "external_id",
+        required: true,
+    },
+    FieldSpec {
+        name: "subject",
+        required: true,
+    },
+    FieldSpec {
+        name: "description",
+        required: false,
+    },
+    FieldSpec {
+        name: "status",
+        required: true,
+    },
+    FieldSpec {
+        name: "priority",
+        required: false,
+    },
+    FieldSpec {
+        name: "channel",
+        required: false,
+    },
+    FieldSpec {
+        name: "requester_email",
+        required: true,
+    },
+    FieldSpec {
+        name: "requester_name",
+        required: false,
+    },
+    FieldSpec {
+        name: "assignee_email",
+        required: false,
+    },
+    FieldSpec {
+        name: "organization",
+        required: false,
+    },
+    FieldSpec {
+        name: "tags",
+        required: false,
+    },
+    FieldSpec {
+        name: "created_at",
+        required: false,
+    },
+    FieldSpec {
+        name: "updated_at",
+        required: false,
+    },
+    FieldSpec {
+        name: "solved_at",
+        required: false,
+    },
+];
+
+pub const MAX_SUBJECT_CHARS: usize = 500;
+
+/// One valid ticket row, normalised.
+#[derive(Debug, Clone)]
+pub struct TicketRow {
+    pub external_id: String,
+    pub subject: String,
+    pub description: Option<String>,
+    pub status: TicketStatus,
+    pub priority: TicketPriority,
+    pub channel: TicketChannel,
+    pub requester_email: String,
+    pub requester_name: Option<String>,
+    pub assignee_email: Option<String>,
+    pub organization: Option<String>,
+    pub tags: Vec<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub solved_at: Option<DateTime<Utc>>,
+}
+
+/// Which optional columns the file has: a column the file lacks leaves stored values alone.
+#[derive(Debug, Clone, Copy, Default)]
+struct Present {
+    description: bool,
+    priority: bool,
+    channel: bool,
+    assignee: bool,
+    organization: bool,
+    tags: bool,
+    solved_at: bool,
+}
+
+pub struct TicketImport {
+    present: Present,
+    undelete: bool,
+    initial_load: bool,
+    cache: EntityCache,
+    /// The time given to rows without created_at (the same for the whole import).
+    import_time: DateTime<Utc>,
+    warned_missing_created_at: bool,
+    /// Indexes and foreign keys dropped by `--initial-load`, recreated by `end`.
+    dropped: Vec<String>,
+}
+
+impl TicketImport {
+    pub fn new(undelete: bool, initial_load: bool) -> TicketImport {
+        TicketImport {
+            present: Present::default(),
+            undelete,
+            initial_load,
+            cache: EntityCache::default(),
+            import_time: Utc::now(),
+            warned_missing_created_at: false,
+            dropped: Vec::new(),
+        }
+    }
+}
+
+fn parse_email(fields: &RecordFields<'_>, index: usize) -> Result<Option<String>, RowError> {
+    fields.parse(index, "invalid e-mail", normalize::email)
+}
+
+fn parse_time(
+    fields: &RecordFields<'_>,
+    index: usize,
+    options: &ParseOptions,
+) -> Result<Option<DateTime<Utc>>, RowError> {
+    fields.parse(index, "invalid timestamp", |v| normalize::timestamp(v, options.zone))
+}
+
+fn optional_text(fields: &RecordFields<'_>, index: usize) -> Result<Option<String>, RowError> {
+    Ok(fields.non_empty(index)?.map(|v| v.into_owned()))
+}
+
+impl ImportKind for TicketImport {
+    type Row = TicketRow;
+    const NAME: &'static str = "tickets";
+    const FIELDS: &'static [FieldSpec] = FIELDS;
+
+    fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<TicketRow, RowError> {
+        let external_id = fields.required(EXTERNAL_ID)?.into_owned();
+        let subject = fields.required(SUBJECT)?.into_owned();
+        let subject_chars = subject.chars().count();
+        if subject_chars > MAX_SUBJECT_CHARS {
+            return Err(RowError::new(
+                Some("subject"),
+                "subject too long",
+                format!("subject has {subject_chars} characters, at most {MAX_SUBJECT_CHARS} are allowed"),
+            ));
+        }
+        let status = fields.parse(STATUS, "invalid status", normalize::ticket_status)?;
+        let priority = fields.parse(PRIORITY, "invalid priority", normalize::ticket_priority)?;
+        let channel = fields.parse(CHANNEL, "invalid channel", normalize::ticket_channel)?;
+        let requester_email = parse_email(fields, REQUESTER_EMAIL)?.ok_or_else(|| {
+            RowError::new(
+                Some("requester_email"),
+                "missing required value",
+                "requester_email is empty",
+            )
+        })?;
+        let tags = fields.parse(TAGS, "invalid tags", |v| normalize::tags(v, options.tag_separator))?;
+        let created_at = parse_time(fields, CREATED_AT, options)?;
+        let updated_at = parse_time(fields, UPDATED_AT, options)?;
+        let solved_at = parse_time(fields, SOLVED_AT, options)?;
+        Ok(TicketRow {
+            external_id,
+            subject,
+            description: optional_text(fields, DESCRIPTION)?,
+            status,
+            priority,
+            channel,
+            requester_email,
+            requester_name: optional_text(fields, REQUESTER_NAME)?,
+            assignee_email: parse_email(fields, ASSIGNEE_EMAIL)?,
+            organization: optional_text(fields, ORGANIZATION)?,
+            tags,
+            created_at,
+            updated_at,
+            solved_at,
+        })
+    }
+
+    fn key(row: &TicketRow) -> Option<&str> {
+        Some(&row.external_id)
+    }
+
+    fn configure(&mut self, columns: &ColumnMap) {
+        self.present = Present {
+            description: columns.has(DESCRIPTION),
+            priority: columns.has(PRIORITY),
+            channel: columns.has(CHANNEL),
+            assignee: columns.has(ASSIGNEE_EMAIL),
+            organization: columns.has(ORGANIZATION),
+            tags: columns.has(TAGS),
+            solved_at: columns.has(SOLVED_AT),
+        };
+    }
+
+    fn begin(&mut self, conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
+        sql_query(STAGE_TABLE_SQL)
+            .execute(conn)
+            .context("cannot create the staging table")?;
+        if self.initial_load {
+            self.dropped = drop_secondary_indexes_and_keys(conn)?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
+        if self.initial_load {
+            recreate(conn, &self.dropped)?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    fn write_batch(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<TicketRow>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<Vec<WriterReject>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.warned_missing_created_at && rows.iter().any(|r| r.row.created_at.is_none()) {
+            self.warned_missing_created_at = true;
+            eprintln!(
+                "warning: some rows have no created_at (first at line {}); new tickets get the import time",
+                rows.iter()
+                    .find(|r| r.row.created_at.is_none())
+                    .map(|r| r.line)
+                    .unwrap_or(0)
+            );
+        }
+        self.resolve_entities(conn, &rows)
+            .context("cannot resolve organizations, users and tags")?;
+
+        let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
+        let existing: HashMap<String, i64> =
+            sql_query("SELECT id, external_id FROM tickets WHERE external_id = ANY($1)")
+                .bind::<Array<Text>, _>(&ids)
+                .load::<IdExternal>(conn)
+                .context("cannot look up existing tickets")?
+                .into_iter()
+                .map(|r| (r.external_id, r.id))
+                .collect();
+        let (old, new): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|r| existing.contains_key(&r.row.external_id));
+        self.insert_new(conn, op_id, new, counts)?;
+        self.merge_existing(conn, op_id, old, counts)?;
+        Ok(Vec::new())
+    }
+}
+
+#[derive(QueryableByName)]
+struct IdExternal {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    external_id: String,
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct Classified {
+    #[diesel(sql_type = BigInt)]
+    rec: i64,
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+    /// Written earlier in this same operation: an earlier occurrence in the file.
+    #[diesel(sql_type = Bool)]
+    mine: bool,
+    #[diesel(sql_type = Bool)]
+    differs: bool,
+    #[diesel(sql_type = Bool)]
+    tags_differ: bool,
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    inserted: bool,
+}
+
+// The staging table for rows that may already exist. Temporary (no WAL, private to the
+// session) and emptied at each batch.
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::schema::sql_types::{TicketStatus, TicketPriority, TicketChannel};
+
+    ticketops_stage_tickets (rec) {
+        rec -> Int8,
+        external_id -> Text,
+        subject -> Text,
+        description -> Nullable<Text>,
+        status -> TicketStatus,
+        priority -> TicketPriority,
+        channel -> TicketChannel,
+        requester_id -> Int8,
+        assignee_id -> Nullable<Int8>,
+        organization_id -> Nullable<Int8>,
+        created_at -> Nullable<Timestamptz>,
+        updated_at -> Nullable<Timestamptz>,
+        solved_at -> Nullable<Timestamptz>,
+        tag_ids -> Array<Int8>,
+    }
+}
+
+const STAGE_TABLE_SQL: &str = "
+CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
+    rec bigint PRIMARY KEY,
+    external_id text NOT NULL,
+    subject text NOT NULL,
+    description text,
+    status ticket_status NOT NULL,
+    priority ticket_priority NOT NULL,
+    channel ticket_channel NOT NULL,
+    requester_id bigint NOT NULL,
+    assignee_id bigint,
+    organization_id bigint,
+    created_at timestamptz,
+    updated_at timestamptz,
+    solved_at timestamptz,
+    tag_ids bigint[] NOT NULL
+)";
+
+#[derive(Insertable)]
+#[diesel(table_name = ticketops_stage_tickets, treat_none_as_default_value = false)]
+struct StageRow {
+    rec: i64,
+    external_id: String,
+    subject: String,
+    description: Option<String>,
+    status: TicketStatus,
+    priority: TicketPriority,
+    channel: TicketChannel,
+    requester_id: i64,
+    assignee_id: Option<i64>,
+    organization_id: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    solved_at: Option<DateTime<Utc>>,
+    tag_ids: Vec<i64>,
+}
+
+/// The stored columns compared and written, in order.
+const COLUMNS: &[&str] = &[
+    "subject",
+    "description",
+    "status",
+    "priority",
+    "channel",
+    "requester_id",
+    "assignee_id",
+    "organization_id",
+    "created_at",
+    "updated_at",
+    "solved_at",
+    "deleted_at",
+];
+
+impl TicketImport {
+    fn resolve_entities(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> QueryResult<()> {
+        self.cache
+            .ensure_organizations(conn, rows.iter().filter_map(|r| r.row.organization.as_deref()))?;
+        let mut users = Vec::with_capacity(rows.len() * 2);
+        for r in rows {
+            users.push(UserRef {
+                email: &r.row.requester_email,
+                name: r.row.requester_name.as_deref(),
+                role: UserRole::Customer,
+                organization_id: r
+                    .row
+                    .organization
+                    .as_deref()
+                    .and_then(|o| self.cache.organization_id(o)),
+            });
+            if let Some(assignee) = &r.row.assignee_email {
+                users.push(UserRef {
+                    email: assignee,
+                    name: None,
+                    role: UserRole::Agent,
+                    organization_id: None,
+                });
+            }
+        }
+        self.cache.ensure_users(conn, &users)?;
+        if self.present.tags {
+            self.cache
+                .ensure_tags(conn, rows.iter().flat_map(|r| r.row.tags.iter().map(String::as_str)))?;
+        }
+        Ok(())
+    }
+
+    fn ids_of(&self, row: &TicketRow) -> (i64, Option<i64>, Option<i64>, Vec<i64>) {
+        let requester = self.cache.user_id(&row.requester_email).expect("resolved before");
+        let assignee = row.assignee_email.as_deref().and_then(|e| self.cache.user_id(e));
+        let organization = row.organization.as_deref().and_then(|o| self.cache.organization_id(o));
+        let mut tag_ids: Vec<i64> = row.tags.iter().filter_map(|t| self.cache.tag_id(t)).collect();
+        tag_ids.sort_unstable();
+        (requester, assignee, organization, tag_ids)
+    }
+
+    /// Tickets whose external_id is not in the table: binary COPY with ids from the sequence.
+    /// A concurrent insert of the same external_id makes the COPY fail on the unique index,
+    /// which fails the batch (nothing half-written) — run again and the row is merged.
+    fn insert_new(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<TicketRow>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Id> =
+            sql_query("SELECT nextval(pg_get_serial_sequence('tickets', 'id')) AS id FROM generate_series(1, $1)")
+                .bind::<BigInt, _>(rows.len() as i64)
+                .load(conn)
+                .context("cannot allocate ticket ids")?;
+        let mut tickets_out = Vec::with_capacity(rows.len());
+        let mut links = Vec::new();
+        let mut audit = Vec::with_capacity(rows.len());
+        for (r, id) in rows.into_iter().zip(ids) {
+            let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
+            links.extend(tag_ids.into_iter().map(|tag_id| TicketTag {
+                ticket_id: id.id,
+                tag_id,
+            }));
+            let row = r.row;
+            let created_at = row.created_at.unwrap_or(self.import_time);
+            tickets_out.push(NewTicket {
+                id: id.id,
+                external_id: row.external_id,
+                subject: row.subject,
+                description: row.description,
+                status: row.status,
+                priority: row.priority,
+                channel: row.channel,
+                requester_id,
+                assignee_id,
+                organization_id,
+                created_at,
+                updated_at: row.updated_at.unwrap_or(created_at),
+                solved_at: row.solved_at,
+                deleted_at: None,
+                last_operation_id: Some(op_id),
+            });
+            audit.push(NewAuditEntry {
+                operation_id: op_id,
+                table_name: "tickets",
+                row_id: id.id,
+                action: "insert",
+                before: None,
+                after: None,
+            });
+        }
+        let inserted = diesel::copy_from(tickets::table)
+            .from_insertable(&tickets_out)
+            .execute(conn)
+            .context("cannot COPY new tickets")?;
+        if !links.is_empty() {
+            diesel::copy_from(ticket_tags::table)
+                .from_insertable(&links)
+                .execute(conn)
+                .context("cannot COPY tag links")?;
+        }
+        diesel::copy_from(audit_log::table)
+            .from_insertable(&audit)
+            .execute(conn)
+            .context("cannot record the audit trail")?;
+        counts.inserted += inserted as u64;
+        Ok(())
+    }
+
+    /// Rows whose external_id exists: stage, compare, merge only what differs.
+    fn merge_existing(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<TicketRow>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        sql_query("TRUNCATE ticketops_stage_tickets").execute(conn)?;
+        let stage: Vec<StageRow> = rows
+            .into_iter()
+            .map(|r| {
+                let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
+                let row = r.row;
+                StageRow {
+                    rec: r.record as i64,
+                    external_id: row.external_id,
+                    subject: row.subject,
+                    description: row.description,
+                    status: row.status,
+                    priority: row.priority,
+                    channel: row.channel,
+                    requester_id,
+                    assignee_id,
+                    organization_id,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                    solved_at: row.solved_at,
+                    tag_ids,
+                }
+            })
+            .collect();
+        diesel::copy_from(ticketops_stage_tickets::table)
+            .from_insertable(&stage)
+            .execute(conn)
+            .context("cannot COPY into the staging table")?;
+        drop(stage);
+
+        let classified: Vec<Classified> = sql_query(self.classify_sql(op_id))
+            .load(conn)
+            .context("cannot compare rows with the stored tickets")?;
+        let mut to_write = Vec::new();
+        let mut tag_changed = Vec::new();
+        let mut no_audit = Vec::new();
+        for c in &classified {
+            if c.mine {
+                // An earlier row of this file already wrote this ticket and was counted; this
+                // later one wins, so the earlier one becomes the duplicate.
+                counts.duplicate += 1;
+                if c.differs {
+                    to_write.push(c.rec);
+                    no_audit.push(c.id);
+                    if c.tags_differ {
+                        tag_changed.push(c.id);
+                    }
+                }
+            } else if c.deleted && !self.undelete {
+                counts.skipped_deleted += 1;
+            } else if c.differs {
+                to_write.push(c.rec);
+                if c.tags_differ {
+                    tag_changed.push(c.id);
+                }
+            } else {
+                counts.unchanged += 1;
+            }
+        }
+        // Staged rows whose ticket vanished between lookup and compare are inserted by the
+        // merge below like any new row.
+        let classified_recs: std::collections::HashSet<i64> = classified.iter().map(|c| c.rec).collect();
+        let staged_recs: Vec<Id> = sql_query("SELECT rec AS id FROM ticketops_stage_tickets").load(conn)?;
+        to_write.extend(
+            staged_recs
+                .iter()
+                .map(|r| r.id)
+                .filter(|rec| !classified_recs.contains(rec)),
+        );
+        if to_write.is_empty() {
+            return Ok(());
+        }
+        let written: Vec<Written> = sql_query(self.merge_sql(op_id))
+            .bind::<Array<BigInt>, _>(&to_write)
+            .bind::<Array<BigInt>, _>(&tag_changed)
+            .bind::<Array<BigInt>, _>(&no_audit)
+            .load(conn)
+            .context("cannot merge changed tickets")?;
+        let mine: std::collections::HashSet<i64> = no_audit.iter().copied().collect();
+        let mut written_ids = Vec::with_capacity(written.len());
+        for w in &written {
+            written_ids.push(w.id);
+            if mine.contains(&w.id) {
+                continue; // already counted with its earlier occurrence
+            }
+            if w.inserted {
+                counts.inserted += 1;
+            } else {
+                counts.updated += 1;
+            }
+        }
+        // Rows the merge's own comparison found equal after all (a concurrent writer made
+        // them so) were not written.
+        let not_written = to_write.len() - written.len();
+        let not_written_mine = no_audit.iter().filter(|id| !written_ids.contains(id)).count();
+        counts.unchanged += (not_written - not_written_mine) as u64;
+
+        if self.present.tags && !written_ids.is_empty() {
+            sql_query(
+                "DELETE FROM ticket_tags tt USING tickets t, ticketops_stage_tickets s
+                 WHERE tt.ticket_id = t.id AND t.external_id = s.external_id AND t.id = ANY($1)
+                   AND NOT (tt.tag_id = ANY (s.tag_ids))",
+            )
+            .bind::<Array<BigInt>, _>(&written_ids)
+            .execute(conn)
+            .context("cannot remove tag links")?;
+            sql_query(
+                "INSERT INTO ticket_tags (ticket_id, tag_id)
+                 SELECT t.id, u.tag_id FROM ticketops_stage_tickets s
+                 JOIN tickets t ON t.external_id = s.external_id
+                 CROSS JOIN LATERAL unnest(s.tag_ids) AS u(tag_id)
+                 WHERE t.id = ANY($1)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind::<Array<BigInt>, _>(&written_ids)
+            .execute(conn)
+            .context("cannot add tag links")?;
+        }
+        Ok(())
+    }
+
+    /// The value each stored column should have after the import, for staged row `s` and the
+    /// stored ticket `e`. Columns the file lacks keep the stored value, and so do blank
+    /// created_at/updated_at (so a file without them re-imports as unchanged).
+    fn target_exprs(&self) -> Vec<String> {
+        let p = self.present;
+        let keep = |present: bool, col: &str, default: &str| -> String {
+            if present {
+                format!("s.{col}")
+            } else if default.is_empty() {
+                format!("e.{col}")
+            } else {
+                format!("coalesce(e.{col}, {default})")
+            }
+        };
+        let now = format!("'{}'::timestamptz", self.import_time.to_rfc3339());
+        vec![
+            "s.subject".into(),
+            keep(p.description, "description", ""),
+            "s.status".into(),
+            keep(p.priority, "priority", "'normal'"),
+            keep(p.channel, "channel", "'other'"),
+            "s.requester_id".into(),
+            keep(p.assignee, "assignee_id", ""),
+            keep(p.organization, "organization_id", ""),
+            format!("coalesce(s.created_at, e.created_at, {now})"),
+            format!("coalesce(s.updated_at, e.updated_at, s.created_at, {now})"),
+            keep(p.solved_at, "solved_at", ""),
+            if self.undelete {
+                "NULL::timestamptz".into()
+            } else {
+                "e.deleted_at".into()
+            },
+        ]
+    }
+
+    fn tags_target(&self) -> &'static str {
+        if self.present.tags {
+            "s.tag_ids"
+        } else {
+            STORED_TAGS_OF_E
+        }
+    }
+
+    fn classify_sql(&self, op_id: i64) -> String {
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("e.{c}")).collect();
+        let target = self.target_exprs();
+        let tags_differ = if self.present.tags {
+            format!("({STORED_TAGS_OF_E}) IS DISTINCT FROM s.tag_ids")
+        } else {
+            "false".into()
+        };
+        format!(
+            "SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
+                    coalesce(e.last_operation_id = {op_id}, false) AS mine,
+                    (({}) IS DISTINCT FROM ({}) OR {tags_differ}) AS differs,
+                    {tags_differ} AS tags_differ
+             FROM ticketops_stage_tickets s JOIN tickets e ON e.external_id = s.external_id",
+            stored.join(", "),
+            target.join(", ")
+        )
+    }
+
+    fn merge_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let cols = COLUMNS.join(", ");
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("excluded.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, {target}, {tags} AS tag_ids
+                 FROM ticketops_stage_tickets s LEFT JOIN tickets e ON e.external_id = s.external_id
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 INSERT INTO tickets AS t (external_id, {cols}, last_operation_id)
+                 SELECT external_id, {cols}, {op_id} FROM target
+                 ON CONFLICT (external_id) DO UPDATE SET {set}, last_operation_id = excluded.last_operation_id
+                 WHERE ({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2)
+                 RETURNING t.id, t.external_id, (t.xmax = 0) AS inserted,
+                           CASE WHEN t.xmax = 0 THEN NULL ELSE to_jsonb(t) END AS after_image
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id,
+                        CASE WHEN w.inserted THEN 'insert' ELSE 'update' END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                                SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id)))
+                        END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                        END
+                 FROM written w
+                 LEFT JOIN tickets b ON b.id = w.id
+                 LEFT JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+        )
+    }
+}
+
+/// The stored tag set of ticket `e`, sorted like the staged one.
+const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";
+
+#[derive(QueryableByName)]
+struct Definition {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    definition: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    kind: Option<String>,
+}
+
+/// `--initial-load`: with tickets and ticket_tags empty, lock them and drop their secondary
+/// indexes and foreign keys (keeping the primary keys and the external_id key that the
+/// import itself looks rows up by). Returns the statements that recreate them.
+fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Empty {
+        #[diesel(sql_type = Bool)]
+        empty: bool,
+    }
+    sql_query("LOCK TABLE tickets, ticket_tags IN ACCESS EXCLUSIVE MODE")
+        .execute(conn)
+        .context("cannot lock tickets and ticket_tags for the initial load")?;
+    let empty: Empty =
+        sql_query("SELECT NOT EXISTS (SELECT 1 FROM tickets) AND NOT EXISTS (SELECT 1 FROM ticket_tags) AS empty")
+            .get_result(conn)?;
+    if !empty.empty {
+        anyhow::bail!(
+            "--initial-load needs empty tickets and ticket_tags tables, and they hold rows; import without --initial-load"
+        );
+    }
+    let definitions: Vec<Definition> = sql_query(
+        "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
+                pg_get_constraintdef(c.oid) AS definition, 'fk' AS kind
+         FROM pg_constraint c
+         WHERE c.contype = 'f' AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+         UNION ALL
+         SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL
+         FROM pg_index i
+         WHERE i.indrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+           AND NOT i.indisprimary AND NOT i.indisunique",
+    )
+    .load(conn)?;
+    let mut recreate = Vec::new();
+    for d in &definitions {
+        if d.kind.as_deref() == Some("fk") {
+            sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", d.table_name, d.name)).execute(conn)?;
+            recreate.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                d.table_name, d.name, d.definition
+            ));
+        } else {
+            sql_query(format!("DROP INDEX {}", d.name)).execute(conn)?;
+            recreate.push(d.definition.clone());
+        }
+    }
+    // Indexes first, so that validating each foreign key can use them.
+    recreate.sort_by_key(|s| s.starts_with("ALTER"));
+    Ok(recreate)
+}
+
+fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
+    sql_query("SET LOCAL maintenance_work_mem = '256MB'").execute(conn)?;
+    for statement in statements {
+        sql_query(statement)
+            .execute(conn)
+            .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! The `bulk_operations` record every writing command keeps: started as `running`, given a
+//! checkpoint after each committed batch, finished with a status, counts and message.
+
+use diesel::prelude::*;
+use diesel::{PgConnection, QueryResult};
+
+use crate::models::{BulkOperation, NewBulkOperation, OperationStatus};
+use crate::schema::bulk_operations::dsl as ops;
+
+/// The OS user running the command, for the audit trail.
+pub fn operator() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| {
+            // Cron and containers often have no USER; fall back to the uid.
+            std::fs::metadata("/proc/self")
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("uid:{}", m.uid())
+                })
+                .unwrap_or_else(|_| "unknown".into())
+        })
+}
+
+pub fn start(conn: &mut PgConnection, new: &NewBulkOperation<'_>) -> QueryResult<i64> {
+    diesel::insert_into(ops::bulk_operations)
+        .values(new)
+        .returning(ops::id)
+        .get_result(conn)
+}
+
+pub fn save_checkpoint(
+    conn: &mut PgConnection,
+    id: i64,
+    checkpoint: &serde_json::Value,
+    counts: &serde_json::Value,
+) -> QueryResult<()> {
+    diesel::update(ops::bulk_operations.find(id))
+        .set((ops::checkpoint.eq(checkpoint), ops::counts.eq(counts)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn finish(
+    conn: &mut PgConnection,
+    id: i64,
+    status: OperationStatus,
+    counts: &serde_json::Value,
+    message: Option<&str>,
+) -> QueryResult<()> {
+    diesel::update(ops::bulk_operations.find(id))
+        .set((
+            ops::status.eq(status),
+            ops::counts.eq(counts),
+            ops::message.eq(message),
+            ops::finished_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Marks an earlier unfinished operation as running again (for `--resume`).
+pub fn reopen(conn: &mut PgConnection, id: i64) -> QueryResult<()> {
+    diesel::update(ops::bulk_operations.find(id))
+        .set((
+            ops::status.eq(OperationStatus::Running),
+            ops::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+            ops::message.eq(None::<String>),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The latest operation of `kind` on a file with this SHA-256 that did not finish.
+pub fn latest_unfinished(conn: &mut PgConnection, kind: &str, sha256: &str) -> QueryResult<Option<BulkOperation>> {
+    ops::bulk_operations
+        .filter(ops::kind.eq(kind))
+        .filter(ops::source_sha256.eq(sha256))
+        .filter(ops::status.eq_any([
+            OperationStatus::Running,
+            OperationStatus::Interrupted,
+            OperationStatus::Failed,
+        ]))
+        .order(ops::id.desc())
+        .select(BulkOperation::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn find(conn: &mut PgConnection, id: i64) -> QueryResult<Option<BulkOperation>> {
+    ops::bulk_operations
+        .find(id)
+        .select(BulkOperation::as_select())
+        .first(conn)
+        .optional()
+}
