@@ -1,37 +1,227 @@
-//! `import comments`: email, name, role, organization. Upserts by e-mail.
-use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
+//! `import comments`: ticket_external_id, author_email, body, public, created_at and an
+//! optional external_id (the upsert key). A comment without external_id is matched on
+//! (ticket, author, body, created_at), so importing the same file twice adds nothing.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+
+use super::entities::{EntityCache, UserRef};
+use super::normalize;
+use super::source::{FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
+use crate::models::UserRole;
+
+const EXTERNAL_ID: usize = 0;
+const TICKET_EXTERNAL_ID: usize = 1;
+const AUTHOR_EMAIL: usize = 2;
+const BODY: usize = 3;
+const PUBLIC: usize = 4;
+const CREATED_AT: usize = 5;
+
+pub const FIELDS: &[FieldSpec] = &[
+    FieldSpec {
+        name: "external_id",
+        required: false,
+    },
+    FieldSpec {
+        name: "ticket_external_id",
+        required: true,
+    },
+    FieldSpec {
+        name: "author_email",
+        required: true,
+    },
+    FieldSpec {
+        name: "body",
+        required: false,
+    },
+    FieldSpec {
+        name: "public",
+        required: false,
+    },
+    FieldSpec {
+        name: "created_at",
+        required: false,
+    },
+];
+
+#[derive(Debug, Clone)]
+pub struct CommentRow {
+    pub external_id: Option<String>,
+    pub ticket_external_id: String,
+    pub author_email: String,
+    pub body: String,
+    pub public: bool,
+    pub created_at: Option<DateTime<Utc>>,
+}
 
 #[derive(Default)]
 pub struct CommentImport {
-    undelete: bool,
+    cache: EntityCache,
 }
-impl CommentImport {
-    pub fn new(undelete: bool) -> Self {
-        CommentImport { undelete }
-    }
+
+#[derive(QueryableByName)]
+struct IdExternal {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    external_id: String,
 }
-pub struct CommentRow;
+
+#[derive(QueryableByName)]
+struct MergeCounts {
+    #[diesel(sql_type = BigInt)]
+    inserted: i64,
+    #[diesel(sql_type = BigInt)]
+    updated: i64,
+}
+
+const MERGE_COMMENTS_SQL: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[], $6::timestamptz[])
+        AS i(external_id, ticket_id, author_id, body, public, created_at)
+), target AS (
+    SELECT i.external_id, i.ticket_id, i.author_id, i.body, i.public,
+           coalesce(i.created_at, e.created_at, $7) AS created_at
+    FROM input i LEFT JOIN comments e ON e.external_id = i.external_id
+    WHERE (i.external_id IS NOT NULL AND (e.id IS NULL OR (e.ticket_id, e.author_id, e.body, e.public, e.created_at)
+                 IS DISTINCT FROM (i.ticket_id, i.author_id, i.body, i.public, coalesce(i.created_at, e.created_at))))
+       OR (i.external_id IS NULL AND NOT EXISTS (
+              SELECT 1 FROM comments c
+              WHERE c.ticket_id = i.ticket_id AND c.author_id = i.author_id AND c.body = i.body
+                AND (i.created_at IS NULL OR c.created_at = i.created_at)))
+), written AS (
+    INSERT INTO comments AS c (external_id, ticket_id, author_id, body, public, created_at)
+    SELECT external_id, ticket_id, author_id, body, public, created_at FROM target
+    ON CONFLICT (external_id) DO UPDATE SET
+        ticket_id = excluded.ticket_id, author_id = excluded.author_id, body = excluded.body,
+        public = excluded.public, created_at = excluded.created_at
+    WHERE (c.ticket_id, c.author_id, c.body, c.public, c.created_at) IS DISTINCT FROM
+          (excluded.ticket_id, excluded.author_id, excluded.body, excluded.public, excluded.created_at)
+    RETURNING c.id, (c.xmax = 0) AS inserted, CASE WHEN c.xmax = 0 THEN NULL ELSE to_jsonb(c) END AS after_image
+), audited AS (
+    INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+    SELECT $8, 'comments', w.id, CASE WHEN w.inserted THEN 'insert' ELSE 'update' END,
+           CASE WHEN w.inserted THEN NULL ELSE to_jsonb(b) END, w.after_image
+    FROM written w LEFT JOIN comments b ON b.id = w.id
+)
+SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
+       (SELECT count(*) FROM written WHERE NOT inserted) AS updated";
+
 impl ImportKind for CommentImport {
     type Row = CommentRow;
     const NAME: &'static str = "comments";
-    const FIELDS: &'static [FieldSpec] = &[];
-    fn parse(_f: &RecordFields<'_>, _o: &ParseOptions) -> Result<CommentRow, RowError> {
-        todo!()
+    const FIELDS: &'static [FieldSpec] = FIELDS;
+
+    fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<CommentRow, RowError> {
+        let ticket_external_id = fields.required(TICKET_EXTERNAL_ID)?.into_owned();
+        let author_email = fields
+            .parse(AUTHOR_EMAIL, "invalid e-mail", normalize::email)?
+            .ok_or_else(|| RowError::new(Some("author_email"), "missing required value", "author_email is empty"))?;
+        Ok(CommentRow {
+            external_id: fields.non_empty(EXTERNAL_ID)?.map(|v| v.into_owned()),
+            ticket_external_id,
+            author_email,
+            body: fields.get(BODY)?.map(|v| v.into_owned()).unwrap_or_default(),
+            public: fields
+                .parse(PUBLIC, "invalid boolean", normalize::boolean)?
+                .unwrap_or(true),
+            created_at: fields.parse(CREATED_AT, "invalid timestamp", |v| {
+                normalize::timestamp(v, options.zone)
+            })?,
+        })
     }
-    fn key(_r: &CommentRow) -> Option<&str> {
-        None
+
+    fn key(row: &CommentRow) -> Option<&str> {
+        row.external_id.as_deref()
     }
-    fn configure(&mut self, _c: &ColumnMap) {
-        let _ = self.undelete;
+
+    fn reset(&mut self) {
+        self.cache.clear();
     }
+
     fn write_batch(
         &mut self,
-        _c: &mut diesel::PgConnection,
-        _o: i64,
-        _r: Vec<Numbered<CommentRow>>,
-        _n: &mut Counts,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<CommentRow>>,
+        counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
-        todo!()
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ticket_keys: Vec<&str> = rows.iter().map(|r| r.row.ticket_external_id.as_str()).collect();
+        let tickets: HashMap<String, i64> =
+            sql_query("SELECT id, external_id FROM tickets WHERE external_id = ANY($1)")
+                .bind::<Array<Text>, _>(&ticket_keys)
+                .load::<IdExternal>(conn)
+                .context("cannot look up tickets")?
+                .into_iter()
+                .map(|r| (r.external_id, r.id))
+                .collect();
+        // A comment on a ticket that does not exist cannot be stored: reject it with that reason.
+        let (rows, orphans): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|r| tickets.contains_key(&r.row.ticket_external_id));
+        let rejects: Vec<WriterReject> = orphans
+            .into_iter()
+            .map(|r| WriterReject {
+                error: RowError::new(
+                    Some("ticket_external_id"),
+                    "unknown ticket",
+                    format!(
+                        "ticket {:?} does not exist; import the tickets first",
+                        r.row.ticket_external_id
+                    ),
+                ),
+                record: r.record,
+                line: r.line,
+                raw: r.raw,
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(rejects);
+        }
+        let authors: Vec<UserRef<'_>> = rows
+            .iter()
+            .map(|r| UserRef {
+                email: &r.row.author_email,
+                name: None,
+                role: UserRole::Customer,
+                organization_id: None,
+            })
+            .collect();
+        self.cache
+            .ensure_users(conn, &authors)
+            .context("cannot resolve comment authors")?;
+
+        let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.row.external_id.as_deref()).collect();
+        let ticket_ids: Vec<i64> = rows.iter().map(|r| tickets[&r.row.ticket_external_id]).collect();
+        let author_ids: Vec<i64> = rows
+            .iter()
+            .map(|r| self.cache.user_id(&r.row.author_email).expect("resolved above"))
+            .collect();
+        let bodies: Vec<&str> = rows.iter().map(|r| r.row.body.as_str()).collect();
+        let public: Vec<bool> = rows.iter().map(|r| r.row.public).collect();
+        let created: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.row.created_at).collect();
+        let merged: MergeCounts = sql_query(MERGE_COMMENTS_SQL)
+            .bind::<Array<Nullable<Text>>, _>(&external_ids)
+            .bind::<Array<BigInt>, _>(&ticket_ids)
+            .bind::<Array<BigInt>, _>(&author_ids)
+            .bind::<Array<Text>, _>(&bodies)
+            .bind::<Array<Bool>, _>(&public)
+            .bind::<Array<Nullable<Timestamptz>>, _>(&created)
+            .bind::<Timestamptz, _>(Utc::now())
+            .bind::<BigInt, _>(op_id)
+            .get_result(conn)
+            .context("cannot merge comments")?;
+        counts.inserted += merged.inserted as u64;
+        counts.updated += merged.updated as u64;
+        counts.unchanged += rows.len() as u64 - merged.inserted as u64 - merged.updated as u64;
+        Ok(rejects)
     }
 }

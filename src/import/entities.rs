@@ -21,13 +21,36 @@ struct IdName {
 }
 
 #[derive(QueryableByName)]
-struct IdEmailRole {
+struct StoredUser {
     #[diesel(sql_type = BigInt)]
     id: i64,
     #[diesel(sql_type = Text)]
     email: String,
     #[diesel(sql_type = Text)]
     role: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    has_name: bool,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    has_organization: bool,
+}
+
+/// What the cache remembers of a user: enough to know whether a row could still change it.
+#[derive(Debug, Clone, Copy)]
+struct CachedUser {
+    id: i64,
+    role: UserRole,
+    has_name: bool,
+    has_organization: bool,
+}
+
+impl CachedUser {
+    /// A reference changes a stored user only by promoting a customer, or by filling a
+    /// missing name or organization; anything else is already true.
+    fn could_change(&self, r: &UserRef<'_>) -> bool {
+        (self.role == UserRole::Customer && r.role > self.role)
+            || (!self.has_name && r.name.is_some())
+            || (!self.has_organization && r.organization_id.is_some())
+    }
 }
 
 /// A user as an imported row refers to it.
@@ -42,7 +65,7 @@ pub struct UserRef<'a> {
 #[derive(Default)]
 pub struct EntityCache {
     organizations: HashMap<String, i64>,
-    users: HashMap<String, (i64, UserRole)>,
+    users: HashMap<String, CachedUser>,
     tags: HashMap<String, i64>,
 }
 
@@ -59,7 +82,7 @@ impl EntityCache {
     }
 
     pub fn user_id(&self, email: &str) -> Option<i64> {
-        self.users.get(email).map(|(id, _)| *id)
+        self.users.get(email).map(|u| u.id)
     }
 
     pub fn tag_id(&self, name: &str) -> Option<i64> {
@@ -99,23 +122,22 @@ impl EntityCache {
     }
 
     /// Makes sure every user exists. A new user is inserted with the given role; an existing
-    /// customer referred to as an agent becomes an agent (never the other way round); a
-    /// non-empty name fills or replaces the stored one, an empty name never erases it.
+    /// customer referred to as an agent becomes an agent (never the other way round). A name
+    /// or organization only fills a missing one: the first non-empty value in file order
+    /// wins and is never overwritten, so the result does not depend on batch boundaries, a
+    /// resume, or how often the file is imported.
     pub fn ensure_users(&mut self, conn: &mut PgConnection, refs: &[UserRef<'_>]) -> QueryResult<()> {
-        // One entry per e-mail: the strongest role and the last non-empty name win.
+        // One entry per e-mail: the strongest role, the first non-empty name and organization.
         let mut wanted: HashMap<&str, UserRef<'_>> = HashMap::new();
         for r in refs {
-            // A cached user needs another look only to be promoted from customer.
-            if let Some((_, cached_role)) = self.users.get(r.email)
-                && !(r.role > *cached_role && *cached_role == UserRole::Customer)
-            {
+            if self.users.get(r.email).is_some_and(|cached| !cached.could_change(r)) {
                 continue;
             }
             let entry = wanted.entry(r.email).or_insert_with(|| r.clone());
             if r.role > entry.role {
                 entry.role = r.role;
             }
-            if r.name.is_some() {
+            if entry.name.is_none() {
                 entry.name = r.name;
             }
             if entry.organization_id.is_none() {
@@ -136,7 +158,7 @@ impl EntityCache {
             roles.push(r.role.as_str().to_string());
             orgs.push(r.organization_id);
         }
-        let rows: Vec<IdEmailRole> = sql_query(UPSERT_USERS_SQL)
+        let rows: Vec<StoredUser> = sql_query(UPSERT_USERS_SQL)
             .bind::<Array<Text>, _>(&emails)
             .bind::<Array<Nullable<Text>>, _>(&names)
             .bind::<Array<Text>, _>(&roles)
@@ -144,7 +166,13 @@ impl EntityCache {
             .load(conn)?;
         for row in rows {
             let role = UserRole::from_label(&row.role).unwrap_or(UserRole::Customer);
-            self.users.insert(row.email, (row.id, role));
+            let cached = CachedUser {
+                id: row.id,
+                role,
+                has_name: row.has_name,
+                has_organization: row.has_organization,
+            };
+            self.users.insert(row.email, cached);
         }
         if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(e.as_str())) {
             // Inserted by a concurrent transaction after our snapshot: the caller retries.
@@ -163,18 +191,20 @@ WITH input AS (
     INSERT INTO users AS u (email, name, role, organization_id)
     SELECT email, nullif(name, ''), role::user_role, organization_id FROM input
     ON CONFLICT (email) DO UPDATE SET
-        name = coalesce(excluded.name, u.name),
+        name = coalesce(nullif(u.name, ''), excluded.name),
         role = CASE WHEN u.role = 'customer' THEN excluded.role ELSE u.role END,
         organization_id = coalesce(u.organization_id, excluded.organization_id),
         updated_at = now()
-    WHERE (excluded.name IS NOT NULL AND excluded.name IS DISTINCT FROM u.name)
+    WHERE ((u.name IS NULL OR u.name = '') AND excluded.name IS NOT NULL)
        OR (u.role = 'customer' AND excluded.role <> 'customer')
        OR (u.organization_id IS NULL AND excluded.organization_id IS NOT NULL)
-    RETURNING u.id, u.email, u.role::text AS role
+    RETURNING u.id, u.email, u.role::text AS role, coalesce(u.name, '') <> '' AS has_name,
+              u.organization_id IS NOT NULL AS has_organization
 )
-SELECT id, email, role FROM written
+SELECT id, email, role, has_name, has_organization FROM written
 UNION ALL
-SELECT u.id, u.email, u.role::text FROM users u JOIN input i ON i.email = u.email
+SELECT u.id, u.email, u.role::text, coalesce(u.name, '') <> '', u.organization_id IS NOT NULL
+FROM users u JOIN input i ON i.email = u.email
 WHERE u.email NOT IN (SELECT email FROM written)";
 
 /// Inserts the names that do not exist yet into `table` (organizations or tags, both with a

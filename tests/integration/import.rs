@@ -1,0 +1,919 @@
+//! `import tickets|users|comments` against a real database: every fixture, accounting,
+//! idempotence, transactions, crash and resume, mapping, stdin.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn bad(name: &str) -> std::path::PathBuf {
+    fixture(&format!("bad/{name}"))
+}
+
+fn external_ids(db: &TestDb) -> Vec<String> {
+    db.strings("SELECT external_id FROM tickets ORDER BY external_id")
+}
+
+/// Imports a file and checks exactly which rows went in and which were rejected (by
+/// external_id or first field, line and a piece of the reason).
+fn check_fixture(name: &str, extra: &[&str], accepted: &[&str], rejected: &[(&str, u64, &str)]) -> TestDb {
+    let db = TestDb::new();
+    let dir = scratch(name);
+    let rejects = dir.join("rejects.csv");
+    let mut args = vec!["--rejects", rejects.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (run, summary) = import(&db, &dir, "tickets", &bad(name), &args);
+    run.expect_code(if rejected.is_empty() { 0 } else { 3 });
+    assert_eq!(
+        summary["rejected"].as_u64().unwrap(),
+        rejected.len() as u64,
+        "{}",
+        run.explain()
+    );
+    let mut expected: Vec<String> = accepted.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(external_ids(&db), expected, "{}", run.explain());
+    if rejected.is_empty() {
+        assert!(!rejects.exists(), "no rejects file expected{}", run.explain());
+    } else {
+        let got = read_rejects(&rejects);
+        assert_eq!(got.len(), rejected.len(), "{got:?}");
+        for ((id, line, reason), (gid, gline, gerror)) in rejected.iter().zip(&got) {
+            assert_eq!((id.to_string(), *line), (gid.clone(), *gline), "{got:?}");
+            assert!(
+                gerror.contains(reason),
+                "reject of {id} should mention {reason:?}, says {gerror:?}"
+            );
+        }
+        // The summary groups them by reason with line numbers.
+        assert!(run.stderr.contains("rejected"), "{}", run.explain());
+    }
+    db
+}
+
+#[test]
+fn bad_timestamp() {
+    check_fixture(
+        "bad_timestamp.csv",
+        &[],
+        &["B-1", "B-3"],
+        &[("B-2", 3, "column created_at: not a timestamp")],
+    );
+}
+
+#[test]
+fn unknown_status_and_aliases() {
+    let db = check_fixture(
+        "unknown_status.csv",
+        &[],
+        &["U-1", "U-3"],
+        &[("U-2", 3, "unknown status \"escalated\"")],
+    );
+    let u3 = db.json("SELECT status::text, priority::text FROM tickets WHERE external_id = 'U-3'");
+    assert_eq!(u3[0]["status"], "on_hold");
+    assert_eq!(u3[0]["priority"], "urgent");
+}
+
+#[test]
+fn missing_required_values() {
+    check_fixture(
+        "missing_required.csv",
+        &[],
+        &["M-1"],
+        &[
+            ("M-2", 3, "column subject: subject is empty"),
+            ("", 4, "column external_id: external_id is empty"),
+            ("M-4", 5, "column requester_email"),
+        ],
+    );
+}
+
+#[test]
+fn missing_required_column_is_an_error_before_anything_is_written() {
+    let db = TestDb::new();
+    let dir = scratch("missing_column");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["import", "tickets", bad("missing_column.csv").to_str().unwrap()],
+    )
+    .run();
+    run.expect_code(1).stderr_has("requester_email");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM bulk_operations"), 0);
+}
+
+#[test]
+fn bad_emails() {
+    let db = check_fixture(
+        "bad_email.csv",
+        &[],
+        &["E-1"],
+        &[
+            ("E-2", 3, "column requester_email: not an e-mail address"),
+            ("E-3", 4, "column assignee_email"),
+        ],
+    );
+    assert_eq!(db.strings("SELECT email FROM users"), vec!["good@example.com"]);
+}
+
+#[test]
+fn wrong_number_of_fields() {
+    check_fixture(
+        "wrong_field_count.csv",
+        &[],
+        &["F-1", "F-4"],
+        &[("F-2", 3, "expected 14 fields"), ("F-3", 4, "found 15")],
+    );
+}
+
+#[test]
+fn invalid_utf8_is_rejected_and_kept_verbatim() {
+    let db = check_fixture("invalid_utf8.csv", &[], &["V-1", "V-3"], &[("V-2", 3, "invalid UTF-8")]);
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'V-3'"),
+        vec!["Café ok"]
+    );
+    // The rejects file holds the original bytes, so the row can be fixed and re-imported.
+    let dir = scratch("utf8-rejects");
+    let rejects = dir.join("r.csv");
+    let db2 = TestDb::new();
+    import(
+        &db2,
+        &dir,
+        "tickets",
+        &bad("invalid_utf8.csv"),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    let bytes = std::fs::read(&rejects).unwrap();
+    assert!(bytes.windows(2).any(|w| w == b"\xff\xfe"), "raw bytes not kept");
+}
+
+#[test]
+fn duplicate_keys_last_occurrence_wins() {
+    let dir = scratch("dup");
+    let db = TestDb::new();
+    let (run, summary) = import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [2, 0, 0, 1, 0, 0]);
+    let d1 = db.json(
+        "SELECT subject, status::text, (SELECT string_agg(g.name, ';') FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
+          WHERE tt.ticket_id = t.id) AS tags FROM tickets t WHERE external_id = 'D-1'",
+    );
+    assert_eq!(d1[0]["subject"], "Second version wins");
+    assert_eq!(d1[0]["status"], "pending");
+    assert_eq!(d1[0]["tags"], "vip");
+}
+
+#[test]
+fn duplicates_across_batches_count_once() {
+    let dir = scratch("dup-batches");
+    let db = TestDb::new();
+    let (run, summary) = import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &["--batch-size", "1"]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [2, 0, 0, 1, 0, 0], "{}", run.explain());
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'D-1'"),
+        vec!["Second version wins"]
+    );
+}
+
+#[test]
+fn quoted_fields_with_newlines_and_quotes() {
+    let db = check_fixture("quoted_multiline.csv", &[], &["Q-1", "Q-2"], &[]);
+    let q1 = db.json(
+        "SELECT t.subject, t.description, u.name, o.name AS org FROM tickets t JOIN users u ON u.id = t.requester_id
+         JOIN organizations o ON o.id = t.organization_id WHERE external_id = 'Q-1'",
+    );
+    assert_eq!(q1[0]["subject"], "Subject, with comma");
+    assert_eq!(q1[0]["description"], "Line one\nline two with \"quotes\", and a comma");
+    assert_eq!(q1[0]["name"], "O'Brien, Pat");
+    assert_eq!(q1[0]["org"], "Acme, Inc.");
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'Q-2'"),
+        vec!["\"Quoted\" subject"]
+    );
+}
+
+#[test]
+fn utf8_bom_and_quoted_header() {
+    check_fixture("bom.csv", &[], &["BOM-1"], &[]);
+}
+
+#[test]
+fn crlf_line_ends() {
+    let db = check_fixture("crlf.csv", &[], &["CR-1", "CR-2"], &[]);
+    assert_eq!(
+        db.strings("SELECT description FROM tickets WHERE external_id = 'CR-1'"),
+        vec!["two\r\nlines"]
+    );
+}
+
+#[test]
+fn header_only_and_empty_files() {
+    for name in ["header_only.csv", "empty.csv"] {
+        let db = TestDb::new();
+        let dir = scratch(name);
+        let (run, summary) = import(&db, &dir, "tickets", &bad(name), &[]);
+        run.expect_code(0);
+        assert_eq!(summary["rows_read"], 0, "{}", run.explain());
+        assert_eq!(summary["status"], "succeeded");
+        assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    }
+}
+
+#[test]
+fn mapping_and_value_mapping_of_another_export() {
+    let db = TestDb::new();
+    let dir = scratch("mapping");
+    let maps = [
+        "--map",
+        "Ticket ID=external_id",
+        "--map",
+        "Title=subject",
+        "--map",
+        "Body=description",
+        "--map",
+        "State=status",
+        "--map",
+        "Urgency=priority",
+        "--map",
+        "Source=channel",
+        "--map",
+        "Customer Email=requester_email",
+        "--map",
+        "Customer=requester_name",
+        "--map",
+        "Agent=assignee_email",
+        "--map",
+        "Company=organization",
+        "--map",
+        "Labels=tags",
+        "--map",
+        "Opened=created_at",
+        "--map",
+        "Last Update=updated_at",
+        "--map",
+        "Resolved=solved_at",
+        "--value-map",
+        "status:Pending Customer Response=pending",
+        "--tag-separator",
+        "|",
+        "--timezone",
+        "Europe/Berlin",
+    ];
+    let (run, summary) = import(&db, &dir, "tickets", &bad("other_helpdesk.csv"), &maps);
+    run.expect_code(0)
+        .stderr_has("ignoring unknown column(s): Satisfaction");
+    assert_eq!(outcome(&summary), [2, 0, 0, 0, 0, 0]);
+    let rows = db.json(
+        "SELECT external_id, status::text, priority::text, channel::text, to_char(created_at AT TIME ZONE 'UTC', 'HH24:MI') AS created,
+                (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
+                  WHERE tt.ticket_id = t.id) AS tags
+         FROM tickets t ORDER BY external_id",
+    );
+    assert_eq!(rows[0]["status"], "pending");
+    assert_eq!(rows[0]["priority"], "normal");
+    assert_eq!(rows[0]["channel"], "email");
+    assert_eq!(rows[0]["tags"], "hardware;printer");
+    assert_eq!(rows[0]["created"], "07:00", "09:00 in Berlin (CEST) is 07:00 UTC");
+    assert_eq!(rows[1]["status"], "solved");
+    assert_eq!(rows[1]["priority"], "urgent");
+    assert_eq!(rows[1]["channel"], "web");
+}
+
+#[test]
+fn latin1_is_transcoded() {
+    let db = check_fixture("latin1.csv", &["--encoding", "latin1"], &["L-1"], &[]);
+    let row = db.json("SELECT subject, description, u.name FROM tickets t JOIN users u ON u.id = t.requester_id");
+    assert_eq!(row[0]["subject"], "Café crème");
+    assert_eq!(row[0]["description"], "Grüße");
+    assert_eq!(row[0]["name"], "René");
+}
+
+#[test]
+fn sample_dump_then_reimport_changes_nothing() {
+    let db = TestDb::new();
+    let dir = scratch("sample");
+    let rejects = dir.join("r.csv");
+    let (run, first) = import(
+        &db,
+        &dir,
+        "tickets",
+        &fixture("tickets.csv"),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    run.expect_code(3);
+    let inserted = first["inserted"].as_i64().unwrap();
+    assert!(inserted > 150, "{first}");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), inserted);
+    assert_eq!(read_rejects(&rejects).len() as u64, first["rejected"].as_u64().unwrap());
+    assert!(
+        first["rejected"].as_u64().unwrap() >= 3,
+        "the sample has broken rows on purpose: {first}"
+    );
+    // The operation row holds the same counts and the file's identity.
+    let op = db.json(&format!(
+        "SELECT status::text, counts, source_sha256 FROM bulk_operations WHERE id = {}",
+        first["operation_id"]
+    ));
+    assert_eq!(op[0]["status"], "succeeded");
+    assert_eq!(op[0]["counts"]["inserted"], first["inserted"]);
+    assert_eq!(op[0]["source_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE last_operation_id IS DISTINCT FROM 1"),
+        0
+    );
+
+    let tables = ["tickets", "ticket_tags", "users", "organizations", "tags"];
+    let before: Vec<_> = tables.iter().map(|t| db.row_versions(t)).collect();
+    let (run, second) = import(
+        &db,
+        &dir,
+        "tickets",
+        &fixture("tickets.csv"),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    run.expect_code(3);
+    assert_eq!(second["inserted"], 0);
+    assert_eq!(second["updated"], 0);
+    assert_eq!(second["unchanged"], first["inserted"]);
+    assert_eq!(second["duplicate"], first["duplicate"]);
+    assert_eq!(second["rejected"], first["rejected"]);
+    let after: Vec<_> = tables.iter().map(|t| db.row_versions(t)).collect();
+    for ((table, b), a) in tables.iter().zip(&before).zip(&after) {
+        assert_eq!(b, a, "re-import rewrote rows of {table}");
+    }
+    // And the statistics collector agrees (it is flushed when the importing backend exits).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut updated = -1;
+    while Instant::now() < deadline {
+        updated = db.scalar("SELECT n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname = 'tickets'");
+        if updated == 0 && db.scalar("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'tickets'") == inserted
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(updated, 0, "pg_stat_user_tables shows updated or deleted tickets");
+}
+
+#[test]
+fn changed_rows_are_updated_with_before_images() {
+    let db = TestDb::new();
+    let dir = scratch("update");
+    import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[])
+        .0
+        .expect_code(0);
+    let changed = dir.join("changed.csv");
+    let text = std::fs::read_to_string(bad("duplicate_key.csv")).unwrap();
+    std::fs::write(
+        &changed,
+        text.replace("Second version wins", "Third version")
+            .replace(",vip,", ",vip;billing,"),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &changed, &[]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 1, 1, 1, 0, 0], "{}", run.explain());
+    let audit = db.json(&format!(
+        "SELECT before->>'subject' AS before, after->>'subject' AS after, before->'tag_ids' AS before_tags,
+                after->'tag_ids' AS after_tags FROM audit_log WHERE operation_id = {} AND action = 'update'",
+        summary["operation_id"]
+    ));
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["before"], "Second version wins");
+    assert_eq!(audit[0]["after"], "Third version");
+    assert_eq!(audit[0]["before_tags"].as_array().unwrap().len(), 1);
+    assert_eq!(audit[0]["after_tags"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        db.strings("SELECT g.name FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id JOIN tickets t ON t.id = tt.ticket_id WHERE t.external_id = 'D-1' ORDER BY 1"),
+        vec!["billing", "vip"]
+    );
+    // Removing the tags column leaves stored tags alone; an empty tags value clears them.
+    let cleared = dir.join("cleared.csv");
+    std::fs::write(&cleared, text.replace(",vip,", ",,")).unwrap();
+    let (_, summary) = import(&db, &dir, "tickets", &cleared, &[]);
+    assert_eq!(summary["updated"], 1);
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM ticket_tags tt JOIN tickets t ON t.id = tt.ticket_id WHERE t.external_id = 'D-1'"
+        ),
+        0
+    );
+}
+
+#[test]
+fn stdin_input_needs_a_rejects_path() {
+    let db = TestDb::new();
+    let dir = scratch("stdin");
+    let data = std::fs::read(fixture("tickets.csv")).unwrap();
+    let run = ticketops(Some(&db), &dir, &["import", "tickets", "-"])
+        .stdin(data.clone())
+        .run();
+    run.expect_code(2).stderr_has("--rejects");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", "-", "--rejects", "r.csv"],
+    )
+    .stdin(data)
+    .run();
+    run.expect_code(3);
+    let summary = run.json();
+    assert_accounted(&summary, &run);
+    assert_eq!(summary["file"], "-");
+    assert!(dir.join("r.csv").exists());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets"),
+        summary["inserted"].as_i64().unwrap()
+    );
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let db = TestDb::new();
+    let dir = scratch("dry");
+    import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[])
+        .0
+        .expect_code(0);
+    let tables = [
+        "tickets",
+        "users",
+        "ticket_tags",
+        "tags",
+        "bulk_operations",
+        "audit_log",
+        "organizations",
+    ];
+    let before: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &fixture("tickets.csv"),
+        &["--dry-run", "--rejects", "r.csv"],
+    );
+    run.expect_code(3);
+    assert_eq!(summary["dry_run"], true);
+    assert!(
+        summary["inserted"].as_u64().unwrap() > 150,
+        "the dry run reports what would happen: {summary}"
+    );
+    let after: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    assert_eq!(before, after, "a dry run changed the database");
+}
+
+#[test]
+fn max_rejects_stops_the_import() {
+    let db = TestDb::new();
+    let dir = scratch("maxrej");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            fixture("tickets.csv").to_str().unwrap(),
+            "--max-rejects",
+            "0",
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("too many rejected rows");
+    assert_eq!(run.json()["status"], "failed");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            fixture("tickets.csv").to_str().unwrap(),
+            "--max-rejects",
+            "50%",
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .run();
+    run.expect_code(3);
+}
+
+#[test]
+fn soft_deleted_tickets_are_skipped_unless_undelete() {
+    let db = TestDb::new();
+    let dir = scratch("undelete");
+    import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[])
+        .0
+        .expect_code(0);
+    db.execute("UPDATE tickets SET deleted_at = now(), subject = 'changed' WHERE external_id = 'D-2'");
+    let (_, summary) = import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[]);
+    assert_eq!(outcome(&summary), [0, 0, 1, 1, 1, 0]);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        1
+    );
+    let (_, summary) = import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &["--undelete"]);
+    assert_eq!(outcome(&summary), [0, 1, 1, 1, 0, 0]);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        0
+    );
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'D-2'"),
+        vec!["Other"]
+    );
+}
+
+/// A trigger that fails the insert of one ticket: a failure injected mid-file.
+fn inject_failure(db: &TestDb, external_id: &str) {
+    db.execute(&format!(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.external_id = '{external_id}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON tickets FOR EACH ROW EXECUTE FUNCTION boom();"
+    ));
+}
+
+#[test]
+fn atomic_import_rolls_everything_back_on_failure() {
+    let db = TestDb::new();
+    let dir = scratch("atomic");
+    inject_failure(&db, "T-000150");
+    let file = fixture("tickets.csv");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            "--atomic",
+            "--batch-size",
+            "20",
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .run();
+    run.expect_code(1)
+        .stderr_has("injected failure")
+        .stderr_has("nothing was committed");
+    assert_eq!(run.json()["status"], "rolled_back");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM users"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM audit_log"), 0);
+    assert_eq!(
+        db.strings("SELECT status::text FROM bulk_operations"),
+        vec!["rolled_back"]
+    );
+}
+
+#[test]
+fn batched_import_keeps_committed_batches_and_resumes_after_a_failure() {
+    let reference = TestDb::new();
+    let dir = scratch("failresume");
+    let file = fixture("tickets.csv");
+    import(&reference, &dir, "tickets", &file, &["--rejects", "ref.csv"])
+        .0
+        .expect_code(3);
+
+    let db = TestDb::new();
+    inject_failure(&db, "T-000150");
+    let args = ["--batch-size", "20", "--rejects", "r.csv"];
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            args[0],
+            args[1],
+            args[2],
+            args[3],
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("injected failure");
+    let committed = db.scalar("SELECT count(*) FROM tickets");
+    assert!(
+        committed > 0 && committed < 190,
+        "earlier batches stay committed: {committed}"
+    );
+    assert_eq!(db.strings("SELECT status::text FROM bulk_operations"), vec!["failed"]);
+
+    db.execute("DROP TRIGGER boom ON tickets");
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &["--resume", "--batch-size", "20", "--rejects", "r.csv"],
+    );
+    run.expect_code(3).stderr_has("resuming operation");
+    assert_eq!(summary["operation_id"], 1, "the same operation continues");
+    assert_same_rows(&db.ticket_snapshot(), &reference.ticket_snapshot(), "after resume");
+    let ref_rejects = read_rejects(&dir.join("ref.csv"));
+    assert_eq!(
+        read_rejects(&dir.join("r.csv")),
+        ref_rejects,
+        "the rejects file has each bad row once"
+    );
+}
+
+fn wait_for_checkpoint(db: &TestDb, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = db.scalar("SELECT count(*) FROM bulk_operations WHERE checkpoint IS NOT NULL");
+        if n > 0 {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the import ended ({status}) before it could be interrupted");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn kill(child: &std::process::Child, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn sigkill_then_resume_or_rerun_ends_in_the_same_state() {
+    let dir = scratch("sigkill");
+    let file = generate(
+        &dir,
+        "big.csv",
+        &[
+            "tickets",
+            "--rows",
+            "40000",
+            "--seed",
+            "11",
+            "--bad-share",
+            "0.01",
+            "--duplicate-share",
+            "0.02",
+        ],
+    );
+    let reference = TestDb::new();
+    let (_, full) = import(
+        &reference,
+        &dir,
+        "tickets",
+        &file,
+        &["--batch-size", "500", "--rejects", "ref.csv"],
+    );
+    let expected = reference.ticket_snapshot();
+
+    for follow_up in ["--resume", "rerun"] {
+        let db = TestDb::new();
+        let path = file.to_str().unwrap();
+        let mut child = ticketops(
+            Some(&db),
+            &dir,
+            &["import", "tickets", path, "--batch-size", "500", "--rejects", "r.csv"],
+        )
+        .spawn();
+        wait_for_checkpoint(&db, &mut child);
+        kill(&child, "-KILL");
+        let _ = child.wait();
+        let partial = db.scalar("SELECT count(*) FROM tickets");
+        assert!(
+            partial < expected.len() as i64,
+            "the kill came too late to test anything"
+        );
+
+        let mut args = vec!["--batch-size", "500", "--rejects", "r.csv"];
+        if follow_up == "--resume" {
+            args.push("--resume");
+        }
+        let (run, summary) = import(&db, &dir, "tickets", &file, &args);
+        run.expect_code(3);
+        assert_same_rows(&db.ticket_snapshot(), &expected, &format!("{follow_up} after SIGKILL"));
+        if follow_up == "--resume" {
+            // The resumed operation accounts for the whole file exactly like the uninterrupted one.
+            assert_eq!(outcome(&summary), outcome(&full), "{}", run.explain());
+            assert_eq!(read_rejects(&dir.join("r.csv")), read_rejects(&dir.join("ref.csv")));
+        }
+    }
+}
+
+#[test]
+fn sigterm_stops_after_the_batch_and_marks_the_operation_interrupted() {
+    let dir = scratch("sigterm");
+    let file = generate(&dir, "big.csv", &["tickets", "--rows", "40000", "--seed", "12"]);
+    let db = TestDb::new();
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            "--batch-size",
+            "500",
+        ],
+    )
+    .spawn();
+    wait_for_checkpoint(&db, &mut child);
+    kill(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["status"], "interrupted");
+    assert_eq!(summary["stopped"], "signal");
+    let committed = db.scalar("SELECT count(*) FROM tickets");
+    assert_eq!(
+        committed as u64,
+        summary["inserted"].as_u64().unwrap(),
+        "whole batches only"
+    );
+    assert_eq!(committed % 500, 0, "a batch is committed whole or not at all");
+    assert_eq!(
+        db.strings("SELECT status::text FROM bulk_operations"),
+        vec!["interrupted"]
+    );
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--resume", "--batch-size", "500"]);
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 40000);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+}
+
+#[test]
+fn initial_load_matches_a_normal_import_and_restores_the_schema() {
+    let dir = scratch("initial");
+    let file = generate(
+        &dir,
+        "t.csv",
+        &[
+            "tickets",
+            "--rows",
+            "3000",
+            "--seed",
+            "3",
+            "--bad-share",
+            "0.01",
+            "--duplicate-share",
+            "0.01",
+        ],
+    );
+    let normal = TestDb::new();
+    let (_, a) = import(
+        &normal,
+        &dir,
+        "tickets",
+        &file,
+        &["--rejects", "a.csv", "--batch-size", "700"],
+    );
+    let fast = TestDb::new();
+    let (run, b) = import(
+        &fast,
+        &dir,
+        "tickets",
+        &file,
+        &["--initial-load", "--rejects", "b.csv", "--batch-size", "700"],
+    );
+    run.expect_code(3);
+    assert_eq!(outcome(&a), outcome(&b));
+    assert_same_rows(&fast.ticket_snapshot(), &normal.ticket_snapshot(), "initial load");
+    let schema = |db: &TestDb| {
+        db.strings(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' UNION ALL
+             SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+             ORDER BY 1",
+        )
+    };
+    assert_eq!(
+        schema(&normal),
+        schema(&fast),
+        "indexes and constraints must come back exactly"
+    );
+    ticketops(Some(&fast), &dir, &["doctor"]).run().expect_code(0);
+
+    // Not on a table that holds rows: a clear refusal, nothing changed.
+    let run = ticketops(
+        Some(&fast),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            "--initial-load",
+            "--rejects",
+            "c.csv",
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("--initial-load needs empty tickets");
+    assert_eq!(schema(&normal), schema(&fast));
+}
+
+#[test]
+fn users_import_upserts_by_email() {
+    let db = TestDb::new();
+    let dir = scratch("users");
+    let file = dir.join("users.csv");
+    std::fs::write(
+        &file,
+        "email,name,role,organization\nAnn@Example.com,Ann,agent,Acme\nbob@example.com,,customer,\nbroken,X,,\nann@example.com,Ann B,,\ncid@example.com,Cid,wizard,\n",
+    )
+    .unwrap();
+    let (run, s) = import(&db, &dir, "users", &file, &[]);
+    run.expect_code(3);
+    assert_eq!(outcome(&s), [2, 0, 0, 1, 0, 2], "{}", run.explain());
+    let ann = db.json("SELECT u.name, u.role::text, o.name AS org FROM users u LEFT JOIN organizations o ON o.id = u.organization_id WHERE email = 'ann@example.com'");
+    assert_eq!(ann[0]["name"], "Ann B");
+    // A blank role or organization keeps nothing from the earlier duplicate (last wins),
+    // and the new user gets the default role.
+    assert_eq!(ann[0]["role"], "customer");
+    let (_, s) = import(&db, &dir, "users", &file, &[]);
+    assert_eq!(outcome(&s), [0, 0, 2, 1, 0, 2]);
+    std::fs::write(&file, "email,name,role\nbob@example.com,Bob,admin\nann@example.com,,\n").unwrap();
+    let (_, s) = import(&db, &dir, "users", &file, &[]);
+    assert_eq!(outcome(&s), [0, 1, 1, 0, 0, 0]);
+    assert_eq!(
+        db.strings("SELECT role::text FROM users WHERE email = 'bob@example.com'"),
+        vec!["admin"]
+    );
+    assert_eq!(
+        db.strings("SELECT name FROM users WHERE email = 'ann@example.com'"),
+        vec!["Ann B"],
+        "an empty name never erases one"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM audit_log WHERE table_name = 'users' AND action = 'update'"),
+        1
+    );
+}
+
+#[test]
+fn comments_import_rejects_orphans_and_is_idempotent() {
+    let db = TestDb::new();
+    let dir = scratch("comments");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    let (run, s) = import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    run.expect_code(3);
+    let orphans = read_rejects(&dir.join("c.csv"));
+    assert!(!orphans.is_empty());
+    assert!(
+        orphans.iter().all(|(_, _, e)| e.contains("does not exist")),
+        "{orphans:?}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM comments"),
+        s["inserted"].as_i64().unwrap()
+    );
+    let (_, again) = import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    assert_eq!(again["inserted"], 0);
+    assert_eq!(again["updated"], 0);
+    assert_eq!(again["unchanged"], s["inserted"]);
+
+    // Without external_id, comments are matched on ticket, author, body and time.
+    let file = dir.join("plain.csv");
+    std::fs::write(
+        &file,
+        "ticket_external_id,author_email,body,public,created_at\nT-000001,x@example.com,hello,false,2024-01-01\n",
+    )
+    .unwrap();
+    let (_, s) = import(&db, &dir, "comments", &file, &[]);
+    assert_eq!(s["inserted"], 1);
+    let (_, s) = import(&db, &dir, "comments", &file, &[]);
+    assert_eq!(outcome(&s), [0, 0, 1, 0, 0, 0]);
+}
+
+#[test]
+fn progress_bar_is_off_without_a_terminal_and_quiet_is_quiet() {
+    let db = TestDb::new();
+    let dir = scratch("quiet");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["-q", "import", "tickets", bad("duplicate_key.csv").to_str().unwrap()],
+    )
+    .run();
+    run.expect_code(0);
+    assert!(run.stderr.is_empty(), "{}", run.explain());
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["import", "tickets", bad("duplicate_key.csv").to_str().unwrap()],
+    )
+    .run();
+    assert!(
+        !run.stderr.contains('\r') && !run.stderr.contains("ETA"),
+        "no bar when stderr is not a terminal{}",
+        run.explain()
+    );
+}

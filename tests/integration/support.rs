@@ -1,0 +1,472 @@
+//! Test harness: a database per test, cloned from a migrated template, and a helper that
+//! runs the real `ticketops` binary in a scratch directory.
+//!
+//! The server is the project-local one (`scripts/test` starts it and sets
+//! TICKETOPS_TEST_ADMIN_URL). Without it every test fails with a message saying so: these
+//! tests are about real PostgreSQL behaviour and never fall back to anything else.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::Text;
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ticketops");
+pub const GEN: &str = env!("CARGO_BIN_EXE_ticketops-gen");
+
+pub fn project_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    project_dir().join("fixtures").join(name)
+}
+
+fn admin_url() -> String {
+    if let Ok(url) = std::env::var("TICKETOPS_TEST_ADMIN_URL") {
+        return url;
+    }
+    // Convenience for `cargo test` by hand with the local server running.
+    let out = Command::new(project_dir().join("scripts/pg")).arg("url").output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .trim_start_matches("DATABASE_URL=")
+            .to_string(),
+        _ => panic!(
+            "no test database server: run the tests with scripts/test, or start one with scripts/pg start \
+             (or set TICKETOPS_TEST_ADMIN_URL)"
+        ),
+    }
+}
+
+/// The URL of another database on the same server.
+fn url_for(admin: &str, database: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut url = format!("{}/{database}", &base[..path_start]);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+/// Hash of the migrations, so a changed schema gets a fresh template.
+fn migrations_key() -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(project_dir().join("migrations"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).into_iter().flatten())
+        .map(|f| f.unwrap().path())
+        .collect();
+    files.sort();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in files {
+        for b in f.to_string_lossy().bytes().chain(std::fs::read(&f).unwrap_or_default()) {
+            hash ^= b as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+/// Creates (once per schema version, under an advisory lock, so parallel test processes
+/// agree) a template database migrated by the real binary.
+fn template_name() -> &'static str {
+    static TEMPLATE: OnceLock<String> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let admin = admin_url();
+        let name = format!("ticketops_tpl_{}", migrations_key());
+        let mut conn = PgConnection::establish(&admin).expect("connect to the test server");
+        conn.batch_execute("SELECT pg_advisory_lock(4242)").unwrap();
+        let exists = query_json(
+            &mut conn,
+            &format!("SELECT 1 AS one FROM pg_database WHERE datname = '{name}'"),
+        );
+        if exists.is_empty() {
+            conn.batch_execute(&format!("CREATE DATABASE {name}_tmp")).ok();
+            let out = Command::new(BIN)
+                .args(["migrate", "run"])
+                .env("DATABASE_URL", url_for(&admin, &format!("{name}_tmp")))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "migrating the template failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            conn.batch_execute(&format!("ALTER DATABASE {name}_tmp RENAME TO {name}"))
+                .unwrap();
+        }
+        conn.batch_execute("SELECT pg_advisory_unlock(4242)").unwrap();
+        name
+    })
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A database of its own for one test, dropped at the end.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin: String,
+}
+
+impl TestDb {
+    /// A migrated database.
+    pub fn new() -> TestDb {
+        let template = template_name();
+        Self::create(&format!("TEMPLATE {template}"))
+    }
+
+    /// An empty database with no schema at all.
+    pub fn empty() -> TestDb {
+        Self::create("")
+    }
+
+    fn create(options: &str) -> TestDb {
+        let admin = admin_url();
+        let name = format!(
+            "ticketops_t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut conn = PgConnection::establish(&admin).expect("connect to the test server");
+        conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+        conn.batch_execute(&format!("CREATE DATABASE {name} {options}"))
+            .unwrap();
+        let url = url_for(&admin, &name);
+        TestDb { name, url, admin }
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("connect to the test database")
+    }
+
+    pub fn execute(&self, sql: &str) {
+        self.conn().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Rows of a query as JSON objects.
+    pub fn json(&self, sql: &str) -> Vec<Value> {
+        query_json(&mut self.conn(), sql)
+    }
+
+    pub fn scalar(&self, sql: &str) -> i64 {
+        let rows = self.json(&format!("SELECT ({sql})::bigint AS v"));
+        rows[0]["v"].as_i64().unwrap_or_else(|| panic!("{sql} gave {rows:?}"))
+    }
+
+    /// One string per row: the value of a one-column query, the row's text form otherwise.
+    pub fn strings(&self, sql: &str) -> Vec<String> {
+        self.json(&format!("SELECT row_to_json(q) AS j, (q.*)::text AS r FROM ({sql}) q"))
+            .into_iter()
+            .map(|row| match row["j"].as_object() {
+                Some(obj) if obj.len() == 1 => match obj.values().next().unwrap() {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                },
+                _ => row["r"].as_str().unwrap_or("").to_string(),
+            })
+            .collect()
+    }
+
+    /// Everything a ticket import decides, in a stable order: two databases with equal
+    /// snapshots hold the same imported data (ids and audit rows aside).
+    pub fn ticket_snapshot(&self) -> Vec<String> {
+        self.strings(
+            "SELECT t.external_id, t.subject, t.description, t.status, t.priority, t.channel,
+                    r.email, r.name, r.role, a.email, a.role, o.name, t.created_at, t.updated_at, t.solved_at,
+                    t.deleted_at IS NOT NULL AS deleted,
+                    (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
+                      WHERE tt.ticket_id = t.id) AS tags
+             FROM tickets t JOIN users r ON r.id = t.requester_id
+             LEFT JOIN users a ON a.id = t.assignee_id LEFT JOIN organizations o ON o.id = t.organization_id
+             ORDER BY t.external_id",
+        )
+    }
+
+    /// The physical identity of every row version: changes whenever any row is rewritten.
+    pub fn row_versions(&self, table: &str) -> Vec<String> {
+        self.strings(&format!("SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid"))
+    }
+
+    /// An md5 over the whole content of a table.
+    pub fn checksum(&self, table: &str) -> String {
+        self.strings(&format!(
+            "SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+        ))
+        .remove(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = PgConnection::establish(&self.admin) {
+            let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct JsonRow {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+fn query_json(conn: &mut PgConnection, sql: &str) -> Vec<Value> {
+    let wrapped = format!("SELECT row_to_json(q)::text AS v FROM ({sql}) q");
+    let rows: Vec<JsonRow> = diesel::sql_query(&wrapped)
+        .load(conn)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|r| serde_json::from_str(&r.v).unwrap()).collect()
+}
+
+/// A scratch directory under target/ for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = project_dir().join("target").join("test-scratch").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The result of running the binary, with everything needed to explain a failed assertion.
+pub struct Run {
+    pub command: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(command: String, out: Output) -> Run {
+        Run {
+            command,
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn explain(&self) -> String {
+        format!(
+            "\n--- command: {}\n--- exit code: {}\n--- stdout:\n{}\n--- stderr:\n{}\n",
+            self.command, self.code, self.stdout, self.stderr
+        )
+    }
+
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(self.code, code, "unexpected exit code{}", self.explain());
+        assert!(
+            !self.stderr.contains("panicked"),
+            "the binary panicked{}",
+            self.explain()
+        );
+        self
+    }
+
+    /// The one JSON object printed on stdout with --json.
+    pub fn json(&self) -> Value {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!("no JSON on stdout{}", self.explain());
+            });
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e}){}", self.explain()))
+    }
+
+    pub fn stderr_has(&self, needle: &str) -> &Run {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}{}",
+            self.explain()
+        );
+        self
+    }
+}
+
+/// Builds a run of the real binary.
+pub struct Cmd {
+    command: Command,
+    shown: Vec<String>,
+    stdin: Option<Vec<u8>>,
+}
+
+pub fn ticketops(db: Option<&TestDb>, dir: &Path, args: &[&str]) -> Cmd {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env("NO_COLOR", "1");
+    if let Some(db) = db {
+        command.env("DATABASE_URL", &db.url);
+    }
+    Cmd {
+        command,
+        shown: args.iter().map(|s| s.to_string()).collect(),
+        stdin: None,
+    }
+}
+
+impl Cmd {
+    pub fn env(mut self, key: &str, value: &str) -> Cmd {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn stdin(mut self, bytes: Vec<u8>) -> Cmd {
+        self.stdin = Some(bytes);
+        self
+    }
+
+    pub fn run(mut self) -> Run {
+        use std::io::Write;
+        let shown = format!("ticketops {}", self.shown.join(" "));
+        self.command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.command.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut child = self.command.spawn().expect("spawn ticketops");
+        if let Some(bytes) = self.stdin.take() {
+            let mut stdin = child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&bytes);
+            });
+        }
+        let out = child.wait_with_output().unwrap();
+        Run::from_output(shown, out)
+    }
+
+    pub fn spawn(mut self) -> std::process::Child {
+        self.command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        self.command.spawn().expect("spawn ticketops")
+    }
+}
+
+/// Runs an import with --json and checks the accounting identity on its summary.
+pub fn import(db: &TestDb, dir: &Path, kind: &str, file: &Path, extra: &[&str]) -> (Run, Value) {
+    let file = file.to_str().unwrap();
+    let mut args = vec!["--json", "import", kind, file];
+    args.extend_from_slice(extra);
+    let run = ticketops(Some(db), dir, &args).run();
+    let summary = run.json();
+    assert_accounted(&summary, &run);
+    (run, summary)
+}
+
+pub fn assert_accounted(summary: &Value, run: &Run) {
+    let n = |k: &str| {
+        summary[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the summary{}", run.explain()))
+    };
+    let sum = n("inserted") + n("updated") + n("unchanged") + n("duplicate") + n("skipped_deleted") + n("rejected");
+    assert_eq!(
+        n("rows_read"),
+        sum,
+        "rows_read is not the sum of the outcomes: {summary}{}",
+        run.explain()
+    );
+}
+
+/// The counts of a summary, in the order inserted, updated, unchanged, duplicate,
+/// skipped_deleted, rejected.
+pub fn outcome(summary: &Value) -> [u64; 6] {
+    [
+        "inserted",
+        "updated",
+        "unchanged",
+        "duplicate",
+        "skipped_deleted",
+        "rejected",
+    ]
+    .map(|k| summary[k].as_u64().unwrap())
+}
+
+/// Generates a synthetic dump with the repository's generator.
+pub fn generate(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new(GEN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "generator failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
+
+/// Reads a rejects file: (external_id or first field, _line, _error) per record.
+pub fn read_rejects(path: &Path) -> Vec<(String, u64, String)> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).unwrap();
+    let headers = reader.byte_headers().unwrap().clone();
+    let line_col = headers.iter().position(|h| h == b"_line").expect("a _line column");
+    let error_col = headers.iter().position(|h| h == b"_error").expect("an _error column");
+    let mut out = Vec::new();
+    for record in reader.byte_records() {
+        let record = record.unwrap();
+        // Short records carry _record/_line/_error at their own end.
+        let (line, error) = if record.len() == headers.len() {
+            (record.get(line_col).unwrap(), record.get(error_col).unwrap())
+        } else {
+            (
+                record.get(record.len() - 2).unwrap(),
+                record.get(record.len() - 1).unwrap(),
+            )
+        };
+        out.push((
+            String::from_utf8_lossy(record.get(0).unwrap()).into_owned(),
+            String::from_utf8_lossy(line).parse().unwrap(),
+            String::from_utf8_lossy(error).into_owned(),
+        ));
+    }
+    out
+}
+
+/// Compares two long lists and reports only the first difference.
+pub fn assert_same_rows(got: &[String], expected: &[String], what: &str) {
+    if got == expected {
+        return;
+    }
+    let first = got.iter().zip(expected).position(|(g, e)| g != e);
+    match first {
+        Some(i) => panic!(
+            "{what}: {} vs {} rows; first difference at row {i}:\n got:      {}\n expected: {}",
+            got.len(),
+            expected.len(),
+            got[i],
+            expected[i]
+        ),
+        None => panic!(
+            "{what}: {} rows vs {} expected (one is a prefix of the other); next expected: {:?}",
+            got.len(),
+            expected.len(),
+            expected.get(got.len())
+        ),
+    }
+}
