@@ -133,11 +133,13 @@ impl Default for BatchTimeouts {
     }
 }
 
-/// Sets the timeouts for the rest of the current transaction only.
+/// Sets the timeouts for the rest of the current transaction only. JIT is turned off too:
+/// batch statements are short, and compiling them (the planner's cost estimates for
+/// array-bound batches easily pass jit_above_cost) takes longer than running them.
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;
     conn.batch_execute(&format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        "SET LOCAL jit = off; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
         timeouts.lock_timeout.as_millis(),
         timeouts.statement_timeout.as_millis()
     ))

@@ -61,7 +61,8 @@ ORDER BY 1, 2";
 
 const TABLE_STATS_SQL: &str = "
 SELECT c.relname::text AS table_name,
-       greatest(c.reltuples, 0)::float8 AS estimated_rows,
+       -- reltuples is -1 until the table is first analyzed; the collector's count is better then
+       (CASE WHEN c.reltuples < 0 THEN coalesce(s.n_live_tup, 0) ELSE c.reltuples END)::float8 AS estimated_rows,
        pg_total_relation_size(c.oid) AS total_bytes,
        coalesce(s.n_dead_tup, 0) AS dead_tuples
 FROM pg_class c

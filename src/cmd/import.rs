@@ -196,7 +196,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             initial_load,
         } => {
             let options = common.options(undelete, initial_load)?;
-            let kind = TicketImport::new(undelete, initial_load);
+            let kind = TicketImport::new(undelete, initial_load, ctx.global.verbose > 0);
             let args_json = common.to_json(json!({ "undelete": undelete, "initial_load": initial_load }));
             import::run(ctx, options, kind, args_json)
         }

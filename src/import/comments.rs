@@ -115,6 +115,7 @@ SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
 impl ImportKind for CommentImport {
     type Row = CommentRow;
     const NAME: &'static str = "comments";
+    const REJECTS_IN_WRITER: bool = true;
     const FIELDS: &'static [FieldSpec] = FIELDS;
 
     fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<CommentRow, RowError> {

@@ -128,6 +128,7 @@ pub struct ParseOptions {
 pub struct Numbered<R> {
     pub record: u64,
     pub line: u64,
+    /// The original fields, kept only for kinds that reject rows in the writer.
     pub raw: ByteRecord,
     pub row: R,
 }
@@ -146,6 +147,8 @@ pub trait ImportKind {
     type Row: Send + 'static;
     /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
     const NAME: &'static str;
+    /// Whether `write_batch` may reject rows and so needs each row's original fields.
+    const REJECTS_IN_WRITER: bool = false;
     const FIELDS: &'static [FieldSpec];
 
     fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<Self::Row, RowError>;
@@ -283,7 +286,7 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
     }
 }
 
-fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+fn sha256_file(path: &std::path::Path, progress: &indicatif::ProgressBar) -> anyhow::Result<String> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
@@ -294,7 +297,9 @@ fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
             break;
         }
         hasher.update(&buffer[..n]);
+        progress.inc(n as u64);
     }
+    progress.set_position(0);
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -324,8 +329,10 @@ pub fn run<K: ImportKind>(
     }
 
     let pool = ctx.pool(2)?;
+    let progress = output::byte_progress(ctx.show_progress(), options.input.size());
+    progress.set_prefix("hashing");
     let source_sha = match &options.input {
-        Input::File(path) => Some(sha256_file(path)?),
+        Input::File(path) => Some(sha256_file(path, &progress)?),
         Input::Stdin => None,
     };
     // One import of the same file at a time: a second one would race the first's checkpoints.
@@ -391,6 +398,9 @@ pub fn run<K: ImportKind>(
         Some((_, c)) => (c.counts, c.tally.clone(), Some(c.rejects_bytes)),
         None => (Counts::default(), RejectTally::default(), None),
     };
+    if resumed.is_none() {
+        rejects::remove_stale(&rejects_path, options.delimiter)?;
+    }
     let mut rejects = RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len);
 
     let file_display = options.input.display();
@@ -417,11 +427,12 @@ pub fn run<K: ImportKind>(
         (None, _) => operation::start(&mut conn, &new_op).context("cannot record the operation")?,
     };
 
-    let progress = output::byte_progress(ctx.show_progress(), options.input.size());
     progress.set_prefix("importing");
 
     // The reader thread: parse and validate while the database works on the previous batch.
-    let (sender, receiver) = mpsc::sync_channel::<anyhow::Result<Batch<K::Row>>>(2);
+    // One batch in the channel, one being parsed, one being written: enough to keep both
+    // threads busy, and memory bounded by three batches whatever the file size.
+    let (sender, receiver) = mpsc::sync_channel::<anyhow::Result<Batch<K::Row>>>(1);
     let batch_size = options.batch_size.max(1);
     let parse_options = ParseOptions {
         zone: options.zone,
@@ -725,6 +736,7 @@ fn process_batches<K: ImportKind>(
             signal: None,
         });
     }
+    progress.set_prefix("finishing");
     kind.end(conn)?;
     Ok(LoopEnd::default())
 }
@@ -797,7 +809,11 @@ fn read_batches<K: ImportKind>(
             Ok(row) => batch.rows.push(Numbered {
                 record: after.record,
                 line,
-                raw: record.clone(),
+                raw: if K::REJECTS_IN_WRITER {
+                    record.clone()
+                } else {
+                    ByteRecord::new()
+                },
                 row,
             }),
             Err(error) => batch.rejects.push((after.record, line, record.clone(), error)),

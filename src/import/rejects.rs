@@ -133,3 +133,28 @@ impl std::fmt::Debug for RejectsWriter {
         f.debug_struct("RejectsWriter").field("path", &self.path).finish()
     }
 }
+
+/// Removes a rejects file left by an earlier run, so that a run with no rejects does not
+/// leave an old one looking like its own. Only a file that is recognisably a rejects file
+/// (its header ends with our three columns) is removed.
+pub fn remove_stale(path: &Path, delimiter: u8) -> anyhow::Result<()> {
+    let Ok(file) = File::open(path) else {
+        return Ok(());
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delimiter)
+        .from_reader(file);
+    let mut header = ByteRecord::new();
+    let ours = reader.read_byte_record(&mut header).unwrap_or(false)
+        && header.len() >= 3
+        && header.iter().rev().take(3).eq([&b"_error"[..], b"_line", b"_record"]);
+    if !ours {
+        anyhow::bail!(
+            "the rejects path {} exists and is not a rejects file; choose another with --rejects",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("cannot remove the old rejects file {}", path.display()))
+}

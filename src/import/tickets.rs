@@ -144,10 +144,40 @@ pub struct TicketImport {
     warned_missing_created_at: bool,
     /// Indexes and foreign keys dropped by `--initial-load`, recreated by `end`.
     dropped: Vec<String>,
+    /// Time spent in each phase, printed with -v: what limits an import.
+    phases: PhaseTimes,
+}
+
+/// Accumulated wall time per phase of the write path.
+#[derive(Default)]
+struct PhaseTimes {
+    verbose: bool,
+    totals: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseTimes {
+    fn add(&mut self, phase: &'static str, since: std::time::Instant) {
+        let elapsed = since.elapsed();
+        match self.totals.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, total)) => *total += elapsed,
+            None => self.totals.push((phase, elapsed)),
+        }
+    }
+
+    fn report(&self) {
+        if self.verbose {
+            let parts: Vec<String> = self
+                .totals
+                .iter()
+                .map(|(p, d)| format!("{p} {:.2} s", d.as_secs_f64()))
+                .collect();
+            eprintln!("time by phase: {}", parts.join(", "));
+        }
+    }
 }
 
 impl TicketImport {
-    pub fn new(undelete: bool, initial_load: bool) -> TicketImport {
+    pub fn new(undelete: bool, initial_load: bool, verbose: bool) -> TicketImport {
         TicketImport {
             present: Present::default(),
             undelete,
@@ -156,6 +186,10 @@ impl TicketImport {
             import_time: Utc::now(),
             warned_missing_created_at: false,
             dropped: Vec::new(),
+            phases: PhaseTimes {
+                verbose,
+                totals: Vec::new(),
+            },
         }
     }
 }
@@ -252,8 +286,11 @@ impl ImportKind for TicketImport {
 
     fn end(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
         if self.initial_load {
+            let started = std::time::Instant::now();
             recreate(conn, &self.dropped)?;
+            self.phases.add("rebuild indexes and keys", started);
         }
+        self.phases.report();
         Ok(())
     }
 
@@ -281,8 +318,11 @@ impl ImportKind for TicketImport {
                     .unwrap_or(0)
             );
         }
+        let started = std::time::Instant::now();
         self.resolve_entities(conn, &rows)
             .context("cannot resolve organizations, users and tags")?;
+        self.phases.add("resolve users/orgs/tags", started);
+        let started = std::time::Instant::now();
 
         let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
         let existing: HashMap<String, i64> =
@@ -296,8 +336,11 @@ impl ImportKind for TicketImport {
         let (old, new): (Vec<_>, Vec<_>) = rows
             .into_iter()
             .partition(|r| existing.contains_key(&r.row.external_id));
+        self.phases.add("look up existing", started);
+        let started = std::time::Instant::now();
         self.insert_new(conn, op_id, new, counts)?;
-        self.merge_existing(conn, op_id, old, counts)?;
+        self.phases.add("COPY new tickets", started);
+        self.merge_existing(conn, op_id, old, &existing, counts)?;
         Ok(Vec::new())
     }
 }
@@ -337,6 +380,8 @@ struct Classified {
 struct Written {
     #[diesel(sql_type = BigInt)]
     id: i64,
+    #[diesel(sql_type = Text)]
+    external_id: String,
     #[diesel(sql_type = Bool)]
     inserted: bool,
 }
@@ -349,6 +394,7 @@ diesel::table! {
 
     ticketops_stage_tickets (rec) {
         rec -> Int8,
+        ticket_id -> Int8,
         external_id -> Text,
         subject -> Text,
         description -> Nullable<Text>,
@@ -368,6 +414,7 @@ diesel::table! {
 const STAGE_TABLE_SQL: &str = "
 CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
     rec bigint PRIMARY KEY,
+    ticket_id bigint NOT NULL,
     external_id text NOT NULL,
     subject text NOT NULL,
     description text,
@@ -387,6 +434,9 @@ CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
 #[diesel(table_name = ticketops_stage_tickets, treat_none_as_default_value = false)]
 struct StageRow {
     rec: i64,
+    /// The id the lookup found; every query joins on it *and* restricts tickets to the
+    /// batch's ids, so the planner never scans the whole table for a batch.
+    ticket_id: i64,
     external_id: String,
     subject: String,
     description: Option<String>,
@@ -480,7 +530,6 @@ impl TicketImport {
                 .context("cannot allocate ticket ids")?;
         let mut tickets_out = Vec::with_capacity(rows.len());
         let mut links = Vec::new();
-        let mut audit = Vec::with_capacity(rows.len());
         for (r, id) in rows.into_iter().zip(ids) {
             let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
             links.extend(tag_ids.into_iter().map(|tag_id| TicketTag {
@@ -506,14 +555,6 @@ impl TicketImport {
                 deleted_at: None,
                 last_operation_id: Some(op_id),
             });
-            audit.push(NewAuditEntry {
-                operation_id: op_id,
-                table_name: "tickets",
-                row_id: id.id,
-                action: "insert",
-                before: None,
-                after: None,
-            });
         }
         let inserted = diesel::copy_from(tickets::table)
             .from_insertable(&tickets_out)
@@ -525,8 +566,19 @@ impl TicketImport {
                 .execute(conn)
                 .context("cannot COPY tag links")?;
         }
-        diesel::copy_from(audit_log::table)
-            .from_insertable(&audit)
+        // The audit trail of inserts is one row per batch listing the new ids as ranges (they
+        // come from one sequence call, so usually one range): a row per ticket would cost as
+        // much as a third table's worth of index and foreign-key work.
+        let ranges = id_ranges(tickets_out.iter().map(|t| t.id));
+        diesel::insert_into(audit_log::table)
+            .values(NewAuditEntry {
+                operation_id: op_id,
+                table_name: "tickets",
+                row_id: tickets_out[0].id,
+                action: INSERT_IDS_ACTION,
+                before: None,
+                after: Some(serde_json::json!({ "ids": ranges })),
+            })
             .execute(conn)
             .context("cannot record the audit trail")?;
         counts.inserted += inserted as u64;
@@ -539,6 +591,7 @@ impl TicketImport {
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<TicketRow>>,
+        existing: &HashMap<String, i64>,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         if rows.is_empty() {
@@ -552,6 +605,7 @@ impl TicketImport {
                 let row = r.row;
                 StageRow {
                     rec: r.record as i64,
+                    ticket_id: existing[&row.external_id],
                     external_id: row.external_id,
                     subject: row.subject,
                     description: row.description,
@@ -568,15 +622,22 @@ impl TicketImport {
                 }
             })
             .collect();
+        let started = std::time::Instant::now();
+        let staged_recs: Vec<i64> = stage.iter().map(|s| s.rec).collect();
+        let staged_ids: Vec<i64> = stage.iter().map(|s| s.ticket_id).collect();
         diesel::copy_from(ticketops_stage_tickets::table)
             .from_insertable(&stage)
             .execute(conn)
             .context("cannot COPY into the staging table")?;
         drop(stage);
 
+        self.phases.add("stage existing", started);
+        let started = std::time::Instant::now();
         let classified: Vec<Classified> = sql_query(self.classify_sql(op_id))
+            .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
             .context("cannot compare rows with the stored tickets")?;
+        self.phases.add("compare existing", started);
         let mut to_write = Vec::new();
         let mut tag_changed = Vec::new();
         let mut no_audit = Vec::new();
@@ -606,26 +667,24 @@ impl TicketImport {
         // Staged rows whose ticket vanished between lookup and compare are inserted by the
         // merge below like any new row.
         let classified_recs: std::collections::HashSet<i64> = classified.iter().map(|c| c.rec).collect();
-        let staged_recs: Vec<Id> = sql_query("SELECT rec AS id FROM ticketops_stage_tickets").load(conn)?;
-        to_write.extend(
-            staged_recs
-                .iter()
-                .map(|r| r.id)
-                .filter(|rec| !classified_recs.contains(rec)),
-        );
+        to_write.extend(staged_recs.into_iter().filter(|rec| !classified_recs.contains(rec)));
         if to_write.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let written: Vec<Written> = sql_query(self.merge_sql(op_id))
             .bind::<Array<BigInt>, _>(&to_write)
             .bind::<Array<BigInt>, _>(&tag_changed)
             .bind::<Array<BigInt>, _>(&no_audit)
+            .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
             .context("cannot merge changed tickets")?;
         let mine: std::collections::HashSet<i64> = no_audit.iter().copied().collect();
         let mut written_ids = Vec::with_capacity(written.len());
+        let mut written_keys = Vec::with_capacity(written.len());
         for w in &written {
             written_ids.push(w.id);
+            written_keys.push(w.external_id.as_str());
             if mine.contains(&w.id) {
                 continue; // already counted with its earlier occurrence
             }
@@ -638,30 +697,37 @@ impl TicketImport {
         // Rows the merge's own comparison found equal after all (a concurrent writer made
         // them so) were not written.
         let not_written = to_write.len() - written.len();
-        let not_written_mine = no_audit.iter().filter(|id| !written_ids.contains(id)).count();
+        let written_set: std::collections::HashSet<i64> = written_ids.iter().copied().collect();
+        let not_written_mine = no_audit.iter().filter(|id| !written_set.contains(id)).count();
         counts.unchanged += (not_written - not_written_mine) as u64;
 
         if self.present.tags && !written_ids.is_empty() {
+            // The written tickets' (id, external_id) pairs come from RETURNING; ticket_tags is
+            // restricted to those ids so only their links are read.
             sql_query(
-                "DELETE FROM ticket_tags tt USING tickets t, ticketops_stage_tickets s
-                 WHERE tt.ticket_id = t.id AND t.external_id = s.external_id AND t.id = ANY($1)
+                "DELETE FROM ticket_tags tt
+                 USING unnest($1::bigint[], $2::text[]) AS w(id, external_id), ticketops_stage_tickets s
+                 WHERE tt.ticket_id = w.id AND s.external_id = w.external_id AND tt.ticket_id = ANY($1)
                    AND NOT (tt.tag_id = ANY (s.tag_ids))",
             )
             .bind::<Array<BigInt>, _>(&written_ids)
+            .bind::<Array<Text>, _>(&written_keys)
             .execute(conn)
             .context("cannot remove tag links")?;
             sql_query(
                 "INSERT INTO ticket_tags (ticket_id, tag_id)
-                 SELECT t.id, u.tag_id FROM ticketops_stage_tickets s
-                 JOIN tickets t ON t.external_id = s.external_id
+                 SELECT w.id, u.tag_id
+                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id)
+                 JOIN ticketops_stage_tickets s ON s.external_id = w.external_id
                  CROSS JOIN LATERAL unnest(s.tag_ids) AS u(tag_id)
-                 WHERE t.id = ANY($1)
                  ON CONFLICT DO NOTHING",
             )
             .bind::<Array<BigInt>, _>(&written_ids)
+            .bind::<Array<Text>, _>(&written_keys)
             .execute(conn)
             .context("cannot add tag links")?;
         }
+        self.phases.add("merge changed", started);
         Ok(())
     }
 
@@ -711,17 +777,26 @@ impl TicketImport {
     fn classify_sql(&self, op_id: i64) -> String {
         let stored: Vec<String> = COLUMNS.iter().map(|c| format!("e.{c}")).collect();
         let target = self.target_exprs();
-        let tags_differ = if self.present.tags {
-            format!("({STORED_TAGS_OF_E}) IS DISTINCT FROM s.tag_ids")
+        // The stored tag set is read once per row (LATERAL), not once per use.
+        let (tags_join, tags_differ) = if self.present.tags {
+            (
+                format!("CROSS JOIN LATERAL (SELECT {STORED_TAGS_OF_E} AS tag_ids) st"),
+                "st.tag_ids IS DISTINCT FROM s.tag_ids",
+            )
         } else {
-            "false".into()
+            (String::new(), "false")
         };
         format!(
-            "SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
-                    coalesce(e.last_operation_id = {op_id}, false) AS mine,
-                    (({}) IS DISTINCT FROM ({}) OR {tags_differ}) AS differs,
-                    {tags_differ} AS tags_differ
-             FROM ticketops_stage_tickets s JOIN tickets e ON e.external_id = s.external_id",
+            "SELECT rec, id, deleted, mine, (fields_differ OR tags_differ) AS differs, tags_differ FROM (
+                 SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
+                        coalesce(e.last_operation_id = {op_id}, false) AS mine,
+                        ({}) IS DISTINCT FROM ({}) AS fields_differ,
+                        {tags_differ} AS tags_differ
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id
+                 {tags_join}
+                 WHERE e.id = ANY($1)
+             ) c",
             stored.join(", "),
             target.join(", ")
         )
@@ -741,7 +816,8 @@ impl TicketImport {
         format!(
             "WITH target AS (
                  SELECT s.external_id, {target}, {tags} AS tag_ids
-                 FROM ticketops_stage_tickets s LEFT JOIN tickets e ON e.external_id = s.external_id
+                 FROM ticketops_stage_tickets s
+                 LEFT JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
                  WHERE s.rec = ANY($1)
              ), written AS (
                  INSERT INTO tickets AS t (external_id, {cols}, last_operation_id)
@@ -762,11 +838,11 @@ impl TicketImport {
                             w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
                         END
                  FROM written w
-                 LEFT JOIN tickets b ON b.id = w.id
+                 LEFT JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
                  LEFT JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
              )
-             SELECT id, inserted FROM written",
+             SELECT id, external_id, inserted FROM written",
             target = target.join(", "),
             tags = self.tags_target(),
             set = set.join(", "),
@@ -774,6 +850,21 @@ impl TicketImport {
             incoming = incoming.join(", "),
         )
     }
+}
+
+/// The audit action of a row listing inserted ids as `{"ids": [[first, last], …]}`.
+pub const INSERT_IDS_ACTION: &str = "insert_ids";
+
+/// Inclusive ranges of consecutive ids, in order.
+fn id_ranges(ids: impl Iterator<Item = i64>) -> Vec<[i64; 2]> {
+    let mut ranges: Vec<[i64; 2]> = Vec::new();
+    for id in ids {
+        match ranges.last_mut() {
+            Some(last) if last[1] + 1 == id => last[1] = id,
+            _ => ranges.push([id, id]),
+        }
+    }
+    ranges
 }
 
 /// The stored tag set of ticket `e`, sorted like the staged one.
@@ -849,4 +940,18 @@ fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()
             .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_ranges;
+
+    #[test]
+    fn ranges_of_ids() {
+        assert_eq!(
+            id_ranges([5, 6, 7, 9, 10, 20].into_iter()),
+            vec![[5, 7], [9, 10], [20, 20]]
+        );
+        assert!(id_ranges(std::iter::empty()).is_empty());
+    }
 }

@@ -917,3 +917,46 @@ fn progress_bar_is_off_without_a_terminal_and_quiet_is_quiet() {
         run.explain()
     );
 }
+
+#[test]
+fn a_stale_rejects_file_is_removed_and_a_foreign_file_is_kept() {
+    let db = TestDb::new();
+    let dir = scratch("stale");
+    let rejects = dir.join("r.csv");
+    import(
+        &db,
+        &dir,
+        "tickets",
+        &bad("bad_email.csv"),
+        &["--rejects", rejects.to_str().unwrap()],
+    )
+    .0
+    .expect_code(3);
+    assert!(rejects.exists());
+    // A clean run must not leave the earlier run's rejects looking like its own.
+    let (run, _) = import(
+        &db,
+        &dir,
+        "tickets",
+        &bad("duplicate_key.csv"),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    run.expect_code(0);
+    assert!(!rejects.exists(), "{}", run.explain());
+    // Something that is not a rejects file is never overwritten.
+    std::fs::write(&rejects, "precious,data\n1,2\n").unwrap();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            bad("bad_email.csv").to_str().unwrap(),
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("is not a rejects file");
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "precious,data\n1,2\n");
+}
