@@ -148,6 +148,27 @@ impl EntityCache {
             return Ok(());
         }
         bound_cache(&mut self.users);
+        // Read first: on a re-import nearly every user exists already, and a plain read neither
+        // writes nor locks them, where ON CONFLICT DO UPDATE locks each conflicting row.
+        let unknown: Vec<&str> = wanted
+            .keys()
+            .copied()
+            .filter(|e| !self.users.contains_key(*e))
+            .collect();
+        if !unknown.is_empty() {
+            let stored: Vec<StoredUser> = sql_query(
+                "SELECT id, email, role::text AS role, coalesce(name, '') <> '' AS has_name,
+                        organization_id IS NOT NULL AS has_organization
+                 FROM users WHERE email = ANY($1)",
+            )
+            .bind::<Array<Text>, _>(&unknown)
+            .load(conn)?;
+            self.remember_users(stored);
+        }
+        wanted.retain(|email, r| self.users.get(*email).is_none_or(|cached| cached.could_change(r)));
+        if wanted.is_empty() {
+            return Ok(());
+        }
         let mut emails = Vec::with_capacity(wanted.len());
         let mut names = Vec::with_capacity(wanted.len());
         let mut roles = Vec::with_capacity(wanted.len());
@@ -164,6 +185,19 @@ impl EntityCache {
             .bind::<Array<Text>, _>(&roles)
             .bind::<Array<Nullable<BigInt>>, _>(&orgs)
             .load(conn)?;
+        self.remember_users(rows);
+        if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(e.as_str())) {
+            // Inserted by a concurrent transaction after our snapshot: the caller retries.
+            return Err(diesel::result::Error::QueryBuilderError(
+                format!("user {missing} was created concurrently; retry the batch").into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl EntityCache {
+    fn remember_users(&mut self, rows: Vec<StoredUser>) {
         for row in rows {
             let role = UserRole::from_label(&row.role).unwrap_or(UserRole::Customer);
             let cached = CachedUser {
@@ -174,13 +208,6 @@ impl EntityCache {
             };
             self.users.insert(row.email, cached);
         }
-        if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(e.as_str())) {
-            // Inserted by a concurrent transaction after our snapshot: the caller retries.
-            return Err(diesel::result::Error::QueryBuilderError(
-                format!("user {missing} was created concurrently; retry the batch").into(),
-            ));
-        }
-        Ok(())
     }
 }
 

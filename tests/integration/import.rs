@@ -960,3 +960,38 @@ fn a_stale_rejects_file_is_removed_and_a_foreign_file_is_kept() {
     run.expect_code(1).stderr_has("is not a rejects file");
     assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "precious,data\n1,2\n");
 }
+
+#[test]
+fn a_row_locked_by_the_application_fails_the_batch_after_the_lock_timeout() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDb::new();
+    let dir = scratch("locktimeout");
+    import(&db, &dir, "tickets", &bad("duplicate_key.csv"), &[])
+        .0
+        .expect_code(0);
+    let changed = dir.join("changed.csv");
+    let text = std::fs::read_to_string(bad("duplicate_key.csv")).unwrap();
+    std::fs::write(&changed, text.replace("Second version wins", "Changed again")).unwrap();
+    // A live application holds the row.
+    let mut app = db.conn();
+    app.batch_execute("BEGIN; UPDATE tickets SET subject = subject WHERE external_id = 'D-1'")
+        .unwrap();
+    let started = Instant::now();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["import", "tickets", changed.to_str().unwrap(), "--lock-timeout", "0.5"],
+    )
+    .run();
+    run.expect_code(1).stderr_has("lock timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited too long: {:?}",
+        started.elapsed()
+    );
+    app.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'D-1'"),
+        vec!["Second version wins"]
+    );
+}
