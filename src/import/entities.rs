@@ -64,9 +64,11 @@ pub struct UserRef<'a> {
 
 #[derive(Default)]
 pub struct EntityCache {
-    organizations: HashMap<String, i64>,
-    users: HashMap<String, CachedUser>,
-    tags: HashMap<String, i64>,
+    // Keyed by a 128-bit hash of the name, not the name itself: a million-row import has
+    // ~100,000 distinct e-mails, and their strings were most of the import's memory growth.
+    organizations: HashMap<u128, i64>,
+    users: HashMap<u128, CachedUser>,
+    tags: HashMap<u128, i64>,
 }
 
 impl EntityCache {
@@ -78,15 +80,15 @@ impl EntityCache {
     }
 
     pub fn organization_id(&self, name: &str) -> Option<i64> {
-        self.organizations.get(name).copied()
+        self.organizations.get(&key(name)).copied()
     }
 
     pub fn user_id(&self, email: &str) -> Option<i64> {
-        self.users.get(email).map(|u| u.id)
+        self.users.get(&key(email)).map(|u| u.id)
     }
 
     pub fn tag_id(&self, name: &str) -> Option<i64> {
-        self.tags.get(name).copied()
+        self.tags.get(&key(name)).copied()
     }
 
     pub fn ensure_organizations<'a>(
@@ -100,7 +102,7 @@ impl EntityCache {
         }
         bound_cache(&mut self.organizations);
         for row in upsert_names(conn, "organizations", &missing)? {
-            self.organizations.insert(row.name, row.id);
+            self.organizations.insert(key(&row.name), row.id);
         }
         Ok(())
     }
@@ -116,7 +118,7 @@ impl EntityCache {
         }
         bound_cache(&mut self.tags);
         for row in upsert_names(conn, "tags", &missing)? {
-            self.tags.insert(row.name, row.id);
+            self.tags.insert(key(&row.name), row.id);
         }
         Ok(())
     }
@@ -130,7 +132,11 @@ impl EntityCache {
         // One entry per e-mail: the strongest role, the first non-empty name and organization.
         let mut wanted: HashMap<&str, UserRef<'_>> = HashMap::new();
         for r in refs {
-            if self.users.get(r.email).is_some_and(|cached| !cached.could_change(r)) {
+            if self
+                .users
+                .get(&key(r.email))
+                .is_some_and(|cached| !cached.could_change(r))
+            {
                 continue;
             }
             let entry = wanted.entry(r.email).or_insert_with(|| r.clone());
@@ -153,7 +159,7 @@ impl EntityCache {
         let unknown: Vec<&str> = wanted
             .keys()
             .copied()
-            .filter(|e| !self.users.contains_key(*e))
+            .filter(|e| !self.users.contains_key(&key(e)))
             .collect();
         if !unknown.is_empty() {
             let stored: Vec<StoredUser> = sql_query(
@@ -165,7 +171,7 @@ impl EntityCache {
             .load(conn)?;
             self.remember_users(stored);
         }
-        wanted.retain(|email, r| self.users.get(*email).is_none_or(|cached| cached.could_change(r)));
+        wanted.retain(|email, r| self.users.get(&key(email)).is_none_or(|cached| cached.could_change(r)));
         if wanted.is_empty() {
             return Ok(());
         }
@@ -186,7 +192,7 @@ impl EntityCache {
             .bind::<Array<Nullable<BigInt>>, _>(&orgs)
             .load(conn)?;
         self.remember_users(rows);
-        if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(e.as_str())) {
+        if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(&key(e))) {
             // Inserted by a concurrent transaction after our snapshot: the caller retries.
             return Err(diesel::result::Error::QueryBuilderError(
                 format!("user {missing} was created concurrently; retry the batch").into(),
@@ -206,7 +212,7 @@ impl EntityCache {
                 has_name: row.has_name,
                 has_organization: row.has_organization,
             };
-            self.users.insert(row.email, cached);
+            self.users.insert(key(&row.email), cached);
         }
     }
 }
@@ -254,10 +260,23 @@ fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> Query
     Ok(rows)
 }
 
-fn missing_keys<'a, V>(cache: &HashMap<String, V>, keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+/// A 128-bit key for a name: two independent 64-bit SipHashes, so a collision among even
+/// billions of names is not a practical possibility.
+fn key(name: &str) -> u128 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let half = |salt: u8| {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        name.hash(&mut hasher);
+        hasher.finish() as u128
+    };
+    (half(1) << 64) | half(2)
+}
+
+fn missing_keys<'a, V>(cache: &HashMap<u128, V>, keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut missing: Vec<String> = keys
         .into_iter()
-        .filter(|k| !cache.contains_key(*k))
+        .filter(|k| !cache.contains_key(&key(k)))
         .map(str::to_string)
         .collect();
     missing.sort_unstable();
@@ -265,7 +284,7 @@ fn missing_keys<'a, V>(cache: &HashMap<String, V>, keys: impl IntoIterator<Item 
     missing
 }
 
-fn bound_cache<V>(cache: &mut HashMap<String, V>) {
+fn bound_cache<V>(cache: &mut HashMap<u128, V>) {
     if cache.len() > CACHE_LIMIT {
         cache.clear();
     }
