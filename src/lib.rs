@@ -3,10 +3,12 @@
 //! `cli` holds the command-line types, `cmd` one module per subcommand, `db` the pool,
 //! timeouts and advisory locks, `import` the CSV import pipeline, `models` one file per table.
 
+pub mod batch;
 pub mod cli;
 pub mod cmd;
 pub mod db;
 pub mod exit;
+pub mod filters;
 pub mod import;
 pub mod models;
 pub mod operation;

@@ -55,7 +55,7 @@ macro_rules! utc {
     };
 }
 
-const TICKETS_SELECT: &str = concat!(
+pub(crate) const TICKETS_SELECT: &str = concat!(
     "SELECT t.external_id, t.subject, t.description, t.status, t.priority, t.channel,
             r.email AS requester_email, r.name AS requester_name, a.email AS assignee_email,
             o.name AS organization,
@@ -76,7 +76,7 @@ const TICKETS_SELECT: &str = concat!(
 const USERS_SELECT: &str = "SELECT u.email, u.name, u.role, o.name AS organization
      FROM users u LEFT JOIN organizations o ON o.id = u.organization_id";
 
-const COMMENTS_SELECT: &str = concat!(
+pub(crate) const COMMENTS_SELECT: &str = concat!(
     "SELECT c.external_id, t.external_id AS ticket_external_id, u.email AS author_email, c.body, c.public, ",
     utc!("c.created_at"),
     " AS created_at

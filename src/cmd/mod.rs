@@ -4,10 +4,13 @@ use clap::Subcommand;
 
 use crate::cli::Context;
 
+pub mod cleanup;
 pub mod doctor;
 pub mod export;
 pub mod import;
 pub mod migrate;
+pub mod ops;
+pub mod restore;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -19,6 +22,12 @@ pub enum Command {
     Import(import::Args),
     /// Export tickets, users or comments as CSV in the import format
     Export(export::Args),
+    /// Cron-safe batch cleanup: soft-delete, purge (with archive), purge users
+    Cleanup(cleanup::Args),
+    /// Undo a soft-delete run, or bring back soft-deleted tickets matching filters
+    Restore(restore::Args),
+    /// The history of writing runs (bulk_operations)
+    Ops(ops::Args),
 }
 
 pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
@@ -27,5 +36,8 @@ pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
         Command::Doctor(args) => doctor::run(ctx, args),
         Command::Import(args) => import::run(ctx, args),
         Command::Export(args) => export::run(ctx, args),
+        Command::Cleanup(args) => cleanup::run(ctx, args),
+        Command::Restore(args) => restore::run(ctx, args),
+        Command::Ops(args) => ops::run(ctx, args),
     }
 }

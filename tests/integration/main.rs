@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL (started by scripts/test). One test binary,
 //! one database per test, the real `ticketops` binary for everything a user would run.
 
+mod cleanup;
 mod export;
 mod foundation;
 mod import;

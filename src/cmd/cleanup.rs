@@ -1,0 +1,602 @@
+//! `ticketops cleanup soft-delete | purge | purge-users`: the nightly cron jobs. Batched by
+//! primary key with `FOR UPDATE SKIP LOCKED` (never waiting on rows the live application
+//! holds), short transactions with lock and statement timeouts, one advisory lock per job
+//! (a second run exits 75), a clean stop on signals and limits, and a one-line JSON summary.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::{PgConnection, sql_query};
+use serde_json::json;
+
+use crate::batch::{self, BatchArgs, Step};
+use crate::cli::Context;
+use crate::db::{self, AdvisoryLock};
+use crate::exit;
+use crate::filters::{DeletedScope, TicketFilters, parse_when};
+use crate::models::{NewAuditEntry, NewBulkOperation};
+use crate::operation;
+use crate::schema::{audit_log, tickets, users};
+use crate::signals::StopFlags;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub job: Job,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Job {
+    /// Soft-delete the matching tickets (sets deleted_at) in batches; undo with `restore --operation ID`
+    #[command(after_help = SOFT_DELETE_HELP)]
+    SoftDelete {
+        #[command(flatten)]
+        filters: TicketFilters,
+        /// Allow a run without any filter (every ticket)
+        #[arg(long)]
+        all: bool,
+        /// Count and show a sample of the tickets that would be soft-deleted; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        batching: BatchArgs,
+    },
+    /// Hard-delete tickets soft-deleted before AGE, with their comments and tag links
+    #[command(after_help = PURGE_HELP)]
+    Purge {
+        /// Purge tickets soft-deleted before this: an age like 90d or a date/time
+        #[arg(long, value_name = "AGE", value_parser = parse_when)]
+        deleted_before: DateTime<Utc>,
+        /// Append each batch's tickets to this CSV (import format) before deleting them
+        #[arg(long, value_name = "FILE")]
+        archive: Option<PathBuf>,
+        /// Append each batch's comments to this CSV (import format) before deleting them
+        #[arg(long, value_name = "FILE")]
+        archive_comments: Option<PathBuf>,
+        /// Count what would be purged; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        batching: BatchArgs,
+    },
+    /// Hard-delete users soft-deleted before AGE who own no tickets and wrote no comments
+    PurgeUsers {
+        /// Purge users soft-deleted before this: an age like 180d or a date/time
+        #[arg(long, value_name = "AGE", value_parser = parse_when)]
+        deleted_before: DateTime<Utc>,
+        /// Count what would be purged; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        batching: BatchArgs,
+    },
+}
+
+const SOFT_DELETE_HELP: &str = "\
+Examples:
+  ticketops cleanup soft-delete --status closed --updated-before 365d --dry-run
+  ticketops cleanup soft-delete --status closed --updated-before 365d --sleep 100ms --max-runtime 30m --json
+
+Rows locked by another transaction are skipped, not waited on; the next run picks them up.
+Exit codes: 0 done (or stopped by --max-runtime/--max-rows), 1 failure, 2 usage, 75 another run
+holds the lock, 130/143 stopped by a signal after the current batch.";
+
+const PURGE_HELP: &str = "\
+With --archive, each batch's tickets are appended to the archive in the import format and flushed
+to disk before that batch's delete commits; if writing the archive fails, the batch is rolled back
+and the run stops, so a ticket is never gone from both places. `ticketops import tickets ARCHIVE`
+brings them back.
+
+Example:
+  ticketops cleanup purge --deleted-before 90d --archive purged.csv --archive-comments purged-comments.csv";
+
+/// The audit action of a batch of soft-deleted tickets: `after` holds `deleted_at` and `ids`.
+pub const SOFT_DELETE_ACTION: &str = "soft_delete";
+pub const PURGE_ACTION: &str = "purge";
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    match args.job {
+        Job::SoftDelete {
+            filters,
+            all,
+            dry_run,
+            batching,
+        } => soft_delete(ctx, filters, all, dry_run, batching),
+        Job::Purge {
+            deleted_before,
+            archive,
+            archive_comments,
+            dry_run,
+            batching,
+        } => purge(ctx, deleted_before, archive, archive_comments, dry_run, batching),
+        Job::PurgeUsers {
+            deleted_before,
+            dry_run,
+            batching,
+        } => purge_users(ctx, deleted_before, dry_run, batching),
+    }
+}
+
+#[derive(QueryableByName)]
+struct SampleRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Text)]
+    updated_at: String,
+    #[diesel(sql_type = Text)]
+    subject: String,
+}
+
+/// Prints the dry-run report: how many rows, and a sample.
+fn print_dry_run(ctx: &Context, kind: &str, count: i64, sample: &[SampleRow]) -> anyhow::Result<i32> {
+    if ctx.global.json {
+        let rows: Vec<_> = sample
+            .iter()
+            .map(|r| json!({"id": r.id, "external_id": r.external_id, "status": r.status, "updated_at": r.updated_at, "subject": r.subject}))
+            .collect();
+        ctx.print_json(&json!({"kind": kind, "dry_run": true, "would_affect": count, "sample": rows}))?;
+    } else {
+        println!("dry run: {kind} would affect {count} ticket(s); nothing was written");
+        if !sample.is_empty() {
+            println!(
+                "{:>10}  {:<14} {:<8} {:<20} subject",
+                "id", "external_id", "status", "updated_at"
+            );
+            for r in sample {
+                let subject: String = r.subject.chars().take(60).collect();
+                println!(
+                    "{:>10}  {:<14} {:<8} {:<20} {subject}",
+                    r.id, r.external_id, r.status, r.updated_at
+                );
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn sample_of(conn: &mut PgConnection, ids: &[i64]) -> anyhow::Result<Vec<SampleRow>> {
+    sql_query(
+        "SELECT id, external_id, status::text AS status,
+                to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS updated_at, subject::text AS subject
+         FROM tickets WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .load(conn)
+    .context("cannot read the sample")
+}
+
+const SAMPLE_SIZE: i64 = 10;
+
+fn start_operation(conn: &mut PgConnection, kind: &str, args: serde_json::Value) -> anyhow::Result<i64> {
+    let operator = operation::operator();
+    let new = NewBulkOperation {
+        kind,
+        args,
+        operator: &operator,
+        source_file: None,
+        source_sha256: None,
+    };
+    operation::start(conn, &new).context("cannot record the operation")
+}
+
+fn soft_delete(
+    ctx: &Context,
+    filters: TicketFilters,
+    all: bool,
+    dry_run: bool,
+    batching: BatchArgs,
+) -> anyhow::Result<i32> {
+    let kind = "cleanup soft-delete";
+    filters.require_filter_or_all(all, kind)?;
+    if filters.only_deleted || filters.include_deleted {
+        return Err(exit::UsageError(
+            "soft-delete works on tickets that are not deleted; drop --include-deleted/--only-deleted".into(),
+        )
+        .into());
+    }
+    let resolved = filters.resolve()?;
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+    if dry_run {
+        let count: i64 = resolved.query(DeletedScope::Exclude).count().get_result(&mut conn)?;
+        let ids: Vec<i64> = resolved
+            .query(DeletedScope::Exclude)
+            .select(tickets::id)
+            .order(tickets::id)
+            .limit(SAMPLE_SIZE)
+            .load(&mut conn)?;
+        let sample = sample_of(&mut conn, &ids)?;
+        return print_dry_run(ctx, kind, count, &sample);
+    }
+    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
+    let stop = StopFlags::install()?;
+    let op_id = start_operation(
+        &mut conn,
+        kind,
+        json!({"filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
+    )?;
+    let mut last_id = 0i64;
+    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
+        let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Exclude, last_id, limit as i64)?;
+        let Some(max) = last_candidate else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        if ids.is_empty() {
+            last_id = max;
+            return Ok(Step { rows: 0, done: false });
+        }
+        let now = Utc::now();
+        let changed = diesel::update(tickets::table.filter(tickets::id.eq_any(&ids)))
+            .set((tickets::deleted_at.eq(now), tickets::last_operation_id.eq(op_id)))
+            .execute(conn)?;
+        // One audit row per batch: every row changed the same way (deleted_at from NULL to
+        // now), so the ids list is the whole before/after record.
+        diesel::insert_into(audit_log::table)
+            .values(NewAuditEntry {
+                operation_id: op_id,
+                table_name: "tickets",
+                row_id: ids[0],
+                action: SOFT_DELETE_ACTION,
+                before: Some(json!({"deleted_at": null})),
+                after: Some(json!({"deleted_at": now, "ids": ids})),
+            })
+            .execute(conn)?;
+        operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
+        last_id = max;
+        Ok(Step {
+            rows: changed as u64,
+            done: false,
+        })
+    });
+    let rows = stats.rows;
+    batch::finish(ctx, &mut conn, op_id, kind, stats, json!({"soft_deleted": rows}))
+}
+
+/// An archive CSV that batches are appended to, flushed and synced before their delete
+/// commits, and cut back if the batch fails.
+struct Archive {
+    path: PathBuf,
+    header: &'static [&'static str],
+    file: Option<File>,
+}
+
+impl Archive {
+    fn new(path: PathBuf, header: &'static [&'static str]) -> Archive {
+        Archive {
+            path,
+            header,
+            file: None,
+        }
+    }
+
+    /// Appends rows; returns the length before them, to cut back to on failure.
+    fn append(&mut self, rows: &[Vec<Option<String>>]) -> anyhow::Result<u64> {
+        let path = self.path.display().to_string();
+        let context = || format!("cannot write the archive {path}");
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .with_context(context)?;
+            self.file = Some(file);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let before = file.seek(SeekFrom::End(0)).with_context(context)?;
+        let header = self.header;
+        let written = (|| -> anyhow::Result<()> {
+            let mut writer = csv::Writer::from_writer(BufWriter::new(&*file));
+            if before == 0 {
+                writer.write_record(header)?;
+            }
+            for row in rows {
+                writer.write_record(row.iter().map(|f| f.as_deref().unwrap_or("")))?;
+            }
+            let inner = writer.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+            inner.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+            file.sync_data()?;
+            Ok(())
+        })();
+        if let Err(err) = written {
+            self.cut_back(before);
+            return Err(err.context(context()));
+        }
+        Ok(before)
+    }
+
+    /// Removes what the failed batch appended.
+    fn cut_back(&mut self, len: u64) {
+        if let Some(file) = &self.file {
+            let _ = file.set_len(len);
+            let _ = file.sync_data();
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Fields {
+    #[diesel(sql_type = Array<Nullable<Text>>)]
+    fields: Vec<Option<String>>,
+}
+
+/// The rows of `select` (an export query) for the given ids, each as text fields.
+fn archive_rows(
+    conn: &mut PgConnection,
+    select: &str,
+    columns: &[&str],
+    filter: &str,
+    ids: &[i64],
+) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    let fields: Vec<String> = columns.iter().map(|c| format!("q.{c}::text")).collect();
+    let sql = format!(
+        "SELECT ARRAY[{}] AS fields FROM ({select} WHERE {filter} = ANY($1)) q",
+        fields.join(", ")
+    );
+    let rows: Vec<Fields> = sql_query(sql).bind::<Array<BigInt>, _>(ids).load(conn)?;
+    Ok(rows.into_iter().map(|r| r.fields).collect())
+}
+
+const TICKET_COLUMNS: &[&str] = &[
+    "external_id",
+    "subject",
+    "description",
+    "status",
+    "priority",
+    "channel",
+    "requester_email",
+    "requester_name",
+    "assignee_email",
+    "organization",
+    "tags",
+    "created_at",
+    "updated_at",
+    "solved_at",
+];
+const COMMENT_COLUMNS: &[&str] = &[
+    "external_id",
+    "ticket_external_id",
+    "author_email",
+    "body",
+    "public",
+    "created_at",
+];
+
+fn purge(
+    ctx: &Context,
+    deleted_before: DateTime<Utc>,
+    archive: Option<PathBuf>,
+    archive_comments: Option<PathBuf>,
+    dry_run: bool,
+    batching: BatchArgs,
+) -> anyhow::Result<i32> {
+    let kind = "cleanup purge";
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+    let purgeable = || {
+        tickets::table
+            .filter(tickets::deleted_at.lt(deleted_before))
+            .into_boxed()
+    };
+    if dry_run {
+        let count: i64 = purgeable().count().get_result(&mut conn)?;
+        let ids: Vec<i64> = purgeable()
+            .select(tickets::id)
+            .order(tickets::id)
+            .limit(SAMPLE_SIZE)
+            .load(&mut conn)?;
+        let sample = sample_of(&mut conn, &ids)?;
+        return print_dry_run(ctx, kind, count, &sample);
+    }
+    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
+    let stop = StopFlags::install()?;
+    let op_id = start_operation(
+        &mut conn,
+        kind,
+        json!({"deleted_before": deleted_before, "archive": archive, "archive_comments": archive_comments,
+               "batching": batching.to_json()}),
+    )?;
+    let mut tickets_archive = archive.clone().map(|p| Archive::new(p, TICKET_COLUMNS));
+    let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
+    let mut last_id = 0i64;
+    let mut comments_purged = 0u64;
+    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
+        let candidates: Vec<i64> = purgeable()
+            .select(tickets::id)
+            .filter(tickets::id.gt(last_id))
+            .order(tickets::id)
+            .limit(limit as i64)
+            .load(conn)?;
+        let Some(&max) = candidates.last() else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let ids: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(tickets::id.eq_any(&candidates))
+            .filter(tickets::deleted_at.lt(deleted_before))
+            .order(tickets::id)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        if ids.is_empty() {
+            last_id = max;
+            return Ok(Step { rows: 0, done: false });
+        }
+        // Archive first, durably; delete only after. Any failure rolls the batch back and
+        // cuts the archive back to where it was.
+        // Archive lengths before this batch, to cut back to if it fails.
+        let mut tickets_len = None;
+        let mut comments_len = None;
+        let result = (|| -> anyhow::Result<(usize, u64)> {
+            if let Some(a) = tickets_archive.as_mut() {
+                let rows = archive_rows(conn, crate::cmd::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
+                tickets_len = Some(a.append(&rows)?);
+            }
+            if let Some(a) = comments_archive.as_mut() {
+                let rows = archive_rows(
+                    conn,
+                    crate::cmd::export::COMMENTS_SELECT,
+                    COMMENT_COLUMNS,
+                    "c.ticket_id",
+                    &ids,
+                )?;
+                comments_len = Some(a.append(&rows)?);
+            }
+            let comments: i64 = crate::schema::comments::table
+                .filter(crate::schema::comments::ticket_id.eq_any(&ids))
+                .count()
+                .get_result(conn)?;
+            let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
+            diesel::insert_into(audit_log::table)
+                .values(NewAuditEntry {
+                    operation_id: op_id,
+                    table_name: "tickets",
+                    row_id: ids[0],
+                    action: PURGE_ACTION,
+                    before: Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
+                    after: None,
+                })
+                .execute(conn)?;
+            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
+            Ok((deleted, comments as u64))
+        })();
+        match result {
+            Ok((deleted, comments)) => {
+                comments_purged += comments;
+                last_id = max;
+                Ok(Step {
+                    rows: deleted as u64,
+                    done: false,
+                })
+            }
+            Err(err) => {
+                if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
+                    a.cut_back(len);
+                }
+                if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
+                    a.cut_back(len);
+                }
+                Err(err)
+            }
+        }
+    });
+    let rows = stats.rows;
+    batch::finish(
+        ctx,
+        &mut conn,
+        op_id,
+        kind,
+        stats,
+        json!({"purged": rows, "comments_purged": comments_purged}),
+    )
+}
+
+fn purge_users(
+    ctx: &Context,
+    deleted_before: DateTime<Utc>,
+    dry_run: bool,
+    batching: BatchArgs,
+) -> anyhow::Result<i32> {
+    use crate::schema::comments;
+    let kind = "cleanup purge-users";
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+    // Soft-deleted long enough, and nothing refers to them.
+    let purgeable = || {
+        users::table
+            .filter(users::deleted_at.lt(deleted_before))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                tickets::table.filter(tickets::requester_id.eq(users::id)),
+            )))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                tickets::table.filter(tickets::assignee_id.eq(users::id.nullable())),
+            )))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                comments::table.filter(comments::author_id.eq(users::id)),
+            )))
+            .into_boxed()
+    };
+    if dry_run {
+        let count: i64 = purgeable().count().get_result(&mut conn)?;
+        if ctx.global.json {
+            ctx.print_json(&json!({"kind": kind, "dry_run": true, "would_affect": count}))?;
+        } else {
+            println!("dry run: {kind} would purge {count} user(s); nothing was written");
+        }
+        return Ok(exit::SUCCESS);
+    }
+    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
+    let stop = StopFlags::install()?;
+    let op_id = start_operation(
+        &mut conn,
+        kind,
+        json!({"deleted_before": deleted_before, "batching": batching.to_json()}),
+    )?;
+    let mut last_id = 0i64;
+    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
+        let candidates: Vec<i64> = purgeable()
+            .select(users::id)
+            .filter(users::id.gt(last_id))
+            .order(users::id)
+            .limit(limit as i64)
+            .load(conn)?;
+        let Some(&max) = candidates.last() else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let locked: Vec<i64> = users::table
+            .select(users::id)
+            .filter(users::id.eq_any(&candidates))
+            .order(users::id)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        // Checked again under the lock: nothing may have started referring to them.
+        let ids: Vec<i64> = purgeable()
+            .select(users::id)
+            .filter(users::id.eq_any(&locked))
+            .load(conn)?;
+        if ids.is_empty() {
+            last_id = max;
+            return Ok(Step { rows: 0, done: false });
+        }
+        let before: Vec<serde_json::Value> =
+            sql_query("SELECT to_jsonb(u)::text AS fields FROM users u WHERE id = ANY($1)")
+                .bind::<Array<BigInt>, _>(&ids)
+                .load::<JsonText>(conn)?
+                .into_iter()
+                .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
+                .collect();
+        let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
+        diesel::insert_into(audit_log::table)
+            .values(NewAuditEntry {
+                operation_id: op_id,
+                table_name: "users",
+                row_id: ids[0],
+                action: PURGE_ACTION,
+                before: Some(json!({"rows": before})),
+                after: None,
+            })
+            .execute(conn)?;
+        last_id = max;
+        Ok(Step {
+            rows: deleted as u64,
+            done: false,
+        })
+    });
+    let rows = stats.rows;
+    batch::finish(ctx, &mut conn, op_id, kind, stats, json!({"purged": rows}))
+}
+
+#[derive(QueryableByName)]
+struct JsonText {
+    #[diesel(sql_type = Text)]
+    fields: String,
+}

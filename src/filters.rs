@@ -1,0 +1,359 @@
+//! Ticket filters shared by every command that selects tickets (cleanup, restore, and later
+//! fix, export and report). Built with Diesel's query builder: every value the user gives is
+//! a bound parameter, never SQL text.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Duration, Utc};
+use diesel::pg::Pg;
+use diesel::prelude::*;
+
+use crate::exit::UsageError;
+use crate::import::normalize::{self, InputZone};
+use crate::models::{TicketChannel, TicketPriority, TicketStatus};
+use crate::schema::{organizations, tags, ticket_tags, tickets, users};
+
+/// Which tickets a command works on.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TicketFilters {
+    /// Only tickets with this status (repeatable or comma-separated)
+    #[arg(long, value_delimiter = ',', value_parser = normalize::ticket_status, help_heading = "Filters")]
+    pub status: Vec<TicketStatus>,
+    /// Only tickets with this priority (repeatable or comma-separated)
+    #[arg(long, value_delimiter = ',', value_parser = normalize::ticket_priority, help_heading = "Filters")]
+    pub priority: Vec<TicketPriority>,
+    /// Only tickets from this channel (repeatable or comma-separated)
+    #[arg(long, value_delimiter = ',', value_parser = normalize::ticket_channel, help_heading = "Filters")]
+    pub channel: Vec<TicketChannel>,
+    /// Only tickets assigned to this e-mail, or `none` for unassigned ones
+    #[arg(long, value_name = "EMAIL|none", help_heading = "Filters")]
+    pub assignee: Option<String>,
+    /// Only tickets requested by this e-mail
+    #[arg(long, value_name = "EMAIL", help_heading = "Filters")]
+    pub requester: Option<String>,
+    /// Only tickets of this organization (by name)
+    #[arg(long, value_name = "NAME", help_heading = "Filters")]
+    pub organization: Option<String>,
+    /// Only tickets with this tag
+    #[arg(long, value_name = "NAME", help_heading = "Filters")]
+    pub tag: Option<String>,
+    /// Created before: a date/time (UTC unless it has an offset) or an age like 90d, 12h, 2w
+    #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
+    pub created_before: Option<DateTime<Utc>>,
+    /// Created at or after: a date/time or an age
+    #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
+    pub created_after: Option<DateTime<Utc>>,
+    /// Updated before: a date/time or an age like 90d
+    #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
+    pub updated_before: Option<DateTime<Utc>>,
+    /// Updated at or after: a date/time or an age
+    #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
+    pub updated_after: Option<DateTime<Utc>>,
+    /// Only the tickets listed in a CSV file with an `external_id` or `id` column
+    #[arg(long, value_name = "FILE", help_heading = "Filters")]
+    pub ids_file: Option<PathBuf>,
+    /// Include soft-deleted tickets
+    #[arg(long, help_heading = "Filters", conflicts_with = "only_deleted")]
+    pub include_deleted: bool,
+    /// Only soft-deleted tickets
+    #[arg(long, help_heading = "Filters")]
+    pub only_deleted: bool,
+}
+
+/// An absolute date/time, or an age (`90d`, `12h`, `2w`, `30m`, `45s`) before now.
+pub fn parse_when(value: &str) -> Result<DateTime<Utc>, String> {
+    let v = value.trim();
+    if let Some(age) = parse_age(v) {
+        return Ok(Utc::now() - age);
+    }
+    match normalize::timestamp(v, InputZone::Utc)? {
+        Some(when) => Ok(when),
+        None => Err("a date/time or an age like 90d is needed".into()),
+    }
+}
+
+/// `90d`, `12h`, `2w`, `30m`, `45s` as a duration.
+pub fn parse_age(value: &str) -> Option<Duration> {
+    let unit = value.chars().last()?;
+    let number: i64 = value[..value.len() - unit.len_utf8()].trim().parse().ok()?;
+    if number < 0 {
+        return None;
+    }
+    match unit {
+        's' => Duration::try_seconds(number),
+        'm' => Duration::try_minutes(number),
+        'h' => Duration::try_hours(number),
+        'd' => Duration::try_days(number),
+        'w' => Duration::try_weeks(number),
+        _ => None,
+    }
+}
+
+/// The ids or external ids listed in an `--ids-file`.
+#[derive(Debug, Clone, Default)]
+pub struct IdList {
+    pub ids: Vec<i64>,
+    pub external_ids: Vec<String>,
+}
+
+fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot open the ids file {}", path.display()))?;
+    let header = reader
+        .headers()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .clone();
+    let position = |name: &str| header.iter().position(|h| crate::import::source::header_key(h) == name);
+    let (column, numeric) = match (position("externalid"), position("id")) {
+        (Some(c), _) => (c, false),
+        (None, Some(c)) => (c, true),
+        (None, None) => {
+            return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
+        }
+    };
+    let mut list = IdList::default();
+    for (n, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("cannot read {}", path.display()))?;
+        let value = record.get(column).unwrap_or("").trim();
+        if value.is_empty() {
+            continue;
+        }
+        if numeric {
+            let id = value.parse().map_err(|_| {
+                UsageError(format!(
+                    "{} record {}: id {value:?} is not a number",
+                    path.display(),
+                    n + 1
+                ))
+            })?;
+            list.ids.push(id);
+        } else {
+            list.external_ids.push(value.to_string());
+        }
+    }
+    Ok(list)
+}
+
+/// Filters with everything from files already read, ready to apply to queries.
+#[derive(Debug, Clone)]
+pub struct ResolvedFilters {
+    pub filters: TicketFilters,
+    pub ids: Option<IdList>,
+}
+
+impl TicketFilters {
+    /// Whether any filter narrows the selection (deleted-row scope alone does not).
+    pub fn is_empty(&self) -> bool {
+        self.status.is_empty()
+            && self.priority.is_empty()
+            && self.channel.is_empty()
+            && self.assignee.is_none()
+            && self.requester.is_none()
+            && self.organization.is_none()
+            && self.tag.is_none()
+            && self.created_before.is_none()
+            && self.created_after.is_none()
+            && self.updated_before.is_none()
+            && self.updated_after.is_none()
+            && self.ids_file.is_none()
+    }
+
+    /// Refuses a writing command with no filter unless `--all` was given.
+    pub fn require_filter_or_all(&self, all: bool, command: &str) -> anyhow::Result<()> {
+        if self.is_empty() && !all {
+            return Err(UsageError(format!(
+                "{command} with no filter would touch every ticket; add filters, or --all if that is really meant"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    pub fn resolve(&self) -> anyhow::Result<ResolvedFilters> {
+        let ids = self.ids_file.as_ref().map(read_ids_file).transpose()?;
+        Ok(ResolvedFilters {
+            filters: self.clone(),
+            ids,
+        })
+    }
+
+    /// The filters as JSON, for `bulk_operations.args`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let times = |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+        serde_json::json!({
+            "status": self.status.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "priority": self.priority.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "channel": self.channel.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "assignee": self.assignee,
+            "requester": self.requester,
+            "organization": self.organization,
+            "tag": self.tag,
+            "created_before": times(&self.created_before),
+            "created_after": times(&self.created_after),
+            "updated_before": times(&self.updated_before),
+            "updated_after": times(&self.updated_after),
+            "ids_file": self.ids_file.as_ref().map(|p| p.display().to_string()),
+            "include_deleted": self.include_deleted,
+            "only_deleted": self.only_deleted,
+        })
+    }
+}
+
+/// How the filters treat soft-deleted rows, unless a command overrides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletedScope {
+    Exclude,
+    Include,
+    Only,
+}
+
+impl ResolvedFilters {
+    pub fn deleted_scope(&self) -> DeletedScope {
+        if self.filters.only_deleted {
+            DeletedScope::Only
+        } else if self.filters.include_deleted {
+            DeletedScope::Include
+        } else {
+            DeletedScope::Exclude
+        }
+    }
+
+    /// The next batch after `after_id`: up to `limit` matching tickets, locked FOR UPDATE
+    /// SKIP LOCKED so that rows a live application holds are skipped rather than waited on.
+    /// Boxed queries cannot lock, so candidates are chosen first, locked, and the filters
+    /// checked again on the locked rows (whose values can no longer change under us).
+    /// Returns the locked ids and the highest candidate id (to continue after).
+    pub fn lock_batch(
+        &self,
+        conn: &mut PgConnection,
+        scope: DeletedScope,
+        after_id: i64,
+        limit: i64,
+    ) -> QueryResult<(Vec<i64>, Option<i64>)> {
+        let candidates: Vec<i64> = self
+            .query(scope)
+            .select(tickets::id)
+            .filter(tickets::id.gt(after_id))
+            .order(tickets::id)
+            .limit(limit)
+            .load(conn)?;
+        let Some(&last) = candidates.last() else {
+            return Ok((Vec::new(), None));
+        };
+        let locked: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(tickets::id.eq_any(&candidates))
+            .order(tickets::id)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        let still_matching: Vec<i64> = self
+            .query(scope)
+            .select(tickets::id)
+            .filter(tickets::id.eq_any(&locked))
+            .order(tickets::id)
+            .load(conn)?;
+        Ok((still_matching, Some(last)))
+    }
+
+    /// The tickets the filters select, as a boxed query the caller can narrow further.
+    pub fn query(&self, scope: DeletedScope) -> tickets::BoxedQuery<'static, Pg> {
+        let f = &self.filters;
+        let mut q = tickets::table.into_boxed();
+        if !f.status.is_empty() {
+            q = q.filter(tickets::status.eq_any(f.status.clone()));
+        }
+        if !f.priority.is_empty() {
+            q = q.filter(tickets::priority.eq_any(f.priority.clone()));
+        }
+        if !f.channel.is_empty() {
+            q = q.filter(tickets::channel.eq_any(f.channel.clone()));
+        }
+        match f.assignee.as_deref().map(str::trim) {
+            Some(a) if a.eq_ignore_ascii_case("none") => q = q.filter(tickets::assignee_id.is_null()),
+            Some(email) => {
+                let ids = users::table
+                    .select(users::id)
+                    .filter(users::email.eq(email.to_lowercase()));
+                q = q.filter(tickets::assignee_id.eq_any(ids.into_boxed().nullable()));
+            }
+            None => {}
+        }
+        if let Some(email) = &f.requester {
+            let ids = users::table
+                .select(users::id)
+                .filter(users::email.eq(email.trim().to_lowercase()));
+            q = q.filter(tickets::requester_id.eq_any(ids));
+        }
+        if let Some(name) = &f.organization {
+            let ids = organizations::table
+                .select(organizations::id)
+                .filter(organizations::name.eq(name.trim().to_string()));
+            q = q.filter(tickets::organization_id.eq_any(ids.into_boxed().nullable()));
+        }
+        if let Some(tag) = &f.tag {
+            let tag_ids = tags::table
+                .select(tags::id)
+                .filter(tags::name.eq(tag.trim().to_lowercase()));
+            let ticket_ids = ticket_tags::table
+                .select(ticket_tags::ticket_id)
+                .filter(ticket_tags::tag_id.eq_any(tag_ids));
+            q = q.filter(tickets::id.eq_any(ticket_ids));
+        }
+        if let Some(t) = f.created_before {
+            q = q.filter(tickets::created_at.lt(t));
+        }
+        if let Some(t) = f.created_after {
+            q = q.filter(tickets::created_at.ge(t));
+        }
+        if let Some(t) = f.updated_before {
+            q = q.filter(tickets::updated_at.lt(t));
+        }
+        if let Some(t) = f.updated_after {
+            q = q.filter(tickets::updated_at.ge(t));
+        }
+        if let Some(list) = &self.ids {
+            q = q.filter(
+                tickets::id
+                    .eq_any(list.ids.clone())
+                    .or(tickets::external_id.eq_any(list.external_ids.clone())),
+            );
+        }
+        match scope {
+            DeletedScope::Exclude => q = q.filter(tickets::deleted_at.is_null()),
+            DeletedScope::Only => q = q.filter(tickets::deleted_at.is_not_null()),
+            DeletedScope::Include => {}
+        }
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("90d"), Duration::try_days(90));
+        assert_eq!(parse_age("12h"), Duration::try_hours(12));
+        assert_eq!(parse_age("2w"), Duration::try_weeks(2));
+        assert_eq!(parse_age("d"), None);
+        assert_eq!(parse_age("-3d"), None);
+        assert_eq!(parse_age("3y"), None);
+    }
+
+    #[test]
+    fn when() {
+        assert_eq!(
+            parse_when("2024-01-02").unwrap().to_rfc3339(),
+            "2024-01-02T00:00:00+00:00"
+        );
+        let ninety = parse_when("90d").unwrap();
+        let expected = Utc::now() - Duration::try_days(90).unwrap();
+        assert!((ninety - expected).num_seconds().abs() < 5);
+        assert!(parse_when("last tuesday").is_err());
+    }
+}

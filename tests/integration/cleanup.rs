@@ -1,0 +1,549 @@
+//! `cleanup`, `restore` and `ops` against a real database: filters, batching, locks,
+//! signals, archive, restore.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Six tickets with known values, chosen so that every filter selects a different set.
+const DATASET: &str = "\
+external_id,subject,status,priority,channel,requester_email,assignee_email,organization,tags,created_at,updated_at
+C-1,One,closed,low,email,ann@example.com,agent@corp.com,Acme,vip,2023-01-10,2023-02-01
+C-2,Two,closed,high,web,bob@example.com,,Globex,,2023-06-01,2023-06-02
+C-3,Three,open,normal,chat,ann@example.com,agent@corp.com,,vip;billing,2024-03-01T00:30:00+01:00,2024-03-05
+C-4,Four,solved,urgent,phone,cid@example.com,other@corp.com,Acme,billing,2024-02-29T23:59:59Z,2024-06-01
+C-5,Five,pending,normal,email,bob@example.com,,,,2025-01-01,2025-01-02
+C-6,Six,closed,normal,api,ann@example.com,agent@corp.com,Acme,,2022-05-05,2022-05-06
+";
+
+fn dataset() -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new();
+    let dir = scratch("cleanup");
+    let file = dir.join("dataset.csv");
+    std::fs::write(&file, DATASET).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    (db, dir)
+}
+
+/// The external ids a soft-delete with these filters would touch (from its dry run).
+fn selected(db: &TestDb, dir: &std::path::Path, filters: &[&str]) -> Vec<String> {
+    let mut args = vec!["--json", "cleanup", "soft-delete", "--dry-run"];
+    args.extend_from_slice(filters);
+    let run = ticketops(Some(db), dir, &args).run();
+    let v = run.expect_code(0).json();
+    let mut ids: Vec<String> = v["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["external_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        v["would_affect"].as_u64().unwrap() as usize,
+        ids.len(),
+        "{}",
+        run.explain()
+    );
+    ids.sort();
+    ids
+}
+
+fn set(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn each_filter_selects_exactly_the_right_rows() {
+    let (db, dir) = dataset();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--status", "closed"], &["C-1", "C-2", "C-6"]),
+        (&["--status", "closed,solved"], &["C-1", "C-2", "C-4", "C-6"]),
+        (
+            &["--status", "closed", "--status", "pending"],
+            &["C-1", "C-2", "C-5", "C-6"],
+        ),
+        (&["--priority", "high,urgent"], &["C-2", "C-4"]),
+        (&["--channel", "email"], &["C-1", "C-5"]),
+        (&["--assignee", "agent@corp.com"], &["C-1", "C-3", "C-6"]),
+        (&["--assignee", "AGENT@corp.com"], &["C-1", "C-3", "C-6"]),
+        (&["--assignee", "none"], &["C-2", "C-5"]),
+        (&["--requester", "bob@example.com"], &["C-2", "C-5"]),
+        (&["--organization", "Acme"], &["C-1", "C-4", "C-6"]),
+        (&["--tag", "vip"], &["C-1", "C-3"]),
+        (&["--tag", "VIP"], &["C-1", "C-3"]),
+        // C-3 was created at 00:30 in UTC+1, i.e. 23:30 UTC the day before.
+        (
+            &["--created-before", "2024-03-01"],
+            &["C-1", "C-2", "C-3", "C-4", "C-6"],
+        ),
+        (
+            &["--created-before", "2024-03-01T00:00:00+01:00"],
+            &["C-1", "C-2", "C-6"],
+        ),
+        (&["--created-after", "2024-03-01"], &["C-5"]),
+        (&["--updated-before", "2023-06-02"], &["C-1", "C-6"]),
+        (&["--updated-after", "2024-06-01"], &["C-4", "C-5"]),
+        (
+            &["--updated-after", "36500d"],
+            &["C-1", "C-2", "C-3", "C-4", "C-5", "C-6"],
+        ),
+        (&["--updated-before", "36500d"], &[]),
+        (&["--status", "closed", "--organization", "Acme"], &["C-1", "C-6"]),
+    ];
+    for (filters, expected) in cases {
+        assert_eq!(selected(&db, &dir, filters), set(expected), "filters {filters:?}");
+    }
+    // --ids-file, by external_id or by id.
+    let by_external = dir.join("ext.csv");
+    std::fs::write(&by_external, "external_id\nC-2\nC-5\nC-404\n").unwrap();
+    assert_eq!(
+        selected(&db, &dir, &["--ids-file", by_external.to_str().unwrap()]),
+        set(&["C-2", "C-5"])
+    );
+    let id_of_c4 = db.scalar("SELECT id FROM tickets WHERE external_id = 'C-4'");
+    let by_id = dir.join("ids.csv");
+    std::fs::write(&by_id, format!("id,note\n{id_of_c4},x\n")).unwrap();
+    assert_eq!(
+        selected(&db, &dir, &["--ids-file", by_id.to_str().unwrap()]),
+        set(&["C-4"])
+    );
+    // Soft-deleted rows are out of scope unless asked for.
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");
+    assert_eq!(selected(&db, &dir, &["--status", "closed"]), set(&["C-1", "C-2"]));
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--only-deleted", "--status", "closed", "--dry-run"],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["would_affect"], 1);
+}
+
+#[test]
+fn filter_values_that_look_like_sql_are_plain_data() {
+    let (db, dir) = dataset();
+    for (flag, value) in [
+        ("--requester", "x'; DROP TABLE tickets; --"),
+        ("--tag", "vip' OR '1'='1"),
+        ("--organization", "Acme' OR 1=1 --"),
+        ("--assignee", "\" OR true --"),
+    ] {
+        assert_eq!(
+            selected(&db, &dir, &[flag, value]),
+            Vec::<String>::new(),
+            "{flag} {value}"
+        );
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 6);
+}
+
+#[test]
+fn an_unfiltered_run_needs_all() {
+    let (db, dir) = dataset();
+    let before = db.checksum("tickets");
+    ticketops(Some(&db), &dir, &["cleanup", "soft-delete"])
+        .run()
+        .expect_code(2)
+        .stderr_has("--all");
+    assert_eq!(db.checksum("tickets"), before);
+    let run = ticketops(Some(&db), &dir, &["--json", "cleanup", "soft-delete", "--all"]).run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 6);
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let (db, dir) = dataset();
+    let tables = ["tickets", "bulk_operations", "audit_log"];
+    let before: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "soft-delete", "--status", "closed", "--dry-run"],
+    )
+    .run()
+    .expect_code(0);
+    ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "purge", "--deleted-before", "1d", "--dry-run"],
+    )
+    .run()
+    .expect_code(0);
+    ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "purge-users", "--deleted-before", "1d", "--dry-run"],
+    )
+    .run()
+    .expect_code(0);
+    let after: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
+    let (db, dir) = dataset();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--batch-size",
+            "2",
+        ],
+    )
+    .run();
+    let summary = run.expect_code(0).json();
+    assert_eq!(summary["soft_deleted"], 3);
+    assert_eq!(summary["batches"], 2, "batch size 2 over 3 rows");
+    assert_eq!(summary["stopped"], "done");
+    let op = summary["operation_id"].as_i64().unwrap();
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
+        set(&["C-1", "C-2", "C-6"])
+    );
+    // Each batch committed on its own, with its own audit record.
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
+        2
+    );
+    // Soft-deleting a ticket soft-deletes nothing else.
+    assert_eq!(db.scalar("SELECT count(*) FROM users WHERE deleted_at IS NOT NULL"), 0);
+
+    // Another ticket deleted by someone else, and one of op's rows restored and deleted again since.
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-5'");
+    db.execute("UPDATE tickets SET deleted_at = now() + interval '1 second', last_operation_id = NULL WHERE external_id = 'C-6'");
+    let run = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op.to_string()]).run();
+    let restore = run.expect_code(0).json();
+    assert_eq!(restore["restored"], 2, "{}", run.explain());
+    assert_eq!(restore["skipped_changed"], 1);
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
+        set(&["C-5", "C-6"])
+    );
+    // A second restore of the same operation does nothing.
+    let again = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op.to_string()]).run();
+    assert_eq!(again.expect_code(0).json()["restored"], 0);
+}
+
+#[test]
+fn restore_by_filters_needs_only_deleted() {
+    let (db, dir) = dataset();
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id IN ('C-1', 'C-2')");
+    ticketops(Some(&db), &dir, &["restore", "--status", "closed"])
+        .run()
+        .expect_code(2);
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--only-deleted", "--requester", "bob@example.com"],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["restored"], 1);
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL"),
+        set(&["C-1"])
+    );
+}
+
+#[test]
+fn a_second_concurrent_run_exits_75() {
+    let (db, dir) = dataset();
+    let pool = ticketops::db::connect_pool(&db.url, 2).unwrap();
+    let held = ticketops::db::AdvisoryLock::try_acquire(&pool, "cleanup soft-delete").unwrap();
+    let run = ticketops(Some(&db), &dir, &["cleanup", "soft-delete", "--status", "closed"]).run();
+    run.expect_code(75).stderr_has("another ticketops run holds the lock");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM bulk_operations WHERE kind = 'cleanup soft-delete'"),
+        0
+    );
+    drop(held);
+    ticketops(Some(&db), &dir, &["cleanup", "soft-delete", "--status", "closed"])
+        .run()
+        .expect_code(0);
+}
+
+#[test]
+fn a_locked_row_is_skipped_not_waited_on_and_taken_by_the_next_run() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = dataset();
+    let mut app = db.conn();
+    app.batch_execute("BEGIN; SELECT * FROM tickets WHERE external_id = 'C-2' FOR UPDATE")
+        .unwrap();
+    let started = Instant::now();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--lock-timeout",
+            "30s",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it waited on the locked row"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'C-2' AND deleted_at IS NULL"),
+        1
+    );
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "soft-delete", "--status", "closed"],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 1);
+}
+
+#[test]
+fn a_failing_batch_leaves_earlier_batches_committed() {
+    let (db, dir) = dataset();
+    db.execute(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.external_id = 'C-6' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER boom BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--batch-size",
+            "1",
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("injected failure");
+    assert_eq!(run.json()["status"], "failed");
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
+        set(&["C-1", "C-2"])
+    );
+}
+
+#[test]
+fn sigterm_stops_between_batches_and_marks_the_operation_interrupted() {
+    let db = TestDb::new();
+    let dir = scratch("cleanup-sigterm");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "300", "--seed", "4"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--all",
+            "--batch-size",
+            "10",
+            "--sleep",
+            "200ms",
+        ],
+    )
+    .spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db
+        .scalar("SELECT count(*) FROM bulk_operations WHERE kind = 'cleanup soft-delete' AND checkpoint IS NOT NULL")
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no batch committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = child.wait();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "interrupted");
+    let deleted = db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL");
+    assert!(deleted > 0 && deleted < 300, "{deleted}");
+    assert_eq!(deleted % 10, 0, "whole batches only");
+    assert_eq!(deleted, summary["soft_deleted"].as_i64().unwrap());
+    let audited = db.scalar(
+        "SELECT coalesce(sum(jsonb_array_length(after->'ids')), 0) FROM audit_log WHERE action = 'soft_delete'",
+    );
+    assert_eq!(audited, deleted, "the audit trail lists exactly the deleted rows");
+    assert_eq!(
+        db.strings("SELECT status::text FROM bulk_operations WHERE kind = 'cleanup soft-delete'"),
+        set(&["interrupted"])
+    );
+}
+
+#[test]
+fn max_rows_and_max_runtime_stop_cleanly() {
+    let (db, dir) = dataset();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--all",
+            "--max-rows",
+            "4",
+            "--batch-size",
+            "3",
+        ],
+    )
+    .run();
+    let s = run.expect_code(0).json();
+    assert_eq!(s["soft_deleted"], 4);
+    assert_eq!(s["stopped"], "max-rows");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "soft-delete", "--all", "--max-runtime", "0s"],
+    )
+    .run();
+    let s = run.expect_code(0).json();
+    assert_eq!(s["soft_deleted"], 0);
+    assert_eq!(s["stopped"], "max-runtime");
+}
+
+#[test]
+fn purge_with_archive_then_import_brings_the_tickets_back() {
+    let db = TestDb::new();
+    let dir = scratch("purge");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let all_before = db.ticket_snapshot();
+    let comments_before = db.scalar("SELECT count(*) FROM comments");
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days' WHERE status = 'closed'");
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '10 days' WHERE status = 'solved'");
+    let closed = db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'");
+    let archive = dir.join("archive.csv");
+    let archive_comments = dir.join("archive-comments.csv");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "purge",
+            "--deleted-before",
+            "90d",
+            "--archive",
+            archive.to_str().unwrap(),
+            "--archive-comments",
+            archive_comments.to_str().unwrap(),
+            "--batch-size",
+            "7",
+        ],
+    )
+    .run();
+    let s = run.expect_code(0).json();
+    assert_eq!(s["purged"].as_i64().unwrap(), closed);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'"), 0);
+    assert!(
+        db.scalar("SELECT count(*) FROM tickets WHERE status = 'solved'") > 0,
+        "younger deletions stay"
+    );
+    // Import the archive back, and undelete the rest: the same tickets and comments as before.
+    let (run, back) = import(&db, &dir, "tickets", &archive, &[]);
+    run.expect_code(0);
+    assert_eq!(back["inserted"].as_i64().unwrap(), closed);
+    import(&db, &dir, "comments", &archive_comments, &[]).0.expect_code(0);
+    db.execute("UPDATE tickets SET deleted_at = NULL");
+    assert_same_rows(&db.ticket_snapshot(), &all_before, "after purge and re-import");
+    assert_eq!(db.scalar("SELECT count(*) FROM comments"), comments_before);
+}
+
+#[test]
+fn a_failing_archive_write_rolls_the_batch_back() {
+    let (db, dir) = dataset();
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days'");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "purge",
+            "--deleted-before",
+            "90d",
+            "--archive",
+            "/dev/full",
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("cannot write the archive");
+    assert_eq!(run.json()["status"], "failed");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets"),
+        6,
+        "nothing may be deleted without its archive"
+    );
+}
+
+#[test]
+fn purge_users_removes_only_unreferenced_old_soft_deleted_users() {
+    let (db, dir) = dataset();
+    db.execute(
+        "INSERT INTO users (email, deleted_at) VALUES ('gone@example.com', now() - interval '400 days'),
+                                                            ('recent@example.com', now() - interval '5 days')",
+    );
+    db.execute("UPDATE users SET deleted_at = now() - interval '400 days' WHERE email = 'ann@example.com'");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "purge-users", "--deleted-before", "180d"],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["purged"], 1);
+    let emails = db.strings("SELECT email FROM users ORDER BY 1");
+    assert!(!emails.contains(&"gone@example.com".to_string()));
+    assert!(emails.contains(&"recent@example.com".to_string()));
+    assert!(emails.contains(&"ann@example.com".to_string()), "still owns tickets");
+}
+
+#[test]
+fn ops_list_and_show() {
+    let (db, dir) = dataset();
+    ticketops(Some(&db), &dir, &["cleanup", "soft-delete", "--status", "closed"])
+        .run()
+        .expect_code(0);
+    let list = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "ops", "list", "--kind", "cleanup soft-delete"],
+    )
+    .run();
+    let ops = list.expect_code(0).json()["operations"].as_array().unwrap().clone();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0]["counts"]["soft_deleted"], 3);
+    let id = ops[0]["id"].as_i64().unwrap();
+    let show = ticketops(Some(&db), &dir, &["--json", "ops", "show", &id.to_string()]).run();
+    let op = show.expect_code(0).json();
+    assert_eq!(op["status"], "succeeded");
+    assert_eq!(op["args"]["filters"]["status"][0], "closed");
+    let table = ticketops(Some(&db), &dir, &["ops", "list"]).run();
+    assert!(table.expect_code(0).stdout.contains("import tickets"));
+    ticketops(Some(&db), &dir, &["ops", "show", "999999"])
+        .run()
+        .expect_code(2);
+}
