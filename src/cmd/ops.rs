@@ -95,15 +95,28 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 ctx.print_json(&to_json(&op))?;
             } else {
                 let v = to_json(&op);
-                for (key, value) in v.as_object().expect("an object") {
-                    println!(
-                        "{key:<14} {}",
-                        if value.is_string() {
-                            value.as_str().unwrap().to_string()
-                        } else {
-                            value.to_string()
-                        }
-                    );
+                // In reading order, not the map's alphabetical one.
+                let keys = [
+                    "id",
+                    "kind",
+                    "status",
+                    "operator",
+                    "started_at",
+                    "finished_at",
+                    "source_file",
+                    "source_sha256",
+                    "message",
+                    "counts",
+                    "args",
+                    "checkpoint",
+                ];
+                for key in keys {
+                    let text = match &v[key] {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    println!("{key:<14} {text}");
                 }
             }
         }
