@@ -19,9 +19,9 @@ use crate::cli::Context;
 use crate::db::{self, AdvisoryLock};
 use crate::exit;
 use crate::filters::{DeletedScope, TicketFilters, parse_when};
-use crate::models::{NewAuditEntry, NewBulkOperation};
+use crate::models::NewBulkOperation;
 use crate::operation;
-use crate::schema::{audit_log, tickets, users};
+use crate::schema::{tickets, users};
 use crate::signals::StopFlags;
 
 #[derive(Debug, clap::Args)]
@@ -240,16 +240,15 @@ fn soft_delete(
             .execute(conn)?;
         // One audit row per batch: every row changed the same way (deleted_at from NULL to
         // now), so the ids list is the whole before/after record.
-        diesel::insert_into(audit_log::table)
-            .values(NewAuditEntry {
-                operation_id: op_id,
-                table_name: "tickets",
-                row_id: ids[0],
-                action: SOFT_DELETE_ACTION,
-                before: Some(json!({"deleted_at": null})),
-                after: Some(json!({"deleted_at": now, "ids": ids})),
-            })
-            .execute(conn)?;
+        operation::audit_batch(
+            conn,
+            op_id,
+            "tickets",
+            SOFT_DELETE_ACTION,
+            ids[0],
+            Some(json!({"deleted_at": null})),
+            Some(json!({"deleted_at": now, "ids": ids})),
+        )?;
         operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
         last_id = max;
         Ok(Step {
@@ -455,16 +454,15 @@ fn purge(
                 .count()
                 .get_result(conn)?;
             let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
-            diesel::insert_into(audit_log::table)
-                .values(NewAuditEntry {
-                    operation_id: op_id,
-                    table_name: "tickets",
-                    row_id: ids[0],
-                    action: PURGE_ACTION,
-                    before: Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
-                    after: None,
-                })
-                .execute(conn)?;
+            operation::audit_batch(
+                conn,
+                op_id,
+                "tickets",
+                PURGE_ACTION,
+                ids[0],
+                Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
+                None,
+            )?;
             operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
             Ok((deleted, comments as u64))
         })();
@@ -575,16 +573,15 @@ fn purge_users(
                 .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
                 .collect();
         let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
-        diesel::insert_into(audit_log::table)
-            .values(NewAuditEntry {
-                operation_id: op_id,
-                table_name: "users",
-                row_id: ids[0],
-                action: PURGE_ACTION,
-                before: Some(json!({"rows": before})),
-                after: None,
-            })
-            .execute(conn)?;
+        operation::audit_batch(
+            conn,
+            op_id,
+            "users",
+            PURGE_ACTION,
+            ids[0],
+            Some(json!({"rows": before})),
+            None,
+        )?;
         last_id = max;
         Ok(Step {
             rows: deleted as u64,

@@ -12,9 +12,9 @@ use crate::cmd::cleanup::SOFT_DELETE_ACTION;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
 use crate::filters::{DeletedScope, TicketFilters};
-use crate::models::{NewAuditEntry, NewBulkOperation};
+use crate::models::NewBulkOperation;
 use crate::operation;
-use crate::schema::{audit_log, tickets};
+use crate::schema::tickets;
 use crate::signals::StopFlags;
 
 #[derive(Debug, clap::Args)]
@@ -135,16 +135,15 @@ fn undelete(
             tickets::last_operation_id.eq(op_id),
         ))
         .execute(conn)?;
-    diesel::insert_into(audit_log::table)
-        .values(NewAuditEntry {
-            operation_id: op_id,
-            table_name: "tickets",
-            row_id: ids[0],
-            action: RESTORE_ACTION,
-            before: Some(json!({"ids": ids, "deleted_at": before})),
-            after: Some(json!({"deleted_at": null})),
-        })
-        .execute(conn)?;
+    operation::audit_batch(
+        conn,
+        op_id,
+        "tickets",
+        RESTORE_ACTION,
+        ids[0],
+        Some(json!({"ids": ids, "deleted_at": before})),
+        Some(json!({"deleted_at": null})),
+    )?;
     Ok(changed as u64)
 }
 

@@ -23,8 +23,9 @@ use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
-use crate::models::{NewAuditEntry, NewTicket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
-use crate::schema::{audit_log, ticket_tags, tickets};
+use crate::models::{NewTicket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::operation;
+use crate::schema::{ticket_tags, tickets};
 
 const EXTERNAL_ID: usize = 0;
 const SUBJECT: usize = 1;
@@ -590,17 +591,16 @@ impl TicketImport {
         // come from one sequence call, so usually one range): a row per ticket would cost as
         // much as a third table's worth of index and foreign-key work.
         let ranges = id_ranges(tickets_out.iter().map(|t| t.id));
-        diesel::insert_into(audit_log::table)
-            .values(NewAuditEntry {
-                operation_id: op_id,
-                table_name: "tickets",
-                row_id: tickets_out[0].id,
-                action: INSERT_IDS_ACTION,
-                before: None,
-                after: Some(serde_json::json!({ "ids": ranges })),
-            })
-            .execute(conn)
-            .context("cannot record the audit trail")?;
+        operation::audit_batch(
+            conn,
+            op_id,
+            "tickets",
+            INSERT_IDS_ACTION,
+            tickets_out[0].id,
+            None,
+            Some(serde_json::json!({ "ids": ranges })),
+        )
+        .context("cannot record the audit trail")?;
         counts.inserted += inserted as u64;
         self.inserted_here += inserted as u64;
         Ok(())
