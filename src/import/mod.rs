@@ -9,6 +9,7 @@ pub mod comments;
 pub mod entities;
 pub mod normalize;
 pub mod rejects;
+pub mod scan;
 pub mod source;
 pub mod tickets;
 pub mod users;
@@ -23,7 +24,6 @@ use csv::ByteRecord;
 use diesel::{Connection, PgConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::cli::Context;
 use crate::db::{self, AdvisoryLock, BatchTimeouts};
@@ -156,6 +156,14 @@ pub trait ImportKind {
     /// The key that identifies a row within a file (last occurrence wins), if any.
     fn key(row: &Self::Row) -> Option<&str>;
 
+    /// The field holding that key, for the pre-import scan of a file.
+    const KEY_FIELD: Option<usize> = Some(0);
+
+    /// The key as `key` returns it, from the field's raw text.
+    fn normalize_key(raw: &str) -> String {
+        raw.trim().to_string()
+    }
+
     /// Told which fields the file has, once its header is read.
     fn configure(&mut self, _columns: &ColumnMap) {}
 
@@ -286,23 +294,6 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
     }
 }
 
-fn sha256_file(path: &std::path::Path, progress: &indicatif::ProgressBar) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n =
-            std::io::Read::read(&mut file, &mut buffer).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        progress.inc(n as u64);
-    }
-    progress.set_position(0);
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Runs one import from start to summary and returns the exit code.
 pub fn run<K: ImportKind>(
     ctx: &Context,
@@ -330,11 +321,20 @@ pub fn run<K: ImportKind>(
 
     let pool = ctx.pool(2)?;
     let progress = output::byte_progress(ctx.show_progress(), options.input.size());
-    progress.set_prefix("hashing");
-    let source_sha = match &options.input {
-        Input::File(path) => Some(sha256_file(path, &progress)?),
+    progress.set_prefix("scanning");
+    let scanned = match &options.input {
+        Input::File(path) => Some(scan::scan_file::<K>(path, &options, &progress)?),
         Input::Stdin => None,
     };
+    if let Some(reason) = scanned.as_ref().and_then(|s| s.untracked_reason.as_ref())
+        && reason.starts_with("more than")
+    {
+        ctx.info(format!(
+            "warning: {reason}: a repeated key in another batch is found only when the later row is written"
+        ));
+    }
+    let source_sha = scanned.as_ref().map(|s| s.sha256.clone());
+    let repeated = scanned.and_then(|s| s.last_of_repeated);
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {
         Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(&pool, &format!("import:{sha}"))?),
@@ -468,6 +468,7 @@ pub fn run<K: ImportKind>(
                 &receiver,
                 &mut kind,
                 &options,
+                repeated.as_ref(),
                 &mut rejects,
                 counts,
                 tally,
@@ -628,6 +629,7 @@ fn process_batches<K: ImportKind>(
     receiver: &mpsc::Receiver<anyhow::Result<Batch<K::Row>>>,
     kind: &mut K,
     options: &ImportOptions,
+    repeated: Option<&HashMap<u128, u64>>,
     rejects: &mut RejectsWriter,
     counts: &mut Counts,
     tally: &mut RejectTally,
@@ -654,7 +656,7 @@ fn process_batches<K: ImportKind>(
             batch_tally.add(&error.reason, *line);
         }
         // Within a file the last occurrence of a key wins; earlier ones are duplicates.
-        let rows = dedupe::<K>(batch.rows, &mut batch_counts);
+        let rows = dedupe::<K>(batch.rows, repeated, &mut batch_counts);
 
         let write = |conn: &mut PgConnection,
                      rows: Vec<Numbered<K::Row>>,
@@ -741,11 +743,26 @@ fn process_batches<K: ImportKind>(
     Ok(LoopEnd::default())
 }
 
-/// Keeps the last row per key; counts the others as duplicates.
-fn dedupe<K: ImportKind>(rows: Vec<Numbered<K::Row>>, counts: &mut Counts) -> Vec<Numbered<K::Row>> {
+/// Keeps the last row per key, in the batch and, where the file was scanned, in the whole
+/// file; counts the others as duplicates.
+fn dedupe<K: ImportKind>(
+    rows: Vec<Numbered<K::Row>>,
+    repeated: Option<&HashMap<u128, u64>>,
+    counts: &mut Counts,
+) -> Vec<Numbered<K::Row>> {
     let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
     let mut keep = vec![true; rows.len()];
     for (i, r) in rows.iter().enumerate() {
+        let superseded_later = repeated.zip(K::key(&r.row)).is_some_and(|(repeated, key)| {
+            repeated
+                .get(&entities::key(key))
+                .is_some_and(|&last_record| last_record > r.record)
+        });
+        if superseded_later {
+            keep[i] = false;
+            counts.duplicate += 1;
+            continue;
+        }
         if let Some(key) = K::key(&r.row)
             && let Some(previous) = last.insert(key.to_string(), i)
         {

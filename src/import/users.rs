@@ -134,6 +134,10 @@ impl ImportKind for UserImport {
         Some(&row.email)
     }
 
+    fn normalize_key(raw: &str) -> String {
+        raw.trim().to_lowercase()
+    }
+
     fn configure(&mut self, _columns: &ColumnMap) {}
 
     fn reset(&mut self) {

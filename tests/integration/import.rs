@@ -995,3 +995,36 @@ fn a_row_locked_by_the_application_fails_the_batch_after_the_lock_timeout() {
         vec!["Second version wins"]
     );
 }
+
+#[test]
+fn duplicates_in_different_batches_reimport_as_unchanged() {
+    let db = TestDb::new();
+    let dir = scratch("dup-far");
+    let file = generate(
+        &dir,
+        "d.csv",
+        &["tickets", "--rows", "6000", "--seed", "21", "--duplicate-share", "0.1"],
+    );
+    let (run, first) = import(&db, &dir, "tickets", &file, &["--batch-size", "500"]);
+    run.expect_code(0);
+    assert!(
+        first["duplicate"].as_u64().unwrap() > 300,
+        "the file should repeat keys across batches: {first}"
+    );
+    // The same file in one batch decides the same: the last occurrence of each key wins.
+    let single = TestDb::new();
+    let (_, whole) = import(&single, &dir, "tickets", &file, &["--batch-size", "100000"]);
+    assert_eq!(outcome(&first), outcome(&whole));
+    assert_same_rows(
+        &db.ticket_snapshot(),
+        &single.ticket_snapshot(),
+        "batched vs whole-file",
+    );
+    // And a second import changes nothing at all.
+    let before = db.row_versions("tickets");
+    let (_, second) = import(&db, &dir, "tickets", &file, &["--batch-size", "500"]);
+    assert_eq!(second["updated"], 0, "{second}");
+    assert_eq!(second["unchanged"], first["inserted"]);
+    assert_eq!(second["duplicate"], first["duplicate"]);
+    assert_eq!(db.row_versions("tickets"), before, "the re-import rewrote rows");
+}

@@ -1,0 +1,136 @@
+//! The one pass over an input file before importing it: its SHA-256 (the file's identity for
+//! `--resume`), and which keys occur more than once, with the record of their last occurrence.
+//!
+//! "The last occurrence wins" must hold across batches: an earlier occurrence in another
+//! batch would otherwise be written and then overwritten, so that a second import of the same
+//! file rewrites rows instead of changing nothing. Only 128-bit hashes of the keys are kept,
+//! and only while scanning; what remains is the (usually small) map of repeated keys.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use anyhow::Context as _;
+use csv::ByteRecord;
+use sha2::{Digest, Sha256};
+
+use super::source::{ColumnMap, Encoding};
+use super::{ImportKind, ImportOptions};
+
+/// Beyond this many distinct keys the scan stops tracking them (memory), and duplicates in
+/// different batches are then found only when the later one is written.
+pub const MAX_TRACKED_KEYS: usize = 2_000_000;
+
+pub struct Scan {
+    pub sha256: String,
+    /// For each key that occurs more than once: the record number of its last occurrence.
+    /// `None` when the keys could not be tracked (no key column, or too many keys).
+    pub last_of_repeated: Option<HashMap<u128, u64>>,
+    pub untracked_reason: Option<String>,
+}
+
+/// Feeds everything read through it into a SHA-256.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    progress: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Scans `path` as an input of import kind `K` read with `options`.
+pub fn scan_file<K: ImportKind>(
+    path: &Path,
+    options: &ImportOptions,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Scan> {
+    let (delimiter, encoding, fields, renames) = (options.delimiter, options.encoding, K::FIELDS, &options.renames);
+    let key_field = K::KEY_FIELD;
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let hashing = HashingReader {
+        inner: file,
+        hasher: Sha256::new(),
+        progress: progress.clone(),
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delimiter)
+        .buffer_capacity(1 << 20)
+        .from_reader(hashing);
+    let mut record = ByteRecord::new();
+    let read_error = || format!("cannot read {}", path.display());
+
+    // The key's column, from the header (a bad header is reported by the import itself).
+    let mut key_column = None;
+    if reader.read_byte_record(&mut record).with_context(read_error)? {
+        let header: Vec<String> = record
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let h = if i == 0 {
+                    h.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(h)
+                } else {
+                    h
+                };
+                decode(h, encoding).trim().trim_matches('"').to_string()
+            })
+            .collect();
+        if let (Some(field), Ok(columns)) = (key_field, ColumnMap::resolve(&header, fields, renames)) {
+            key_column = columns.positions[field].map(|c| (c, columns.header_len));
+        }
+    }
+    let mut untracked_reason = key_column.is_none().then(|| "the file has no key column".to_string());
+    let mut seen: HashSet<u128> = HashSet::new();
+    let mut repeated: HashMap<u128, u64> = HashMap::new();
+    let mut record_no = 0u64;
+    while reader.read_byte_record(&mut record).with_context(read_error)? {
+        record_no += 1;
+        let Some((column, header_len)) = key_column else {
+            continue;
+        };
+        if record.len() != header_len {
+            continue; // rejected on import; it has no reliable key
+        }
+        let key = K::normalize_key(&decode(record.get(column).unwrap_or(b""), encoding));
+        if key.is_empty() {
+            continue;
+        }
+        let hash = super::entities::key(&key);
+        if !seen.insert(hash) {
+            repeated.insert(hash, record_no);
+        }
+        if seen.len() > MAX_TRACKED_KEYS {
+            key_column = None;
+            untracked_reason = Some(format!("more than {MAX_TRACKED_KEYS} distinct keys"));
+            seen = HashSet::new();
+            repeated = HashMap::new();
+        }
+    }
+    // Read to the end for the hash even when keys were not tracked.
+    let mut rest = reader.into_inner();
+    io::copy(&mut rest, &mut io::sink()).with_context(read_error)?;
+    let sha256 = rest.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    progress.set_position(0);
+    let tracked = untracked_reason.is_none();
+    Ok(Scan {
+        sha256,
+        last_of_repeated: tracked.then_some(repeated),
+        untracked_reason,
+    })
+}
+
+fn decode(bytes: &[u8], encoding: Encoding) -> String {
+    match encoding {
+        Encoding::Utf8 => String::from_utf8_lossy(bytes).into_owned(),
+        Encoding::Latin1 => bytes.iter().map(|&b| b as char).collect(),
+    }
+}
