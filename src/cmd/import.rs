@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::json;
 
+use crate::batch::parse_duration;
 use crate::cli::Context;
 use crate::db::BatchTimeouts;
 use crate::exit::UsageError;
@@ -111,12 +112,13 @@ pub struct CommonArgs {
     /// Do everything inside a transaction that is rolled back, and report what would happen
     #[arg(long)]
     pub dry_run: bool,
-    /// Lock wait limit per statement, in seconds, so a live application's locks are not waited on for long
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-    pub lock_timeout: f64,
-    /// Statement time limit, in seconds
-    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
-    pub statement_timeout: f64,
+    /// Lock wait limit per statement (e.g. 500ms, 5s; a plain number is seconds), so a live
+    /// application's locks are not waited on for long
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
+    /// Statement time limit (e.g. 5m; a plain number is seconds)
+    #[arg(long, default_value = "300s", value_name = "DURATION", value_parser = parse_duration)]
+    pub statement_timeout: Duration,
 }
 
 impl CommonArgs {
@@ -139,13 +141,6 @@ impl CommonArgs {
         if initial_load && self.resume {
             return Err(UsageError("--initial-load runs in one transaction and cannot be resumed".into()).into());
         }
-        let seconds = |s: f64, flag: &str| -> anyhow::Result<Duration> {
-            if s.is_finite() && s >= 0.0 {
-                Ok(Duration::from_secs_f64(s))
-            } else {
-                Err(UsageError(format!("{flag} must be a number of seconds, not {s}")).into())
-            }
-        };
         Ok(ImportOptions {
             input: Input::from_arg(&self.file),
             delimiter: self.delimiter,
@@ -162,8 +157,8 @@ impl CommonArgs {
             undelete,
             initial_load,
             timeouts: BatchTimeouts {
-                lock_timeout: seconds(self.lock_timeout, "--lock-timeout")?,
-                statement_timeout: seconds(self.statement_timeout, "--statement-timeout")?,
+                lock_timeout: self.lock_timeout,
+                statement_timeout: self.statement_timeout,
             },
         })
     }

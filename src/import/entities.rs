@@ -262,7 +262,7 @@ fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> Query
 
 /// A 128-bit key for a name: two independent 64-bit SipHashes, so a collision among even
 /// billions of names is not a practical possibility.
-pub(crate) fn key(name: &str) -> u128 {
+fn key(name: &str) -> u128 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let half = |salt: u8| {
         let mut hasher = DefaultHasher::new();

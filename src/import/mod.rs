@@ -322,6 +322,7 @@ pub fn run<K: ImportKind>(
     let pool = ctx.pool(2)?;
     let progress = output::byte_progress(ctx.show_progress(), options.input.size());
     progress.set_prefix("scanning");
+    let scan_started = Instant::now();
     let scanned = match &options.input {
         Input::File(path) => Some(scan::scan_file::<K>(path, &options, &progress)?),
         Input::Stdin => None,
@@ -332,6 +333,12 @@ pub fn run<K: ImportKind>(
         ctx.info(format!(
             "warning: {reason}: a repeated key in another batch is found only when the later row is written"
         ));
+    }
+    if ctx.global.verbose > 0 && scanned.is_some() {
+        eprintln!(
+            "scanned the file (SHA-256 and repeated keys) in {:.2} s",
+            scan_started.elapsed().as_secs_f64()
+        );
     }
     let source_sha = scanned.as_ref().map(|s| s.sha256.clone());
     let repeated = scanned.and_then(|s| s.last_of_repeated);
@@ -629,7 +636,7 @@ fn process_batches<K: ImportKind>(
     receiver: &mpsc::Receiver<anyhow::Result<Batch<K::Row>>>,
     kind: &mut K,
     options: &ImportOptions,
-    repeated: Option<&HashMap<u128, u64>>,
+    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
     rejects: &mut RejectsWriter,
     counts: &mut Counts,
     tally: &mut RejectTally,
@@ -747,7 +754,7 @@ fn process_batches<K: ImportKind>(
 /// file; counts the others as duplicates.
 fn dedupe<K: ImportKind>(
     rows: Vec<Numbered<K::Row>>,
-    repeated: Option<&HashMap<u128, u64>>,
+    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
     counts: &mut Counts,
 ) -> Vec<Numbered<K::Row>> {
     let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
@@ -755,8 +762,8 @@ fn dedupe<K: ImportKind>(
     for (i, r) in rows.iter().enumerate() {
         let superseded_later = repeated.zip(K::key(&r.row)).is_some_and(|(repeated, key)| {
             repeated
-                .get(&entities::key(key))
-                .is_some_and(|&last_record| last_record > r.record)
+                .get(&scan::key_hash(key))
+                .is_some_and(|last| last.record > r.record && last.key == key)
         });
         if superseded_later {
             keep[i] = false;

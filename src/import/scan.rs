@@ -3,8 +3,9 @@
 //!
 //! "The last occurrence wins" must hold across batches: an earlier occurrence in another
 //! batch would otherwise be written and then overwritten, so that a second import of the same
-//! file rewrites rows instead of changing nothing. Only 128-bit hashes of the keys are kept,
-//! and only while scanning; what remains is the (usually small) map of repeated keys.
+//! file rewrites rows instead of changing nothing. Only 64-bit hashes of the keys are kept,
+//! and only while scanning; what remains is the (usually small) map of repeated keys, with the
+//! key itself so that a hash collision can never make a row look like a duplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -20,13 +21,31 @@ use super::{ImportKind, ImportOptions};
 
 /// Beyond this many distinct keys the scan stops tracking them (memory), and duplicates in
 /// different batches are then found only when the later one is written.
-pub const MAX_TRACKED_KEYS: usize = 2_000_000;
+pub const MAX_TRACKED_KEYS: usize = 1_500_000;
+
+/// A guess at the bytes per record, to size the key set once (a resize would briefly hold
+/// both the old and the new table).
+const BYTES_PER_RECORD_GUESS: u64 = 200;
+
+/// The last occurrence of a key that occurs more than once.
+#[derive(Debug, Clone)]
+pub struct LastOccurrence {
+    pub record: u64,
+    pub key: String,
+}
+
+pub fn key_hash(key: &str) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
 
 pub struct Scan {
     pub sha256: String,
-    /// For each key that occurs more than once: the record number of its last occurrence.
-    /// `None` when the keys could not be tracked (no key column, or too many keys).
-    pub last_of_repeated: Option<HashMap<u128, u64>>,
+    /// For each key that occurs more than once: where it occurs last. `None` when the keys
+    /// could not be tracked (no key column, or too many keys).
+    pub last_of_repeated: Option<HashMap<u64, LastOccurrence>>,
     pub untracked_reason: Option<String>,
 }
 
@@ -89,8 +108,11 @@ pub fn scan_file<K: ImportKind>(
         }
     }
     let mut untracked_reason = key_column.is_none().then(|| "the file has no key column".to_string());
-    let mut seen: HashSet<u128> = HashSet::new();
-    let mut repeated: HashMap<u128, u64> = HashMap::new();
+    let expected_records = std::fs::metadata(path)
+        .map(|m| m.len() / BYTES_PER_RECORD_GUESS)
+        .unwrap_or(0);
+    let mut seen: HashSet<u64> = HashSet::with_capacity((expected_records as usize).min(MAX_TRACKED_KEYS));
+    let mut repeated: HashMap<u64, LastOccurrence> = HashMap::new();
     let mut record_no = 0u64;
     while reader.read_byte_record(&mut record).with_context(read_error)? {
         record_no += 1;
@@ -104,9 +126,9 @@ pub fn scan_file<K: ImportKind>(
         if key.is_empty() {
             continue;
         }
-        let hash = super::entities::key(&key);
+        let hash = key_hash(&key);
         if !seen.insert(hash) {
-            repeated.insert(hash, record_no);
+            repeated.insert(hash, LastOccurrence { record: record_no, key });
         }
         if seen.len() > MAX_TRACKED_KEYS {
             key_column = None;
