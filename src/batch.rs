@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, PgConnection};
+use diesel::PgConnection;
 
 use crate::db::{self, BatchTimeouts};
 use crate::signals::StopFlags;
@@ -172,11 +172,7 @@ pub fn run(
         let mut attempt = 0;
         let outcome = loop {
             let batch_started = Instant::now();
-            let result = conn.transaction(|c| {
-                db::set_local_timeouts(c, args.timeouts())
-                    .map_err(anyhow::Error::from)
-                    .and_then(|_| step(c, limit))
-            });
+            let result = db::in_batch_transaction(conn, args.timeouts(), |c| step(c, limit));
             let took = batch_started.elapsed();
             match result {
                 Err(err) if is_transient(&err) && attempt < args.retries => {
