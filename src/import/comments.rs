@@ -2,8 +2,6 @@
 //! optional external_id (the upsert key). A comment without external_id is matched on
 //! (ticket, author, body, created_at), so importing the same file twice adds nothing.
 
-use std::collections::HashMap;
-
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
@@ -12,6 +10,7 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{FieldSpec, RecordFields, RowError};
+use super::tickets::ticket_ids_by_external_id;
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
 use crate::models::UserRole;
 
@@ -62,14 +61,6 @@ pub struct CommentRow {
 #[derive(Default)]
 pub struct CommentImport {
     cache: EntityCache,
-}
-
-#[derive(QueryableByName)]
-struct IdExternal {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = Text)]
-    external_id: String,
 }
 
 #[derive(QueryableByName)]
@@ -156,14 +147,7 @@ impl ImportKind for CommentImport {
             return Ok(Vec::new());
         }
         let ticket_keys: Vec<&str> = rows.iter().map(|r| r.row.ticket_external_id.as_str()).collect();
-        let tickets: HashMap<String, i64> =
-            sql_query("SELECT id, external_id FROM tickets WHERE external_id = ANY($1)")
-                .bind::<Array<Text>, _>(&ticket_keys)
-                .load::<IdExternal>(conn)
-                .context("cannot look up tickets")?
-                .into_iter()
-                .map(|r| (r.external_id, r.id))
-                .collect();
+        let tickets = ticket_ids_by_external_id(conn, &ticket_keys).context("cannot look up tickets")?;
         // A comment on a ticket that does not exist cannot be stored: reject it with that reason.
         let (rows, orphans): (Vec<_>, Vec<_>) = rows
             .into_iter()

@@ -346,14 +346,7 @@ impl ImportKind for TicketImport {
         let started = std::time::Instant::now();
 
         let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
-        let existing: HashMap<String, i64> =
-            sql_query("SELECT id, external_id FROM tickets WHERE external_id = ANY($1)")
-                .bind::<Array<Text>, _>(&ids)
-                .load::<IdExternal>(conn)
-                .context("cannot look up existing tickets")?
-                .into_iter()
-                .map(|r| (r.external_id, r.id))
-                .collect();
+        let existing = ticket_ids_by_external_id(conn, &ids).context("cannot look up existing tickets")?;
         let (old, new): (Vec<_>, Vec<_>) = rows
             .into_iter()
             .partition(|r| existing.contains_key(&r.row.external_id));
@@ -364,6 +357,21 @@ impl ImportKind for TicketImport {
         self.merge_existing(conn, op_id, old, &existing, counts)?;
         Ok(Vec::new())
     }
+}
+
+/// The ids of the tickets with these external ids (those that exist).
+pub(crate) fn ticket_ids_by_external_id(
+    conn: &mut PgConnection,
+    external_ids: &[&str],
+) -> QueryResult<HashMap<String, i64>> {
+    Ok(
+        sql_query("SELECT id, external_id FROM tickets WHERE external_id = ANY($1)")
+            .bind::<Array<Text>, _>(external_ids)
+            .load::<IdExternal>(conn)?
+            .into_iter()
+            .map(|r| (r.external_id, r.id))
+            .collect(),
+    )
 }
 
 #[derive(QueryableByName)]
