@@ -7,10 +7,12 @@ use crate::cli::Context;
 pub mod cleanup;
 pub mod doctor;
 pub mod export;
+pub mod fix;
 pub mod import;
 pub mod migrate;
 pub mod ops;
 pub mod restore;
+pub mod undo;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -28,6 +30,10 @@ pub enum Command {
     Restore(restore::Args),
     /// The history of writing runs (bulk_operations)
     Ops(ops::Args),
+    /// One-off data fixes: a dry run by default, --apply to write, every change audited
+    Fix(fix::Args),
+    /// Revert a fix or a soft-delete run (a dry run by default)
+    Undo(undo::Args),
 }
 
 pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
@@ -39,5 +45,7 @@ pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
         Command::Cleanup(args) => cleanup::run(ctx, args),
         Command::Restore(args) => restore::run(ctx, args),
         Command::Ops(args) => ops::run(ctx, args),
+        Command::Fix(args) => fix::run(ctx, args),
+        Command::Undo(args) => undo::run(ctx, args),
     }
 }

@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod export;
+mod fix;
 mod foundation;
 mod import;
 mod support;

@@ -1,0 +1,296 @@
+//! `fix set` and `undo` against a real database: dry run, confirmation, audit, undo.
+
+use crate::support::*;
+
+fn sample_db(name: &str) -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new();
+    let dir = scratch(name);
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"])
+        .0
+        .expect_code(3);
+    (db, dir)
+}
+
+#[test]
+fn dry_run_is_the_default_and_writes_nothing() {
+    let (db, dir) = sample_db("fix-dry");
+    let tables = ["tickets", "audit_log", "bulk_operations"];
+    let before: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    let pending = db.scalar("SELECT count(*) FROM tickets WHERE status = 'pending'");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "set", "status=closed", "--status", "pending"],
+    )
+    .run();
+    let v = run.expect_code(0).json();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["would_change"].as_i64().unwrap(), pending);
+    assert!(!v["sample"].as_array().unwrap().is_empty());
+    let after: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn apply_then_undo_gives_back_an_identical_table() {
+    let (db, dir) = sample_db("fix-undo");
+    let original = db.checksum("tickets");
+    let fixes: &[&[&str]] = &[
+        &["status=closed", "priority=low", "--status", "pending"],
+        &["assignee=none", "--priority", "urgent"],
+        &["organization=Globex", "subject=Renamed by a fix", "--tag", "vip"],
+        &["channel=phone", "--all"],
+    ];
+    let mut ops = Vec::new();
+    for fix in fixes {
+        let mut args = vec!["--json", "fix", "set"];
+        args.extend_from_slice(fix);
+        args.extend_from_slice(&["--apply", "--yes", "--batch-size", "7"]);
+        let run = ticketops(Some(&db), &dir, &args).run();
+        let v = run.expect_code(0).json();
+        assert!(v["changed"].as_u64().unwrap() > 0, "{fix:?}{}", run.explain());
+        let op = v["operation_id"].as_i64().unwrap();
+        // Every changed row has its before and after values in the audit log.
+        assert_eq!(
+            db.scalar(&format!(
+                "SELECT count(*) FROM audit_log WHERE operation_id = {op} AND action = 'fix'"
+            )),
+            v["changed"].as_i64().unwrap()
+        );
+        ops.push(op);
+    }
+    assert_ne!(db.checksum("tickets"), original);
+    for op in ops.iter().rev() {
+        let run = ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "undo", &op.to_string(), "--apply", "--yes"],
+        )
+        .run();
+        let v = run.expect_code(0).json();
+        assert_eq!(v["conflicts"], 0, "{}", run.explain());
+    }
+    assert_eq!(
+        db.checksum("tickets"),
+        original,
+        "undo must give back the very same rows"
+    );
+    // Undoing again does nothing.
+    let again = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "undo", &ops[0].to_string(), "--apply", "--yes"],
+    )
+    .run();
+    assert_eq!(again.expect_code(0).json()["reverted"], 0);
+    assert_eq!(db.checksum("tickets"), original);
+}
+
+#[test]
+fn rows_that_would_not_change_are_not_written() {
+    let (db, dir) = sample_db("fix-unchanged");
+    let before = db.row_versions("tickets");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "fix",
+            "set",
+            "status=closed",
+            "--status",
+            "closed",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run();
+    let v = run.expect_code(0).json();
+    assert_eq!(v["changed"], 0);
+    assert!(v["unchanged"].as_u64().unwrap() > 0);
+    assert_eq!(db.row_versions("tickets"), before);
+}
+
+#[test]
+fn undo_reports_rows_changed_since_and_force_reverts_them() {
+    let (db, dir) = sample_db("fix-conflict");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "fix",
+            "set",
+            "priority=low",
+            "--status",
+            "open",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run();
+    let v = run.expect_code(0).json();
+    let op = v["operation_id"].as_i64().unwrap().to_string();
+    let changed = v["changed"].as_i64().unwrap();
+    // Someone changes one of the fixed tickets afterwards.
+    let touched = db
+        .strings(&format!(
+            "SELECT external_id FROM tickets WHERE last_operation_id = {op} ORDER BY id LIMIT 1"
+        ))
+        .remove(0);
+    db.execute(&format!(
+        "UPDATE tickets SET priority = 'urgent' WHERE external_id = '{touched}'"
+    ));
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    let d = dry.expect_code(0).json();
+    assert_eq!(d["conflicts"], 1);
+    assert_eq!(d["would_revert"].as_i64().unwrap(), changed - 1);
+    let run = ticketops(Some(&db), &dir, &["--json", "undo", &op, "--apply", "--yes"]).run();
+    let u = run.expect_code(0).json();
+    assert_eq!(u["reverted"].as_i64().unwrap(), changed - 1);
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT priority::text FROM tickets WHERE external_id = '{touched}'"
+        )),
+        vec!["urgent"]
+    );
+    let forced = ticketops(Some(&db), &dir, &["--json", "undo", &op, "--apply", "--yes", "--force"]).run();
+    assert_eq!(forced.expect_code(0).json()["reverted"], 1);
+    let original = db.strings(&format!(
+        "SELECT a.before->>'priority' FROM audit_log a JOIN tickets t ON t.id = a.row_id
+         WHERE a.operation_id = {op} AND t.external_id = '{touched}'"
+    ));
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT priority::text FROM tickets WHERE external_id = '{touched}'"
+        )),
+        original
+    );
+}
+
+#[test]
+fn an_undo_can_be_undone() {
+    let (db, dir) = sample_db("fix-undo-undo");
+    let fix = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "fix",
+            "set",
+            "status=solved",
+            "--status",
+            "new",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run();
+    let fix_op = fix.expect_code(0).json()["operation_id"].as_i64().unwrap();
+    let fixed = db.checksum("tickets");
+    let undo = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "undo", &fix_op.to_string(), "--apply", "--yes"],
+    )
+    .run();
+    let undo_op = undo.expect_code(0).json()["operation_id"].as_i64().unwrap();
+    let redo = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "undo", &undo_op.to_string(), "--apply", "--yes"],
+    )
+    .run();
+    assert!(redo.expect_code(0).json()["reverted"].as_u64().unwrap() > 0);
+    assert_eq!(db.checksum("tickets"), fixed);
+}
+
+#[test]
+fn undo_of_a_soft_delete_run_restores_it() {
+    let (db, dir) = sample_db("undo-softdelete");
+    let original = db.checksum("tickets");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "soft-delete", "--status", "closed"],
+    )
+    .run();
+    let op = run.expect_code(0).json()["operation_id"].as_i64().unwrap().to_string();
+    ticketops(Some(&db), &dir, &["undo", &op]).run().expect_code(0);
+    assert!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL") > 0,
+        "a dry run restores nothing"
+    );
+    ticketops(Some(&db), &dir, &["undo", &op, "--apply", "--yes"])
+        .run()
+        .expect_code(0);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        0
+    );
+    assert_ne!(
+        db.checksum("tickets"),
+        original,
+        "restore marks the rows with its own operation"
+    );
+}
+
+#[test]
+fn refusals_without_confirmation_filters_or_valid_values() {
+    let (db, dir) = sample_db("fix-refuse");
+    let before = db.checksum("tickets");
+    // --apply without a terminal and without --yes.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["fix", "set", "status=closed", "--status", "pending", "--apply"],
+    )
+    .run();
+    run.expect_code(2).stderr_has("--yes");
+    // No filter and no --all.
+    ticketops(Some(&db), &dir, &["fix", "set", "status=closed", "--apply", "--yes"])
+        .run()
+        .expect_code(2)
+        .stderr_has("--all");
+    // Invalid values and fields, before anything is written.
+    ticketops(
+        Some(&db),
+        &dir,
+        &["fix", "set", "status=bogus", "--all", "--apply", "--yes"],
+    )
+    .run()
+    .expect_code(2)
+    .stderr_has("unknown status");
+    ticketops(
+        Some(&db),
+        &dir,
+        &["fix", "set", "color=red", "--all", "--apply", "--yes"],
+    )
+    .run()
+    .expect_code(2)
+    .stderr_has("cannot set");
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "fix",
+            "set",
+            "assignee=nobody@nowhere.example",
+            "--all",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run()
+    .expect_code(2)
+    .stderr_has("there is no user");
+    ticketops(Some(&db), &dir, &["undo", "999999"]).run().expect_code(2);
+    let import_op = db
+        .scalar("SELECT min(id) FROM bulk_operations WHERE kind = 'import tickets'")
+        .to_string();
+    ticketops(Some(&db), &dir, &["undo", &import_op])
+        .run()
+        .expect_code(1)
+        .stderr_has("not supported yet");
+    assert_eq!(db.checksum("tickets"), before);
+}
