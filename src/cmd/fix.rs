@@ -47,6 +47,21 @@ pub enum Action {
         #[command(flatten)]
         batching: BatchArgs,
     },
+    /// Move the tickets assigned to one agent to another (optionally only those matching filters)
+    Reassign {
+        /// The agent whose tickets move
+        #[arg(long, value_name = "EMAIL")]
+        from: String,
+        /// The agent who gets them
+        #[arg(long, value_name = "EMAIL")]
+        to: String,
+        #[command(flatten)]
+        filters: TicketFilters,
+        #[command(flatten)]
+        apply: ApplyArgs,
+        #[command(flatten)]
+        batching: BatchArgs,
+    },
 }
 
 const SET_HELP: &str = "\
@@ -267,7 +282,39 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             all,
             apply,
             batching,
-        } => set(ctx, assignments, filters, all, apply, batching),
+        } => set(ctx, "fix set", assignments, filters, all, apply, batching),
+        Action::Reassign {
+            from,
+            to,
+            mut filters,
+            apply,
+            batching,
+        } => {
+            if filters.assignee.is_some() {
+                return Err(UsageError("reassign selects by --from; drop --assignee".into()).into());
+            }
+            let (from, to) = (from.trim().to_lowercase(), to.trim().to_lowercase());
+            if from == to {
+                return Err(UsageError(format!("--from and --to are the same user ({from})")).into());
+            }
+            // The --to user is checked by the assignment; the --from user must exist too.
+            let pool = ctx.pool(1)?;
+            let exists: bool = diesel::select(diesel::dsl::exists(users::table.filter(users::email.eq(&from))))
+                .get_result(&mut db::get(&pool)?)?;
+            if !exists {
+                return Err(UsageError(format!("--from: there is no user {from}")).into());
+            }
+            filters.assignee = Some(from);
+            set(
+                ctx,
+                "fix reassign",
+                vec![format!("assignee={to}")],
+                filters,
+                true,
+                apply,
+                batching,
+            )
+        }
     }
 }
 
@@ -315,13 +362,13 @@ const SAMPLE_SIZE: i64 = 10;
 
 fn set(
     ctx: &Context,
+    kind: &str,
     raw: Vec<String>,
     filters: TicketFilters,
     all: bool,
     apply: ApplyArgs,
     batching: BatchArgs,
 ) -> anyhow::Result<i32> {
-    let kind = "fix set";
     filters.require_filter_or_all(all, kind)?;
     let resolved = filters.resolve()?;
     let pool = ctx.pool(2)?;

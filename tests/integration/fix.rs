@@ -294,3 +294,48 @@ fn refusals_without_confirmation_filters_or_valid_values() {
         .stderr_has("not supported yet");
     assert_eq!(db.checksum("tickets"), before);
 }
+
+#[test]
+fn reassign_moves_one_agents_tickets_and_undo_moves_them_back() {
+    let (db, dir) = sample_db("fix-reassign");
+    let original = db.checksum("tickets");
+    let from = db.strings(
+        "SELECT u.email FROM tickets t JOIN users u ON u.id = t.assignee_id GROUP BY u.email ORDER BY count(*) DESC, 1 LIMIT 1",
+    )
+    .remove(0);
+    let to = "agent1@support.example.org";
+    let count = |email: &str| {
+        db.scalar(&format!(
+            "SELECT count(*) FROM tickets t JOIN users u ON u.id = t.assignee_id WHERE u.email = '{email}'"
+        ))
+    };
+    let (had_from, had_to) = (count(&from), count(to));
+    assert!(had_from > 0);
+    ticketops(Some(&db), &dir, &["fix", "reassign", "--from", &from, "--to", &from])
+        .run()
+        .expect_code(2);
+    ticketops(
+        Some(&db),
+        &dir,
+        &["fix", "reassign", "--from", "ghost@example.com", "--to", to],
+    )
+    .run()
+    .expect_code(2);
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json", "fix", "reassign", "--from", &from, "--to", to, "--apply", "--yes",
+        ],
+    )
+    .run();
+    let v = run.expect_code(0).json();
+    assert_eq!(v["changed"].as_i64().unwrap(), had_from);
+    assert_eq!(count(&from), 0);
+    assert_eq!(count(to), had_to + had_from);
+    let op = v["operation_id"].as_i64().unwrap().to_string();
+    ticketops(Some(&db), &dir, &["undo", &op, "--apply", "--yes"])
+        .run()
+        .expect_code(0);
+    assert_eq!(db.checksum("tickets"), original);
+}
