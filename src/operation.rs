@@ -31,6 +31,20 @@ pub fn start(conn: &mut PgConnection, new: &NewBulkOperation<'_>) -> QueryResult
         .get_result(conn)
 }
 
+/// Starts an operation that reads no file (cleanup, restore, fix, undo), run by this OS user.
+pub fn start_job(conn: &mut PgConnection, kind: &str, args: serde_json::Value) -> anyhow::Result<i64> {
+    use anyhow::Context as _;
+    let operator = operator();
+    let new = NewBulkOperation {
+        kind,
+        args,
+        operator: &operator,
+        source_file: None,
+        source_sha256: None,
+    };
+    start(conn, &new).context("cannot record the operation")
+}
+
 pub fn save_checkpoint(
     conn: &mut PgConnection,
     id: i64,

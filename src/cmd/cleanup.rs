@@ -19,7 +19,6 @@ use crate::cli::Context;
 use crate::db::{self, AdvisoryLock};
 use crate::exit;
 use crate::filters::{DeletedScope, TicketFilters, parse_when};
-use crate::models::NewBulkOperation;
 use crate::operation;
 use crate::schema::{tickets, users};
 use crate::signals::StopFlags;
@@ -176,18 +175,6 @@ fn sample_of(conn: &mut PgConnection, ids: &[i64]) -> anyhow::Result<Vec<SampleR
 
 const SAMPLE_SIZE: i64 = 10;
 
-fn start_operation(conn: &mut PgConnection, kind: &str, args: serde_json::Value) -> anyhow::Result<i64> {
-    let operator = operation::operator();
-    let new = NewBulkOperation {
-        kind,
-        args,
-        operator: &operator,
-        source_file: None,
-        source_sha256: None,
-    };
-    operation::start(conn, &new).context("cannot record the operation")
-}
-
 fn soft_delete(
     ctx: &Context,
     filters: TicketFilters,
@@ -219,7 +206,7 @@ fn soft_delete(
     }
     let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
     let stop = StopFlags::install()?;
-    let op_id = start_operation(
+    let op_id = operation::start_job(
         &mut conn,
         kind,
         json!({"filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
@@ -397,7 +384,7 @@ fn purge(
     }
     let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
     let stop = StopFlags::install()?;
-    let op_id = start_operation(
+    let op_id = operation::start_job(
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "archive": archive, "archive_comments": archive_comments,
@@ -533,7 +520,7 @@ fn purge_users(
     }
     let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
     let stop = StopFlags::install()?;
-    let op_id = start_operation(
+    let op_id = operation::start_job(
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "batching": batching.to_json()}),

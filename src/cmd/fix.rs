@@ -17,7 +17,6 @@ use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
 use crate::filters::{DeletedScope, ResolvedFilters, TicketFilters};
 use crate::import::normalize;
-use crate::models::NewBulkOperation;
 use crate::operation;
 use crate::schema::{organizations, tickets, users};
 use crate::signals::StopFlags;
@@ -417,15 +416,11 @@ fn set(
     }
     let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
     let stop = StopFlags::install()?;
-    let operator = operation::operator();
-    let new = NewBulkOperation {
+    let op_id = operation::start_job(
+        &mut conn,
         kind,
-        args: json!({"set": raw, "filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
-        operator: &operator,
-        source_file: None,
-        source_sha256: None,
-    };
-    let op_id = operation::start(&mut conn, &new).context("cannot record the operation")?;
+        json!({"set": raw, "filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
+    )?;
     let mut last_id = 0i64;
     let mut unchanged = 0u64;
     let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {

@@ -12,7 +12,6 @@ use crate::cmd::cleanup::SOFT_DELETE_ACTION;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
 use crate::filters::{DeletedScope, TicketFilters};
-use crate::models::NewBulkOperation;
 use crate::operation;
 use crate::schema::tickets;
 use crate::signals::StopFlags;
@@ -67,7 +66,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             }
             let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
             let stop = StopFlags::install()?;
-            let op_id = start(&mut conn, json!({"filters": args.filters.to_json(), "all": args.all}))?;
+            let op_id = operation::start_job(
+                &mut conn,
+                "restore",
+                json!({"filters": args.filters.to_json(), "all": args.all}),
+            )?;
             let mut last_id = 0i64;
             let stats = batch::run(
                 &mut conn,
@@ -108,18 +111,6 @@ fn dry_run_report(ctx: &Context, count: i64) -> anyhow::Result<i32> {
         println!("dry run: restore would bring back {count} ticket(s); nothing was written");
     }
     Ok(exit::SUCCESS)
-}
-
-fn start(conn: &mut PgConnection, args: serde_json::Value) -> anyhow::Result<i64> {
-    let operator = operation::operator();
-    let new = NewBulkOperation {
-        kind: "restore",
-        args,
-        operator: &operator,
-        source_file: None,
-        source_sha256: None,
-    };
-    operation::start(conn, &new).context("cannot record the operation")
 }
 
 /// Clears deleted_at on `ids`, recording their before values; returns how many changed.
@@ -204,7 +195,7 @@ fn restore_operation(
     }
     let _lock = AdvisoryLock::try_acquire(pool, "restore")?;
     let stop = StopFlags::install()?;
-    let op_id = start(conn, json!({"operation": source_op}))?;
+    let op_id = operation::start_job(conn, "restore", json!({"operation": source_op}))?;
     let mut next = 0usize;
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();

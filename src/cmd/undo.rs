@@ -16,7 +16,6 @@ use crate::cmd::restore;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
 use crate::filters::TicketFilters;
-use crate::models::NewBulkOperation;
 use crate::operation;
 use crate::signals::StopFlags;
 
@@ -177,15 +176,7 @@ fn undo_fix(
     }
     let _lock = AdvisoryLock::try_acquire(pool, "undo")?;
     let stop = StopFlags::install()?;
-    let operator = operation::operator();
-    let new = NewBulkOperation {
-        kind: "undo",
-        args: json!({"operation": source_op, "force": args.force}),
-        operator: &operator,
-        source_file: None,
-        source_sha256: None,
-    };
-    let op_id = operation::start(conn, &new).context("cannot record the operation")?;
+    let op_id = operation::start_job(conn, "undo", json!({"operation": source_op, "force": args.force}))?;
     let set: Vec<String> = RESTORED_COLUMNS
         .iter()
         .map(|c| format!("{c} = (jsonb_populate_record(t, w.before)).{c}"))
