@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{ConnectionManager, PooledConnection};
-use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::sql_types::{Bool, Text};
 use diesel::{Connection, QueryResult, RunQueryDsl, sql_query};
 
 use crate::exit::LockHeld;
@@ -197,12 +197,6 @@ impl Drop for AdvisoryLock {
             .bind::<Text, _>(&self.name)
             .execute(&mut self.conn);
     }
-}
-
-#[derive(diesel::QueryableByName)]
-pub struct Count {
-    #[diesel(sql_type = BigInt)]
-    pub count: i64,
 }
 
 #[cfg(test)]
