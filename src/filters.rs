@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Duration, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::sql_types::Bool;
 
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
@@ -261,24 +262,32 @@ impl ResolvedFilters {
 
     /// The tickets the filters select, as a boxed query the caller can narrow further.
     pub fn query(&self, scope: DeletedScope) -> tickets::BoxedQuery<'static, Pg> {
+        tickets::table.filter(self.condition(scope)).into_boxed()
+    }
+
+    /// The filters as one boolean expression on `tickets`, for queries a boxed query cannot
+    /// express (GROUP BY in the reports). Unset filters add nothing; no filter at all is TRUE.
+    pub fn condition(&self, scope: DeletedScope) -> TicketCondition {
         let f = &self.filters;
-        let mut q = tickets::table.into_boxed();
+        let mut parts: Vec<TicketCondition> = Vec::new();
         if !f.status.is_empty() {
-            q = q.filter(tickets::status.eq_any(f.status.clone()));
+            parts.push(Box::new(tickets::status.eq_any(f.status.clone())));
         }
         if !f.priority.is_empty() {
-            q = q.filter(tickets::priority.eq_any(f.priority.clone()));
+            parts.push(Box::new(tickets::priority.eq_any(f.priority.clone())));
         }
         if !f.channel.is_empty() {
-            q = q.filter(tickets::channel.eq_any(f.channel.clone()));
+            parts.push(Box::new(tickets::channel.eq_any(f.channel.clone())));
         }
         match f.assignee.as_deref().map(str::trim) {
-            Some(a) if a.eq_ignore_ascii_case("none") => q = q.filter(tickets::assignee_id.is_null()),
+            Some(a) if a.eq_ignore_ascii_case("none") => parts.push(Box::new(tickets::assignee_id.is_null())),
             Some(email) => {
                 let ids = users::table
                     .select(users::id)
                     .filter(users::email.eq(email.to_lowercase()));
-                q = q.filter(tickets::assignee_id.eq_any(ids.into_boxed().nullable()));
+                // NULL never equals anything in SQL, so treating the column as non-null for the
+                // comparison selects the same rows and keeps the expression a plain boolean.
+                parts.push(Box::new(tickets::assignee_id.assume_not_null().eq_any(ids)));
             }
             None => {}
         }
@@ -286,13 +295,13 @@ impl ResolvedFilters {
             let ids = users::table
                 .select(users::id)
                 .filter(users::email.eq(email.trim().to_lowercase()));
-            q = q.filter(tickets::requester_id.eq_any(ids));
+            parts.push(Box::new(tickets::requester_id.eq_any(ids)));
         }
         if let Some(name) = &f.organization {
             let ids = organizations::table
                 .select(organizations::id)
                 .filter(organizations::name.eq(name.trim().to_string()));
-            q = q.filter(tickets::organization_id.eq_any(ids.into_boxed().nullable()));
+            parts.push(Box::new(tickets::organization_id.assume_not_null().eq_any(ids)));
         }
         if let Some(tag) = &f.tag {
             let tag_ids = tags::table
@@ -301,35 +310,42 @@ impl ResolvedFilters {
             let ticket_ids = ticket_tags::table
                 .select(ticket_tags::ticket_id)
                 .filter(ticket_tags::tag_id.eq_any(tag_ids));
-            q = q.filter(tickets::id.eq_any(ticket_ids));
+            parts.push(Box::new(tickets::id.eq_any(ticket_ids)));
         }
         if let Some(t) = f.created_before {
-            q = q.filter(tickets::created_at.lt(t));
+            parts.push(Box::new(tickets::created_at.lt(t)));
         }
         if let Some(t) = f.created_after {
-            q = q.filter(tickets::created_at.ge(t));
+            parts.push(Box::new(tickets::created_at.ge(t)));
         }
         if let Some(t) = f.updated_before {
-            q = q.filter(tickets::updated_at.lt(t));
+            parts.push(Box::new(tickets::updated_at.lt(t)));
         }
         if let Some(t) = f.updated_after {
-            q = q.filter(tickets::updated_at.ge(t));
+            parts.push(Box::new(tickets::updated_at.ge(t)));
         }
         if let Some(list) = &self.ids {
-            q = q.filter(
+            parts.push(Box::new(
                 tickets::id
                     .eq_any(list.ids.clone())
                     .or(tickets::external_id.eq_any(list.external_ids.clone())),
-            );
+            ));
         }
         match scope {
-            DeletedScope::Exclude => q = q.filter(tickets::deleted_at.is_null()),
-            DeletedScope::Only => q = q.filter(tickets::deleted_at.is_not_null()),
+            DeletedScope::Exclude => parts.push(Box::new(tickets::deleted_at.is_null())),
+            DeletedScope::Only => parts.push(Box::new(tickets::deleted_at.is_not_null())),
             DeletedScope::Include => {}
         }
-        q
+        let mut parts = parts.into_iter();
+        match parts.next() {
+            None => Box::new(diesel::dsl::sql::<Bool>("TRUE")),
+            Some(first) => parts.fold(first, |all, part| Box::new(all.and(part))),
+        }
     }
 }
+
+/// A condition on `tickets` built from user filters (every value bound, never SQL text).
+pub type TicketCondition = Box<dyn BoxableExpression<tickets::table, Pg, SqlType = Bool>>;
 
 #[cfg(test)]
 mod tests {

@@ -37,3 +37,140 @@ pub fn rate(rows: u64, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();
     if secs > 0.0 { rows as f64 / secs } else { rows as f64 }
 }
+
+/// One value in a [`Table`]: numbers are right-aligned, text left-aligned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Text(String),
+    Int(i64),
+    /// A measure shown with `decimals` places; `None` prints as an empty cell.
+    Float(Option<f64>, usize),
+}
+
+impl Cell {
+    pub fn text(value: impl Into<String>) -> Self {
+        Cell::Text(value.into())
+    }
+
+    fn render(&self) -> String {
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Int(n) => n.to_string(),
+            Cell::Float(Some(x), decimals) => format!("{x:.decimals$}"),
+            Cell::Float(None, _) => String::new(),
+        }
+    }
+
+    fn is_number(&self) -> bool {
+        !matches!(self, Cell::Text(_))
+    }
+}
+
+/// Rows under named columns, printed as an aligned text table or as CSV.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Cell>>,
+}
+
+impl Table {
+    pub fn new<S: Into<String>>(columns: impl IntoIterator<Item = S>) -> Self {
+        Table {
+            columns: columns.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, row: Vec<Cell>) {
+        debug_assert_eq!(row.len(), self.columns.len());
+        self.rows.push(row);
+    }
+
+    /// Columns padded to their widest value, two spaces apart, numbers right-aligned.
+    pub fn write_aligned(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let rendered: Vec<Vec<String>> = self.rows.iter().map(|r| r.iter().map(Cell::render).collect()).collect();
+        let widths: Vec<usize> = (0..self.columns.len())
+            .map(|c| {
+                rendered
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .chain([self.columns[c].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let numeric: Vec<bool> = (0..self.columns.len())
+            .map(|c| self.rows.iter().any(|r| r[c].is_number()))
+            .collect();
+        let line = |cells: &[String]| {
+            let padded: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(c, v)| {
+                    if numeric[c] {
+                        format!("{v:>w$}", w = widths[c])
+                    } else {
+                        format!("{v:<w$}", w = widths[c])
+                    }
+                })
+                .collect();
+            padded.join("  ").trim_end().to_string()
+        };
+        writeln!(out, "{}", line(&self.columns))?;
+        for row in &rendered {
+            writeln!(out, "{}", line(row))?;
+        }
+        Ok(())
+    }
+
+    /// RFC 4180 CSV with a header row.
+    pub fn write_csv(&self, out: impl std::io::Write) -> anyhow::Result<()> {
+        let mut writer = csv::Writer::from_writer(out);
+        writer.write_record(&self.columns)?;
+        for row in &self.rows {
+            writer.write_record(row.iter().map(Cell::render))?;
+        }
+        writer.flush()?;
+        Ok(())
+    }
+}
+
+/// A one-line chart of `values` with block characters, scaled so that `max` is a full block.
+pub fn sparkline(values: &[i64], max: i64) -> String {
+    const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    values
+        .iter()
+        .map(|&v| {
+            if v <= 0 || max <= 0 {
+                ' '
+            } else {
+                // Any non-zero value shows at least the lowest block.
+                let level = ((v as f64 / max as f64) * 8.0).ceil() as usize;
+                BLOCKS[level.clamp(1, 8) - 1]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_table() {
+        let mut t = Table::new(["name", "count"]);
+        t.push(vec![Cell::text("open"), Cell::Int(12)]);
+        t.push(vec![Cell::text("on_hold"), Cell::Int(3)]);
+        let mut out = Vec::new();
+        t.write_aligned(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "name     count\nopen        12\non_hold      3\n"
+        );
+    }
+
+    #[test]
+    fn sparkline_scales_to_max() {
+        assert_eq!(sparkline(&[0, 1, 4, 8], 8), " ▁▄█");
+    }
+}

@@ -33,6 +33,24 @@ struct Args {
     /// For comments: how many tickets (T-000001 …) the comments refer to
     #[arg(long, default_value_t = 200)]
     tickets: u64,
+    /// The first day timestamps fall on (they span about two years from it); `--start 730d`
+    /// means 730 days before today, for data that reaches the present
+    #[arg(long, default_value = "2023-01-01", value_parser = parse_start)]
+    start: i64,
+}
+
+/// When timestamps start, in seconds since the Unix epoch (set once from `--start`).
+static START_EPOCH: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+
+fn parse_start(value: &str) -> Result<i64, String> {
+    if let Some(days) = value.strip_suffix('d').and_then(|d| d.parse::<i64>().ok()) {
+        let today = chrono::Utc::now().date_naive();
+        let start = today - chrono::Duration::days(days);
+        return Ok(start.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp());
+    }
+    chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp())
+        .map_err(|_| "a date YYYY-MM-DD or a number of days back like 730d".to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,9 +161,10 @@ fn quote(field: &str) -> String {
 }
 
 fn timestamp(rng: &mut Rng, base_days: i64) -> (String, i64) {
-    // Seconds since 2023-01-01T00:00:00Z.
+    // Seconds since the start day.
     let secs = base_days * 86_400 + rng.below(86_400) as i64;
-    let dt = chrono::DateTime::from_timestamp(1_672_531_200 + secs, 0).expect("in range");
+    let start = START_EPOCH.get().copied().unwrap_or(1_672_531_200);
+    let dt = chrono::DateTime::from_timestamp(start + secs, 0).expect("in range");
     let text = match rng.below(3) {
         0 => dt.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
         1 => dt.format("%Y-%m-%d %H:%M:%S").to_string(),
@@ -248,6 +267,7 @@ fn spoil(rng: &mut Rng, row: &mut Vec<String>) -> Option<Vec<u8>> {
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
+    START_EPOCH.set(args.start).expect("set once");
     let mut rng = Rng(args.seed);
     let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
     let users = args.users.unwrap_or((args.rows / 10).max(10));

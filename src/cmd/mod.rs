@@ -11,6 +11,7 @@ pub mod fix;
 pub mod import;
 pub mod migrate;
 pub mod ops;
+pub mod report;
 pub mod restore;
 pub mod undo;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Ops(ops::Args),
     /// One-off data fixes: a dry run by default, --apply to write, every change audited
     Fix(fix::Args),
+    /// Reports on the tickets: summary, backlog, flow, agents (table, CSV or JSON)
+    Report(report::Args),
     /// Revert a fix or a soft-delete run (a dry run by default)
     Undo(undo::Args),
 }
@@ -46,6 +49,7 @@ pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
         Command::Restore(args) => restore::run(ctx, args),
         Command::Ops(args) => ops::run(ctx, args),
         Command::Fix(args) => fix::run(ctx, args),
+        Command::Report(args) => report::run(ctx, args),
         Command::Undo(args) => undo::run(ctx, args),
     }
 }

@@ -6,4 +6,5 @@ mod export;
 mod fix;
 mod foundation;
 mod import;
+mod report;
 mod support;
