@@ -94,8 +94,23 @@ pub fn connect_pool(url: &str, size: u32) -> anyhow::Result<Pool> {
         .min_idle(Some(0))
         .test_on_check_out(true)
         .connection_timeout(CONNECTION_TIMEOUT)
+        .connection_customizer(Box::new(UtcSession))
         .build(manager)
         .with_context(|| format!("cannot create a connection pool for {}", mask_url(url)))
+}
+
+/// Every pooled session runs in UTC: timestamps that SQL turns into text or JSON (audit
+/// images, which `undo` compares with current values) then read the same whatever the
+/// server's or the role's default time zone.
+#[derive(Debug)]
+struct UtcSession;
+
+impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for UtcSession {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        use diesel::connection::SimpleConnection;
+        conn.batch_execute("SET TIME ZONE 'UTC'")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
 }
 
 /// One connection outside any pool, with a message a person can act on when it fails.

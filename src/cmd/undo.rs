@@ -1,7 +1,14 @@
-//! `ticketops undo OPERATION_ID`: reverts a fix (from the before-images in `audit_log`) or a
-//! soft-delete run. A row changed since the operation (its current values differ from the
-//! operation's after-image) is a conflict: reported and left alone unless `--force`. An undo
-//! is an operation itself, a dry run by default, and can be undone in turn.
+//! `ticketops undo OPERATION_ID`: reverts a fix, a merge, an import or a soft-delete run.
+//!
+//! - Rows recorded with before/after images (`fix` rows of the fixes, `update` rows of the
+//!   imports, in tickets, users or comments) get their before-image back, tag sets included.
+//! - Tickets an import inserted (`insert` rows and `insert_ids` ranges) are soft-deleted.
+//! - A soft-delete run is restored (`restore --operation`).
+//!
+//! A row changed since the operation (its current values differ from the operation's
+//! after-image; for an inserted ticket, another operation wrote it last) is a conflict:
+//! reported and left alone unless `--force`. An undo is an operation itself, a dry run by
+//! default, and records its own before/after images, so it can be undone in turn.
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Bool, Text};
@@ -16,6 +23,7 @@ use crate::cmd::restore;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
 use crate::filters::TicketFilters;
+use crate::import::tickets::INSERT_IDS_ACTION;
 use crate::operation;
 use crate::signals::StopFlags;
 
@@ -23,7 +31,9 @@ use crate::signals::StopFlags;
 #[command(after_help = "\
 Without --apply this is a dry run: it says how many rows would be reverted, how many are
 already as they were, and how many changed since (conflicts). Undoing twice does nothing the
-second time. Supported: `fix` operations and `cleanup soft-delete` runs.
+second time. Supported: every fix (set, tag, reassign, merge-users, apply), imports (updated
+rows get their before-image back, inserted tickets are soft-deleted; users, organizations and
+tags an import created stay), cleanup soft-delete runs, and undos.
 
 Examples:
   ticketops undo 42
@@ -40,13 +50,61 @@ pub struct Args {
     pub batching: BatchArgs,
 }
 
+/// The audit action of an import's updated row (full before and after images).
+const UPDATE_ACTION: &str = "update";
+/// The audit action of a row an import inserted through the merge path.
+const INSERT_ACTION: &str = "insert";
+
+/// The columns an image may restore, per table (keys absent from an image keep their value).
+fn restorable_columns(table: &str) -> &'static [&'static str] {
+    match table {
+        "tickets" => &[
+            "subject",
+            "description",
+            "status",
+            "priority",
+            "channel",
+            "requester_id",
+            "assignee_id",
+            "organization_id",
+            "created_at",
+            "updated_at",
+            "solved_at",
+            "deleted_at",
+            "last_operation_id",
+        ],
+        "users" => &["name", "role", "organization_id", "updated_at", "deleted_at"],
+        _ => &["ticket_id", "author_id", "body", "public", "created_at"],
+    }
+}
+
+/// The current values of row `t` as JSON, with the ticket's sorted tag ids when the image
+/// `img` has `tag_ids` (tag sets are compared and restored as a whole).
+fn current_image(table: &str, img: &str) -> String {
+    if table == "tickets" {
+        format!(
+            "to_jsonb(t) || CASE WHEN {img} ? 'tag_ids' THEN jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                 SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id))) ELSE '{{}}' END"
+        )
+    } else {
+        "to_jsonb(t)".to_string()
+    }
+}
+
+/// Whether every key of image `img` has the same value in `cur` (exact, arrays included).
+fn matches(img: &str, cur: &str) -> String {
+    format!("NOT EXISTS (SELECT 1 FROM jsonb_each({img}) e WHERE {cur} -> e.key IS DISTINCT FROM e.value)")
+}
+
 #[derive(QueryableByName)]
-struct Action {
+struct ActionCount {
+    #[diesel(sql_type = Text)]
+    table_name: String,
     #[diesel(sql_type = Text)]
     action: String,
 }
 
-#[derive(QueryableByName)]
+#[derive(QueryableByName, Default, Clone, Copy)]
 struct Plan {
     #[diesel(sql_type = BigInt)]
     revertible: i64,
@@ -56,111 +114,117 @@ struct Plan {
     conflicts: i64,
 }
 
+impl std::ops::AddAssign for Plan {
+    fn add_assign(&mut self, other: Plan) {
+        self.revertible += other.revertible;
+        self.already += other.already;
+        self.conflicts += other.conflicts;
+    }
+}
+
 #[derive(QueryableByName)]
 struct Reverted {
     #[diesel(sql_type = BigInt)]
     reverted: i64,
     #[diesel(sql_type = BigInt)]
-    last_audit_id: i64,
+    next: i64,
     #[diesel(sql_type = BigInt)]
     seen: i64,
 }
 
-/// The columns a fix can change, restored from the before-image (others keep their value).
-const RESTORED_COLUMNS: &[&str] = &[
-    "subject",
-    "status",
-    "priority",
-    "channel",
-    "assignee_id",
-    "organization_id",
-    "updated_at",
-    "last_operation_id",
-];
+#[derive(QueryableByName)]
+struct Span {
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    low: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    high: Option<i64>,
+}
+
+/// One part of an undo, run in batches one after the other.
+#[derive(Debug, Clone)]
+enum Part {
+    /// Image rows of one table, newest first (a row written twice by the operation goes back
+    /// through its images in reverse order).
+    Images(String),
+    /// Tickets the operation inserted, by id window.
+    Inserted { low: i64, high: i64 },
+}
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
-    // Images hold timestamps as JSON text; compare them in one time zone whatever the session's.
-    sql_query("SET TIME ZONE 'UTC'").execute(&mut conn)?;
     let op = operation::find(&mut conn, args.operation_id)?.ok_or_else(|| {
         UsageError(format!(
             "there is no operation {} (see `ticketops ops list`)",
             args.operation_id
         ))
     })?;
-    let actions: Vec<Action> = sql_query("SELECT DISTINCT action FROM audit_log WHERE operation_id = $1")
-        .bind::<BigInt, _>(op.id)
-        .load(&mut conn)?;
-    let has = |a: &str| actions.iter().any(|x| x.action == a);
-    if has(FIX_ACTION) {
-        undo_fix(ctx, &pool, &mut conn, op.id, &args)
-    } else if has(SOFT_DELETE_ACTION) {
-        if args.apply.apply && !confirm(&args.apply, "undo", 0)? {
-            ctx.info("not confirmed; nothing was written");
-            return Ok(exit::FAILURE);
-        }
-        let restore_args = restore::Args {
-            operation: Some(op.id),
-            filters: TicketFilters::default(),
-            all: false,
-            dry_run: !args.apply.apply,
-            batching: args.batching.clone(),
-        };
-        restore::run(ctx, restore_args)
-    } else if actions.is_empty() {
-        Err(UsageError(format!(
+    let actions: Vec<ActionCount> =
+        sql_query("SELECT DISTINCT table_name, action FROM audit_log WHERE operation_id = $1 ORDER BY 1, 2")
+            .bind::<BigInt, _>(op.id)
+            .load(&mut conn)?;
+    if actions.is_empty() {
+        return Err(UsageError(format!(
             "operation {} ({}) changed no rows; there is nothing to undo",
             op.id, op.kind
         ))
-        .into())
-    } else {
-        bail!(
-            "undo of `{}` operations is not supported yet (operation {}); supported: fix, cleanup soft-delete",
-            op.kind,
-            op.id
-        )
+        .into());
     }
-}
+    if actions.iter().all(|a| a.action == SOFT_DELETE_ACTION) {
+        return undo_soft_delete(ctx, op.id, &args);
+    }
+    let mut parts = Vec::new();
+    let mut unsupported = Vec::new();
+    for a in &actions {
+        match a.action.as_str() {
+            FIX_ACTION | UPDATE_ACTION => {
+                if !parts.iter().any(|p| matches!(p, Part::Images(t) if *t == a.table_name)) {
+                    parts.push(Part::Images(a.table_name.clone()));
+                }
+            }
+            INSERT_ACTION | INSERT_IDS_ACTION if a.table_name == "tickets" => {}
+            INSERT_ACTION => {} // users and comments an import created stay (see --help)
+            other => unsupported.push(format!("{other} on {}", a.table_name)),
+        }
+    }
+    if !unsupported.is_empty() {
+        bail!(
+            "undo of operation {} ({}) is not supported: it recorded {}; supported: fixes, imports, \
+             cleanup soft-delete, undos",
+            op.id,
+            op.kind,
+            unsupported.join(", ")
+        );
+    }
+    let span: Span = sql_query(format!(
+        "SELECT min(id) AS low, max(id) AS high FROM ({INSERTED_IDS_ALL}) i"
+    ))
+    .bind::<BigInt, _>(op.id)
+    .get_result(&mut conn)
+    .context("cannot read the inserted tickets from the audit trail")?;
+    if let (Some(low), Some(high)) = (span.low, span.high) {
+        parts.push(Part::Inserted { low, high });
+    }
 
-fn plan(conn: &mut PgConnection, op_id: i64) -> anyhow::Result<Plan> {
-    sql_query(
-        "SELECT count(*) FILTER (WHERE to_jsonb(t) @> a.after) AS revertible,
-                count(*) FILTER (WHERE NOT to_jsonb(t) @> a.after AND to_jsonb(t) @> a.before) AS already,
-                count(*) FILTER (WHERE t.id IS NULL OR NOT (to_jsonb(t) @> a.after OR to_jsonb(t) @> a.before)) AS conflicts
-         FROM audit_log a LEFT JOIN tickets t ON t.id = a.row_id
-         WHERE a.operation_id = $1 AND a.action = $2 AND a.table_name = 'tickets'",
-    )
-    .bind::<BigInt, _>(op_id)
-    .bind::<Text, _>(FIX_ACTION)
-    .get_result(conn)
-    .context("cannot compare the operation's rows with their current values")
-}
-
-fn undo_fix(
-    ctx: &Context,
-    pool: &db::Pool,
-    conn: &mut PgConnection,
-    source_op: i64,
-    args: &Args,
-) -> anyhow::Result<i32> {
-    let p = plan(conn, source_op)?;
-    let would = if args.force {
-        p.revertible + p.conflicts
-    } else {
-        p.revertible
-    } as u64;
+    let mut plan = Plan::default();
+    for part in &parts {
+        plan += plan_part(&mut conn, op.id, part)?;
+    }
+    let would = (plan.revertible + if args.force { plan.conflicts } else { 0 }) as u64;
     if !args.apply.apply {
         if ctx.global.json {
             ctx.print_json(
-                &json!({"kind": "undo", "dry_run": true, "of_operation": source_op, "would_revert": would,
-                                   "already_reverted": p.already, "conflicts": p.conflicts, "force": args.force}),
+                &json!({"kind": "undo", "dry_run": true, "of_operation": op.id, "would_revert": would,
+                                   "already_reverted": plan.already, "conflicts": plan.conflicts,
+                                   "force": args.force}),
             )?;
         } else {
             println!(
-                "dry run: undo of operation {source_op} would revert {would} row(s); {} already as before; {} changed since{}",
-                p.already,
-                p.conflicts,
+                "dry run: undo of operation {} ({}) would revert {would} row(s); {} already as before; {} changed since{}",
+                op.id,
+                op.kind,
+                plan.already,
+                plan.conflicts,
                 if args.force {
                     " (reverted too: --force)"
                 } else {
@@ -174,68 +238,208 @@ fn undo_fix(
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let _lock = AdvisoryLock::try_acquire(pool, "undo")?;
+    let _lock = AdvisoryLock::try_acquire(&pool, "undo")?;
     let stop = StopFlags::install()?;
-    let op_id = operation::start_job(conn, "undo", json!({"operation": source_op, "force": args.force}))?;
-    let set: Vec<String> = RESTORED_COLUMNS
-        .iter()
-        .map(|c| format!("{c} = (jsonb_populate_record(t, w.before)).{c}"))
-        .collect();
-    // Per batch of the operation's audit rows: lock the rows that may be reverted (skipping
-    // rows others hold), put the before-image back, and record this undo's own before/after
-    // so that it can be undone too.
-    let sql = format!(
-        "WITH a AS (
-             SELECT id AS audit_id, row_id, before, after FROM audit_log
-             WHERE operation_id = $1 AND action = '{FIX_ACTION}' AND table_name = 'tickets' AND id > $2
-             ORDER BY id LIMIT $3
-         ), work AS (
-             SELECT t.id, a.before,
-                    (SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM jsonb_object_keys(a.before) k) AS current
-             FROM tickets t JOIN a ON a.row_id = t.id
-             WHERE (to_jsonb(t) @> a.after OR $4) AND NOT to_jsonb(t) @> a.before
-             FOR UPDATE OF t SKIP LOCKED
-         ), changed AS (
-             UPDATE tickets t SET {set}
-             FROM work w WHERE t.id = w.id
-             RETURNING t.id, w.current, w.before
-         ), audited AS (
-             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op_id}, 'tickets', id, '{FIX_ACTION}', current, before FROM changed
-         )
-         SELECT (SELECT count(*) FROM changed) AS reverted,
-                coalesce((SELECT max(audit_id) FROM a), $2) AS last_audit_id,
-                (SELECT count(*) FROM a) AS seen",
-        set = set.join(", "),
+    let undo_op = operation::start_job(&mut conn, "undo", json!({"operation": op.id, "force": args.force}))?;
+
+    let sql: Vec<String> = parts.iter().map(|p| revert_sql(p, undo_op)).collect();
+    let mut current = 0usize;
+    // Images are walked by descending audit id, inserted tickets by ascending id window.
+    let start_of = |p: &Part| match p {
+        Part::Images(_) => i64::MAX,
+        Part::Inserted { low, .. } => low - 1,
+    };
+    let mut cursor = parts.first().map(start_of).unwrap_or(0);
+    let stats = batch::run(
+        &mut conn,
+        &args.batching,
+        &stop,
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let Some(part) = parts.get(current) else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            let r: Reverted = sql_query(&sql[current])
+                .bind::<BigInt, _>(op.id)
+                .bind::<BigInt, _>(cursor)
+                .bind::<BigInt, _>(limit as i64)
+                .bind::<Bool, _>(args.force)
+                .get_result(conn)
+                .context("cannot revert the batch")?;
+            let finished = match part {
+                Part::Images(_) => r.seen == 0,
+                Part::Inserted { high, .. } => r.next >= *high,
+            };
+            cursor = r.next;
+            if finished {
+                current += 1;
+                if let Some(next) = parts.get(current) {
+                    cursor = start_of(next);
+                }
+            }
+            Ok(Step {
+                rows: r.reverted as u64,
+                done: current >= parts.len(),
+            })
+        },
     );
-    let mut last_audit_id = 0i64;
-    let stats = batch::run(conn, &args.batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let r: Reverted = sql_query(&sql)
-            .bind::<BigInt, _>(source_op)
-            .bind::<BigInt, _>(last_audit_id)
-            .bind::<BigInt, _>(limit as i64)
-            .bind::<Bool, _>(args.force)
-            .get_result(conn)
-            .context("cannot revert the batch")?;
-        last_audit_id = r.last_audit_id;
-        Ok(Step {
-            rows: r.reverted as u64,
-            done: r.seen == 0,
-        })
-    });
     let rows = stats.rows;
-    let skipped = if args.force { 0 } else { p.conflicts };
+    let skipped = if args.force { 0 } else { plan.conflicts };
     if skipped > 0 && !ctx.global.quiet {
         eprintln!(
-            "{skipped} row(s) changed since operation {source_op} were left alone (use --force to revert them too)"
+            "{skipped} row(s) changed since operation {} were left alone (use --force to revert them too)",
+            op.id
         );
     }
     batch::finish(
         ctx,
-        conn,
-        op_id,
+        &mut conn,
+        undo_op,
         "undo",
         stats,
-        json!({"reverted": rows, "of_operation": source_op, "conflicts": skipped, "already_reverted": p.already}),
+        json!({"reverted": rows, "of_operation": op.id, "conflicts": skipped, "already_reverted": plan.already}),
     )
+}
+
+/// Every ticket id an import inserted: `insert_ids` ranges and `insert` rows ($1: operation).
+const INSERTED_IDS_ALL: &str = "
+    SELECT g.id FROM audit_log a
+    CROSS JOIN LATERAL jsonb_array_elements(a.after -> 'ids') r
+    CROSS JOIN LATERAL generate_series((r ->> 0)::bigint, (r ->> 1)::bigint) g(id)
+    WHERE a.operation_id = $1 AND a.action = 'insert_ids' AND a.table_name = 'tickets'
+    UNION ALL
+    SELECT row_id FROM audit_log WHERE operation_id = $1 AND action = 'insert' AND table_name = 'tickets'";
+
+/// The inserted ticket ids in the window ($2, $2 + $3]: each batch generates at most $3 ids
+/// whatever the size of the import.
+const INSERTED_IDS_WINDOW: &str = "
+    SELECT g.id FROM audit_log a
+    CROSS JOIN LATERAL jsonb_array_elements(a.after -> 'ids') r
+    CROSS JOIN LATERAL generate_series(greatest((r ->> 0)::bigint, $2 + 1), least((r ->> 1)::bigint, $2 + $3)) g(id)
+    WHERE a.operation_id = $1 AND a.action = 'insert_ids' AND a.table_name = 'tickets'
+    UNION ALL
+    SELECT row_id FROM audit_log
+    WHERE operation_id = $1 AND action = 'insert' AND table_name = 'tickets' AND row_id > $2 AND row_id <= $2 + $3";
+
+fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Plan> {
+    let sql = match part {
+        Part::Images(table) => {
+            let cur = current_image(table, "a.after");
+            format!(
+                "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before}) AS revertible,
+                        count(*) FILTER (WHERE t.id IS NOT NULL AND {before}) AS already,
+                        count(*) FILTER (WHERE t.id IS NULL OR NOT ({after} OR {before})) AS conflicts
+                 FROM audit_log a LEFT JOIN {table} t ON t.id = a.row_id
+                 CROSS JOIN LATERAL (SELECT {cur} AS cur) c
+                 WHERE a.operation_id = $1 AND a.table_name = '{table}' AND a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')",
+                after = matches("a.after", "c.cur"),
+                before = matches("a.before", "c.cur"),
+            )
+        }
+        // An inserted ticket is revertible while this operation wrote it last; one that is
+        // deleted (or purged) is already as before.
+        Part::Inserted { .. } => format!(
+            "SELECT count(*) FILTER (WHERE t.deleted_at IS NULL AND t.last_operation_id = $1) AS revertible,
+                    count(*) FILTER (WHERE t.id IS NULL OR t.deleted_at IS NOT NULL) AS already,
+                    count(*) FILTER (WHERE t.deleted_at IS NULL AND t.last_operation_id IS DISTINCT FROM $1) AS conflicts
+             FROM ({INSERTED_IDS_ALL}) i LEFT JOIN tickets t ON t.id = i.id"
+        ),
+    };
+    sql_query(sql)
+        .bind::<BigInt, _>(op)
+        .get_result(conn)
+        .context("cannot compare the operation's rows with their current values")
+}
+
+/// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
+/// $4 --force. Returns how many rows were reverted, the next cursor and how many audit rows
+/// (or ids) the batch looked at.
+fn revert_sql(part: &Part, undo_op: i64) -> String {
+    match part {
+        Part::Images(table) => {
+            let set: Vec<String> = restorable_columns(table)
+                .iter()
+                .map(|c| format!("{c} = (jsonb_populate_record(t, w.before)).{c}"))
+                .collect();
+            let cur = current_image(table, "a.after");
+            // Tag sets are put back as a whole: links not in the image go, missing ones come.
+            let tags = if table == "tickets" {
+                "tags_removed AS (
+                     DELETE FROM ticket_tags x USING changed c
+                     WHERE c.before ? 'tag_ids' AND x.ticket_id = c.id
+                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(c.before -> 'tag_ids')::bigint)
+                 ), tags_added AS (
+                     INSERT INTO ticket_tags (ticket_id, tag_id)
+                     SELECT c.id, e::bigint FROM changed c
+                     CROSS JOIN LATERAL jsonb_array_elements_text(c.before -> 'tag_ids') e
+                     WHERE c.before ? 'tag_ids'
+                     ON CONFLICT DO NOTHING
+                 ),"
+            } else {
+                ""
+            };
+            format!(
+                "WITH a AS (
+                     SELECT id AS audit_id, row_id, before, after FROM audit_log
+                     WHERE operation_id = $1 AND table_name = '{table}'
+                       AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
+                     ORDER BY id DESC LIMIT $3
+                 ), work AS (
+                     SELECT t.id, a.before,
+                            (SELECT jsonb_object_agg(k, c.cur -> k) FROM jsonb_object_keys(a.before) k) AS current
+                     FROM {table} t JOIN a ON a.row_id = t.id
+                     CROSS JOIN LATERAL (SELECT {cur} AS cur) c
+                     WHERE ({after} OR $4) AND NOT {before}
+                     FOR UPDATE OF t
+                 ), changed AS (
+                     UPDATE {table} t SET {set}
+                     FROM work w WHERE t.id = w.id
+                     RETURNING t.id, w.current, w.before
+                 ), {tags} audited AS (
+                     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                     SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', current, before FROM changed
+                 )
+                 SELECT (SELECT count(*) FROM changed) AS reverted,
+                        coalesce((SELECT min(audit_id) FROM a), $2) AS next,
+                        (SELECT count(*) FROM a) AS seen",
+                after = matches("a.after", "c.cur"),
+                before = matches("a.before", "c.cur"),
+                set = set.join(", "),
+            )
+        }
+        Part::Inserted { .. } => format!(
+            "WITH ids AS ({INSERTED_IDS_WINDOW}
+             ), work AS (
+                 SELECT t.id, t.last_operation_id FROM tickets t JOIN ids ON ids.id = t.id
+                 WHERE t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
+                 FOR UPDATE OF t
+             ), changed AS (
+                 UPDATE tickets t SET deleted_at = now(), last_operation_id = {undo_op}
+                 FROM work w WHERE t.id = w.id
+                 RETURNING t.id, w.last_operation_id AS old_operation_id, t.deleted_at
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {undo_op}, 'tickets', id, '{FIX_ACTION}',
+                        jsonb_build_object('deleted_at', NULL, 'last_operation_id', old_operation_id),
+                        jsonb_build_object('deleted_at', deleted_at, 'last_operation_id', {undo_op})
+                 FROM changed
+             )
+             SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen"
+        ),
+    }
+}
+
+fn undo_soft_delete(ctx: &Context, op: i64, args: &Args) -> anyhow::Result<i32> {
+    if args.apply.apply && !confirm(&args.apply, "undo", 0)? {
+        ctx.info("not confirmed; nothing was written");
+        return Ok(exit::FAILURE);
+    }
+    let restore_args = restore::Args {
+        operation: Some(op),
+        filters: TicketFilters::default(),
+        all: false,
+        dry_run: !args.apply.apply,
+        batching: args.batching.clone(),
+    };
+    restore::run(ctx, restore_args)
 }

@@ -288,11 +288,19 @@ fn refusals_without_confirmation_filters_or_valid_values() {
     let import_op = db
         .scalar("SELECT min(id) FROM bulk_operations WHERE kind = 'import tickets'")
         .to_string();
-    ticketops(Some(&db), &dir, &["undo", &import_op])
+    // An import can be undone (a dry run here); a restore cannot.
+    ticketops(Some(&db), &dir, &["undo", &import_op]).run().expect_code(0);
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE status = 'closed'");
+    let restore = ticketops(Some(&db), &dir, &["--json", "restore", "--only-deleted", "--all"]).run();
+    let restore_op = restore.expect_code(0).json()["operation_id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    ticketops(Some(&db), &dir, &["undo", &restore_op])
         .run()
         .expect_code(1)
-        .stderr_has("not supported yet");
-    assert_eq!(db.checksum("tickets"), before);
+        .stderr_has("not supported");
+    assert_ne!(db.checksum("tickets"), before, "the restore wrote");
 }
 
 #[test]
@@ -338,4 +346,227 @@ fn reassign_moves_one_agents_tickets_and_undo_moves_them_back() {
         .run()
         .expect_code(0);
     assert_eq!(db.checksum("tickets"), original);
+}
+
+/// Everything a ticket is, tags included, for the tickets that match `filter`.
+fn tickets_and_tags(db: &TestDb, filter: &str) -> String {
+    db.checksum(&format!(
+        "(SELECT t.*, ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id) AS tag_ids
+          FROM tickets t WHERE {filter})"
+    ))
+}
+
+fn apply(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--apply", "--yes"]);
+    let run = ticketops(Some(db), dir, &all).run();
+    run.expect_code(0).json()
+}
+
+#[test]
+fn fix_tag_adds_and_removes_and_undo_gives_back_the_same_tag_sets() {
+    let (db, dir) = sample_db("fix-tag");
+    let original = tickets_and_tags(&db, "true");
+    let tagged = |tag: &str| {
+        db.scalar(&format!(
+            "SELECT count(*) FROM ticket_tags x JOIN tags g ON g.id = x.tag_id WHERE g.name = '{tag}'"
+        ))
+    };
+    let vip = tagged("vip");
+    assert!(vip > 0);
+    let open = db.scalar("SELECT count(*) FROM tickets WHERE status = 'open' AND deleted_at IS NULL");
+    let open_vip = db.scalar(
+        "SELECT count(*) FROM tickets t JOIN ticket_tags x ON x.ticket_id = t.id JOIN tags g ON g.id = x.tag_id
+         WHERE g.name = 'vip' AND t.status = 'open'",
+    );
+    // Dry run: counts and a sample, nothing written (the new tag is not even created).
+    let dry = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "fix",
+            "tag",
+            "--status",
+            "open",
+            "--add",
+            "Escalated",
+            "--remove",
+            "vip",
+        ],
+    )
+    .run();
+    let d = dry.expect_code(0).json();
+    assert_eq!(d["would_change"].as_i64().unwrap(), open);
+    let first = &d["sample"][0];
+    assert!(
+        first["after"]["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("escalated"))
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM tags WHERE name = 'escalated'"), 0);
+    assert_eq!(tickets_and_tags(&db, "true"), original);
+
+    let v = apply(
+        &db,
+        &dir,
+        &[
+            "fix",
+            "tag",
+            "--status",
+            "open",
+            "--add",
+            "escalated",
+            "--remove",
+            "vip",
+        ],
+    );
+    let op = v["operation_id"].as_i64().unwrap().to_string();
+    assert_eq!(v["changed"].as_i64().unwrap(), open);
+    assert_eq!(tagged("escalated"), open);
+    assert_eq!(tagged("vip"), vip - open_vip);
+    // Running it again changes nothing.
+    let again = apply(
+        &db,
+        &dir,
+        &[
+            "fix",
+            "tag",
+            "--status",
+            "open",
+            "--add",
+            "escalated",
+            "--remove",
+            "vip",
+        ],
+    );
+    assert_eq!(again["changed"], 0);
+    // A ticket tagged by hand since the fix is a conflict: containment is not equality.
+    let touched = db
+        .strings(&format!(
+            "SELECT row_id::text FROM audit_log WHERE operation_id = {op} ORDER BY id LIMIT 1"
+        ))
+        .remove(0);
+    db.execute(&format!(
+        "INSERT INTO ticket_tags (ticket_id, tag_id) SELECT {touched}, id FROM tags WHERE name = 'billing'
+         ON CONFLICT DO NOTHING"
+    ));
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    assert_eq!(dry.expect_code(0).json()["conflicts"], 1);
+    db.execute(&format!(
+        "DELETE FROM ticket_tags WHERE ticket_id = {touched} AND tag_id = (SELECT id FROM tags WHERE name = 'billing')
+           AND NOT EXISTS (SELECT 1 FROM audit_log WHERE operation_id = {op} AND row_id = {touched}
+                           AND after -> 'tag_ids' @> to_jsonb((SELECT id FROM tags WHERE name = 'billing')))"
+    ));
+    let u = apply(&db, &dir, &["undo", &op]);
+    assert_eq!(u["reverted"].as_i64().unwrap(), open);
+    assert_eq!(tickets_and_tags(&db, "true"), original);
+}
+
+#[test]
+fn merge_users_leaves_no_reference_to_the_duplicate_and_undo_brings_it_back() {
+    let (db, dir) = sample_db("fix-merge");
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let tables = ["tickets", "comments", "users"];
+    let original: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    // The duplicate: a requester who also wrote comments; the canonical user: an agent.
+    let dup = db
+        .strings(
+            "SELECT u.email FROM users u JOIN comments c ON c.author_id = u.id JOIN tickets t ON t.requester_id = u.id
+             GROUP BY u.email ORDER BY count(*) DESC, 1 LIMIT 1",
+        )
+        .remove(0);
+    let into = "agent1@support.example.org";
+    let refs = |email: &str| {
+        db.scalar(&format!(
+            "SELECT (SELECT count(*) FROM tickets t JOIN users u ON u.id IN (t.requester_id, t.assignee_id)
+                     WHERE u.email = '{email}')
+                  + (SELECT count(*) FROM comments c JOIN users u ON u.id = c.author_id WHERE u.email = '{email}')"
+        ))
+    };
+    let had = refs(&dup);
+    assert!(had > 1);
+    for (from, to, why) in [
+        (dup.as_str(), dup.as_str(), "same user"),
+        ("ghost@example.com", into, "there is no user"),
+        (dup.as_str(), "ghost@example.com", "there is no user"),
+    ] {
+        ticketops(Some(&db), &dir, &["fix", "merge-users", "--from", from, "--into", to])
+            .run()
+            .expect_code(2)
+            .stderr_has(why);
+    }
+    let dry = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "merge-users", "--from", &dup, "--into", into],
+    )
+    .run();
+    assert_eq!(dry.expect_code(0).json()["would_change"].as_i64().unwrap(), had + 1);
+    let v = apply(
+        &db,
+        &dir,
+        &[
+            "fix",
+            "merge-users",
+            "--from",
+            &dup,
+            "--into",
+            into,
+            "--batch-size",
+            "2",
+        ],
+    );
+    assert_eq!(v["users_deleted"], 1);
+    assert_eq!(refs(&dup), 0, "no ticket or comment refers to the duplicate");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM users WHERE email = '{dup}' AND deleted_at IS NOT NULL"
+        )),
+        1
+    );
+    let op = v["operation_id"].as_i64().unwrap().to_string();
+    apply(&db, &dir, &["undo", &op]);
+    let now: Vec<String> = tables.iter().map(|t| db.checksum(t)).collect();
+    assert_eq!(now, original);
+}
+
+#[test]
+fn undo_of_an_import_soft_deletes_its_inserts_and_restores_its_updates() {
+    let (db, dir) = sample_db("undo-import");
+    let before_ids = "id <= (SELECT max(id) FROM tickets)";
+    let max_id = db.scalar("SELECT max(id) FROM tickets");
+    let original = tickets_and_tags(&db, before_ids);
+    // The same generator, another seed and more rows: most existing tickets change, 100 are new.
+    let file = generate(&dir, "second.csv", &["tickets", "--rows", "300", "--seed", "9"]);
+    let (_, summary) = import(&db, &dir, "tickets", &file, &["--batch-size", "40"]);
+    let (inserted, updated) = (
+        summary["inserted"].as_i64().unwrap(),
+        summary["updated"].as_i64().unwrap(),
+    );
+    assert!(inserted > 50 && updated > 50, "{summary}");
+    let op = summary["operation_id"].as_i64().unwrap().to_string();
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    assert_eq!(
+        dry.expect_code(0).json()["would_revert"].as_i64().unwrap(),
+        inserted + updated
+    );
+    let u = apply(&db, &dir, &["undo", &op, "--batch-size", "30"]);
+    assert_eq!(u["reverted"].as_i64().unwrap(), inserted + updated);
+    assert_eq!(tickets_and_tags(&db, &format!("id <= {max_id}")), original);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM tickets WHERE id > {max_id} AND deleted_at IS NULL"
+        )),
+        0,
+        "every inserted ticket is soft-deleted"
+    );
+    // Twice does nothing; the undo itself can be undone, which brings the import back.
+    assert_eq!(apply(&db, &dir, &["undo", &op])["reverted"], 0);
+    let imported_again = apply(&db, &dir, &["undo", &u["operation_id"].to_string()]);
+    assert_eq!(imported_again["reverted"].as_i64().unwrap(), inserted + updated);
+    let (_, rerun) = import(&db, &dir, "tickets", &file, &["--batch-size", "40"]);
+    assert_eq!(rerun["unchanged"], rerun["rows_read"], "{rerun}");
 }

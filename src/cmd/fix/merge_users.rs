@@ -1,0 +1,277 @@
+//! `fix merge-users --from EMAIL --into EMAIL`: moves the duplicate user's tickets (as
+//! requester and as assignee) and comments to the canonical user, then soft-deletes the
+//! duplicate. Every moved row and the user's soft-delete are audited, so `undo` reverts the
+//! whole merge.
+
+use anyhow::{Context as _, bail};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Jsonb, Text};
+use diesel::{PgConnection, sql_query};
+use serde_json::{Value, json};
+
+use super::{ApplyArgs, FIX_ACTION, SAMPLE_SIZE, Sample, confirm, print_dry_run};
+use crate::batch::{self, BatchArgs, Step};
+use crate::cli::Context;
+use crate::db::{self, AdvisoryLock};
+use crate::exit::{self, UsageError};
+use crate::operation;
+use crate::schema::users;
+use crate::signals::StopFlags;
+
+pub const HELP: &str = "\
+References move in batches (tickets first, then comments); the duplicate is soft-deleted in
+the last, short transaction, which first checks that nothing refers to it any more. A merge
+is undone with `ticketops undo ID` like any fix.
+
+Examples:
+  ticketops fix merge-users --from jane.doe@old-domain.com --into jane.doe@example.com
+  ticketops fix merge-users --from jane.doe@old-domain.com --into jane.doe@example.com --apply --yes";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The duplicate user, whose tickets and comments move and who is soft-deleted
+    #[arg(long, value_name = "EMAIL")]
+    pub from: String,
+    /// The canonical user who keeps everything
+    #[arg(long, value_name = "EMAIL")]
+    pub into: String,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
+const KIND: &str = "fix merge-users";
+
+#[derive(QueryableByName)]
+struct References {
+    #[diesel(sql_type = BigInt)]
+    tickets: i64,
+    #[diesel(sql_type = BigInt)]
+    comments: i64,
+}
+
+#[derive(QueryableByName)]
+struct Moved {
+    #[diesel(sql_type = BigInt)]
+    moved: i64,
+}
+
+#[derive(QueryableByName)]
+struct SampleRow {
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = Jsonb)]
+    before: Value,
+    #[diesel(sql_type = Jsonb)]
+    after: Value,
+}
+
+/// A user found by e-mail: id and whether soft-deleted.
+fn find_user(conn: &mut PgConnection, email: &str, flag: &str) -> anyhow::Result<(i64, bool)> {
+    let found: Option<(i64, Option<chrono::DateTime<chrono::Utc>>)> = users::table
+        .select((users::id, users::deleted_at))
+        .filter(users::email.eq(email))
+        .first(conn)
+        .optional()?;
+    let (id, deleted_at) = found.ok_or_else(|| UsageError(format!("{flag}: there is no user {email}")))?;
+    Ok((id, deleted_at.is_some()))
+}
+
+fn references(conn: &mut PgConnection, from: i64) -> anyhow::Result<References> {
+    sql_query(
+        "SELECT (SELECT count(*) FROM tickets WHERE requester_id = $1 OR assignee_id = $1) AS tickets,
+                (SELECT count(*) FROM comments WHERE author_id = $1) AS comments",
+    )
+    .bind::<BigInt, _>(from)
+    .get_result(conn)
+    .context("cannot count the duplicate's tickets and comments")
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    let (from_email, into_email) = (args.from.trim().to_lowercase(), args.into.trim().to_lowercase());
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+    let (from, from_deleted) = find_user(&mut conn, &from_email, "--from")?;
+    let (into, into_deleted) = find_user(&mut conn, &into_email, "--into")?;
+    if from == into {
+        return Err(UsageError(format!("--from and --into are the same user ({from_email})")).into());
+    }
+    if into_deleted {
+        return Err(UsageError(format!(
+            "--into: {into_email} is soft-deleted; merge into a live user (restore it first)"
+        ))
+        .into());
+    }
+    let refs = references(&mut conn, from)?;
+    let would_change = (refs.tickets + refs.comments) as u64 + u64::from(!from_deleted);
+    if !args.apply.apply {
+        let sample: Vec<SampleRow> = sql_query(format!(
+            "SELECT t.external_id,
+                    jsonb_build_object('requester', r.email, 'assignee', a.email) AS before,
+                    jsonb_build_object('requester', CASE WHEN t.requester_id = $1 THEN $3 ELSE r.email END,
+                                       'assignee', CASE WHEN t.assignee_id = $1 THEN $3 ELSE a.email END) AS after
+             FROM tickets t JOIN users r ON r.id = t.requester_id LEFT JOIN users a ON a.id = t.assignee_id
+             WHERE t.requester_id = $1 OR t.assignee_id = $1
+             ORDER BY t.id LIMIT {SAMPLE_SIZE}"
+        ))
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(into)
+        .bind::<Text, _>(&into_email)
+        .load(&mut conn)?;
+        let sample: Vec<Sample> = sample
+            .into_iter()
+            .map(|r| Sample {
+                external_id: r.external_id,
+                before: r.before,
+                after: r.after,
+            })
+            .collect();
+        let described = format!(
+            "{} ticket(s) and {} comment(s) move from {from_email} to {into_email}; {from_email} is {}",
+            refs.tickets,
+            refs.comments,
+            if from_deleted {
+                "already soft-deleted"
+            } else {
+                "soft-deleted"
+            }
+        );
+        print_dry_run(
+            ctx,
+            KIND,
+            &described,
+            would_change,
+            &sample,
+            json!({"from": from_email, "into": into_email, "tickets": refs.tickets, "comments": refs.comments}),
+        )?;
+        return Ok(exit::SUCCESS);
+    }
+    if !confirm(&args.apply, KIND, would_change)? {
+        ctx.info("not confirmed; nothing was written");
+        return Ok(exit::FAILURE);
+    }
+    let _lock = AdvisoryLock::try_acquire(&pool, KIND)?;
+    let stop = StopFlags::install()?;
+    let op = operation::start_job(
+        &mut conn,
+        KIND,
+        json!({"from": from_email, "into": into_email, "batching": args.batching.to_json()}),
+    )?;
+
+    // Rows are locked and waited for (within the lock timeout, then retried) rather than
+    // skipped: a skipped row would keep referring to the user about to be deleted.
+    let move_tickets = format!(
+        "WITH target AS (
+             SELECT t.id, jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
+                                             'last_operation_id', t.last_operation_id) AS before
+             FROM tickets t WHERE t.requester_id = $1 OR t.assignee_id = $1
+             ORDER BY t.id LIMIT $3 FOR UPDATE
+         ), changed AS (
+             UPDATE tickets t
+             SET requester_id = CASE WHEN t.requester_id = $1 THEN $2 ELSE t.requester_id END,
+                 assignee_id = CASE WHEN t.assignee_id = $1 THEN $2 ELSE t.assignee_id END,
+                 last_operation_id = {op}
+             FROM target g WHERE t.id = g.id
+             RETURNING t.id, g.before,
+                       jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
+                                          'last_operation_id', t.last_operation_id) AS after
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
+         )
+         SELECT count(*) AS moved FROM changed"
+    );
+    let move_comments = format!(
+        "WITH target AS (
+             SELECT id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $3 FOR UPDATE
+         ), changed AS (
+             UPDATE comments c SET author_id = $2 FROM target g WHERE c.id = g.id RETURNING c.id
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'comments', id, '{FIX_ACTION}', jsonb_build_object('author_id', $1::bigint),
+                    jsonb_build_object('author_id', $2::bigint)
+             FROM changed
+         )
+         SELECT count(*) AS moved FROM changed"
+    );
+    let delete_user = format!(
+        "WITH before AS (
+             SELECT id, jsonb_build_object('deleted_at', deleted_at, 'updated_at', updated_at) AS image
+             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
+         ), changed AS (
+             UPDATE users u SET deleted_at = now(), updated_at = now() FROM before b WHERE u.id = b.id
+             RETURNING u.id, b.image AS before,
+                       jsonb_build_object('deleted_at', u.deleted_at, 'updated_at', u.updated_at) AS after
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'users', id, '{FIX_ACTION}', before, after FROM changed
+         )
+         SELECT count(*) AS moved FROM changed"
+    );
+    let mut phase = 0;
+    let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
+    let stats = batch::run(
+        &mut conn,
+        &args.batching,
+        &stop,
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
+                let moved: Moved = sql_query(sql)
+                    .bind::<BigInt, _>(from)
+                    .bind::<BigInt, _>(into)
+                    .bind::<BigInt, _>(limit as i64)
+                    .get_result(conn)?;
+                Ok(moved.moved)
+            };
+            let moved = match phase {
+                0 => {
+                    let n = run(conn, &move_tickets).context("cannot move the tickets")?;
+                    tickets += n;
+                    n
+                }
+                1 => {
+                    let n = run(conn, &move_comments).context("cannot move the comments")?;
+                    comments += n;
+                    n
+                }
+                _ => {
+                    // Rows written by the application since the moves started would be left behind.
+                    let left = references(conn, from)?;
+                    if left.tickets + left.comments > 0 {
+                        bail!(
+                            "{} ticket(s) and {} comment(s) refer to {from_email} again (written while the merge ran); \
+                         run the merge again",
+                            left.tickets,
+                            left.comments
+                        );
+                    }
+                    let n = run(conn, &delete_user).context("cannot soft-delete the duplicate user")?;
+                    users_deleted += n;
+                    phase += 1;
+                    return Ok(Step {
+                        rows: n as u64,
+                        done: true,
+                    });
+                }
+            };
+            if moved < limit as i64 {
+                phase += 1;
+            }
+            Ok(Step {
+                rows: moved as u64,
+                done: false,
+            })
+        },
+    );
+    batch::finish(
+        ctx,
+        &mut conn,
+        op,
+        KIND,
+        stats,
+        json!({"from": from_email, "into": into_email, "tickets": tickets, "comments": comments,
+               "users_deleted": users_deleted}),
+    )
+}

@@ -1,0 +1,409 @@
+//! `fix set FIELD=VALUE… [filters]` and `fix reassign --from --to [filters]`: set ticket
+//! columns on the matching tickets.
+
+use anyhow::Context as _;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Jsonb, Text};
+use diesel::{PgConnection, sql_query};
+use serde_json::{Value, json};
+
+use super::{ApplyArgs, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use crate::batch::BatchArgs;
+use crate::cli::Context;
+use crate::db;
+use crate::exit::UsageError;
+use crate::filters::TicketFilters;
+use crate::import::normalize;
+use crate::schema::{organizations, users};
+
+pub const HELP: &str = "\
+Without --apply this is a dry run: it prints how many tickets would change and a sample of
+them, before -> after, and writes nothing. Rows whose values would not change are never
+written. Every changed row's before and after values go to audit_log; `ticketops undo ID`
+reverts the fix.
+
+Examples:
+  ticketops fix set status=closed priority=low --status pending --updated-before 180d
+  ticketops fix set status=closed --status pending --updated-before 180d --apply --yes";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Assignments, e.g. status=closed priority=low assignee=none
+    #[arg(required = true, value_name = "FIELD=VALUE")]
+    pub assignments: Vec<String>,
+    #[command(flatten)]
+    pub filters: TicketFilters,
+    /// Allow a fix without any filter (every ticket)
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReassignArgs {
+    /// The agent whose tickets move
+    #[arg(long, value_name = "EMAIL")]
+    pub from: String,
+    /// The agent who gets them
+    #[arg(long, value_name = "EMAIL")]
+    pub to: String,
+    #[command(flatten)]
+    pub filters: TicketFilters,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    set(
+        ctx,
+        "fix set",
+        args.assignments,
+        args.filters,
+        args.all,
+        args.apply,
+        args.batching,
+    )
+}
+
+pub fn reassign(ctx: &Context, args: ReassignArgs) -> anyhow::Result<i32> {
+    let mut filters = args.filters;
+    if filters.assignee.is_some() {
+        return Err(UsageError("reassign selects by --from; drop --assignee".into()).into());
+    }
+    let (from, to) = (args.from.trim().to_lowercase(), args.to.trim().to_lowercase());
+    if from == to {
+        return Err(UsageError(format!("--from and --to are the same user ({from})")).into());
+    }
+    // The --to user is checked by the assignment; the --from user must exist too.
+    let pool = ctx.pool(1)?;
+    let exists: bool = diesel::select(diesel::dsl::exists(users::table.filter(users::email.eq(&from))))
+        .get_result(&mut db::get(&pool)?)?;
+    if !exists {
+        return Err(UsageError(format!("--from: there is no user {from}")).into());
+    }
+    filters.assignee = Some(from);
+    set(
+        ctx,
+        "fix reassign",
+        vec![format!("assignee={to}")],
+        filters,
+        true,
+        args.apply,
+        args.batching,
+    )
+}
+
+fn set(
+    ctx: &Context,
+    kind: &str,
+    raw: Vec<String>,
+    filters: TicketFilters,
+    all: bool,
+    apply: ApplyArgs,
+    batching: BatchArgs,
+) -> anyhow::Result<i32> {
+    let resolved = resolve_filters(&filters, all, kind)?;
+    let pool = ctx.pool(2)?;
+    let assignments = parse_assignments(&mut *db::get(&pool)?, &raw)?;
+    let mut fix = FieldFix::new(assignments);
+    let shown = fix.shown();
+    let run = FixRun {
+        pool: &pool,
+        kind,
+        args: json!({"set": raw, "filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
+        filters: &resolved,
+        apply: &apply,
+        batching: &batching,
+        extra: json!({"set": shown}),
+    };
+    run_ticket_fix(ctx, run, &mut fix)
+}
+
+/// One field assignment, validated, with its value as text for a bound, cast parameter.
+#[derive(Debug, Clone)]
+struct Assignment {
+    column: &'static str,
+    cast: &'static str,
+    value: Option<String>,
+    shown: String,
+}
+
+fn parse_assignments(conn: &mut PgConnection, raw: &[String]) -> anyhow::Result<Vec<Assignment>> {
+    let mut out: Vec<Assignment> = Vec::new();
+    for item in raw {
+        let Some((field, value)) = item.split_once('=') else {
+            return Err(UsageError(format!("{item:?} is not FIELD=VALUE (e.g. status=closed)")).into());
+        };
+        let field = field.trim().to_ascii_lowercase();
+        let value = value.trim();
+        let bad = |message: String| -> anyhow::Error { UsageError(format!("{field}={value}: {message}")).into() };
+        let assignment = match field.as_str() {
+            "status" => {
+                let v = normalize::ticket_status(value).map_err(bad)?;
+                Assignment {
+                    column: "status",
+                    cast: "ticket_status",
+                    value: Some(v.as_str().into()),
+                    shown: v.to_string(),
+                }
+            }
+            "priority" => {
+                let v = normalize::ticket_priority(value).map_err(bad)?;
+                Assignment {
+                    column: "priority",
+                    cast: "ticket_priority",
+                    value: Some(v.as_str().into()),
+                    shown: v.to_string(),
+                }
+            }
+            "channel" => {
+                let v = normalize::ticket_channel(value).map_err(bad)?;
+                Assignment {
+                    column: "channel",
+                    cast: "ticket_channel",
+                    value: Some(v.as_str().into()),
+                    shown: v.to_string(),
+                }
+            }
+            "subject" => {
+                if value.is_empty() || value.chars().count() > crate::import::tickets::MAX_SUBJECT_CHARS {
+                    return Err(bad("a subject has 1 to 500 characters".into()));
+                }
+                Assignment {
+                    column: "subject",
+                    cast: "varchar",
+                    value: Some(value.into()),
+                    shown: value.into(),
+                }
+            }
+            "assignee" => {
+                let id = if value.eq_ignore_ascii_case("none") {
+                    None
+                } else {
+                    let email = normalize::email(value).map_err(bad)?.unwrap_or_default();
+                    let id: Option<i64> = users::table
+                        .select(users::id)
+                        .filter(users::email.eq(&email))
+                        .filter(users::deleted_at.is_null())
+                        .first(conn)
+                        .optional()?;
+                    Some(id.ok_or_else(|| bad(format!("there is no user {email}")))?)
+                };
+                Assignment {
+                    column: "assignee_id",
+                    cast: "bigint",
+                    value: id.map(|i| i.to_string()),
+                    shown: value.into(),
+                }
+            }
+            "organization" => {
+                let id = if value.eq_ignore_ascii_case("none") {
+                    None
+                } else {
+                    let id: Option<i64> = organizations::table
+                        .select(organizations::id)
+                        .filter(organizations::name.eq(value))
+                        .first(conn)
+                        .optional()?;
+                    Some(id.ok_or_else(|| bad(format!("there is no organization {value:?}")))?)
+                };
+                Assignment {
+                    column: "organization_id",
+                    cast: "bigint",
+                    value: id.map(|i| i.to_string()),
+                    shown: value.into(),
+                }
+            }
+            _ => {
+                return Err(UsageError(format!(
+                    "cannot set {field:?}: the fields are status, priority, channel, assignee, organization, subject"
+                ))
+                .into());
+            }
+        };
+        if out.iter().any(|a| a.column == assignment.column) {
+            return Err(UsageError(format!("{field} is assigned twice")).into());
+        }
+        out.push(assignment);
+    }
+    Ok(out)
+}
+
+/// The SQL of a column fix: which columns, their new values ($2…), and the images an undo
+/// needs (the assigned columns plus updated_at and last_operation_id).
+struct FieldFix {
+    assignments: Vec<Assignment>,
+    differs: String,
+    set: String,
+    image_of_t: String,
+    shown_before: String,
+}
+
+/// How a column is shown in a dry run's sample (e-mails and names rather than ids).
+fn shown_column(column: &str) -> (&'static str, String) {
+    match column {
+        "assignee_id" => (
+            "assignee",
+            "(SELECT email FROM users u WHERE u.id = t.assignee_id)".into(),
+        ),
+        "organization_id" => (
+            "organization",
+            "(SELECT name FROM organizations o WHERE o.id = t.organization_id)".into(),
+        ),
+        "status" => ("status", "t.status".into()),
+        "priority" => ("priority", "t.priority".into()),
+        "channel" => ("channel", "t.channel".into()),
+        _ => ("subject", "t.subject".into()),
+    }
+}
+
+impl FieldFix {
+    fn new(assignments: Vec<Assignment>) -> FieldFix {
+        let stored: Vec<String> = assignments.iter().map(|a| format!("t.{}", a.column)).collect();
+        let wanted: Vec<String> = assignments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("${}::{}", i + 2, a.cast))
+            .collect();
+        let set: Vec<String> = assignments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{} = ${}::{}", a.column, i + 2, a.cast))
+            .collect();
+        let mut image: Vec<String> = assignments.iter().map(|a| format!("'{0}', t.{0}", a.column)).collect();
+        image.push("'updated_at', t.updated_at".into());
+        image.push("'last_operation_id', t.last_operation_id".into());
+        let shown: Vec<String> = assignments
+            .iter()
+            .map(|a| {
+                let (name, expr) = shown_column(a.column);
+                format!("'{name}', {expr}")
+            })
+            .collect();
+        FieldFix {
+            // ROW() so that a single column compares as a row too.
+            differs: format!("ROW({}) IS DISTINCT FROM ROW({})", stored.join(", "), wanted.join(", ")),
+            set: set.join(", "),
+            image_of_t: format!("jsonb_build_object({})", image.join(", ")),
+            shown_before: format!("jsonb_build_object({})", shown.join(", ")),
+            assignments,
+        }
+    }
+
+    /// The assignments as `field=value`, as given.
+    fn shown(&self) -> Vec<String> {
+        self.assignments
+            .iter()
+            .map(|a| format!("{}={}", shown_column(a.column).0, a.shown))
+            .collect()
+    }
+
+    /// The new values as a sample shows them.
+    fn shown_after(&self) -> Value {
+        let map: serde_json::Map<String, Value> = self
+            .assignments
+            .iter()
+            .map(|a| {
+                let value = if a.value.is_none() { Value::Null } else { json!(a.shown) };
+                (shown_column(a.column).0.to_string(), value)
+            })
+            .collect();
+        Value::Object(map)
+    }
+}
+
+#[derive(QueryableByName)]
+struct SampleRow {
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = Jsonb)]
+    before: Value,
+}
+
+#[derive(QueryableByName)]
+struct Changed {
+    #[diesel(sql_type = BigInt)]
+    changed: i64,
+}
+
+impl TicketFix for FieldFix {
+    fn describe(&self) -> String {
+        self.shown().join(" ")
+    }
+
+    fn preview(&self, conn: &mut PgConnection, ids: &[i64], sample: usize) -> anyhow::Result<(u64, Vec<Sample>)> {
+        let count = format!(
+            "SELECT count(*) AS changed FROM tickets t WHERE t.id = ANY($1) AND {}",
+            self.differs
+        );
+        let q = bind_values(
+            sql_query(count).into_boxed().bind::<Array<BigInt>, _>(ids),
+            &self.assignments,
+        );
+        let changed: Changed = q.get_result(conn).context("cannot compare the tickets with the fix")?;
+        if sample == 0 || changed.changed == 0 {
+            return Ok((changed.changed as u64, Vec::new()));
+        }
+        let rows = format!(
+            "SELECT t.external_id, {shown} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
+             ORDER BY t.id LIMIT {sample}",
+            shown = self.shown_before,
+            differs = self.differs
+        );
+        let q = bind_values(
+            sql_query(rows).into_boxed().bind::<Array<BigInt>, _>(ids),
+            &self.assignments,
+        );
+        let rows: Vec<SampleRow> = q.load(conn)?;
+        let after = self.shown_after();
+        let sample = rows
+            .into_iter()
+            .map(|r| Sample {
+                external_id: r.external_id,
+                before: r.before,
+                after: after.clone(),
+            })
+            .collect();
+        Ok((changed.changed as u64, sample))
+    }
+
+    fn apply(&self, conn: &mut PgConnection, ids: &[i64], op: i64) -> anyhow::Result<u64> {
+        let query = format!(
+            "WITH target AS (
+                 SELECT t.id, {image} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
+             ), changed AS (
+                 UPDATE tickets t SET {set}, updated_at = now(), last_operation_id = {op}
+                 FROM target WHERE t.id = target.id
+                 RETURNING t.id, target.before, {image} AS after
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
+             )
+             SELECT count(*) AS changed FROM changed",
+            image = self.image_of_t,
+            differs = self.differs,
+            set = self.set,
+        );
+        let q = bind_values(
+            sql_query(query).into_boxed().bind::<Array<BigInt>, _>(ids),
+            &self.assignments,
+        );
+        let changed: Changed = q.get_result(conn).context("cannot apply the fix")?;
+        Ok(changed.changed as u64)
+    }
+}
+
+fn bind_values<'a>(
+    mut query: diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery>,
+    assignments: &'a [Assignment],
+) -> diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery> {
+    for a in assignments {
+        query = query.bind::<diesel::sql_types::Nullable<Text>, _>(a.value.as_deref());
+    }
+    query
+}
