@@ -192,19 +192,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             initial_load,
         } => {
             let options = common.options(undelete, initial_load)?;
-            let kind = TicketImport::new(undelete, initial_load, ctx.global.verbose > 0);
+            let mut kind = TicketImport::new(undelete, initial_load, ctx.global.verbose > 0);
             let args_json = common.to_json(json!({ "undelete": undelete, "initial_load": initial_load }));
-            import::run(ctx, options, kind, args_json)
+            import::run(ctx, options, &mut kind, args_json)
         }
         What::Users { common, undelete } => {
             let options = common.options(undelete, false)?;
-            let kind = UserImport::new(undelete);
-            import::run(ctx, options, kind, common.to_json(json!({ "undelete": undelete })))
+            let mut kind = UserImport::new(undelete);
+            import::run(ctx, options, &mut kind, common.to_json(json!({ "undelete": undelete })))
         }
         What::Comments { common } => {
             let options = common.options(false, false)?;
-            let kind = CommentImport::default();
-            import::run(ctx, options, kind, common.to_json(json!({})))
+            let mut kind = CommentImport::default();
+            import::run(ctx, options, &mut kind, common.to_json(json!({})))
         }
     }
 }

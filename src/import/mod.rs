@@ -188,6 +188,26 @@ pub trait ImportKind {
 
     /// Forgets cached state after a rolled-back batch.
     fn reset(&mut self) {}
+
+    /// Whether this kind can insert rows (else the summary leaves `inserted` out of its line).
+    const INSERTS: bool = true;
+    /// What the summary line calls updated rows.
+    const UPDATED_LABEL: &'static str = "updated";
+
+    /// The `bulk_operations.kind` of a run.
+    fn operation_kind() -> String {
+        format!("import {}", Self::NAME)
+    }
+
+    /// Keys added to the JSON summary (and printed after the human one).
+    fn summary_extra(&self) -> serde_json::Value {
+        json!({})
+    }
+
+    /// Printed on stdout after the human summary (e.g. a dry run's sample).
+    fn print_extra(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the reader thread hands to the writer.
@@ -220,6 +240,9 @@ pub struct ImportReport {
     pub elapsed: std::time::Duration,
     pub stop_reason: String,
     pub dry_run: bool,
+    /// Whether the kind inserts rows, and what it calls updated ones (for the human line).
+    pub inserts: bool,
+    pub updated_label: &'static str,
 }
 
 impl ImportReport {
@@ -260,9 +283,14 @@ impl ImportReport {
             self.elapsed.as_secs_f64(),
             output::rate(c.rows_read, self.elapsed)
         );
+        let inserted = if self.inserts {
+            format!("{verb}inserted {} + ", c.inserted)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "  read {}  = {verb}inserted {} + {verb}updated {} + unchanged {} + duplicate {} + skipped (deleted) {} + rejected {}",
-            c.rows_read, c.inserted, c.updated, c.unchanged, c.duplicate, c.skipped_deleted, c.rejected
+            "  read {}  = {inserted}{verb}{} {} + unchanged {} + duplicate {} + skipped (deleted) {} + rejected {}",
+            c.rows_read, self.updated_label, c.updated, c.unchanged, c.duplicate, c.skipped_deleted, c.rejected
         );
         for (reason, t) in &self.tally.0 {
             let lines: Vec<String> = t.first_lines.iter().map(|l| l.to_string()).collect();
@@ -298,11 +326,11 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
 pub fn run<K: ImportKind>(
     ctx: &Context,
     options: ImportOptions,
-    mut kind: K,
+    kind: &mut K,
     args_json: serde_json::Value,
 ) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let op_kind = format!("import {}", K::NAME);
+    let op_kind = K::operation_kind();
     let stop = StopFlags::install()?;
 
     let rejects_path = match (&options.rejects, default_rejects_path(&options.input)) {
@@ -473,7 +501,7 @@ pub fn run<K: ImportKind>(
                 conn,
                 id,
                 &receiver,
-                &mut kind,
+                kind,
                 &options,
                 repeated.as_ref(),
                 &mut rejects,
@@ -588,12 +616,20 @@ pub fn run<K: ImportKind>(
         elapsed: started.elapsed(),
         stop_reason: stop_reason.to_string(),
         dry_run: options.mode == Mode::DryRun,
+        inserts: K::INSERTS,
+        updated_label: K::UPDATED_LABEL,
     };
     if !ctx.global.quiet {
         report.print_human();
     }
     if ctx.global.json {
-        ctx.print_json(&report.to_json())?;
+        let mut summary = report.to_json();
+        if let (Some(s), Some(extra)) = (summary.as_object_mut(), kind.summary_extra().as_object()) {
+            s.extend(extra.clone());
+        }
+        ctx.print_json(&summary)?;
+    } else if !ctx.global.quiet {
+        kind.print_extra()?;
     }
     match result {
         Err(e) => {

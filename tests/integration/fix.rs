@@ -570,3 +570,131 @@ fn undo_of_an_import_soft_deletes_its_inserts_and_restores_its_updates() {
     let (_, rerun) = import(&db, &dir, "tickets", &file, &["--batch-size", "40"]);
     assert_eq!(rerun["unchanged"], rerun["rows_read"], "{rerun}");
 }
+
+#[test]
+fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
+    let (db, dir) = sample_db("fix-apply");
+    let original = tickets_and_tags(&db, "true");
+    let live = |n: u32| {
+        db.strings(&format!(
+            "SELECT external_id FROM tickets WHERE deleted_at IS NULL ORDER BY id OFFSET {n} LIMIT 1"
+        ))
+        .remove(0)
+    };
+    let (a, b, c, d, e, f) = (live(0), live(1), live(2), live(3), live(4), live(5));
+    db.execute(&format!(
+        "UPDATE tickets SET deleted_at = now() WHERE external_id = '{d}'"
+    ));
+    let d_status = db
+        .strings(&format!("SELECT status::text FROM tickets WHERE external_id = '{d}'"))
+        .remove(0);
+    let with_deleted = tickets_and_tags(&db, "true");
+    let file = dir.join("corrections.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "External ID,Status,priority,assignee_email,organization,subject,tags_add,tags_remove,notes\n\
+             {a},closed,,,,,,,first\n\
+             {b},,Critical,none,Globex,Fixed subject,Escalated;vip,billing,\n\
+             {c},bogus,,,,,,,bad status\n\
+             NOPE-1,open,,,,,,,unknown ticket\n\
+             {e},,,ghost@example.com,,,,,unknown assignee\n\
+             {f},,,,Nowhere Inc,,,,unknown organization\n\
+             {d},open,,,,,,,soft-deleted\n\
+             {a},solved,,,,,,,the last occurrence wins\n\
+             {c},,,,,,,,nothing to change\n"
+        ),
+    )
+    .unwrap();
+    // The dry run writes nothing, but shows the changes.
+    let dry = ticketops(Some(&db), &dir, &["--json", "fix", "apply", "corrections.csv"]).run();
+    let v = dry.expect_code(3).json();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["would_change"], 2);
+    let b_sample = v["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["external_id"] == b.as_str())
+        .unwrap();
+    assert_eq!(b_sample["after"]["priority"], "urgent");
+    assert_eq!(b_sample["after"]["organization"], "Globex");
+    assert!(
+        b_sample["after"]["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("escalated"))
+    );
+    assert_eq!(tickets_and_tags(&db, "true"), with_deleted);
+    assert_eq!(db.scalar("SELECT count(*) FROM tags WHERE name = 'escalated'"), 0);
+
+    // Without a terminal and without --yes it refuses.
+    ticketops(Some(&db), &dir, &["fix", "apply", "corrections.csv", "--apply"])
+        .run()
+        .expect_code(2)
+        .stderr_has("--yes");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "apply", "corrections.csv", "--apply", "--yes"],
+    )
+    .run();
+    let v = run.expect_code(3).json();
+    assert_accounted(&v, &run);
+    assert_eq!(
+        outcome(&v),
+        [0, 2, 1, 1, 1, 4],
+        "inserted, changed, unchanged, duplicate, skipped_deleted, rejected{}",
+        run.explain()
+    );
+    assert_eq!((v["changed"].as_i64(), v["unknown"].as_i64()), (Some(2), Some(1)));
+    let rejects = read_rejects(&dir.join("corrections.rejects.csv"));
+    let reasons: Vec<(&str, u64, bool)> = rejects
+        .iter()
+        .map(|(id, line, error)| {
+            (
+                id.as_str(),
+                *line,
+                error.contains("status") || error.contains("there is no"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (c.as_str(), 4, true),
+            ("NOPE-1", 5, true),
+            (e.as_str(), 6, true),
+            (f.as_str(), 7, true)
+        ],
+        "{rejects:?}"
+    );
+    let row = |ext: &str| {
+        db.strings(&format!(
+            "SELECT concat_ws('|', t.status, t.priority, coalesce(u.email, '-'), coalesce(o.name, '-'), t.subject,
+                    (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
+                     WHERE x.ticket_id = t.id))
+             FROM tickets t LEFT JOIN users u ON u.id = t.assignee_id LEFT JOIN organizations o ON o.id = t.organization_id
+             WHERE t.external_id = '{ext}'"
+        ))
+        .remove(0)
+    };
+    assert!(row(&a).starts_with("solved|"), "{}", row(&a));
+    let b_now = row(&b);
+    assert!(b_now.contains("|urgent|-|Globex|Fixed subject|"), "{b_now}");
+    assert!(
+        b_now.contains("escalated") && b_now.contains("vip") && !b_now.contains("billing"),
+        "{b_now}"
+    );
+    assert_eq!(
+        db.strings(&format!("SELECT status::text FROM tickets WHERE external_id = '{d}'")),
+        vec![d_status],
+        "a soft-deleted ticket is skipped"
+    );
+
+    // Undo gives back exactly the table before the fix.
+    let op = v["operation_id"].as_i64().unwrap().to_string();
+    apply(&db, &dir, &["undo", &op]);
+    assert_eq!(tickets_and_tags(&db, "true"), with_deleted);
+    assert_ne!(with_deleted, original);
+}

@@ -1,15 +1,654 @@
 //! `fix apply FILE.csv`: a spreadsheet of corrections keyed by external_id.
+//!
+//! The file goes through the import pipeline (header mapping, encodings, validation, the
+//! rejects file, last occurrence of an external_id wins, accounting of every row, batches
+//! with checkpoints, signals); each batch compares the corrected values with the stored ones
+//! in one query, and only with `--apply` writes the tickets that differ, with their before and
+//! after values in `audit_log`. The dry run (the default) runs the same comparison.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+use serde_json::{Value, json};
+
+use super::{ApplyArgs, FIX_ACTION, SAMPLE_SIZE, Sample, confirm};
+use crate::batch::parse_duration;
 use crate::cli::Context;
+use crate::db::BatchTimeouts;
+use crate::exit::{self, UsageError};
+use crate::import::entities::EntityCache;
+use crate::import::normalize::{self, InputZone};
+use crate::import::source::{Encoding, FieldSpec, Input, RecordFields, RowError, parse_delimiter};
+use crate::import::{self, Counts, ImportKind, ImportOptions, MaxRejects, Mode, Numbered, ParseOptions, WriterReject};
+use crate::models::{TicketPriority, TicketStatus};
 
-pub const HELP: &str = "";
+pub const HELP: &str = "\
+Columns (by header name, any subset besides external_id): status, priority, assignee_email
+(an e-mail, or `none` to unassign), organization (a name, or `none`), subject, tags_add and
+tags_remove (lists separated by --tag-separator). A blank cell changes nothing. Values are
+checked like an import's; bad rows, unknown external_ids, unknown assignees and unknown
+organizations go to the rejects file with their reasons. Soft-deleted tickets are skipped.
+Every row is accounted for: rows_read = changed + unchanged + duplicate + skipped_deleted +
+rejected (`updated` in the import keys is `changed`).
+
+Examples:
+  ticketops fix apply corrections.csv                  # dry run: counts and a sample
+  ticketops fix apply corrections.csv --apply --yes";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The corrections file
-    pub file: std::path::PathBuf,
+    /// The corrections CSV file
+    pub file: PathBuf,
+    /// Read a column under another header name: 'Source Header=field' (repeatable)
+    #[arg(long = "map", value_name = "HEADER=FIELD")]
+    pub maps: Vec<String>,
+    /// Translate a value before it is checked: 'field:Source Value=value' (repeatable)
+    #[arg(long = "value-map", value_name = "FIELD:FROM=TO")]
+    pub value_maps: Vec<String>,
+    /// Field delimiter: one ASCII character, or 'tab'
+    #[arg(long, default_value = ",", value_parser = parse_delimiter)]
+    pub delimiter: u8,
+    /// Separator between tags in tags_add and tags_remove
+    #[arg(long, default_value_t = ';')]
+    pub tag_separator: char,
+    /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
+    #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
+    pub encoding: Encoding,
+    /// Where rejected rows go [default: FILE's name with .rejects.csv]
+    #[arg(long, value_name = "PATH")]
+    pub rejects: Option<PathBuf>,
+    /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
+    #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
+    pub max_rejects: Option<MaxRejects>,
+    /// Rows per batch transaction
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
+    /// Give up waiting for a row lock after this long
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
+    /// Cancel a statement that runs longer than this
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub statement_timeout: Duration,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
 }
 
-pub fn run(_ctx: &Context, _args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("not yet")
+const KIND: &str = "fix apply";
+
+const EXTERNAL_ID: usize = 0;
+const STATUS: usize = 1;
+const PRIORITY: usize = 2;
+const ASSIGNEE_EMAIL: usize = 3;
+const ORGANIZATION: usize = 4;
+const SUBJECT: usize = 5;
+const TAGS_ADD: usize = 6;
+const TAGS_REMOVE: usize = 7;
+
+const FIELDS: &[FieldSpec] = &[
+    FieldSpec {
+        name: "external_id",
+        required: true,
+    },
+    FieldSpec {
+        name: "status",
+        required: false,
+    },
+    FieldSpec {
+        name: "priority",
+        required: false,
+    },
+    FieldSpec {
+        name: "assignee_email",
+        required: false,
+    },
+    FieldSpec {
+        name: "organization",
+        required: false,
+    },
+    FieldSpec {
+        name: "subject",
+        required: false,
+    },
+    FieldSpec {
+        name: "tags_add",
+        required: false,
+    },
+    FieldSpec {
+        name: "tags_remove",
+        required: false,
+    },
+];
+
+/// A cell that can set a value, clear it (`none`), or be blank (no change).
+#[derive(Debug, Clone, PartialEq)]
+enum Change<T> {
+    Keep,
+    Clear,
+    Set(T),
+}
+
+/// One validated correction.
+#[derive(Debug, Clone)]
+pub struct Correction {
+    external_id: String,
+    status: Option<TicketStatus>,
+    priority: Option<TicketPriority>,
+    assignee: Change<String>,
+    organization: Change<String>,
+    subject: Option<String>,
+    tags_add: Vec<String>,
+    tags_remove: Vec<String>,
+}
+
+fn reference(fields: &RecordFields<'_>, index: usize) -> Result<Change<String>, RowError> {
+    Ok(match fields.non_empty(index)? {
+        None => Change::Keep,
+        Some(v) if v.eq_ignore_ascii_case("none") => Change::Clear,
+        Some(v) => Change::Set(v.into_owned()),
+    })
+}
+
+/// The corrections kind of the import pipeline.
+pub struct Corrections {
+    dry_run: bool,
+    cache: EntityCache,
+    /// Rows shown by a dry run.
+    sample: Vec<Sample>,
+    /// Rows rejected because their external_id does not exist.
+    unknown: u64,
+    /// Rows changed (or, in a dry run, that would change).
+    changed: u64,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    if args.apply.apply && !args.apply.yes && !std::io::stdin().is_terminal() {
+        // Refuse before reading anything, as confirm() would after the counting pass.
+        confirm(&args.apply, KIND, 0)?;
+    }
+    let renames = args
+        .maps
+        .iter()
+        .map(|m| {
+            m.rsplit_once('=')
+                .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
+                .filter(|(from, to)| !from.is_empty() && !to.is_empty())
+                .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = |mode: Mode| ImportOptions {
+        input: Input::File(args.file.clone()),
+        delimiter: args.delimiter,
+        encoding: args.encoding,
+        zone: InputZone::Utc,
+        tag_separator: args.tag_separator,
+        renames: renames.clone(),
+        value_maps: args.value_maps.clone(),
+        rejects: args.rejects.clone(),
+        max_rejects: args.max_rejects,
+        batch_size: args.batch_size as usize,
+        mode,
+        resume: false,
+        undelete: false,
+        initial_load: false,
+        timeouts: BatchTimeouts {
+            lock_timeout: args.lock_timeout,
+            statement_timeout: args.statement_timeout,
+        },
+    };
+    let args_json = json!({
+        "file": args.file.display().to_string(),
+        "map": args.maps,
+        "value_map": args.value_maps,
+        "tag_separator": args.tag_separator.to_string(),
+        "batch_size": args.batch_size,
+        "apply": args.apply.apply,
+    });
+    if !args.apply.apply {
+        let mut kind = Corrections::new(true);
+        return import::run(ctx, options(Mode::DryRun), &mut kind, args_json);
+    }
+    if !args.apply.yes {
+        // Count first (silently, a dry run), so the question can show the number of rows.
+        let quiet = Context::new(crate::cli::GlobalOpts {
+            quiet: true,
+            json: false,
+            ..ctx.global.clone()
+        });
+        let mut counting = Corrections::new(true);
+        import::run(&quiet, options(Mode::DryRun), &mut counting, args_json.clone())?;
+        let would_change = counting.changed_in_dry_run();
+        if !confirm(&args.apply, KIND, would_change)? {
+            ctx.info("not confirmed; nothing was written");
+            return Ok(exit::FAILURE);
+        }
+    }
+    let mut kind = Corrections::new(false);
+    import::run(ctx, options(Mode::Batched), &mut kind, args_json)
+}
+
+impl Corrections {
+    fn new(dry_run: bool) -> Corrections {
+        Corrections {
+            dry_run,
+            cache: EntityCache::default(),
+            sample: Vec::new(),
+            unknown: 0,
+            changed: 0,
+        }
+    }
+
+    fn changed_in_dry_run(&self) -> u64 {
+        self.changed
+    }
+}
+
+/// The corrections of one batch as arrays ($1…$10), compared with the stored tickets as JSON
+/// objects of the correctable values (tag sets as sorted tag ids); `target` holds the tickets
+/// whose values differ, with both objects.
+const TARGET_SQL: &str = "
+WITH i AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
+                         $7::bigint[], $8::text[], $9::text[], $10::text[])
+        AS i(id, status, priority, set_assignee, assignee_id, set_organization, organization_id, subject,
+             tags_add, tags_remove)
+), cur AS (
+    SELECT t.id, t.external_id, t.updated_at AS old_updated_at, t.last_operation_id AS old_operation_id,
+           jsonb_build_object('status', t.status, 'priority', t.priority, 'assignee_id', t.assignee_id,
+                              'organization_id', t.organization_id, 'subject', t.subject,
+                              'tag_ids', to_jsonb(ARRAY(SELECT tag_id FROM ticket_tags x
+                                                        WHERE x.ticket_id = t.id ORDER BY tag_id))) AS old,
+           i.status, i.priority, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
+           i.subject, i.tags_add, i.tags_remove
+    FROM i JOIN tickets t ON t.id = i.id
+), want AS (
+    SELECT c.id, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
+           jsonb_build_object(
+               'status', coalesce(c.status, c.old ->> 'status'),
+               'priority', coalesce(c.priority, c.old ->> 'priority'),
+               'assignee_id', CASE WHEN c.set_assignee THEN to_jsonb(c.assignee_id) ELSE c.old -> 'assignee_id' END,
+               'organization_id', CASE WHEN c.set_organization THEN to_jsonb(c.organization_id)
+                                       ELSE c.old -> 'organization_id' END,
+               'subject', coalesce(c.subject, c.old ->> 'subject'),
+               'tag_ids', to_jsonb(ARRAY(
+                   SELECT DISTINCT u FROM unnest(
+                       ARRAY(SELECT jsonb_array_elements_text(c.old -> 'tag_ids')::bigint)
+                       || coalesce(string_to_array(c.tags_add, ',')::bigint[], '{}')) u
+                   WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{}'))
+                   ORDER BY u))) AS new
+    FROM cur c
+), target AS (
+    SELECT * FROM want WHERE old <> new
+)";
+
+/// The keys of `a` whose value differs in `b`, as an object of `a`'s values.
+fn changed_keys(a: &str, b: &str) -> String {
+    format!(
+        "(SELECT jsonb_object_agg(k, {a} -> k) FROM jsonb_object_keys({a}) k WHERE {a} -> k IS DISTINCT FROM {b} -> k)"
+    )
+}
+
+/// Like `changed_keys`, with ids shown as people read them (e-mail, organization and tag names).
+fn shown_keys(a: &str, b: &str) -> String {
+    format!(
+        "(SELECT jsonb_object_agg(
+             CASE k WHEN 'assignee_id' THEN 'assignee' WHEN 'organization_id' THEN 'organization'
+                    WHEN 'tag_ids' THEN 'tags' ELSE k END,
+             CASE k WHEN 'assignee_id' THEN to_jsonb((SELECT email FROM users WHERE id = ({a} ->> k)::bigint))
+                    WHEN 'organization_id' THEN to_jsonb((SELECT name FROM organizations WHERE id = ({a} ->> k)::bigint))
+                    WHEN 'tag_ids' THEN to_jsonb(ARRAY(SELECT name FROM tags WHERE id IN (
+                                            SELECT jsonb_array_elements_text({a} -> k)::bigint) ORDER BY name))
+                    ELSE {a} -> k END)
+         FROM jsonb_object_keys({a}) k WHERE {a} -> k IS DISTINCT FROM {b} -> k)"
+    )
+}
+
+#[derive(QueryableByName)]
+struct Found {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+}
+
+#[derive(QueryableByName)]
+struct Changed {
+    #[diesel(sql_type = BigInt)]
+    changed: i64,
+}
+
+#[derive(QueryableByName)]
+struct SampleRow {
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = Jsonb)]
+    before: Value,
+    #[diesel(sql_type = Jsonb)]
+    after: Value,
+}
+
+/// Ids by name (or e-mail) in `table`, live rows only where the table soft-deletes.
+fn ids_by(conn: &mut PgConnection, table: &str, column: &str, keys: Vec<&str>) -> anyhow::Result<Vec<Found>> {
+    let deleted = if table == "tickets" || table == "users" {
+        "deleted_at IS NOT NULL"
+    } else {
+        "false"
+    };
+    sql_query(format!(
+        "SELECT {column} AS key, id, {deleted} AS deleted FROM {table} WHERE {column} = ANY($1)"
+    ))
+    .bind::<Array<Text>, _>(keys)
+    .load(conn)
+    .with_context(|| format!("cannot look up {table}"))
+}
+
+fn reject(r: Numbered<Correction>, column: &str, reason: &str, message: String) -> WriterReject {
+    WriterReject {
+        error: RowError::new(Some(column), reason, message),
+        record: r.record,
+        line: r.line,
+        raw: r.raw,
+    }
+}
+
+impl ImportKind for Corrections {
+    type Row = Correction;
+    const NAME: &'static str = "corrections";
+    const REJECTS_IN_WRITER: bool = true;
+    const FIELDS: &'static [FieldSpec] = FIELDS;
+    const INSERTS: bool = false;
+    const UPDATED_LABEL: &'static str = "changed";
+
+    fn operation_kind() -> String {
+        KIND.to_string()
+    }
+
+    fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<Correction, RowError> {
+        let external_id = fields.required(EXTERNAL_ID)?.into_owned();
+        let status = match fields.non_empty(STATUS)? {
+            Some(_) => Some(fields.parse(STATUS, "invalid status", normalize::ticket_status)?),
+            None => None,
+        };
+        let priority = match fields.non_empty(PRIORITY)? {
+            Some(_) => Some(fields.parse(PRIORITY, "invalid priority", normalize::ticket_priority)?),
+            None => None,
+        };
+        let assignee = match reference(fields, ASSIGNEE_EMAIL)? {
+            Change::Set(_) => Change::Set(
+                fields
+                    .parse(ASSIGNEE_EMAIL, "invalid e-mail", normalize::email)?
+                    .unwrap_or_default(),
+            ),
+            other => other,
+        };
+        let subject = fields.non_empty(SUBJECT)?.map(|v| v.into_owned());
+        if let Some(s) = &subject
+            && s.chars().count() > crate::import::tickets::MAX_SUBJECT_CHARS
+        {
+            return Err(RowError::new(
+                Some("subject"),
+                "subject too long",
+                format!("subject has {} characters; at most 500", s.chars().count()),
+            ));
+        }
+        let tags = |index: usize| -> Result<Vec<String>, RowError> {
+            fields.parse(index, "invalid tags", |v| normalize::tags(v, options.tag_separator))
+        };
+        let (tags_add, tags_remove) = (tags(TAGS_ADD)?, tags(TAGS_REMOVE)?);
+        if let Some(both) = tags_add.iter().find(|t| tags_remove.contains(t)) {
+            return Err(RowError::new(
+                Some("tags_remove"),
+                "tag added and removed",
+                format!("tag {both:?} is in both tags_add and tags_remove"),
+            ));
+        }
+        Ok(Correction {
+            external_id,
+            status,
+            priority,
+            assignee,
+            organization: reference(fields, ORGANIZATION)?,
+            subject,
+            tags_add,
+            tags_remove,
+        })
+    }
+
+    fn key(row: &Correction) -> Option<&str> {
+        Some(&row.external_id)
+    }
+
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    fn write_batch(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<Correction>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<Vec<WriterReject>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tickets = ids_by(
+            conn,
+            "tickets",
+            "external_id",
+            rows.iter().map(|r| r.row.external_id.as_str()).collect(),
+        )?;
+        let assignees = ids_by(
+            conn,
+            "users",
+            "email",
+            rows.iter()
+                .filter_map(|r| match &r.row.assignee {
+                    Change::Set(e) => Some(e.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        )?;
+        let organizations = ids_by(
+            conn,
+            "organizations",
+            "name",
+            rows.iter()
+                .filter_map(|r| match &r.row.organization {
+                    Change::Set(n) => Some(n.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        )?;
+        let find = |found: &[Found], key: &str| found.iter().find(|f| f.key == key).map(|f| (f.id, f.deleted));
+        // Tags to add are created like an import's (inside the dry run's rolled-back
+        // transaction too, so that its sample can name them); tags to remove are only looked up.
+        self.cache
+            .ensure_tags(
+                conn,
+                rows.iter().flat_map(|r| r.row.tags_add.iter().map(String::as_str)),
+            )
+            .context("cannot create the tags to add")?;
+        let removable = ids_by(
+            conn,
+            "tags",
+            "name",
+            rows.iter()
+                .flat_map(|r| r.row.tags_remove.iter().map(String::as_str))
+                .collect(),
+        )?;
+
+        let mut rejects = Vec::new();
+        let mut work = Vec::new();
+        for r in rows {
+            let Some((ticket_id, deleted)) = find(&tickets, &r.row.external_id) else {
+                self.unknown += 1;
+                let message = format!("there is no ticket {:?}", r.row.external_id);
+                rejects.push(reject(r, "external_id", "unknown external_id", message));
+                continue;
+            };
+            if deleted {
+                counts.skipped_deleted += 1;
+                continue;
+            }
+            let assignee = match &r.row.assignee {
+                Change::Set(email) => match find(&assignees, email) {
+                    Some((id, false)) => Change::Set(id),
+                    _ => {
+                        let message = format!("there is no (live) user {email}");
+                        rejects.push(reject(r, "assignee_email", "unknown assignee", message));
+                        continue;
+                    }
+                },
+                Change::Clear => Change::Clear,
+                Change::Keep => Change::Keep,
+            };
+            let organization = match &r.row.organization {
+                Change::Set(name) => match find(&organizations, name) {
+                    Some((id, _)) => Change::Set(id),
+                    None => {
+                        let message = format!("there is no organization {name:?}");
+                        rejects.push(reject(r, "organization", "unknown organization", message));
+                        continue;
+                    }
+                },
+                Change::Clear => Change::Clear,
+                Change::Keep => Change::Keep,
+            };
+            work.push((ticket_id, assignee, organization, r.row));
+        }
+        if work.is_empty() {
+            return Ok(rejects);
+        }
+        let ids: Vec<i64> = work.iter().map(|w| w.0).collect();
+        let statuses: Vec<Option<&str>> = work.iter().map(|w| w.3.status.map(TicketStatus::as_str)).collect();
+        let priorities: Vec<Option<&str>> = work.iter().map(|w| w.3.priority.map(TicketPriority::as_str)).collect();
+        let set_assignee: Vec<bool> = work.iter().map(|w| w.1 != Change::Keep).collect();
+        let assignee_ids: Vec<Option<i64>> = work
+            .iter()
+            .map(|w| if let Change::Set(id) = w.1 { Some(id) } else { None })
+            .collect();
+        let set_organization: Vec<bool> = work.iter().map(|w| w.2 != Change::Keep).collect();
+        let organization_ids: Vec<Option<i64>> = work
+            .iter()
+            .map(|w| if let Change::Set(id) = w.2 { Some(id) } else { None })
+            .collect();
+        let subjects: Vec<Option<&str>> = work.iter().map(|w| w.3.subject.as_deref()).collect();
+        let id_list = |names: &[String], id_of: &dyn Fn(&str) -> Option<i64>| -> Option<String> {
+            let ids: Vec<String> = names.iter().filter_map(|n| id_of(n)).map(|id| id.to_string()).collect();
+            (!ids.is_empty()).then(|| ids.join(","))
+        };
+        let tags_add: Vec<Option<String>> = work
+            .iter()
+            .map(|w| id_list(&w.3.tags_add, &|n| self.cache.tag_id(n)))
+            .collect();
+        let tags_remove: Vec<Option<String>> = work
+            .iter()
+            .map(|w| id_list(&w.3.tags_remove, &|n| find(&removable, n).map(|f| f.0)))
+            .collect();
+
+        let bind = |sql: String| {
+            sql_query(sql)
+                .into_boxed()
+                .bind::<Array<BigInt>, _>(ids.clone())
+                .bind::<Array<Nullable<Text>>, _>(statuses.clone())
+                .bind::<Array<Nullable<Text>>, _>(priorities.clone())
+                .bind::<Array<Bool>, _>(set_assignee.clone())
+                .bind::<Array<Nullable<BigInt>>, _>(assignee_ids.clone())
+                .bind::<Array<Bool>, _>(set_organization.clone())
+                .bind::<Array<Nullable<BigInt>>, _>(organization_ids.clone())
+                .bind::<Array<Nullable<Text>>, _>(subjects.clone())
+                .bind::<Array<Nullable<Text>>, _>(tags_add.clone())
+                .bind::<Array<Nullable<Text>>, _>(tags_remove.clone())
+        };
+        let changed: Changed = if self.dry_run {
+            if self.sample.len() < SAMPLE_SIZE {
+                let rows: Vec<SampleRow> = bind(format!(
+                    "{TARGET_SQL} SELECT external_id, {before} AS before, {after} AS after FROM target ORDER BY id LIMIT {}",
+                    SAMPLE_SIZE - self.sample.len(),
+                    before = shown_keys("old", "new"),
+                    after = shown_keys("new", "old"),
+                ))
+                .load(conn)
+                .context("cannot compare the corrections with the tickets")?;
+                self.sample.extend(rows.into_iter().map(|r| Sample {
+                    external_id: r.external_id,
+                    before: r.before,
+                    after: r.after,
+                }));
+            }
+            bind(format!("{TARGET_SQL} SELECT count(*) AS changed FROM target"))
+                .get_result(conn)
+                .context("cannot compare the corrections with the tickets")?
+        } else {
+            bind(format!(
+                "{TARGET_SQL}, changed AS (
+                     UPDATE tickets t
+                     SET status = (g.new ->> 'status')::ticket_status,
+                         priority = (g.new ->> 'priority')::ticket_priority,
+                         assignee_id = (g.new ->> 'assignee_id')::bigint,
+                         organization_id = (g.new ->> 'organization_id')::bigint,
+                         subject = g.new ->> 'subject',
+                         updated_at = now(), last_operation_id = {op_id}
+                     FROM target g WHERE t.id = g.id
+                     RETURNING t.id, t.updated_at, g.old, g.new, g.old_updated_at, g.old_operation_id
+                 ), tags_removed AS (
+                     DELETE FROM ticket_tags x USING target g
+                     WHERE x.ticket_id = g.id
+                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(g.new -> 'tag_ids')::bigint)
+                 ), tags_added AS (
+                     INSERT INTO ticket_tags (ticket_id, tag_id)
+                     SELECT g.id, e::bigint FROM target g CROSS JOIN LATERAL jsonb_array_elements_text(g.new -> 'tag_ids') e
+                     ON CONFLICT DO NOTHING
+                 ), audited AS (
+                     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                     SELECT {op_id}, 'tickets', id, '{FIX_ACTION}',
+                            {before} || jsonb_build_object('updated_at', old_updated_at, 'last_operation_id', old_operation_id),
+                            {after} || jsonb_build_object('updated_at', updated_at, 'last_operation_id', {op_id})
+                     FROM changed
+                 )
+                 SELECT count(*) AS changed FROM changed",
+                before = changed_keys("old", "new"),
+                after = changed_keys("new", "old"),
+            ))
+            .get_result(conn)
+            .context("cannot apply the corrections")?
+        };
+        let changed = changed.changed as u64;
+        self.changed += changed;
+        counts.updated += changed;
+        counts.unchanged += work.len() as u64 - changed;
+        Ok(rejects)
+    }
+
+    fn summary_extra(&self) -> Value {
+        let mut extra = json!({"changed": self.changed, "unknown": self.unknown});
+        if self.dry_run {
+            extra["would_change"] = json!(self.changed);
+            extra["sample"] = json!(
+                self.sample
+                    .iter()
+                    .map(|s| json!({"external_id": s.external_id, "before": s.before, "after": s.after}))
+                    .collect::<Vec<_>>()
+            );
+        }
+        extra
+    }
+
+    fn print_extra(&self) -> anyhow::Result<()> {
+        if self.dry_run {
+            super::print_dry_run_table(self.changed, &self.sample)?;
+        } else if self.unknown > 0 {
+            eprintln!(
+                "  {} row(s) name an external_id that does not exist (in the rejects file)",
+                self.unknown
+            );
+        }
+        Ok(())
+    }
 }

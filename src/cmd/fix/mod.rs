@@ -243,6 +243,11 @@ pub fn print_dry_run(
         return ctx.print_json(&out);
     }
     println!("dry run: {would_change} row(s) would change ({described}); nothing was written");
+    print_dry_run_table(would_change, sample)
+}
+
+/// The sample of a dry run as a table, before → after, and how to go on.
+pub fn print_dry_run_table(would_change: u64, sample: &[Sample]) -> anyhow::Result<()> {
     if !sample.is_empty() {
         let mut table = crate::output::Table::new(["external_id", "before", "after"]);
         for s in sample {
