@@ -224,9 +224,10 @@ impl ResolvedFilters {
 
     /// The next batch after `after_id`: up to `limit` matching tickets, locked FOR UPDATE
     /// SKIP LOCKED so that rows a live application holds are skipped rather than waited on.
-    /// Boxed queries cannot lock, so candidates are chosen first, locked, and the filters
-    /// checked again on the locked rows (whose values can no longer change under us).
-    /// Returns the locked ids and the highest candidate id (to continue after).
+    /// One statement picks the candidates by primary key and locks those that still match
+    /// (PostgreSQL re-checks the filters on the newest version of a row changed meanwhile).
+    /// Returns the locked ids and the highest candidate id (to continue after, past rows that
+    /// were skipped).
     pub fn lock_batch(
         &self,
         conn: &mut PgConnection,
@@ -234,30 +235,29 @@ impl ResolvedFilters {
         after_id: i64,
         limit: i64,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
-        let candidates: Vec<i64> = self
-            .query(scope)
-            .select(tickets::id)
-            .filter(tickets::id.gt(after_id))
-            .order(tickets::id)
-            .limit(limit)
-            .load(conn)?;
-        let Some(&last) = candidates.last() else {
-            return Ok((Vec::new(), None));
+        let candidates = || {
+            self.query(scope)
+                .select(tickets::id)
+                .filter(tickets::id.gt(after_id))
+                .order(tickets::id)
+                .limit(limit)
         };
         let locked: Vec<i64> = tickets::table
             .select(tickets::id)
-            .filter(tickets::id.eq_any(&candidates))
+            .filter(tickets::id.eq_any(candidates()))
+            .filter(self.condition(scope))
             .order(tickets::id)
             .for_update()
             .skip_locked()
             .load(conn)?;
-        let still_matching: Vec<i64> = self
-            .query(scope)
-            .select(tickets::id)
-            .filter(tickets::id.eq_any(&locked))
-            .order(tickets::id)
-            .load(conn)?;
-        Ok((still_matching, Some(last)))
+        // A full batch is exactly the candidates; otherwise some were skipped, no longer
+        // match, or the end is near, and the last candidate is looked up.
+        if locked.len() as i64 == limit {
+            let last = locked.last().copied();
+            return Ok((locked, last));
+        }
+        let last: Option<i64> = candidates().load::<i64>(conn)?.last().copied();
+        Ok((locked, last))
     }
 
     /// The tickets the filters select, as a boxed query the caller can narrow further.

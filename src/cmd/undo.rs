@@ -55,45 +55,128 @@ const UPDATE_ACTION: &str = "update";
 /// The audit action of a row an import inserted through the merge path.
 const INSERT_ACTION: &str = "insert";
 
-/// The columns an image may restore, per table (keys absent from an image keep their value).
-fn restorable_columns(table: &str) -> &'static [&'static str] {
+/// The columns an image may restore, per table, with their SQL types (keys absent from an
+/// image keep their value; `id` and the natural keys never change).
+fn restorable_columns(table: &str) -> &'static [(&'static str, &'static str)] {
     match table {
         "tickets" => &[
-            "subject",
-            "description",
-            "status",
-            "priority",
-            "channel",
-            "requester_id",
-            "assignee_id",
-            "organization_id",
-            "created_at",
-            "updated_at",
-            "solved_at",
-            "deleted_at",
-            "last_operation_id",
+            ("subject", "varchar"),
+            ("description", "text"),
+            ("status", "ticket_status"),
+            ("priority", "ticket_priority"),
+            ("channel", "ticket_channel"),
+            ("requester_id", "bigint"),
+            ("assignee_id", "bigint"),
+            ("organization_id", "bigint"),
+            ("created_at", "timestamptz"),
+            ("updated_at", "timestamptz"),
+            ("solved_at", "timestamptz"),
+            ("deleted_at", "timestamptz"),
+            ("last_operation_id", "bigint"),
         ],
-        "users" => &["name", "role", "organization_id", "updated_at", "deleted_at"],
-        _ => &["ticket_id", "author_id", "body", "public", "created_at"],
+        "users" => &[
+            ("name", "text"),
+            ("role", "user_role"),
+            ("organization_id", "bigint"),
+            ("updated_at", "timestamptz"),
+            ("deleted_at", "timestamptz"),
+        ],
+        _ => &[
+            ("ticket_id", "bigint"),
+            ("author_id", "bigint"),
+            ("body", "text"),
+            ("public", "boolean"),
+            ("created_at", "timestamptz"),
+        ],
     }
 }
 
-/// The current values of row `t` as JSON, with the ticket's sorted tag ids when the image
-/// `img` has `tag_ids` (tag sets are compared and restored as a whole).
-fn current_image(table: &str, img: &str) -> String {
-    if table == "tickets" {
+/// The image rows of one table in an operation, and which columns (and whether the tag set)
+/// its images hold: the SQL compares and restores just those.
+#[derive(Debug, Clone)]
+struct ImageSet {
+    table: String,
+    columns: Vec<(&'static str, &'static str)>,
+    tags: bool,
+}
+
+impl ImageSet {
+    /// Reads which keys the operation's images of `table` use.
+    fn load(conn: &mut PgConnection, op: i64, table: &str) -> anyhow::Result<ImageSet> {
+        #[derive(QueryableByName)]
+        struct Key {
+            #[diesel(sql_type = Text)]
+            key: String,
+        }
+        let keys: Vec<Key> = sql_query(format!(
+            "SELECT DISTINCT k AS key FROM audit_log a, jsonb_object_keys(a.before) k
+             WHERE a.operation_id = $1 AND a.table_name = $2 AND a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')"
+        ))
+        .bind::<BigInt, _>(op)
+        .bind::<Text, _>(table)
+        .load(conn)
+        .context("cannot read the operation's audit images")?;
+        let has = |name: &str| keys.iter().any(|k| k.key == name);
+        Ok(ImageSet {
+            table: table.to_string(),
+            columns: restorable_columns(table)
+                .iter()
+                .copied()
+                .filter(|(c, _)| has(c))
+                .collect(),
+            tags: table == "tickets" && has("tag_ids"),
+        })
+    }
+
+    /// Whether row `t` holds every value of image `img`, compared typed (so time zones and
+    /// number formats in the JSON do not matter); a ticket's tag set must be equal to the
+    /// image's, not merely contain it.
+    fn holds(&self, img: &str) -> String {
+        let mut checks: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, ty)| format!("(NOT {img} ? '{c}' OR t.{c} IS NOT DISTINCT FROM ({img} ->> '{c}')::{ty})"))
+            .collect();
+        if self.tags {
+            checks.push(format!(
+                "(NOT {img} ? 'tag_ids' OR {img} -> 'tag_ids' = to_jsonb(ARRAY(
+                     SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id)))"
+            ));
+        }
+        if checks.is_empty() {
+            "TRUE".to_string()
+        } else {
+            format!("({})", checks.join(" AND "))
+        }
+    }
+
+    /// `SET` assignments putting image `img`'s values back (other columns keep theirs).
+    fn restore(&self, img: &str) -> String {
+        let set: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, ty)| format!("{c} = CASE WHEN {img} ? '{c}' THEN ({img} ->> '{c}')::{ty} ELSE t.{c} END"))
+            .collect();
+        if set.is_empty() {
+            // Only the tag set: touch nothing but still let the row through RETURNING.
+            "id = t.id".to_string()
+        } else {
+            set.join(", ")
+        }
+    }
+}
+
+/// The values of row `t` under the keys of image `img`, as JSON (tag ids included).
+fn values_of(table: &str, img: &str) -> String {
+    let tags = if table == "tickets" {
         format!(
-            "to_jsonb(t) || CASE WHEN {img} ? 'tag_ids' THEN jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+            " || CASE WHEN {img} ? 'tag_ids' THEN jsonb_build_object('tag_ids', to_jsonb(ARRAY(
                  SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id))) ELSE '{{}}' END"
         )
     } else {
-        "to_jsonb(t)".to_string()
-    }
-}
-
-/// Whether every key of image `img` has the same value in `cur` (exact, arrays included).
-fn matches(img: &str, cur: &str) -> String {
-    format!("NOT EXISTS (SELECT 1 FROM jsonb_each({img}) e WHERE {cur} -> e.key IS DISTINCT FROM e.value)")
+        String::new()
+    };
+    format!("(SELECT jsonb_object_agg(k, j -> k) FROM (SELECT to_jsonb(t){tags} AS j) c, jsonb_object_keys({img}) k)")
 }
 
 #[derive(QueryableByName)]
@@ -128,8 +211,12 @@ struct Reverted {
     reverted: i64,
     #[diesel(sql_type = BigInt)]
     next: i64,
+    /// Audit rows (or inserted ids) the batch looked at.
     #[diesel(sql_type = BigInt)]
     seen: i64,
+    /// Of those, rows already as before the operation (or gone).
+    #[diesel(sql_type = BigInt)]
+    already: i64,
 }
 
 #[derive(QueryableByName)]
@@ -145,7 +232,7 @@ struct Span {
 enum Part {
     /// Image rows of one table, newest first (a row written twice by the operation goes back
     /// through its images in reverse order).
-    Images(String),
+    Images(ImageSet),
     /// Tickets the operation inserted, by id window.
     Inserted { low: i64, high: i64 },
 }
@@ -178,8 +265,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     for a in &actions {
         match a.action.as_str() {
             FIX_ACTION | UPDATE_ACTION => {
-                if !parts.iter().any(|p| matches!(p, Part::Images(t) if *t == a.table_name)) {
-                    parts.push(Part::Images(a.table_name.clone()));
+                if !parts
+                    .iter()
+                    .any(|p| matches!(p, Part::Images(i) if i.table == a.table_name))
+                {
+                    parts.push(Part::Images(ImageSet::load(&mut conn, op.id, &a.table_name)?));
                 }
             }
             INSERT_ACTION | INSERT_IDS_ACTION if a.table_name == "tickets" => {}
@@ -206,6 +296,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         parts.push(Part::Inserted { low, high });
     }
 
+    // The plan (a pass over every row) is for the dry run and the confirmation question; with
+    // --apply --yes the batches count the same things as they go.
+    if args.apply.apply && args.apply.yes {
+        return revert(ctx, &pool, &mut conn, op.id, &parts, &args);
+    }
     let mut plan = Plan::default();
     for part in &parts {
         plan += plan_part(&mut conn, op.id, part)?;
@@ -238,11 +333,24 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let _lock = AdvisoryLock::try_acquire(&pool, "undo")?;
-    let stop = StopFlags::install()?;
-    let undo_op = operation::start_job(&mut conn, "undo", json!({"operation": op.id, "force": args.force}))?;
+    revert(ctx, &pool, &mut conn, op.id, &parts, &args)
+}
 
-    let sql: Vec<String> = parts.iter().map(|p| revert_sql(p, undo_op)).collect();
+/// The real run: every part in batches, counting what was reverted, what was already as
+/// before and what changed since.
+fn revert(
+    ctx: &Context,
+    pool: &db::Pool,
+    conn: &mut PgConnection,
+    source_op: i64,
+    parts: &[Part],
+    args: &Args,
+) -> anyhow::Result<i32> {
+    let _lock = AdvisoryLock::try_acquire(pool, "undo")?;
+    let stop = StopFlags::install()?;
+    let undo_op = operation::start_job(conn, "undo", json!({"operation": source_op, "force": args.force}))?;
+
+    let sql: Vec<String> = parts.iter().map(|p| revert_sql(p, undo_op, args.force)).collect();
     let mut current = 0usize;
     // Images are walked by descending audit id, inserted tickets by ascending id window.
     let start_of = |p: &Part| match p {
@@ -250,54 +358,50 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         Part::Inserted { low, .. } => low - 1,
     };
     let mut cursor = parts.first().map(start_of).unwrap_or(0);
-    let stats = batch::run(
-        &mut conn,
-        &args.batching,
-        &stop,
-        ctx.global.verbose > 0,
-        |conn, limit| {
-            let Some(part) = parts.get(current) else {
-                return Ok(Step { rows: 0, done: true });
-            };
-            let r: Reverted = sql_query(&sql[current])
-                .bind::<BigInt, _>(op.id)
-                .bind::<BigInt, _>(cursor)
-                .bind::<BigInt, _>(limit as i64)
-                .bind::<Bool, _>(args.force)
-                .get_result(conn)
-                .context("cannot revert the batch")?;
-            let finished = match part {
-                Part::Images(_) => r.seen == 0,
-                Part::Inserted { high, .. } => r.next >= *high,
-            };
-            cursor = r.next;
-            if finished {
-                current += 1;
-                if let Some(next) = parts.get(current) {
-                    cursor = start_of(next);
-                }
+    let (mut seen, mut already) = (0i64, 0i64);
+    let stats = batch::run(conn, &args.batching, &stop, ctx.global.verbose > 0, |conn, limit| {
+        let Some(part) = parts.get(current) else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let r: Reverted = sql_query(&sql[current])
+            .bind::<BigInt, _>(source_op)
+            .bind::<BigInt, _>(cursor)
+            .bind::<BigInt, _>(limit as i64)
+            .bind::<Bool, _>(args.force)
+            .get_result(conn)
+            .context("cannot revert the batch")?;
+        let finished = match part {
+            Part::Images(_) => r.seen == 0,
+            Part::Inserted { high, .. } => r.next >= *high,
+        };
+        cursor = r.next;
+        seen += r.seen;
+        already += r.already;
+        if finished {
+            current += 1;
+            if let Some(next) = parts.get(current) {
+                cursor = start_of(next);
             }
-            Ok(Step {
-                rows: r.reverted as u64,
-                done: current >= parts.len(),
-            })
-        },
-    );
+        }
+        Ok(Step {
+            rows: r.reverted as u64,
+            done: current >= parts.len(),
+        })
+    });
     let rows = stats.rows;
-    let skipped = if args.force { 0 } else { plan.conflicts };
-    if skipped > 0 && !ctx.global.quiet {
+    let conflicts = (seen - rows as i64 - already).max(0);
+    if conflicts > 0 && !ctx.global.quiet {
         eprintln!(
-            "{skipped} row(s) changed since operation {} were left alone (use --force to revert them too)",
-            op.id
+            "{conflicts} row(s) changed since operation {source_op} were left alone (use --force to revert them too)"
         );
     }
     batch::finish(
         ctx,
-        &mut conn,
+        conn,
         undo_op,
         "undo",
         stats,
-        json!({"reverted": rows, "of_operation": op.id, "conflicts": skipped, "already_reverted": plan.already}),
+        json!({"reverted": rows, "of_operation": source_op, "conflicts": conflicts, "already_reverted": already}),
     )
 }
 
@@ -323,19 +427,16 @@ const INSERTED_IDS_WINDOW: &str = "
 
 fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Plan> {
     let sql = match part {
-        Part::Images(table) => {
-            let cur = current_image(table, "a.after");
-            format!(
-                "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before}) AS revertible,
-                        count(*) FILTER (WHERE t.id IS NOT NULL AND {before}) AS already,
-                        count(*) FILTER (WHERE t.id IS NULL OR NOT ({after} OR {before})) AS conflicts
-                 FROM audit_log a LEFT JOIN {table} t ON t.id = a.row_id
-                 CROSS JOIN LATERAL (SELECT {cur} AS cur) c
-                 WHERE a.operation_id = $1 AND a.table_name = '{table}' AND a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')",
-                after = matches("a.after", "c.cur"),
-                before = matches("a.before", "c.cur"),
-            )
-        }
+        Part::Images(images) => format!(
+            "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before}) AS revertible,
+                    count(*) FILTER (WHERE t.id IS NOT NULL AND {before}) AS already,
+                    count(*) FILTER (WHERE t.id IS NULL OR NOT ({after} OR {before})) AS conflicts
+             FROM audit_log a LEFT JOIN {table} t ON t.id = a.row_id
+             WHERE a.operation_id = $1 AND a.table_name = '{table}' AND a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')",
+            table = images.table,
+            after = images.holds("a.after"),
+            before = images.holds("a.before"),
+        ),
         // An inserted ticket is revertible while this operation wrote it last; one that is
         // deleted (or purged) is already as before.
         Part::Inserted { .. } => format!(
@@ -354,16 +455,12 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Pl
 /// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
 /// $4 --force. Returns how many rows were reverted, the next cursor and how many audit rows
 /// (or ids) the batch looked at.
-fn revert_sql(part: &Part, undo_op: i64) -> String {
+fn revert_sql(part: &Part, undo_op: i64, force: bool) -> String {
     match part {
-        Part::Images(table) => {
-            let set: Vec<String> = restorable_columns(table)
-                .iter()
-                .map(|c| format!("{c} = (jsonb_populate_record(t, w.before)).{c}"))
-                .collect();
-            let cur = current_image(table, "a.after");
+        Part::Images(images) => {
+            let table = &images.table;
             // Tag sets are put back as a whole: links not in the image go, missing ones come.
-            let tags = if table == "tickets" {
+            let tags = if images.tags {
                 "tags_removed AS (
                      DELETE FROM ticket_tags x USING changed c
                      WHERE c.before ? 'tag_ids' AND x.ticket_id = c.id
@@ -378,33 +475,49 @@ fn revert_sql(part: &Part, undo_op: i64) -> String {
             } else {
                 ""
             };
+            // Without --force a reverted row held the after-image, so its values before this
+            // undo are that image; the comparison sits in the UPDATE's own WHERE, which
+            // PostgreSQL re-checks on the newest version of a row changed concurrently. With
+            // --force the old values are read from the locked row instead.
+            let (source, old_values, condition) = if force {
+                (
+                    format!(
+                        "(SELECT a.*, {values} AS old_values FROM a JOIN {table} t ON t.id = a.row_id FOR UPDATE OF t) a",
+                        values = values_of(table, "a.before")
+                    ),
+                    "a.old_values",
+                    format!("NOT {}", images.holds("a.before")),
+                )
+            } else {
+                (
+                    "a".to_string(),
+                    "a.after",
+                    format!("{} AND NOT {}", images.holds("a.after"), images.holds("a.before")),
+                )
+            };
             format!(
                 "WITH a AS (
                      SELECT id AS audit_id, row_id, before, after FROM audit_log
                      WHERE operation_id = $1 AND table_name = '{table}'
                        AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
                      ORDER BY id DESC LIMIT $3
-                 ), work AS (
-                     SELECT t.id, a.before,
-                            (SELECT jsonb_object_agg(k, c.cur -> k) FROM jsonb_object_keys(a.before) k) AS current
-                     FROM {table} t JOIN a ON a.row_id = t.id
-                     CROSS JOIN LATERAL (SELECT {cur} AS cur) c
-                     WHERE ({after} OR $4) AND NOT {before}
-                     FOR UPDATE OF t
                  ), changed AS (
                      UPDATE {table} t SET {set}
-                     FROM work w WHERE t.id = w.id
-                     RETURNING t.id, w.current, w.before
+                     FROM {source}
+                     WHERE t.id = a.row_id AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
+                     RETURNING t.id, a.before, {old_values} AS old_values
                  ), {tags} audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                     SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', current, before FROM changed
+                     SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM changed
+                 ), left_alone AS MATERIALIZED (
+                     SELECT row_id, before FROM a WHERE row_id NOT IN (SELECT id FROM changed)
                  )
                  SELECT (SELECT count(*) FROM changed) AS reverted,
                         coalesce((SELECT min(audit_id) FROM a), $2) AS next,
-                        (SELECT count(*) FROM a) AS seen",
-                after = matches("a.after", "c.cur"),
-                before = matches("a.before", "c.cur"),
-                set = set.join(", "),
+                        (SELECT count(*) FROM a) AS seen,
+                        (SELECT count(*) FROM left_alone a JOIN {table} t ON t.id = a.row_id WHERE {before}) AS already",
+                set = images.restore("a.before"),
+                before = images.holds("a.before"),
             )
         }
         Part::Inserted { .. } => format!(
@@ -424,7 +537,9 @@ fn revert_sql(part: &Part, undo_op: i64) -> String {
                         jsonb_build_object('deleted_at', deleted_at, 'last_operation_id', {undo_op})
                  FROM changed
              )
-             SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen"
+             SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
+                    (SELECT count(*) FROM ids LEFT JOIN tickets t ON t.id = ids.id
+                     WHERE t.id IS NULL OR t.deleted_at IS NOT NULL) AS already"
         ),
     }
 }

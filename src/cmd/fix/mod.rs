@@ -157,34 +157,37 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     let scope = run.filters.deleted_scope();
     let batch_size = run.batching.batch_size as i64;
 
-    // The dry run: every matching ticket, in the batches of the real run, compared the same way.
-    let mut would_change = 0u64;
-    let mut sample = Vec::new();
-    let mut last_id = 0i64;
-    loop {
-        let ids: Vec<i64> = run
-            .filters
-            .query(scope)
-            .select(tickets::id)
-            .filter(tickets::id.gt(last_id))
-            .order(tickets::id)
-            .limit(batch_size)
-            .load(&mut conn)?;
-        let Some(&max) = ids.last() else { break };
-        let (changed, rows) = fix.preview(&mut conn, &ids, SAMPLE_SIZE - sample.len())?;
-        would_change += changed;
-        sample.extend(rows);
-        last_id = max;
-    }
-    if !run.apply.apply {
-        print_dry_run(ctx, run.kind, &fix.describe(), would_change, &sample, run.extra)?;
-        return Ok(exit::SUCCESS);
-    }
-    if would_change == 0 {
-        ctx.info("nothing to change");
-    } else if !confirm(run.apply, run.kind, would_change)? {
-        ctx.info("not confirmed; nothing was written");
-        return Ok(exit::FAILURE);
+    // The dry run: every matching ticket, in the batches of the real run, compared the same
+    // way. With --apply --yes nobody reads its count, so the real run goes straight ahead.
+    if !(run.apply.apply && run.apply.yes) {
+        let mut would_change = 0u64;
+        let mut sample = Vec::new();
+        let mut last_id = 0i64;
+        loop {
+            let ids: Vec<i64> = run
+                .filters
+                .query(scope)
+                .select(tickets::id)
+                .filter(tickets::id.gt(last_id))
+                .order(tickets::id)
+                .limit(batch_size)
+                .load(&mut conn)?;
+            let Some(&max) = ids.last() else { break };
+            let (changed, rows) = fix.preview(&mut conn, &ids, SAMPLE_SIZE - sample.len())?;
+            would_change += changed;
+            sample.extend(rows);
+            last_id = max;
+        }
+        if !run.apply.apply {
+            print_dry_run(ctx, run.kind, &fix.describe(), would_change, &sample, run.extra)?;
+            return Ok(exit::SUCCESS);
+        }
+        if would_change == 0 {
+            ctx.info("nothing to change");
+        } else if !confirm(run.apply, run.kind, would_change)? {
+            ctx.info("not confirmed; nothing was written");
+            return Ok(exit::FAILURE);
+        }
     }
     let _lock = AdvisoryLock::try_acquire(pool, run.kind)?;
     let stop = StopFlags::install()?;
