@@ -70,11 +70,9 @@ Examples:
   zcat dump.csv.gz | ticketops import tickets - --rejects rejects.csv --json
   ticketops import tickets dump.csv --resume        # continue after a crash or Ctrl-C";
 
-/// Options every import shares.
+/// How a CSV file is read and where its rejected rows go: every import, and `fix apply`.
 #[derive(Debug, clap::Args)]
-pub struct CommonArgs {
-    /// The CSV file, or - for stdin
-    pub file: String,
+pub struct CsvArgs {
     /// Read a column under another header name: 'Source Header=field' (repeatable)
     #[arg(long = "map", value_name = "HEADER=FIELD")]
     pub maps: Vec<String>,
@@ -84,12 +82,9 @@ pub struct CommonArgs {
     /// Field delimiter: one ASCII character, or 'tab'
     #[arg(long, default_value = ",", value_parser = parse_delimiter)]
     pub delimiter: u8,
-    /// Separator between tags in the tags column
+    /// Separator between tags in a list of tags
     #[arg(long, default_value_t = ';')]
     pub tag_separator: char,
-    /// Time zone of timestamps written without an offset (IANA name, e.g. Europe/Berlin)
-    #[arg(long, default_value = "UTC", value_parser = InputZone::parse)]
-    pub timezone: InputZone,
     /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
     #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
     pub encoding: Encoding,
@@ -99,6 +94,44 @@ pub struct CommonArgs {
     /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
     #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
     pub max_rejects: Option<MaxRejects>,
+}
+
+impl CsvArgs {
+    /// The `--map` pairs, checked.
+    pub fn renames(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.maps
+            .iter()
+            .map(|m| {
+                m.rsplit_once('=')
+                    .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
+                    .filter(|(from, to)| !from.is_empty() && !to.is_empty())
+                    .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")).into())
+            })
+            .collect()
+    }
+
+    /// What is recorded in `bulk_operations.args`.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "map": self.maps,
+            "value_map": self.value_maps,
+            "delimiter": (self.delimiter as char).to_string(),
+            "tag_separator": self.tag_separator.to_string(),
+            "encoding": format!("{:?}", self.encoding).to_lowercase(),
+        })
+    }
+}
+
+/// Options every import shares.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// The CSV file, or - for stdin
+    pub file: String,
+    #[command(flatten)]
+    pub csv: CsvArgs,
+    /// Time zone of timestamps written without an offset (IANA name, e.g. Europe/Berlin)
+    #[arg(long, default_value = "UTC", value_parser = InputZone::parse)]
+    pub timezone: InputZone,
     /// Rows per batch transaction (5,000 measured best: larger batches gain under 4% and
     /// cost ~4 MB of memory per 1,000 rows)
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -123,16 +156,7 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     fn options(&self, undelete: bool, initial_load: bool) -> anyhow::Result<ImportOptions> {
-        let renames = self
-            .maps
-            .iter()
-            .map(|m| {
-                m.rsplit_once('=')
-                    .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
-                    .filter(|(from, to)| !from.is_empty() && !to.is_empty())
-                    .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let renames = self.csv.renames()?;
         let mode = match (self.atomic || initial_load, self.dry_run) {
             (_, true) => Mode::DryRun,
             (true, false) => Mode::Atomic,
@@ -143,14 +167,14 @@ impl CommonArgs {
         }
         Ok(ImportOptions {
             input: Input::from_arg(&self.file),
-            delimiter: self.delimiter,
-            encoding: self.encoding,
+            delimiter: self.csv.delimiter,
+            encoding: self.csv.encoding,
             zone: self.timezone,
-            tag_separator: self.tag_separator,
+            tag_separator: self.csv.tag_separator,
             renames,
-            value_maps: self.value_maps.clone(),
-            rejects: self.rejects.clone(),
-            max_rejects: self.max_rejects,
+            value_maps: self.csv.value_maps.clone(),
+            rejects: self.csv.rejects.clone(),
+            max_rejects: self.csv.max_rejects,
             batch_size: self.batch_size as usize,
             mode,
             resume: self.resume,
@@ -165,20 +189,20 @@ impl CommonArgs {
 
     /// What is recorded in `bulk_operations.args`.
     fn to_json(&self, extra: serde_json::Value) -> serde_json::Value {
-        let mut args = json!({
+        let mut args = self.csv.to_json();
+        let own = json!({
             "file": self.file,
-            "map": self.maps,
-            "value_map": self.value_maps,
-            "delimiter": (self.delimiter as char).to_string(),
-            "tag_separator": self.tag_separator.to_string(),
-            "encoding": format!("{:?}", self.encoding).to_lowercase(),
             "batch_size": self.batch_size,
             "atomic": self.atomic,
             "dry_run": self.dry_run,
             "resume": self.resume,
         });
-        if let (Some(obj), Some(more)) = (args.as_object_mut(), extra.as_object()) {
-            obj.extend(more.clone());
+        if let Some(obj) = args.as_object_mut() {
+            for more in [own, extra] {
+                if let Some(more) = more.as_object() {
+                    obj.extend(more.clone());
+                }
+            }
         }
         args
     }

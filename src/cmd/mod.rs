@@ -35,7 +35,7 @@ pub enum Command {
     Fix(fix::Args),
     /// Reports on the tickets: summary, backlog, flow, agents (table, CSV or JSON)
     Report(report::Args),
-    /// Revert a fix or a soft-delete run (a dry run by default)
+    /// Revert a fix, a merge, an import or a soft-delete run (a dry run by default)
     Undo(undo::Args),
 }
 

@@ -11,19 +11,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::{Value, json};
 
-use super::{ApplyArgs, FIX_ACTION, SAMPLE_SIZE, Sample, confirm};
+use super::{ApplyArgs, Changed, FIX_ACTION, SAMPLE_SIZE, Sample, confirm};
 use crate::batch::parse_duration;
 use crate::cli::Context;
+use crate::cmd::import::CsvArgs;
 use crate::db::BatchTimeouts;
-use crate::exit::{self, UsageError};
+use crate::exit;
 use crate::import::entities::EntityCache;
 use crate::import::normalize::{self, InputZone};
-use crate::import::source::{Encoding, FieldSpec, Input, RecordFields, RowError, parse_delimiter};
-use crate::import::{self, Counts, ImportKind, ImportOptions, MaxRejects, Mode, Numbered, ParseOptions, WriterReject};
+use crate::import::source::{FieldSpec, Input, RecordFields, RowError};
+use crate::import::{self, Counts, ImportKind, ImportOptions, Mode, Numbered, ParseOptions, WriterReject};
 use crate::models::{TicketPriority, TicketStatus};
 
 pub const HELP: &str = "\
@@ -43,27 +44,8 @@ Examples:
 pub struct Args {
     /// The corrections CSV file
     pub file: PathBuf,
-    /// Read a column under another header name: 'Source Header=field' (repeatable)
-    #[arg(long = "map", value_name = "HEADER=FIELD")]
-    pub maps: Vec<String>,
-    /// Translate a value before it is checked: 'field:Source Value=value' (repeatable)
-    #[arg(long = "value-map", value_name = "FIELD:FROM=TO")]
-    pub value_maps: Vec<String>,
-    /// Field delimiter: one ASCII character, or 'tab'
-    #[arg(long, default_value = ",", value_parser = parse_delimiter)]
-    pub delimiter: u8,
-    /// Separator between tags in tags_add and tags_remove
-    #[arg(long, default_value_t = ';')]
-    pub tag_separator: char,
-    /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
-    #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
-    pub encoding: Encoding,
-    /// Where rejected rows go [default: FILE's name with .rejects.csv]
-    #[arg(long, value_name = "PATH")]
-    pub rejects: Option<PathBuf>,
-    /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
-    #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
-    pub max_rejects: Option<MaxRejects>,
+    #[command(flatten)]
+    pub csv: CsvArgs,
     /// Rows per batch transaction
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
@@ -169,26 +151,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         // Refuse before reading anything, as confirm() would after the counting pass.
         confirm(&args.apply, KIND, 0)?;
     }
-    let renames = args
-        .maps
-        .iter()
-        .map(|m| {
-            m.rsplit_once('=')
-                .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
-                .filter(|(from, to)| !from.is_empty() && !to.is_empty())
-                .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let renames = args.csv.renames()?;
     let options = |mode: Mode| ImportOptions {
         input: Input::File(args.file.clone()),
-        delimiter: args.delimiter,
-        encoding: args.encoding,
+        delimiter: args.csv.delimiter,
+        encoding: args.csv.encoding,
         zone: InputZone::Utc,
-        tag_separator: args.tag_separator,
+        tag_separator: args.csv.tag_separator,
         renames: renames.clone(),
-        value_maps: args.value_maps.clone(),
-        rejects: args.rejects.clone(),
-        max_rejects: args.max_rejects,
+        value_maps: args.csv.value_maps.clone(),
+        rejects: args.csv.rejects.clone(),
+        max_rejects: args.csv.max_rejects,
         batch_size: args.batch_size as usize,
         mode,
         resume: false,
@@ -199,14 +172,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             statement_timeout: args.statement_timeout,
         },
     };
-    let args_json = json!({
-        "file": args.file.display().to_string(),
-        "map": args.maps,
-        "value_map": args.value_maps,
-        "tag_separator": args.tag_separator.to_string(),
-        "batch_size": args.batch_size,
-        "apply": args.apply.apply,
-    });
+    let mut args_json = args.csv.to_json();
+    args_json["file"] = json!(args.file.display().to_string());
+    args_json["batch_size"] = json!(args.batch_size);
+    args_json["apply"] = json!(args.apply.apply);
     if !args.apply.apply {
         let mut kind = Corrections::new(true);
         return import::run(ctx, options(Mode::DryRun), &mut kind, args_json);
@@ -314,22 +283,6 @@ struct Found {
     id: i64,
     #[diesel(sql_type = Bool)]
     deleted: bool,
-}
-
-#[derive(QueryableByName)]
-struct Changed {
-    #[diesel(sql_type = BigInt)]
-    changed: i64,
-}
-
-#[derive(QueryableByName)]
-struct SampleRow {
-    #[diesel(sql_type = Text)]
-    external_id: String,
-    #[diesel(sql_type = Jsonb)]
-    before: Value,
-    #[diesel(sql_type = Jsonb)]
-    after: Value,
 }
 
 /// Ids by name (or e-mail) in `table`, live rows only where the table soft-deletes.
@@ -568,7 +521,7 @@ impl ImportKind for Corrections {
         };
         let changed: Changed = if self.dry_run {
             if self.sample.len() < SAMPLE_SIZE {
-                let rows: Vec<SampleRow> = bind(format!(
+                let rows: Vec<Sample> = bind(format!(
                     "{TARGET_SQL} SELECT external_id, {before} AS before, {after} AS after FROM target ORDER BY id LIMIT {}",
                     SAMPLE_SIZE - self.sample.len(),
                     before = shown_keys("old", "new"),
@@ -576,11 +529,7 @@ impl ImportKind for Corrections {
                 ))
                 .load(conn)
                 .context("cannot compare the corrections with the tickets")?;
-                self.sample.extend(rows.into_iter().map(|r| Sample {
-                    external_id: r.external_id,
-                    before: r.before,
-                    after: r.after,
-                }));
+                self.sample.extend(rows);
             }
             bind(format!("{TARGET_SQL} SELECT count(*) AS changed FROM target"))
                 .get_result(conn)

@@ -5,11 +5,11 @@
 
 use anyhow::{Context as _, bail};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Jsonb, Text};
+use diesel::sql_types::{BigInt, Text};
 use diesel::{PgConnection, sql_query};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{ApplyArgs, FIX_ACTION, SAMPLE_SIZE, Sample, confirm, print_dry_run};
+use super::{ApplyArgs, Changed, FIX_ACTION, SAMPLE_SIZE, Sample, confirm, print_dry_run};
 use crate::batch::{self, BatchArgs, Step};
 use crate::cli::Context;
 use crate::db::{self, AdvisoryLock};
@@ -51,22 +51,6 @@ struct References {
     comments: i64,
 }
 
-#[derive(QueryableByName)]
-struct Moved {
-    #[diesel(sql_type = BigInt)]
-    moved: i64,
-}
-
-#[derive(QueryableByName)]
-struct SampleRow {
-    #[diesel(sql_type = Text)]
-    external_id: String,
-    #[diesel(sql_type = Jsonb)]
-    before: Value,
-    #[diesel(sql_type = Jsonb)]
-    after: Value,
-}
-
 /// A user found by e-mail: id and whether soft-deleted.
 fn find_user(conn: &mut PgConnection, email: &str, flag: &str) -> anyhow::Result<(i64, bool)> {
     let found: Option<(i64, Option<chrono::DateTime<chrono::Utc>>)> = users::table
@@ -106,7 +90,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let refs = references(&mut conn, from)?;
     let would_change = (refs.tickets + refs.comments) as u64 + u64::from(!from_deleted);
     if !args.apply.apply {
-        let sample: Vec<SampleRow> = sql_query(format!(
+        let sample: Vec<Sample> = sql_query(format!(
             "SELECT t.external_id,
                     jsonb_build_object('requester', r.email, 'assignee', a.email) AS before,
                     jsonb_build_object('requester', CASE WHEN t.requester_id = $1 THEN $3 ELSE r.email END,
@@ -119,14 +103,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         .bind::<BigInt, _>(into)
         .bind::<Text, _>(&into_email)
         .load(&mut conn)?;
-        let sample: Vec<Sample> = sample
-            .into_iter()
-            .map(|r| Sample {
-                external_id: r.external_id,
-                before: r.before,
-                after: r.after,
-            })
-            .collect();
         let described = format!(
             "{} ticket(s) and {} comment(s) move from {from_email} to {into_email}; {from_email} is {}",
             refs.tickets,
@@ -180,7 +156,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
              SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
          )
-         SELECT count(*) AS moved FROM changed"
+         SELECT count(*) AS changed FROM changed"
     );
     let move_comments = format!(
         "WITH target AS (
@@ -193,7 +169,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                     jsonb_build_object('author_id', $2::bigint)
              FROM changed
          )
-         SELECT count(*) AS moved FROM changed"
+         SELECT count(*) AS changed FROM changed"
     );
     let delete_user = format!(
         "WITH before AS (
@@ -207,7 +183,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
              SELECT {op}, 'users', id, '{FIX_ACTION}', before, after FROM changed
          )
-         SELECT count(*) AS moved FROM changed"
+         SELECT count(*) AS changed FROM changed"
     );
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
@@ -218,12 +194,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ctx.global.verbose > 0,
         |conn, limit| {
             let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
-                let moved: Moved = sql_query(sql)
+                let moved: Changed = sql_query(sql)
                     .bind::<BigInt, _>(from)
                     .bind::<BigInt, _>(into)
                     .bind::<BigInt, _>(limit as i64)
                     .get_result(conn)?;
-                Ok(moved.moved)
+                Ok(moved.changed)
             };
             let moved = match phase {
                 0 => {

@@ -116,6 +116,13 @@ pub struct Sample {
     pub after: Value,
 }
 
+/// How many rows a fix statement changed (or would change): `SELECT count(*) AS changed …`.
+#[derive(QueryableByName)]
+pub struct Changed {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub changed: i64,
+}
+
 /// A fix of ticket columns or tags, batch by batch. The dry run and the real run share the
 /// SQL that decides which rows differ, so the two cannot drift.
 pub trait TicketFix {

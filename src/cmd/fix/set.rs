@@ -7,7 +7,7 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::{Value, json};
 
-use super::{ApplyArgs, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::batch::BatchArgs;
 use crate::cli::Context;
 use crate::db;
@@ -323,12 +323,6 @@ struct SampleRow {
     external_id: String,
     #[diesel(sql_type = Jsonb)]
     before: Value,
-}
-
-#[derive(QueryableByName)]
-struct Changed {
-    #[diesel(sql_type = BigInt)]
-    changed: i64,
 }
 
 impl TicketFix for FieldFix {

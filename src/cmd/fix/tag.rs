@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{ApplyArgs, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::batch::BatchArgs;
 use crate::cli::Context;
 use crate::db;
@@ -84,12 +84,6 @@ struct TagFix {
 const DIFFERS: &str = "(EXISTS (SELECT 1 FROM unnest($2::bigint[]) a(tag_id)
                               WHERE NOT EXISTS (SELECT 1 FROM ticket_tags x WHERE x.ticket_id = t.id AND x.tag_id = a.tag_id))
                       OR EXISTS (SELECT 1 FROM ticket_tags x WHERE x.ticket_id = t.id AND x.tag_id = ANY($3::bigint[])))";
-
-#[derive(QueryableByName)]
-struct Changed {
-    #[diesel(sql_type = BigInt)]
-    changed: i64,
-}
 
 #[derive(QueryableByName)]
 struct SampleRow {
