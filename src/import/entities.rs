@@ -162,13 +162,7 @@ impl EntityCache {
             .filter(|e| !self.users.contains_key(&key(e)))
             .collect();
         if !unknown.is_empty() {
-            let stored: Vec<StoredUser> = sql_query(
-                "SELECT id, email, role::text AS role, coalesce(name, '') <> '' AS has_name,
-                        organization_id IS NOT NULL AS has_organization
-                 FROM users WHERE email = ANY($1)",
-            )
-            .bind::<Array<Text>, _>(&unknown)
-            .load(conn)?;
+            let stored = lookup_users(conn, &unknown)?;
             self.remember_users(stored);
         }
         wanted.retain(|email, r| self.users.get(&key(email)).is_none_or(|cached| cached.could_change(r)));
@@ -192,6 +186,17 @@ impl EntityCache {
             .bind::<Array<Nullable<BigInt>>, _>(&orgs)
             .load(conn)?;
         self.remember_users(rows);
+        // Users the upsert left alone (nothing to fill after all, e.g. written meanwhile by
+        // another import) are not in its RETURNING: read them.
+        let unseen: Vec<&str> = emails
+            .iter()
+            .map(String::as_str)
+            .filter(|e| !self.users.contains_key(&key(e)))
+            .collect();
+        if !unseen.is_empty() {
+            let stored = lookup_users(conn, &unseen)?;
+            self.remember_users(stored);
+        }
         if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(&key(e))) {
             // Inserted by a concurrent transaction after our snapshot: the caller retries.
             return Err(diesel::result::Error::QueryBuilderError(
@@ -234,11 +239,18 @@ WITH input AS (
     RETURNING u.id, u.email, u.role::text AS role, coalesce(u.name, '') <> '' AS has_name,
               u.organization_id IS NOT NULL AS has_organization
 )
-SELECT id, email, role, has_name, has_organization FROM written
-UNION ALL
-SELECT u.id, u.email, u.role::text, coalesce(u.name, '') <> '', u.organization_id IS NOT NULL
-FROM users u JOIN input i ON i.email = u.email
-WHERE u.email NOT IN (SELECT email FROM written)";
+SELECT id, email, role, has_name, has_organization FROM written";
+
+/// The stored users among `emails`, by the unique index on email.
+fn lookup_users(conn: &mut PgConnection, emails: &[&str]) -> QueryResult<Vec<StoredUser>> {
+    sql_query(
+        "SELECT id, email, role::text AS role, coalesce(name, '') <> '' AS has_name,
+                organization_id IS NOT NULL AS has_organization
+         FROM users WHERE email = ANY($1)",
+    )
+    .bind::<Array<Text>, _>(emails)
+    .load(conn)
+}
 
 /// Inserts the names that do not exist yet into `table` (organizations or tags, both with a
 /// unique `name`) and returns the ids of all of them.

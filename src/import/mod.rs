@@ -167,6 +167,10 @@ pub trait ImportKind {
     /// Told which fields the file has, once its header is read.
     fn configure(&mut self, _columns: &ColumnMap) {}
 
+    /// Told that the pre-import scan saw every key, so each key reaches `write_batch` at
+    /// most once in the whole import (earlier occurrences are dropped as duplicates).
+    fn keys_seen_once(&mut self) {}
+
     /// Called once inside the import's transaction (atomic modes) or before the first batch.
     fn begin(&mut self, _conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
         Ok(())
@@ -370,6 +374,9 @@ pub fn run<K: ImportKind>(
     }
     let source_sha = scanned.as_ref().map(|s| s.sha256.clone());
     let repeated = scanned.and_then(|s| s.last_of_repeated);
+    if repeated.is_some() {
+        kind.keys_seen_once();
+    }
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {
         Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(&pool, &format!("import:{sha}"))?),

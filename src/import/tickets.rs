@@ -149,6 +149,11 @@ pub struct TicketImport {
     phases: PhaseTimes,
     /// Tickets inserted by this run, to decide whether statistics need refreshing.
     inserted_here: u64,
+    /// The sequence behind tickets.id, looked up once: resolving it inside the id query cost
+    /// a catalog lookup per row (ten times the nextval itself).
+    id_sequence: Option<String>,
+    /// Each external_id reaches the writer once (see `ImportKind::keys_seen_once`).
+    keys_seen_once: bool,
 }
 
 /// Past this many inserted tickets an import ends with ANALYZE.
@@ -193,6 +198,8 @@ impl TicketImport {
             warned_missing_created_at: false,
             dropped: Vec::new(),
             inserted_here: 0,
+            id_sequence: None,
+            keys_seen_once: false,
             phases: PhaseTimes {
                 verbose,
                 totals: Vec::new(),
@@ -315,6 +322,10 @@ impl ImportKind for TicketImport {
         self.cache.clear();
     }
 
+    fn keys_seen_once(&mut self) {
+        self.keys_seen_once = true;
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,
@@ -345,8 +356,14 @@ impl ImportKind for TicketImport {
         self.phases.add("resolve users/orgs/tags", started);
         let started = std::time::Instant::now();
 
-        let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
-        let existing = ticket_ids_by_external_id(conn, &ids).context("cannot look up existing tickets")?;
+        // An initial load starts from an empty, locked table: when every key comes once, none
+        // can exist yet and the lookup is skipped.
+        let existing = if self.initial_load && self.keys_seen_once {
+            HashMap::new()
+        } else {
+            let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
+            ticket_ids_by_external_id(conn, &ids).context("cannot look up existing tickets")?
+        };
         let (old, new): (Vec<_>, Vec<_>) = rows
             .into_iter()
             .partition(|r| existing.contains_key(&r.row.external_id));
@@ -552,11 +569,22 @@ impl TicketImport {
         if rows.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Id> =
-            sql_query("SELECT nextval(pg_get_serial_sequence('tickets', 'id')) AS id FROM generate_series(1, $1)")
-                .bind::<BigInt, _>(rows.len() as i64)
-                .load(conn)
-                .context("cannot allocate ticket ids")?;
+        if self.id_sequence.is_none() {
+            #[derive(QueryableByName)]
+            struct Sequence {
+                #[diesel(sql_type = Text)]
+                name: String,
+            }
+            let seq: Sequence = sql_query("SELECT pg_get_serial_sequence('tickets', 'id') AS name")
+                .get_result(conn)
+                .context("cannot find the sequence of tickets.id")?;
+            self.id_sequence = Some(seq.name);
+        }
+        let ids: Vec<Id> = sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
+            .bind::<Text, _>(self.id_sequence.as_deref().expect("looked up above"))
+            .bind::<BigInt, _>(rows.len() as i64)
+            .load(conn)
+            .context("cannot allocate ticket ids")?;
         let mut tickets_out = Vec::with_capacity(rows.len());
         let mut links = Vec::new();
         for (r, id) in rows.into_iter().zip(ids) {
@@ -913,8 +941,9 @@ struct Definition {
 }
 
 /// `--initial-load`: with tickets and ticket_tags empty, lock them and drop their secondary
-/// indexes and foreign keys (keeping the primary keys and the external_id key that the
-/// import itself looks rows up by). Returns the statements that recreate them.
+/// indexes and foreign keys (keeping the primary keys and the external_id key: rebuilding
+/// that one, a sort of text under the database's collation, was measured slower than
+/// maintaining it during the load). Returns the statements that recreate them.
 fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     #[derive(QueryableByName)]
     struct Empty {
@@ -934,7 +963,7 @@ fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Ve
     }
     let definitions: Vec<Definition> = sql_query(
         "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
-                pg_get_constraintdef(c.oid) AS definition, 'fk' AS kind
+                pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind
          FROM pg_constraint c
          WHERE c.contype = 'f' AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
          UNION ALL
@@ -946,7 +975,7 @@ fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Ve
     .load(conn)?;
     let mut recreate = Vec::new();
     for d in &definitions {
-        if d.kind.as_deref() == Some("fk") {
+        if d.kind.is_some() {
             sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", d.table_name, d.name)).execute(conn)?;
             recreate.push(format!(
                 "ALTER TABLE {} ADD CONSTRAINT {} {}",
@@ -957,8 +986,8 @@ fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Ve
             recreate.push(d.definition.clone());
         }
     }
-    // Indexes first, so that validating each foreign key can use them.
-    recreate.sort_by_key(|s| s.starts_with("ALTER"));
+    // Indexes and unique keys first, so that validating each foreign key can use them.
+    recreate.sort_by_key(|s| s.contains("FOREIGN KEY"));
     Ok(recreate)
 }
 
