@@ -155,7 +155,7 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    fn options(&self, undelete: bool, initial_load: bool) -> anyhow::Result<ImportOptions> {
+    fn options(&self, undelete: bool, initial_load: bool, verbose: bool) -> anyhow::Result<ImportOptions> {
         let renames = self.csv.renames()?;
         let mode = match (self.atomic || initial_load, self.dry_run) {
             (_, true) => Mode::DryRun,
@@ -184,6 +184,7 @@ impl CommonArgs {
                 lock_timeout: self.lock_timeout,
                 statement_timeout: self.statement_timeout,
             },
+            verbose,
         })
     }
 
@@ -215,18 +216,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             undelete,
             initial_load,
         } => {
-            let options = common.options(undelete, initial_load)?;
+            let options = common.options(undelete, initial_load, ctx.global.verbose > 0)?;
             let mut kind = TicketImport::new(undelete, initial_load, ctx.global.verbose > 0);
             let args_json = common.to_json(json!({ "undelete": undelete, "initial_load": initial_load }));
             import::run(ctx, options, &mut kind, args_json)
         }
         What::Users { common, undelete } => {
-            let options = common.options(undelete, false)?;
+            let options = common.options(undelete, false, ctx.global.verbose > 0)?;
             let mut kind = UserImport::new(undelete);
             import::run(ctx, options, &mut kind, common.to_json(json!({ "undelete": undelete })))
         }
         What::Comments { common } => {
-            let options = common.options(false, false)?;
+            let options = common.options(false, false, ctx.global.verbose > 0)?;
             let mut kind = CommentImport::default();
             import::run(ctx, options, &mut kind, common.to_json(json!({})))
         }

@@ -98,6 +98,8 @@ pub struct ImportOptions {
     pub undelete: bool,
     pub initial_load: bool,
     pub timeouts: BatchTimeouts,
+    /// `-v`: say where the time went.
+    pub verbose: bool,
 }
 
 /// Where every input row went. `rows_read` always equals the sum of the others.
@@ -688,7 +690,13 @@ fn process_batches<K: ImportKind>(
 ) -> anyhow::Result<LoopEnd> {
     kind.begin(conn, op_id)?;
     let started = Instant::now();
-    for batch in receiver.iter() {
+    // Time spent waiting for the reader thread: when it is large, parsing (not the
+    // database) limits the import.
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        let wait_started = Instant::now();
+        let Ok(batch) = receiver.recv() else { break };
+        waited += wait_started.elapsed();
         let batch = batch?;
         let first_line = batch
             .rows
@@ -787,6 +795,13 @@ fn process_batches<K: ImportKind>(
             )),
             signal: None,
         });
+    }
+    if options.verbose {
+        eprintln!(
+            "waited {:.2} s for the reader thread (parsing and validation) in {:.2} s of writing",
+            waited.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
     }
     progress.set_prefix("finishing");
     kind.end(conn)?;

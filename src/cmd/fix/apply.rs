@@ -171,6 +171,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             lock_timeout: args.lock_timeout,
             statement_timeout: args.statement_timeout,
         },
+        verbose: ctx.global.verbose > 0,
     };
     let mut args_json = args.csv.to_json();
     args_json["file"] = json!(args.file.display().to_string());
