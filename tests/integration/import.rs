@@ -1028,3 +1028,77 @@ fn duplicates_in_different_batches_reimport_as_unchanged() {
     assert_eq!(second["duplicate"], first["duplicate"]);
     assert_eq!(db.row_versions("tickets"), before, "the re-import rewrote rows");
 }
+
+#[test]
+fn a_change_in_any_single_field_is_an_update() {
+    let db = TestDb::new();
+    let dir = scratch("one-field");
+    let header = "external_id,subject,description,status,priority,channel,requester_email,requester_name,\
+                  assignee_email,organization,tags,created_at,updated_at,solved_at";
+    let base = [
+        "F-1",
+        "Printer on fire",
+        "Floor 3",
+        "solved",
+        "high",
+        "email",
+        "ann@example.com",
+        "Ann",
+        "agent1@support.example.org",
+        "Acme",
+        "hardware;urgent",
+        "2024-01-02T03:04:05.123456Z",
+        "2024-01-03T00:00:00Z",
+        "2024-01-04T00:00:00Z",
+    ];
+    let write = |name: &str, fields: &[&str]| {
+        let path = dir.join(name);
+        let mut w = csv::Writer::from_path(&path).unwrap();
+        w.write_record(header.split(',')).unwrap();
+        w.write_record(fields).unwrap();
+        w.flush().unwrap();
+        path
+    };
+    let first = write("base.csv", &base);
+    import(&db, &dir, "tickets", &first, &[]).0.expect_code(0);
+    let (_, again) = import(&db, &dir, "tickets", &first, &[]);
+    assert_eq!(again["unchanged"], 1, "{again}");
+    // Another user and organization must exist for those fields to point elsewhere.
+    let other = write("other.csv", &{
+        let mut f = base;
+        f[0] = "F-2";
+        f[6] = "bob@example.com";
+        f[8] = "agent2@support.example.org";
+        f[9] = "Globex";
+        f[10] = "other";
+        f
+    });
+    import(&db, &dir, "tickets", &other, &[]).0.expect_code(0);
+    let changes: &[(usize, &str)] = &[
+        (1, "Printer on fire again"),
+        (2, "Floor 4"),
+        (2, ""),
+        (3, "closed"),
+        (4, "low"),
+        (5, "web"),
+        (6, "bob@example.com"),
+        (8, "agent2@support.example.org"),
+        (8, ""),
+        (9, "Globex"),
+        (9, ""),
+        (10, "hardware"),
+        (10, "hardware;urgent;other"),
+        (11, "2024-01-02T03:04:05.123457Z"),
+        (12, "2024-01-03T00:00:01Z"),
+        (13, ""),
+    ];
+    for (n, (field, value)) in changes.iter().enumerate() {
+        // Back to the base row, then one field changed.
+        import(&db, &dir, "tickets", &first, &[]);
+        let mut fields = base;
+        fields[*field] = value;
+        let changed = write(&format!("change-{n}.csv"), &fields);
+        let (run, summary) = import(&db, &dir, "tickets", &changed, &[]);
+        assert_eq!(summary["updated"], 1, "field {field} = {value:?}{}", run.explain());
+    }
+}
