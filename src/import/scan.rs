@@ -35,10 +35,7 @@ pub struct LastOccurrence {
 }
 
 pub fn key_hash(key: &str) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut hasher = DefaultHasher::new();
-    key.hash(&mut hasher);
-    hasher.finish()
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
 }
 
 pub struct Scan {
