@@ -1045,8 +1045,8 @@ struct Definition {
 
 /// `--initial-load`: with tickets and ticket_tags empty, lock them and drop their secondary
 /// indexes and foreign keys (keeping the primary keys and the external_id key: rebuilding
-/// that one, a sort of text under the database's collation, was measured slower than
-/// maintaining it during the load). Returns the statements that recreate them.
+/// that one, a sort of a million text keys, was measured slower than maintaining it during
+/// the load). Returns the statements that recreate them.
 fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     #[derive(QueryableByName)]
     struct Empty {
