@@ -77,7 +77,9 @@ pub struct CommonArgs {
 pub enum Format {
     /// An aligned table for people
     Table,
+    /// CSV with a header row (the table's columns)
     Csv,
+    /// One JSON object (the shape is given per report in the README)
     Json,
 }
 
