@@ -593,16 +593,16 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
     std::fs::write(
         &file,
         format!(
-            "External ID,Status,priority,assignee_email,organization,subject,tags_add,tags_remove,notes\n\
-             {a},closed,,,,,,,first\n\
-             {b},,Critical,none,Globex,Fixed subject,Escalated;vip,billing,\n\
-             {c},bogus,,,,,,,bad status\n\
-             NOPE-1,open,,,,,,,unknown ticket\n\
-             {e},,,ghost@example.com,,,,,unknown assignee\n\
-             {f},,,,Nowhere Inc,,,,unknown organization\n\
-             {d},open,,,,,,,soft-deleted\n\
-             {a},solved,,,,,,,the last occurrence wins\n\
-             {c},,,,,,,,nothing to change\n"
+            "External ID,Status,priority,assignee_email,organization,subject,tags_add,tags_remove,notes,Channel\n\
+             {a},closed,,,,,,,first,\n\
+             {b},,Critical,none,Globex,Fixed subject,Escalated;vip,billing,,Phone\n\
+             {c},bogus,,,,,,,bad status,\n\
+             NOPE-1,open,,,,,,,unknown ticket,\n\
+             {e},,,ghost@example.com,,,,,unknown assignee,\n\
+             {f},,,,Nowhere Inc,,,,unknown organization,\n\
+             {d},open,,,,,,,soft-deleted,\n\
+             {a},solved,,,,,,,the last occurrence wins,\n\
+             {c},,,,,,,,nothing to change,\n"
         ),
     )
     .unwrap();
@@ -618,6 +618,7 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
         .find(|s| s["external_id"] == b.as_str())
         .unwrap();
     assert_eq!(b_sample["after"]["priority"], "urgent");
+    assert_eq!(b_sample["after"]["channel"], "phone");
     assert_eq!(b_sample["after"]["organization"], "Globex");
     assert!(
         b_sample["after"]["tags"]
@@ -671,7 +672,7 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
     );
     let row = |ext: &str| {
         db.strings(&format!(
-            "SELECT concat_ws('|', t.status, t.priority, coalesce(u.email, '-'), coalesce(o.name, '-'), t.subject,
+            "SELECT concat_ws('|', t.status, t.priority, t.channel, coalesce(u.email, '-'), coalesce(o.name, '-'), t.subject,
                     (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
                      WHERE x.ticket_id = t.id))
              FROM tickets t LEFT JOIN users u ON u.id = t.assignee_id LEFT JOIN organizations o ON o.id = t.organization_id
@@ -681,7 +682,7 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
     };
     assert!(row(&a).starts_with("solved|"), "{}", row(&a));
     let b_now = row(&b);
-    assert!(b_now.contains("|urgent|-|Globex|Fixed subject|"), "{b_now}");
+    assert!(b_now.contains("|urgent|phone|-|Globex|Fixed subject|"), "{b_now}");
     assert!(
         b_now.contains("escalated") && b_now.contains("vip") && !b_now.contains("billing"),
         "{b_now}"

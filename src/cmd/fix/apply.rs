@@ -25,11 +25,11 @@ use crate::import::entities::EntityCache;
 use crate::import::normalize::{self, InputZone};
 use crate::import::source::{FieldSpec, Input, RecordFields, RowError};
 use crate::import::{self, Counts, ImportKind, ImportOptions, Mode, Numbered, ParseOptions, WriterReject};
-use crate::models::{TicketPriority, TicketStatus};
+use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
 pub const HELP: &str = "\
-Columns (by header name, any subset besides external_id): status, priority, assignee_email
-(an e-mail, or `none` to unassign), organization (a name, or `none`), subject, tags_add and
+Columns (by header name, any subset besides external_id): status, priority, channel,
+assignee_email (an e-mail, or `none` to unassign), organization (a name, or `none`), subject, tags_add and
 tags_remove (lists separated by --tag-separator). A blank cell changes nothing. Values are
 checked like an import's; bad rows, unknown external_ids, unknown assignees and unknown
 organizations go to the rejects file with their reasons. Soft-deleted tickets are skipped.
@@ -69,6 +69,7 @@ const ORGANIZATION: usize = 4;
 const SUBJECT: usize = 5;
 const TAGS_ADD: usize = 6;
 const TAGS_REMOVE: usize = 7;
+const CHANNEL: usize = 8;
 
 const FIELDS: &[FieldSpec] = &[
     FieldSpec {
@@ -103,6 +104,10 @@ const FIELDS: &[FieldSpec] = &[
         name: "tags_remove",
         required: false,
     },
+    FieldSpec {
+        name: "channel",
+        required: false,
+    },
 ];
 
 /// A cell that can set a value, clear it (`none`), or be blank (no change).
@@ -119,6 +124,7 @@ pub struct Correction {
     external_id: String,
     status: Option<TicketStatus>,
     priority: Option<TicketPriority>,
+    channel: Option<TicketChannel>,
     assignee: Change<String>,
     organization: Change<String>,
     subject: Option<String>,
@@ -222,16 +228,17 @@ impl Corrections {
 const TARGET_SQL: &str = "
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
-                         $7::bigint[], $8::text[], $9::text[], $10::text[])
+                         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[])
         AS i(id, status, priority, set_assignee, assignee_id, set_organization, organization_id, subject,
-             tags_add, tags_remove)
+             tags_add, tags_remove, channel)
 ), cur AS (
     SELECT t.id, t.external_id, t.updated_at AS old_updated_at, t.last_operation_id AS old_operation_id,
-           jsonb_build_object('status', t.status, 'priority', t.priority, 'assignee_id', t.assignee_id,
+           jsonb_build_object('status', t.status, 'priority', t.priority, 'channel', t.channel,
+                              'assignee_id', t.assignee_id,
                               'organization_id', t.organization_id, 'subject', t.subject,
                               'tag_ids', to_jsonb(ARRAY(SELECT tag_id FROM ticket_tags x
                                                         WHERE x.ticket_id = t.id ORDER BY tag_id))) AS old,
-           i.status, i.priority, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
+           i.status, i.priority, i.channel, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
            i.subject, i.tags_add, i.tags_remove
     FROM i JOIN tickets t ON t.id = i.id
 ), want AS (
@@ -239,6 +246,7 @@ WITH i AS (
            jsonb_build_object(
                'status', coalesce(c.status, c.old ->> 'status'),
                'priority', coalesce(c.priority, c.old ->> 'priority'),
+               'channel', coalesce(c.channel, c.old ->> 'channel'),
                'assignee_id', CASE WHEN c.set_assignee THEN to_jsonb(c.assignee_id) ELSE c.old -> 'assignee_id' END,
                'organization_id', CASE WHEN c.set_organization THEN to_jsonb(c.organization_id)
                                        ELSE c.old -> 'organization_id' END,
@@ -332,6 +340,10 @@ impl ImportKind for Corrections {
             Some(_) => Some(fields.parse(PRIORITY, "invalid priority", normalize::ticket_priority)?),
             None => None,
         };
+        let channel = match fields.non_empty(CHANNEL)? {
+            Some(_) => Some(fields.parse(CHANNEL, "invalid channel", normalize::ticket_channel)?),
+            None => None,
+        };
         let assignee = match reference(fields, ASSIGNEE_EMAIL)? {
             Change::Set(_) => Change::Set(
                 fields
@@ -365,6 +377,7 @@ impl ImportKind for Corrections {
             external_id,
             status,
             priority,
+            channel,
             assignee,
             organization: reference(fields, ORGANIZATION)?,
             subject,
@@ -482,6 +495,7 @@ impl ImportKind for Corrections {
         let ids: Vec<i64> = work.iter().map(|w| w.0).collect();
         let statuses: Vec<Option<&str>> = work.iter().map(|w| w.3.status.map(TicketStatus::as_str)).collect();
         let priorities: Vec<Option<&str>> = work.iter().map(|w| w.3.priority.map(TicketPriority::as_str)).collect();
+        let channels: Vec<Option<&str>> = work.iter().map(|w| w.3.channel.map(TicketChannel::as_str)).collect();
         let set_assignee: Vec<bool> = work.iter().map(|w| w.1 != Change::Keep).collect();
         let assignee_ids: Vec<Option<i64>> = work
             .iter()
@@ -519,6 +533,7 @@ impl ImportKind for Corrections {
                 .bind::<Array<Nullable<Text>>, _>(subjects.clone())
                 .bind::<Array<Nullable<Text>>, _>(tags_add.clone())
                 .bind::<Array<Nullable<Text>>, _>(tags_remove.clone())
+                .bind::<Array<Nullable<Text>>, _>(channels.clone())
         };
         let changed: Changed = if self.dry_run {
             if self.sample.len() < SAMPLE_SIZE {
@@ -541,6 +556,7 @@ impl ImportKind for Corrections {
                      UPDATE tickets t
                      SET status = (g.new ->> 'status')::ticket_status,
                          priority = (g.new ->> 'priority')::ticket_priority,
+                         channel = (g.new ->> 'channel')::ticket_channel,
                          assignee_id = (g.new ->> 'assignee_id')::bigint,
                          organization_id = (g.new ->> 'organization_id')::bigint,
                          subject = g.new ->> 'subject',

@@ -48,7 +48,7 @@ pub enum Action {
     /// user, then soft-delete the duplicate
     #[command(after_help = merge_users::HELP)]
     MergeUsers(merge_users::Args),
-    /// Apply a spreadsheet of corrections keyed by external_id (status, priority,
+    /// Apply a spreadsheet of corrections keyed by external_id (status, priority, channel,
     /// assignee_email, organization, subject, tags_add, tags_remove)
     #[command(after_help = apply::HELP)]
     Apply(apply::Args),
