@@ -517,9 +517,13 @@ fn agents(q: &mut Queries, filters: &ResolvedFilters, days: u32) -> anyhow::Resu
             .filter(users::id.eq_any(ids))
             .select((users::id, users::email, users::name)),
     )?;
+    let people: std::collections::HashMap<i64, (String, Option<String>)> = people
+        .into_iter()
+        .map(|(id, email, name)| (id, (email, name)))
+        .collect();
     let person = |id: Option<i64>| {
-        id.and_then(|id| people.iter().find(|p| p.0 == id))
-            .map(|p| (Some(p.1.clone()), p.2.clone()))
+        id.and_then(|id| people.get(&id))
+            .map(|(email, name)| (Some(email.clone()), name.clone()))
             .unwrap_or((None, None))
     };
     let mut rows: Vec<AgentLine> = groups

@@ -161,10 +161,7 @@ impl EntityCache {
             .copied()
             .filter(|e| !self.users.contains_key(&key(e)))
             .collect();
-        if !unknown.is_empty() {
-            let stored = lookup_users(conn, &unknown)?;
-            self.remember_users(stored);
-        }
+        self.read_users(conn, &unknown)?;
         wanted.retain(|email, r| self.users.get(&key(email)).is_none_or(|cached| cached.could_change(r)));
         if wanted.is_empty() {
             return Ok(());
@@ -193,10 +190,7 @@ impl EntityCache {
             .map(String::as_str)
             .filter(|e| !self.users.contains_key(&key(e)))
             .collect();
-        if !unseen.is_empty() {
-            let stored = lookup_users(conn, &unseen)?;
-            self.remember_users(stored);
-        }
+        self.read_users(conn, &unseen)?;
         if let Some(missing) = emails.iter().find(|e| !self.users.contains_key(&key(e))) {
             // Inserted by a concurrent transaction after our snapshot: the caller retries.
             return Err(diesel::result::Error::QueryBuilderError(
@@ -208,6 +202,22 @@ impl EntityCache {
 }
 
 impl EntityCache {
+    /// Reads the stored users among `emails` (by the unique e-mail index) into the cache.
+    fn read_users(&mut self, conn: &mut PgConnection, emails: &[&str]) -> QueryResult<()> {
+        if emails.is_empty() {
+            return Ok(());
+        }
+        let stored: Vec<StoredUser> = sql_query(
+            "SELECT id, email, role::text AS role, coalesce(name, '') <> '' AS has_name,
+                    organization_id IS NOT NULL AS has_organization
+             FROM users WHERE email = ANY($1)",
+        )
+        .bind::<Array<Text>, _>(emails)
+        .load(conn)?;
+        self.remember_users(stored);
+        Ok(())
+    }
+
     fn remember_users(&mut self, rows: Vec<StoredUser>) {
         for row in rows {
             let role = UserRole::from_label(&row.role).unwrap_or(UserRole::Customer);
@@ -241,17 +251,6 @@ WITH input AS (
 )
 SELECT id, email, role, has_name, has_organization FROM written";
 
-/// The stored users among `emails`, by the unique index on email.
-fn lookup_users(conn: &mut PgConnection, emails: &[&str]) -> QueryResult<Vec<StoredUser>> {
-    sql_query(
-        "SELECT id, email, role::text AS role, coalesce(name, '') <> '' AS has_name,
-                organization_id IS NOT NULL AS has_organization
-         FROM users WHERE email = ANY($1)",
-    )
-    .bind::<Array<Text>, _>(emails)
-    .load(conn)
-}
-
 /// Inserts the names that do not exist yet into `table` (organizations or tags, both with a
 /// unique `name`) and returns the ids of all of them.
 fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> QueryResult<Vec<IdName>> {
@@ -272,8 +271,6 @@ fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> Query
     Ok(rows)
 }
 
-/// A 128-bit key for a name: two independent 64-bit SipHashes, so a collision among even
-/// billions of names is not a practical possibility.
 /// A map keyed by `key()` hashes. They are hashes already, so the map uses their low bits
 /// as they are instead of hashing them again (SipHash was 13 % of an import's CPU time).
 type KeyMap<V> = HashMap<u128, V, std::hash::BuildHasherDefault<PreHashed>>;
@@ -300,9 +297,9 @@ impl std::hash::Hasher for PreHashed {
     }
 }
 
+/// A 128-bit key for a name (xxh3-128): a collision among even billions of names is not a
+/// practical possibility, and it is several times faster than two SipHash passes.
 fn key(name: &str) -> u128 {
-    // A 128-bit hash stands for the name: collisions are out of reach for any real number of
-    // names, and xxh3 is several times faster than two SipHash passes on short strings.
     xxhash_rust::xxh3::xxh3_128(name.as_bytes())
 }
 

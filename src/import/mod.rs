@@ -205,7 +205,7 @@ pub trait ImportKind {
         format!("import {}", Self::NAME)
     }
 
-    /// Keys added to the JSON summary (and printed after the human one).
+    /// Keys added to the JSON summary.
     fn summary_extra(&self) -> serde_json::Value {
         json!({})
     }
