@@ -409,39 +409,23 @@ fn fix_tag_adds_and_removes_and_undo_gives_back_the_same_tag_sets() {
     assert_eq!(db.scalar("SELECT count(*) FROM tags WHERE name = 'escalated'"), 0);
     assert_eq!(tickets_and_tags(&db, "true"), original);
 
-    let v = apply(
-        &db,
-        &dir,
-        &[
-            "fix",
-            "tag",
-            "--status",
-            "open",
-            "--add",
-            "escalated",
-            "--remove",
-            "vip",
-        ],
-    );
+    let tag_fix = [
+        "fix",
+        "tag",
+        "--status",
+        "open",
+        "--add",
+        "escalated",
+        "--remove",
+        "vip",
+    ];
+    let v = apply(&db, &dir, &tag_fix);
     let op = v["operation_id"].as_i64().unwrap().to_string();
     assert_eq!(v["changed"].as_i64().unwrap(), open);
     assert_eq!(tagged("escalated"), open);
     assert_eq!(tagged("vip"), vip - open_vip);
     // Running it again changes nothing.
-    let again = apply(
-        &db,
-        &dir,
-        &[
-            "fix",
-            "tag",
-            "--status",
-            "open",
-            "--add",
-            "escalated",
-            "--remove",
-            "vip",
-        ],
-    );
+    let again = apply(&db, &dir, &tag_fix);
     assert_eq!(again["changed"], 0);
     // A ticket tagged by hand since the fix is a conflict: containment is not equality.
     let touched = db
