@@ -23,7 +23,7 @@ use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
-use crate::models::{NewTicket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::models::{NewTicket, Ticket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
 use crate::operation;
 use crate::schema::{ticket_tags, tickets};
 
@@ -401,28 +401,8 @@ pub(crate) fn ticket_ids_by_external_id(
     )
 }
 
-/// A stored ticket as an import compares it.
-#[derive(Queryable)]
-struct StoredTicket {
-    id: i64,
-    external_id: String,
-    subject: String,
-    description: Option<String>,
-    status: TicketStatus,
-    priority: TicketPriority,
-    channel: TicketChannel,
-    requester_id: i64,
-    assignee_id: Option<i64>,
-    organization_id: Option<i64>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    solved_at: Option<DateTime<Utc>>,
-    deleted_at: Option<DateTime<Utc>>,
-    last_operation_id: Option<i64>,
-}
-
 /// A stored ticket and its sorted tag ids (empty when the file has no tags column).
-type Stored = (StoredTicket, Vec<i64>);
+type Stored = (Ticket, Vec<i64>);
 
 #[derive(QueryableByName)]
 struct IdExternal {
@@ -583,25 +563,9 @@ impl TicketImport {
     /// The stored tickets with these external ids, with the values an import compares. Tag
     /// sets are read (one index range scan) only when the file has a tags column.
     fn stored_tickets(&self, conn: &mut PgConnection, external_ids: &[&str]) -> QueryResult<HashMap<String, Stored>> {
-        let rows: Vec<StoredTicket> = tickets::table
+        let rows: Vec<Ticket> = tickets::table
             .filter(tickets::external_id.eq_any(external_ids))
-            .select((
-                tickets::id,
-                tickets::external_id,
-                tickets::subject,
-                tickets::description,
-                tickets::status,
-                tickets::priority,
-                tickets::channel,
-                tickets::requester_id,
-                tickets::assignee_id,
-                tickets::organization_id,
-                tickets::created_at,
-                tickets::updated_at,
-                tickets::solved_at,
-                tickets::deleted_at,
-                tickets::last_operation_id,
-            ))
+            .select(Ticket::as_select())
             .load(conn)?;
         let mut by_id: HashMap<i64, Stored> = rows.into_iter().map(|r| (r.id, (r, Vec::new()))).collect();
         if self.present.tags && !by_id.is_empty() {
