@@ -105,6 +105,7 @@ SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
 
 impl ImportKind for CommentImport {
     type Row = CommentRow;
+    type Prefetched = ();
     const NAME: &'static str = "comments";
     const REJECTS_IN_WRITER: bool = true;
     const FIELDS: &'static [FieldSpec] = FIELDS;
@@ -141,6 +142,7 @@ impl ImportKind for CommentImport {
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<CommentRow>>,
+        _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
         if rows.is_empty() {

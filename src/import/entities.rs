@@ -275,8 +275,9 @@ fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> Query
 /// as they are instead of hashing them again (SipHash was 13 % of an import's CPU time).
 type KeyMap<V> = HashMap<u128, V, std::hash::BuildHasherDefault<PreHashed>>;
 
+/// A hasher for keys that are hashes already (xxh3): it passes them through.
 #[derive(Default)]
-struct PreHashed(u64);
+pub(crate) struct PreHashed(u64);
 
 impl std::hash::Hasher for PreHashed {
     fn finish(&self) -> u64 {
@@ -284,7 +285,7 @@ impl std::hash::Hasher for PreHashed {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only u128 keys are hashed here; fold anything else rather than lose it.
+        // Only u64/u128 keys are hashed here; fold anything else rather than lose it.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
@@ -294,6 +295,10 @@ impl std::hash::Hasher for PreHashed {
 
     fn write_u128(&mut self, value: u128) {
         self.0 = value as u64;
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
     }
 }
 

@@ -1,7 +1,9 @@
 //! The CSV import pipeline shared by `import tickets`, `import users` and `import comments`.
 //!
 //! A reader thread parses and validates records into batches while the main thread writes
-//! the previous batch, so parsing overlaps database work. Each batch is one short
+//! the previous batch, so parsing overlaps database work; a kind may also have a prefetch
+//! thread read what the next batch needs (tickets: the stored rows) on a second connection
+//! meanwhile. Each batch is one short
 //! transaction that also stores the operation's checkpoint, so a crash loses at most the
 //! batch in flight and `--resume` continues exactly after the last committed one.
 
@@ -178,12 +180,26 @@ pub trait ImportKind {
         Ok(())
     }
 
+    /// What `prefetcher` reads for a batch (`()` for kinds that read nothing ahead).
+    type Prefetched: Send + 'static;
+
+    /// A lookup run for each batch on a second connection while the writer is busy with the
+    /// batch before, so that the writer finds it done. Asked for only when every key reaches
+    /// the writer once (the scan tracked them): then no batch of this import can change what
+    /// the lookup for another batch read. It reads state committed just before the batch's
+    /// own transaction, so a concurrent change in between is seen as one made just after.
+    fn prefetcher(&self) -> Option<Prefetcher<Self::Row, Self::Prefetched>> {
+        None
+    }
+
     /// Writes one deduplicated batch, adding to `counts` and returning rows it rejected.
+    /// `prefetched` is what `prefetcher` read for the batch, when it ran and succeeded.
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<Self::Row>>,
+        prefetched: Option<Self::Prefetched>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>>;
 
@@ -216,13 +232,19 @@ pub trait ImportKind {
     }
 }
 
-/// What the reader thread hands to the writer.
-struct Batch<R> {
+/// A kind's read-ahead for one batch's rows (see `ImportKind::prefetcher`).
+pub type Prefetcher<R, P> = Box<dyn FnMut(&mut PgConnection, &[Numbered<R>]) -> anyhow::Result<P> + Send>;
+
+/// What the reader thread hands to the writer (through the prefetch thread, if any).
+struct Batch<R, P> {
     rows: Vec<Numbered<R>>,
     rejects: Vec<(u64, u64, ByteRecord, RowError)>,
     end: Position,
     rows_read: u64,
+    prefetched: Option<P>,
 }
+
+type BatchResult<K> = anyhow::Result<Batch<<K as ImportKind>::Row, <K as ImportKind>::Prefetched>>;
 
 /// What is stored in `bulk_operations.checkpoint` after each committed batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -353,7 +375,8 @@ pub fn run<K: ImportKind>(
         return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
     }
 
-    let pool = ctx.pool(2)?;
+    // The writer, the advisory lock and the prefetch thread each hold a connection.
+    let pool = ctx.pool(3)?;
     let progress = output::byte_progress(ctx.show_progress(), options.input.size());
     progress.set_prefix("scanning");
     let scan_started = Instant::now();
@@ -476,7 +499,21 @@ pub fn run<K: ImportKind>(
     // The reader thread: parse and validate while the database works on the previous batch.
     // One batch in the channel, one being parsed, one being written: enough to keep both
     // threads busy, and memory bounded by three batches whatever the file size.
-    let (sender, receiver) = mpsc::sync_channel::<anyhow::Result<Batch<K::Row>>>(1);
+    let (sender, receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
+    // With a prefetcher, batches go reader → prefetch thread → writer.
+    let prefetcher = kind.prefetcher().filter(|_| repeated.is_some() && columns.is_some());
+    let (sender, prefetch) = match prefetcher {
+        Some(fetch) => {
+            let (reader_sender, reader_receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
+            let prefetch_conn = db::get(&pool)?;
+            let timeouts = options.timeouts;
+            let thread = std::thread::spawn(move || {
+                prefetch_batches::<K>(fetch, prefetch_conn, timeouts, reader_receiver, sender)
+            });
+            (reader_sender, Some(thread))
+        }
+        None => (sender, None),
+    };
     let batch_size = options.batch_size.max(1);
     let parse_options = ParseOptions {
         zone: options.zone,
@@ -555,8 +592,15 @@ pub fn run<K: ImportKind>(
     };
     progress.finish_and_clear();
     drop(receiver);
+    let prefetch_time = prefetch.and_then(|handle| handle.join().ok());
     if let Some(handle) = reader {
         let _ = handle.join();
+    }
+    if let Some(busy) = prefetch_time.filter(|_| options.verbose) {
+        eprintln!(
+            "read ahead for the writer on a second connection: {:.2} s",
+            busy.as_secs_f64()
+        );
     }
     rejects.flush()?;
 
@@ -678,7 +722,7 @@ struct LoopEnd {
 fn process_batches<K: ImportKind>(
     conn: &mut PgConnection,
     op_id: i64,
-    receiver: &mpsc::Receiver<anyhow::Result<Batch<K::Row>>>,
+    receiver: &mpsc::Receiver<BatchResult<K>>,
     kind: &mut K,
     options: &ImportOptions,
     repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
@@ -697,7 +741,8 @@ fn process_batches<K: ImportKind>(
         let wait_started = Instant::now();
         let Ok(batch) = receiver.recv() else { break };
         waited += wait_started.elapsed();
-        let batch = batch?;
+        let mut batch = batch?;
+        let prefetched = batch.prefetched.take();
         let first_line = batch
             .rows
             .first()
@@ -718,13 +763,14 @@ fn process_batches<K: ImportKind>(
 
         let write = |conn: &mut PgConnection,
                      rows: Vec<Numbered<K::Row>>,
+                     prefetched: Option<K::Prefetched>,
                      kind: &mut K,
                      c: &mut Counts,
                      t: &mut RejectTally,
                      rejects: &mut RejectsWriter|
          -> anyhow::Result<()> {
             db::set_local_timeouts(conn, options.timeouts)?;
-            let writer_rejects = kind.write_batch(conn, op_id, rows, c)?;
+            let writer_rejects = kind.write_batch(conn, op_id, rows, prefetched, c)?;
             for r in &writer_rejects {
                 rejects.write(&r.raw, r.record, r.line, &r.error)?;
                 c.rejected += 1;
@@ -748,9 +794,27 @@ fn process_batches<K: ImportKind>(
             Ok(())
         };
         let result = if options.mode == Mode::Batched {
-            conn.transaction(|conn| write(conn, rows, kind, &mut batch_counts, &mut batch_tally, rejects))
+            conn.transaction(|conn| {
+                write(
+                    conn,
+                    rows,
+                    prefetched,
+                    kind,
+                    &mut batch_counts,
+                    &mut batch_tally,
+                    rejects,
+                )
+            })
         } else {
-            write(conn, rows, kind, &mut batch_counts, &mut batch_tally, rejects)
+            write(
+                conn,
+                rows,
+                prefetched,
+                kind,
+                &mut batch_counts,
+                &mut batch_tally,
+                rejects,
+            )
         };
         if let Err(err) = result {
             kind.reset();
@@ -798,7 +862,7 @@ fn process_batches<K: ImportKind>(
     }
     if options.verbose {
         eprintln!(
-            "waited {:.2} s for the reader thread (parsing and validation) in {:.2} s of writing",
+            "waited {:.2} s for the reader (parsing, validation, read-ahead) in {:.2} s of writing",
             waited.as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
@@ -815,7 +879,8 @@ fn dedupe<K: ImportKind>(
     repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
     counts: &mut Counts,
 ) -> Vec<Numbered<K::Row>> {
-    let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+    let repeated = repeated.filter(|r| !r.is_empty());
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
     let mut keep = vec![true; rows.len()];
     for (i, r) in rows.iter().enumerate() {
         let superseded_later = repeated.zip(K::key(&r.row)).is_some_and(|(repeated, key)| {
@@ -829,13 +894,46 @@ fn dedupe<K: ImportKind>(
             continue;
         }
         if let Some(key) = K::key(&r.row)
-            && let Some(previous) = last.insert(key.to_string(), i)
+            && let Some(previous) = last.insert(key, i)
         {
             keep[previous] = false;
             counts.duplicate += 1;
         }
     }
     rows.into_iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| r).collect()
+}
+
+/// The prefetch thread: runs the kind's read-ahead for each batch on its own connection,
+/// each in a short read-only transaction, and passes the batch on. A failed read-ahead only
+/// leaves the lookup to the writer. Returns the time spent reading.
+fn prefetch_batches<K: ImportKind>(
+    mut fetch: Prefetcher<K::Row, K::Prefetched>,
+    mut conn: db::PooledConn,
+    timeouts: BatchTimeouts,
+    input: mpsc::Receiver<BatchResult<K>>,
+    output: mpsc::SyncSender<BatchResult<K>>,
+) -> std::time::Duration {
+    let mut busy = std::time::Duration::ZERO;
+    for batch in input {
+        let batch = batch.map(|mut batch| {
+            let started = Instant::now();
+            batch.prefetched = conn
+                .build_transaction()
+                .read_only()
+                .repeatable_read()
+                .run(|conn| {
+                    db::set_local_timeouts(conn, timeouts)?;
+                    fetch(conn, &batch.rows)
+                })
+                .ok();
+            busy += started.elapsed();
+            batch
+        });
+        if output.send(batch).is_err() {
+            break; // the writer stopped (error or signal)
+        }
+    }
+    busy
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -846,7 +944,7 @@ fn read_batches<K: ImportKind>(
     encoding: Encoding,
     options: &ParseOptions,
     batch_size: usize,
-    sender: &mpsc::SyncSender<anyhow::Result<Batch<K::Row>>>,
+    sender: &mpsc::SyncSender<BatchResult<K>>,
     progress: &indicatif::ProgressBar,
 ) {
     let mut record = ByteRecord::new();
@@ -855,6 +953,7 @@ fn read_batches<K: ImportKind>(
         rejects: Vec::new(),
         end: Position::default(),
         rows_read: 0,
+        prefetched: None,
     };
     loop {
         let next = match source.next(&mut record) {
@@ -909,6 +1008,7 @@ fn read_batches<K: ImportKind>(
                     rejects: Vec::new(),
                     end: after,
                     rows_read: 0,
+                    prefetched: None,
                 },
             );
             if sender.send(Ok(full)).is_err() {

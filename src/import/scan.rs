@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::hash::BuildHasherDefault;
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -16,6 +17,7 @@ use anyhow::Context as _;
 use csv::ByteRecord;
 use sha2::{Digest, Sha256};
 
+use super::entities::PreHashed;
 use super::source::{ColumnMap, Encoding};
 use super::{ImportKind, ImportOptions};
 
@@ -46,34 +48,70 @@ pub struct Scan {
     pub untracked_reason: Option<String>,
 }
 
-/// Feeds everything read through it into a SHA-256.
-struct HashingReader<R> {
+/// Moves the progress bar by the bytes read through it.
+struct ProgressReader<R> {
     inner: R,
-    hasher: Sha256,
     progress: indicatif::ProgressBar,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for ProgressReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
         self.progress.inc(n as u64);
         Ok(n)
     }
 }
 
-/// Scans `path` as an input of import kind `K` read with `options`.
+/// The SHA-256 of the file at `path`, as lower-case hex.
+fn sha256_of(path: &Path) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Scans `path` as an input of import kind `K` read with `options`. The hash is computed on
+/// a second thread: both halves take about as long, and the import waits for the scan.
 pub fn scan_file<K: ImportKind>(
     path: &Path,
     options: &ImportOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Scan> {
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| sha256_of(path));
+        let keys = scan_keys::<K>(path, options, progress);
+        let sha256 = hashing
+            .join()
+            .expect("the hashing thread does not panic")
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (last_of_repeated, untracked_reason) = keys?;
+        Ok(Scan {
+            sha256,
+            last_of_repeated,
+            untracked_reason,
+        })
+    })
+}
+
+type RepeatedKeys = (Option<HashMap<u64, LastOccurrence>>, Option<String>);
+
+fn scan_keys<K: ImportKind>(
+    path: &Path,
+    options: &ImportOptions,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<RepeatedKeys> {
     let (delimiter, encoding, fields, renames) = (options.delimiter, options.encoding, K::FIELDS, &options.renames);
     let key_field = K::KEY_FIELD;
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let hashing = HashingReader {
+    let counting = ProgressReader {
         inner: file,
-        hasher: Sha256::new(),
         progress: progress.clone(),
     };
     let mut reader = csv::ReaderBuilder::new()
@@ -81,7 +119,7 @@ pub fn scan_file<K: ImportKind>(
         .flexible(true)
         .delimiter(delimiter)
         .buffer_capacity(1 << 20)
-        .from_reader(hashing);
+        .from_reader(counting);
     let mut record = ByteRecord::new();
     let read_error = || format!("cannot read {}", path.display());
 
@@ -108,13 +146,14 @@ pub fn scan_file<K: ImportKind>(
     let expected_records = std::fs::metadata(path)
         .map(|m| m.len() / BYTES_PER_RECORD_GUESS)
         .unwrap_or(0);
-    let mut seen: HashSet<u64> = HashSet::with_capacity((expected_records as usize).min(MAX_TRACKED_KEYS));
+    let mut seen: HashSet<u64, BuildHasherDefault<PreHashed>> =
+        HashSet::with_capacity_and_hasher((expected_records as usize).min(MAX_TRACKED_KEYS), Default::default());
     let mut repeated: HashMap<u64, LastOccurrence> = HashMap::new();
     let mut record_no = 0u64;
     while reader.read_byte_record(&mut record).with_context(read_error)? {
         record_no += 1;
         let Some((column, header_len)) = key_column else {
-            continue;
+            break; // nothing to track (the hash is read apart)
         };
         if record.len() != header_len {
             continue; // rejected on import; it has no reliable key
@@ -130,21 +169,13 @@ pub fn scan_file<K: ImportKind>(
         if seen.len() > MAX_TRACKED_KEYS {
             key_column = None;
             untracked_reason = Some(format!("more than {MAX_TRACKED_KEYS} distinct keys"));
-            seen = HashSet::new();
+            seen = HashSet::default();
             repeated = HashMap::new();
         }
     }
-    // Read to the end for the hash even when keys were not tracked.
-    let mut rest = reader.into_inner();
-    io::copy(&mut rest, &mut io::sink()).with_context(read_error)?;
-    let sha256 = rest.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     progress.set_position(0);
     let tracked = untracked_reason.is_none();
-    Ok(Scan {
-        sha256,
-        last_of_repeated: tracked.then_some(repeated),
-        untracked_reason,
-    })
+    Ok((tracked.then_some(repeated), untracked_reason))
 }
 
 fn decode(bytes: &[u8], encoding: Encoding) -> String {

@@ -22,7 +22,7 @@ use diesel::{PgConnection, QueryableByName, sql_query};
 use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
-use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
+use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 use crate::models::{NewTicket, Ticket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
 use crate::operation;
 use crate::schema::{ticket_tags, tickets};
@@ -226,6 +226,7 @@ fn optional_text(fields: &RecordFields<'_>, index: usize) -> Result<Option<Strin
 
 impl ImportKind for TicketImport {
     type Row = TicketRow;
+    type Prefetched = HashMap<String, Stored>;
     const NAME: &'static str = "tickets";
     const FIELDS: &'static [FieldSpec] = FIELDS;
 
@@ -326,11 +327,26 @@ impl ImportKind for TicketImport {
         self.keys_seen_once = true;
     }
 
+    /// The stored tickets of the next batch are read while this one is written: on a
+    /// re-import that lookup is most of the work (an initial load needs none).
+    fn prefetcher(&self) -> Option<Prefetcher<TicketRow, HashMap<String, Stored>>> {
+        if self.initial_load {
+            return None;
+        }
+        let with_tags = self.present.tags;
+        Some(Box::new(move |conn, rows| {
+            // As in write_batch: index paths are right, and statistics lag a growing table.
+            sql_query("SET LOCAL enable_seqscan = off").execute(conn)?;
+            Ok(stored_tickets(conn, rows, with_tags)?)
+        }))
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<TicketRow>>,
+        prefetched: Option<HashMap<String, Stored>>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
         if rows.is_empty() {
@@ -358,12 +374,10 @@ impl ImportKind for TicketImport {
 
         // An initial load starts from an empty, locked table: when every key comes once, none
         // can exist yet and the lookup is skipped.
-        let stored = if self.initial_load && self.keys_seen_once {
-            HashMap::new()
-        } else {
-            let ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
-            self.stored_tickets(conn, &ids)
-                .context("cannot look up existing tickets")?
+        let stored = match prefetched {
+            Some(stored) => stored,
+            None if self.initial_load && self.keys_seen_once => HashMap::new(),
+            None => stored_tickets(conn, &rows, self.present.tags).context("cannot look up existing tickets")?,
         };
         self.phases.add("fetch stored tickets", started);
         let started = std::time::Instant::now();
@@ -384,6 +398,41 @@ impl ImportKind for TicketImport {
         self.merge_existing(conn, op_id, old, &stored, counts)?;
         Ok(Vec::new())
     }
+}
+
+/// The stored tickets with the external ids of `rows`, each with its sorted tag ids (when
+/// the file has tags), by external id (moved out of the ticket into the key).
+fn stored_tickets(
+    conn: &mut PgConnection,
+    rows: &[Numbered<TicketRow>],
+    with_tags: bool,
+) -> QueryResult<HashMap<String, Stored>> {
+    let external_ids: Vec<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
+    let mut stored: Vec<Ticket> = tickets::table
+        .filter(tickets::external_id.eq_any(&external_ids))
+        .select(Ticket::as_select())
+        .load(conn)?;
+    let mut links: Vec<(i64, i64)> = Vec::new();
+    if with_tags && !stored.is_empty() {
+        let ids: Vec<i64> = stored.iter().map(|t| t.id).collect();
+        links = ticket_tags::table
+            .filter(ticket_tags::ticket_id.eq_any(&ids))
+            .select((ticket_tags::ticket_id, ticket_tags::tag_id))
+            .order((ticket_tags::ticket_id, ticket_tags::tag_id))
+            .load(conn)?;
+    }
+    // Both in ticket id order: each ticket's links are the next run of `links`.
+    stored.sort_unstable_by_key(|t| t.id);
+    let mut links = links.into_iter().peekable();
+    let mut by_external_id = HashMap::with_capacity(stored.len());
+    for mut ticket in stored {
+        let mut tags = Vec::new();
+        while let Some((_, tag_id)) = links.next_if(|(ticket_id, _)| *ticket_id == ticket.id) {
+            tags.push(tag_id);
+        }
+        by_external_id.insert(std::mem::take(&mut ticket.external_id), (ticket, tags));
+    }
+    Ok(by_external_id)
 }
 
 /// The ids of the tickets with these external ids (those that exist).
@@ -562,28 +611,6 @@ impl TicketImport {
 
     /// The stored tickets with these external ids, with the values an import compares. Tag
     /// sets are read (one index range scan) only when the file has a tags column.
-    fn stored_tickets(&self, conn: &mut PgConnection, external_ids: &[&str]) -> QueryResult<HashMap<String, Stored>> {
-        let rows: Vec<Ticket> = tickets::table
-            .filter(tickets::external_id.eq_any(external_ids))
-            .select(Ticket::as_select())
-            .load(conn)?;
-        let mut by_id: HashMap<i64, Stored> = rows.into_iter().map(|r| (r.id, (r, Vec::new()))).collect();
-        if self.present.tags && !by_id.is_empty() {
-            let ids: Vec<i64> = by_id.keys().copied().collect();
-            let links: Vec<(i64, i64)> = ticket_tags::table
-                .filter(ticket_tags::ticket_id.eq_any(&ids))
-                .select((ticket_tags::ticket_id, ticket_tags::tag_id))
-                .order((ticket_tags::ticket_id, ticket_tags::tag_id))
-                .load(conn)?;
-            for (ticket_id, tag_id) in links {
-                if let Some((_, tags)) = by_id.get_mut(&ticket_id) {
-                    tags.push(tag_id);
-                }
-            }
-        }
-        Ok(by_id.into_values().map(|r| (r.0.external_id.clone(), r)).collect())
-    }
-
     /// Whether writing `row` would leave ticket `stored` exactly as it is, by the rules of
     /// `target_exprs` (absent columns and blank timestamps keep the stored value). Only a
     /// certain "equal" skips the SQL comparison: a deleted ticket, one this import wrote

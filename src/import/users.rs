@@ -111,6 +111,7 @@ SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
 
 impl ImportKind for UserImport {
     type Row = UserRow;
+    type Prefetched = ();
     const NAME: &'static str = "users";
     const FIELDS: &'static [FieldSpec] = FIELDS;
 
@@ -149,6 +150,7 @@ impl ImportKind for UserImport {
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<UserRow>>,
+        _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
         if rows.is_empty() {

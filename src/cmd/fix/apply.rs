@@ -320,6 +320,7 @@ fn reject(r: Numbered<Correction>, column: &str, reason: &str, message: String) 
 
 impl ImportKind for Corrections {
     type Row = Correction;
+    type Prefetched = ();
     const NAME: &'static str = "corrections";
     const REJECTS_IN_WRITER: bool = true;
     const FIELDS: &'static [FieldSpec] = FIELDS;
@@ -399,6 +400,7 @@ impl ImportKind for Corrections {
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<Numbered<Correction>>,
+        _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
         if rows.is_empty() {
