@@ -523,7 +523,7 @@ const STAGE_TABLE_SQL: &str = "
 CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
     rec bigint PRIMARY KEY,
     ticket_id bigint NOT NULL,
-    external_id text NOT NULL,
+    external_id text COLLATE \"C\" NOT NULL,
     subject text NOT NULL,
     description text,
     status ticket_status NOT NULL,
