@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use chrono::{DateTime, Duration, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::sql_types::Bool;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{BigInt, Bool, Timestamptz};
 
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
@@ -222,8 +223,9 @@ impl ResolvedFilters {
         }
     }
 
-    /// The next batch after `after_id`: up to `limit` matching tickets, locked FOR UPDATE
-    /// SKIP LOCKED so that rows a live application holds are skipped rather than waited on.
+    /// The next batch after `after_id`: up to `limit` matching tickets, locked FOR NO KEY
+    /// UPDATE SKIP LOCKED so that rows a live application holds are skipped rather than waited
+    /// on (NO KEY: inserts of comments and tag links that reference a ticket are not blocked).
     /// One statement picks the candidates by primary key and locks those that still match
     /// (PostgreSQL re-checks the filters on the newest version of a row changed meanwhile).
     /// Returns the locked ids and the highest candidate id (to continue after, past rows that
@@ -235,28 +237,84 @@ impl ResolvedFilters {
         after_id: i64,
         limit: i64,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
-        let candidates = || {
-            self.query(scope)
-                .select(tickets::id)
-                .filter(tickets::id.gt(after_id))
-                .order(tickets::id)
-                .limit(limit)
-        };
-        let locked: Vec<i64> = tickets::table
+        let locked: Vec<i64> = self.locking_query(scope, after_id, limit).load(conn)?;
+        self.with_last_candidate(conn, scope, after_id, limit, locked, false)
+    }
+
+    /// `lock_batch` and the soft-delete of what it locked, in one statement: the UPDATE's
+    /// rows are found by the lock's subquery instead of a second set of index probes, and
+    /// a round trip less. Returns the soft-deleted ids in order and the highest candidate id.
+    pub fn soft_delete_batch(
+        &self,
+        conn: &mut PgConnection,
+        after_id: i64,
+        limit: i64,
+        now: DateTime<Utc>,
+        op_id: i64,
+    ) -> QueryResult<(Vec<i64>, Option<i64>)> {
+        let scope = DeletedScope::Exclude;
+        let mut deleted: Vec<i64> = SoftDeleteLocked {
+            locking: self.locking_query(scope, after_id, limit),
+            now,
+            op_id,
+        }
+        .load(conn)?;
+        deleted.sort_unstable();
+        self.with_last_candidate(conn, scope, after_id, limit, deleted, true)
+    }
+
+    /// The ids of the candidates after `after_id` that still match, locked.
+    fn locking_query(
+        &self,
+        scope: DeletedScope,
+        after_id: i64,
+        limit: i64,
+    ) -> impl Query<SqlType = BigInt> + QueryFragment<Pg> + QueryId + RunQueryDsl<PgConnection> {
+        tickets::table
             .select(tickets::id)
-            .filter(tickets::id.eq_any(candidates()))
+            .filter(tickets::id.eq_any(self.candidates(scope, after_id, limit)))
             .filter(self.condition(scope))
             .order(tickets::id)
-            .for_update()
+            .for_no_key_update()
             .skip_locked()
-            .load(conn)?;
-        // A full batch is exactly the candidates; otherwise some were skipped, no longer
-        // match, or the end is near, and the last candidate is looked up.
+    }
+
+    fn candidates(&self, scope: DeletedScope, after_id: i64, limit: i64) -> tickets::BoxedQuery<'static, Pg, BigInt> {
+        self.query(scope)
+            .select(tickets::id)
+            .filter(tickets::id.gt(after_id))
+            .order(tickets::id)
+            .limit(limit)
+    }
+
+    /// `(locked, highest candidate id)`: a full batch is exactly the candidates; otherwise
+    /// some were skipped, no longer match, or the end is near, and the last candidate is
+    /// looked up. `left_the_candidates`: the locked rows no longer match (soft-deleted), so
+    /// the rest of the batch's candidates are the first `limit - locked` that still do.
+    fn with_last_candidate(
+        &self,
+        conn: &mut PgConnection,
+        scope: DeletedScope,
+        after_id: i64,
+        limit: i64,
+        locked: Vec<i64>,
+        left_the_candidates: bool,
+    ) -> QueryResult<(Vec<i64>, Option<i64>)> {
         if locked.len() as i64 == limit {
             let last = locked.last().copied();
             return Ok((locked, last));
         }
-        let last: Option<i64> = candidates().load::<i64>(conn)?.last().copied();
+        let rest = if left_the_candidates {
+            limit - locked.len() as i64
+        } else {
+            limit
+        };
+        let last_rest: Option<i64> = self
+            .candidates(scope, after_id, rest)
+            .load::<i64>(conn)?
+            .last()
+            .copied();
+        let last = last_rest.max(locked.last().copied());
         Ok((locked, last))
     }
 
@@ -346,6 +404,38 @@ impl ResolvedFilters {
 
 /// A condition on `tickets` built from user filters (every value bound, never SQL text).
 pub type TicketCondition = Box<dyn BoxableExpression<tickets::table, Pg, SqlType = Bool>>;
+
+/// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op WHERE id = ANY(ARRAY(<locking
+/// query>)) RETURNING id`: Diesel's update builder cannot take a locking subquery.
+struct SoftDeleteLocked<Q> {
+    locking: Q,
+    now: DateTime<Utc>,
+    op_id: i64,
+}
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE tickets SET deleted_at = ");
+        out.push_bind_param::<Timestamptz, _>(&self.now)?;
+        out.push_sql(", last_operation_id = ");
+        out.push_bind_param::<BigInt, _>(&self.op_id)?;
+        out.push_sql(" WHERE id = ANY(ARRAY(");
+        self.locking.walk_ast(out.reborrow())?;
+        out.push_sql(")) RETURNING id");
+        Ok(())
+    }
+}
+
+impl<Q> QueryId for SoftDeleteLocked<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q> Query for SoftDeleteLocked<Q> {
+    type SqlType = BigInt;
+}
+
+impl<Q> RunQueryDsl<PgConnection> for SoftDeleteLocked<Q> {}
 
 #[cfg(test)]
 mod tests {

@@ -213,7 +213,8 @@ fn soft_delete(
     )?;
     let mut last_id = 0i64;
     let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Exclude, last_id, limit as i64)?;
+        let now = Utc::now();
+        let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id)?;
         let Some(max) = last_candidate else {
             return Ok(Step { rows: 0, done: true });
         };
@@ -221,10 +222,7 @@ fn soft_delete(
             last_id = max;
             return Ok(Step { rows: 0, done: false });
         }
-        let now = Utc::now();
-        let changed = diesel::update(tickets::table.filter(tickets::id.eq_any(&ids)))
-            .set((tickets::deleted_at.eq(now), tickets::last_operation_id.eq(op_id)))
-            .execute(conn)?;
+        let changed = ids.len();
         // One audit row per batch: every row changed the same way (deleted_at from NULL to
         // now), so the ids list is the whole before/after record.
         operation::audit_batch(
