@@ -672,23 +672,34 @@ impl TicketImport {
                 .context("cannot find the sequence of tickets.id")?;
             self.id_sequence = Some(seq.name);
         }
-        let ids: Vec<Id> = sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
-            .bind::<Text, _>(self.id_sequence.as_deref().expect("looked up above"))
-            .bind::<BigInt, _>(rows.len() as i64)
-            .load(conn)
-            .context("cannot allocate ticket ids")?;
+        let sequence = self.id_sequence.as_deref().expect("looked up above");
+        let ids: Vec<i64> = if self.initial_load {
+            // The initial load holds tickets exclusively, and whatever inserts into it takes
+            // the table's lock before calling its sequence: the block can be reserved at once
+            // (a nextval per id cost ~0.6 s per 1M).
+            let last: Id = sql_query("SELECT setval($1::regclass, nextval($1::regclass) + $2 - 1) AS id")
+                .bind::<Text, _>(sequence)
+                .bind::<BigInt, _>(rows.len() as i64)
+                .get_result(conn)
+                .context("cannot allocate ticket ids")?;
+            (last.id - rows.len() as i64 + 1..=last.id).collect()
+        } else {
+            let ids: Vec<Id> = sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
+                .bind::<Text, _>(sequence)
+                .bind::<BigInt, _>(rows.len() as i64)
+                .load(conn)
+                .context("cannot allocate ticket ids")?;
+            ids.into_iter().map(|i| i.id).collect()
+        };
         let mut tickets_out = Vec::with_capacity(rows.len());
         let mut links = Vec::new();
         for (r, id) in rows.into_iter().zip(ids) {
             let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
-            links.extend(tag_ids.into_iter().map(|tag_id| TicketTag {
-                ticket_id: id.id,
-                tag_id,
-            }));
+            links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
             let row = r.row;
             let created_at = row.created_at.unwrap_or(self.import_time);
             tickets_out.push(NewTicket {
-                id: id.id,
+                id,
                 external_id: row.external_id,
                 subject: row.subject,
                 description: row.description,
