@@ -16,6 +16,7 @@ pub mod source;
 pub mod tickets;
 pub mod users;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -164,8 +165,8 @@ pub trait ImportKind {
     const KEY_FIELD: Option<usize> = Some(0);
 
     /// The key as `key` returns it, from the field's raw text.
-    fn normalize_key(raw: &str) -> String {
-        raw.trim().to_string()
+    fn normalize_key(raw: &str) -> Cow<'_, str> {
+        Cow::Borrowed(raw.trim())
     }
 
     /// Told which fields the file has, once its header is read.

@@ -7,6 +7,7 @@
 //! and only while scanning; what remains is the (usually small) map of repeated keys, with the
 //! key itself so that a hash collision can never make a row look like a duplicate.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::BuildHasherDefault;
@@ -158,12 +159,15 @@ fn scan_keys<K: ImportKind>(
         if record.len() != header_len {
             continue; // rejected on import; it has no reliable key
         }
-        let key = K::normalize_key(&decode(record.get(column).unwrap_or(b""), encoding));
+        // Borrowed all the way for the common case: the scan is on the import's critical path.
+        let decoded = decode(record.get(column).unwrap_or(b""), encoding);
+        let key = K::normalize_key(&decoded);
         if key.is_empty() {
             continue;
         }
         let hash = key_hash(&key);
         if !seen.insert(hash) {
+            let key = key.into_owned();
             repeated.insert(hash, LastOccurrence { record: record_no, key });
         }
         if seen.len() > MAX_TRACKED_KEYS {
@@ -178,9 +182,9 @@ fn scan_keys<K: ImportKind>(
     Ok((tracked.then_some(repeated), untracked_reason))
 }
 
-fn decode(bytes: &[u8], encoding: Encoding) -> String {
+fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, str> {
     match encoding {
-        Encoding::Utf8 => String::from_utf8_lossy(bytes).into_owned(),
-        Encoding::Latin1 => bytes.iter().map(|&b| b as char).collect(),
+        Encoding::Utf8 => String::from_utf8_lossy(bytes),
+        Encoding::Latin1 => Cow::Owned(bytes.iter().map(|&b| b as char).collect()),
     }
 }

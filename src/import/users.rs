@@ -5,6 +5,8 @@
 //! the before-image of every updated user goes to `audit_log` in the same statement. A blank
 //! name, role or organization never erases a stored one.
 
+use std::borrow::Cow;
+
 use anyhow::Context as _;
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
@@ -135,8 +137,8 @@ impl ImportKind for UserImport {
         Some(&row.email)
     }
 
-    fn normalize_key(raw: &str) -> String {
-        raw.trim().to_lowercase()
+    fn normalize_key(raw: &str) -> Cow<'_, str> {
+        Cow::Owned(raw.trim().to_lowercase())
     }
 
     fn configure(&mut self, _columns: &ColumnMap) {}
