@@ -1,6 +1,6 @@
 //! `ticketops cleanup soft-delete | purge | purge-users`: the nightly cron jobs. Batched by
-//! primary key with `FOR UPDATE SKIP LOCKED` (never waiting on rows the live application
-//! holds), short transactions with lock and statement timeouts, one advisory lock per job
+//! primary key with `SKIP LOCKED` row locks (`FOR NO KEY UPDATE` to soft-delete, `FOR UPDATE`
+//! to purge; never waiting on rows the live application holds), short transactions with lock and statement timeouts, one advisory lock per job
 //! (a second run exits 75), a clean stop on signals and limits, and a one-line JSON summary.
 
 use std::fs::{File, OpenOptions};
