@@ -794,19 +794,7 @@ fn process_batches<K: ImportKind>(
             }
             Ok(())
         };
-        let result = if options.mode == Mode::Batched {
-            conn.transaction(|conn| {
-                write(
-                    conn,
-                    rows,
-                    prefetched,
-                    kind,
-                    &mut batch_counts,
-                    &mut batch_tally,
-                    rejects,
-                )
-            })
-        } else {
+        let write_this = |conn: &mut PgConnection| {
             write(
                 conn,
                 rows,
@@ -816,6 +804,11 @@ fn process_batches<K: ImportKind>(
                 &mut batch_tally,
                 rejects,
             )
+        };
+        let result = if options.mode == Mode::Batched {
+            conn.transaction(write_this)
+        } else {
+            write_this(conn)
         };
         if let Err(err) = result {
             kind.reset();
