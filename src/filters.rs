@@ -237,13 +237,34 @@ impl ResolvedFilters {
         after_id: i64,
         limit: i64,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
-        let locked: Vec<i64> = self.locking_query(scope, after_id, limit).load(conn)?;
-        self.with_last_candidate(conn, scope, after_id, limit, locked, false)
+        let locked: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(tickets::id.eq_any(self.candidates(scope, after_id, limit)))
+            .filter(self.condition(scope))
+            .order(tickets::id)
+            .for_no_key_update()
+            .skip_locked()
+            .load(conn)?;
+        // A full batch is exactly the candidates; otherwise some were skipped, no longer
+        // match, or the end is near, and the last candidate is looked up.
+        if locked.len() as i64 == limit {
+            let last = locked.last().copied();
+            return Ok((locked, last));
+        }
+        let last = self
+            .candidates(scope, after_id, limit)
+            .load::<i64>(conn)?
+            .last()
+            .copied();
+        Ok((locked, last))
     }
 
-    /// `lock_batch` and the soft-delete of what it locked, in one statement: the UPDATE's
-    /// rows are found by the lock's subquery instead of a second set of index probes, and
-    /// a round trip less. Returns the soft-deleted ids in order and the highest candidate id.
+    /// The soft-delete of the next batch after `after_id`, in one statement: the first
+    /// `limit` matching tickets that no other transaction holds, locked FOR NO KEY UPDATE
+    /// SKIP LOCKED in the same index scan that finds them (PostgreSQL re-checks the filters on
+    /// the newest version of a row changed meanwhile), then updated. Returns the soft-deleted
+    /// ids in order and the id to continue after (`None`: nothing was left to take). Rows
+    /// skipped because another transaction held them are left for the next run.
     pub fn soft_delete_batch(
         &self,
         conn: &mut PgConnection,
@@ -252,31 +273,18 @@ impl ResolvedFilters {
         now: DateTime<Utc>,
         op_id: i64,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
-        let scope = DeletedScope::Exclude;
-        let mut deleted: Vec<i64> = SoftDeleteLocked {
-            locking: self.locking_query(scope, after_id, limit),
-            now,
-            op_id,
-        }
-        .load(conn)?;
-        deleted.sort_unstable();
-        self.with_last_candidate(conn, scope, after_id, limit, deleted, true)
-    }
-
-    /// The ids of the candidates after `after_id` that still match, locked.
-    fn locking_query(
-        &self,
-        scope: DeletedScope,
-        after_id: i64,
-        limit: i64,
-    ) -> impl Query<SqlType = BigInt> + QueryFragment<Pg> + QueryId + RunQueryDsl<PgConnection> {
-        tickets::table
+        let locking = tickets::table
             .select(tickets::id)
-            .filter(tickets::id.eq_any(self.candidates(scope, after_id, limit)))
-            .filter(self.condition(scope))
+            .filter(self.condition(DeletedScope::Exclude))
+            .filter(tickets::id.gt(after_id))
             .order(tickets::id)
+            .limit(limit)
             .for_no_key_update()
-            .skip_locked()
+            .skip_locked();
+        let mut deleted: Vec<i64> = SoftDeleteLocked { locking, now, op_id }.load(conn)?;
+        deleted.sort_unstable();
+        let last = deleted.last().copied();
+        Ok((deleted, last))
     }
 
     fn candidates(&self, scope: DeletedScope, after_id: i64, limit: i64) -> tickets::BoxedQuery<'static, Pg, BigInt> {
@@ -285,37 +293,6 @@ impl ResolvedFilters {
             .filter(tickets::id.gt(after_id))
             .order(tickets::id)
             .limit(limit)
-    }
-
-    /// `(locked, highest candidate id)`: a full batch is exactly the candidates; otherwise
-    /// some were skipped, no longer match, or the end is near, and the last candidate is
-    /// looked up. `left_the_candidates`: the locked rows no longer match (soft-deleted), so
-    /// the rest of the batch's candidates are the first `limit - locked` that still do.
-    fn with_last_candidate(
-        &self,
-        conn: &mut PgConnection,
-        scope: DeletedScope,
-        after_id: i64,
-        limit: i64,
-        locked: Vec<i64>,
-        left_the_candidates: bool,
-    ) -> QueryResult<(Vec<i64>, Option<i64>)> {
-        if locked.len() as i64 == limit {
-            let last = locked.last().copied();
-            return Ok((locked, last));
-        }
-        let rest = if left_the_candidates {
-            limit - locked.len() as i64
-        } else {
-            limit
-        };
-        let last_rest: Option<i64> = self
-            .candidates(scope, after_id, rest)
-            .load::<i64>(conn)?
-            .last()
-            .copied();
-        let last = last_rest.max(locked.last().copied());
-        Ok((locked, last))
     }
 
     /// The tickets the filters select, as a boxed query the caller can narrow further.
