@@ -34,8 +34,8 @@ pub enum What {
         /// Bring back tickets that are soft-deleted in the database (otherwise skipped)
         #[arg(long)]
         undelete: bool,
-        /// Fast first load into EMPTY tickets/ticket_tags: drops their secondary indexes and
-        /// foreign keys, loads, recreates and validates them, all in one transaction
+        /// Fast first load into EMPTY tickets/ticket_tags: drops their indexes, keys and foreign
+        /// keys, loads, recreates and validates them, all in one transaction
         #[arg(long)]
         initial_load: bool,
     },

@@ -297,7 +297,7 @@ impl ImportKind for TicketImport {
             .execute(conn)
             .context("cannot create the staging table")?;
         if self.initial_load {
-            self.dropped = drop_secondary_indexes_and_keys(conn)?;
+            self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once)?;
         }
         Ok(())
     }
@@ -1096,11 +1096,13 @@ struct Definition {
     kind: Option<String>,
 }
 
-/// `--initial-load`: with tickets and ticket_tags empty, lock them and drop their secondary
-/// indexes and foreign keys (keeping the primary keys and the external_id key: rebuilding
-/// that one, a sort of a million text keys, was measured slower than maintaining it during
-/// the load). Returns the statements that recreate them.
-fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+/// `--initial-load`: with tickets and ticket_tags empty, lock them and drop every index and
+/// key on them — primary keys and the external_id key too, with the foreign keys of other
+/// tables that reference them — so that the load writes bare heaps. The keys stay when
+/// `keep_keys` (the scan could not track the keys: the load then looks them up and may merge
+/// a repeated one). Returns the statements that recreate everything, keys first, foreign keys
+/// last.
+fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Result<Vec<String>> {
     #[derive(QueryableByName)]
     struct Empty {
         #[diesel(sql_type = Bool)]
@@ -1117,34 +1119,53 @@ fn drop_secondary_indexes_and_keys(conn: &mut PgConnection) -> anyhow::Result<Ve
             "--initial-load needs empty tickets and ticket_tags tables, and they hold rows; import without --initial-load"
         );
     }
-    let definitions: Vec<Definition> = sql_query(
+    let mut definitions: Vec<Definition> = sql_query(
         "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
                 pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind
          FROM pg_constraint c
-         WHERE c.contype = 'f' AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+         WHERE (c.contype = 'f' AND (c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+                                     OR c.confrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)))
+            OR (c.contype IN ('p', 'u') AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+                AND NOT $1)
          UNION ALL
          SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL
          FROM pg_index i
          WHERE i.indrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
-           AND NOT i.indisprimary AND NOT i.indisunique",
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
     )
+    .bind::<Bool, _>(keep_keys)
     .load(conn)?;
+    // Dropped foreign keys first (they depend on the keys), then keys, then indexes; recreated
+    // the other way round, so that each validation can use the keys.
+    let rank = |d: &Definition| match d.kind.as_deref() {
+        Some("f") => 0,
+        Some(_) => 1,
+        None => 2,
+    };
+    definitions.sort_by_key(rank);
     let mut recreate = Vec::new();
     for d in &definitions {
         if d.kind.is_some() {
             sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", d.table_name, d.name)).execute(conn)?;
-            recreate.push(format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {}",
-                d.table_name, d.name, d.definition
+            recreate.push((
+                rank(d),
+                format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                    d.table_name, d.name, d.definition
+                ),
             ));
         } else {
             sql_query(format!("DROP INDEX {}", d.name)).execute(conn)?;
-            recreate.push(d.definition.clone());
+            recreate.push((rank(d), d.definition.clone()));
         }
     }
-    // Indexes and unique keys first, so that validating each foreign key can use them.
-    recreate.sort_by_key(|s| s.contains("FOREIGN KEY"));
-    Ok(recreate)
+    // Keys, then indexes, then foreign keys.
+    recreate.sort_by_key(|(rank, _)| match rank {
+        1 => 0,
+        2 => 1,
+        _ => 2,
+    });
+    Ok(recreate.into_iter().map(|(_, statement)| statement).collect())
 }
 
 fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {

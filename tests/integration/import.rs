@@ -818,6 +818,33 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     .run();
     run.expect_code(1).stderr_has("--initial-load needs empty tickets");
     assert_eq!(schema(&normal), schema(&fast));
+
+    // A failure in the middle of an initial load (keys and indexes dropped at that point)
+    // leaves the schema and the tables exactly as they were.
+    let failing = TestDb::new();
+    inject_failure(&failing, "T-001500");
+    let run = ticketops(
+        Some(&failing),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            "--initial-load",
+            "--rejects",
+            "d.csv",
+            "--batch-size",
+            "700",
+        ],
+    )
+    .run();
+    run.expect_code(1).stderr_has("injected failure");
+    assert_eq!(failing.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(
+        schema(&normal),
+        schema(&failing),
+        "a failed initial load must leave the schema as it was"
+    );
 }
 
 #[test]
