@@ -662,8 +662,6 @@ impl TicketImport {
         Ok(())
     }
 
-    /// The stored tickets with these external ids, with the values an import compares. Tag
-    /// sets are read (one index range scan) only when the file has a tags column.
     /// Whether writing `row` would leave ticket `stored` exactly as it is, by the rules of
     /// `target_exprs` (absent columns and blank timestamps keep the stored value). Only a
     /// certain "equal" skips the SQL comparison: a deleted ticket, one this import wrote
