@@ -339,8 +339,7 @@ impl ImportKind for TicketImport {
         let with_tags = self.present.tags;
         let mut lookup = StoredLookup::default();
         Some(Box::new(move |conn, rows| {
-            // As in write_batch: index paths are right, and statistics lag a growing table.
-            sql_query("SET LOCAL enable_seqscan = off").execute(conn)?;
+            index_paths_only(conn)?;
             Ok(lookup.read(conn, rows, with_tags)?)
         }))
     }
@@ -366,10 +365,7 @@ impl ImportKind for TicketImport {
                     .unwrap_or(0)
             );
         }
-        // Every statement of a batch touches a few thousand rows of large tables: index paths
-        // are always right, and the planner, without statistics for a table that grows during
-        // the import, otherwise picks sequential scans (measured: 5 s instead of 1 s per 1M).
-        sql_query("SET LOCAL enable_seqscan = off").execute(conn)?;
+        index_paths_only(conn)?;
         let started = std::time::Instant::now();
         self.resolve_entities(conn, &rows)
             .context("cannot resolve organizations, users and tags")?;
@@ -405,6 +401,14 @@ impl ImportKind for TicketImport {
         self.merge_existing(conn, op_id, old, &stored, counts)?;
         Ok(Vec::new())
     }
+}
+
+/// Every statement of a batch touches a few thousand rows of large tables: index paths are
+/// always right, and the planner, without statistics for a table that grows during the
+/// import, otherwise picks sequential scans (measured: 5 s instead of 1 s per 1M rows).
+/// For the rest of the current transaction.
+fn index_paths_only(conn: &mut PgConnection) -> QueryResult<usize> {
+    sql_query("SET LOCAL enable_seqscan = off").execute(conn)
 }
 
 /// Reads the stored tickets of a batch. Files are usually in the order their tickets were
@@ -448,22 +452,22 @@ impl StoredLookup {
             stored.extend(probed);
         }
         stored.sort_unstable_by_key(|t| t.id);
-        let dense = |ids: &[Ticket]| match (ids.first(), ids.last()) {
-            (Some(lo), Some(hi)) => hi.id - lo.id < 2 * ids.len() as i64,
+        // A dense run: the batch's tickets fill at least half of their id range.
+        let dense = match (stored.first(), stored.last()) {
+            (Some(lo), Some(hi)) => hi.id - lo.id < 2 * stored.len() as i64,
             _ => false,
         };
         // Guess again while the guess found most rows, or, after a miss, when this batch's
         // tickets were a dense run themselves.
         let worked = self.next_id.is_some() && guessed * 2 >= wanted.len();
-        let next = stored.last().map(|t| t.id + 1).filter(|_| worked || dense(&stored));
-        self.next_id = next;
+        self.next_id = stored.last().map(|t| t.id + 1).filter(|_| worked || dense);
 
         let mut links: Vec<(i64, i64)> = Vec::new();
         if with_tags && !stored.is_empty() {
             let query = ticket_tags::table
                 .select((ticket_tags::ticket_id, ticket_tags::tag_id))
                 .order((ticket_tags::ticket_id, ticket_tags::tag_id));
-            links = if dense(&stored) {
+            links = if dense {
                 // One index range scan; links of tickets in the range but not in the batch are
                 // skipped below.
                 let (lo, hi) = (stored[0].id, stored[stored.len() - 1].id);
@@ -1133,37 +1137,30 @@ fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Re
     )
     .bind::<Bool, _>(keep_keys)
     .load(conn)?;
-    // Dropped foreign keys first (they depend on the keys), then keys, then indexes; recreated
-    // the other way round, so that each validation can use the keys.
-    let rank = |d: &Definition| match d.kind.as_deref() {
-        Some("f") => 0,
-        Some(_) => 1,
-        None => 2,
+    // Recreated keys first (a duplicate fails the load before the long part), then indexes,
+    // then foreign keys (each validation uses the rebuilt keys); dropped the other way round,
+    // since the foreign keys depend on the keys.
+    let recreate_order = |d: &Definition| match d.kind.as_deref() {
+        Some("f") => 2,
+        Some(_) => 0,
+        None => 1,
     };
-    definitions.sort_by_key(rank);
+    definitions.sort_by_key(|d| std::cmp::Reverse(recreate_order(d)));
     let mut recreate = Vec::new();
     for d in &definitions {
         if d.kind.is_some() {
             sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", d.table_name, d.name)).execute(conn)?;
-            recreate.push((
-                rank(d),
-                format!(
-                    "ALTER TABLE {} ADD CONSTRAINT {} {}",
-                    d.table_name, d.name, d.definition
-                ),
+            recreate.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                d.table_name, d.name, d.definition
             ));
         } else {
             sql_query(format!("DROP INDEX {}", d.name)).execute(conn)?;
-            recreate.push((rank(d), d.definition.clone()));
+            recreate.push(d.definition.clone());
         }
     }
-    // Keys, then indexes, then foreign keys.
-    recreate.sort_by_key(|(rank, _)| match rank {
-        1 => 0,
-        2 => 1,
-        _ => 2,
-    });
-    Ok(recreate.into_iter().map(|(_, statement)| statement).collect())
+    recreate.reverse();
+    Ok(recreate)
 }
 
 fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
