@@ -802,20 +802,23 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     );
     ticketops(Some(&fast), &dir, &["doctor"]).run().expect_code(0);
 
-    // Not on a table that holds rows: a clear refusal, nothing changed.
-    let run = ticketops(
-        Some(&fast),
-        &dir,
-        &[
+    let initial_load = |db: &TestDb, rejects: &str| {
+        let file = file.to_str().unwrap();
+        let args = [
             "import",
             "tickets",
-            file.to_str().unwrap(),
+            file,
             "--initial-load",
             "--rejects",
-            "c.csv",
-        ],
-    )
-    .run();
+            rejects,
+            "--batch-size",
+            "700",
+        ];
+        ticketops(Some(db), &dir, &args).run()
+    };
+
+    // Not on a table that holds rows: a clear refusal, nothing changed.
+    let run = initial_load(&fast, "c.csv");
     run.expect_code(1).stderr_has("--initial-load needs empty tickets");
     assert_eq!(schema(&normal), schema(&fast));
 
@@ -823,21 +826,7 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     // leaves the schema and the tables exactly as they were.
     let failing = TestDb::new();
     inject_failure(&failing, "T-001500");
-    let run = ticketops(
-        Some(&failing),
-        &dir,
-        &[
-            "import",
-            "tickets",
-            file.to_str().unwrap(),
-            "--initial-load",
-            "--rejects",
-            "d.csv",
-            "--batch-size",
-            "700",
-        ],
-    )
-    .run();
+    let run = initial_load(&failing, "d.csv");
     run.expect_code(1).stderr_has("injected failure");
     assert_eq!(failing.scalar("SELECT count(*) FROM tickets"), 0);
     assert_eq!(
