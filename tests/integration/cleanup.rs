@@ -311,6 +311,47 @@ fn a_locked_row_is_skipped_not_waited_on_and_taken_by_the_next_run() {
     assert_eq!(run.expect_code(0).json()["soft_deleted"], 1);
 }
 
+/// An application inserting a comment holds a KEY SHARE lock on its ticket (the foreign-key
+/// check). Soft-delete locks FOR NO KEY UPDATE, which does not conflict with it: the ticket
+/// is taken, and neither side waits.
+#[test]
+fn a_comment_being_added_does_not_keep_its_ticket_from_a_soft_delete() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = dataset();
+    let mut app = db.conn();
+    app.batch_execute(
+        "BEGIN; INSERT INTO comments (ticket_id, author_id, body)
+                SELECT t.id, t.requester_id, 'still typing' FROM tickets t WHERE t.external_id = 'C-2'",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--lock-timeout",
+            "30s",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 3, "{}", run.explain());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it waited on the comment's lock"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'C-2' AND deleted_at IS NOT NULL"),
+        1
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM comments"), 1);
+}
+
 #[test]
 fn a_failing_batch_leaves_earlier_batches_committed() {
     let (db, dir) = dataset();
