@@ -393,27 +393,21 @@ fn purge(
     let mut last_id = 0i64;
     let mut comments_purged = 0u64;
     let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let candidates: Vec<i64> = purgeable()
+        // Found and locked in one ordered primary-key scan: rows another transaction holds are
+        // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
+        // restored meanwhile before locking it.
+        let ids: Vec<i64> = tickets::table
             .select(tickets::id)
+            .filter(tickets::deleted_at.lt(deleted_before))
             .filter(tickets::id.gt(last_id))
             .order(tickets::id)
             .limit(limit as i64)
-            .load(conn)?;
-        let Some(&max) = candidates.last() else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        let ids: Vec<i64> = tickets::table
-            .select(tickets::id)
-            .filter(tickets::id.eq_any(&candidates))
-            .filter(tickets::deleted_at.lt(deleted_before))
-            .order(tickets::id)
             .for_update()
             .skip_locked()
             .load(conn)?;
-        if ids.is_empty() {
-            last_id = max;
-            return Ok(Step { rows: 0, done: false });
-        }
+        let Some(&max) = ids.last() else {
+            return Ok(Step { rows: 0, done: true });
+        };
         // Archive first, durably; delete only after. Any failure rolls the batch back and
         // cuts the archive back to where it was.
         // Archive lengths before this batch, to cut back to if it fails.

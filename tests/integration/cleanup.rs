@@ -311,6 +311,42 @@ fn a_locked_row_is_skipped_not_waited_on_and_taken_by_the_next_run() {
     assert_eq!(run.expect_code(0).json()["soft_deleted"], 1);
 }
 
+#[test]
+fn purge_skips_a_locked_row_without_waiting_and_the_next_run_takes_it() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = dataset();
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days' WHERE status = 'closed'");
+    let closed = db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'");
+    assert!(closed >= 3, "the dataset has closed tickets around the locked one");
+    let mut app = db.conn();
+    app.batch_execute("BEGIN; SELECT * FROM tickets WHERE external_id = 'C-2' FOR UPDATE")
+        .unwrap();
+    let purge = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "cleanup",
+            "purge",
+            "--deleted-before",
+            "90d",
+            "--batch-size",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        ticketops(Some(&db), &dir, &args).run()
+    };
+    let started = Instant::now();
+    let run = purge(&["--lock-timeout", "30s"]);
+    assert_eq!(run.expect_code(0).json()["purged"].as_i64().unwrap(), closed - 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it waited on the locked row"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'"), 1);
+    assert_eq!(purge(&[]).expect_code(0).json()["purged"], 1);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'"), 0);
+}
+
 /// An application inserting a comment holds a KEY SHARE lock on its ticket (the foreign-key
 /// check). Soft-delete locks FOR NO KEY UPDATE, which does not conflict with it: the ticket
 /// is taken, and neither side waits.
