@@ -8,6 +8,7 @@
 //! batch in flight and `--resume` continues exactly after the last committed one.
 
 pub mod comments;
+mod copy_binary;
 pub mod entities;
 pub mod normalize;
 pub mod rejects;

@@ -11,19 +11,22 @@
 //!    before-images written to `audit_log` by the same statement. Unchanged rows are never
 //!    written, so a re-import leaves no dead tuples.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use diesel::pg::CopyFormat;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, sql_query};
 
+use super::copy_binary::{BinaryCopy, write_error};
 use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
-use crate::models::{NewTicket, Ticket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::models::{Ticket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
 use crate::operation;
 use crate::schema::{ticket_tags, tickets};
 
@@ -157,6 +160,40 @@ pub struct TicketImport {
     /// Reads stored tickets when no read-ahead did.
     stored: StoredLookup,
 }
+
+/// The columns a new ticket is copied with, in the order `insert_new` writes them.
+type NewTicketColumns = (
+    tickets::id,
+    tickets::external_id,
+    tickets::subject,
+    tickets::description,
+    tickets::status,
+    tickets::priority,
+    tickets::channel,
+    tickets::requester_id,
+    tickets::assignee_id,
+    tickets::organization_id,
+    tickets::created_at,
+    tickets::updated_at,
+    tickets::solved_at,
+    tickets::last_operation_id,
+);
+const NEW_TICKET_COLUMNS: NewTicketColumns = (
+    tickets::id,
+    tickets::external_id,
+    tickets::subject,
+    tickets::description,
+    tickets::status,
+    tickets::priority,
+    tickets::channel,
+    tickets::requester_id,
+    tickets::assignee_id,
+    tickets::organization_id,
+    tickets::created_at,
+    tickets::updated_at,
+    tickets::solved_at,
+    tickets::last_operation_id,
+);
 
 /// Past this many inserted tickets an import ends with ANALYZE.
 const ANALYZE_AFTER_ROWS: u64 = 50_000;
@@ -746,35 +783,47 @@ impl TicketImport {
                 .context("cannot allocate ticket ids")?;
             ids.into_iter().map(|i| i.id).collect()
         };
-        let mut tickets_out = Vec::with_capacity(rows.len());
-        let mut links = Vec::new();
-        for (r, id) in rows.into_iter().zip(ids) {
-            let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
-            links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
-            let row = r.row;
-            let created_at = row.created_at.unwrap_or(self.import_time);
-            tickets_out.push(NewTicket {
-                id,
-                external_id: row.external_id,
-                subject: row.subject,
-                description: row.description,
-                status: row.status,
-                priority: row.priority,
-                channel: row.channel,
-                requester_id,
-                assignee_id,
-                organization_id,
-                created_at,
-                updated_at: row.updated_at.unwrap_or(created_at),
-                solved_at: row.solved_at,
-                deleted_at: None,
-                last_operation_id: Some(op_id),
-            });
-        }
+        // Each row is encoded as the COPY streams, so the lookups and the freeing of the
+        // parsed rows overlap with the server ingesting the rows before.
+        let pending = RefCell::new(Some(rows));
+        let links = RefCell::new(Vec::new());
+        let import_time = self.import_time;
+        let this = &*self;
         let inserted = diesel::copy_from(tickets::table)
-            .from_insertable(&tickets_out)
+            .from_raw_data(NEW_TICKET_COLUMNS, |out| -> Result<(), diesel::result::Error> {
+                let rows = pending.take().expect("the COPY callback runs once");
+                let mut links = links.borrow_mut();
+                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                for (r, &id) in rows.into_iter().zip(&ids) {
+                    let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
+                    links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
+                    let row = r.row;
+                    let created_at = row.created_at.unwrap_or(import_time);
+                    (|| -> std::io::Result<()> {
+                        copy.row(14)?;
+                        copy.int8(id)?;
+                        copy.text(&row.external_id)?;
+                        copy.text(&row.subject)?;
+                        copy.opt_text(row.description.as_deref())?;
+                        copy.text(row.status.as_str())?;
+                        copy.text(row.priority.as_str())?;
+                        copy.text(row.channel.as_str())?;
+                        copy.int8(requester_id)?;
+                        copy.opt_int8(assignee_id)?;
+                        copy.opt_int8(organization_id)?;
+                        copy.timestamptz(created_at)?;
+                        copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
+                        copy.opt_timestamptz(row.solved_at)?;
+                        copy.int8(op_id)
+                    })()
+                    .map_err(write_error)?;
+                }
+                copy.finish().map_err(write_error)
+            })
+            .with_format(CopyFormat::Binary)
             .execute(conn)
             .context("cannot COPY new tickets")?;
+        let links = links.into_inner();
         if !links.is_empty() {
             diesel::copy_from(ticket_tags::table)
                 .from_insertable(&links)
@@ -784,13 +833,13 @@ impl TicketImport {
         // The audit trail of inserts is one row per batch listing the new ids as ranges (they
         // come from one sequence call, so usually one range): a row per ticket would cost as
         // much as a third table's worth of index and foreign-key work.
-        let ranges = id_ranges(tickets_out.iter().map(|t| t.id));
+        let ranges = id_ranges(ids.iter().copied());
         operation::audit_batch(
             conn,
             op_id,
             "tickets",
             INSERT_IDS_ACTION,
-            tickets_out[0].id,
+            ids[0],
             None,
             Some(serde_json::json!({ "ids": ranges })),
         )
