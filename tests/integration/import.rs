@@ -788,6 +788,7 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     run.expect_code(3);
     assert_eq!(outcome(&a), outcome(&b));
     assert_same_rows(&fast.ticket_snapshot(), &normal.ticket_snapshot(), "initial load");
+    assert_same_rows(&fast.user_snapshot(), &normal.user_snapshot(), "initial load's users");
     let schema = |db: &TestDb| {
         db.strings(
             "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' UNION ALL
@@ -805,6 +806,7 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     let initial_load = |db: &TestDb, rejects: &str| {
         let file = file.to_str().unwrap();
         let args = [
+            "--json",
             "import",
             "tickets",
             file,
@@ -821,6 +823,49 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     let run = initial_load(&fast, "c.csv");
     run.expect_code(1).stderr_has("--initial-load needs empty tickets");
     assert_eq!(schema(&normal), schema(&fast));
+
+    // Users that exist before the load (here without name or organization, some agents) are
+    // filled in and promoted exactly as by a normal import; new ones are inserted alongside.
+    let mut emails: Vec<String> = csv::Reader::from_path(&file)
+        .unwrap()
+        .records()
+        .filter_map(Result::ok)
+        .filter_map(|r| r.get(6).map(|e| e.trim().to_lowercase()))
+        .filter(|e| e.contains('@'))
+        .step_by(9)
+        .collect();
+    emails.sort();
+    emails.dedup();
+    assert!(emails.len() > 50, "the file has requesters to create beforehand");
+    let existing = emails
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("('{e}', '{}')", if i % 5 == 0 { "agent" } else { "customer" }))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (normal, fast) = (TestDb::new(), TestDb::new());
+    for db in [&normal, &fast] {
+        db.execute(&format!("INSERT INTO users (email, role) VALUES {existing}"));
+    }
+    let (_, a) = import(
+        &normal,
+        &dir,
+        "tickets",
+        &file,
+        &["--rejects", "e.csv", "--batch-size", "700"],
+    );
+    let run = initial_load(&fast, "f.csv");
+    assert_eq!(outcome(&a), outcome(&run.expect_code(3).json()));
+    assert_same_rows(
+        &fast.ticket_snapshot(),
+        &normal.ticket_snapshot(),
+        "initial load onto users",
+    );
+    assert_same_rows(
+        &fast.user_snapshot(),
+        &normal.user_snapshot(),
+        "initial load onto users: users",
+    );
 
     // A failure in the middle of an initial load (keys and indexes dropped at that point)
     // leaves the schema and the tables exactly as they were.

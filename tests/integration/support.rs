@@ -198,6 +198,14 @@ impl TestDb {
         )
     }
 
+    /// Every user as the imports leave it: name, role and organization by e-mail.
+    pub fn user_snapshot(&self) -> Vec<String> {
+        self.strings(
+            "SELECT u.email, u.name, u.role, o.name FROM users u
+             LEFT JOIN organizations o ON o.id = u.organization_id ORDER BY u.email",
+        )
+    }
+
     /// The physical identity of every row version: changes whenever any row is rewritten.
     pub fn row_versions(&self, table: &str) -> Vec<String> {
         self.strings(&format!("SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid"))
