@@ -346,6 +346,11 @@ impl ImportKind for TicketImport {
         sql_query("SET LOCAL enable_seqscan = on").execute(conn)?;
         if self.initial_load {
             let started = std::time::Instant::now();
+            self.cache
+                .flush_held_users(conn)
+                .context("cannot write the users the load held back")?;
+            self.phases.add("write held-back users", started);
+            let started = std::time::Instant::now();
             recreate(conn, &self.dropped)?;
             self.phases.add("rebuild indexes and keys", started);
         }
