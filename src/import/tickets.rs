@@ -161,40 +161,6 @@ pub struct TicketImport {
     stored: StoredLookup,
 }
 
-/// The columns a new ticket is copied with, in the order `insert_new` writes them.
-type NewTicketColumns = (
-    tickets::id,
-    tickets::external_id,
-    tickets::subject,
-    tickets::description,
-    tickets::status,
-    tickets::priority,
-    tickets::channel,
-    tickets::requester_id,
-    tickets::assignee_id,
-    tickets::organization_id,
-    tickets::created_at,
-    tickets::updated_at,
-    tickets::solved_at,
-    tickets::last_operation_id,
-);
-const NEW_TICKET_COLUMNS: NewTicketColumns = (
-    tickets::id,
-    tickets::external_id,
-    tickets::subject,
-    tickets::description,
-    tickets::status,
-    tickets::priority,
-    tickets::channel,
-    tickets::requester_id,
-    tickets::assignee_id,
-    tickets::organization_id,
-    tickets::created_at,
-    tickets::updated_at,
-    tickets::solved_at,
-    tickets::last_operation_id,
-);
-
 /// Past this many inserted tickets an import ends with ANALYZE.
 const ANALYZE_AFTER_ROWS: u64 = 50_000;
 
@@ -798,36 +764,55 @@ impl TicketImport {
         let import_time = self.import_time;
         let this = &*self;
         let inserted = diesel::copy_from(tickets::table)
-            .from_raw_data(NEW_TICKET_COLUMNS, |out| -> Result<(), diesel::result::Error> {
-                let rows = pending.take().expect("the COPY callback runs once");
-                let mut links = links.borrow_mut();
-                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                for (r, &id) in rows.into_iter().zip(&ids) {
-                    let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
-                    links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
-                    let row = r.row;
-                    let created_at = row.created_at.unwrap_or(import_time);
-                    (|| -> std::io::Result<()> {
-                        copy.row(14)?;
-                        copy.int8(id)?;
-                        copy.text(&row.external_id)?;
-                        copy.text(&row.subject)?;
-                        copy.opt_text(row.description.as_deref())?;
-                        copy.text(row.status.as_str())?;
-                        copy.text(row.priority.as_str())?;
-                        copy.text(row.channel.as_str())?;
-                        copy.int8(requester_id)?;
-                        copy.opt_int8(assignee_id)?;
-                        copy.opt_int8(organization_id)?;
-                        copy.timestamptz(created_at)?;
-                        copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
-                        copy.opt_timestamptz(row.solved_at)?;
-                        copy.int8(op_id)
-                    })()
-                    .map_err(write_error)?;
-                }
-                copy.finish().map_err(write_error)
-            })
+            .from_raw_data(
+                // In the order the rows below are written.
+                (
+                    tickets::id,
+                    tickets::external_id,
+                    tickets::subject,
+                    tickets::description,
+                    tickets::status,
+                    tickets::priority,
+                    tickets::channel,
+                    tickets::requester_id,
+                    tickets::assignee_id,
+                    tickets::organization_id,
+                    tickets::created_at,
+                    tickets::updated_at,
+                    tickets::solved_at,
+                    tickets::last_operation_id,
+                ),
+                |out| -> Result<(), diesel::result::Error> {
+                    let rows = pending.take().expect("the COPY callback runs once");
+                    let mut links = links.borrow_mut();
+                    let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                    for (r, &id) in rows.into_iter().zip(&ids) {
+                        let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
+                        links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
+                        let row = r.row;
+                        let created_at = row.created_at.unwrap_or(import_time);
+                        (|| -> std::io::Result<()> {
+                            copy.row(14)?;
+                            copy.int8(id)?;
+                            copy.text(&row.external_id)?;
+                            copy.text(&row.subject)?;
+                            copy.opt_text(row.description.as_deref())?;
+                            copy.text(row.status.as_str())?;
+                            copy.text(row.priority.as_str())?;
+                            copy.text(row.channel.as_str())?;
+                            copy.int8(requester_id)?;
+                            copy.opt_int8(assignee_id)?;
+                            copy.opt_int8(organization_id)?;
+                            copy.timestamptz(created_at)?;
+                            copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
+                            copy.opt_timestamptz(row.solved_at)?;
+                            copy.int8(op_id)
+                        })()
+                        .map_err(write_error)?;
+                    }
+                    copy.finish().map_err(write_error)
+                },
+            )
             .with_format(CopyFormat::Binary)
             .execute(conn)
             .context("cannot COPY new tickets")?;
