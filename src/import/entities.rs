@@ -9,9 +9,8 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
 
 use super::copy_binary::{BinaryCopy, write_error};
-use crate::schema::users;
-
 use crate::models::UserRole;
+use crate::schema::users;
 
 /// Caches are cleared past this many entries, so memory stays bounded on exports with
 /// millions of distinct users.
@@ -207,7 +206,7 @@ impl EntityCache {
     /// For `--initial-load`: locks users against other writers until the transaction ends
     /// (readers are not blocked), so that users missing from the table can be inserted with
     /// a binary COPY instead of INSERT … ON CONFLICT (measured: 0.56 s against 1.4 s for
-    /// 100,000 users). When the table is empty, the cache then knows every user there is and
+    /// 100,000 users upserted batch by batch). When the table is empty, the cache then knows every user there is and
     /// the read before each batch's insert is skipped, until the cache is next cleared.
     pub fn lock_users_for_load(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
         #[derive(QueryableByName)]
