@@ -206,8 +206,9 @@ impl EntityCache {
     /// For `--initial-load`: locks users against other writers until the transaction ends
     /// (readers are not blocked), so that users missing from the table can be inserted with
     /// a binary COPY instead of INSERT … ON CONFLICT (measured: 0.56 s against 1.4 s for
-    /// 100,000 users upserted batch by batch). When the table is empty, the cache then knows every user there is and
-    /// the read before each batch's insert is skipped, until the cache is next cleared.
+    /// 100,000 users upserted batch by batch). When the table is empty, the cache then knows
+    /// every user there is and the read before each batch's insert is skipped, until the
+    /// cache is next cleared.
     pub fn lock_users_for_load(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
         #[derive(QueryableByName)]
         struct Empty {
