@@ -38,9 +38,9 @@ start_local_pg() {
 }
 
 # For the benchmarks, before each timed run: waits (at most 5 minutes) until no autovacuum worker
-# is busy, then checkpoints. Every run then starts on a quiet server instead of paying for the
-# previous run's vacuum and dirty pages (on 2 cores, a vacuum of a 1M-row table next door costs
-# the timed run seconds).
+# is busy, then checkpoints and has the kernel write out its dirty pages. Every run then starts
+# on a quiet server instead of paying for the previous run's vacuum and writes (on 2 cores, a
+# vacuum of a 1M-row table next door costs the timed run seconds).
 settle_server() {
     local i
     for i in $(seq 1 300); do
@@ -48,4 +48,5 @@ settle_server() {
         sleep 1
     done
     psql -q "$DATABASE_URL" -c "CHECKPOINT"
+    sync
 }
