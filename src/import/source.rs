@@ -229,6 +229,17 @@ impl<'a> RecordFields<'a> {
         };
         let name = self.fields[index].name;
         let bytes = self.record.get(column).unwrap_or(b"");
+        if let Some(at) = bytes.iter().position(|&b| b == 0) {
+            // Valid UTF-8, but PostgreSQL's text cannot hold it: the whole COPY would fail.
+            return Err(RowError::new(
+                Some(name),
+                "NUL byte",
+                format!(
+                    "a NUL byte (0x00) at byte {} of the field, which PostgreSQL text cannot store",
+                    at + 1
+                ),
+            ));
+        }
         let text = match self.encoding {
             Encoding::Utf8 => match std::str::from_utf8(bytes) {
                 Ok(s) => Cow::Borrowed(s.trim()),

@@ -148,6 +148,15 @@ fn invalid_utf8_is_rejected_and_kept_verbatim() {
     assert!(bytes.windows(2).any(|w| w == b"\xff\xfe"), "raw bytes not kept");
 }
 
+/// A NUL byte is valid UTF-8 but no PostgreSQL text can hold it: it rejects its row, in a
+/// normal import and in an initial load (where a failing COPY would lose the whole load).
+#[test]
+fn a_nul_byte_rejects_its_row_not_the_import() {
+    let rejected = [("Z-2", 3, "NUL byte"), ("Z-4", 5, "NUL byte")];
+    check_fixture("nul_byte.csv", &[], &["Z-1", "Z-3"], &rejected);
+    check_fixture("nul_byte.csv", &["--initial-load"], &["Z-1", "Z-3"], &rejected);
+}
+
 #[test]
 fn duplicate_keys_last_occurrence_wins() {
     let dir = scratch("dup");
