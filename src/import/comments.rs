@@ -25,26 +25,32 @@ pub const FIELDS: &[FieldSpec] = &[
     FieldSpec {
         name: "external_id",
         required: false,
+        indexed: true,
     },
     FieldSpec {
         name: "ticket_external_id",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "author_email",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "body",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "public",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "created_at",
         required: false,
+        indexed: false,
     },
 ];
 

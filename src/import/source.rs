@@ -17,7 +17,13 @@ use crate::exit::UsageError;
 pub struct FieldSpec {
     pub name: &'static str,
     pub required: bool,
+    /// Stored in or looked up through a B-tree index, whose entries hold at most ~2,700
+    /// bytes: longer values are rejected (`MAX_INDEXED_BYTES`) rather than fail the batch.
+    pub indexed: bool,
 }
+
+/// The longest value accepted for an indexed field, in bytes.
+pub const MAX_INDEXED_BYTES: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -256,7 +262,18 @@ impl<'a> RecordFields<'a> {
             },
             Encoding::Latin1 => Cow::Owned(bytes.iter().map(|&b| b as char).collect::<String>().trim().to_string()),
         };
-        Ok(Some(self.value_map.apply(name, text)))
+        let text = self.value_map.apply(name, text);
+        if self.fields[index].indexed && text.len() > MAX_INDEXED_BYTES {
+            return Err(RowError::new(
+                Some(name),
+                "value too long",
+                format!(
+                    "{name} is {} bytes long; at most {MAX_INDEXED_BYTES} are allowed for a value kept in an index",
+                    text.len()
+                ),
+            ));
+        }
+        Ok(Some(text))
     }
 
     /// Like `get`, but an empty or absent value is `None`.
@@ -448,14 +465,17 @@ mod tests {
         FieldSpec {
             name: "external_id",
             required: true,
+            indexed: true,
         },
         FieldSpec {
             name: "subject",
             required: true,
+            indexed: false,
         },
         FieldSpec {
             name: "tags",
             required: false,
+            indexed: false,
         },
     ];
 

@@ -50,58 +50,72 @@ pub const FIELDS: &[FieldSpec] = &[
     FieldSpec {
         name: "external_id",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "subject",
         required: true,
+        indexed: false,
     },
     FieldSpec {
         name: "description",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "status",
         required: true,
+        indexed: false,
     },
     FieldSpec {
         name: "priority",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "channel",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "requester_email",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "requester_name",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "assignee_email",
         required: false,
+        indexed: true,
     },
     FieldSpec {
         name: "organization",
         required: false,
+        indexed: true,
     },
     FieldSpec {
         name: "tags",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "created_at",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "updated_at",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "solved_at",
         required: false,
+        indexed: false,
     },
 ];
 

@@ -26,18 +26,22 @@ pub const FIELDS: &[FieldSpec] = &[
     FieldSpec {
         name: "email",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "name",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "role",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "organization",
         required: false,
+        indexed: true,
     },
 ];
 

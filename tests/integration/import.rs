@@ -157,6 +157,25 @@ fn a_nul_byte_rejects_its_row_not_the_import() {
     check_fixture("nul_byte.csv", &["--initial-load"], &["Z-1", "Z-3"], &rejected);
 }
 
+/// A key longer than a B-tree index entry can hold (about 2,700 bytes) used to fail its whole
+/// batch inside PostgreSQL; values over 1,000 bytes in indexed fields are rejected instead.
+#[test]
+fn an_overlong_key_rejects_its_row_not_the_import() {
+    let long_key = format!("W{}", "3".repeat(1000));
+    let rejected = [
+        ("W-2", 3, "requester_email is 1013 bytes long"),
+        (long_key.as_str(), 4, "external_id is 1001 bytes long"),
+        ("W-4", 5, "organization is 1003 bytes long"),
+        ("W-5", 6, "assignee_email is 1013 bytes long"),
+    ];
+    let db = check_fixture("too_long.csv", &[], &["W-1", "W-6"], &rejected);
+    assert_eq!(
+        db.scalar("SELECT length(o.name) FROM tickets t JOIN organizations o ON o.id = t.organization_id"),
+        1000
+    );
+    check_fixture("too_long.csv", &["--initial-load"], &["W-1", "W-6"], &rejected);
+}
+
 #[test]
 fn duplicate_keys_last_occurrence_wins() {
     let dir = scratch("dup");

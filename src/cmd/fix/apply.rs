@@ -75,38 +75,47 @@ const FIELDS: &[FieldSpec] = &[
     FieldSpec {
         name: "external_id",
         required: true,
+        indexed: true,
     },
     FieldSpec {
         name: "status",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "priority",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "assignee_email",
         required: false,
+        indexed: true,
     },
     FieldSpec {
         name: "organization",
         required: false,
+        indexed: true,
     },
     FieldSpec {
         name: "subject",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "tags_add",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "tags_remove",
         required: false,
+        indexed: false,
     },
     FieldSpec {
         name: "channel",
         required: false,
+        indexed: false,
     },
 ];
 
