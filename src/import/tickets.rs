@@ -1143,7 +1143,7 @@ fn id_ranges(ids: impl Iterator<Item = i64>) -> Vec<[i64; 2]> {
 const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";
 
 #[derive(QueryableByName)]
-struct Definition {
+pub(super) struct Definition {
     #[diesel(sql_type = Text)]
     name: String,
     #[diesel(sql_type = Text)]
@@ -1177,7 +1177,7 @@ fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Re
             "--initial-load needs empty tickets and ticket_tags tables, and they hold rows; import without --initial-load"
         );
     }
-    let mut definitions: Vec<Definition> = sql_query(
+    let definitions: Vec<Definition> = sql_query(
         "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
                 pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind
          FROM pg_constraint c
@@ -1193,9 +1193,17 @@ fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Re
     )
     .bind::<Bool, _>(keep_keys)
     .load(conn)?;
-    // Recreated keys first (a duplicate fails the load before the long part), then indexes,
-    // then foreign keys (each validation uses the rebuilt keys); dropped the other way round,
-    // since the foreign keys depend on the keys.
+    drop_for_rebuild(conn, definitions)
+}
+
+/// Drops the constraints and indexes `definitions` describes; returns the statements that
+/// recreate them: keys first (a duplicate fails the load before the long part), then indexes,
+/// then foreign keys (each validation uses the rebuilt keys). Dropped the other way round,
+/// since the foreign keys depend on the keys.
+pub(super) fn drop_for_rebuild(
+    conn: &mut PgConnection,
+    mut definitions: Vec<Definition>,
+) -> anyhow::Result<Vec<String>> {
     let recreate_order = |d: &Definition| match d.kind.as_deref() {
         Some("f") => 2,
         Some(_) => 0,
@@ -1219,7 +1227,7 @@ fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Re
     Ok(recreate)
 }
 
-fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
+pub(super) fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
     sql_query("SET LOCAL maintenance_work_mem = '256MB'").execute(conn)?;
     for statement in statements {
         sql_query(statement)
