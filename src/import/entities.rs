@@ -67,7 +67,6 @@ pub struct UserRef<'a> {
     pub organization_id: Option<i64>,
 }
 
-#[derive(Default)]
 pub struct EntityCache {
     // Keyed by a 128-bit hash of the name, not the name itself: a million-row import has
     // ~100,000 distinct e-mails, and their strings were most of the import's memory growth.
@@ -83,9 +82,31 @@ pub struct EntityCache {
     user_changes: HashMap<i64, UserChange>,
     /// What `lock_users_for_load` dropped from an empty users table, to recreate.
     users_rebuild: Vec<String>,
+    /// Each cache is cleared, before a batch is resolved, once it holds more than this.
+    limit: usize,
+}
+
+impl Default for EntityCache {
+    fn default() -> Self {
+        EntityCache::with_limit(CACHE_LIMIT)
+    }
 }
 
 impl EntityCache {
+    /// A cache whose maps are cleared past `limit` entries (`default()`: 500,000).
+    pub fn with_limit(limit: usize) -> EntityCache {
+        EntityCache {
+            organizations: KeyMap::default(),
+            users: KeyMap::default(),
+            tags: KeyMap::default(),
+            users_locked: false,
+            users_complete: false,
+            user_changes: HashMap::new(),
+            users_rebuild: Vec::new(),
+            limit,
+        }
+    }
+
     /// Forgets everything, e.g. after a rolled-back batch whose inserts are gone.
     pub fn clear(&mut self) {
         self.organizations.clear();
@@ -113,11 +134,12 @@ impl EntityCache {
         conn: &mut PgConnection,
         names: impl IntoIterator<Item = &'a str>,
     ) -> QueryResult<()> {
+        // Bounded before the batch is resolved, never during: what it finds cached must stay.
+        bound_cache(&mut self.organizations, self.limit);
         let missing = missing_keys(&self.organizations, names);
         if missing.is_empty() {
             return Ok(());
         }
-        bound_cache(&mut self.organizations);
         for row in upsert_names(conn, "organizations", &missing)? {
             self.organizations.insert(key(&row.name), row.id);
         }
@@ -129,11 +151,11 @@ impl EntityCache {
         conn: &mut PgConnection,
         names: impl IntoIterator<Item = &'a str>,
     ) -> QueryResult<()> {
+        bound_cache(&mut self.tags, self.limit);
         let missing = missing_keys(&self.tags, names);
         if missing.is_empty() {
             return Ok(());
         }
-        bound_cache(&mut self.tags);
         for row in upsert_names(conn, "tags", &missing)? {
             self.tags.insert(key(&row.name), row.id);
         }
@@ -146,6 +168,13 @@ impl EntityCache {
     /// wins and is never overwritten, so the result does not depend on batch boundaries, a
     /// resume, or how often the file is imported.
     pub fn ensure_users(&mut self, conn: &mut PgConnection, refs: &[UserRef<'_>]) -> QueryResult<()> {
+        // Bounded before the batch is resolved, never during: the users it finds cached are
+        // not read again, and its rows are written with their cached ids.
+        if self.users.len() > self.limit {
+            self.rebuild_users(conn)?;
+            self.users.clear();
+            self.users_complete = false;
+        }
         // One entry per e-mail: the strongest role, the first non-empty name and organization.
         let mut wanted: KeyMap<UserRef<'_>> = KeyMap::default();
         for r in refs {
@@ -166,11 +195,6 @@ impl EntityCache {
         }
         if wanted.is_empty() {
             return Ok(());
-        }
-        if self.users.len() > CACHE_LIMIT {
-            self.rebuild_users(conn)?;
-            self.users.clear();
-            self.users_complete = false;
         }
         // Read first: on a re-import nearly every user exists already, and a plain read neither
         // writes nor locks them, where ON CONFLICT DO UPDATE locks each conflicting row. Not
@@ -198,7 +222,7 @@ impl EntityCache {
                 }
             }
             self.copy_new_users(conn, &new)?;
-            if self.user_changes.len() > CACHE_LIMIT / 5 {
+            if self.user_changes.len() > self.limit / 5 {
                 self.write_user_changes(conn)?;
             }
             return Ok(());
@@ -554,8 +578,8 @@ fn stored_name<'a>(r: &UserRef<'a>) -> Option<&'a str> {
     r.name.filter(|n| !n.is_empty())
 }
 
-fn bound_cache<V>(cache: &mut KeyMap<V>) {
-    if cache.len() > CACHE_LIMIT {
+fn bound_cache<V>(cache: &mut KeyMap<V>, limit: usize) {
+    if cache.len() > limit {
         cache.clear();
     }
 }

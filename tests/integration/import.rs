@@ -1273,3 +1273,46 @@ fn a_reimport_in_any_order_finds_every_stored_ticket() {
         "mixed re-import vs fresh import",
     );
 }
+
+/// The client caches are bounded (500,000 entries each): one that overflows is cleared before
+/// the next batch is resolved, never in the middle, so every user, organization and tag the
+/// batch needs is still there when its rows are written.
+#[test]
+fn an_overflowing_entity_cache_keeps_what_the_batch_needs() {
+    use ticketops::import::entities::{EntityCache, UserRef};
+    use ticketops::models::UserRole;
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let mut cache = EntityCache::with_limit(3);
+    let emails: Vec<String> = (0..10).map(|i| format!("u{i}@example.com")).collect();
+    let names: Vec<String> = (0..10).map(|i| format!("name {i}")).collect();
+    let refs = |range: std::ops::Range<usize>| -> Vec<UserRef<'_>> {
+        emails[range]
+            .iter()
+            .map(|email| UserRef {
+                email,
+                name: None,
+                role: UserRole::Customer,
+                organization_id: None,
+            })
+            .collect()
+    };
+    for batch in [0..6, 3..10, 0..10] {
+        cache.ensure_users(&mut conn, &refs(batch.clone())).unwrap();
+        for email in &emails[batch.clone()] {
+            assert!(cache.user_id(email).is_some(), "{email} of batch {batch:?}");
+        }
+        let wanted = names[batch.clone()].iter().map(String::as_str);
+        cache.ensure_organizations(&mut conn, wanted.clone()).unwrap();
+        cache.ensure_tags(&mut conn, wanted).unwrap();
+        for name in &names[batch.clone()] {
+            assert!(
+                cache.organization_id(name).is_some(),
+                "organization {name} of batch {batch:?}"
+            );
+            assert!(cache.tag_id(name).is_some(), "tag {name} of batch {batch:?}");
+        }
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM users"), 10);
+    assert_eq!(db.scalar("SELECT count(*) FROM organizations"), 10);
+}
