@@ -133,8 +133,17 @@ impl ColumnMap {
             .map(|(f, _)| f.name)
             .collect();
         if !missing.is_empty() {
+            // A one-column header holding another common delimiter: the file is not split.
+            let hint = match header {
+                [only] => [(';', "';'"), ('\t', "tab"), ('|', "'|'")]
+                    .into_iter()
+                    .find(|(c, _)| only.contains(*c))
+                    .map(|(_, name)| format!(" — the header looks {name}-separated: try --delimiter {name}"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             bail!(
-                "the header has no column for the required field(s) {} (header: {}); use --map 'Header Name=field'",
+                "the header has no column for the required field(s) {} (header: {}); use --map 'Header Name=field'{hint}",
                 missing.join(", "),
                 header.join(", ")
             );
@@ -488,6 +497,16 @@ mod tests {
         let map = ColumnMap::resolve(&header, FIELDS, &[]).unwrap();
         assert_eq!(map.positions, vec![Some(0), Some(1), None]);
         assert_eq!(map.ignored, vec!["Extra".to_string()]);
+    }
+
+    #[test]
+    fn a_header_split_on_another_delimiter_gets_a_hint() {
+        let header = vec!["external_id;subject;status".to_string()];
+        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        assert!(err.contains("try --delimiter ';'"), "{err}");
+        let header = vec!["Ticket".to_string(), "Title".to_string()];
+        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        assert!(!err.contains("--delimiter"), "{err}");
     }
 
     #[test]
