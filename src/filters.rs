@@ -92,6 +92,35 @@ pub fn parse_age(value: &str) -> Option<Duration> {
     }
 }
 
+/// What `ResolvedFilters::unmatched_ids` found: distinct values listed, and those that match
+/// no ticket.
+#[derive(Debug)]
+pub struct UnmatchedIds {
+    pub listed: usize,
+    pub unmatched: Vec<String>,
+}
+
+impl UnmatchedIds {
+    /// A warning line, or `None` when every value matched.
+    pub fn warning(&self) -> Option<String> {
+        if self.unmatched.is_empty() {
+            return None;
+        }
+        let sample: Vec<&str> = self.unmatched.iter().take(5).map(String::as_str).collect();
+        let more = if self.unmatched.len() > sample.len() {
+            ", …"
+        } else {
+            ""
+        };
+        Some(format!(
+            "warning: {} of the {} values in the ids file match no ticket: {}{more}",
+            self.unmatched.len(),
+            self.listed,
+            sample.join(", ")
+        ))
+    }
+}
+
 /// The ids or external ids listed in an `--ids-file`.
 #[derive(Debug, Clone, Default)]
 pub struct IdList {
@@ -213,6 +242,40 @@ pub enum DeletedScope {
 }
 
 impl ResolvedFilters {
+    /// The values of `--ids-file` that match no ticket, deleted or not (`None` without an
+    /// ids file): a typo in a spreadsheet of ids would otherwise just select less.
+    pub fn unmatched_ids(&self, conn: &mut PgConnection) -> QueryResult<Option<UnmatchedIds>> {
+        let Some(list) = &self.ids else {
+            return Ok(None);
+        };
+        let mut listed: Vec<String> = if list.external_ids.is_empty() {
+            list.ids.iter().map(i64::to_string).collect()
+        } else {
+            list.external_ids.clone()
+        };
+        listed.sort_unstable();
+        listed.dedup();
+        let known: std::collections::HashSet<String> = if list.external_ids.is_empty() {
+            let ids: Vec<i64> = tickets::table
+                .select(tickets::id)
+                .filter(tickets::id.eq_any(&list.ids))
+                .load(conn)?;
+            ids.iter().map(i64::to_string).collect()
+        } else {
+            tickets::table
+                .select(tickets::external_id)
+                .filter(tickets::external_id.eq_any(&list.external_ids))
+                .load::<String>(conn)?
+                .into_iter()
+                .collect()
+        };
+        let unmatched: Vec<String> = listed.iter().filter(|v| !known.contains(*v)).cloned().collect();
+        Ok(Some(UnmatchedIds {
+            listed: listed.len(),
+            unmatched,
+        }))
+    }
+
     pub fn deleted_scope(&self) -> DeletedScope {
         if self.filters.only_deleted {
             DeletedScope::Only

@@ -193,6 +193,7 @@ fn soft_delete(
     let resolved = filters.resolve()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
+    super::warn_about_unmatched_ids(ctx, &mut conn, &resolved)?;
     if dry_run {
         let count: i64 = resolved.query(DeletedScope::Exclude).count().get_result(&mut conn)?;
         let ids: Vec<i64> = resolved

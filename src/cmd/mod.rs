@@ -53,3 +53,20 @@ pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
         Command::Undo(args) => undo::run(ctx, args),
     }
 }
+
+/// Says on stderr which `--ids-file` values match no ticket (a typo in a spreadsheet of ids
+/// would otherwise only select less), before a writing command's dry run or run.
+pub fn warn_about_unmatched_ids(
+    ctx: &Context,
+    conn: &mut diesel::PgConnection,
+    filters: &crate::filters::ResolvedFilters,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let unmatched = filters
+        .unmatched_ids(conn)
+        .context("cannot check the ids file against the tickets")?;
+    if let Some(warning) = unmatched.as_ref().and_then(|u| u.warning()) {
+        ctx.info(warning);
+    }
+    Ok(())
+}

@@ -60,6 +60,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             }
             args.filters.require_filter_or_all(args.all, "restore")?;
             let resolved = args.filters.resolve()?;
+            super::warn_about_unmatched_ids(ctx, &mut conn, &resolved)?;
             if args.dry_run {
                 let count: i64 = resolved.query(DeletedScope::Only).count().get_result(&mut conn)?;
                 return dry_run_report(ctx, count);

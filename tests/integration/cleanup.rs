@@ -99,12 +99,44 @@ fn each_filter_selects_exactly_the_right_rows() {
         selected(&db, &dir, &["--ids-file", by_external.to_str().unwrap()]),
         set(&["C-2", "C-5"])
     );
+    // The value that matches nothing is named on stderr.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "cleanup",
+            "soft-delete",
+            "--dry-run",
+            "--ids-file",
+            by_external.to_str().unwrap(),
+        ],
+    )
+    .run();
+    run.expect_code(0)
+        .stderr_has("1 of the 3 values in the ids file match no ticket: C-404");
     let id_of_c4 = db.scalar("SELECT id FROM tickets WHERE external_id = 'C-4'");
     let by_id = dir.join("ids.csv");
     std::fs::write(&by_id, format!("id,note\n{id_of_c4},x\n")).unwrap();
     assert_eq!(
         selected(&db, &dir, &["--ids-file", by_id.to_str().unwrap()]),
         set(&["C-4"])
+    );
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "cleanup",
+            "soft-delete",
+            "--dry-run",
+            "--ids-file",
+            by_id.to_str().unwrap(),
+        ],
+    )
+    .run();
+    assert!(
+        !run.expect_code(0).stderr.contains("match no ticket"),
+        "{}",
+        run.explain()
     );
     // Soft-deleted rows are out of scope unless asked for.
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");

@@ -161,6 +161,7 @@ pub struct FixRun<'a> {
 pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -> anyhow::Result<i32> {
     let pool = run.pool;
     let mut conn = db::get(pool)?;
+    crate::cmd::warn_about_unmatched_ids(ctx, &mut conn, run.filters)?;
     let scope = run.filters.deleted_scope();
     let batch_size = run.batching.batch_size as i64;
 
