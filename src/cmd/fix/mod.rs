@@ -65,6 +65,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
 }
 
 /// `--apply` and `--yes`, shared by the commands that default to a dry run.
+/// What every filter-driven ticket fix takes: which tickets (filters, or `--all`), dry run or
+/// `--apply`, and the batching.
+#[derive(Debug, clap::Args)]
+pub struct FixScope {
+    #[command(flatten)]
+    pub filters: TicketFilters,
+    /// Allow a fix without any filter (every ticket)
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApplyArgs {
     /// Write the changes (without it, a dry run shows what would change)

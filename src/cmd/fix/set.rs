@@ -7,7 +7,7 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::{Value, json};
 
-use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::batch::BatchArgs;
 use crate::cli::Context;
 use crate::db;
@@ -32,14 +32,7 @@ pub struct Args {
     #[arg(required = true, value_name = "FIELD=VALUE")]
     pub assignments: Vec<String>,
     #[command(flatten)]
-    pub filters: TicketFilters,
-    /// Allow a fix without any filter (every ticket)
-    #[arg(long)]
-    pub all: bool,
-    #[command(flatten)]
-    pub apply: ApplyArgs,
-    #[command(flatten)]
-    pub batching: BatchArgs,
+    pub scope: FixScope,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,10 +56,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ctx,
         "fix set",
         args.assignments,
-        args.filters,
-        args.all,
-        args.apply,
-        args.batching,
+        args.scope.filters,
+        args.scope.all,
+        args.scope.apply,
+        args.scope.batching,
     )
 }
 

@@ -8,12 +8,10 @@ use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, Sample, TicketFix, resolve_filters, run_ticket_fix};
-use crate::batch::BatchArgs;
+use super::{Changed, FIX_ACTION, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::cli::Context;
 use crate::db;
 use crate::exit::UsageError;
-use crate::filters::TicketFilters;
 use crate::import::entities::EntityCache;
 use crate::import::normalize;
 use crate::schema::tags;
@@ -35,14 +33,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_name = "TAG")]
     pub remove: Vec<String>,
     #[command(flatten)]
-    pub filters: TicketFilters,
-    /// Allow a fix without any filter (every ticket)
-    #[arg(long)]
-    pub all: bool,
-    #[command(flatten)]
-    pub apply: ApplyArgs,
-    #[command(flatten)]
-    pub batching: BatchArgs,
+    pub scope: FixScope,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
@@ -54,17 +45,23 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     if let Some(both) = add.iter().find(|t| remove.contains(t)) {
         return Err(UsageError(format!("{both:?} is both added and removed")).into());
     }
-    let resolved = resolve_filters(&args.filters, args.all, "fix tag")?;
+    let FixScope {
+        filters,
+        all,
+        apply,
+        batching,
+    } = &args.scope;
+    let resolved = resolve_filters(filters, *all, "fix tag")?;
     let pool = ctx.pool(2)?;
     let mut fix = TagFix::new(&mut *db::get(&pool)?, add.clone(), remove.clone())?;
     let run = FixRun {
         pool: &pool,
         kind: "fix tag",
-        args: json!({"add": add, "remove": remove, "filters": args.filters.to_json(), "all": args.all,
-                     "batching": args.batching.to_json()}),
+        args: json!({"add": add, "remove": remove, "filters": filters.to_json(), "all": all,
+                     "batching": batching.to_json()}),
         filters: &resolved,
-        apply: &args.apply,
-        batching: &args.batching,
+        apply,
+        batching,
         extra: json!({"add": add, "remove": remove}),
     };
     run_ticket_fix(ctx, run, &mut fix)
