@@ -100,19 +100,18 @@ fn each_filter_selects_exactly_the_right_rows() {
         set(&["C-2", "C-5"])
     );
     // The value that matches nothing is named on stderr.
-    let run = ticketops(
-        Some(&db),
-        &dir,
-        &[
+    let dry_run_of = |ids_file: &std::path::Path| {
+        let args = [
             "cleanup",
             "soft-delete",
             "--dry-run",
             "--ids-file",
-            by_external.to_str().unwrap(),
-        ],
-    )
-    .run();
-    run.expect_code(0)
+            ids_file.to_str().unwrap(),
+        ];
+        ticketops(Some(&db), &dir, &args).run()
+    };
+    dry_run_of(&by_external)
+        .expect_code(0)
         .stderr_has("1 of the 3 values in the ids file match no ticket: C-404");
     let id_of_c4 = db.scalar("SELECT id FROM tickets WHERE external_id = 'C-4'");
     let by_id = dir.join("ids.csv");
@@ -121,18 +120,7 @@ fn each_filter_selects_exactly_the_right_rows() {
         selected(&db, &dir, &["--ids-file", by_id.to_str().unwrap()]),
         set(&["C-4"])
     );
-    let run = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "cleanup",
-            "soft-delete",
-            "--dry-run",
-            "--ids-file",
-            by_id.to_str().unwrap(),
-        ],
-    )
-    .run();
+    let run = dry_run_of(&by_id);
     assert!(
         !run.expect_code(0).stderr.contains("match no ticket"),
         "{}",
