@@ -173,6 +173,29 @@ where
 }
 
 #[derive(diesel::QueryableByName)]
+struct SafeAnswer {
+    #[diesel(sql_type = Bool)]
+    safe: bool,
+}
+
+/// Whether an UPDATE of `table` may name `columns` in its SET list without changing them
+/// (`column = column`) and without side effects: the user may update them, and no user trigger
+/// on the table is limited to columns (an `UPDATE OF column` trigger fires whenever its column
+/// is named, changed or not).
+pub fn can_restate_columns(conn: &mut PgConnection, table: &str, columns: &[&str]) -> QueryResult<bool> {
+    let answer: SafeAnswer = sql_query(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger
+                            WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND cardinality(tgattr::int2[]) > 0)
+                AND coalesce(bool_and(has_column_privilege(to_regclass($1), c, 'UPDATE')), true) AS safe
+         FROM unnest($2::text[]) c",
+    )
+    .bind::<Text, _>(table)
+    .bind::<diesel::sql_types::Array<Text>, _>(columns)
+    .get_result(conn)?;
+    Ok(answer.safe)
+}
+
+#[derive(diesel::QueryableByName)]
 struct LockAnswer {
     #[diesel(sql_type = Bool)]
     locked: bool,

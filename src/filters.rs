@@ -337,6 +337,7 @@ impl ResolvedFilters {
         limit: i64,
         now: DateTime<Utc>,
         op_id: i64,
+        restate_unchanged: bool,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
         let locking = tickets::table
             .select(diesel::dsl::sql::<Tid>("tickets.ctid"))
@@ -346,7 +347,13 @@ impl ResolvedFilters {
             .limit(limit)
             .for_no_key_update()
             .skip_locked();
-        let mut deleted: Vec<i64> = SoftDeleteLocked { locking, now, op_id }.load(conn)?;
+        let mut deleted: Vec<i64> = SoftDeleteLocked {
+            locking,
+            now,
+            op_id,
+            restate_unchanged,
+        }
+        .load(conn)?;
         deleted.sort_unstable();
         let last = deleted.last().copied();
         Ok((deleted, last))
@@ -452,12 +459,35 @@ struct Tid;
 /// A condition on `tickets` built from user filters (every value bound, never SQL text).
 pub type TicketCondition = Box<dyn BoxableExpression<tickets::table, Pg, SqlType = Bool>>;
 
-/// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op WHERE ctid = ANY(ARRAY(<locking
-/// query>)) RETURNING id`: Diesel's update builder cannot take a locking subquery.
+/// The indexed columns of `tickets` that a soft-delete never changes. Naming them in its SET
+/// list (`requester_id = requester_id`) turns off PostgreSQL's "logically unchanged index" hint
+/// for their indexes, which is decided from the SET list alone. With the hint, every batch's
+/// index inserts run bottom-up deletion passes over leaf pages holding the rows of the batches
+/// committed just before, whose old versions are now dead: each pass reads heap pages under
+/// the batch's row locks, and the passes were a third of a soft-delete's time (1M rows: 25.9
+/// s with them, 18.9 s without; the single `UPDATE` takes 17.5 s). Without the hint the
+/// inserts behave as in one `UPDATE` (a full page splits) and VACUUM removes the dead entries
+/// in one sweep, as it must visit their heap rows anyway. Unique indexes are left out: a
+/// duplicate key prompts the same pass whatever the hint.
+pub const UNCHANGED_INDEXED_COLUMNS: &[&str] = &[
+    "requester_id",
+    "assignee_id",
+    "organization_id",
+    "status",
+    "created_at",
+    "updated_at",
+    "solved_at",
+];
+
+/// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op[, <unchanged> = <unchanged>…]
+/// WHERE ctid = ANY(ARRAY(<locking query>)) RETURNING id`: Diesel's update builder cannot take
+/// a locking subquery.
 struct SoftDeleteLocked<Q> {
     locking: Q,
     now: DateTime<Utc>,
     op_id: i64,
+    /// Name [`UNCHANGED_INDEXED_COLUMNS`] in the SET list too.
+    restate_unchanged: bool,
 }
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
@@ -466,6 +496,14 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
         out.push_bind_param::<Timestamptz, _>(&self.now)?;
         out.push_sql(", last_operation_id = ");
         out.push_bind_param::<BigInt, _>(&self.op_id)?;
+        if self.restate_unchanged {
+            for column in UNCHANGED_INDEXED_COLUMNS {
+                out.push_sql(", ");
+                out.push_identifier(column)?;
+                out.push_sql(" = ");
+                out.push_identifier(column)?;
+            }
+        }
         out.push_sql(" WHERE ctid = ANY(ARRAY(");
         self.locking.walk_ast(out.reborrow())?;
         out.push_sql(")) RETURNING id");

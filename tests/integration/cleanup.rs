@@ -249,6 +249,43 @@ fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
     assert_eq!(again.expect_code(0).json()["restored"], 0);
 }
 
+/// The columns a soft-delete must leave as they were, per ticket.
+const UNTOUCHED: &str = "SELECT string_agg(concat_ws(',', id, external_id, subject, status, priority, channel,
+        requester_id, assignee_id, organization_id, created_at, updated_at, solved_at), ';' ORDER BY id) FROM tickets";
+
+#[test]
+fn soft_delete_changes_only_deleted_at_and_fires_no_column_trigger() {
+    let (db, dir) = dataset();
+    let before = db.strings(UNTOUCHED);
+    let soft_delete = |extra: &[&str]| {
+        let mut args = vec!["--json", "-v", "cleanup", "soft-delete", "--batch-size", "2"];
+        args.extend_from_slice(extra);
+        ticketops(Some(&db), &dir, &args).run()
+    };
+    let run = soft_delete(&["--status", "closed"]);
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 3, "{}", run.explain());
+    assert_eq!(db.strings(UNTOUCHED), before);
+
+    // A production database may have triggers limited to columns, which fire whenever their
+    // column is named in an UPDATE's SET list, changed or not.
+    db.execute(
+        "CREATE TABLE assignee_changes (ticket_id bigint);
+         CREATE FUNCTION note_assignee_change() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO assignee_changes VALUES (NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER assignee_changed AFTER UPDATE OF assignee_id, status ON tickets
+             FOR EACH ROW EXECUTE FUNCTION note_assignee_change();",
+    );
+    let run = soft_delete(&["--status", "open,solved"]);
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 2, "{}", run.explain());
+    assert_eq!(db.scalar("SELECT count(*) FROM assignee_changes"), 0);
+    run.stderr_has("column triggers");
+    assert_eq!(db.strings(UNTOUCHED), before);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NULL"), 1);
+    // The trigger works: a real change of the assignee is noted.
+    db.execute("UPDATE tickets SET assignee_id = NULL WHERE external_id = 'C-1'");
+    assert_eq!(db.scalar("SELECT count(*) FROM assignee_changes"), 1);
+}
+
 #[test]
 fn restore_by_filters_needs_only_deleted() {
     let (db, dir) = dataset();
