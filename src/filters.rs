@@ -479,6 +479,15 @@ pub const UNCHANGED_INDEXED_COLUMNS: &[&str] = &[
     "solved_at",
 ];
 
+/// `, requester_id = requester_id, …` for every column of [`UNCHANGED_INDEXED_COLUMNS`]: the
+/// tail of the SET list of an UPDATE that changes only `deleted_at` and `last_operation_id`.
+pub fn restated_unchanged_columns() -> String {
+    UNCHANGED_INDEXED_COLUMNS
+        .iter()
+        .map(|column| format!(", {column} = {column}"))
+        .collect()
+}
+
 /// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op[, <unchanged> = <unchanged>…]
 /// WHERE ctid = ANY(ARRAY(<locking query>)) RETURNING id`: Diesel's update builder cannot take
 /// a locking subquery.
@@ -497,12 +506,7 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
         out.push_sql(", last_operation_id = ");
         out.push_bind_param::<BigInt, _>(&self.op_id)?;
         if self.restate_unchanged {
-            for column in UNCHANGED_INDEXED_COLUMNS {
-                out.push_sql(", ");
-                out.push_identifier(column)?;
-                out.push_sql(" = ");
-                out.push_identifier(column)?;
-            }
+            out.push_sql(&restated_unchanged_columns());
         }
         out.push_sql(" WHERE ctid = ANY(ARRAY(");
         self.locking.walk_ast(out.reborrow())?;

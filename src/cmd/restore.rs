@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt};
 use serde_json::json;
 
 use crate::batch::{self, BatchArgs, Step};
@@ -11,7 +12,7 @@ use crate::cli::Context;
 use crate::cmd::cleanup::SOFT_DELETE_ACTION;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
-use crate::filters::{DeletedScope, TicketFilters};
+use crate::filters::{DeletedScope, TicketFilters, UNCHANGED_INDEXED_COLUMNS, restated_unchanged_columns};
 use crate::operation;
 use crate::schema::tickets;
 use crate::signals::StopFlags;
@@ -72,6 +73,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 "restore",
                 json!({"filters": args.filters.to_json(), "all": args.all}),
             )?;
+            let restate = may_restate(&mut conn)?;
             let mut last_id = 0i64;
             let stats = batch::run(
                 &mut conn,
@@ -92,7 +94,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                         .filter(tickets::id.eq_any(&ids))
                         .order(tickets::id)
                         .load(conn)?;
-                    let restored = undelete(conn, op_id, &ids, before)?;
+                    let restored = undelete(conn, op_id, &ids, before, restate)?;
                     Ok(Step {
                         rows: restored,
                         done: false,
@@ -114,19 +116,89 @@ fn dry_run_report(ctx: &Context, count: i64) -> anyhow::Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-/// Clears deleted_at on `ids`, recording their before values; returns how many changed.
+/// Whether the restore's UPDATE may name the columns it leaves alone, as the soft-delete's does
+/// (see [`UNCHANGED_INDEXED_COLUMNS`]).
+fn may_restate(conn: &mut PgConnection) -> anyhow::Result<bool> {
+    db::can_restate_columns(conn, "tickets", UNCHANGED_INDEXED_COLUMNS)
+        .context("cannot read the triggers and privileges of tickets")
+}
+
+fn restated(restate_unchanged: bool) -> String {
+    if restate_unchanged {
+        restated_unchanged_columns()
+    } else {
+        String::new()
+    }
+}
+
+/// Clears deleted_at on `ids` (locked by the caller), recording their before values; returns
+/// how many changed.
 fn undelete(
     conn: &mut PgConnection,
     op_id: i64,
     ids: &[i64],
     before: Vec<Option<DateTime<Utc>>>,
+    restate_unchanged: bool,
 ) -> anyhow::Result<u64> {
-    let changed = diesel::update(tickets::table.filter(tickets::id.eq_any(ids)))
-        .set((
-            tickets::deleted_at.eq(None::<DateTime<Utc>>),
-            tickets::last_operation_id.eq(op_id),
-        ))
-        .execute(conn)?;
+    let changed = diesel::sql_query(format!(
+        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} WHERE id = ANY($2)",
+        restated(restate_unchanged)
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(ids)
+    .execute(conn)?;
+    audit_restored(conn, op_id, ids, before)?;
+    Ok(changed as u64)
+}
+
+#[derive(diesel::QueryableByName)]
+struct RestoredId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// One batch of `restore --operation`: those of `ids` still deleted by `source_op` (deleted_at
+/// as it set it, last_operation_id its own) that no other transaction holds, locked and
+/// restored in one statement (reached by `ctid`, as the soft-delete does). Returns their ids in
+/// order.
+fn undelete_its_own(
+    conn: &mut PgConnection,
+    op_id: i64,
+    source_op: i64,
+    deleted_at: DateTime<Utc>,
+    ids: &[i64],
+    restate_unchanged: bool,
+) -> anyhow::Result<Vec<i64>> {
+    let mut restored: Vec<i64> = diesel::sql_query(format!(
+        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{}
+         WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets
+                                WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
+                                FOR NO KEY UPDATE SKIP LOCKED))
+         RETURNING id",
+        restated(restate_unchanged)
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
+    .bind::<BigInt, _>(source_op)
+    .load::<RestoredId>(conn)?
+    .into_iter()
+    .map(|row| row.id)
+    .collect();
+    restored.sort_unstable();
+    if !restored.is_empty() {
+        audit_restored(conn, op_id, &restored, vec![Some(deleted_at); restored.len()])?;
+    }
+    Ok(restored)
+}
+
+/// One audit row per restored batch: the ids and the deleted_at each had.
+fn audit_restored(
+    conn: &mut PgConnection,
+    op_id: i64,
+    ids: &[i64],
+    before: Vec<Option<DateTime<Utc>>>,
+) -> anyhow::Result<()> {
     operation::audit_batch(
         conn,
         op_id,
@@ -136,7 +208,7 @@ fn undelete(
         Some(json!({"ids": ids, "deleted_at": before})),
         Some(json!({"deleted_at": null})),
     )?;
-    Ok(changed as u64)
+    Ok(())
 }
 
 fn restore_operation(
@@ -197,6 +269,7 @@ fn restore_operation(
     let _lock = AdvisoryLock::try_acquire(pool, "restore")?;
     let stop = StopFlags::install()?;
     let op_id = operation::start_job(conn, "restore", json!({"operation": source_op}))?;
+    let restate = may_restate(conn)?;
     let mut next = 0usize;
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
@@ -204,23 +277,13 @@ fn restore_operation(
         let Some((when, ids)) = work.get(next) else {
             return Ok(Step { rows: 0, done: true });
         };
-        let candidates: Vec<i64> = still_its_own(ids, *when).select(tickets::id).load(conn)?;
-        let rows: Vec<(i64, Option<DateTime<Utc>>)> = tickets::table
-            .select((tickets::id, tickets::deleted_at))
-            .filter(tickets::id.eq_any(&candidates))
-            .filter(tickets::deleted_at.eq(*when))
-            .filter(tickets::last_operation_id.eq(source_op))
-            .order(tickets::id)
-            .for_update()
-            .skip_locked()
-            .load(conn)?;
-        let restorable: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let restored = if restorable.is_empty() {
-            0
-        } else {
-            undelete(conn, op_id, &restorable, rows.iter().map(|r| r.1).collect())?
-        };
-        let left: Vec<i64> = ids.iter().copied().filter(|id| !restorable.contains(id)).collect();
+        let restorable = undelete_its_own(conn, op_id, source_op, *when, ids, restate)?;
+        let restored = restorable.len() as u64;
+        let left: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| restorable.binary_search(id).is_err())
+            .collect();
         skipped += left.len() as u64;
         skipped_sample.extend(left.iter().take(10usize.saturating_sub(skipped_sample.len())));
         next += 1;
