@@ -9,7 +9,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
 
 use super::copy_binary::{BinaryCopy, write_error};
-use super::tickets::{Definition, drop_for_rebuild, reserve_id_block};
+use super::tickets::{Definition, Rebuild, drop_for_rebuild, reserve_id_block};
 use crate::models::UserRole;
 use crate::schema::users;
 
@@ -81,7 +81,7 @@ pub struct EntityCache {
     /// Changes to existing users held back under the lock, by user id.
     user_changes: HashMap<i64, UserChange>,
     /// What `lock_users_for_load` dropped from an empty users table, to recreate.
-    users_rebuild: Vec<String>,
+    users_rebuild: Rebuild,
     /// Each cache is cleared, before a batch is resolved, once it holds more than this.
     limit: usize,
 }
@@ -102,7 +102,7 @@ impl EntityCache {
             users_locked: false,
             users_complete: false,
             user_changes: HashMap::new(),
-            users_rebuild: Vec::new(),
+            users_rebuild: Rebuild::default(),
             limit,
         }
     }
@@ -271,7 +271,8 @@ impl EntityCache {
     /// Recreates what `lock_users_for_load` dropped from an empty users table: before the
     /// cache forgets users (lookups by e-mail need the key again), and at the load's end.
     fn rebuild_users(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
-        for statement in std::mem::take(&mut self.users_rebuild) {
+        let rebuild = std::mem::take(&mut self.users_rebuild);
+        for statement in rebuild.keys_and_indexes.iter().chain(&rebuild.foreign_keys) {
             sql_query(statement).execute(conn)?;
         }
         Ok(())
