@@ -35,7 +35,8 @@ pub enum What {
         #[arg(long)]
         undelete: bool,
         /// Fast first load into EMPTY tickets/ticket_tags: drops their indexes, keys and foreign
-        /// keys, loads, recreates and validates them, all in one transaction (users stay
+        /// keys, loads the rows frozen (COPY FREEZE), recreates and validates them, all in one
+        /// transaction (users stay
         /// readable but no other session can write them until it ends; an empty users table
         /// is loaded bare the same way)
         #[arg(long)]
