@@ -45,8 +45,62 @@ pub const RESTORE_ACTION: &str = "restore";
 
 #[derive(diesel::QueryableByName)]
 struct AuditBatch {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
     #[diesel(sql_type = diesel::sql_types::Jsonb)]
     after: serde_json::Value,
+}
+
+/// The tickets a soft-delete operation deleted, read from its audit trail one audit row (one
+/// of its batches) at a time, so that memory does not grow with the operation's size, and cut
+/// into chunks of at most `chunk` ids, each with the deleted_at that batch set.
+struct DeletedBatches {
+    source_op: i64,
+    chunk: usize,
+    /// The last audit row read.
+    after_audit_id: i64,
+    pending: std::collections::VecDeque<(DateTime<Utc>, Vec<i64>)>,
+}
+
+impl DeletedBatches {
+    fn new(source_op: i64, chunk: usize) -> DeletedBatches {
+        DeletedBatches {
+            source_op,
+            chunk: chunk.max(1),
+            after_audit_id: 0,
+            pending: Default::default(),
+        }
+    }
+
+    /// The next chunk, left in place until [`DeletedBatches::done_with_front`] (a batch that
+    /// is rolled back and retried gets it again); `None` at the end.
+    fn front(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<&(DateTime<Utc>, Vec<i64>)>> {
+        while self.pending.is_empty() {
+            let row: Option<AuditBatch> = diesel::sql_query(
+                "SELECT id, after FROM audit_log
+                 WHERE operation_id = $1 AND action = $2 AND after IS NOT NULL AND id > $3
+                 ORDER BY id LIMIT 1",
+            )
+            .bind::<BigInt, _>(self.source_op)
+            .bind::<diesel::sql_types::Text, _>(SOFT_DELETE_ACTION)
+            .bind::<BigInt, _>(self.after_audit_id)
+            .get_result(conn)
+            .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let when: DateTime<Utc> = serde_json::from_value(row.after["deleted_at"].clone())
+                .with_context(|| format!("unreadable deleted_at in audit row {}", row.id))?;
+            let ids: Vec<i64> = serde_json::from_value(row.after["ids"].clone())
+                .with_context(|| format!("unreadable ids in audit row {}", row.id))?;
+            self.pending
+                .extend(ids.chunks(self.chunk).map(|chunk| (when, chunk.to_vec())));
+            self.after_audit_id = row.id;
+        }
+        Ok(self.pending.front())
+    }
+
+    fn done_with_front(&mut self) {
+        self.pending.pop_front();
+    }
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
@@ -224,42 +278,27 @@ fn restore_operation(
     let op = operation::find(conn, source_op)?
         .ok_or_else(|| UsageError(format!("there is no operation {source_op} (see `ticketops ops list`)")))?;
     // The ids it soft-deleted, batch by batch, with the deleted_at it set.
-    let batches: Vec<AuditBatch> = diesel::sql_query(
-        "SELECT after FROM audit_log WHERE operation_id = $1 AND action = $2 AND after IS NOT NULL ORDER BY id",
-    )
-    .bind::<diesel::sql_types::BigInt, _>(source_op)
-    .bind::<diesel::sql_types::Text, _>(SOFT_DELETE_ACTION)
-    .load(conn)?;
-    if batches.is_empty() {
+    let chunk = args.batching.batch_size as usize;
+    if DeletedBatches::new(source_op, chunk).front(conn)?.is_none() {
         return Err(UsageError(format!(
             "operation {source_op} ({}) soft-deleted no tickets; nothing to restore",
             op.kind
         ))
         .into());
     }
-    let mut work: Vec<(DateTime<Utc>, Vec<i64>)> = Vec::new();
-    for b in batches {
-        let when: DateTime<Utc> = serde_json::from_value(b.after["deleted_at"].clone())
-            .context("unreadable deleted_at in the audit trail")?;
-        let ids: Vec<i64> =
-            serde_json::from_value(b.after["ids"].clone()).context("unreadable ids in the audit trail")?;
-        for chunk in ids.chunks(args.batching.batch_size as usize) {
-            work.push((when, chunk.to_vec()));
-        }
-    }
-    let total: usize = work.iter().map(|(_, ids)| ids.len()).sum();
-    // Still deleted by that operation: not restored since, not deleted again, not purged.
-    let still_its_own = |ids: &[i64], when: DateTime<Utc>| {
-        tickets::table
-            .filter(tickets::id.eq_any(ids.to_vec()))
-            .filter(tickets::deleted_at.eq(when))
-            .filter(tickets::last_operation_id.eq(source_op))
-            .into_boxed()
-    };
     if args.dry_run {
-        let mut count = 0i64;
-        for (when, ids) in &work {
-            count += still_its_own(ids, *when).count().get_result::<i64>(conn)?;
+        // Still deleted by that operation: not restored since, not deleted again, not purged.
+        let mut batches = DeletedBatches::new(source_op, chunk);
+        let (mut total, mut count) = (0usize, 0i64);
+        while let Some((when, ids)) = batches.front(conn)? {
+            total += ids.len();
+            count += tickets::table
+                .filter(tickets::id.eq_any(ids))
+                .filter(tickets::deleted_at.eq(when))
+                .filter(tickets::last_operation_id.eq(source_op))
+                .count()
+                .get_result::<i64>(conn)?;
+            batches.done_with_front();
         }
         if !ctx.global.quiet {
             eprintln!("operation {source_op} soft-deleted {total} ticket(s); {count} can be restored");
@@ -270,14 +309,14 @@ fn restore_operation(
     let stop = StopFlags::install()?;
     let op_id = operation::start_job(conn, "restore", json!({"operation": source_op}))?;
     let restate = may_restate(conn)?;
-    let mut next = 0usize;
+    let mut batches = DeletedBatches::new(source_op, chunk);
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
     let stats = batch::run(conn, &args.batching, &stop, ctx.global.verbose > 0, |conn, _limit| {
-        let Some((when, ids)) = work.get(next) else {
+        let Some((when, ids)) = batches.front(conn)?.cloned() else {
             return Ok(Step { rows: 0, done: true });
         };
-        let restorable = undelete_its_own(conn, op_id, source_op, *when, ids, restate)?;
+        let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate)?;
         let restored = restorable.len() as u64;
         let left: Vec<i64> = ids
             .iter()
@@ -286,10 +325,10 @@ fn restore_operation(
             .collect();
         skipped += left.len() as u64;
         skipped_sample.extend(left.iter().take(10usize.saturating_sub(skipped_sample.len())));
-        next += 1;
+        batches.done_with_front();
         Ok(Step {
             rows: restored,
-            done: next >= work.len(),
+            done: false,
         })
     });
     if skipped > 0 && !ctx.global.quiet {

@@ -236,16 +236,27 @@ fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
     // Another ticket deleted by someone else, and one of op's rows restored and deleted again since.
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-5'");
     db.execute("UPDATE tickets SET deleted_at = now() + interval '1 second', last_operation_id = NULL WHERE external_id = 'C-6'");
-    let run = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op.to_string()]).run();
+    let op = op.to_string();
+    let dry = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op, "--dry-run"]).run();
+    assert_eq!(dry.expect_code(0).json()["would_affect"], 2, "{}", dry.explain());
+    dry.stderr_has("soft-deleted 3 ticket(s); 2 can be restored");
+    // One ticket per batch: the audit trail's batches (2 and 1 tickets) are cut to size.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--operation", &op, "--batch-size", "1"],
+    )
+    .run();
     let restore = run.expect_code(0).json();
     assert_eq!(restore["restored"], 2, "{}", run.explain());
     assert_eq!(restore["skipped_changed"], 1);
+    assert_eq!(restore["batches"], 3);
     assert_eq!(
         db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
         set(&["C-5", "C-6"])
     );
     // A second restore of the same operation does nothing.
-    let again = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op.to_string()]).run();
+    let again = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op]).run();
     assert_eq!(again.expect_code(0).json()["restored"], 0);
 }
 
