@@ -12,7 +12,7 @@ use crate::batch::BatchArgs;
 use crate::cli::Context;
 use crate::db;
 use crate::exit::UsageError;
-use crate::filters::TicketFilters;
+use crate::filters::{TicketFilters, UNCHANGED_INDEXED_COLUMNS};
 use crate::import::normalize;
 use crate::schema::{organizations, users};
 
@@ -102,8 +102,11 @@ fn set(
 ) -> anyhow::Result<i32> {
     let resolved = resolve_filters(&filters, all, kind)?;
     let pool = ctx.pool(2)?;
-    let assignments = parse_assignments(&mut *db::get(&pool)?, &raw)?;
-    let mut fix = FieldFix::new(assignments);
+    let mut conn = db::get(&pool)?;
+    let assignments = parse_assignments(&mut conn, &raw)?;
+    let restate_unchanged = db::can_restate_columns(&mut conn, "tickets", UNCHANGED_INDEXED_COLUMNS)?;
+    drop(conn);
+    let mut fix = FieldFix::new(assignments, restate_unchanged);
     let shown = fix.shown();
     let run = FixRun {
         pool: &pool,
@@ -233,6 +236,10 @@ struct FieldFix {
     assignments: Vec<Assignment>,
     differs: String,
     set: String,
+    /// `, requester_id = t.requester_id, …`: the indexed columns the fix leaves alone, named so
+    /// that its batches' index inserts do not run bottom-up deletion passes (see
+    /// [`UNCHANGED_INDEXED_COLUMNS`]); empty where naming them is not safe.
+    restated: String,
     image_of_t: String,
     shown_before: String,
 }
@@ -256,7 +263,7 @@ fn shown_column(column: &str) -> (&'static str, String) {
 }
 
 impl FieldFix {
-    fn new(assignments: Vec<Assignment>) -> FieldFix {
+    fn new(assignments: Vec<Assignment>, restate_unchanged: bool) -> FieldFix {
         let stored: Vec<String> = assignments.iter().map(|a| format!("t.{}", a.column)).collect();
         let wanted: Vec<String> = assignments
             .iter()
@@ -278,7 +285,17 @@ impl FieldFix {
                 format!("'{name}', {expr}")
             })
             .collect();
+        let restated = if restate_unchanged {
+            UNCHANGED_INDEXED_COLUMNS
+                .iter()
+                .filter(|c| **c != "updated_at" && !assignments.iter().any(|a| a.column == **c))
+                .map(|c| format!(", {c} = t.{c}"))
+                .collect()
+        } else {
+            String::new()
+        };
         FieldFix {
+            restated,
             // ROW() so that a single column compares as a row too.
             differs: format!("ROW({}) IS DISTINCT FROM ROW({})", stored.join(", "), wanted.join(", ")),
             set: set.join(", "),
@@ -364,7 +381,7 @@ impl TicketFix for FieldFix {
             "WITH target AS (
                  SELECT t.id, {image} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
              ), changed AS (
-                 UPDATE tickets t SET {set}, updated_at = now(), last_operation_id = {op}
+                 UPDATE tickets t SET {set}, updated_at = now(), last_operation_id = {op}{restated}
                  FROM target WHERE t.id = target.id
                  RETURNING t.id, target.before, {image} AS after
              ), audited AS (
@@ -375,6 +392,7 @@ impl TicketFix for FieldFix {
             image = self.image_of_t,
             differs = self.differs,
             set = self.set,
+            restated = self.restated,
         );
         let q = bind_values(
             sql_query(query).into_boxed().bind::<Array<BigInt>, _>(ids),
