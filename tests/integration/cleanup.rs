@@ -298,6 +298,38 @@ fn soft_delete_changes_only_deleted_at_and_fires_no_column_trigger() {
 }
 
 #[test]
+fn soft_delete_runs_with_update_rights_on_its_own_columns_only() {
+    let (db, dir) = dataset();
+    // A DBA may let the cleanup job update nothing of tickets but the columns it writes.
+    let role = format!("{}_cleaner", db.name);
+    db.execute(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+         GRANT INSERT, UPDATE ON bulk_operations, audit_log TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+         GRANT UPDATE (deleted_at, last_operation_id) ON tickets TO {role};"
+    ));
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let url = format!("{scheme}://{role}@{host}");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "-v", "cleanup", "soft-delete", "--status", "closed"],
+    )
+    .env("DATABASE_URL", &url)
+    .run();
+    let summary = run.expect_code(0).json();
+    assert_eq!(summary["soft_deleted"], 3, "{}", run.explain());
+    run.stderr_has("column privileges");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        3
+    );
+    db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
+}
+
+#[test]
 fn restore_by_filters_needs_only_deleted() {
     let (db, dir) = dataset();
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id IN ('C-1', 'C-2')");
