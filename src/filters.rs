@@ -337,7 +337,7 @@ impl ResolvedFilters {
         limit: i64,
         now: DateTime<Utc>,
         op_id: i64,
-        restate_unchanged: bool,
+        restate: RestateUnchanged,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
         let locking = tickets::table
             .select(diesel::dsl::sql::<Tid>("tickets.ctid"))
@@ -351,7 +351,7 @@ impl ResolvedFilters {
             locking,
             now,
             op_id,
-            restate_unchanged,
+            restate,
         }
         .load(conn)?;
         deleted.sort_unstable();
@@ -479,13 +479,37 @@ pub const UNCHANGED_INDEXED_COLUMNS: &[&str] = &[
     "solved_at",
 ];
 
-/// `, requester_id = requester_id, …` for every column of [`UNCHANGED_INDEXED_COLUMNS`]: the
-/// tail of the SET list of an UPDATE that changes only `deleted_at` and `last_operation_id`.
-pub fn restated_unchanged_columns() -> String {
-    UNCHANGED_INDEXED_COLUMNS
-        .iter()
-        .map(|column| format!(", {column} = {column}"))
-        .collect()
+/// Whether the UPDATEs of a run may name [`UNCHANGED_INDEXED_COLUMNS`] in their SET lists:
+/// decided once per run by [`RestateUnchanged::check`], used by every statement of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct RestateUnchanged(bool);
+
+impl RestateUnchanged {
+    /// Naming is safe unless tickets has a trigger limited to columns, or the user may not
+    /// update one of them (see [`crate::db::can_restate_columns`]).
+    pub fn check(conn: &mut PgConnection) -> anyhow::Result<RestateUnchanged> {
+        let safe = crate::db::can_restate_columns(conn, "tickets", UNCHANGED_INDEXED_COLUMNS)
+            .context("cannot read the triggers and column privileges of tickets")?;
+        Ok(RestateUnchanged(safe))
+    }
+
+    pub fn allowed(self) -> bool {
+        self.0
+    }
+
+    /// `, requester_id = requester_id, …` for the columns of [`UNCHANGED_INDEXED_COLUMNS`] that
+    /// are not in `assigned` (the statement sets those itself): the tail of an UPDATE's SET list,
+    /// empty when naming them is not safe.
+    pub fn set_tail(self, assigned: &[&str]) -> String {
+        if !self.0 {
+            return String::new();
+        }
+        UNCHANGED_INDEXED_COLUMNS
+            .iter()
+            .filter(|column| !assigned.contains(column))
+            .map(|column| format!(", {column} = {column}"))
+            .collect()
+    }
 }
 
 /// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op[, <unchanged> = <unchanged>…]
@@ -495,8 +519,8 @@ struct SoftDeleteLocked<Q> {
     locking: Q,
     now: DateTime<Utc>,
     op_id: i64,
-    /// Name [`UNCHANGED_INDEXED_COLUMNS`] in the SET list too.
-    restate_unchanged: bool,
+    /// Whether to name [`UNCHANGED_INDEXED_COLUMNS`] in the SET list too.
+    restate: RestateUnchanged,
 }
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
@@ -505,9 +529,7 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
         out.push_bind_param::<Timestamptz, _>(&self.now)?;
         out.push_sql(", last_operation_id = ");
         out.push_bind_param::<BigInt, _>(&self.op_id)?;
-        if self.restate_unchanged {
-            out.push_sql(&restated_unchanged_columns());
-        }
+        out.push_sql(&self.restate.set_tail(&[]));
         out.push_sql(" WHERE ctid = ANY(ARRAY(");
         self.locking.walk_ast(out.reborrow())?;
         out.push_sql(")) RETURNING id");

@@ -18,7 +18,7 @@ use crate::batch::{self, BatchArgs, Step};
 use crate::cli::Context;
 use crate::db::{self, AdvisoryLock};
 use crate::exit;
-use crate::filters::{DeletedScope, TicketFilters, UNCHANGED_INDEXED_COLUMNS, parse_when};
+use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters, parse_when};
 use crate::operation;
 use crate::schema::{tickets, users};
 use crate::signals::StopFlags;
@@ -212,8 +212,8 @@ fn soft_delete(
         kind,
         json!({"filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
     )?;
-    let restate_unchanged = db::can_restate_columns(&mut conn, "tickets", UNCHANGED_INDEXED_COLUMNS)?;
-    if !restate_unchanged && ctx.global.verbose > 0 {
+    let restate = RestateUnchanged::check(&mut conn)?;
+    if !restate.allowed() && ctx.global.verbose > 0 {
         eprintln!(
             "tickets has column triggers or column privileges: the soft-delete names only deleted_at and \
              last_operation_id (slower: index inserts clean up earlier batches' row versions as they go)"
@@ -222,8 +222,7 @@ fn soft_delete(
     let mut last_id = 0i64;
     let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
         let now = Utc::now();
-        let (ids, last_candidate) =
-            resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate_unchanged)?;
+        let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
         let Some(max) = last_candidate else {
             return Ok(Step { rows: 0, done: true });
         };

@@ -12,7 +12,7 @@ use crate::cli::Context;
 use crate::cmd::cleanup::SOFT_DELETE_ACTION;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
-use crate::filters::{DeletedScope, TicketFilters, UNCHANGED_INDEXED_COLUMNS, restated_unchanged_columns};
+use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters};
 use crate::operation;
 use crate::schema::tickets;
 use crate::signals::StopFlags;
@@ -127,7 +127,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 "restore",
                 json!({"filters": args.filters.to_json(), "all": args.all}),
             )?;
-            let restate = may_restate(&mut conn)?;
+            let restate = RestateUnchanged::check(&mut conn)?;
             let mut last_id = 0i64;
             let stats = batch::run(
                 &mut conn,
@@ -170,21 +170,6 @@ fn dry_run_report(ctx: &Context, count: i64) -> anyhow::Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-/// Whether the restore's UPDATE may name the columns it leaves alone, as the soft-delete's does
-/// (see [`UNCHANGED_INDEXED_COLUMNS`]).
-fn may_restate(conn: &mut PgConnection) -> anyhow::Result<bool> {
-    db::can_restate_columns(conn, "tickets", UNCHANGED_INDEXED_COLUMNS)
-        .context("cannot read the triggers and privileges of tickets")
-}
-
-fn restated(restate_unchanged: bool) -> String {
-    if restate_unchanged {
-        restated_unchanged_columns()
-    } else {
-        String::new()
-    }
-}
-
 /// Clears deleted_at on `ids` (locked by the caller), recording their before values; returns
 /// how many changed.
 fn undelete(
@@ -192,11 +177,11 @@ fn undelete(
     op_id: i64,
     ids: &[i64],
     before: Vec<Option<DateTime<Utc>>>,
-    restate_unchanged: bool,
+    restate: RestateUnchanged,
 ) -> anyhow::Result<u64> {
     let changed = diesel::sql_query(format!(
         "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} WHERE id = ANY($2)",
-        restated(restate_unchanged)
+        restate.set_tail(&[])
     ))
     .bind::<BigInt, _>(op_id)
     .bind::<Array<BigInt>, _>(ids)
@@ -221,7 +206,7 @@ fn undelete_its_own(
     source_op: i64,
     deleted_at: DateTime<Utc>,
     ids: &[i64],
-    restate_unchanged: bool,
+    restate: RestateUnchanged,
 ) -> anyhow::Result<Vec<i64>> {
     let mut restored: Vec<i64> = diesel::sql_query(format!(
         "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{}
@@ -229,7 +214,7 @@ fn undelete_its_own(
                                 WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
                                 FOR NO KEY UPDATE SKIP LOCKED))
          RETURNING id",
-        restated(restate_unchanged)
+        restate.set_tail(&[])
     ))
     .bind::<BigInt, _>(op_id)
     .bind::<Array<BigInt>, _>(ids)
@@ -308,7 +293,7 @@ fn restore_operation(
     let _lock = AdvisoryLock::try_acquire(pool, "restore")?;
     let stop = StopFlags::install()?;
     let op_id = operation::start_job(conn, "restore", json!({"operation": source_op}))?;
-    let restate = may_restate(conn)?;
+    let restate = RestateUnchanged::check(conn)?;
     let mut batches = DeletedBatches::new(source_op, chunk);
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();

@@ -22,7 +22,7 @@ use crate::cmd::fix::{ApplyArgs, FIX_ACTION, confirm};
 use crate::cmd::restore;
 use crate::db::{self, AdvisoryLock};
 use crate::exit::{self, UsageError};
-use crate::filters::{TicketFilters, UNCHANGED_INDEXED_COLUMNS};
+use crate::filters::{RestateUnchanged, TicketFilters};
 use crate::import::tickets::INSERT_IDS_ACTION;
 use crate::operation;
 use crate::signals::StopFlags;
@@ -150,29 +150,27 @@ impl ImageSet {
         }
     }
 
-    /// `SET` assignments putting image `img`'s values back (other columns keep theirs). With
-    /// `restate_unchanged`, a ticket's indexed columns the images do not hold are named too, so
+    /// `SET` assignments putting image `img`'s values back (other columns keep theirs). A
+    /// ticket's indexed columns the images do not hold are named too where `restate` allows, so
     /// that the batches' index inserts do not run bottom-up deletion passes (see
-    /// [`UNCHANGED_INDEXED_COLUMNS`]).
-    fn restore(&self, img: &str, restate_unchanged: bool) -> String {
-        let mut set: Vec<String> = self
+    /// [`crate::filters::UNCHANGED_INDEXED_COLUMNS`]).
+    fn restore(&self, img: &str, restate: RestateUnchanged) -> String {
+        let set: Vec<String> = self
             .columns
             .iter()
             .map(|(c, ty)| format!("{c} = CASE WHEN {img} ? '{c}' THEN ({img} ->> '{c}')::{ty} ELSE t.{c} END"))
             .collect();
-        if restate_unchanged && self.table == "tickets" {
-            set.extend(
-                UNCHANGED_INDEXED_COLUMNS
-                    .iter()
-                    .filter(|u| !self.columns.iter().any(|(c, _)| c == *u))
-                    .map(|u| format!("{u} = t.{u}")),
-            );
-        }
-        if set.is_empty() {
-            // Only the tag set: touch nothing but still let the row through RETURNING.
+        // Only the tag set: touch nothing but still let the row through RETURNING.
+        let set = if set.is_empty() {
             "id = t.id".to_string()
         } else {
             set.join(", ")
+        };
+        if self.table == "tickets" {
+            let assigned: Vec<&str> = self.columns.iter().map(|(c, _)| *c).collect();
+            set + &restate.set_tail(&assigned)
+        } else {
+            set
         }
     }
 }
@@ -361,10 +359,10 @@ fn revert(
     let stop = StopFlags::install()?;
     let undo_op = operation::start_job(conn, "undo", json!({"operation": source_op, "force": args.force}))?;
 
-    let restate_unchanged = db::can_restate_columns(conn, "tickets", UNCHANGED_INDEXED_COLUMNS)?;
+    let restate = RestateUnchanged::check(conn)?;
     let sql: Vec<String> = parts
         .iter()
-        .map(|p| revert_sql(p, undo_op, args.force, restate_unchanged))
+        .map(|p| revert_sql(p, undo_op, args.force, restate))
         .collect();
     let mut current = 0usize;
     // Images are walked by descending audit id, inserted tickets by ascending id window.
@@ -470,7 +468,7 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Pl
 /// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
 /// $4 --force. Returns how many rows were reverted, the next cursor and how many audit rows
 /// (or ids) the batch looked at.
-fn revert_sql(part: &Part, undo_op: i64, force: bool, restate_unchanged: bool) -> String {
+fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
     match part {
         Part::Images(images) => {
             let table = &images.table;
@@ -531,7 +529,7 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate_unchanged: bool) -
                         coalesce((SELECT min(audit_id) FROM a), $2) AS next,
                         (SELECT count(*) FROM a) AS seen,
                         (SELECT count(*) FROM left_alone a JOIN {table} t ON t.id = a.row_id WHERE {before}) AS already",
-                set = images.restore("a.before", restate_unchanged),
+                set = images.restore("a.before", restate),
                 before = images.holds("a.before"),
             )
         }

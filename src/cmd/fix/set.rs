@@ -12,7 +12,7 @@ use crate::batch::BatchArgs;
 use crate::cli::Context;
 use crate::db;
 use crate::exit::UsageError;
-use crate::filters::{TicketFilters, UNCHANGED_INDEXED_COLUMNS};
+use crate::filters::{RestateUnchanged, TicketFilters};
 use crate::import::normalize;
 use crate::schema::{organizations, users};
 
@@ -104,9 +104,9 @@ fn set(
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
     let assignments = parse_assignments(&mut conn, &raw)?;
-    let restate_unchanged = db::can_restate_columns(&mut conn, "tickets", UNCHANGED_INDEXED_COLUMNS)?;
+    let restate = RestateUnchanged::check(&mut conn)?;
     drop(conn);
-    let mut fix = FieldFix::new(assignments, restate_unchanged);
+    let mut fix = FieldFix::new(assignments, restate);
     let shown = fix.shown();
     let run = FixRun {
         pool: &pool,
@@ -236,9 +236,9 @@ struct FieldFix {
     assignments: Vec<Assignment>,
     differs: String,
     set: String,
-    /// `, requester_id = t.requester_id, …`: the indexed columns the fix leaves alone, named so
+    /// `, requester_id = requester_id, …`: the indexed columns the fix leaves alone, named so
     /// that its batches' index inserts do not run bottom-up deletion passes (see
-    /// [`UNCHANGED_INDEXED_COLUMNS`]); empty where naming them is not safe.
+    /// [`crate::filters::UNCHANGED_INDEXED_COLUMNS`]); empty where naming them is not safe.
     restated: String,
     image_of_t: String,
     shown_before: String,
@@ -263,7 +263,7 @@ fn shown_column(column: &str) -> (&'static str, String) {
 }
 
 impl FieldFix {
-    fn new(assignments: Vec<Assignment>, restate_unchanged: bool) -> FieldFix {
+    fn new(assignments: Vec<Assignment>, restate: RestateUnchanged) -> FieldFix {
         let stored: Vec<String> = assignments.iter().map(|a| format!("t.{}", a.column)).collect();
         let wanted: Vec<String> = assignments
             .iter()
@@ -285,15 +285,9 @@ impl FieldFix {
                 format!("'{name}', {expr}")
             })
             .collect();
-        let restated = if restate_unchanged {
-            UNCHANGED_INDEXED_COLUMNS
-                .iter()
-                .filter(|c| **c != "updated_at" && !assignments.iter().any(|a| a.column == **c))
-                .map(|c| format!(", {c} = t.{c}"))
-                .collect()
-        } else {
-            String::new()
-        };
+        let mut assigned: Vec<&str> = assignments.iter().map(|a| a.column).collect();
+        assigned.push("updated_at");
+        let restated = restate.set_tail(&assigned);
         FieldFix {
             restated,
             // ROW() so that a single column compares as a row too.
