@@ -19,69 +19,8 @@ pub type PooledConn = PooledConnection<ConnectionManager<PgConnection>>;
 /// How long to wait for a connection from the pool (and for the server to answer at all).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Returns the URL with any password replaced by `***`, safe to print and log.
-pub fn mask_url(url: &str) -> String {
-    // postgres://user:password@host/db — the password sits between the first ':' after the
-    // scheme and the last '@' before the host. Key-value strings ("host=... password=...")
-    // are handled too.
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
-            }
-        }
-        // A password may also be given as a query parameter.
-        return mask_query_password(url);
-    }
-    url.split(' ')
-        .map(|part| match part.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => part.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn mask_query_password(url: &str) -> String {
-    let Some((base, query)) = url.split_once('?') else {
-        return url.to_string();
-    };
-    let masked: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{base}?{}", masked.join("&"))
-}
-
-/// Adds `application_name=ticketops` (so the DBA sees who we are in pg_stat_activity) and a
-/// connect timeout, unless the URL sets them already.
-fn with_connection_params(url: &str) -> String {
-    if !url.contains("://") {
-        let mut s = url.to_string();
-        if !url.contains("application_name") {
-            s.push_str(" application_name=ticketops");
-        }
-        if !url.contains("connect_timeout") {
-            s.push_str(" connect_timeout=10");
-        }
-        return s;
-    }
-    let mut s = url.to_string();
-    for (key, value) in [("application_name", "ticketops"), ("connect_timeout", "10")] {
-        if !url.contains(&format!("{key}=")) {
-            s.push(if s.contains('?') { '&' } else { '?' });
-            s.push_str(&format!("{key}={value}"));
-        }
-    }
-    s
-}
+pub use crate::conninfo::mask_url;
+use crate::conninfo::{scrub, with_connection_params};
 
 /// Connects once directly, so that an unreachable server gives libpq's own message rather
 /// than the pool's "timed out", then builds the pool.
@@ -96,7 +35,13 @@ pub fn connect_pool(url: &str, size: u32) -> anyhow::Result<Pool> {
         .connection_timeout(CONNECTION_TIMEOUT)
         .connection_customizer(Box::new(UtcSession))
         .build(manager)
-        .with_context(|| format!("cannot create a connection pool for {}", mask_url(url)))
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "cannot create a connection pool for {}: {}",
+                mask_url(url),
+                scrub(&err.to_string(), url)
+            )
+        })
 }
 
 /// Every pooled session runs in UTC: timestamps that SQL turns into text or JSON (audit
@@ -116,8 +61,7 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
 /// One connection outside any pool, with a message a person can act on when it fails.
 pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
     PgConnection::establish(&with_connection_params(url)).map_err(|err| {
-        let reason = err.to_string();
-        let reason = reason.trim().replace('\n', " ");
+        let reason = scrub(err.to_string().trim(), url).replace("\\n", " ");
         anyhow::anyhow!(
             "cannot connect to {}: {} — is the server running? set DATABASE_URL or --database-url",
             mask_url(url),
@@ -234,43 +178,5 @@ impl Drop for AdvisoryLock {
         let _ = sql_query(format!("SELECT pg_advisory_unlock({LOCK_KEY_SQL}) AS locked"))
             .bind::<Text, _>(&self.name)
             .execute(&mut self.conn);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_password_in_urls() {
-        assert_eq!(
-            mask_url("postgres://u:secret@host:5432/db"),
-            "postgres://u:***@host:5432/db"
-        );
-        assert_eq!(
-            mask_url("postgresql://u:p%40ss@h/db?sslmode=require"),
-            "postgresql://u:***@h/db?sslmode=require"
-        );
-        assert_eq!(mask_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            mask_url("postgres://h/db?user=u&password=pw"),
-            "postgres://h/db?user=u&password=***"
-        );
-        assert_eq!(
-            mask_url("host=h user=u password=pw dbname=d"),
-            "host=h user=u password=*** dbname=d"
-        );
-    }
-
-    #[test]
-    fn adds_application_name() {
-        assert_eq!(
-            with_connection_params("postgres://u@h/db"),
-            "postgres://u@h/db?application_name=ticketops&connect_timeout=10"
-        );
-        assert_eq!(
-            with_connection_params("postgres://u@h/db?application_name=x"),
-            "postgres://u@h/db?application_name=x&connect_timeout=10"
-        );
     }
 }

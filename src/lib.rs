@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod cli;
 pub mod cmd;
+pub mod conninfo;
 pub mod db;
 pub mod exit;
 pub mod filters;

@@ -152,6 +152,26 @@ pub fn sparkline(values: &[i64], max: i64) -> String {
         .collect()
 }
 
+/// Text from outside (a header, a value, a server message) as it may be printed: control
+/// characters (NUL, ESC, …) escaped like `\u{1b}`, so that a binary file given as input can
+/// never drive the terminal. Newlines and tabs are escaped too: one message stays one line.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

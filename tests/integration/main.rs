@@ -5,6 +5,7 @@ mod cleanup;
 mod export;
 mod fix;
 mod foundation;
+mod hardening;
 mod import;
 mod report;
 mod support;
