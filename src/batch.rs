@@ -26,10 +26,10 @@ pub struct BatchArgs {
     #[arg(long, value_name = "N", help_heading = "Batching")]
     pub max_rows: Option<u64>,
     /// Give up waiting for a row lock after this long (the batch is retried)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s", help_heading = "Batching")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2s", help_heading = "Batching")]
     pub lock_timeout: Duration,
     /// Cancel a statement that runs longer than this
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s", help_heading = "Batching")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "60s", help_heading = "Batching")]
     pub statement_timeout: Duration,
     /// How often a batch that hit a lock timeout, deadlock or serialization failure is retried
     #[arg(long, default_value_t = 5, help_heading = "Batching")]
@@ -77,7 +77,23 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("not a duration: {value:?}"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{value:?} is too long a duration"))
+}
+
+/// A lock or statement timeout: PostgreSQL takes whole milliseconds up to 2^31 - 1 (about
+/// 24 days), and reads 0 as "wait forever", which is never what a bulk job on a live
+/// database wants; so 0 and anything under a millisecond are refused.
+pub fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let duration = parse_duration(value)?;
+    if duration < Duration::from_millis(1) {
+        return Err(format!(
+            "{value:?} would mean \"wait forever\" to PostgreSQL; give at least 1ms (e.g. 1ms to barely wait)"
+        ));
+    }
+    if duration.as_millis() > i32::MAX as u128 {
+        return Err(format!("{value:?} is longer than PostgreSQL allows (24 days)"));
+    }
+    Ok(duration)
 }
 
 /// Why a run stopped: also the `stopped` key of the JSON summary.
@@ -306,5 +322,10 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("99999999999999999999999h").is_err());
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0.5ms").is_err());
+        assert!(parse_timeout("30d").is_err());
+        assert_eq!(parse_timeout("1ms").unwrap(), Duration::from_millis(1));
     }
 }

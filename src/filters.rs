@@ -66,13 +66,20 @@ pub struct TicketFilters {
 /// An absolute date/time, or an age (`90d`, `12h`, `2w`, `30m`, `45s`) before now.
 pub fn parse_when(value: &str) -> Result<DateTime<Utc>, String> {
     let v = value.trim();
-    if let Some(age) = parse_age(v) {
-        return Ok(Utc::now() - age);
+    let out_of_range = || format!("{v:?} is out of range: dates from the year 1 to 9999 are accepted");
+    let when = match parse_age(v) {
+        Some(age) => Utc::now().checked_sub_signed(age).ok_or_else(out_of_range)?,
+        None => match normalize::timestamp(v, InputZone::Utc)? {
+            Some(when) => when,
+            None => return Err("a date/time or an age like 90d is needed".into()),
+        },
+    };
+    // PostgreSQL and chrono disagree on the oldest and newest instants; this range is
+    // exact in both, and no ticket lies outside it.
+    if !(1..=9999).contains(&chrono::Datelike::year(&when)) {
+        return Err(out_of_range());
     }
-    match normalize::timestamp(v, InputZone::Utc)? {
-        Some(when) => Ok(when),
-        None => Err("a date/time or an age like 90d is needed".into()),
-    }
+    Ok(when)
 }
 
 /// `90d`, `12h`, `2w`, `30m`, `45s` as a duration.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::batch::parse_duration;
+use crate::batch::parse_timeout;
 use crate::cli::Context;
 use crate::db::BatchTimeouts;
 use crate::exit::UsageError;
@@ -151,10 +151,10 @@ pub struct CommonArgs {
     pub dry_run: bool,
     /// Lock wait limit per statement (e.g. 500ms, 5s; a plain number is seconds), so a live
     /// application's locks are not waited on for long
-    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_timeout)]
     pub lock_timeout: Duration,
     /// Statement time limit (e.g. 5m; a plain number is seconds)
-    #[arg(long, default_value = "300s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "300s", value_name = "DURATION", value_parser = parse_timeout)]
     pub statement_timeout: Duration,
 }
 

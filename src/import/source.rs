@@ -103,6 +103,21 @@ impl ColumnMap {
                 .into());
             }
         }
+        // A --map whose column is not in the file is a typo, or the wrong file: either way
+        // the import would not do what was asked.
+        for (source, field) in renames {
+            if !header.iter().any(|h| header_key(h) == header_key(source)) {
+                return Err(UsageError(format!(
+                    "--map '{source}={field}' names a column {source:?} that the header does not have (header: {})",
+                    header
+                        .iter()
+                        .map(|h| crate::output::escape_controls(h))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .into());
+            }
+        }
         let mut positions = vec![None; fields.len()];
         let mut ignored = Vec::new();
         for (column, name) in header.iter().enumerate() {

@@ -54,3 +54,86 @@ fn an_empty_user_in_a_keyvalue_string_stays_empty() {
         run.explain()
     );
 }
+
+#[test]
+fn extreme_dates_ages_and_durations_are_usage_errors_never_panics() {
+    let db = TestDb::new();
+    let dir = scratch("extremes");
+    let when_values = [
+        "99999999d",
+        "99999999999999999999d",
+        "9999999999999w",
+        "0d",
+        "-1d",
+        "10000-01-01",
+        "0000-01-01",
+        "2024-13-45",
+    ];
+    let when_flags: &[&[&str]] = &[
+        &["cleanup", "soft-delete", "--dry-run", "--updated-before"],
+        &["cleanup", "soft-delete", "--dry-run", "--created-before"],
+        &["cleanup", "purge", "--dry-run", "--deleted-before"],
+        &["cleanup", "purge-users", "--dry-run", "--deleted-before"],
+        &["report", "summary", "--created-after"],
+        &["report", "summary", "--updated-after"],
+        &["restore", "--dry-run", "--created-before"],
+    ];
+    for flag in when_flags {
+        for value in when_values {
+            let mut args = flag.to_vec();
+            args.push(value);
+            let run = ticketops(Some(&db), &dir, &args).run();
+            assert!(run.code == 0 || run.code == 2, "{}", run.explain());
+            assert!(!run.stderr.contains("panicked"), "{}", run.explain());
+        }
+    }
+    let durations = ["0", "0s", "0.1ms", "30d", "99999999999999999999999h", "1e9s", "-5s"];
+    let duration_flags: &[&[&str]] = &[
+        &["cleanup", "soft-delete", "--dry-run", "--all", "--lock-timeout"],
+        &["cleanup", "soft-delete", "--dry-run", "--all", "--statement-timeout"],
+        &["cleanup", "soft-delete", "--dry-run", "--all", "--sleep"],
+        &["cleanup", "soft-delete", "--dry-run", "--all", "--max-runtime"],
+        &["import", "tickets", "nofile.csv", "--lock-timeout"],
+        &["import", "tickets", "nofile.csv", "--statement-timeout"],
+    ];
+    for flag in duration_flags {
+        for value in durations {
+            let mut args = flag.to_vec();
+            args.push(value);
+            let run = ticketops(Some(&db), &dir, &args).run();
+            assert!(!run.stderr.contains("panicked"), "{}", run.explain());
+            assert_ne!(run.code, 101, "{}", run.explain());
+        }
+    }
+    // A lock timeout of 0 means "wait forever" to PostgreSQL: refused, with the reason.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "soft-delete", "--all", "--lock-timeout", "0"],
+    )
+    .run();
+    run.expect_code(2).stderr_has("wait forever");
+    let run = ticketops(Some(&db), &dir, &["report", "summary", "--created-after", "99999999d"]).run();
+    run.expect_code(2).stderr_has("out of range");
+}
+
+#[test]
+fn a_map_naming_a_column_the_file_lacks_is_an_error_before_anything_is_written() {
+    let db = TestDb::new();
+    let dir = scratch("map-typo");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            fixture("tickets.csv").to_str().unwrap(),
+            "--map",
+            "Nope=subject",
+        ],
+    )
+    .run();
+    run.expect_code(2).stderr_has("\"Nope\"");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM bulk_operations"), 0);
+}

@@ -16,7 +16,7 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::{Value, json};
 
 use super::{ApplyArgs, Changed, FIX_ACTION, SAMPLE_SIZE, Sample, confirm};
-use crate::batch::parse_duration;
+use crate::batch::parse_timeout;
 use crate::cli::Context;
 use crate::cmd::import::CsvArgs;
 use crate::db::BatchTimeouts;
@@ -50,10 +50,10 @@ pub struct Args {
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
     /// Give up waiting for a row lock after this long
-    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_timeout)]
     pub lock_timeout: Duration,
     /// Cancel a statement that runs longer than this
-    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_timeout)]
     pub statement_timeout: Duration,
     #[command(flatten)]
     pub apply: ApplyArgs,
