@@ -172,6 +172,33 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// Creates (or truncates) a file for customer data: a new file is made readable by its owner
+/// only (0600), whatever the umask, since it holds names, e-mails and ticket bodies. An
+/// existing file keeps the mode its owner gave it.
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    open_private(path, false)
+}
+
+/// Opens a file for customer data to append to, made as [`create_private`] makes one.
+pub fn append_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    open_private(path, true)
+}
+
+fn open_private(path: &std::path::Path, append: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).append(append).truncate(!append);
+    match options.clone().create_new(true).mode(0o600).open(path) {
+        Ok(file) => {
+            // The umask may have taken bits away from 0600 (never added): set it exactly.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(file)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => options.open(path),
+        Err(err) => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! to purge; never waiting on rows the live application holds), short transactions with lock and statement timeouts, one advisory lock per job
 //! (a second run exits 75), a clean stop on signals and limits, and a one-line JSON summary.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
 
@@ -275,11 +275,7 @@ impl Archive {
         let path = self.path.display().to_string();
         let context = || format!("cannot write the archive {path}");
         if self.file.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .with_context(context)?;
+            let file = crate::output::append_private(&self.path).with_context(context)?;
             self.file = Some(file);
         }
         let file = self.file.as_mut().expect("opened above");

@@ -2,7 +2,6 @@
 //! streamed from PostgreSQL with `COPY (SELECT …) TO STDOUT` through Diesel's `copy_to`, so
 //! memory stays constant whatever the table size.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufWriter, Write};
 use std::path::PathBuf;
 
@@ -150,7 +149,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         Some(path) => (
             Box::new(BufWriter::with_capacity(
                 1 << 20,
-                File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+                crate::output::create_private(path).with_context(|| format!("cannot create {}", path.display()))?,
             )),
             path.display().to_string(),
         ),
@@ -168,10 +167,23 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         (What::Comments, false) => copy_out(CommentsExport::<false>, &mut conn, &mut out),
         (What::Comments, true) => copy_out(CommentsExport::<true>, &mut conn, &mut out),
     };
-    let bytes = result.and_then(|b| {
+    let result = result.and_then(|b| {
         out.flush().with_context(|| format!("cannot write {target_name}"))?;
         Ok(b)
-    })?;
+    });
+    drop(out);
+    let bytes = match (result, &args.output) {
+        (Ok(bytes), _) => bytes,
+        // A partial export looks like a whole one to whoever reads it next: remove it.
+        (Err(err), Some(path)) => {
+            let removed = match std::fs::remove_file(path) {
+                Ok(()) => "the partial file was removed".to_string(),
+                Err(e) => format!("the partial file could not be removed ({e}): it is incomplete"),
+            };
+            return Err(err.context(format!("export to {} failed; {removed}", path.display())));
+        }
+        (Err(err), None) => return Err(err),
+    };
     let what = format!("{:?}", args.what).to_lowercase();
     if ctx.global.json && args.output.is_some() {
         ctx.print_json(&serde_json::json!({

@@ -93,7 +93,7 @@ impl RejectsWriter {
                 Ok(builder.from_writer(BufWriter::new(file)))
             }
             None => {
-                let file = File::create(&self.path).with_context(context)?;
+                let file = crate::output::create_private(&self.path).with_context(context)?;
                 let mut writer = builder.from_writer(BufWriter::new(file));
                 writer.write_byte_record(&self.header).with_context(context)?;
                 Ok(writer)

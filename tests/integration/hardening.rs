@@ -137,3 +137,100 @@ fn a_map_naming_a_column_the_file_lacks_is_an_error_before_anything_is_written()
     assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
     assert_eq!(db.scalar("SELECT count(*) FROM bulk_operations"), 0);
 }
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn files_of_customer_data_are_created_for_the_owner_only() {
+    let db = TestDb::new();
+    let dir = scratch("modes");
+    // The default rejects file beside the input, and one named with --rejects.
+    let input = dir.join("dump.csv");
+    std::fs::copy(fixture("bad/unknown_status.csv"), &input).unwrap();
+    let run = ticketops(Some(&db), &dir, &["import", "tickets", input.to_str().unwrap()])
+        .shell_prefix("umask 022")
+        .run();
+    run.expect_code(3);
+    assert_eq!(mode_of(&dir.join("dump.rejects.csv")), 0o600);
+    let named = dir.join("named-rejects.csv");
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            fixture("bad/unknown_status.csv").to_str().unwrap(),
+            "--rejects",
+            named.to_str().unwrap(),
+        ],
+    )
+    .shell_prefix("umask 000")
+    .run()
+    .expect_code(3);
+    assert_eq!(mode_of(&named), 0o600);
+
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            fixture("tickets.csv").to_str().unwrap(),
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .run();
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "comments",
+            fixture("comments.csv").to_str().unwrap(),
+            "--rejects",
+            "c.csv",
+        ],
+    )
+    .run();
+    let export = dir.join("export.csv");
+    ticketops(Some(&db), &dir, &["export", "tickets", "-o", export.to_str().unwrap()])
+        .shell_prefix("umask 022")
+        .run()
+        .expect_code(0);
+    assert_eq!(mode_of(&export), 0o600);
+
+    // Archives: a new one is 0600; an existing one the owner made 0640 keeps its mode.
+    let archive = dir.join("archive.csv");
+    let comments_archive = dir.join("archive-comments.csv");
+    std::fs::write(&comments_archive, "").unwrap();
+    std::fs::set_permissions(&comments_archive, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days' WHERE status = 'closed'");
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "cleanup",
+            "purge",
+            "--deleted-before",
+            "90d",
+            "--archive",
+            archive.to_str().unwrap(),
+            "--archive-comments",
+            comments_archive.to_str().unwrap(),
+        ],
+    )
+    .shell_prefix("umask 022")
+    .run()
+    .expect_code(0);
+    assert_eq!(mode_of(&archive), 0o600);
+    assert_eq!(mode_of(&comments_archive), 0o640);
+    assert!(std::fs::metadata(&comments_archive).unwrap().len() > 0);
+}

@@ -342,6 +342,27 @@ impl Cmd {
         self
     }
 
+    /// Runs the binary through `sh -c 'PREFIX; exec …'`, for a umask or a ulimit of its own.
+    pub fn shell_prefix(mut self, prefix: &str) -> Cmd {
+        let mut wrapped = Command::new("sh");
+        wrapped
+            .arg("-c")
+            .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+            .arg(self.command.get_program())
+            .args(self.command.get_args());
+        if let Some(dir) = self.command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        for (key, value) in self.command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        self.command = wrapped;
+        self
+    }
+
     pub fn stdin(mut self, bytes: Vec<u8>) -> Cmd {
         self.stdin = Some(bytes);
         self
