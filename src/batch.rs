@@ -230,8 +230,9 @@ pub fn run(
             }
             Err(err) => {
                 stats.stopped = StopReason::Error;
-                stats.error =
-                    Some(err.context(format!("batch {} failed (after {attempt} retries)", stats.batches + 1)));
+                stats.error = Some(crate::db::name_lost_connection(
+                    err.context(format!("batch {} failed (after {attempt} retries)", stats.batches + 1)),
+                ));
                 break;
             }
         }
@@ -275,9 +276,14 @@ pub fn finish(
         (None, StopReason::Signal(code)) => format!("stopped by {}", StopFlags::signal_name(code)),
         (None, reason) => format!("stopped: {}", reason.as_str()),
     };
-    crate::operation::finish(conn, op_id, status, &counts, Some(&message))
-        .map_err(anyhow::Error::from)
-        .map_err(|e| e.context("cannot record the end of the operation"))?;
+    // On a fresh connection when the job's own one is gone; failing that, the job's own
+    // error stays the one reported and the next command marks the operation abandoned.
+    let end_not_recorded =
+        crate::operation::record_end(conn, ctx.database_url()?, op_id, status, &counts, Some(&message))
+            .err()
+            .map(|err| {
+                format!("{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned")
+            });
     let mut summary = serde_json::json!({
         "operation_id": op_id,
         "kind": kind,
@@ -288,6 +294,9 @@ pub fn finish(
     });
     if let (Some(s), Some(c)) = (summary.as_object_mut(), counts.as_object()) {
         s.extend(c.clone());
+        if let Some(err) = &stats.error {
+            s.insert("error".into(), format!("{err:#}").into());
+        }
     }
     ctx.info(format!(
         "{kind}: {} — {} rows in {} batches, {:.1} s (longest batch {} ms), stopped: {}; operation {op_id}",
@@ -301,10 +310,16 @@ pub fn finish(
     if ctx.global.json {
         ctx.print_json(&summary)?;
     }
+    if let Some(note) = &end_not_recorded {
+        eprintln!("warning: {note}");
+    }
     if let Some(err) = stats.error {
         return Err(err.context(format!(
             "{kind} failed; batches committed before it stay (operation {op_id})"
         )));
+    }
+    if let Some(note) = end_not_recorded {
+        anyhow::bail!("{kind} finished, but {note}");
     }
     Ok(code)
 }

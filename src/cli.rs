@@ -49,11 +49,20 @@ pub enum ProgressMode {
 /// What every command gets: the global options and ways to act on them.
 pub struct Context {
     pub global: GlobalOpts,
+    /// Whether the command printed its JSON object (with --json, a failure prints one too).
+    json_printed: std::cell::Cell<bool>,
 }
 
 impl Context {
     pub fn new(global: GlobalOpts) -> Self {
-        Context { global }
+        Context {
+            global,
+            json_printed: std::cell::Cell::new(false),
+        }
+    }
+
+    pub fn json_printed(&self) -> bool {
+        self.json_printed.get()
     }
 
     pub fn database_url(&self) -> anyhow::Result<&str> {
@@ -96,6 +105,7 @@ impl Context {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, value).context("cannot write to stdout")?;
         writeln!(out).context("cannot write to stdout")?;
+        self.json_printed.set(true);
         Ok(())
     }
 }

@@ -70,6 +70,44 @@ pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
     })
 }
 
+/// Whether an error is the database connection going away (the server stopped or
+/// restarted, the session was terminated, the network broke) rather than a failed statement.
+pub fn is_connection_lost(err: &anyhow::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    if err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<Error>(),
+            Some(Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) | Error::BrokenTransactionManager)
+        )
+    }) {
+        return true;
+    }
+    let text = format!("{err:#}");
+    [
+        "server closed the connection",
+        "terminating connection",
+        "no connection to the server",
+        "could not receive data from server",
+        "could not send data to server",
+        "connection to server was lost",
+        "SSL connection has been closed",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+/// Names a lost connection as such in front of the driver's own words, which for a broken
+/// session are often about something else (a type lookup that failed, say).
+pub fn name_lost_connection(err: anyhow::Error) -> anyhow::Error {
+    if is_connection_lost(&err) {
+        err.context(
+            "the connection to the database was lost (the server stopped or restarted, or the session was terminated)",
+        )
+    } else {
+        err
+    }
+}
+
 /// Checks a connection out of the pool with context.
 pub fn get(pool: &Pool) -> anyhow::Result<PooledConn> {
     pool.get().context("cannot get a database connection from the pool")

@@ -46,6 +46,16 @@ impl std::error::Error for LockHeld {}
 
 /// Prints an error with its whole cause chain on one line and returns the exit code for it.
 pub fn report(err: &anyhow::Error) -> i32 {
+    let code = code_of(err);
+    if code != SUCCESS {
+        // Messages quote input (headers, values, server text): never raw control bytes.
+        eprintln!("error: {}", crate::output::escape_controls(&format!("{err:#}")));
+    }
+    code
+}
+
+/// The exit code for an error.
+pub fn code_of(err: &anyhow::Error) -> i32 {
     // `ticketops export | head` closes our stdout early; that is the reader's choice, not a
     // failure, so it exits 0 quietly (as ripgrep and xsv do).
     if err
@@ -55,7 +65,6 @@ pub fn report(err: &anyhow::Error) -> i32 {
     {
         return SUCCESS;
     }
-    eprintln!("error: {err:#}");
     if err.downcast_ref::<UsageError>().is_some() {
         USAGE
     } else if err.downcast_ref::<LockHeld>().is_some() {

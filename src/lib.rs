@@ -20,5 +20,22 @@ pub mod signals;
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: cli::Cli) -> anyhow::Result<i32> {
     let ctx = cli::Context::new(cli.global);
-    cmd::dispatch(&ctx, cli.command)
+    let result = cmd::dispatch(&ctx, cli.command);
+    // With --json every run leaves one JSON object on stdout, also one that failed before
+    // its command could print its own: a cron log then has a line for every run.
+    if let Err(err) = &result
+        && ctx.global.json
+        && !ctx.json_printed()
+    {
+        let code = exit::code_of(err);
+        if code != exit::SUCCESS {
+            let status = if code == exit::LOCKED { "locked" } else { "failed" };
+            let _ = ctx.print_json(&serde_json::json!({
+                "status": status,
+                "error": format!("{err:#}"),
+                "exit_code": code,
+            }));
+        }
+    }
+    result
 }

@@ -24,11 +24,72 @@ pub fn operator() -> String {
         })
 }
 
+/// The high 32 bits of the session advisory lock each running operation holds: the low 32
+/// bits are its id. While the lock is held the operation's process is alive; once it is
+/// gone (the process died, or its connection did) the operation is `abandoned`.
+const LIVENESS_LOCK_CLASS: i64 = 0x7469_636b; // "tick"
+
+const LIVENESS_LOCK_SQL: &str = "SELECT pg_advisory_lock(($1::bigint << 32) | $2)";
+
+/// Records a new operation as `running` and takes its liveness lock on `conn` in the same
+/// transaction, so that no other session can ever see it running without the lock.
 pub fn start(conn: &mut PgConnection, new: &NewBulkOperation<'_>) -> QueryResult<i64> {
-    diesel::insert_into(ops::bulk_operations)
-        .values(new)
-        .returning(ops::id)
-        .get_result(conn)
+    conn.transaction(|conn| {
+        let id = diesel::insert_into(ops::bulk_operations)
+            .values(new)
+            .returning(ops::id)
+            .get_result(conn)?;
+        take_liveness_lock(conn, id)?;
+        Ok(id)
+    })
+}
+
+fn take_liveness_lock(conn: &mut PgConnection, id: i64) -> QueryResult<()> {
+    use diesel::sql_types::BigInt;
+    diesel::sql_query(LIVENESS_LOCK_SQL)
+        .bind::<BigInt, _>(LIVENESS_LOCK_CLASS)
+        .bind::<BigInt, _>(id)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Marks every `running` operation whose liveness lock no session holds as `abandoned`: its
+/// process ended without recording the end (killed, or the server went away first). Called
+/// by every command that reads operations, so a dead run is never shown as running.
+pub fn mark_abandoned(conn: &mut PgConnection) -> QueryResult<usize> {
+    use diesel::sql_types::BigInt;
+    diesel::sql_query(
+        "UPDATE bulk_operations o
+         SET status = 'abandoned', finished_at = now(),
+             message = concat_ws('; ', o.message, 'abandoned: its process ended without recording the end')
+         WHERE o.status = 'running'
+           AND NOT EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid::bigint = $1 AND l.objid::bigint = o.id AND l.objsubid = 1)",
+    )
+    .bind::<BigInt, _>(LIVENESS_LOCK_CLASS)
+    .execute(conn)
+}
+
+/// Records the end of an operation on `conn`, or, when that connection is broken (the
+/// server restarted, the session was killed), on a fresh one to `url`. An error means even
+/// that failed: the next command that reads operations then marks it abandoned.
+pub fn record_end(
+    conn: &mut PgConnection,
+    url: &str,
+    id: i64,
+    status: OperationStatus,
+    counts: &serde_json::Value,
+    message: Option<&str>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if finish(conn, id, status, counts, message).is_ok() {
+        return Ok(());
+    }
+    let mut fresh = crate::db::establish(url).context("cannot record the end of the operation")?;
+    finish(&mut fresh, id, status, counts, message).with_context(|| format!("cannot record the end of operation {id}"))
 }
 
 /// Starts an operation that reads no file (cleanup, restore, fix, undo), run by this OS user.
@@ -75,20 +136,25 @@ pub fn finish(
     Ok(())
 }
 
-/// Marks an earlier unfinished operation as running again (for `--resume`).
+/// Marks an earlier unfinished operation as running again (for `--resume`), with its
+/// liveness lock taken on `conn`.
 pub fn reopen(conn: &mut PgConnection, id: i64) -> QueryResult<()> {
-    diesel::update(ops::bulk_operations.find(id))
-        .set((
-            ops::status.eq(OperationStatus::Running),
-            ops::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
-            ops::message.eq(None::<String>),
-        ))
-        .execute(conn)?;
-    Ok(())
+    conn.transaction(|conn| {
+        take_liveness_lock(conn, id)?;
+        diesel::update(ops::bulk_operations.find(id))
+            .set((
+                ops::status.eq(OperationStatus::Running),
+                ops::finished_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+                ops::message.eq(None::<String>),
+            ))
+            .execute(conn)?;
+        Ok(())
+    })
 }
 
 /// The latest operation of `kind` on a file with this SHA-256 that did not finish.
 pub fn latest_unfinished(conn: &mut PgConnection, kind: &str, sha256: &str) -> QueryResult<Option<BulkOperation>> {
+    mark_abandoned(conn)?;
     ops::bulk_operations
         .filter(ops::kind.eq(kind))
         .filter(ops::source_sha256.eq(sha256))
@@ -96,6 +162,7 @@ pub fn latest_unfinished(conn: &mut PgConnection, kind: &str, sha256: &str) -> Q
             OperationStatus::Running,
             OperationStatus::Interrupted,
             OperationStatus::Failed,
+            OperationStatus::Abandoned,
         ]))
         .order(ops::id.desc())
         .select(BulkOperation::as_select())
@@ -104,6 +171,7 @@ pub fn latest_unfinished(conn: &mut PgConnection, kind: &str, sha256: &str) -> Q
 }
 
 pub fn find(conn: &mut PgConnection, id: i64) -> QueryResult<Option<BulkOperation>> {
+    mark_abandoned(conn)?;
     ops::bulk_operations
         .find(id)
         .select(BulkOperation::as_select())

@@ -53,6 +53,7 @@ fn to_json(op: &BulkOperation) -> serde_json::Value {
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let pool = ctx.pool(1)?;
     let mut conn = db::get(&pool)?;
+    crate::operation::mark_abandoned(&mut conn)?;
     match args.action {
         Action::List { kind, limit } => {
             let mut q = bulk_operations::table.into_boxed();

@@ -269,6 +269,8 @@ pub struct ImportReport {
     pub tally: RejectTally,
     pub elapsed: std::time::Duration,
     pub stop_reason: String,
+    /// Why the import failed or stopped early, for the JSON summary.
+    pub error: Option<String>,
     pub dry_run: bool,
     /// Whether the kind inserts rows, and what it calls updated ones (for the human line).
     pub inserts: bool,
@@ -296,6 +298,7 @@ impl ImportReport {
             "rows_per_sec": (output::rate(c.rows_read, self.elapsed) * 10.0).round() / 10.0,
             "dry_run": self.dry_run,
             "stopped": self.stop_reason,
+            "error": self.error,
             "errors": self.tally,
         })
     }
@@ -606,6 +609,7 @@ pub fn run<K: ImportKind>(
     }
     rejects.flush()?;
 
+    let result = result.map_err(db::name_lost_connection);
     let rolled_back = options.mode == Mode::Atomic;
     let (status, message, mut exit_code, stop_reason) = match &result {
         Err(e) => {
@@ -646,15 +650,23 @@ pub fn run<K: ImportKind>(
             counts.accounted()
         );
     }
-    if op_id != 0 {
-        operation::finish(
+    // The end is recorded on a fresh connection when the import's own one is gone; if even
+    // that fails the import's own error stays the one reported, and the operation is marked
+    // abandoned by the next command that reads operations.
+    let mut end_not_recorded = None;
+    if op_id != 0
+        && let Err(err) = operation::record_end(
             &mut conn,
+            ctx.database_url()?,
             op_id,
             status,
             &serde_json::to_value(counts)?,
             message.as_deref(),
         )
-        .context("cannot record the end of the operation")?;
+    {
+        end_not_recorded = Some(format!(
+            "{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned"
+        ));
     }
     if status == OperationStatus::Succeeded && counts.rejected > 0 {
         exit_code = exit::REJECTED_ROWS;
@@ -670,6 +682,11 @@ pub fn run<K: ImportKind>(
         tally,
         elapsed: started.elapsed(),
         stop_reason: stop_reason.to_string(),
+        error: result
+            .as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .or_else(|| message.clone().filter(|_| status != OperationStatus::Succeeded)),
         dry_run: options.mode == Mode::DryRun,
         inserts: K::INSERTS,
         updated_label: K::UPDATED_LABEL,
@@ -685,6 +702,9 @@ pub fn run<K: ImportKind>(
         ctx.print_json(&summary)?;
     } else if !ctx.global.quiet {
         kind.print_extra()?;
+    }
+    if let Some(note) = &end_not_recorded {
+        eprintln!("warning: {note}");
     }
     match result {
         Err(e) => {
@@ -705,6 +725,9 @@ pub fn run<K: ImportKind>(
                     "batches committed before it stay"
                 };
                 eprintln!("error: {msg}; {what_stays}");
+            }
+            if let Some(note) = end_not_recorded.filter(|_| exit_code == exit::SUCCESS) {
+                bail!("the import finished, but {note}");
             }
             Ok(exit_code)
         }

@@ -102,4 +102,5 @@ pg_enum!(
     Failed => "failed",
     Interrupted => "interrupted",
     RolledBack => "rolled_back",
+    Abandoned => "abandoned",
 });

@@ -1,6 +1,8 @@
 //! Faults and hostile input an ops engineer can hit on a production database: secrets in
 //! connection errors, file modes, lost connections, lock waits, huge fields, full disks.
 
+use std::time::{Duration, Instant};
+
 use crate::support::*;
 
 /// Every spelling of the password must be absent from everything the binary prints.
@@ -233,4 +235,123 @@ fn files_of_customer_data_are_created_for_the_owner_only() {
     assert_eq!(mode_of(&archive), 0o600);
     assert_eq!(mode_of(&comments_archive), 0o640);
     assert!(std::fs::metadata(&comments_archive).unwrap().len() > 0);
+}
+
+/// Terminates every session ticketops holds on the test database, as a DBA or a failover would.
+fn terminate_ticketops_sessions(db: &TestDb) -> i64 {
+    db.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'ticketops'",
+    )
+}
+
+#[test]
+fn a_lost_connection_mid_import_is_named_recorded_as_failed_and_resumed() {
+    let dir = scratch("lost-import");
+    let file = generate(&dir, "big.csv", &["tickets", "--rows", "40000", "--seed", "21"]);
+    let db = TestDb::new();
+    let path = file.to_str().unwrap();
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", path, "--batch-size", "500"],
+    )
+    .spawn();
+    wait_for_checkpoint(&db, &mut child);
+    assert!(terminate_ticketops_sessions(&db) > 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connection to the database was lost"), "{stderr}");
+    assert!(
+        !stderr.contains("type oid"),
+        "a follow-up error hid the real one: {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["error"].as_str().unwrap().contains("lost"), "{summary}");
+    let committed = db.scalar("SELECT count(*) FROM tickets");
+    assert_eq!(summary["inserted"].as_i64().unwrap(), committed);
+    // Recorded on a fresh connection: failed, with the counts of what was committed.
+    let op = &db.json("SELECT status::text, counts, message FROM bulk_operations")[0];
+    assert_eq!(op["status"], "failed");
+    assert_eq!(op["counts"]["inserted"].as_i64().unwrap(), committed);
+    assert!(op["message"].as_str().unwrap().contains("lost"));
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--resume", "--batch-size", "500"]);
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 40000);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+}
+
+#[test]
+fn a_killed_run_is_marked_abandoned_never_left_running() {
+    let dir = scratch("abandoned");
+    let file = generate(&dir, "big.csv", &["tickets", "--rows", "40000", "--seed", "22"]);
+    let db = TestDb::new();
+    let path = file.to_str().unwrap();
+    let mut child = ticketops(Some(&db), &dir, &["import", "tickets", path, "--batch-size", "500"]).spawn();
+    wait_for_checkpoint(&db, &mut child);
+    kill(&child, "-KILL");
+    child.wait().unwrap();
+    // The server ends the killed client's sessions (and so its locks) as soon as it sees the
+    // sockets close; until then the run still counts as alive.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let run = ticketops(Some(&db), &dir, &["--json", "ops", "list"]).run();
+        let status = run.expect_code(0).json()["operations"][0]["status"].clone();
+        if status != "running" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, "abandoned");
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--resume", "--batch-size", "500"]);
+    run.expect_code(0).stderr_has("resuming operation");
+    assert_eq!(
+        summary["inserted"].as_u64().unwrap() + summary["unchanged"].as_u64().unwrap(),
+        40000
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+    // A live run is not touched: the resumed one finished as succeeded.
+    assert_eq!(
+        db.strings("SELECT status::text FROM bulk_operations ORDER BY id"),
+        vec!["succeeded"]
+    );
+}
+
+#[test]
+fn a_lost_connection_mid_cleanup_records_what_was_committed() {
+    let dir = scratch("lost-cleanup");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "3000", "--seed", "23"]);
+    let db = TestDb::new();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--all",
+            "--batch-size",
+            "20",
+            "--sleep",
+            "20ms",
+        ],
+    )
+    .spawn();
+    wait_for_checkpoint_of(&db, &mut child, "cleanup%");
+    assert!(terminate_ticketops_sessions(&db) > 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connection to the database was lost"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["status"], "failed");
+    let deleted = db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL");
+    assert!(deleted > 0 && deleted < 3000, "{deleted}");
+    assert_eq!(summary["soft_deleted"].as_i64().unwrap(), deleted);
+    let op = &db.json("SELECT status::text, counts FROM bulk_operations WHERE kind = 'cleanup soft-delete'")[0];
+    assert_eq!(op["status"], "failed");
+    assert_eq!(op["counts"]["soft_deleted"].as_i64().unwrap(), deleted);
 }

@@ -652,29 +652,6 @@ fn batched_import_keeps_committed_batches_and_resumes_after_a_failure() {
     );
 }
 
-fn wait_for_checkpoint(db: &TestDb, child: &mut std::process::Child) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = db.scalar("SELECT count(*) FROM bulk_operations WHERE checkpoint IS NOT NULL");
-        if n > 0 {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the import ended ({status}) before it could be interrupted");
-        }
-        assert!(Instant::now() < deadline, "no checkpoint within 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn kill(child: &std::process::Child, signal: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 #[test]
 fn sigkill_then_resume_or_rerun_ends_in_the_same_state() {
     let dir = scratch("sigkill");

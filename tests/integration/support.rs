@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::sql_types::Text;
@@ -498,4 +499,36 @@ pub fn assert_same_rows(got: &[String], expected: &[String], what: &str) {
             expected.get(got.len())
         ),
     }
+}
+
+/// Waits until a running import or job has committed a batch (its operation has a checkpoint).
+pub fn wait_for_checkpoint(db: &TestDb, child: &mut std::process::Child) {
+    wait_for_checkpoint_of(db, child, "%");
+}
+
+/// Waits until an operation whose kind is LIKE `kind` has committed a batch.
+pub fn wait_for_checkpoint_of(db: &TestDb, child: &mut std::process::Child, kind: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = db.scalar(&format!(
+            "SELECT count(*) FROM bulk_operations WHERE checkpoint IS NOT NULL AND status = 'running' AND kind LIKE '{kind}'"
+        ));
+        if n > 0 {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the import ended ({status}) before it could be interrupted");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends a signal (`-TERM`, `-KILL`, …) to a spawned binary.
+pub fn kill(child: &std::process::Child, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }
