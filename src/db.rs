@@ -155,6 +155,72 @@ where
 }
 
 #[derive(diesel::QueryableByName)]
+struct LockHolder {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+    #[diesel(sql_type = Text)]
+    application_name: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    seconds: f64,
+}
+
+/// `LOCK TABLE tables IN mode MODE` inside the current transaction, waiting at most the
+/// transaction's `lock_timeout` (which the caller has set: a LOCK that waits without limit
+/// also makes every later reader of the table queue behind it). When it times out, the error
+/// names the sessions that hold conflicting locks on the tables. It runs in a savepoint, so
+/// that they can still be looked up on this connection.
+pub fn lock_tables(conn: &mut PgConnection, tables: &[&str], mode: &str) -> anyhow::Result<()> {
+    let list = tables.join(", ");
+    let locked = conn.transaction(|c| sql_query(format!("LOCK TABLE {list} IN {mode} MODE")).execute(c));
+    let Err(err) = locked else { return Ok(()) };
+    if !err.to_string().contains("lock timeout") {
+        return Err(anyhow::Error::from(err).context(format!("cannot lock {list}")));
+    }
+    let holders: Vec<LockHolder> = sql_query(
+        "SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?') AS application_name,
+                coalesce(a.state, '?') AS state,
+                coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::float8, 0) AS seconds
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.granted AND l.pid <> pg_backend_pid()
+           AND l.relation = ANY (SELECT to_regclass(t)::oid FROM unnest($1::text[]) t)
+         ORDER BY seconds DESC LIMIT 10",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(tables)
+    .load(conn)
+    .unwrap_or_default();
+    let timeout: String = sql_query("SELECT current_setting('lock_timeout') AS v")
+        .get_result::<Setting>(conn)
+        .map(|s| s.v)
+        .unwrap_or_else(|_| "?".into());
+    let named: Vec<String> = holders
+        .iter()
+        .map(|h| {
+            format!(
+                "pid {} ({}, {}, for {:.0} s)",
+                h.pid, h.application_name, h.state, h.seconds
+            )
+        })
+        .collect();
+    let who = if named.is_empty() {
+        "sessions that have since let go".to_string()
+    } else {
+        named.join(", ")
+    };
+    Err(anyhow::anyhow!(
+        "cannot lock {list} within the lock timeout of {timeout} (--lock-timeout): held by {who}; \
+         nothing was changed — try again when they are done, or with a longer --lock-timeout"
+    ))
+}
+
+#[derive(diesel::QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+#[derive(diesel::QueryableByName)]
 struct SafeAnswer {
     #[diesel(sql_type = Bool)]
     safe: bool,

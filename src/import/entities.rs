@@ -237,13 +237,13 @@ impl EntityCache {
     /// 100,000 users upserted batch by batch). When the table is empty, the cache then knows
     /// every user there is and the read before each batch's insert is skipped, until the
     /// cache is next cleared.
-    pub fn lock_users_for_load(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
+    pub fn lock_users_for_load(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
         #[derive(QueryableByName)]
         struct Empty {
             #[diesel(sql_type = Bool)]
             empty: bool,
         }
-        sql_query("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE").execute(conn)?;
+        crate::db::lock_tables(conn, &["users"], "SHARE ROW EXCLUSIVE")?;
         let users: Empty = sql_query("SELECT NOT EXISTS (SELECT 1 FROM users) AS empty").get_result(conn)?;
         self.users_locked = true;
         self.users_complete = users.empty;

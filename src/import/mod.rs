@@ -757,6 +757,11 @@ fn process_batches<K: ImportKind>(
     stop: &StopFlags,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<LoopEnd> {
+    if options.mode != Mode::Batched {
+        // One transaction for the whole import: the timeouts hold for what `begin` does (an
+        // initial load locks whole tables) as well as for every batch.
+        db::set_local_timeouts(conn, options.timeouts)?;
+    }
     kind.begin(conn, op_id)?;
     let started = Instant::now();
     // Time spent waiting for the reader thread: when it is large, parsing (not the

@@ -1197,9 +1197,8 @@ fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Re
         #[diesel(sql_type = Bool)]
         empty: bool,
     }
-    sql_query("LOCK TABLE tickets, ticket_tags IN ACCESS EXCLUSIVE MODE")
-        .execute(conn)
-        .context("cannot lock tickets and ticket_tags for the initial load")?;
+    crate::db::lock_tables(conn, &["tickets", "ticket_tags"], "ACCESS EXCLUSIVE")
+        .context("the initial load needs tickets and ticket_tags to itself")?;
     let empty: Empty =
         sql_query("SELECT NOT EXISTS (SELECT 1 FROM tickets) AND NOT EXISTS (SELECT 1 FROM ticket_tags) AS empty")
             .get_result(conn)?;

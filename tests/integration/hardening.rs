@@ -355,3 +355,77 @@ fn a_lost_connection_mid_cleanup_records_what_was_committed() {
     assert_eq!(op["status"], "failed");
     assert_eq!(op["counts"]["soft_deleted"].as_i64().unwrap(), deleted);
 }
+
+#[test]
+fn initial_load_gives_up_on_its_table_lock_after_the_lock_timeout_and_names_the_holder() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDb::new();
+    let dir = scratch("initial-lock");
+    // The application reads tickets in an open transaction.
+    let mut app = db.conn();
+    app.batch_execute("SET application_name = 'support-app'; BEGIN; SELECT count(*) FROM tickets")
+        .unwrap();
+    let app_pid = db.json("SELECT pid FROM pg_stat_activity WHERE application_name = 'support-app'")[0]["pid"]
+        .as_i64()
+        .unwrap();
+    let started = Instant::now();
+    let file = fixture("tickets.csv");
+    let load = std::thread::spawn({
+        let url = db.url.clone();
+        let dir = dir.clone();
+        move || {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args([
+                "import",
+                "tickets",
+                file.to_str().unwrap(),
+                "--initial-load",
+                "--lock-timeout",
+                "1s",
+            ])
+            .current_dir(&dir)
+            .env("DATABASE_URL", url);
+            cmd.output().unwrap()
+        }
+    });
+    // While the load waits for its lock, another reader of tickets waits at most that long.
+    std::thread::sleep(Duration::from_millis(300));
+    let reader_started = Instant::now();
+    let mut reader = db.conn();
+    reader
+        .batch_execute("SET statement_timeout = '10s'; SELECT count(*) FROM tickets")
+        .unwrap();
+    assert!(
+        reader_started.elapsed() < Duration::from_secs(3),
+        "a reader queued {:?} behind the load's lock request",
+        reader_started.elapsed()
+    );
+    let out = load.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stderr.contains("cannot lock tickets, ticket_tags"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {app_pid} (support-app, idle in transaction")),
+        "{stderr}"
+    );
+    app.batch_execute("ROLLBACK").unwrap();
+    // Nothing was changed: the keys and indexes are all there, and a load now works.
+    assert!(db.scalar("SELECT count(*) FROM pg_indexes WHERE tablename = 'tickets'") > 5);
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &fixture("tickets.csv"),
+        &["--initial-load", "--rejects", "r.csv"],
+    );
+    run.expect_code(3); // the sample dump has deliberately bad rows
+    assert_eq!(
+        summary["inserted"].as_i64().unwrap(),
+        db.scalar("SELECT count(*) FROM tickets")
+    );
+}
