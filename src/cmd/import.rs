@@ -156,6 +156,10 @@ pub struct CommonArgs {
     /// Statement time limit (e.g. 5m; a plain number is seconds)
     #[arg(long, default_value = "300s", value_name = "DURATION", value_parser = parse_timeout)]
     pub statement_timeout: Duration,
+    /// How often a batch that hit a lock timeout, deadlock or serialization failure is retried
+    /// (with backoff) before the import stops; `--resume` then continues from that batch
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
 }
 
 impl CommonArgs {
@@ -193,6 +197,7 @@ impl CommonArgs {
                 lock_timeout: self.lock_timeout,
                 statement_timeout: self.statement_timeout,
             },
+            retries: self.retries,
             verbose,
         })
     }

@@ -135,6 +135,8 @@ impl ImportKind for CommentImport {
         })
     }
 
+    const KEY_COLUMN: Option<(&'static str, &'static str)> = Some(("comments", "external_id"));
+
     fn key(row: &CommentRow) -> Option<&str> {
         row.external_id.as_deref()
     }

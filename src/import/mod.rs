@@ -29,6 +29,7 @@ use diesel::{Connection, PgConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::batch;
 use crate::cli::Context;
 use crate::db::{self, AdvisoryLock, BatchTimeouts};
 use crate::exit::{self, UsageError};
@@ -102,6 +103,9 @@ pub struct ImportOptions {
     pub undelete: bool,
     pub initial_load: bool,
     pub timeouts: BatchTimeouts,
+    /// How often a batch that lost a race (lock timeout, deadlock, serialization failure) is
+    /// tried again in batched mode.
+    pub retries: u32,
     /// `-v`: say where the time went.
     pub verbose: bool,
 }
@@ -131,6 +135,7 @@ pub struct ParseOptions {
 }
 
 /// A valid row with where it came from.
+#[derive(Clone)]
 pub struct Numbered<R> {
     pub record: u64,
     pub line: u64,
@@ -150,7 +155,7 @@ pub struct WriterReject {
 
 /// One kind of import: its fields, how a record becomes a row, and how a batch is written.
 pub trait ImportKind {
-    type Row: Send + 'static;
+    type Row: Send + Clone + 'static;
     /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
     const NAME: &'static str;
     /// Whether `write_batch` may reject rows and so needs each row's original fields.
@@ -161,6 +166,10 @@ pub trait ImportKind {
 
     /// The key that identifies a row within a file (last occurrence wins), if any.
     fn key(row: &Self::Row) -> Option<&str>;
+
+    /// The table and column where `key` is stored, to name the rows another session held
+    /// when a batch gave up waiting for their locks.
+    const KEY_COLUMN: Option<(&'static str, &'static str)> = None;
 
     /// The field holding that key, for the pre-import scan of a file.
     const KEY_FIELD: Option<usize> = Some(0);
@@ -474,6 +483,8 @@ pub fn run<K: ImportKind>(
         rejects::remove_stale(&rejects_path, options.delimiter)?;
     }
     let mut rejects = RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len);
+    // The rejects file's length with the last committed batch, to cut a rolled-back one off.
+    let mut committed_rejects = start_rejects_len.unwrap_or(0);
 
     let file_display = options.input.display();
     let operator = operation::operator();
@@ -560,6 +571,7 @@ pub fn run<K: ImportKind>(
                 tally,
                 &stop,
                 &progress,
+                &mut committed_rejects,
             )
         };
     let result: anyhow::Result<LoopEnd> = if reader.is_none() {
@@ -756,6 +768,7 @@ fn process_batches<K: ImportKind>(
     tally: &mut RejectTally,
     stop: &StopFlags,
     progress: &indicatif::ProgressBar,
+    committed_rejects: &mut u64,
 ) -> anyhow::Result<LoopEnd> {
     if options.mode != Mode::Batched {
         // One transaction for the whole import: the timeouts hold for what `begin` does (an
@@ -772,25 +785,22 @@ fn process_batches<K: ImportKind>(
         let Ok(batch) = receiver.recv() else { break };
         waited += wait_started.elapsed();
         let mut batch = batch?;
-        let prefetched = batch.prefetched.take();
+        let mut prefetched = batch.prefetched.take();
         let first_line = batch
             .rows
             .first()
             .map(|r| r.line)
             .or(batch.rejects.first().map(|r| r.1))
             .unwrap_or(0);
-        let mut batch_counts = *counts;
-        let mut batch_tally = tally.clone();
-        batch_counts.rows_read += batch.rows_read;
-
-        for (record, line, raw, error) in &batch.rejects {
-            rejects.write(raw, *record, *line, error)?;
-            batch_counts.rejected += 1;
-            batch_tally.add(&error.reason, *line);
-        }
+        let mut base_counts = *counts;
+        base_counts.rows_read += batch.rows_read;
         // Within a file the last occurrence of a key wins; earlier ones are duplicates.
-        let rows = dedupe::<K>(batch.rows, repeated, &mut batch_counts);
+        let mut rows = Some(dedupe::<K>(batch.rows, repeated, &mut base_counts));
+        let reader_rejects = batch.rejects;
+        let batched = options.mode == Mode::Batched;
 
+        // Everything a batch writes, the rejects file included, is undone when its transaction
+        // rolls back: the file is cut back to the length recorded with the last committed batch.
         let write = |conn: &mut PgConnection,
                      rows: Vec<Numbered<K::Row>>,
                      prefetched: Option<K::Prefetched>,
@@ -798,8 +808,13 @@ fn process_batches<K: ImportKind>(
                      c: &mut Counts,
                      t: &mut RejectTally,
                      rejects: &mut RejectsWriter|
-         -> anyhow::Result<()> {
+         -> anyhow::Result<u64> {
             db::set_local_timeouts(conn, options.timeouts)?;
+            for (record, line, raw, error) in &reader_rejects {
+                rejects.write(raw, *record, *line, error)?;
+                c.rejected += 1;
+                t.add(&error.reason, *line);
+            }
             let writer_rejects = kind.write_batch(conn, op_id, rows, prefetched, c)?;
             for r in &writer_rejects {
                 rejects.write(&r.raw, r.record, r.line, &r.error)?;
@@ -807,7 +822,7 @@ fn process_batches<K: ImportKind>(
                 t.add(&r.error.reason, r.line);
             }
             let rejects_bytes = rejects.flush()?;
-            if options.mode == Mode::Batched {
+            if batched {
                 let checkpoint = Checkpoint {
                     position: batch.end,
                     rejects_bytes,
@@ -821,31 +836,90 @@ fn process_batches<K: ImportKind>(
                     &serde_json::to_value(*c)?,
                 )?;
             }
-            Ok(())
+            Ok(rejects_bytes)
         };
-        let write_this = |conn: &mut PgConnection| {
-            write(
-                conn,
-                rows,
-                prefetched,
-                kind,
-                &mut batch_counts,
-                &mut batch_tally,
-                rejects,
-            )
-        };
-        let result = if options.mode == Mode::Batched {
-            conn.transaction(write_this)
-        } else {
-            write_this(conn)
-        };
-        if let Err(err) = result {
+        let mut attempt = 0;
+        let (batch_counts, batch_tally) = loop {
+            let mut batch_counts = base_counts;
+            let mut batch_tally = tally.clone();
+            // A batch that may fail and be tried again (or named) keeps its rows.
+            let retry_left = batched && attempt < options.retries;
+            let attempt_rows = if batched {
+                rows.clone().unwrap_or_default()
+            } else {
+                rows.take().unwrap_or_default()
+            };
+            let write_this = |conn: &mut PgConnection| {
+                write(
+                    conn,
+                    attempt_rows,
+                    prefetched.take(),
+                    kind,
+                    &mut batch_counts,
+                    &mut batch_tally,
+                    rejects,
+                )
+            };
+            let result = if batched {
+                conn.transaction(write_this)
+            } else {
+                write_this(conn)
+            };
+            let err = match result {
+                Ok(rejects_bytes) => {
+                    *committed_rejects = rejects_bytes;
+                    break (batch_counts, batch_tally);
+                }
+                Err(err) => err,
+            };
             kind.reset();
+            if batched {
+                rejects.cut_back(*committed_rejects)?;
+            }
+            if batch::is_transient(&err) && retry_left {
+                attempt += 1;
+                let wait = batch::backoff(attempt);
+                if options.verbose {
+                    eprintln!(
+                        "batch starting at line {first_line}: {err:#}; retry {attempt} of {} in {} ms",
+                        options.retries,
+                        wait.as_millis()
+                    );
+                }
+                std::thread::sleep(wait);
+                continue;
+            }
+            let mut err = err;
+            if batched && batch::is_transient(&err) {
+                let keys: Vec<String> = rows
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| K::key(&r.row).map(str::to_string))
+                    .collect();
+                if let Some(held) = K::KEY_COLUMN.and_then(|(table, column)| held_keys(conn, table, column, &keys))
+                    && !held.is_empty()
+                {
+                    let shown: Vec<&str> = held.iter().take(10).map(String::as_str).collect();
+                    let more = if held.len() > shown.len() { ", …" } else { "" };
+                    err = err.context(format!(
+                        "another session held {} of the batch's rows past --lock-timeout ({} {}{more})",
+                        held.len(),
+                        K::KEY_COLUMN.map_or("key", |(_, c)| c),
+                        shown.join(", ")
+                    ));
+                }
+            }
+            let tries = if attempt > 0 {
+                format!(" (tried {} times)", attempt + 1)
+            } else {
+                String::new()
+            };
             return Err(err.context(format!(
-                "batch starting at line {first_line} of {} could not be written",
+                "batch starting at line {first_line} of {} could not be written{tries}",
                 options.input.display()
             )));
-        }
+        };
         *counts = batch_counts;
         *tally = batch_tally;
         progress.set_message(format!(
@@ -893,6 +967,36 @@ fn process_batches<K: ImportKind>(
     progress.set_prefix("finishing");
     kind.end(conn)?;
     Ok(LoopEnd::default())
+}
+
+/// Of `keys` in `table.column`, those whose rows another session holds locked now: the rows
+/// that are not locked are taken with SKIP LOCKED in a transaction that is rolled back at
+/// once. `None` when the lookup itself fails.
+fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys: &[String]) -> Option<Vec<String>> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        key: String,
+    }
+    let mut held = None;
+    let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+        let select = |lock: &str| {
+            diesel::sql_query(format!(
+                "SELECT {column}::text AS key FROM {table} WHERE {column} = ANY($1) ORDER BY 1 {lock}"
+            ))
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(keys)
+        };
+        let all: Vec<Key> = select("").load(conn)?;
+        let free: std::collections::HashSet<String> = select("FOR NO KEY UPDATE SKIP LOCKED")
+            .load::<Key>(conn)?
+            .into_iter()
+            .map(|k| k.key)
+            .collect();
+        held = Some(all.into_iter().map(|k| k.key).filter(|k| !free.contains(k)).collect());
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    held
 }
 
 /// Keeps the last row per key, in the batch and, where the file was scanned, in the whole

@@ -115,6 +115,33 @@ impl RejectsWriter {
         Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
     }
 
+    /// Cuts the file back to `len` bytes, the length recorded with the last committed batch:
+    /// what a rolled-back batch wrote is removed (0: the file goes, as nothing committed is
+    /// in it).
+    pub fn cut_back(&mut self, len: u64) -> anyhow::Result<()> {
+        // Dropping the writer tries to flush what it buffered (it may fail on a full disk);
+        // whatever lands past `len` is cut off below.
+        drop(self.writer.take());
+        let context = || {
+            format!(
+                "cannot cut the rejects file {} back to {len} bytes",
+                self.path.display()
+            )
+        };
+        if len == 0 {
+            match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(context),
+                _ => {}
+            }
+        } else if self.path.exists() {
+            let file = OpenOptions::new().write(true).open(&self.path).with_context(context)?;
+            file.set_len(len).with_context(context)?;
+            file.sync_data().with_context(context)?;
+        }
+        self.resume_len = Some(len);
+        Ok(())
+    }
+
     pub fn written(&self) -> bool {
         self.writer.is_some() || self.resume_len.is_some_and(|len| len > 0)
     }

@@ -302,6 +302,8 @@ impl ImportKind for TicketImport {
         })
     }
 
+    const KEY_COLUMN: Option<(&'static str, &'static str)> = Some(("tickets", "external_id"));
+
     fn key(row: &TicketRow) -> Option<&str> {
         Some(&row.external_id)
     }

@@ -137,6 +137,8 @@ impl ImportKind for UserImport {
         })
     }
 
+    const KEY_COLUMN: Option<(&'static str, &'static str)> = Some(("users", "email"));
+
     fn key(row: &UserRow) -> Option<&str> {
         Some(&row.email)
     }

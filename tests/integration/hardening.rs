@@ -429,3 +429,104 @@ fn initial_load_gives_up_on_its_table_lock_after_the_lock_timeout_and_names_the_
         db.scalar("SELECT count(*) FROM tickets")
     );
 }
+
+/// Holds a row lock on one ticket, as the application would, until the returned sender is
+/// dropped or signalled (or `hold` passes).
+fn hold_ticket_lock(db: &TestDb, external_id: &str, hold: Duration) -> std::thread::JoinHandle<()> {
+    use diesel::connection::SimpleConnection;
+    let mut app = db.conn();
+    app.batch_execute(&format!(
+        "SET application_name = 'support-app'; BEGIN; SELECT 1 FROM tickets WHERE external_id = '{external_id}' FOR UPDATE"
+    ))
+    .unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        app.batch_execute("COMMIT").unwrap();
+    })
+}
+
+#[test]
+fn an_import_batch_waiting_on_a_held_row_is_retried_with_backoff() {
+    let db = TestDb::new();
+    let dir = scratch("import-retry");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "300", "--seed", "4"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    db.execute("UPDATE tickets SET subject = 'changed by the app' WHERE external_id = 'T-000005'");
+    let holder = hold_ticket_lock(&db, "T-000005", Duration::from_millis(1500));
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--lock-timeout", "200ms", "-v"]);
+    run.expect_code(0).stderr_has("retry 1 of 5");
+    holder.join().unwrap();
+    assert_eq!(summary["updated"], 1);
+    assert_eq!(summary["unchanged"], 299);
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'T-000005'"),
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'T-000005' AND subject <> 'changed by the app'")
+    );
+}
+
+#[test]
+fn an_import_that_cannot_get_its_rows_names_them_and_resumes_from_that_batch() {
+    let db = TestDb::new();
+    let dir = scratch("import-held");
+    let file = generate(
+        &dir,
+        "t.csv",
+        &["tickets", "--rows", "300", "--seed", "4", "--bad-share", "0.05"],
+    );
+    import(&db, &dir, "tickets", &file, &["--rejects", "first.csv"])
+        .0
+        .expect_code(3);
+    // The last ticket of the file, in its third batch.
+    let last = db.strings("SELECT max(external_id) FROM tickets").remove(0);
+    db.execute(&format!(
+        "UPDATE tickets SET subject = 'changed by the app' WHERE external_id IN ('T-000005', '{last}')"
+    ));
+    let holder = hold_ticket_lock(&db, &last, Duration::from_secs(8));
+    let rejects = dir.join("rejects.csv");
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &[
+            "--lock-timeout",
+            "200ms",
+            "--retries",
+            "1",
+            "--batch-size",
+            "100",
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
+    );
+    run.expect_code(1).stderr_has(&last).stderr_has("--resume");
+    assert_eq!(summary["status"], "failed");
+    // The batches before the held row's stay committed, and so do their rejects; the failed
+    // batch's rejects are cut off.
+    assert_eq!(summary["updated"], 1, "{summary}");
+    let rejected_so_far = summary["rejected"].as_u64().unwrap();
+    assert_eq!(read_rejects(&rejects).len() as u64, rejected_so_far);
+    holder.join().unwrap();
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &[
+            "--resume",
+            "--batch-size",
+            "100",
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
+    );
+    run.expect_code(3);
+    assert_eq!(summary["updated"], 2);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE subject = 'changed by the app'"),
+        0
+    );
+    // Every rejected row once, as in the first import.
+    let first = read_rejects(&dir.join("first.csv"));
+    assert_eq!(read_rejects(&rejects), first);
+}

@@ -55,6 +55,9 @@ pub struct Args {
     /// Cancel a statement that runs longer than this
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_timeout)]
     pub statement_timeout: Duration,
+    /// How often a batch that hit a lock timeout, deadlock or serialization failure is retried
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
     #[command(flatten)]
     pub apply: ApplyArgs,
 }
@@ -186,6 +189,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             lock_timeout: args.lock_timeout,
             statement_timeout: args.statement_timeout,
         },
+        retries: args.retries,
         verbose: ctx.global.verbose > 0,
     };
     let mut args_json = args.csv.to_json();
