@@ -530,3 +530,93 @@ fn an_import_that_cannot_get_its_rows_names_them_and_resumes_from_that_batch() {
     let first = read_rejects(&dir.join("first.csv"));
     assert_eq!(read_rejects(&rejects), first);
 }
+
+/// A shell prefix that lets the binary write files of at most `kib` KiB: past that a write
+/// fails as it would on a full disk (EFBIG instead of ENOSPC; the same path in ticketops).
+fn disk_full_after(kib: u32) -> String {
+    format!("trap '' XFSZ; ulimit -f {}", kib * 2)
+}
+
+#[test]
+fn a_full_disk_for_the_rejects_rolls_the_batch_back_and_resume_continues_exactly() {
+    let dir = scratch("full-rejects");
+    let file = generate(
+        &dir,
+        "t.csv",
+        &["tickets", "--rows", "3000", "--seed", "31", "--bad-share", "0.2"],
+    );
+    let reference = TestDb::new();
+    let clean_rejects = dir.join("clean-rejects.csv");
+    import(
+        &reference,
+        &dir,
+        "tickets",
+        &file,
+        &["--rejects", clean_rejects.to_str().unwrap()],
+    )
+    .0
+    .expect_code(3);
+
+    let db = TestDb::new();
+    let rejects = dir.join("rejects.csv");
+    let args = [
+        "--json",
+        "import",
+        "tickets",
+        file.to_str().unwrap(),
+        "--batch-size",
+        "200",
+        "--rejects",
+        rejects.to_str().unwrap(),
+    ];
+    let run = ticketops(Some(&db), &dir, &args)
+        .shell_prefix(&disk_full_after(24))
+        .run();
+    run.expect_code(1).stderr_has("rejects file");
+    let summary = run.json();
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["error"].as_str().unwrap().contains("rejects"), "{summary}");
+    // The file is cut back to what the committed batches rejected: whole records only.
+    let op = &db.json("SELECT status::text, checkpoint FROM bulk_operations")[0];
+    assert_eq!(op["status"], "failed");
+    let committed_len = op["checkpoint"]["rejects_bytes"].as_u64().unwrap();
+    assert!(committed_len > 0);
+    assert_eq!(std::fs::metadata(&rejects).unwrap().len(), committed_len);
+    assert_eq!(
+        read_rejects(&rejects).len() as u64,
+        summary["rejected"].as_u64().unwrap()
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets"),
+        summary["inserted"].as_i64().unwrap()
+    );
+
+    // Space freed: --resume continues exactly, to the same tables and the same rejects.
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let run = ticketops(Some(&db), &dir, &resume).run();
+    run.expect_code(3);
+    assert_same_rows(&db.ticket_snapshot(), &reference.ticket_snapshot(), "after resume");
+    assert_eq!(read_rejects(&rejects), read_rejects(&clean_rejects));
+}
+
+#[test]
+fn an_export_that_runs_out_of_disk_names_the_file_and_removes_it() {
+    let db = TestDb::new();
+    let dir = scratch("full-export");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "2000", "--seed", "32"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let out = dir.join("export.csv");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "export", "tickets", "-o", out.to_str().unwrap()],
+    )
+    .shell_prefix(&disk_full_after(64))
+    .run();
+    run.expect_code(1)
+        .stderr_has(out.to_str().unwrap())
+        .stderr_has("removed");
+    assert_eq!(run.json()["status"], "failed");
+    assert!(!out.exists(), "a partial export was left behind");
+}
