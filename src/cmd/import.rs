@@ -97,6 +97,41 @@ pub struct CsvArgs {
     /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
     #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
     pub max_rejects: Option<MaxRejects>,
+    /// The largest field accepted (e.g. 16MiB, 500KiB, 2MB; plain bytes): a record with a larger
+    /// field is rejected without being held in memory, and its rejects-file copy is cut there
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_field_size: usize,
+}
+
+/// `16MiB`, `500KiB`, `2MB`, `300kB`, or a plain number of bytes.
+pub fn parse_size(value: &str) -> Result<usize, String> {
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("not a size: {value:?} (use e.g. 16MiB, 500KiB or a number of bytes)"))?;
+    let factor: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "not a size: {value:?} (use e.g. 16MiB, 500KiB or a number of bytes)"
+            ));
+        }
+    };
+    let size = number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{value:?} is too large"))?;
+    if !(1..=1 << 30).contains(&size) {
+        return Err(format!("{value:?}: the size must be between 1 byte and 1GiB"));
+    }
+    Ok(size)
 }
 
 impl CsvArgs {
@@ -121,6 +156,7 @@ impl CsvArgs {
             "delimiter": (self.delimiter as char).to_string(),
             "tag_separator": self.tag_separator.to_string(),
             "encoding": format!("{:?}", self.encoding).to_lowercase(),
+            "max_field_size": self.max_field_size,
         })
     }
 }
@@ -188,6 +224,7 @@ impl CommonArgs {
             value_maps: self.csv.value_maps.clone(),
             rejects: self.csv.rejects.clone(),
             max_rejects: self.csv.max_rejects,
+            max_field_size: self.csv.max_field_size,
             batch_size: self.batch_size(initial_load) as usize,
             mode,
             resume: self.resume,

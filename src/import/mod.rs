@@ -7,6 +7,7 @@
 //! transaction that also stores the operation's checkpoint, so a crash loses at most the
 //! batch in flight and `--resume` continues exactly after the last committed one.
 
+mod bounded;
 pub mod comments;
 mod copy_binary;
 pub mod entities;
@@ -97,6 +98,8 @@ pub struct ImportOptions {
     pub value_maps: Vec<String>,
     pub rejects: Option<PathBuf>,
     pub max_rejects: Option<MaxRejects>,
+    /// `--max-field-size`: a record with a larger field is rejected unread.
+    pub max_field_size: usize,
     pub batch_size: usize,
     pub mode: Mode,
     pub resume: bool,
@@ -280,6 +283,8 @@ pub struct ImportReport {
     pub stop_reason: String,
     /// Why the import failed or stopped early, for the JSON summary.
     pub error: Option<String>,
+    /// About the input as a whole (no line end at the end, the wrong encoding, …).
+    pub warnings: Vec<String>,
     pub dry_run: bool,
     /// Whether the kind inserts rows, and what it calls updated ones (for the human line).
     pub inserts: bool,
@@ -309,6 +314,7 @@ impl ImportReport {
             "stopped": self.stop_reason,
             "error": self.error,
             "errors": self.tally,
+            "warnings": self.warnings,
         })
     }
 
@@ -345,6 +351,9 @@ impl ImportReport {
         }
         if let Some(file) = &self.rejects_file {
             eprintln!("  rejected rows written to {file}");
+        }
+        for warning in &self.warnings {
+            eprintln!("  warning: {warning}");
         }
         if let Some(id) = self.operation_id.filter(|_| !self.dry_run) {
             eprintln!("  operation {id}");
@@ -452,7 +461,13 @@ pub fn run<K: ImportKind>(
         }
     }
     let resume_at = resumed.as_ref().map(|(_, c)| c.position).filter(|p| p.record > 0);
-    let mut source = CsvSource::open(&options.input, options.delimiter, options.encoding, resume_at)?;
+    let mut source = CsvSource::open(
+        &options.input,
+        options.delimiter,
+        options.encoding,
+        options.max_field_size,
+        resume_at,
+    )?;
 
     // Everything that can be wrong with the header is an error before anything is written.
     let empty_input = source.raw_header.is_empty();
@@ -472,7 +487,10 @@ pub fn run<K: ImportKind>(
         kind.configure(columns);
     }
     if let Some(ignored) = columns.as_ref().map(|c| &c.ignored).filter(|i| !i.is_empty()) {
-        ctx.info(format!("warning: ignoring unknown column(s): {}", ignored.join(", ")));
+        ctx.info(output::escape_controls(&format!(
+            "warning: ignoring unknown column(s): {}",
+            ignored.join(", ")
+        )));
     }
 
     let (mut counts, mut tally, start_rejects_len) = match &resumed {
@@ -535,7 +553,12 @@ pub fn run<K: ImportKind>(
         zone: options.zone,
         tag_separator: options.tag_separator,
     };
-    let encoding = options.encoding;
+    let settings = ReadSettings {
+        encoding: options.encoding,
+        batch_size,
+        max_field_size: options.max_field_size,
+        from_stdin: matches!(options.input, Input::Stdin),
+    };
     let reader_progress = progress.clone();
     let reader = columns.map(|columns| {
         std::thread::spawn(move || {
@@ -543,9 +566,8 @@ pub fn run<K: ImportKind>(
                 &mut source,
                 &columns,
                 &value_map,
-                encoding,
+                &settings,
                 &parse_options,
-                batch_size,
                 &sender,
                 &reader_progress,
             )
@@ -610,8 +632,20 @@ pub fn run<K: ImportKind>(
     progress.finish_and_clear();
     drop(receiver);
     let prefetch_time = prefetch.and_then(|handle| handle.join().ok());
-    if let Some(handle) = reader {
-        let _ = handle.join();
+    let mut warnings = match reader {
+        Some(handle) => handle.join().unwrap_or_default(),
+        None => Vec::new(),
+    };
+    warnings.dedup();
+    if let Some(t) = tally
+        .0
+        .get("invalid UTF-8")
+        .filter(|_| options.encoding == Encoding::Utf8)
+    {
+        warnings.push(format!(
+            "{} rows are not valid UTF-8: if the file is Latin-1 (ISO-8859-1), try --encoding latin1",
+            t.count
+        ));
     }
     if let Some(busy) = prefetch_time.filter(|_| options.verbose) {
         eprintln!(
@@ -694,6 +728,7 @@ pub fn run<K: ImportKind>(
         tally,
         elapsed: started.elapsed(),
         stop_reason: stop_reason.to_string(),
+        warnings,
         error: result
             .as_ref()
             .err()
@@ -1063,17 +1098,32 @@ fn prefetch_batches<K: ImportKind>(
     busy
 }
 
+/// What the reader thread needs to know besides the rows' own fields.
+struct ReadSettings {
+    encoding: Encoding,
+    batch_size: usize,
+    max_field_size: usize,
+    /// A stream can end mid-record (a broken pipe, a cut download): its last record is then
+    /// rejected. A file that does not end with a line end only gets a warning.
+    from_stdin: bool,
+}
+
+/// Parses and validates records into batches for the writer; returns the warnings about the
+/// input as a whole (it does not end with a line end, it looks like UTF-8 read as Latin-1).
 #[allow(clippy::too_many_arguments)]
 fn read_batches<K: ImportKind>(
     source: &mut CsvSource,
     columns: &ColumnMap,
     value_map: &ValueMap,
-    encoding: Encoding,
+    settings: &ReadSettings,
     options: &ParseOptions,
-    batch_size: usize,
     sender: &mpsc::SyncSender<BatchResult<K>>,
     progress: &indicatif::ProgressBar,
-) {
+) -> Vec<String> {
+    let batch_size = settings.batch_size;
+    let encoding = settings.encoding;
+    let mut warnings = Vec::new();
+    let mut latin1_check = Latin1Check::default();
     let mut record = ByteRecord::new();
     let mut batch = Batch {
         rows: Vec::with_capacity(batch_size),
@@ -1087,13 +1137,44 @@ fn read_batches<K: ImportKind>(
             Ok(next) => next,
             Err(e) => {
                 let _ = sender.send(Err(e));
-                return;
+                return warnings;
             }
         };
-        let Some((line, after)) = next else { break };
+        let Some(read) = next else { break };
+        let (line, after) = (read.line, read.after);
         batch.rows_read += 1;
         batch.end = after;
-        let parsed = if record.len() != columns.header_len {
+        if encoding == Encoding::Latin1 {
+            latin1_check.look_at(&record);
+        }
+        let parsed = if let Some(cut) = read.oversized {
+            let column = source.header.get(cut.field).map(String::as_str).unwrap_or("?");
+            Err(RowError::new(
+                None,
+                "field too large",
+                if cut.whole_record {
+                    format!(
+                        "the record's fields add up to more than twice --max-field-size ({} bytes); \
+                         the fields here are cut",
+                        settings.max_field_size
+                    )
+                } else {
+                    format!(
+                        "field {} ({}) is {} bytes, over --max-field-size ({} bytes); the fields here are cut at that size",
+                        cut.field + 1,
+                        output::escape_controls(column),
+                        cut.len,
+                        settings.max_field_size
+                    )
+                },
+            ))
+        } else if read.unterminated && settings.from_stdin {
+            Err(RowError::new(
+                None,
+                "truncated record",
+                "the input ended inside this record, with no line end after it: was the stream cut off?",
+            ))
+        } else if record.len() != columns.header_len {
             Err(RowError::new(
                 None,
                 "wrong number of fields",
@@ -1113,6 +1194,11 @@ fn read_batches<K: ImportKind>(
             };
             K::parse(&fields, options)
         };
+        if read.unterminated && !settings.from_stdin {
+            warnings.push(format!(
+                "the input does not end with a line end: check that its last record (line {line}) is complete"
+            ));
+        }
         match parsed {
             Ok(row) => batch.rows.push(Numbered {
                 record: after.record,
@@ -1139,12 +1225,50 @@ fn read_batches<K: ImportKind>(
                 },
             );
             if sender.send(Ok(full)).is_err() {
-                return; // the writer stopped (error or signal)
+                return warnings; // the writer stopped (error or signal)
             }
         }
     }
     if batch.rows_read > 0 {
         progress.set_position(batch.end.byte);
         let _ = sender.send(Ok(batch));
+    }
+    warnings.extend(latin1_check.warning());
+    warnings
+}
+
+/// Whether a file read as Latin-1 is in fact UTF-8: then every field with bytes over 127 is
+/// valid UTF-8, and reading it as Latin-1 turns `Café` into `CafÃ©`.
+#[derive(Default)]
+pub(crate) struct Latin1Check {
+    utf8_fields: u64,
+    other_fields: u64,
+    sample: Option<String>,
+}
+
+impl Latin1Check {
+    pub(crate) fn look_at(&mut self, record: &ByteRecord) {
+        for field in record.iter().filter(|f| !f.is_ascii()) {
+            match std::str::from_utf8(field) {
+                Ok(text) => {
+                    self.utf8_fields += 1;
+                    if self.sample.is_none() {
+                        self.sample = Some(text.chars().take(40).collect());
+                    }
+                }
+                Err(_) => self.other_fields += 1,
+            }
+        }
+    }
+
+    pub(crate) fn warning(&self) -> Option<String> {
+        (self.utf8_fields > 0 && self.other_fields == 0).then(|| {
+            format!(
+                "the input looks like UTF-8, not Latin-1: all {} fields with non-ASCII bytes are valid UTF-8 \
+                 (e.g. {:?}); --encoding latin1 stores them garbled (Café as CafÃ©) — import without it",
+                self.utf8_fields,
+                output::escape_controls(self.sample.as_deref().unwrap_or(""))
+            )
+        })
     }
 }

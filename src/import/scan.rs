@@ -18,9 +18,12 @@ use anyhow::Context as _;
 use csv::ByteRecord;
 use sha2::{Digest, Sha256};
 
+use super::Latin1Check;
+use super::bounded::BoundedReader;
 use super::entities::PreHashed;
 use super::source::{ColumnMap, Encoding};
 use super::{ImportKind, ImportOptions};
+use crate::exit::UsageError;
 
 /// Beyond this many distinct keys the scan stops tracking them (memory), and duplicates in
 /// different batches are then found only when the later one is written.
@@ -115,18 +118,13 @@ fn scan_keys<K: ImportKind>(
         inner: file,
         progress: progress.clone(),
     };
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .delimiter(delimiter)
-        .buffer_capacity(1 << 20)
-        .from_reader(counting);
+    let mut reader = BoundedReader::new(counting, delimiter, options.max_field_size);
     let mut record = ByteRecord::new();
     let read_error = || format!("cannot read {}", path.display());
 
     // The key's column, from the header (a bad header is reported by the import itself).
     let mut key_column = None;
-    if reader.read_byte_record(&mut record).with_context(read_error)? {
+    if reader.read_record(&mut record).with_context(read_error)?.is_some() {
         let header: Vec<String> = record
             .iter()
             .enumerate()
@@ -151,12 +149,19 @@ fn scan_keys<K: ImportKind>(
         HashSet::with_capacity_and_hasher((expected_records as usize).min(MAX_TRACKED_KEYS), Default::default());
     let mut repeated: HashMap<u64, LastOccurrence> = HashMap::new();
     let mut record_no = 0u64;
-    while reader.read_byte_record(&mut record).with_context(read_error)? {
+    let mut latin1 = (encoding == Encoding::Latin1).then(Latin1Check::default);
+    while let Some(end) = reader.read_record(&mut record).with_context(read_error)? {
         record_no += 1;
+        if let Some(check) = latin1.as_mut() {
+            check.look_at(&record);
+        }
         let Some((column, header_len)) = key_column else {
+            if latin1.is_some() {
+                continue;
+            }
             break; // nothing to track (the hash is read apart)
         };
-        if record.len() != header_len {
+        if record.len() != header_len || end.oversized.is_some() {
             continue; // rejected on import; it has no reliable key
         }
         // Borrowed all the way for the common case: the scan is on the import's critical path.
@@ -178,6 +183,10 @@ fn scan_keys<K: ImportKind>(
         }
     }
     progress.set_position(0);
+    // Read as Latin-1, a UTF-8 file would be stored garbled: refused before anything is written.
+    if let Some(warning) = latin1.and_then(|check| check.warning()) {
+        return Err(UsageError(format!("{}: {warning}; nothing was imported", path.display())).into());
+    }
     let tracked = untracked_reason.is_none();
     Ok((tracked.then_some(repeated), untracked_reason))
 }

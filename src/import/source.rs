@@ -4,12 +4,13 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use csv::ByteRecord;
 
+use super::bounded::{BoundedReader, Oversized};
 use crate::exit::UsageError;
 
 /// One field an import kind understands.
@@ -333,9 +334,20 @@ pub struct Position {
     pub byte: u64,
 }
 
-/// A CSV reader over a file or stdin that reports absolute positions, also after a resume.
+/// A record as read: where it starts, where the next one starts, and what is wrong with its
+/// shape (cut fields, no line end).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRecord {
+    pub line: u64,
+    pub after: Position,
+    pub oversized: Option<Oversized>,
+    pub unterminated: bool,
+}
+
+/// A CSV reader over a file or stdin that reports absolute positions, also after a resume,
+/// and holds no field beyond `max_field_size` bytes.
 pub struct CsvSource {
-    reader: csv::Reader<Box<dyn Read + Send>>,
+    reader: BoundedReader<Box<dyn Read + Send>>,
     /// Added to the reader's own positions (BOM, or where a resume started).
     base: Position,
     pub header: Vec<String>,
@@ -352,6 +364,7 @@ impl CsvSource {
         input: &Input,
         delimiter: u8,
         encoding: Encoding,
+        max_field_size: usize,
         resume_at: Option<Position>,
     ) -> anyhow::Result<CsvSource> {
         let (mut raw, mut start): (Box<dyn Read + Send>, u64) = match input {
@@ -368,13 +381,18 @@ impl CsvSource {
         } else {
             Box::new(io::Cursor::new(first[..got].to_vec()).chain(raw))
         };
-        let mut reader = csv_builder(delimiter).from_reader(rest);
+        let mut reader = BoundedReader::new(rest, delimiter, max_field_size);
         let mut raw_header = ByteRecord::new();
-        if !reader
-            .read_byte_record(&mut raw_header)
+        match reader
+            .read_record(&mut raw_header)
             .with_context(|| format!("cannot read {}", input.display()))?
         {
-            raw_header.clear();
+            None => raw_header.clear(),
+            Some(end) if end.oversized.is_some() => bail!(
+                "{}: the header is longer than --max-field-size ({max_field_size} bytes): is this a CSV file?",
+                input.display()
+            ),
+            Some(_) => {}
         }
         let header: Vec<String> = raw_header
             .iter()
@@ -395,7 +413,7 @@ impl CsvSource {
             let mut file = open_file(path)?;
             file.seek(SeekFrom::Start(at.byte))
                 .with_context(|| format!("cannot seek in {}", path.display()))?;
-            reader = csv_builder(delimiter).from_reader(Box::new(BufReader::with_capacity(1 << 20, file)));
+            reader = BoundedReader::new(Box::new(file), delimiter, max_field_size);
             base = at;
         }
         let records_read = base.record;
@@ -408,51 +426,31 @@ impl CsvSource {
         })
     }
 
-    /// Reads the next record into `record`; returns its position (line where it starts) and
-    /// the position after it, or `None` at the end of the input.
-    pub fn next(&mut self, record: &mut ByteRecord) -> anyhow::Result<Option<(u64, Position)>> {
-        let more = self.reader.read_byte_record(record).map_err(|e| match e.kind() {
-            csv::ErrorKind::Io(_) => anyhow::Error::new(e).context("cannot read the input"),
-            _ => anyhow::anyhow!("cannot parse the CSV input: {e}"),
-        })?;
-        if !more {
+    /// Reads the next record into `record`, or `None` at the end of the input.
+    pub fn next(&mut self, record: &mut ByteRecord) -> anyhow::Result<Option<ReadRecord>> {
+        let Some(end) = self.reader.read_record(record).context("cannot read the input")? else {
             return Ok(None);
-        }
+        };
         self.records_read += 1;
-        let start = record.position().map(|p| p.line()).unwrap_or(0);
-        // The reader's line counts from 1 at its own start; a resumed reader starts at `base`.
-        let line = if self.base.line == 0 {
-            start
-        } else {
-            self.base.line + start - 1
+        // The reader counts lines from 1 at its own start; a resumed reader starts at `base`.
+        let absolute = |line: u64| {
+            if self.base.line == 0 {
+                line
+            } else {
+                self.base.line + line - 1
+            }
         };
-        let after = self.reader.position();
-        let after_line = if self.base.line == 0 {
-            after.line()
-        } else {
-            self.base.line + after.line() - 1
-        };
-        Ok(Some((
-            line,
-            Position {
+        Ok(Some(ReadRecord {
+            line: absolute(end.start_line),
+            after: Position {
                 record: self.records_read,
-                line: after_line,
-                byte: self.base.byte + after.byte(),
+                line: absolute(end.end_line),
+                byte: self.base.byte + end.end_byte,
             },
-        )))
+            oversized: end.oversized,
+            unterminated: end.unterminated,
+        }))
     }
-}
-
-fn csv_builder(delimiter: u8) -> csv::ReaderBuilder {
-    let mut builder = csv::ReaderBuilder::new();
-    // Headers are read by hand (for positions and BOM handling); a record with the wrong
-    // number of fields is rejected by us with its line rather than stopping the reader.
-    builder
-        .has_headers(false)
-        .flexible(true)
-        .delimiter(delimiter)
-        .buffer_capacity(1 << 20);
-    builder
 }
 
 fn open_file(path: &Path) -> anyhow::Result<File> {

@@ -620,3 +620,199 @@ fn an_export_that_runs_out_of_disk_names_the_file_and_removes_it() {
     assert_eq!(run.json()["status"], "failed");
     assert!(!out.exists(), "a partial export was left behind");
 }
+
+#[test]
+fn a_huge_field_is_rejected_without_being_held_in_memory() {
+    use std::io::Write;
+    let db = TestDb::new();
+    let dir = scratch("huge-field");
+    let path = dir.join("huge.csv");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        writeln!(out, "external_id,subject,description,status,requester_email").unwrap();
+        for i in 0..1000 {
+            if i == 500 {
+                write!(out, "T-BIG,Huge,\"").unwrap();
+                let chunk = vec![b'x'; 1 << 20];
+                for _ in 0..300 {
+                    out.write_all(&chunk).unwrap();
+                }
+                writeln!(out, "\",open,big@example.com").unwrap();
+            }
+            writeln!(out, "T-{i:05},Subject {i},Text {i},open,user{}@example.com", i % 50).unwrap();
+        }
+    }
+    let rejects = dir.join("huge.rejects.csv");
+    for (pass, expected) in [("import", [1000, 0, 0, 0, 0, 1]), ("re-import", [0, 0, 1000, 0, 0, 1])] {
+        let (run, peak_kib) = run_measured(ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "import", "tickets", path.to_str().unwrap()],
+        ));
+        run.expect_code(3).stderr_has("field too large");
+        let summary = run.json();
+        assert_accounted(&summary, &run);
+        assert_eq!(outcome(&summary), expected, "{pass}: {summary}");
+        assert!(peak_kib <= 128 * 1024, "{pass}: peak RSS {} MiB", peak_kib / 1024);
+    }
+    // The rejects file holds the record cut at the limit, and says so.
+    let rejected = read_rejects(&rejects);
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].0, "T-BIG");
+    assert_eq!(rejected[0].1, 502);
+    assert!(
+        rejected[0].2.contains("314572800 bytes") && rejected[0].2.contains("cut"),
+        "{:?}",
+        rejected[0]
+    );
+    let size = std::fs::metadata(&rejects).unwrap().len();
+    assert!(size > 16 << 20 && size < 17 << 20, "{size}");
+    // A smaller limit is a flag away.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            path.to_str().unwrap(),
+            "--max-field-size",
+            "4KiB",
+            "--rejects",
+            "small.csv",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(3).json()["rejected"], 1);
+    assert!(std::fs::metadata(dir.join("small.csv")).unwrap().len() < 16 << 10);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn an_input_that_ends_mid_record_warns_from_a_file_and_rejects_from_a_pipe() {
+    let db = TestDb::new();
+    let dir = scratch("truncated");
+    let complete = "external_id,subject,status,requester_email,solved_at\n\
+                    T-1,One,solved,a@example.com,2024-05-01 10:00:00\n\
+                    T-2,Two,solved,b@example.com,2024-05-02 10:00:00\n";
+    let cut = format!("{complete}T-3,Three,solved,c@example.com,2024-05-0");
+    let path = dir.join("cut.csv");
+    std::fs::write(&path, &cut).unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &path, &[]);
+    run.stderr_has("does not end with a line end");
+    let warnings = summary["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w.as_str().unwrap().contains("line 4")),
+        "{summary}"
+    );
+    // From a pipe, the same bytes: the cut record is rejected as truncated.
+    let db = TestDb::new();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", "-", "--rejects", "pipe.csv"],
+    )
+    .stdin(cut.into_bytes())
+    .run();
+    run.expect_code(3).stderr_has("truncated record");
+    let summary = run.json();
+    assert_eq!(outcome(&summary), [2, 0, 0, 0, 0, 1]);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'T-3'"), 0);
+    // A complete stream is taken whole, its last record too.
+    let db = TestDb::new();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", "-", "--rejects", "pipe2.csv"],
+    )
+    .stdin(complete.as_bytes().to_vec())
+    .run();
+    assert_eq!(outcome(&run.expect_code(0).json()), [2, 0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn the_wrong_encoding_is_refused_or_hinted_not_silently_garbled() {
+    let db = TestDb::new();
+    let dir = scratch("encodings");
+    let utf8 = dir.join("utf8.csv");
+    std::fs::write(
+        &utf8,
+        "external_id,subject,status,requester_email\nT-1,Café crème,open,a@example.com\n",
+    )
+    .unwrap();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["import", "tickets", utf8.to_str().unwrap(), "--encoding", "latin1"],
+    )
+    .run();
+    run.expect_code(2).stderr_has("looks like UTF-8");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    // From a pipe nothing can be refused up front: the summary warns.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            "-",
+            "--encoding",
+            "latin1",
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .stdin(std::fs::read(&utf8).unwrap())
+    .run();
+    let summary = run.json();
+    assert!(
+        summary["warnings"][0].as_str().unwrap().contains("looks like UTF-8"),
+        "{summary}"
+    );
+    // A Latin-1 file read as UTF-8: the hint is in the summary, not only in the rejects file.
+    let latin1 = dir.join("latin1.csv");
+    let mut bytes = b"external_id,subject,status,requester_email\nT-2,Caf".to_vec();
+    bytes.extend_from_slice(b"\xe9,open,b@example.com\n");
+    std::fs::write(&latin1, bytes).unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &latin1, &[]);
+    run.expect_code(3).stderr_has("try --encoding latin1");
+    assert!(
+        summary["warnings"].to_string().contains("try --encoding latin1"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn control_characters_from_the_input_never_reach_the_terminal_raw() {
+    let db = TestDb::new();
+    let dir = scratch("controls");
+    let path = dir.join("evil.csv");
+    std::fs::write(
+        &path,
+        b"external_id,subject,status,requester_email,\x1b[31mred\x1b]0;title\x07\n\
+          T-1,One,open,a@example.com,x\n",
+    )
+    .unwrap();
+    let run = ticketops(Some(&db), &dir, &["import", "tickets", path.to_str().unwrap()]).run();
+    run.expect_code(0).stderr_has("ignoring unknown column");
+    assert!(
+        !run.stderr.contains('\x1b') && !run.stderr.contains('\x07'),
+        "{:?}",
+        run.stderr
+    );
+    // A binary file as input: the error quotes its "header", escaped.
+    let binary = dir.join("binary.csv");
+    std::fs::write(
+        &binary,
+        b"\x7fELF\x02\x01\x01\x00\x1b[2J\x00\x00,\x03\x00>\x00\n\x00\x1b[H",
+    )
+    .unwrap();
+    let run = ticketops(Some(&db), &dir, &["import", "tickets", binary.to_str().unwrap()]).run();
+    assert_ne!(run.code, 0);
+    assert!(
+        !run.stderr.bytes().any(|b| b < 0x20 && b != b'\n'),
+        "raw control bytes on stderr: {:?}",
+        run.stderr
+    );
+}

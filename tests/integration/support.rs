@@ -532,3 +532,40 @@ pub fn kill(child: &std::process::Child, signal: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// Runs the binary and returns its result with its peak resident memory in KiB, read from
+/// wait4(2) for that one child (other tests' children do not count).
+pub fn run_measured(cmd: Cmd) -> (Run, u64) {
+    use std::io::Read;
+    let shown = format!("ticketops {}", cmd.shown.join(" "));
+    let mut child = cmd.spawn();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4 failed");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let run = Run {
+        command: shown,
+        code,
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
+    };
+    (run, usage.ru_maxrss as u64)
+}

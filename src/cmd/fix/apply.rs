@@ -180,6 +180,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         value_maps: args.csv.value_maps.clone(),
         rejects: args.csv.rejects.clone(),
         max_rejects: args.csv.max_rejects,
+        max_field_size: args.csv.max_field_size,
         batch_size: args.batch_size as usize,
         mode,
         resume: false,
