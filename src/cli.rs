@@ -76,9 +76,15 @@ impl Context {
         }
     }
 
-    /// A pool of `size` connections to the configured database, checked to be reachable.
+    /// A pool of `size` connections to the configured database, checked to be reachable and
+    /// to have every migration of this binary applied.
     pub fn pool(&self, size: u32) -> anyhow::Result<db::Pool> {
-        db::connect_pool(self.database_url()?, size)
+        db::connect_pool(self.database_url()?, size, db::SchemaCheck::UpToDate)
+    }
+
+    /// A pool to a database whose schema may be behind (for `doctor`, which reports it).
+    pub fn pool_any_schema(&self, size: u32) -> anyhow::Result<db::Pool> {
+        db::connect_pool(self.database_url()?, size, db::SchemaCheck::None)
     }
 
     pub fn show_progress(&self) -> bool {

@@ -24,9 +24,13 @@ use crate::conninfo::{scrub, with_connection_params};
 
 /// Connects once directly, so that an unreachable server gives libpq's own message rather
 /// than the pool's "timed out", then builds the pool.
-pub fn connect_pool(url: &str, size: u32) -> anyhow::Result<Pool> {
+pub fn connect_pool(url: &str, size: u32, schema: SchemaCheck) -> anyhow::Result<Pool> {
     let full_url = with_connection_params(url);
-    establish(url)?;
+    let mut first = establish(url)?;
+    if schema == SchemaCheck::UpToDate {
+        require_current_schema(&mut first)?;
+    }
+    drop(first);
     let manager = ConnectionManager::<PgConnection>::new(full_url);
     diesel::r2d2::Pool::builder()
         .max_size(size.max(1))
@@ -42,6 +46,65 @@ pub fn connect_pool(url: &str, size: u32) -> anyhow::Result<Pool> {
                 scrub(&err.to_string(), url)
             )
         })
+}
+
+/// Whether a command needs the schema of this binary's migrations before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaCheck {
+    UpToDate,
+    /// `doctor` reports pending migrations itself.
+    None,
+}
+
+/// Every embedded migration's version and whether the database has it applied. Reads only:
+/// a database that was never migrated has every migration pending (diesel's own lookup would
+/// create its bookkeeping table first).
+pub fn migration_status(conn: &mut PgConnection) -> anyhow::Result<Vec<(String, bool)>> {
+    use diesel::migration::MigrationSource;
+    #[derive(diesel::QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = Text)]
+        version: String,
+    }
+    let table: Vec<Version> =
+        sql_query("SELECT coalesce(to_regclass('__diesel_schema_migrations')::text, '') AS version").load(conn)?;
+    let applied: Vec<String> = if table.first().is_some_and(|t| !t.version.is_empty()) {
+        sql_query("SELECT version::text AS version FROM __diesel_schema_migrations")
+            .load::<Version>(conn)
+            .context("cannot read applied migrations")?
+            .into_iter()
+            .map(|v| v.version)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let known = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(known
+        .iter()
+        .map(|m| {
+            let version = m.name().version().to_string();
+            let is_applied = applied.contains(&version);
+            (version, is_applied)
+        })
+        .collect())
+}
+
+/// Fails, saying what to run, unless every migration of this binary is applied: commands
+/// would otherwise fail half-way with errors about missing relations or types.
+pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let status = migration_status(conn).context("cannot check the database's migrations")?;
+    let pending: Vec<&str> = status.iter().filter(|(_, a)| !a).map(|(v, _)| v.as_str()).collect();
+    if pending.is_empty() {
+        Ok(())
+    } else if pending.len() == status.len() {
+        anyhow::bail!("the database has no ticketops schema yet: run 'ticketops migrate run'")
+    } else {
+        anyhow::bail!(
+            "the database is missing {} migration(s) of this ticketops ({}): run 'ticketops migrate run'",
+            pending.len(),
+            pending.join(", ")
+        )
+    }
 }
 
 /// Every pooled session runs in UTC: timestamps that SQL turns into text or JSON (audit

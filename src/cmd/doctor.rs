@@ -6,7 +6,6 @@ use diesel::{QueryableByName, RunQueryDsl, sql_query};
 use serde_json::json;
 
 use crate::cli::Context;
-use crate::cmd::migrate;
 use crate::db;
 use crate::exit;
 
@@ -74,13 +73,13 @@ ORDER BY c.relname";
 pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
     let url = ctx.database_url()?;
     let masked = db::mask_url(url);
-    let pool = ctx.pool(2)?;
+    let pool = ctx.pool_any_schema(2)?;
     let mut conn = db::get(&pool)?;
 
     let version: Version = sql_query("SELECT current_setting('server_version') AS version")
         .get_result(&mut conn)
         .context("cannot read the server version")?;
-    let migrations = migrate::status(&mut conn)?;
+    let migrations = db::migration_status(&mut conn)?;
     let pending: Vec<&str> = migrations
         .iter()
         .filter(|(_, applied)| !applied)

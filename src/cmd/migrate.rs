@@ -1,8 +1,6 @@
 //! `ticketops migrate run | revert | status`: the embedded migrations.
 
 use anyhow::Context as _;
-use diesel::migration::MigrationSource;
-use diesel::pg::Pg;
 use diesel_migrations::MigrationHarness;
 use serde_json::json;
 
@@ -85,7 +83,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             }
         }
         Action::Status => {
-            let statuses = status(&mut conn)?;
+            let statuses = db::migration_status(&mut conn)?;
             if ctx.global.json {
                 let list: Vec<_> = statuses
                     .iter()
@@ -100,24 +98,4 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(exit::SUCCESS)
-}
-
-/// Every embedded migration's version and whether the database has it applied.
-pub fn status(conn: &mut diesel::PgConnection) -> anyhow::Result<Vec<(String, bool)>> {
-    let applied: Vec<String> = conn
-        .applied_migrations()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("cannot read applied migrations")?
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-    let known = MigrationSource::<Pg>::migrations(&MIGRATIONS).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(known
-        .iter()
-        .map(|m| {
-            let version = m.name().version().to_string();
-            let is_applied = applied.contains(&version);
-            (version, is_applied)
-        })
-        .collect())
 }

@@ -352,7 +352,7 @@ fn restore_by_filters_needs_only_deleted() {
 #[test]
 fn a_second_concurrent_run_exits_75() {
     let (db, dir) = dataset();
-    let pool = ticketops::db::connect_pool(&db.url, 2).unwrap();
+    let pool = ticketops::db::connect_pool(&db.url, 2, ticketops::db::SchemaCheck::UpToDate).unwrap();
     let held = ticketops::db::AdvisoryLock::try_acquire(&pool, "cleanup soft-delete").unwrap();
     let run = ticketops(Some(&db), &dir, &["cleanup", "soft-delete", "--status", "closed"]).run();
     run.expect_code(75).stderr_has("another ticketops run holds the lock");

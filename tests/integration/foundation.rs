@@ -257,7 +257,7 @@ fn dotenv_in_the_working_directory_is_honoured() {
 #[test]
 fn advisory_lock_is_exclusive_and_released() {
     let db = TestDb::new();
-    let pool = ticketops::db::connect_pool(&db.url, 3).unwrap();
+    let pool = ticketops::db::connect_pool(&db.url, 3, ticketops::db::SchemaCheck::UpToDate).unwrap();
     let first = ticketops::db::AdvisoryLock::try_acquire(&pool, "cleanup").unwrap();
     let second = ticketops::db::AdvisoryLock::try_acquire(&pool, "cleanup");
     let err = second.err().expect("a second holder must be refused");
@@ -275,7 +275,7 @@ fn a_second_import_of_the_same_file_exits_75_while_the_first_runs() {
     let dir = scratch("lock75");
     let file = fixture("tickets.csv");
     // Hold the lock the import takes (by file content) from a connection of our own.
-    let pool = ticketops::db::connect_pool(&db.url, 2).unwrap();
+    let pool = ticketops::db::connect_pool(&db.url, 2, ticketops::db::SchemaCheck::UpToDate).unwrap();
     let sha = {
         use sha2::Digest;
         let bytes = std::fs::read(&file).unwrap();

@@ -816,3 +816,47 @@ fn control_characters_from_the_input_never_reach_the_terminal_raw() {
         run.stderr
     );
 }
+
+#[test]
+fn every_command_checks_the_migrations_first_and_says_what_to_run() {
+    let dir = scratch("pending");
+    let tickets = fixture("tickets.csv");
+    let commands: &[&[&str]] = &[
+        &["import", "tickets", tickets.to_str().unwrap(), "--rejects", "r.csv"],
+        &["cleanup", "soft-delete", "--all"],
+        &["cleanup", "purge", "--deleted-before", "90d"],
+        &["fix", "set", "--all", "priority=high", "--apply", "--yes"],
+        &["report", "summary"],
+        &["export", "tickets"],
+        &["ops", "list"],
+        &["undo", "1"],
+        &["restore", "--operation", "1"],
+    ];
+    // A database that was never migrated: nothing is created in it, not even bookkeeping.
+    let empty = TestDb::empty();
+    for args in commands {
+        let run = ticketops(Some(&empty), &dir, args).run();
+        run.expect_code(1).stderr_has("run 'ticketops migrate run'");
+    }
+    assert_eq!(
+        empty.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
+        0
+    );
+    // A database one migration behind this binary.
+    let db = TestDb::new();
+    ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
+    let before = db.scalar("SELECT count(*) FROM bulk_operations");
+    for args in commands {
+        let run = ticketops(Some(&db), &dir, args).run();
+        run.expect_code(1)
+            .stderr_has("missing 1 migration")
+            .stderr_has("run 'ticketops migrate run'");
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM bulk_operations"), before);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    // doctor reports it rather than refusing to look.
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("pending");
+}

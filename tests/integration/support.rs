@@ -535,6 +535,7 @@ pub fn kill(child: &std::process::Child, signal: &str) {
 
 /// Runs the binary and returns its result with its peak resident memory in KiB, read from
 /// wait4(2) for that one child (other tests' children do not count).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which std does not know of
 pub fn run_measured(cmd: Cmd) -> (Run, u64) {
     use std::io::Read;
     let shown = format!("ticketops {}", cmd.shown.join(" "));
