@@ -1,13 +1,11 @@
-//! Command-line types shared by every subcommand: global options and the run context.
+//! The command line: global options, the list of subcommands and the dispatch to them. Clap
+//! types only; imported by `main` (through `lib::run`), never by an engine.
 
-use std::io::IsTerminal;
+use clap::{Args, Parser, Subcommand};
 
-use anyhow::Context as _;
-use clap::{Args, Parser, ValueEnum};
-
-use crate::cmd::Command;
-use crate::db;
-use crate::exit::{EXIT_CODES_HELP, UsageError};
+use crate::cmd::*;
+use crate::context::{Context, ProgressMode};
+use crate::exit::EXIT_CODES_HELP;
 
 /// Bulk import, cleanup and data fixes for a PostgreSQL customer-support database
 /// (tickets, users, organizations, tags, comments).
@@ -15,13 +13,13 @@ use crate::exit::{EXIT_CODES_HELP, UsageError};
 #[command(name = "ticketops", version, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(flatten)]
-    pub global: GlobalOpts,
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct GlobalOpts {
+pub struct GlobalArgs {
     /// PostgreSQL connection URL (a `.env` file in the working directory is honoured)
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
@@ -39,79 +37,53 @@ pub struct GlobalOpts {
     pub verbose: u8,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProgressMode {
-    Auto,
-    Always,
-    Never,
+impl GlobalArgs {
+    pub fn into_opts(self) -> crate::context::GlobalOpts {
+        crate::context::GlobalOpts {
+            database_url: self.database_url,
+            json: self.json,
+            progress: self.progress,
+            quiet: self.quiet,
+            verbose: self.verbose,
+        }
+    }
 }
 
-/// What every command gets: the global options and ways to act on them.
-pub struct Context {
-    pub global: GlobalOpts,
-    /// Whether the command printed its JSON object (with --json, a failure prints one too).
-    json_printed: std::cell::Cell<bool>,
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply, revert or list the schema migrations embedded in this binary
+    Migrate(migrate::Args),
+    /// Check the connection, migrations, table sizes and foreign-key indexes
+    Doctor(doctor::Args),
+    /// Import a CSV dump of tickets, users or comments
+    Import(import::Args),
+    /// Export tickets, users or comments as CSV in the import format
+    Export(export::Args),
+    /// Cron-safe batch cleanup: soft-delete, purge (with archive), purge users
+    Cleanup(cleanup::Args),
+    /// Undo a soft-delete run, or bring back soft-deleted tickets matching filters
+    Restore(restore::Args),
+    /// The history of writing runs (bulk_operations)
+    Ops(ops::Args),
+    /// One-off data fixes: a dry run by default, --apply to write, every change audited
+    Fix(fix::Args),
+    /// Reports on the tickets: summary, backlog, flow, agents (table, CSV or JSON)
+    Report(report::Args),
+    /// Revert a fix, a merge, an import or a soft-delete run (a dry run by default)
+    Undo(undo::Args),
 }
 
-impl Context {
-    pub fn new(global: GlobalOpts) -> Self {
-        Context {
-            global,
-            json_printed: std::cell::Cell::new(false),
-        }
-    }
-
-    pub fn json_printed(&self) -> bool {
-        self.json_printed.get()
-    }
-
-    pub fn database_url(&self) -> anyhow::Result<&str> {
-        match self.global.database_url.as_deref() {
-            Some(url) if !url.trim().is_empty() => Ok(url),
-            _ => Err(UsageError(
-                "no database given: set DATABASE_URL or pass --database-url (scripts/pg start prints one for the local server)"
-                    .into(),
-            )
-            .into()),
-        }
-    }
-
-    /// A pool of `size` connections to the configured database, checked to be reachable and
-    /// to have every migration of this binary applied.
-    pub fn pool(&self, size: u32) -> anyhow::Result<db::Pool> {
-        db::connect_pool(self.database_url()?, size, db::SchemaCheck::UpToDate)
-    }
-
-    /// A pool to a database whose schema may be behind (for `doctor`, which reports it).
-    pub fn pool_any_schema(&self, size: u32) -> anyhow::Result<db::Pool> {
-        db::connect_pool(self.database_url()?, size, db::SchemaCheck::None)
-    }
-
-    pub fn show_progress(&self) -> bool {
-        if self.global.quiet {
-            return false;
-        }
-        match self.global.progress {
-            ProgressMode::Always => true,
-            ProgressMode::Never => false,
-            ProgressMode::Auto => std::io::stderr().is_terminal(),
-        }
-    }
-
-    /// Prints a human message on stderr unless `--quiet`.
-    pub fn info(&self, message: impl std::fmt::Display) {
-        if !self.global.quiet {
-            eprintln!("{message}");
-        }
-    }
-
-    /// Prints a JSON value as one line on stdout.
-    pub fn print_json(&self, value: &serde_json::Value) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, value).context("cannot write to stdout")?;
-        writeln!(out).context("cannot write to stdout")?;
-        self.json_printed.set(true);
-        Ok(())
+pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Migrate(args) => migrate::run(ctx, args),
+        Command::Doctor(args) => doctor::run(ctx, args),
+        Command::Import(args) => import::run(ctx, args),
+        Command::Export(args) => export::run(ctx, args),
+        Command::Cleanup(args) => cleanup::run(ctx, args),
+        Command::Restore(args) => restore::run(ctx, args),
+        Command::Ops(args) => ops::run(ctx, args),
+        Command::Fix(args) => fix::run(ctx, args),
+        Command::Report(args) => report::run(ctx, args),
+        Command::Undo(args) => undo::run(ctx, args),
     }
 }

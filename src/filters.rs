@@ -251,6 +251,16 @@ pub enum DeletedScope {
 impl ResolvedFilters {
     /// The values of `--ids-file` that match no ticket, deleted or not (`None` without an
     /// ids file): a typo in a spreadsheet of ids would otherwise just select less.
+    /// A warning naming the `--ids-file` values that match no ticket (a typo in a spreadsheet
+    /// of ids would otherwise only select less), or `None`.
+    pub fn unmatched_ids_warning(&self, conn: &mut PgConnection) -> anyhow::Result<Option<String>> {
+        use anyhow::Context as _;
+        let unmatched = self
+            .unmatched_ids(conn)
+            .context("cannot check the ids file against the tickets")?;
+        Ok(unmatched.as_ref().and_then(|u| u.warning()))
+    }
+
     pub fn unmatched_ids(&self, conn: &mut PgConnection) -> QueryResult<Option<UnmatchedIds>> {
         let Some(list) = &self.ids else {
             return Ok(None);

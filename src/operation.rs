@@ -178,29 +178,3 @@ pub fn find(conn: &mut PgConnection, id: i64) -> QueryResult<Option<BulkOperatio
         .first(conn)
         .optional()
 }
-
-/// Records one audit row for a batch of rows changed the same way: `row_id` is the first
-/// of them, and `before`/`after` say what changed (listing the ids where needed).
-pub fn audit_batch(
-    conn: &mut PgConnection,
-    operation_id: i64,
-    table_name: &str,
-    action: &str,
-    first_row: i64,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> QueryResult<()> {
-    use crate::models::NewAuditEntry;
-    use crate::schema::audit_log;
-    diesel::insert_into(audit_log::table)
-        .values(NewAuditEntry {
-            operation_id,
-            table_name,
-            row_id: first_row,
-            action,
-            before,
-            after,
-        })
-        .execute(conn)?;
-    Ok(())
-}

@@ -14,14 +14,15 @@ use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use crate::batch::{self, BatchArgs, Step};
-use crate::cli::Context;
-use crate::db::{self, AdvisoryLock};
+use crate::args::BatchArgs;
+use crate::audit::{self, Action};
+use crate::context::Context;
+use crate::db::{self};
 use crate::exit;
 use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters, parse_when};
+use crate::job::{self, Step};
 use crate::operation;
 use crate::schema::{tickets, users};
-use crate::signals::StopFlags;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -93,10 +94,6 @@ brings them back.
 
 Example:
   ticketops cleanup purge --deleted-before 90d --archive purged.csv --archive-comments purged-comments.csv";
-
-/// The audit action of a batch of soft-deleted tickets: `after` holds `deleted_at` and `ids`.
-pub const SOFT_DELETE_ACTION: &str = "soft_delete";
-pub const PURGE_ACTION: &str = "purge";
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     match args.job {
@@ -193,7 +190,9 @@ fn soft_delete(
     let resolved = filters.resolve()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
-    super::warn_about_unmatched_ids(ctx, &mut conn, &resolved)?;
+    if let Some(warning) = resolved.unmatched_ids_warning(&mut conn)? {
+        ctx.info(warning);
+    }
     if dry_run {
         let count: i64 = resolved.query(DeletedScope::Exclude).count().get_result(&mut conn)?;
         let ids: Vec<i64> = resolved
@@ -205,13 +204,14 @@ fn soft_delete(
         let sample = sample_of(&mut conn, &ids)?;
         return print_dry_run(ctx, kind, count, &sample);
     }
-    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
-    let stop = StopFlags::install()?;
-    let op_id = operation::start_job(
+    let job = job::Job::start(
+        &pool,
+        &ctx.url()?,
         &mut conn,
         kind,
-        json!({"filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
+        json!({"filters": filters.to_json(), "all": all, "batching": batching.settings().to_json()}),
     )?;
+    let op_id = job.operation_id;
     let restate = RestateUnchanged::check(&mut conn)?;
     if !restate.allowed() && ctx.global.verbose > 0 {
         eprintln!(
@@ -220,37 +220,42 @@ fn soft_delete(
         );
     }
     let mut last_id = 0i64;
-    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let now = Utc::now();
-        let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
-        let Some(max) = last_candidate else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        if ids.is_empty() {
+    let stats = job.run(
+        &mut conn,
+        &batching.settings(),
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let now = Utc::now();
+            let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
+            let Some(max) = last_candidate else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            if ids.is_empty() {
+                last_id = max;
+                return Ok(Step { rows: 0, done: false });
+            }
+            let changed = ids.len();
+            // One audit row per batch: every row changed the same way (deleted_at from NULL to
+            // now), so the ids list is the whole before/after record.
+            audit::record_batch(
+                conn,
+                op_id,
+                "tickets",
+                Action::SoftDelete,
+                ids[0],
+                Some(json!({"deleted_at": null})),
+                Some(json!({"deleted_at": now, "ids": ids})),
+            )?;
+            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
             last_id = max;
-            return Ok(Step { rows: 0, done: false });
-        }
-        let changed = ids.len();
-        // One audit row per batch: every row changed the same way (deleted_at from NULL to
-        // now), so the ids list is the whole before/after record.
-        operation::audit_batch(
-            conn,
-            op_id,
-            "tickets",
-            SOFT_DELETE_ACTION,
-            ids[0],
-            Some(json!({"deleted_at": null})),
-            Some(json!({"deleted_at": now, "ids": ids})),
-        )?;
-        operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
-        last_id = max;
-        Ok(Step {
-            rows: changed as u64,
-            done: false,
-        })
-    });
+            Ok(Step {
+                rows: changed as u64,
+                done: false,
+            })
+        },
+    );
     let rows = stats.rows;
-    batch::finish(ctx, &mut conn, op_id, kind, stats, json!({"soft_deleted": rows}))
+    ctx.finish_job(job.finish(&mut conn, stats, json!({"soft_deleted": rows})))
 }
 
 /// An archive CSV that batches are appended to, flushed and synced before their delete
@@ -384,100 +389,103 @@ fn purge(
         let sample = sample_of(&mut conn, &ids)?;
         return print_dry_run(ctx, kind, count, &sample);
     }
-    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
-    let stop = StopFlags::install()?;
-    let op_id = operation::start_job(
+    let job = job::Job::start(
+        &pool,
+        &ctx.url()?,
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "archive": archive, "archive_comments": archive_comments,
-               "batching": batching.to_json()}),
+               "batching": batching.settings().to_json()}),
     )?;
+    let op_id = job.operation_id;
     let mut tickets_archive = archive.clone().map(|p| Archive::new(p, TICKET_COLUMNS));
     let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let mut last_id = 0i64;
     let mut comments_purged = 0u64;
-    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        // Found and locked in one ordered primary-key scan: rows another transaction holds are
-        // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
-        // restored meanwhile before locking it.
-        let ids: Vec<i64> = tickets::table
-            .select(tickets::id)
-            .filter(tickets::deleted_at.lt(deleted_before))
-            .filter(tickets::id.gt(last_id))
-            .order(tickets::id)
-            .limit(limit as i64)
-            .for_update()
-            .skip_locked()
-            .load(conn)?;
-        let Some(&max) = ids.last() else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        // Archive first, durably; delete only after. Any failure rolls the batch back and
-        // cuts the archive back to where it was.
-        // Archive lengths before this batch, to cut back to if it fails.
-        let mut tickets_len = None;
-        let mut comments_len = None;
-        let result = (|| -> anyhow::Result<(usize, u64)> {
-            if let Some(a) = tickets_archive.as_mut() {
-                let rows = archive_rows(conn, crate::cmd::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
-                tickets_len = Some(a.append(&rows)?);
-            }
-            if let Some(a) = comments_archive.as_mut() {
-                let rows = archive_rows(
-                    conn,
-                    crate::cmd::export::COMMENTS_SELECT,
-                    COMMENT_COLUMNS,
-                    "c.ticket_id",
-                    &ids,
-                )?;
-                comments_len = Some(a.append(&rows)?);
-            }
-            let comments: i64 = crate::schema::comments::table
-                .filter(crate::schema::comments::ticket_id.eq_any(&ids))
-                .count()
-                .get_result(conn)?;
-            let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
-            operation::audit_batch(
-                conn,
-                op_id,
-                "tickets",
-                PURGE_ACTION,
-                ids[0],
-                Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
-                None,
-            )?;
-            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
-            Ok((deleted, comments as u64))
-        })();
-        match result {
-            Ok((deleted, comments)) => {
-                comments_purged += comments;
-                last_id = max;
-                Ok(Step {
-                    rows: deleted as u64,
-                    done: false,
-                })
-            }
-            Err(err) => {
-                if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
-                    a.cut_back(len);
-                }
-                if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
-                    a.cut_back(len);
-                }
-                Err(err)
-            }
-        }
-    });
-    let rows = stats.rows;
-    batch::finish(
-        ctx,
+    let stats = job.run(
         &mut conn,
-        op_id,
-        kind,
+        &batching.settings(),
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            // Found and locked in one ordered primary-key scan: rows another transaction holds are
+            // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
+            // restored meanwhile before locking it.
+            let ids: Vec<i64> = tickets::table
+                .select(tickets::id)
+                .filter(tickets::deleted_at.lt(deleted_before))
+                .filter(tickets::id.gt(last_id))
+                .order(tickets::id)
+                .limit(limit as i64)
+                .for_update()
+                .skip_locked()
+                .load(conn)?;
+            let Some(&max) = ids.last() else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            // Archive first, durably; delete only after. Any failure rolls the batch back and
+            // cuts the archive back to where it was.
+            // Archive lengths before this batch, to cut back to if it fails.
+            let mut tickets_len = None;
+            let mut comments_len = None;
+            let result = (|| -> anyhow::Result<(usize, u64)> {
+                if let Some(a) = tickets_archive.as_mut() {
+                    let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
+                    tickets_len = Some(a.append(&rows)?);
+                }
+                if let Some(a) = comments_archive.as_mut() {
+                    let rows = archive_rows(
+                        conn,
+                        crate::export::COMMENTS_SELECT,
+                        COMMENT_COLUMNS,
+                        "c.ticket_id",
+                        &ids,
+                    )?;
+                    comments_len = Some(a.append(&rows)?);
+                }
+                let comments: i64 = crate::schema::comments::table
+                    .filter(crate::schema::comments::ticket_id.eq_any(&ids))
+                    .count()
+                    .get_result(conn)?;
+                let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
+                audit::record_batch(
+                    conn,
+                    op_id,
+                    "tickets",
+                    Action::Purge,
+                    ids[0],
+                    Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
+                    None,
+                )?;
+                operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
+                Ok((deleted, comments as u64))
+            })();
+            match result {
+                Ok((deleted, comments)) => {
+                    comments_purged += comments;
+                    last_id = max;
+                    Ok(Step {
+                        rows: deleted as u64,
+                        done: false,
+                    })
+                }
+                Err(err) => {
+                    if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
+                        a.cut_back(len);
+                    }
+                    if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
+                        a.cut_back(len);
+                    }
+                    Err(err)
+                }
+            }
+        },
+    );
+    let rows = stats.rows;
+    ctx.finish_job(job.finish(
+        &mut conn,
         stats,
         json!({"purged": rows, "comments_purged": comments_purged}),
-    )
+    ))
 }
 
 fn purge_users(
@@ -514,65 +522,71 @@ fn purge_users(
         }
         return Ok(exit::SUCCESS);
     }
-    let _lock = AdvisoryLock::try_acquire(&pool, kind)?;
-    let stop = StopFlags::install()?;
-    let op_id = operation::start_job(
+    let job = job::Job::start(
+        &pool,
+        &ctx.url()?,
         &mut conn,
         kind,
-        json!({"deleted_before": deleted_before, "batching": batching.to_json()}),
+        json!({"deleted_before": deleted_before, "batching": batching.settings().to_json()}),
     )?;
+    let op_id = job.operation_id;
     let mut last_id = 0i64;
-    let stats = batch::run(&mut conn, &batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let candidates: Vec<i64> = purgeable()
-            .select(users::id)
-            .filter(users::id.gt(last_id))
-            .order(users::id)
-            .limit(limit as i64)
-            .load(conn)?;
-        let Some(&max) = candidates.last() else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        let locked: Vec<i64> = users::table
-            .select(users::id)
-            .filter(users::id.eq_any(&candidates))
-            .order(users::id)
-            .for_update()
-            .skip_locked()
-            .load(conn)?;
-        // Checked again under the lock: nothing may have started referring to them.
-        let ids: Vec<i64> = purgeable()
-            .select(users::id)
-            .filter(users::id.eq_any(&locked))
-            .load(conn)?;
-        if ids.is_empty() {
+    let stats = job.run(
+        &mut conn,
+        &batching.settings(),
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let candidates: Vec<i64> = purgeable()
+                .select(users::id)
+                .filter(users::id.gt(last_id))
+                .order(users::id)
+                .limit(limit as i64)
+                .load(conn)?;
+            let Some(&max) = candidates.last() else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            let locked: Vec<i64> = users::table
+                .select(users::id)
+                .filter(users::id.eq_any(&candidates))
+                .order(users::id)
+                .for_update()
+                .skip_locked()
+                .load(conn)?;
+            // Checked again under the lock: nothing may have started referring to them.
+            let ids: Vec<i64> = purgeable()
+                .select(users::id)
+                .filter(users::id.eq_any(&locked))
+                .load(conn)?;
+            if ids.is_empty() {
+                last_id = max;
+                return Ok(Step { rows: 0, done: false });
+            }
+            let before: Vec<serde_json::Value> =
+                sql_query("SELECT to_jsonb(u)::text AS fields FROM users u WHERE id = ANY($1)")
+                    .bind::<Array<BigInt>, _>(&ids)
+                    .load::<JsonText>(conn)?
+                    .into_iter()
+                    .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
+                    .collect();
+            let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
+            audit::record_batch(
+                conn,
+                op_id,
+                "users",
+                Action::Purge,
+                ids[0],
+                Some(json!({"rows": before})),
+                None,
+            )?;
             last_id = max;
-            return Ok(Step { rows: 0, done: false });
-        }
-        let before: Vec<serde_json::Value> =
-            sql_query("SELECT to_jsonb(u)::text AS fields FROM users u WHERE id = ANY($1)")
-                .bind::<Array<BigInt>, _>(&ids)
-                .load::<JsonText>(conn)?
-                .into_iter()
-                .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
-                .collect();
-        let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
-        operation::audit_batch(
-            conn,
-            op_id,
-            "users",
-            PURGE_ACTION,
-            ids[0],
-            Some(json!({"rows": before})),
-            None,
-        )?;
-        last_id = max;
-        Ok(Step {
-            rows: deleted as u64,
-            done: false,
-        })
-    });
+            Ok(Step {
+                rows: deleted as u64,
+                done: false,
+            })
+        },
+    );
     let rows = stats.rows;
-    batch::finish(ctx, &mut conn, op_id, kind, stats, json!({"purged": rows}))
+    ctx.finish_job(job.finish(&mut conn, stats, json!({"purged": rows})))
 }
 
 #[derive(QueryableByName)]

@@ -5,7 +5,7 @@ use diesel::sql_types::{BigInt, Double, Text};
 use diesel::{QueryableByName, RunQueryDsl, sql_query};
 use serde_json::json;
 
-use crate::cli::Context;
+use crate::context::Context;
 use crate::db;
 use crate::exit;
 

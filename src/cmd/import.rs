@@ -1,22 +1,21 @@
 //! `ticketops import tickets|users|comments FILE|-`: the command-line side of the import
 //! pipeline in `crate::import`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::batch::parse_timeout;
-use crate::cli::Context;
+use crate::args::{CsvArgs, parse_timeout};
+use crate::context::Context;
 use crate::db::BatchTimeouts;
 use crate::exit::UsageError;
 use crate::import::comments::CommentImport;
 use crate::import::normalize::InputZone;
-use crate::import::source::{Encoding, Input, parse_delimiter};
+use crate::import::source::Input;
 use crate::import::tickets::TicketImport;
 use crate::import::users::UserImport;
-use crate::import::{self, ImportOptions, MaxRejects, Mode};
+use crate::import::{self, ImportOptions, Mode};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -72,94 +71,6 @@ Examples:
       --value-map 'status:Pending Customer Response=pending'
   zcat dump.csv.gz | ticketops import tickets - --rejects rejects.csv --json
   ticketops import tickets dump.csv --resume        # continue after a crash or Ctrl-C";
-
-/// How a CSV file is read and where its rejected rows go: every import, and `fix apply`.
-#[derive(Debug, clap::Args)]
-pub struct CsvArgs {
-    /// Read a column under another header name: 'Source Header=field' (repeatable)
-    #[arg(long = "map", value_name = "HEADER=FIELD")]
-    pub maps: Vec<String>,
-    /// Translate a value before it is checked: 'field:Source Value=value' (repeatable)
-    #[arg(long = "value-map", value_name = "FIELD:FROM=TO")]
-    pub value_maps: Vec<String>,
-    /// Field delimiter: one ASCII character, or 'tab'
-    #[arg(long, default_value = ",", value_parser = parse_delimiter)]
-    pub delimiter: u8,
-    /// Separator between tags in a list of tags
-    #[arg(long, default_value_t = ';')]
-    pub tag_separator: char,
-    /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
-    #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
-    pub encoding: Encoding,
-    /// Where rejected rows go [default: FILE's name with .rejects.csv; required for stdin]
-    #[arg(long, value_name = "PATH")]
-    pub rejects: Option<PathBuf>,
-    /// Stop (failing) when more rows than this are rejected: a count or a percentage like 5%
-    #[arg(long, value_name = "N|N%", value_parser = MaxRejects::parse)]
-    pub max_rejects: Option<MaxRejects>,
-    /// The largest field accepted (e.g. 16MiB, 500KiB, 2MB; plain bytes): a record with a larger
-    /// field is rejected without being held in memory, and its rejects-file copy is cut there
-    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
-    pub max_field_size: usize,
-}
-
-/// `16MiB`, `500KiB`, `2MB`, `300kB`, or a plain number of bytes.
-pub fn parse_size(value: &str) -> Result<usize, String> {
-    let v = value.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (number, unit) = v.split_at(split);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("not a size: {value:?} (use e.g. 16MiB, 500KiB or a number of bytes)"))?;
-    let factor: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "not a size: {value:?} (use e.g. 16MiB, 500KiB or a number of bytes)"
-            ));
-        }
-    };
-    let size = number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{value:?} is too large"))?;
-    if !(1..=1 << 30).contains(&size) {
-        return Err(format!("{value:?}: the size must be between 1 byte and 1GiB"));
-    }
-    Ok(size)
-}
-
-impl CsvArgs {
-    /// The `--map` pairs, checked.
-    pub fn renames(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.maps
-            .iter()
-            .map(|m| {
-                m.rsplit_once('=')
-                    .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
-                    .filter(|(from, to)| !from.is_empty() && !to.is_empty())
-                    .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")).into())
-            })
-            .collect()
-    }
-
-    /// What is recorded in `bulk_operations.args`.
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "map": self.maps,
-            "value_map": self.value_maps,
-            "delimiter": (self.delimiter as char).to_string(),
-            "tag_separator": self.tag_separator.to_string(),
-            "encoding": format!("{:?}", self.encoding).to_lowercase(),
-            "max_field_size": self.max_field_size,
-        })
-    }
-}
 
 /// Options every import shares.
 #[derive(Debug, clap::Args)]

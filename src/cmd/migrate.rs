@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use diesel_migrations::MigrationHarness;
 use serde_json::json;
 
-use crate::cli::Context;
+use crate::context::Context;
 use crate::db::{self, MIGRATIONS};
 use crate::exit;
 

@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 use serde_json::json;
 
-use crate::cli::Context;
+use crate::context::Context;
 use crate::db;
 use crate::exit::{self, UsageError};
 use crate::models::BulkOperation;

@@ -16,7 +16,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Bool, Date, Double, Integer, Nullable, Text, Timestamptz};
 use serde_json::{Map, Value, json};
 
-use crate::cli::Context;
+use crate::context::Context;
 use crate::db;
 use crate::exit::{self, UsageError};
 use crate::filters::{DeletedScope, ResolvedFilters, TicketFilters};

@@ -15,17 +15,15 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::json;
 
-use crate::batch::{self, BatchArgs, Step};
-use crate::cli::Context;
-use crate::cmd::cleanup::SOFT_DELETE_ACTION;
-use crate::cmd::fix::{ApplyArgs, FIX_ACTION, confirm};
-use crate::cmd::restore;
-use crate::db::{self, AdvisoryLock};
+use crate::args::{ApplyArgs, BatchArgs, confirm};
+use crate::audit::{FIX_ACTION, INSERT_ACTION, INSERT_IDS_ACTION, SOFT_DELETE_ACTION, UPDATE_ACTION};
+use crate::context::Context;
+use crate::db::{self};
 use crate::exit::{self, UsageError};
-use crate::filters::{RestateUnchanged, TicketFilters};
-use crate::import::tickets::INSERT_IDS_ACTION;
+use crate::filters::RestateUnchanged;
+use crate::job::{Job, Step};
 use crate::operation;
-use crate::signals::StopFlags;
+use crate::restore;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -49,11 +47,6 @@ pub struct Args {
     #[command(flatten)]
     pub batching: BatchArgs,
 }
-
-/// The audit action of an import's updated row (full before and after images).
-const UPDATE_ACTION: &str = "update";
-/// The audit action of a row an import inserted through the merge path.
-const INSERT_ACTION: &str = "insert";
 
 /// The columns an image may restore, per table, with their SQL types (keys absent from an
 /// image keep their value; `id` and the natural keys never change).
@@ -267,7 +260,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         .into());
     }
     if actions.iter().all(|a| a.action == SOFT_DELETE_ACTION) {
-        return undo_soft_delete(ctx, op.id, &args);
+        return undo_soft_delete(ctx, &pool, &mut conn, op.id, &args);
     }
     let mut parts = Vec::new();
     let mut unsupported = Vec::new();
@@ -355,9 +348,14 @@ fn revert(
     parts: &[Part],
     args: &Args,
 ) -> anyhow::Result<i32> {
-    let _lock = AdvisoryLock::try_acquire(pool, "undo")?;
-    let stop = StopFlags::install()?;
-    let undo_op = operation::start_job(conn, "undo", json!({"operation": source_op, "force": args.force}))?;
+    let job = Job::start(
+        pool,
+        &ctx.url()?,
+        conn,
+        "undo",
+        json!({"operation": source_op, "force": args.force}),
+    )?;
+    let undo_op = job.operation_id;
 
     let restate = RestateUnchanged::check(conn)?;
     let sql: Vec<String> = parts
@@ -372,35 +370,40 @@ fn revert(
     };
     let mut cursor = parts.first().map(start_of).unwrap_or(0);
     let (mut seen, mut already) = (0i64, 0i64);
-    let stats = batch::run(conn, &args.batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let Some(part) = parts.get(current) else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        let r: Reverted = sql_query(&sql[current])
-            .bind::<BigInt, _>(source_op)
-            .bind::<BigInt, _>(cursor)
-            .bind::<BigInt, _>(limit as i64)
-            .bind::<Bool, _>(args.force)
-            .get_result(conn)
-            .context("cannot revert the batch")?;
-        let finished = match part {
-            Part::Images(_) => r.seen == 0,
-            Part::Inserted { high, .. } => r.next >= *high,
-        };
-        cursor = r.next;
-        seen += r.seen;
-        already += r.already;
-        if finished {
-            current += 1;
-            if let Some(next) = parts.get(current) {
-                cursor = start_of(next);
+    let stats = job.run(
+        conn,
+        &args.batching.settings(),
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let Some(part) = parts.get(current) else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            let r: Reverted = sql_query(&sql[current])
+                .bind::<BigInt, _>(source_op)
+                .bind::<BigInt, _>(cursor)
+                .bind::<BigInt, _>(limit as i64)
+                .bind::<Bool, _>(args.force)
+                .get_result(conn)
+                .context("cannot revert the batch")?;
+            let finished = match part {
+                Part::Images(_) => r.seen == 0,
+                Part::Inserted { high, .. } => r.next >= *high,
+            };
+            cursor = r.next;
+            seen += r.seen;
+            already += r.already;
+            if finished {
+                current += 1;
+                if let Some(next) = parts.get(current) {
+                    cursor = start_of(next);
+                }
             }
-        }
-        Ok(Step {
-            rows: r.reverted as u64,
-            done: current >= parts.len(),
-        })
-    });
+            Ok(Step {
+                rows: r.reverted as u64,
+                done: current >= parts.len(),
+            })
+        },
+    );
     let rows = stats.rows;
     let conflicts = (seen - rows as i64 - already).max(0);
     if conflicts > 0 && !ctx.global.quiet {
@@ -408,14 +411,11 @@ fn revert(
             "{conflicts} row(s) changed since operation {source_op} were left alone (use --force to revert them too)"
         );
     }
-    batch::finish(
-        ctx,
+    ctx.finish_job(job.finish(
         conn,
-        undo_op,
-        "undo",
         stats,
         json!({"reverted": rows, "of_operation": source_op, "conflicts": conflicts, "already_reverted": already}),
-    )
+    ))
 }
 
 /// Every ticket id an import inserted: `insert_ids` ranges and `insert` rows ($1: operation).
@@ -557,17 +557,36 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged)
     }
 }
 
-fn undo_soft_delete(ctx: &Context, op: i64, args: &Args) -> anyhow::Result<i32> {
-    if args.apply.apply && !confirm(&args.apply, "undo", 0)? {
+/// An undo of a soft-delete run is a `restore --operation` of it, through the restore engine.
+fn undo_soft_delete(
+    ctx: &Context,
+    pool: &db::Pool,
+    conn: &mut PgConnection,
+    op: i64,
+    args: &Args,
+) -> anyhow::Result<i32> {
+    let settings = args.batching.settings();
+    let preview = restore::preview_operation(conn, op, settings.batch_size as usize)?;
+    if !args.apply.apply {
+        ctx.info(preview.describe());
+        if ctx.global.json {
+            ctx.print_json(&json!({"kind": "undo", "dry_run": true, "of_operation": op,
+                                   "would_revert": preview.restorable, "would_affect": preview.restorable}))?;
+        } else {
+            println!(
+                "dry run: undo of operation {op} would restore {} ticket(s); nothing was written",
+                preview.restorable
+            );
+        }
+        return Ok(exit::SUCCESS);
+    }
+    if !confirm(&args.apply, "undo", preview.restorable as u64)? {
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let restore_args = restore::Args {
-        operation: Some(op),
-        filters: TicketFilters::default(),
-        all: false,
-        dry_run: !args.apply.apply,
-        batching: args.batching.clone(),
-    };
-    restore::run(ctx, restore_args)
+    let done = restore::restore_operation(pool, &ctx.url()?, conn, op, &settings, ctx.global.verbose > 0)?;
+    if let Some(note) = done.skipped_note(op) {
+        ctx.info(note);
+    }
+    ctx.finish_job(done.summary)
 }

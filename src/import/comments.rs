@@ -77,7 +77,8 @@ struct MergeCounts {
     updated: i64,
 }
 
-const MERGE_COMMENTS_SQL: &str = "
+const MERGE_COMMENTS_SQL: &str = concat!(
+    "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[], $6::timestamptz[])
         AS i(external_id, ticket_id, author_id, body, public, created_at)
@@ -102,12 +103,17 @@ WITH input AS (
     RETURNING c.id, (c.xmax = 0) AS inserted, CASE WHEN c.xmax = 0 THEN NULL ELSE to_jsonb(c) END AS after_image
 ), audited AS (
     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-    SELECT $8, 'comments', w.id, CASE WHEN w.inserted THEN 'insert' ELSE 'update' END,
+    SELECT $8, 'comments', w.id, CASE WHEN w.inserted THEN '",
+    crate::audit_action!(Insert),
+    "' ELSE '",
+    crate::audit_action!(Update),
+    "' END,
            CASE WHEN w.inserted THEN NULL ELSE to_jsonb(b) END, w.after_image
     FROM written w LEFT JOIN comments b ON b.id = w.id
 )
 SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
-       (SELECT count(*) FROM written WHERE NOT inserted) AS updated";
+       (SELECT count(*) FROM written WHERE NOT inserted) AS updated"
+);
 
 impl ImportKind for CommentImport {
     type Row = CommentRow;

@@ -30,10 +30,10 @@ use diesel::{Connection, PgConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::batch;
-use crate::cli::Context;
+use crate::context::Context;
 use crate::db::{self, AdvisoryLock, BatchTimeouts};
 use crate::exit::{self, UsageError};
+use crate::job;
 use crate::models::{NewBulkOperation, OperationStatus};
 use crate::operation;
 use crate::output;
@@ -911,9 +911,9 @@ fn process_batches<K: ImportKind>(
             if batched {
                 rejects.cut_back(*committed_rejects)?;
             }
-            if batch::is_transient(&err) && retry_left {
+            if job::is_transient(&err) && retry_left {
                 attempt += 1;
-                let wait = batch::backoff(attempt);
+                let wait = job::backoff(attempt);
                 if options.verbose {
                     eprintln!(
                         "batch starting at line {first_line}: {err:#}; retry {attempt} of {} in {} ms",
@@ -925,7 +925,7 @@ fn process_batches<K: ImportKind>(
                 continue;
             }
             let mut err = err;
-            if batched && batch::is_transient(&err) {
+            if batched && job::is_transient(&err) {
                 let keys: Vec<String> = rows
                     .as_deref()
                     .unwrap_or_default()

@@ -27,7 +27,6 @@ use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 use crate::models::{Ticket, TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
-use crate::operation;
 use crate::schema::{ticket_tags, tickets};
 
 const EXTERNAL_ID: usize = 0;
@@ -874,11 +873,11 @@ impl TicketImport {
         // come from one sequence call, so usually one range): a row per ticket would cost as
         // much as a third table's worth of index and foreign-key work.
         let ranges = id_ranges(ids.iter().copied());
-        operation::audit_batch(
+        crate::audit::record_batch(
             conn,
             op_id,
             "tickets",
-            INSERT_IDS_ACTION,
+            crate::audit::Action::InsertIds,
             ids[0],
             None,
             Some(serde_json::json!({ "ids": ranges })),
@@ -1134,7 +1133,7 @@ impl TicketImport {
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id,
-                        CASE WHEN w.inserted THEN 'insert' ELSE 'update' END,
+                        CASE WHEN w.inserted THEN '{insert}' ELSE '{update}' END,
                         CASE WHEN w.inserted THEN NULL ELSE
                             to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
                                 SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id)))
@@ -1153,12 +1152,11 @@ impl TicketImport {
             set = set.join(", "),
             stored = stored.join(", "),
             incoming = incoming.join(", "),
+            insert = crate::audit::INSERT_ACTION,
+            update = crate::audit::UPDATE_ACTION,
         )
     }
 }
-
-/// The audit action of a row listing inserted ids as `{"ids": [[first, last], …]}`.
-pub const INSERT_IDS_ACTION: &str = "insert_ids";
 
 /// Inclusive ranges of consecutive ids, in order.
 fn id_ranges(ids: impl Iterator<Item = i64>) -> Vec<[i64; 2]> {

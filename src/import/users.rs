@@ -78,7 +78,8 @@ struct MergeCounts {
     skipped_deleted: i64,
 }
 
-const MERGE_USERS_SQL: &str = "
+const MERGE_USERS_SQL: &str = concat!(
+    "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
         AS i(email, name, role, organization_id)
@@ -106,14 +107,15 @@ WITH input AS (
     RETURNING u.id, (u.xmax = 0) AS inserted, CASE WHEN u.xmax = 0 THEN NULL ELSE to_jsonb(u) END AS after_image
 ), audited AS (
     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-    SELECT $6, 'users', w.id, CASE WHEN w.inserted THEN 'insert' ELSE 'update' END,
+    SELECT $6, 'users', w.id, CASE WHEN w.inserted THEN '", crate::audit_action!(Insert), "' ELSE '", crate::audit_action!(Update), "' END,
            CASE WHEN w.inserted THEN NULL ELSE to_jsonb(b) END, w.after_image
     FROM written w LEFT JOIN users b ON b.id = w.id
 )
 SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
        (SELECT count(*) FROM written WHERE NOT inserted) AS updated,
        (SELECT count(*) FROM input i JOIN users e ON e.email = i.email
-         WHERE e.deleted_at IS NOT NULL AND NOT $5) AS skipped_deleted";
+         WHERE e.deleted_at IS NOT NULL AND NOT $5) AS skipped_deleted"
+);
 
 impl ImportKind for UserImport {
     type Row = UserRow;

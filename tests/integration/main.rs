@@ -7,5 +7,6 @@ mod fix;
 mod foundation;
 mod hardening;
 mod import;
+mod layers;
 mod report;
 mod support;

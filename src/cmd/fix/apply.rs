@@ -15,10 +15,10 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::{Value, json};
 
-use super::{ApplyArgs, Changed, FIX_ACTION, SAMPLE_SIZE, Sample, confirm};
-use crate::batch::parse_timeout;
-use crate::cli::Context;
-use crate::cmd::import::CsvArgs;
+use super::{Changed, SAMPLE_SIZE, Sample};
+use crate::args::{ApplyArgs, CsvArgs, confirm, parse_timeout};
+use crate::audit::FIX_ACTION;
+use crate::context::Context;
 use crate::db::BatchTimeouts;
 use crate::exit;
 use crate::import::entities::EntityCache;
@@ -203,7 +203,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     }
     if !args.apply.yes {
         // Count first (silently, a dry run), so the question can show the number of rows.
-        let quiet = Context::new(crate::cli::GlobalOpts {
+        let quiet = Context::new(crate::context::GlobalOpts {
             quiet: true,
             json: false,
             ..ctx.global.clone()

@@ -9,14 +9,14 @@ use diesel::sql_types::{BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{ApplyArgs, Changed, FIX_ACTION, SAMPLE_SIZE, Sample, confirm, print_dry_run};
-use crate::batch::{self, BatchArgs, Step};
-use crate::cli::Context;
-use crate::db::{self, AdvisoryLock};
+use super::{Changed, SAMPLE_SIZE, Sample, print_dry_run};
+use crate::args::{ApplyArgs, BatchArgs, confirm};
+use crate::audit::FIX_ACTION;
+use crate::context::Context;
+use crate::db::{self};
 use crate::exit::{self, UsageError};
-use crate::operation;
+use crate::job::{Job, Step};
 use crate::schema::users;
-use crate::signals::StopFlags;
 
 pub const HELP: &str = "\
 References move in batches (tickets first, then comments); the duplicate is soft-deleted in
@@ -127,13 +127,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let _lock = AdvisoryLock::try_acquire(&pool, KIND)?;
-    let stop = StopFlags::install()?;
-    let op = operation::start_job(
+    let job = Job::start(
+        &pool,
+        &ctx.url()?,
         &mut conn,
         KIND,
-        json!({"from": from_email, "into": into_email, "batching": args.batching.to_json()}),
+        json!({"from": from_email, "into": into_email, "batching": args.batching.settings().to_json()}),
     )?;
+    let op = job.operation_id;
 
     // Rows are locked and waited for (within the lock timeout, then retried) rather than
     // skipped: a skipped row would keep referring to the user about to be deleted.
@@ -187,10 +188,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     );
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
-    let stats = batch::run(
+    let stats = job.run(
         &mut conn,
-        &args.batching,
-        &stop,
+        &args.batching.settings(),
         ctx.global.verbose > 0,
         |conn, limit| {
             let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
@@ -241,13 +241,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             })
         },
     );
-    batch::finish(
-        ctx,
+    ctx.finish_job(job.finish(
         &mut conn,
-        op,
-        KIND,
         stats,
         json!({"from": from_email, "into": into_email, "tickets": tickets, "comments": comments,
                "users_deleted": users_deleted}),
-    )
+    ))
 }

@@ -11,21 +11,18 @@ mod merge_users;
 mod set;
 mod tag;
 
-use std::io::{BufRead, IsTerminal, Write};
-
-use anyhow::Context as _;
 use diesel::PgConnection;
 use diesel::prelude::*;
 use serde_json::{Value, json};
 
-use crate::batch::{self, BatchArgs, Step};
-use crate::cli::Context;
-use crate::db::{self, AdvisoryLock};
-use crate::exit::{self, UsageError};
+use crate::args::{ApplyArgs, BatchArgs, confirm};
+use crate::context::Context;
+use crate::db::{self};
+use crate::exit::{self};
 use crate::filters::{ResolvedFilters, TicketFilters};
+use crate::job::{Job, Step};
 use crate::operation;
 use crate::schema::tickets;
-use crate::signals::StopFlags;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -64,7 +61,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     }
 }
 
-/// `--apply` and `--yes`, shared by the commands that default to a dry run.
 /// What every filter-driven ticket fix takes: which tickets (filters, or `--all`), dry run or
 /// `--apply`, and the batching.
 #[derive(Debug, clap::Args)]
@@ -79,42 +75,6 @@ pub struct FixScope {
     #[command(flatten)]
     pub batching: BatchArgs,
 }
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ApplyArgs {
-    /// Write the changes (without it, a dry run shows what would change)
-    #[arg(long)]
-    pub apply: bool,
-    /// Do not ask for confirmation (required with --apply when there is no terminal)
-    #[arg(long, short = 'y')]
-    pub yes: bool,
-}
-
-/// Asks the person at the terminal to confirm a write of `count` rows. Without a terminal and
-/// without `--yes`, refuses (exit 2) rather than guess.
-pub fn confirm(args: &ApplyArgs, what: &str, count: u64) -> anyhow::Result<bool> {
-    if args.yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(UsageError(format!(
-            "refusing to {what} ({count} row(s)) without confirmation: there is no terminal to ask on; add --yes"
-        ))
-        .into());
-    }
-    eprint!("{what}: {count} row(s) will change. Type yes to continue: ");
-    std::io::stderr().flush().ok();
-    let mut answer = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut answer)
-        .context("cannot read the answer")?;
-    Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "yes" | "y"))
-}
-
-/// The audit action of a row changed by a fix (or an undo): `before`/`after` hold the changed
-/// columns (`tag_ids` for the tag set), `updated_at` and `last_operation_id`.
-pub const FIX_ACTION: &str = "fix";
 
 /// How many changed rows a dry run shows.
 pub const SAMPLE_SIZE: usize = 10;
@@ -176,7 +136,9 @@ pub struct FixRun<'a> {
 pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -> anyhow::Result<i32> {
     let pool = run.pool;
     let mut conn = db::get(pool)?;
-    crate::cmd::warn_about_unmatched_ids(ctx, &mut conn, run.filters)?;
+    if let Some(warning) = run.filters.unmatched_ids_warning(&mut conn)? {
+        ctx.info(warning);
+    }
     let scope = run.filters.deleted_scope();
     let batch_size = run.batching.batch_size as i64;
 
@@ -212,39 +174,36 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
             return Ok(exit::FAILURE);
         }
     }
-    let _lock = AdvisoryLock::try_acquire(pool, run.kind)?;
-    let stop = StopFlags::install()?;
-    let op_id = operation::start_job(&mut conn, run.kind, run.args)?;
+    let job = Job::start(pool, &ctx.url()?, &mut conn, run.kind, run.args)?;
+    let op_id = job.operation_id;
     fix.prepare(&mut conn)?;
     let mut last_id = 0i64;
     let mut unchanged = 0u64;
-    let stats = batch::run(&mut conn, run.batching, &stop, ctx.global.verbose > 0, |conn, limit| {
-        let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64)?;
-        let Some(max) = last_candidate else {
-            return Ok(Step { rows: 0, done: true });
-        };
-        let changed = if ids.is_empty() {
-            0
-        } else {
-            fix.apply(conn, &ids, op_id)?
-        };
-        unchanged += ids.len() as u64 - changed;
-        operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
-        last_id = max;
-        Ok(Step {
-            rows: changed,
-            done: false,
-        })
-    });
-    let rows = stats.rows;
-    batch::finish(
-        ctx,
+    let stats = job.run(
         &mut conn,
-        op_id,
-        run.kind,
-        stats,
-        json!({"changed": rows, "unchanged": unchanged}),
-    )
+        &run.batching.settings(),
+        ctx.global.verbose > 0,
+        |conn, limit| {
+            let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64)?;
+            let Some(max) = last_candidate else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            let changed = if ids.is_empty() {
+                0
+            } else {
+                fix.apply(conn, &ids, op_id)?
+            };
+            unchanged += ids.len() as u64 - changed;
+            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
+            last_id = max;
+            Ok(Step {
+                rows: changed,
+                done: false,
+            })
+        },
+    );
+    let rows = stats.rows;
+    ctx.finish_job(job.finish(&mut conn, stats, json!({"changed": rows, "unchanged": unchanged})))
 }
 
 /// The dry run's report: the count, and a table of the sample, before → after.

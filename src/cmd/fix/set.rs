@@ -7,9 +7,10 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::{Value, json};
 
-use super::{ApplyArgs, Changed, FIX_ACTION, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
-use crate::batch::BatchArgs;
-use crate::cli::Context;
+use super::{Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use crate::args::{ApplyArgs, BatchArgs};
+use crate::audit::FIX_ACTION;
+use crate::context::Context;
 use crate::db;
 use crate::exit::UsageError;
 use crate::filters::{RestateUnchanged, TicketFilters};
@@ -111,7 +112,7 @@ fn set(
     let run = FixRun {
         pool: &pool,
         kind,
-        args: json!({"set": raw, "filters": filters.to_json(), "all": all, "batching": batching.to_json()}),
+        args: json!({"set": raw, "filters": filters.to_json(), "all": all, "batching": batching.settings().to_json()}),
         filters: &resolved,
         apply: &apply,
         batching: &batching,

@@ -8,8 +8,9 @@ use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{Changed, FIX_ACTION, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
-use crate::cli::Context;
+use super::{Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use crate::audit::FIX_ACTION;
+use crate::context::Context;
 use crate::db;
 use crate::exit::UsageError;
 use crate::import::entities::EntityCache;
@@ -58,7 +59,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         pool: &pool,
         kind: "fix tag",
         args: json!({"add": add, "remove": remove, "filters": filters.to_json(), "all": all,
-                     "batching": batching.to_json()}),
+                     "batching": batching.settings().to_json()}),
         filters: &resolved,
         apply,
         batching,

@@ -1,0 +1,153 @@
+//! The audit vocabulary: every `audit_log.action`, what its `before` and `after` images hold,
+//! and the one way a batch of rows changed alike is recorded. Every writer (imports, fixes,
+//! cleanup, restore, undo) and every reader (`undo`, `restore --operation`) uses these names;
+//! none is spelled anywhere else.
+//!
+//! | action | table | `before` | `after` |
+//! |---|---|---|---|
+//! | `insert` | tickets, users, comments | NULL | NULL (the row itself is the record) |
+//! | `insert_ids` | tickets | NULL | `{"ids": [[first, last], …]}`: the ranges of ids a batch inserted |
+//! | `update` | tickets, users, comments | the row as it was (`to_jsonb`, tickets add `tag_ids`) | the row as written |
+//! | `fix` | tickets, users, comments | the changed columns (`tag_ids` for the tag set), `updated_at`, `last_operation_id` | the same columns after |
+//! | `soft_delete` | tickets | `{"deleted_at": null}` | `{"deleted_at": T, "ids": [...]}` for the batch |
+//! | `restore` | tickets | `{"ids": [...], "deleted_at": T}` as found | `{"deleted_at": null}` |
+//! | `purge` | tickets | `{"ids": [...], "archive": F, "archive_comments": F}` (the rows are in the archive) | NULL |
+//! | `purge` | users | `{"rows": [...]}`: the users removed, whole | NULL |
+
+use diesel::prelude::*;
+use diesel::{PgConnection, QueryResult};
+
+/// An action's name as a string literal, for SQL text built with `concat!` (a `const` cannot
+/// go there): `audit_action!(Insert)` is `"insert"`. The only place the names are spelled.
+#[macro_export]
+macro_rules! audit_action {
+    (Insert) => {
+        "insert"
+    };
+    (InsertIds) => {
+        "insert_ids"
+    };
+    (Update) => {
+        "update"
+    };
+    (Fix) => {
+        "fix"
+    };
+    (SoftDelete) => {
+        "soft_delete"
+    };
+    (Restore) => {
+        "restore"
+    };
+    (Purge) => {
+        "purge"
+    };
+}
+
+/// What an audit row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Insert,
+    InsertIds,
+    Update,
+    Fix,
+    SoftDelete,
+    Restore,
+    Purge,
+}
+
+impl Action {
+    pub const ALL: [Action; 7] = [
+        Action::Insert,
+        Action::InsertIds,
+        Action::Update,
+        Action::Fix,
+        Action::SoftDelete,
+        Action::Restore,
+        Action::Purge,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Insert => audit_action!(Insert),
+            Action::InsertIds => audit_action!(InsertIds),
+            Action::Update => audit_action!(Update),
+            Action::Fix => audit_action!(Fix),
+            Action::SoftDelete => audit_action!(SoftDelete),
+            Action::Restore => audit_action!(Restore),
+            Action::Purge => audit_action!(Purge),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// The names as constants, for SQL text built with `format!` (`'{FIX_ACTION}'`).
+pub const INSERT_ACTION: &str = Action::Insert.as_str();
+pub const INSERT_IDS_ACTION: &str = Action::InsertIds.as_str();
+pub const UPDATE_ACTION: &str = Action::Update.as_str();
+pub const FIX_ACTION: &str = Action::Fix.as_str();
+pub const SOFT_DELETE_ACTION: &str = Action::SoftDelete.as_str();
+pub const RESTORE_ACTION: &str = Action::Restore.as_str();
+pub const PURGE_ACTION: &str = Action::Purge.as_str();
+
+/// Records one audit row for a batch of rows changed the same way: `row_id` is the first
+/// of them, and `before`/`after` say what changed (listing the ids where needed).
+pub fn record_batch(
+    conn: &mut PgConnection,
+    operation_id: i64,
+    table_name: &str,
+    action: Action,
+    first_row: i64,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> QueryResult<()> {
+    use crate::models::NewAuditEntry;
+    use crate::schema::audit_log;
+    diesel::insert_into(audit_log::table)
+        .values(NewAuditEntry {
+            operation_id,
+            table_name,
+            row_id: first_row,
+            action: action.as_str(),
+            before,
+            after,
+        })
+        .execute(conn)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_has_one_name_that_reads_back() {
+        let mut names = std::collections::HashSet::new();
+        for action in Action::ALL {
+            assert!(names.insert(action.as_str()), "{action} twice");
+            assert_eq!(Action::parse(action.as_str()), Some(action));
+            assert!(action.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+        }
+        assert_eq!(Action::parse("delete"), None);
+    }
+
+    #[test]
+    fn the_constants_and_the_macro_are_the_enum() {
+        assert_eq!(INSERT_ACTION, Action::Insert.as_str());
+        assert_eq!(INSERT_IDS_ACTION, audit_action!(InsertIds));
+        assert_eq!(UPDATE_ACTION, Action::Update.to_string());
+        assert_eq!(FIX_ACTION, "fix");
+        assert_eq!(SOFT_DELETE_ACTION, "soft_delete");
+        assert_eq!(RESTORE_ACTION, "restore");
+        assert_eq!(PURGE_ACTION, "purge");
+    }
+}

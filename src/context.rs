@@ -1,0 +1,117 @@
+//! What every command gets: the global options and ways to act on them (connecting, progress,
+//! messages, JSON). It lives below the commands, so that nothing it serves depends on the list
+//! of commands.
+
+use std::io::IsTerminal;
+
+use anyhow::Context as _;
+
+use crate::db;
+use crate::exit::UsageError;
+
+/// The options every command takes, as plain values.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalOpts {
+    pub database_url: Option<String>,
+    pub json: bool,
+    pub progress: ProgressMode,
+    pub quiet: bool,
+    pub verbose: u8,
+}
+
+/// When progress bars are drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// What every command gets: the global options and ways to act on them.
+pub struct Context {
+    pub global: GlobalOpts,
+    /// Whether the command printed its JSON object (with --json, a failure prints one too).
+    json_printed: std::cell::Cell<bool>,
+}
+
+impl Context {
+    pub fn new(global: GlobalOpts) -> Self {
+        Context {
+            global,
+            json_printed: std::cell::Cell::new(false),
+        }
+    }
+
+    pub fn json_printed(&self) -> bool {
+        self.json_printed.get()
+    }
+
+    pub fn database_url(&self) -> anyhow::Result<&str> {
+        match self.global.database_url.as_deref() {
+            Some(url) if !url.trim().is_empty() => Ok(url),
+            _ => Err(UsageError(
+                "no database given: set DATABASE_URL or pass --database-url (scripts/pg start prints one for the local server)"
+                    .into(),
+            )
+            .into()),
+        }
+    }
+
+    /// A pool of `size` connections to the configured database, checked to be reachable and
+    /// to have every migration of this binary applied.
+    pub fn pool(&self, size: u32) -> anyhow::Result<db::Pool> {
+        db::connect_pool(self.database_url()?, size, db::SchemaCheck::UpToDate)
+    }
+
+    /// A pool to a database whose schema may be behind (for `doctor`, which reports it).
+    pub fn pool_any_schema(&self, size: u32) -> anyhow::Result<db::Pool> {
+        db::connect_pool(self.database_url()?, size, db::SchemaCheck::None)
+    }
+
+    pub fn show_progress(&self) -> bool {
+        if self.global.quiet {
+            return false;
+        }
+        match self.global.progress {
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+            ProgressMode::Auto => std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Prints a human message on stderr unless `--quiet`.
+    pub fn info(&self, message: impl std::fmt::Display) {
+        if !self.global.quiet {
+            eprintln!("{message}");
+        }
+    }
+
+    /// Prints a JSON value as one line on stdout.
+    pub fn print_json(&self, value: &serde_json::Value) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, value).context("cannot write to stdout")?;
+        writeln!(out).context("cannot write to stdout")?;
+        self.json_printed.set(true);
+        Ok(())
+    }
+
+    /// Prints a batch job's summary (a human line on stderr, one JSON line on stdout with
+    /// --json) and returns its exit code, or its error.
+    pub fn finish_job(&self, summary: crate::job::JobSummary) -> anyhow::Result<i32> {
+        self.info(summary.line());
+        if self.global.json {
+            self.print_json(&summary.json)?;
+        }
+        if let Some(note) = &summary.end_not_recorded {
+            eprintln!("warning: {note}");
+        }
+        summary.into_result()
+    }
+
+    /// The database URL, for engines that may need a fresh connection (after a lost one).
+    pub fn url(&self) -> anyhow::Result<String> {
+        self.database_url().map(str::to_string)
+    }
+}

@@ -1,0 +1,341 @@
+//! The batch-job runner every batched command uses (cleanup, restore, fixes, merge-users,
+//! undo): take the job's advisory lock (exit 75 when another run holds it), install the signal
+//! handlers, record the operation, then run batches — each one short transaction with `SET
+//! LOCAL` lock and statement timeouts, transient failures (lock timeout, deadlock,
+//! serialization failure) retried with backoff, a clean stop on a signal, `--max-runtime` or
+//! `--max-rows` — and record the end. It returns a [`JobSummary`]; the command prints it.
+
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+
+use crate::db::{self, AdvisoryLock, BatchTimeouts, Pool};
+use crate::models::OperationStatus;
+use crate::operation;
+use crate::signals::StopFlags;
+
+/// How a job's batches run, as plain values (the command line's `BatchArgs` give them).
+#[derive(Debug, Clone)]
+pub struct BatchSettings {
+    pub batch_size: u64,
+    pub sleep: Duration,
+    pub max_runtime: Option<Duration>,
+    pub max_rows: Option<u64>,
+    pub timeouts: BatchTimeouts,
+    pub retries: u32,
+}
+
+impl BatchSettings {
+    /// What is recorded in `bulk_operations.args`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "batch_size": self.batch_size,
+            "sleep_ms": self.sleep.as_millis() as u64,
+            "max_runtime_s": self.max_runtime.map(|d| d.as_secs()),
+            "max_rows": self.max_rows,
+            "lock_timeout_ms": self.timeouts.lock_timeout.as_millis() as u64,
+            "statement_timeout_ms": self.timeouts.statement_timeout.as_millis() as u64,
+        })
+    }
+}
+
+/// Why a run stopped: also the `stopped` key of the JSON summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Done,
+    MaxRuntime,
+    MaxRows,
+    Signal(i32),
+    Error,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Done => "done",
+            StopReason::MaxRuntime => "max-runtime",
+            StopReason::MaxRows => "max-rows",
+            StopReason::Signal(_) => "signal",
+            StopReason::Error => "error",
+        }
+    }
+}
+
+/// What one batch did.
+pub struct Step {
+    /// Rows the batch changed.
+    pub rows: u64,
+    /// Nothing is left to do.
+    pub done: bool,
+}
+
+/// The outcome of a batch loop.
+#[derive(Debug)]
+pub struct RunStats {
+    pub batches: u64,
+    pub rows: u64,
+    pub retries: u64,
+    pub longest_batch: Duration,
+    pub elapsed: Duration,
+    pub stopped: StopReason,
+    pub error: Option<anyhow::Error>,
+}
+
+/// Whether a database error is worth retrying: the batch lost a race with another
+/// transaction, and a moment later it will likely win.
+pub fn is_transient(err: &anyhow::Error) -> bool {
+    let text = format!("{err:#}");
+    text.contains("lock timeout")
+        || text.contains("deadlock detected")
+        || text.contains("could not serialize access")
+        || text.contains("could not obtain lock")
+}
+
+/// How long to wait before retry `attempt` (1, 2, …) of a batch: 200 ms doubling, at most 6.4 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100 * (1 << attempt.min(6)))
+}
+
+/// Runs `step` in batches until it reports done or a limit or signal stops the run. `step`
+/// gets the row limit for this batch and runs inside the batch's transaction; it must be
+/// safe to call again after a rolled-back attempt.
+pub fn run_batches(
+    conn: &mut PgConnection,
+    args: &BatchSettings,
+    stop: &StopFlags,
+    verbose: bool,
+    mut step: impl FnMut(&mut PgConnection, u64) -> anyhow::Result<Step>,
+) -> RunStats {
+    let started = Instant::now();
+    let mut stats = RunStats {
+        batches: 0,
+        rows: 0,
+        retries: 0,
+        longest_batch: Duration::ZERO,
+        elapsed: Duration::ZERO,
+        stopped: StopReason::Done,
+        error: None,
+    };
+    loop {
+        if let Some(code) = stop.requested() {
+            stats.stopped = StopReason::Signal(code);
+            break;
+        }
+        if args.max_runtime.is_some_and(|max| started.elapsed() >= max) {
+            stats.stopped = StopReason::MaxRuntime;
+            break;
+        }
+        let limit = match args.max_rows {
+            Some(max) if stats.rows >= max => {
+                stats.stopped = StopReason::MaxRows;
+                break;
+            }
+            Some(max) => args.batch_size.min(max - stats.rows),
+            None => args.batch_size,
+        };
+        let mut attempt = 0;
+        let outcome = loop {
+            let batch_started = Instant::now();
+            let result = db::in_batch_transaction(conn, args.timeouts, |c| step(c, limit));
+            let took = batch_started.elapsed();
+            match result {
+                Err(err) if is_transient(&err) && attempt < args.retries => {
+                    attempt += 1;
+                    stats.retries += 1;
+                    let backoff = backoff(attempt);
+                    if verbose {
+                        eprintln!(
+                            "batch {}: {err:#}; retry {attempt} in {} ms",
+                            stats.batches + 1,
+                            backoff.as_millis()
+                        );
+                    }
+                    std::thread::sleep(backoff);
+                }
+                other => break other.map(|s| (s, took)),
+            }
+        };
+        match outcome {
+            Ok((s, took)) => {
+                if s.rows > 0 || !s.done {
+                    stats.batches += 1;
+                    stats.rows += s.rows;
+                    stats.longest_batch = stats.longest_batch.max(took);
+                    if verbose {
+                        eprintln!(
+                            "batch {}: {} rows in {} ms ({} in all)",
+                            stats.batches,
+                            s.rows,
+                            took.as_millis(),
+                            stats.rows
+                        );
+                    }
+                }
+                if s.done {
+                    stats.stopped = StopReason::Done;
+                    break;
+                }
+            }
+            Err(err) => {
+                stats.stopped = StopReason::Error;
+                stats.error = Some(crate::db::name_lost_connection(
+                    err.context(format!("batch {} failed (after {attempt} retries)", stats.batches + 1)),
+                ));
+                break;
+            }
+        }
+        if !args.sleep.is_zero() {
+            std::thread::sleep(args.sleep);
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats
+}
+
+/// A started job: its lock (held until the job is dropped), its signal flags and its
+/// operation record.
+pub struct Job {
+    pub kind: String,
+    pub operation_id: i64,
+    pub stop: StopFlags,
+    url: String,
+    _lock: AdvisoryLock,
+}
+
+impl Job {
+    /// Takes the advisory lock named `kind` (another holder: exit 75, nothing done), installs
+    /// the signal handlers and records the operation as running on `conn`.
+    pub fn start(
+        pool: &Pool,
+        url: &str,
+        conn: &mut PgConnection,
+        kind: &str,
+        args: serde_json::Value,
+    ) -> anyhow::Result<Job> {
+        let lock = AdvisoryLock::try_acquire(pool, kind)?;
+        let stop = StopFlags::install()?;
+        let operation_id = operation::start_job(conn, kind, args)?;
+        Ok(Job {
+            kind: kind.to_string(),
+            operation_id,
+            stop,
+            url: url.to_string(),
+            _lock: lock,
+        })
+    }
+
+    /// Runs the job's batches (see [`run_batches`]).
+    pub fn run(
+        &self,
+        conn: &mut PgConnection,
+        settings: &BatchSettings,
+        verbose: bool,
+        step: impl FnMut(&mut PgConnection, u64) -> anyhow::Result<Step>,
+    ) -> RunStats {
+        run_batches(conn, settings, &self.stop, verbose, step)
+    }
+
+    /// Records the end of the operation — on a fresh connection when the job's own one is
+    /// gone; failing that, the job's own error stays the one reported and the next command
+    /// marks the operation abandoned — and returns what to report. `counts` are the job's own
+    /// (`soft_deleted`, `purged`, …).
+    pub fn finish(self, conn: &mut PgConnection, stats: RunStats, mut counts: serde_json::Value) -> JobSummary {
+        let (status, exit_code) = match stats.stopped {
+            StopReason::Done | StopReason::MaxRuntime | StopReason::MaxRows => {
+                (OperationStatus::Succeeded, crate::exit::SUCCESS)
+            }
+            StopReason::Signal(code) => (OperationStatus::Interrupted, code),
+            StopReason::Error => (OperationStatus::Failed, crate::exit::FAILURE),
+        };
+        if let Some(obj) = counts.as_object_mut() {
+            obj.insert("rows".into(), stats.rows.into());
+            obj.insert("batches".into(), stats.batches.into());
+            obj.insert("retries".into(), stats.retries.into());
+            obj.insert(
+                "longest_batch_ms".into(),
+                (stats.longest_batch.as_millis() as u64).into(),
+            );
+        }
+        let message = match (&stats.error, stats.stopped) {
+            (Some(err), _) => format!("{err:#}"),
+            (None, StopReason::Signal(code)) => format!("stopped by {}", StopFlags::signal_name(code)),
+            (None, reason) => format!("stopped: {}", reason.as_str()),
+        };
+        let op_id = self.operation_id;
+        let end_not_recorded = operation::record_end(conn, &self.url, op_id, status, &counts, Some(&message))
+            .err()
+            .map(|err| {
+                format!("{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned")
+            });
+        let mut json = serde_json::json!({
+            "operation_id": op_id,
+            "kind": self.kind,
+            "status": status.as_str(),
+            "stopped": stats.stopped.as_str(),
+            "duration_ms": stats.elapsed.as_millis() as u64,
+            "dry_run": false,
+        });
+        if let (Some(s), Some(c)) = (json.as_object_mut(), counts.as_object()) {
+            s.extend(c.clone());
+            if let Some(err) = &stats.error {
+                s.insert("error".into(), format!("{err:#}").into());
+            }
+        }
+        JobSummary {
+            kind: self.kind.clone(),
+            operation_id: op_id,
+            status,
+            exit_code,
+            json,
+            end_not_recorded,
+            stats,
+        }
+    }
+}
+
+/// How a job ended, for the command to print.
+#[derive(Debug)]
+pub struct JobSummary {
+    pub kind: String,
+    pub operation_id: i64,
+    pub status: OperationStatus,
+    pub exit_code: i32,
+    /// The one-line JSON summary.
+    pub json: serde_json::Value,
+    /// Why the end could not be recorded, if it could not.
+    pub end_not_recorded: Option<String>,
+    pub stats: RunStats,
+}
+
+impl JobSummary {
+    /// The human summary line.
+    pub fn line(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "{}: {} — {} rows in {} {}, {:.1} s (longest batch {} ms), stopped: {}; operation {}",
+            self.kind,
+            self.status.as_str(),
+            s.rows,
+            s.batches,
+            if s.batches == 1 { "batch" } else { "batches" },
+            s.elapsed.as_secs_f64(),
+            s.longest_batch.as_millis(),
+            s.stopped.as_str(),
+            self.operation_id
+        )
+    }
+
+    /// The job's outcome as the command's result: its exit code, or its error with what stays.
+    pub fn into_result(self) -> anyhow::Result<i32> {
+        if let Some(err) = self.stats.error {
+            return Err(err.context(format!(
+                "{} failed; batches committed before it stay (operation {})",
+                self.kind, self.operation_id
+            )));
+        }
+        if let Some(note) = self.end_not_recorded {
+            anyhow::bail!("{} finished, but {note}", self.kind);
+        }
+        Ok(self.exit_code)
+    }
+}

@@ -1,0 +1,279 @@
+//! Bringing soft-deleted tickets back: exactly the rows one soft-delete operation deleted
+//! (`restore --operation`, and `undo` of a soft-delete run), or the rows a filter selects.
+//! Each batch locks and restores its rows in one statement and leaves a `restore` audit row.
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt};
+use serde_json::json;
+
+use crate::audit::{self, Action, SOFT_DELETE_ACTION};
+use crate::db::Pool;
+use crate::exit::UsageError;
+use crate::filters::RestateUnchanged;
+use crate::job::{BatchSettings, Job, JobSummary, Step};
+use crate::operation;
+use crate::schema::tickets;
+
+/// The operation kind, and the advisory lock, of every restore.
+pub const KIND: &str = "restore";
+
+#[derive(diesel::QueryableByName)]
+struct AuditBatch {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    after: serde_json::Value,
+}
+
+/// The tickets a soft-delete operation deleted, read from its audit trail one audit row (one
+/// of its batches) at a time, so that memory does not grow with the operation's size, and cut
+/// into chunks of at most `chunk` ids, each with the deleted_at that batch set.
+pub struct DeletedBatches {
+    source_op: i64,
+    chunk: usize,
+    /// The last audit row read.
+    after_audit_id: i64,
+    pending: std::collections::VecDeque<(DateTime<Utc>, Vec<i64>)>,
+}
+
+impl DeletedBatches {
+    fn new(source_op: i64, chunk: usize) -> DeletedBatches {
+        DeletedBatches {
+            source_op,
+            chunk: chunk.max(1),
+            after_audit_id: 0,
+            pending: Default::default(),
+        }
+    }
+
+    /// The next chunk, left in place until [`DeletedBatches::done_with_front`] (a batch that
+    /// is rolled back and retried gets it again); `None` at the end.
+    fn front(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<&(DateTime<Utc>, Vec<i64>)>> {
+        while self.pending.is_empty() {
+            let row: Option<AuditBatch> = diesel::sql_query(
+                "SELECT id, after FROM audit_log
+                 WHERE operation_id = $1 AND action = $2 AND after IS NOT NULL AND id > $3
+                 ORDER BY id LIMIT 1",
+            )
+            .bind::<BigInt, _>(self.source_op)
+            .bind::<diesel::sql_types::Text, _>(SOFT_DELETE_ACTION)
+            .bind::<BigInt, _>(self.after_audit_id)
+            .get_result(conn)
+            .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let when: DateTime<Utc> = serde_json::from_value(row.after["deleted_at"].clone())
+                .with_context(|| format!("unreadable deleted_at in audit row {}", row.id))?;
+            let ids: Vec<i64> = serde_json::from_value(row.after["ids"].clone())
+                .with_context(|| format!("unreadable ids in audit row {}", row.id))?;
+            self.pending
+                .extend(ids.chunks(self.chunk).map(|chunk| (when, chunk.to_vec())));
+            self.after_audit_id = row.id;
+        }
+        Ok(self.pending.front())
+    }
+
+    fn done_with_front(&mut self) {
+        self.pending.pop_front();
+    }
+}
+
+/// Clears deleted_at on `ids` (locked by the caller), recording their before values; returns
+/// how many changed.
+pub fn undelete(
+    conn: &mut PgConnection,
+    op_id: i64,
+    ids: &[i64],
+    before: Vec<Option<DateTime<Utc>>>,
+    restate: RestateUnchanged,
+) -> anyhow::Result<u64> {
+    let changed = diesel::sql_query(format!(
+        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} WHERE id = ANY($2)",
+        restate.set_tail(&[])
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(ids)
+    .execute(conn)?;
+    audit_restored(conn, op_id, ids, before)?;
+    Ok(changed as u64)
+}
+
+#[derive(diesel::QueryableByName)]
+struct RestoredId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// One batch of `restore --operation`: those of `ids` still deleted by `source_op` (deleted_at
+/// as it set it, last_operation_id its own) that no other transaction holds, locked and
+/// restored in one statement (reached by `ctid`, as the soft-delete does). Returns their ids in
+/// order.
+fn undelete_its_own(
+    conn: &mut PgConnection,
+    op_id: i64,
+    source_op: i64,
+    deleted_at: DateTime<Utc>,
+    ids: &[i64],
+    restate: RestateUnchanged,
+) -> anyhow::Result<Vec<i64>> {
+    let mut restored: Vec<i64> = diesel::sql_query(format!(
+        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{}
+         WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets
+                                WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
+                                FOR NO KEY UPDATE SKIP LOCKED))
+         RETURNING id",
+        restate.set_tail(&[])
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
+    .bind::<BigInt, _>(source_op)
+    .load::<RestoredId>(conn)?
+    .into_iter()
+    .map(|row| row.id)
+    .collect();
+    restored.sort_unstable();
+    if !restored.is_empty() {
+        audit_restored(conn, op_id, &restored, vec![Some(deleted_at); restored.len()])?;
+    }
+    Ok(restored)
+}
+
+/// One audit row per restored batch: the ids and the deleted_at each had.
+fn audit_restored(
+    conn: &mut PgConnection,
+    op_id: i64,
+    ids: &[i64],
+    before: Vec<Option<DateTime<Utc>>>,
+) -> anyhow::Result<()> {
+    audit::record_batch(
+        conn,
+        op_id,
+        "tickets",
+        Action::Restore,
+        ids[0],
+        Some(json!({"ids": ids, "deleted_at": before})),
+        Some(json!({"deleted_at": null})),
+    )?;
+    Ok(())
+}
+
+/// What `restore --operation` would do: how many tickets the operation soft-deleted, and how
+/// many of them are still deleted by it (not restored since, deleted again, or purged).
+#[derive(Debug, Clone, Copy)]
+pub struct OperationPreview {
+    pub source_op: i64,
+    pub deleted: usize,
+    pub restorable: i64,
+}
+
+impl OperationPreview {
+    pub fn describe(&self) -> String {
+        format!(
+            "operation {} soft-deleted {} ticket(s); {} can be restored",
+            self.source_op, self.deleted, self.restorable
+        )
+    }
+}
+
+/// Checks that `source_op` exists and soft-deleted tickets (a usage error otherwise), and
+/// counts what restoring it would do.
+pub fn preview_operation(conn: &mut PgConnection, source_op: i64, chunk: usize) -> anyhow::Result<OperationPreview> {
+    let op = operation::find(conn, source_op)?
+        .ok_or_else(|| UsageError(format!("there is no operation {source_op} (see `ticketops ops list`)")))?;
+    if DeletedBatches::new(source_op, chunk).front(conn)?.is_none() {
+        return Err(UsageError(format!(
+            "operation {source_op} ({}) soft-deleted no tickets; nothing to restore",
+            op.kind
+        ))
+        .into());
+    }
+    let mut batches = DeletedBatches::new(source_op, chunk);
+    let (mut deleted, mut restorable) = (0usize, 0i64);
+    while let Some((when, ids)) = batches.front(conn)? {
+        deleted += ids.len();
+        restorable += tickets::table
+            .filter(tickets::id.eq_any(ids))
+            .filter(tickets::deleted_at.eq(when))
+            .filter(tickets::last_operation_id.eq(source_op))
+            .count()
+            .get_result::<i64>(conn)?;
+        batches.done_with_front();
+    }
+    Ok(OperationPreview {
+        source_op,
+        deleted,
+        restorable,
+    })
+}
+
+/// How a `restore --operation` run ended: the job, and the rows left alone because they
+/// changed since the soft-delete.
+#[derive(Debug)]
+pub struct OperationRestored {
+    pub summary: JobSummary,
+    pub skipped: u64,
+    pub skipped_sample: Vec<i64>,
+}
+
+impl OperationRestored {
+    /// A note on the rows left alone, if any.
+    pub fn skipped_note(&self, source_op: i64) -> Option<String> {
+        (self.skipped > 0).then(|| {
+            format!(
+                "{} ticket(s) changed since operation {source_op} (restored, deleted again, purged or locked) were left alone, e.g. ids {:?}",
+                self.skipped, self.skipped_sample
+            )
+        })
+    }
+}
+
+/// Restores exactly the tickets `source_op` soft-deleted and that are still deleted by it, as
+/// a batch job (lock `restore`, operation record, batches of the soft-delete's own chunks).
+pub fn restore_operation(
+    pool: &Pool,
+    url: &str,
+    conn: &mut PgConnection,
+    source_op: i64,
+    settings: &BatchSettings,
+    verbose: bool,
+) -> anyhow::Result<OperationRestored> {
+    let chunk = settings.batch_size as usize;
+    let job = Job::start(pool, url, conn, KIND, json!({"operation": source_op}))?;
+    let op_id = job.operation_id;
+    let restate = RestateUnchanged::check(conn)?;
+    let mut batches = DeletedBatches::new(source_op, chunk);
+    let mut skipped = 0u64;
+    let mut skipped_sample: Vec<i64> = Vec::new();
+    let stats = job.run(conn, settings, verbose, |conn, _limit| {
+        let Some((when, ids)) = batches.front(conn)?.cloned() else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate)?;
+        let restored = restorable.len() as u64;
+        let left: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| restorable.binary_search(id).is_err())
+            .collect();
+        skipped += left.len() as u64;
+        skipped_sample.extend(left.iter().take(10usize.saturating_sub(skipped_sample.len())));
+        batches.done_with_front();
+        Ok(Step {
+            rows: restored,
+            done: false,
+        })
+    });
+    let rows = stats.rows;
+    let summary = job.finish(
+        conn,
+        stats,
+        json!({"restored": rows, "skipped_changed": skipped, "of_operation": source_op}),
+    );
+    Ok(OperationRestored {
+        summary,
+        skipped,
+        skipped_sample,
+    })
+}
