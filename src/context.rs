@@ -114,4 +114,31 @@ impl Context {
     pub fn url(&self) -> anyhow::Result<String> {
         self.database_url().map(str::to_string)
     }
+
+    /// Where engines write their notes.
+    pub fn log(&self) -> crate::output::Log {
+        crate::output::Log {
+            quiet: self.global.quiet,
+            verbose: self.global.verbose > 0,
+        }
+    }
+
+    /// Prints an import's summary (human on stderr unless --quiet, one JSON object with
+    /// --json) and its notes, and returns its exit code or error.
+    pub fn finish_import(&self, outcome: crate::import::ImportOutcome) -> anyhow::Result<i32> {
+        if !self.global.quiet {
+            outcome.report.print_human();
+        }
+        if self.global.json {
+            let mut summary = outcome.report.to_json();
+            if let (Some(s), Some(extra)) = (summary.as_object_mut(), outcome.extra.as_object()) {
+                s.extend(extra.clone());
+            }
+            self.print_json(&summary)?;
+        }
+        for note in &outcome.notes {
+            eprintln!("{note}");
+        }
+        outcome.result
+    }
 }

@@ -152,6 +152,29 @@ pub fn sparkline(values: &[i64], max: i64) -> String {
         .collect()
 }
 
+/// Where an engine's notes go while it works (a resume, a warning about the input, `-v`
+/// timings): stderr, unless quiet. Summaries are not notes: engines return those.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Log {
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+impl Log {
+    pub fn info(&self, message: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("{message}");
+        }
+    }
+
+    /// Only with `-v`.
+    pub fn detail(&self, message: impl std::fmt::Display) {
+        if self.verbose {
+            eprintln!("{message}");
+        }
+    }
+}
+
 /// Text from outside (a header, a value, a server message) as it may be printed: control
 /// characters (NUL, ESC, …) escaped like `\u{1b}`, so that a binary file given as input can
 /// never drive the terminal. Newlines and tabs are escaped too: one message stays one line.

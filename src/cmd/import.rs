@@ -115,7 +115,8 @@ impl CommonArgs {
         self.batch_size.unwrap_or(if initial_load { 10_000 } else { 5_000 })
     }
 
-    fn options(&self, undelete: bool, initial_load: bool, verbose: bool) -> anyhow::Result<ImportOptions> {
+    fn options(&self, ctx: &Context, undelete: bool, initial_load: bool) -> anyhow::Result<ImportOptions> {
+        let verbose = ctx.global.verbose > 0;
         let renames = self.csv.renames()?;
         let mode = match (self.atomic || initial_load, self.dry_run) {
             (_, true) => Mode::DryRun,
@@ -146,6 +147,7 @@ impl CommonArgs {
                 statement_timeout: self.statement_timeout,
             },
             retries: self.retries,
+            show_progress: ctx.show_progress(),
             verbose,
         })
     }
@@ -178,18 +180,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             undelete,
             initial_load,
         } => {
-            let options = common.options(undelete, initial_load, ctx.global.verbose > 0)?;
+            let options = common.options(ctx, undelete, initial_load)?;
             let mut kind = TicketImport::new(undelete, initial_load, ctx.global.verbose > 0);
             let args_json = common.to_json(
                 initial_load,
                 json!({ "undelete": undelete, "initial_load": initial_load }),
             );
-            import::run(ctx, options, &mut kind, args_json)
+            run_import(ctx, options, &mut kind, args_json)
         }
         What::Users { common, undelete } => {
-            let options = common.options(undelete, false, ctx.global.verbose > 0)?;
+            let options = common.options(ctx, undelete, false)?;
             let mut kind = UserImport::new(undelete);
-            import::run(
+            run_import(
                 ctx,
                 options,
                 &mut kind,
@@ -197,9 +199,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             )
         }
         What::Comments { common } => {
-            let options = common.options(false, false, ctx.global.verbose > 0)?;
+            let options = common.options(ctx, false, false)?;
             let mut kind = CommentImport::default();
-            import::run(ctx, options, &mut kind, common.to_json(false, json!({})))
+            run_import(ctx, options, &mut kind, common.to_json(false, json!({})))
         }
     }
+}
+
+/// Runs the import engine and prints what it returns.
+fn run_import<K: import::ImportKind>(
+    ctx: &Context,
+    options: ImportOptions,
+    kind: &mut K,
+    args_json: serde_json::Value,
+) -> anyhow::Result<i32> {
+    let pool = ctx.pool(import::CONNECTIONS)?;
+    let outcome = import::run(&pool, ctx.database_url()?, options, kind, args_json, ctx.log())?;
+    ctx.finish_import(outcome)
 }

@@ -30,13 +30,12 @@ use diesel::{Connection, PgConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::context::Context;
 use crate::db::{self, AdvisoryLock, BatchTimeouts};
 use crate::exit::{self, UsageError};
 use crate::job;
 use crate::models::{NewBulkOperation, OperationStatus};
 use crate::operation;
-use crate::output;
+use crate::output::{self, Log};
 use crate::signals::StopFlags;
 use normalize::InputZone;
 use rejects::{RejectTally, RejectsWriter};
@@ -109,6 +108,8 @@ pub struct ImportOptions {
     /// How often a batch that lost a race (lock timeout, deadlock, serialization failure) is
     /// tried again in batched mode.
     pub retries: u32,
+    /// Draw a progress bar on stderr.
+    pub show_progress: bool,
     /// `-v`: say where the time went.
     pub verbose: bool,
 }
@@ -239,11 +240,6 @@ pub trait ImportKind {
     fn summary_extra(&self) -> serde_json::Value {
         json!({})
     }
-
-    /// Printed on stdout after the human summary (e.g. a dry run's sample).
-    fn print_extra(&self) -> anyhow::Result<()> {
-        Ok(())
-    }
 }
 
 /// A kind's read-ahead for one batch's rows (see `ImportKind::prefetcher`).
@@ -373,13 +369,29 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
     }
 }
 
-/// Runs one import from start to summary and returns the exit code.
+/// How many connections an import uses: the writer, the advisory lock and the read-ahead.
+pub const CONNECTIONS: u32 = 3;
+
+/// How an import ended, for the command to print: the summary, the kind's own JSON keys,
+/// notes for stderr, and the exit code or the error.
+pub struct ImportOutcome {
+    pub report: ImportReport,
+    pub extra: serde_json::Value,
+    pub notes: Vec<String>,
+    pub result: anyhow::Result<i32>,
+}
+
+/// Runs one import from start to end on `pool` (at least [`CONNECTIONS`] connections to
+/// `url`). An error before anything was recorded (a bad header, a usage error) is returned as
+/// such; everything after is in the outcome.
 pub fn run<K: ImportKind>(
-    ctx: &Context,
+    pool: &db::Pool,
+    url: &str,
     options: ImportOptions,
     kind: &mut K,
     args_json: serde_json::Value,
-) -> anyhow::Result<i32> {
+    log: Log,
+) -> anyhow::Result<ImportOutcome> {
     let started = Instant::now();
     let op_kind = K::operation_kind();
     let stop = StopFlags::install()?;
@@ -398,9 +410,7 @@ pub fn run<K: ImportKind>(
         return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
     }
 
-    // The writer, the advisory lock and the prefetch thread each hold a connection.
-    let pool = ctx.pool(3)?;
-    let progress = output::byte_progress(ctx.show_progress(), options.input.size());
+    let progress = output::byte_progress(options.show_progress, options.input.size());
     progress.set_prefix("scanning");
     let scan_started = Instant::now();
     let scanned = match &options.input {
@@ -410,11 +420,11 @@ pub fn run<K: ImportKind>(
     if let Some(reason) = scanned.as_ref().and_then(|s| s.untracked_reason.as_ref())
         && reason.starts_with("more than")
     {
-        ctx.info(format!(
+        log.info(format!(
             "warning: {reason}: a repeated key in another batch is found only when the later row is written"
         ));
     }
-    if ctx.global.verbose > 0 && scanned.is_some() {
+    if log.verbose && scanned.is_some() {
         eprintln!(
             "scanned the file (SHA-256 and repeated keys) in {:.2} s",
             scan_started.elapsed().as_secs_f64()
@@ -427,10 +437,10 @@ pub fn run<K: ImportKind>(
     }
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {
-        Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(&pool, &format!("import:{sha}"))?),
+        Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(pool, &format!("import:{sha}"))?),
         _ => None,
     };
-    let mut conn = db::get(&pool)?;
+    let mut conn = db::get(pool)?;
 
     // A resume picks up the latest unfinished import of a file with the same content.
     let mut resumed: Option<(i64, Checkpoint)> = None;
@@ -448,7 +458,7 @@ pub fn run<K: ImportKind>(
                         tally: RejectTally::default(),
                     },
                 };
-                ctx.info(format!(
+                log.info(format!(
                     "resuming operation {} ({}) after record {} (line {})",
                     op.id,
                     op.status.as_str(),
@@ -457,7 +467,7 @@ pub fn run<K: ImportKind>(
                 ));
                 resumed = Some((op.id, checkpoint));
             }
-            None => ctx.info("nothing to resume: no unfinished import of this file; starting from the beginning"),
+            None => log.info("nothing to resume: no unfinished import of this file; starting from the beginning"),
         }
     }
     let resume_at = resumed.as_ref().map(|(_, c)| c.position).filter(|p| p.record > 0);
@@ -472,7 +482,7 @@ pub fn run<K: ImportKind>(
     // Everything that can be wrong with the header is an error before anything is written.
     let empty_input = source.raw_header.is_empty();
     if empty_input {
-        ctx.info(format!(
+        log.info(format!(
             "{}: the input is empty (no header, no rows); nothing to import",
             options.input.display()
         ));
@@ -487,7 +497,7 @@ pub fn run<K: ImportKind>(
         kind.configure(columns);
     }
     if let Some(ignored) = columns.as_ref().map(|c| &c.ignored).filter(|i| !i.is_empty()) {
-        ctx.info(output::escape_controls(&format!(
+        log.info(output::escape_controls(&format!(
             "warning: ignoring unknown column(s): {}",
             ignored.join(", ")
         )));
@@ -539,7 +549,7 @@ pub fn run<K: ImportKind>(
     let (sender, prefetch) = match prefetcher {
         Some(fetch) => {
             let (reader_sender, reader_receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
-            let prefetch_conn = db::get(&pool)?;
+            let prefetch_conn = db::get(pool)?;
             let timeouts = options.timeouts;
             let thread = std::thread::spawn(move || {
                 prefetch_batches::<K>(fetch, prefetch_conn, timeouts, reader_receiver, sender)
@@ -703,7 +713,7 @@ pub fn run<K: ImportKind>(
     if op_id != 0
         && let Err(err) = operation::record_end(
             &mut conn,
-            ctx.database_url()?,
+            url,
             op_id,
             status,
             &serde_json::to_value(counts)?,
@@ -738,22 +748,11 @@ pub fn run<K: ImportKind>(
         inserts: K::INSERTS,
         updated_label: K::UPDATED_LABEL,
     };
-    if !ctx.global.quiet {
-        report.print_human();
-    }
-    if ctx.global.json {
-        let mut summary = report.to_json();
-        if let (Some(s), Some(extra)) = (summary.as_object_mut(), kind.summary_extra().as_object()) {
-            s.extend(extra.clone());
-        }
-        ctx.print_json(&summary)?;
-    } else if !ctx.global.quiet {
-        kind.print_extra()?;
-    }
+    let mut notes = Vec::new();
     if let Some(note) = &end_not_recorded {
-        eprintln!("warning: {note}");
+        notes.push(format!("warning: {note}"));
     }
-    match result {
+    let result = match result {
         Err(e) => {
             let what_stays = match options.mode {
                 Mode::Batched => format!(
@@ -771,14 +770,20 @@ pub fn run<K: ImportKind>(
                 } else {
                     "batches committed before it stay"
                 };
-                eprintln!("error: {msg}; {what_stays}");
+                notes.push(format!("error: {msg}; {what_stays}"));
             }
-            if let Some(note) = end_not_recorded.filter(|_| exit_code == exit::SUCCESS) {
-                bail!("the import finished, but {note}");
+            match end_not_recorded.filter(|_| exit_code == exit::SUCCESS) {
+                Some(note) => Err(anyhow::anyhow!("the import finished, but {note}")),
+                None => Ok(exit_code),
             }
-            Ok(exit_code)
         }
-    }
+    };
+    Ok(ImportOutcome {
+        report,
+        extra: kind.summary_extra(),
+        notes,
+        result,
+    })
 }
 
 /// How the batch loop ended when it did not fail.

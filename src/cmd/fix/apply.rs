@@ -191,7 +191,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             statement_timeout: args.statement_timeout,
         },
         retries: args.retries,
+        show_progress: ctx.show_progress(),
         verbose: ctx.global.verbose > 0,
+    };
+    let pool = ctx.pool(import::CONNECTIONS)?;
+    let url = ctx.database_url()?;
+    // The sample table (dry run) or the unknown ids (real run) follow the summary.
+    let finish = |outcome: import::ImportOutcome, kind: &Corrections| -> anyhow::Result<i32> {
+        let result = ctx.finish_import(outcome);
+        if !ctx.global.json && !ctx.global.quiet {
+            kind.print_extra()?;
+        }
+        result
     };
     let mut args_json = args.csv.to_json();
     args_json["file"] = json!(args.file.display().to_string());
@@ -199,17 +210,26 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     args_json["apply"] = json!(args.apply.apply);
     if !args.apply.apply {
         let mut kind = Corrections::new(true);
-        return import::run(ctx, options(Mode::DryRun), &mut kind, args_json);
+        let outcome = import::run(&pool, url, options(Mode::DryRun), &mut kind, args_json, ctx.log())?;
+        return finish(outcome, &kind);
     }
     if !args.apply.yes {
-        // Count first (silently, a dry run), so the question can show the number of rows.
-        let quiet = Context::new(crate::context::GlobalOpts {
-            quiet: true,
-            json: false,
-            ..ctx.global.clone()
-        });
+        // Count first (a dry run, its summary not printed), so the question can show the
+        // number of rows.
         let mut counting = Corrections::new(true);
-        import::run(&quiet, options(Mode::DryRun), &mut counting, args_json.clone())?;
+        let quiet = crate::output::Log {
+            quiet: true,
+            verbose: false,
+        };
+        import::run(
+            &pool,
+            url,
+            options(Mode::DryRun),
+            &mut counting,
+            args_json.clone(),
+            quiet,
+        )?
+        .result?;
         let would_change = counting.changed_in_dry_run();
         if !confirm(&args.apply, KIND, would_change)? {
             ctx.info("not confirmed; nothing was written");
@@ -217,10 +237,24 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         }
     }
     let mut kind = Corrections::new(false);
-    import::run(ctx, options(Mode::Batched), &mut kind, args_json)
+    let outcome = import::run(&pool, url, options(Mode::Batched), &mut kind, args_json, ctx.log())?;
+    finish(outcome, &kind)
 }
 
 impl Corrections {
+    /// Printed after the summary: a dry run's sample, or the rows naming no ticket.
+    fn print_extra(&self) -> anyhow::Result<()> {
+        if self.dry_run {
+            super::print_dry_run_table(self.changed, &self.sample)?;
+        } else if self.unknown > 0 {
+            eprintln!(
+                "  {} row(s) name an external_id that does not exist (in the rejects file)",
+                self.unknown
+            );
+        }
+        Ok(())
+    }
+
     fn new(dry_run: bool) -> Corrections {
         Corrections {
             dry_run,
@@ -620,17 +654,5 @@ impl ImportKind for Corrections {
             );
         }
         extra
-    }
-
-    fn print_extra(&self) -> anyhow::Result<()> {
-        if self.dry_run {
-            super::print_dry_run_table(self.changed, &self.sample)?;
-        } else if self.unknown > 0 {
-            eprintln!(
-                "  {} row(s) name an external_id that does not exist (in the rejects file)",
-                self.unknown
-            );
-        }
-        Ok(())
     }
 }
