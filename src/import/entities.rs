@@ -9,7 +9,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
 
 use super::copy_binary::{BinaryCopy, write_error};
-use super::tickets::{Definition, Rebuild, drop_for_rebuild, reserve_id_block};
+use super::initial_load::{Definition, Rebuild, drop_for_rebuild, reserve_id_block};
 use crate::models::UserRole;
 use crate::schema::users;
 

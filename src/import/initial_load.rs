@@ -1,0 +1,138 @@
+//! `--initial-load`: the schema work around a load into empty tables — drop the keys and
+//! indexes (and the foreign keys pointing at them) so that rows go into bare heaps, reserve
+//! id blocks, and rebuild everything once at the end.
+
+use anyhow::Context as _;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl, sql_query};
+
+#[derive(QueryableByName)]
+pub(super) struct Definition {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    definition: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    kind: Option<String>,
+}
+
+/// `--initial-load`: with tickets and ticket_tags empty, lock them and drop every index and
+/// key on them — primary keys and the external_id key too, with the foreign keys of other
+/// tables that reference them — so that the load writes bare heaps. The keys stay when
+/// `keep_keys` (the scan could not track the keys: the load then looks them up and may merge
+/// a repeated one). Then truncates the tables, so that the load may `COPY … FREEZE`. Returns the
+/// statements that recreate everything.
+pub(super) fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Result<Rebuild> {
+    #[derive(QueryableByName)]
+    struct Empty {
+        #[diesel(sql_type = Bool)]
+        empty: bool,
+    }
+    crate::db::lock_tables(conn, &["tickets", "ticket_tags"], "ACCESS EXCLUSIVE")
+        .context("the initial load needs tickets and ticket_tags to itself")?;
+    let empty: Empty =
+        sql_query("SELECT NOT EXISTS (SELECT 1 FROM tickets) AND NOT EXISTS (SELECT 1 FROM ticket_tags) AS empty")
+            .get_result(conn)?;
+    if !empty.empty {
+        anyhow::bail!(
+            "--initial-load needs empty tickets and ticket_tags tables, and they hold rows; import without --initial-load"
+        );
+    }
+    let definitions: Vec<Definition> = sql_query(
+        "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
+                pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind
+         FROM pg_constraint c
+         WHERE (c.contype = 'f' AND (c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+                                     OR c.confrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)))
+            OR (c.contype IN ('p', 'u') AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+                AND NOT $1)
+         UNION ALL
+         SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL
+         FROM pg_index i
+         WHERE i.indrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
+    )
+    .bind::<Bool, _>(keep_keys)
+    .load(conn)?;
+    let rebuild = drop_for_rebuild(conn, definitions)?;
+    // Empty, and no foreign key points at them any more: COPY FREEZE needs the tables
+    // created or truncated in the current transaction.
+    sql_query("TRUNCATE tickets, ticket_tags")
+        .execute(conn)
+        .context("cannot truncate the empty tickets and ticket_tags for the initial load")?;
+    Ok(rebuild)
+}
+
+/// Reserves `n` consecutive ids of `table`'s id sequence in one call, for a table this
+/// transaction holds against other inserters: whatever inserts takes the table's lock before
+/// it calls the sequence, so nobody else draws an id from the block.
+pub(super) fn reserve_id_block(
+    conn: &mut PgConnection,
+    table: &str,
+    n: usize,
+) -> QueryResult<std::ops::RangeInclusive<i64>> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let last: Id = sql_query(
+        "SELECT setval(s, nextval(s) + $2 - 1) AS id FROM (SELECT pg_get_serial_sequence($1, 'id')::regclass AS s) q",
+    )
+    .bind::<Text, _>(table)
+    .bind::<BigInt, _>(n as i64)
+    .get_result(conn)?;
+    Ok(last.id - n as i64 + 1..=last.id)
+}
+
+/// The statements that recreate what a load dropped.
+#[derive(Default)]
+pub(super) struct Rebuild {
+    /// Keys first (a duplicate fails the load before the long part), then indexes.
+    pub keys_and_indexes: Vec<String>,
+    /// Last: each validation reads the rebuilt keys.
+    pub foreign_keys: Vec<String>,
+}
+
+/// Drops the constraints and indexes `definitions` describes; returns the statements that
+/// recreate them. Dropped the other way round, since the foreign keys depend on the keys.
+pub(super) fn drop_for_rebuild(conn: &mut PgConnection, mut definitions: Vec<Definition>) -> QueryResult<Rebuild> {
+    let recreate_order = |d: &Definition| match d.kind.as_deref() {
+        Some("f") => 2,
+        Some(_) => 0,
+        None => 1,
+    };
+    definitions.sort_by_key(|d| std::cmp::Reverse(recreate_order(d)));
+    let mut rebuild = Rebuild::default();
+    for d in &definitions {
+        if d.kind.is_some() {
+            sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", d.table_name, d.name)).execute(conn)?;
+            let statement = format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                d.table_name, d.name, d.definition
+            );
+            if d.kind.as_deref() == Some("f") {
+                rebuild.foreign_keys.push(statement);
+            } else {
+                rebuild.keys_and_indexes.push(statement);
+            }
+        } else {
+            sql_query(format!("DROP INDEX {}", d.name)).execute(conn)?;
+            rebuild.keys_and_indexes.push(d.definition.clone());
+        }
+    }
+    rebuild.keys_and_indexes.reverse();
+    rebuild.foreign_keys.reverse();
+    Ok(rebuild)
+}
+
+pub(super) fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
+    for statement in statements {
+        sql_query(statement)
+            .execute(conn)
+            .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! What an import kind is: its fields, how a record becomes a row, how a batch is written.
+
+use std::borrow::Cow;
+
+use csv::ByteRecord;
+use diesel::PgConnection;
+use serde_json::json;
+
+use normalize::InputZone;
+use source::{ColumnMap, FieldSpec, RecordFields, RowError};
+
+use super::*;
+
+/// Parse-time settings an import kind needs.
+pub struct ParseOptions {
+    pub zone: InputZone,
+    pub tag_separator: char,
+}
+
+/// A valid row with where it came from.
+#[derive(Clone)]
+pub struct Numbered<R> {
+    pub record: u64,
+    pub line: u64,
+    /// The original fields, kept only for kinds that reject rows in the writer.
+    pub raw: ByteRecord,
+    pub row: R,
+}
+
+/// A row that a writer found invalid against the database (e.g. a comment on a ticket that
+/// does not exist).
+pub struct WriterReject {
+    pub record: u64,
+    pub line: u64,
+    pub raw: ByteRecord,
+    pub error: RowError,
+}
+
+/// One kind of import: its fields, how a record becomes a row, and how a batch is written.
+pub trait ImportKind {
+    type Row: Send + Clone + 'static;
+    /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
+    const NAME: &'static str;
+    /// Whether `write_batch` may reject rows and so needs each row's original fields.
+    const REJECTS_IN_WRITER: bool = false;
+    const FIELDS: &'static [FieldSpec];
+
+    fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<Self::Row, RowError>;
+
+    /// The key that identifies a row within a file (last occurrence wins), if any.
+    fn key(row: &Self::Row) -> Option<&str>;
+
+    /// The table and column where `key` is stored, to name the rows another session held
+    /// when a batch gave up waiting for their locks.
+    const KEY_COLUMN: Option<(&'static str, &'static str)> = None;
+
+    /// The field holding that key, for the pre-import scan of a file.
+    const KEY_FIELD: Option<usize> = Some(0);
+
+    /// The key as `key` returns it, from the field's raw text.
+    fn normalize_key(raw: &str) -> Cow<'_, str> {
+        Cow::Borrowed(raw.trim())
+    }
+
+    /// Told which fields the file has, once its header is read.
+    fn configure(&mut self, _columns: &ColumnMap) {}
+
+    /// Told that the pre-import scan saw every key, so each key reaches `write_batch` at
+    /// most once in the whole import (earlier occurrences are dropped as duplicates).
+    fn keys_seen_once(&mut self) {}
+
+    /// Called once inside the import's transaction (atomic modes) or before the first batch.
+    fn begin(&mut self, _conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// What `prefetcher` reads for a batch (`()` for kinds that read nothing ahead).
+    type Prefetched: Send + 'static;
+
+    /// A lookup run for each batch on a second connection while the writer is busy with the
+    /// batch before, so that the writer finds it done. Asked for only when every key reaches
+    /// the writer once (the scan tracked them): then no batch of this import can change what
+    /// the lookup for another batch read. It reads state committed just before the batch's
+    /// own transaction, so a concurrent change in between is seen as one made just after.
+    fn prefetcher(&self) -> Option<Prefetcher<Self::Row, Self::Prefetched>> {
+        None
+    }
+
+    /// Writes one deduplicated batch, adding to `counts` and returning rows it rejected.
+    /// `prefetched` is what `prefetcher` read for the batch, when it ran and succeeded.
+    fn write_batch(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<Self::Row>>,
+        prefetched: Option<Self::Prefetched>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<Vec<WriterReject>>;
+
+    /// Called once after the last batch, in the same transaction as it (atomic modes).
+    fn end(&mut self, _conn: &mut PgConnection) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Forgets cached state after a rolled-back batch.
+    fn reset(&mut self) {}
+
+    /// Whether this kind can insert rows (else the summary leaves `inserted` out of its line).
+    const INSERTS: bool = true;
+    /// What the summary line calls updated rows.
+    const UPDATED_LABEL: &'static str = "updated";
+
+    /// The `bulk_operations.kind` of a run.
+    fn operation_kind() -> String {
+        format!("import {}", Self::NAME)
+    }
+
+    /// Keys added to the JSON summary.
+    fn summary_extra(&self) -> serde_json::Value {
+        json!({})
+    }
+}
+
+/// A kind's read-ahead for one batch's rows (see `ImportKind::prefetcher`).
+pub type Prefetcher<R, P> = Box<dyn FnMut(&mut PgConnection, &[Numbered<R>]) -> anyhow::Result<P> + Send>;

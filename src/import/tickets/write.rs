@@ -1,0 +1,647 @@
+//! Writing a batch of tickets: new ones by binary COPY, changed ones merged, unchanged ones left
+//! alone.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::pg::CopyFormat;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Text};
+use diesel::{PgConnection, QueryableByName, sql_query};
+
+use crate::import::copy_binary::{BinaryCopy, write_error};
+use crate::import::entities::UserRef;
+use crate::import::{Counts, Numbered};
+use crate::models::{TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::schema::{ticket_tags, tickets};
+
+use super::stored::Id;
+use super::*;
+use crate::import::initial_load::reserve_id_block;
+
+#[derive(QueryableByName)]
+struct Classified {
+    #[diesel(sql_type = BigInt)]
+    rec: i64,
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+    /// Written earlier in this same operation: an earlier occurrence in the file.
+    #[diesel(sql_type = Bool)]
+    mine: bool,
+    #[diesel(sql_type = Bool)]
+    differs: bool,
+    #[diesel(sql_type = Bool)]
+    tags_differ: bool,
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = Bool)]
+    inserted: bool,
+}
+
+// The staging table for rows that may already exist. Temporary (no WAL, private to the
+// session) and emptied at each batch.
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::schema::sql_types::{TicketStatus, TicketPriority, TicketChannel};
+
+    ticketops_stage_tickets (rec) {
+        rec -> Int8,
+        ticket_id -> Int8,
+        external_id -> Text,
+        subject -> Text,
+        description -> Nullable<Text>,
+        status -> TicketStatus,
+        priority -> TicketPriority,
+        channel -> TicketChannel,
+        requester_id -> Int8,
+        assignee_id -> Nullable<Int8>,
+        organization_id -> Nullable<Int8>,
+        created_at -> Nullable<Timestamptz>,
+        updated_at -> Nullable<Timestamptz>,
+        solved_at -> Nullable<Timestamptz>,
+        tag_ids -> Array<Int8>,
+    }
+}
+
+pub(super) const STAGE_TABLE_SQL: &str = "
+CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
+    rec bigint PRIMARY KEY,
+    ticket_id bigint NOT NULL,
+    external_id text COLLATE \"C\" NOT NULL,
+    subject text NOT NULL,
+    description text,
+    status ticket_status NOT NULL,
+    priority ticket_priority NOT NULL,
+    channel ticket_channel NOT NULL,
+    requester_id bigint NOT NULL,
+    assignee_id bigint,
+    organization_id bigint,
+    created_at timestamptz,
+    updated_at timestamptz,
+    solved_at timestamptz,
+    tag_ids bigint[] NOT NULL
+)";
+
+#[derive(Insertable)]
+#[diesel(table_name = ticketops_stage_tickets, treat_none_as_default_value = false)]
+struct StageRow {
+    rec: i64,
+    /// The id the lookup found; every query joins on it *and* restricts tickets to the
+    /// batch's ids, so the planner never scans the whole table for a batch.
+    ticket_id: i64,
+    external_id: String,
+    subject: String,
+    description: Option<String>,
+    status: TicketStatus,
+    priority: TicketPriority,
+    channel: TicketChannel,
+    requester_id: i64,
+    assignee_id: Option<i64>,
+    organization_id: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    solved_at: Option<DateTime<Utc>>,
+    tag_ids: Vec<i64>,
+}
+
+/// The stored columns compared and written, in order.
+const COLUMNS: &[&str] = &[
+    "subject",
+    "description",
+    "status",
+    "priority",
+    "channel",
+    "requester_id",
+    "assignee_id",
+    "organization_id",
+    "created_at",
+    "updated_at",
+    "solved_at",
+    "deleted_at",
+];
+
+impl TicketImport {
+    pub(super) fn resolve_entities(
+        &mut self,
+        conn: &mut PgConnection,
+        rows: &[Numbered<TicketRow>],
+    ) -> QueryResult<()> {
+        self.cache
+            .ensure_organizations(conn, rows.iter().filter_map(|r| r.row.organization.as_deref()))?;
+        let mut users = Vec::with_capacity(rows.len() * 2);
+        for r in rows {
+            users.push(UserRef {
+                email: &r.row.requester_email,
+                name: r.row.requester_name.as_deref(),
+                role: UserRole::Customer,
+                organization_id: r
+                    .row
+                    .organization
+                    .as_deref()
+                    .and_then(|o| self.cache.organization_id(o)),
+            });
+            if let Some(assignee) = &r.row.assignee_email {
+                users.push(UserRef {
+                    email: assignee,
+                    name: None,
+                    role: UserRole::Agent,
+                    organization_id: None,
+                });
+            }
+        }
+        self.cache.ensure_users(conn, &users)?;
+        if self.present.tags {
+            self.cache
+                .ensure_tags(conn, rows.iter().flat_map(|r| r.row.tags.iter().map(String::as_str)))?;
+        }
+        Ok(())
+    }
+
+    /// Whether writing `row` would leave ticket `stored` exactly as it is, by the rules of
+    /// `target_exprs` (absent columns and blank timestamps keep the stored value). Only a
+    /// certain "equal" skips the SQL comparison: a deleted ticket, one this import wrote
+    /// already, or a timestamp finer than PostgreSQL's microseconds all go through it.
+    pub(super) fn certainly_unchanged(&self, row: &TicketRow, (stored, stored_tags): &Stored, op_id: i64) -> bool {
+        if stored.deleted_at.is_some() || stored.last_operation_id == Some(op_id) {
+            return false;
+        }
+        let p = self.present;
+        let (requester, assignee, organization, tag_ids) = self.ids_of(row);
+        let same_time = |file: Option<DateTime<Utc>>, kept: Option<DateTime<Utc>>| match file {
+            Some(t) => Some(t) == kept,
+            None => true,
+        };
+        row.subject == stored.subject
+            && (!p.description || row.description == stored.description)
+            && row.status == stored.status
+            && (!p.priority || row.priority == stored.priority)
+            && (!p.channel || row.channel == stored.channel)
+            && requester == stored.requester_id
+            && (!p.assignee || assignee == stored.assignee_id)
+            && (!p.organization || organization == stored.organization_id)
+            && same_time(row.created_at, Some(stored.created_at))
+            && same_time(row.updated_at, Some(stored.updated_at))
+            && (!p.solved_at || row.solved_at == stored.solved_at)
+            && (!p.tags || tag_ids == *stored_tags)
+    }
+
+    fn ids_of(&self, row: &TicketRow) -> (i64, Option<i64>, Option<i64>, Vec<i64>) {
+        let requester = self.cache.user_id(&row.requester_email).expect("resolved before");
+        let assignee = row.assignee_email.as_deref().and_then(|e| self.cache.user_id(e));
+        let organization = row.organization.as_deref().and_then(|o| self.cache.organization_id(o));
+        let mut tag_ids: Vec<i64> = row.tags.iter().filter_map(|t| self.cache.tag_id(t)).collect();
+        tag_ids.sort_unstable();
+        (requester, assignee, organization, tag_ids)
+    }
+
+    /// Tickets whose external_id is not in the table: binary COPY with ids from the sequence.
+    /// A concurrent insert of the same external_id makes the COPY fail on the unique index,
+    /// which fails the batch (nothing half-written) — run again and the row is merged.
+    pub(super) fn insert_new(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<TicketRow>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if self.id_sequence.is_none() {
+            #[derive(QueryableByName)]
+            struct Sequence {
+                #[diesel(sql_type = Text)]
+                name: String,
+            }
+            let seq: Sequence = sql_query("SELECT pg_get_serial_sequence('tickets', 'id') AS name")
+                .get_result(conn)
+                .context("cannot find the sequence of tickets.id")?;
+            self.id_sequence = Some(seq.name);
+        }
+        let sequence = self.id_sequence.as_deref().expect("looked up above");
+        let ids: Vec<i64> = if self.initial_load {
+            // The initial load holds tickets exclusively (a nextval per id cost ~0.6 s per 1M).
+            reserve_id_block(conn, "tickets", rows.len())
+                .context("cannot allocate ticket ids")?
+                .collect()
+        } else {
+            let ids: Vec<Id> = sql_query("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)")
+                .bind::<Text, _>(sequence)
+                .bind::<BigInt, _>(rows.len() as i64)
+                .load(conn)
+                .context("cannot allocate ticket ids")?;
+            ids.into_iter().map(|i| i.id).collect()
+        };
+        // Each row is encoded as the COPY streams, so the lookups and the freeing of the
+        // parsed rows overlap with the server ingesting the rows before.
+        let pending = RefCell::new(Some(rows));
+        let links = RefCell::new(Vec::new());
+        let import_time = self.import_time;
+        let this = &*self;
+        let inserted = diesel::copy_from(tickets::table)
+            .from_raw_data(
+                // In the order the rows below are written.
+                (
+                    tickets::id,
+                    tickets::external_id,
+                    tickets::subject,
+                    tickets::description,
+                    tickets::status,
+                    tickets::priority,
+                    tickets::channel,
+                    tickets::requester_id,
+                    tickets::assignee_id,
+                    tickets::organization_id,
+                    tickets::created_at,
+                    tickets::updated_at,
+                    tickets::solved_at,
+                    tickets::last_operation_id,
+                ),
+                |out| -> Result<(), diesel::result::Error> {
+                    let rows = pending.take().expect("the COPY callback runs once");
+                    let mut links = links.borrow_mut();
+                    let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                    for (r, &id) in rows.into_iter().zip(&ids) {
+                        let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
+                        links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
+                        let row = r.row;
+                        let created_at = row.created_at.unwrap_or(import_time);
+                        (|| -> std::io::Result<()> {
+                            copy.row(14)?;
+                            copy.int8(id)?;
+                            copy.text(&row.external_id)?;
+                            copy.text(&row.subject)?;
+                            copy.opt_text(row.description.as_deref())?;
+                            copy.text(row.status.as_str())?;
+                            copy.text(row.priority.as_str())?;
+                            copy.text(row.channel.as_str())?;
+                            copy.int8(requester_id)?;
+                            copy.opt_int8(assignee_id)?;
+                            copy.opt_int8(organization_id)?;
+                            copy.timestamptz(created_at)?;
+                            copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
+                            copy.opt_timestamptz(row.solved_at)?;
+                            copy.int8(op_id)
+                        })()
+                        .map_err(write_error)?;
+                    }
+                    copy.finish().map_err(write_error)
+                },
+            )
+            .with_format(CopyFormat::Binary)
+            // The initial load truncated the tables in its transaction: its rows can be
+            // written frozen and their pages marked all-visible, so the index builds and key
+            // validations after it need not check each row's visibility (0.5-0.8 s per 1M).
+            .with_freeze(self.initial_load)
+            .execute(conn)
+            .context("cannot COPY new tickets")?;
+        let links = links.into_inner();
+        if !links.is_empty() {
+            diesel::copy_from(ticket_tags::table)
+                .from_raw_data(
+                    (ticket_tags::ticket_id, ticket_tags::tag_id),
+                    |out| -> Result<(), diesel::result::Error> {
+                        let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                        for link in &links {
+                            (|| -> std::io::Result<()> {
+                                copy.row(2)?;
+                                copy.int8(link.ticket_id)?;
+                                copy.int8(link.tag_id)
+                            })()
+                            .map_err(write_error)?;
+                        }
+                        copy.finish().map_err(write_error)
+                    },
+                )
+                .with_format(CopyFormat::Binary)
+                .with_freeze(self.initial_load)
+                .execute(conn)
+                .context("cannot COPY tag links")?;
+        }
+        // The audit trail of inserts is one row per batch listing the new ids as ranges (they
+        // come from one sequence call, so usually one range): a row per ticket would cost as
+        // much as a third table's worth of index and foreign-key work.
+        let ranges = id_ranges(ids.iter().copied());
+        crate::audit::record_batch(
+            conn,
+            op_id,
+            "tickets",
+            crate::audit::Action::InsertIds,
+            ids[0],
+            None,
+            Some(serde_json::json!({ "ids": ranges })),
+        )
+        .context("cannot record the audit trail")?;
+        counts.inserted += inserted as u64;
+        self.inserted_here += inserted as u64;
+        Ok(())
+    }
+
+    /// Rows whose external_id exists: stage, compare, merge only what differs.
+    pub(super) fn merge_existing(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        rows: Vec<Numbered<TicketRow>>,
+        existing: &HashMap<String, Stored>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        sql_query("TRUNCATE ticketops_stage_tickets").execute(conn)?;
+        let stage: Vec<StageRow> = rows
+            .into_iter()
+            .map(|r| {
+                let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
+                let row = r.row;
+                StageRow {
+                    rec: r.record as i64,
+                    ticket_id: existing[&row.external_id].0.id,
+                    external_id: row.external_id,
+                    subject: row.subject,
+                    description: row.description,
+                    status: row.status,
+                    priority: row.priority,
+                    channel: row.channel,
+                    requester_id,
+                    assignee_id,
+                    organization_id,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                    solved_at: row.solved_at,
+                    tag_ids,
+                }
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let staged_recs: Vec<i64> = stage.iter().map(|s| s.rec).collect();
+        let staged_ids: Vec<i64> = stage.iter().map(|s| s.ticket_id).collect();
+        diesel::copy_from(ticketops_stage_tickets::table)
+            .from_insertable(&stage)
+            .execute(conn)
+            .context("cannot COPY into the staging table")?;
+        drop(stage);
+
+        self.phases.add("stage existing", started);
+        let started = std::time::Instant::now();
+        let classified: Vec<Classified> = sql_query(self.classify_sql(op_id))
+            .bind::<Array<BigInt>, _>(&staged_ids)
+            .load(conn)
+            .context("cannot compare rows with the stored tickets")?;
+        self.phases.add("compare existing", started);
+        let mut to_write = Vec::new();
+        let mut tag_changed = Vec::new();
+        let mut no_audit = Vec::new();
+        for c in &classified {
+            if c.mine {
+                // An earlier row of this file already wrote this ticket and was counted; this
+                // later one wins, so the earlier one becomes the duplicate.
+                counts.duplicate += 1;
+                if c.differs {
+                    to_write.push(c.rec);
+                    no_audit.push(c.id);
+                    if c.tags_differ {
+                        tag_changed.push(c.id);
+                    }
+                }
+            } else if c.deleted && !self.undelete {
+                counts.skipped_deleted += 1;
+            } else if c.differs {
+                to_write.push(c.rec);
+                if c.tags_differ {
+                    tag_changed.push(c.id);
+                }
+            } else {
+                counts.unchanged += 1;
+            }
+        }
+        // Staged rows whose ticket vanished between lookup and compare are inserted by the
+        // merge below like any new row.
+        let classified_recs: HashSet<i64> = classified.iter().map(|c| c.rec).collect();
+        to_write.extend(staged_recs.into_iter().filter(|rec| !classified_recs.contains(rec)));
+        if to_write.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let written: Vec<Written> = sql_query(self.merge_sql(op_id))
+            .bind::<Array<BigInt>, _>(&to_write)
+            .bind::<Array<BigInt>, _>(&tag_changed)
+            .bind::<Array<BigInt>, _>(&no_audit)
+            .bind::<Array<BigInt>, _>(&staged_ids)
+            .load(conn)
+            .context("cannot merge changed tickets")?;
+        let mine: HashSet<i64> = no_audit.iter().copied().collect();
+        let mut written_ids = Vec::with_capacity(written.len());
+        let mut written_keys = Vec::with_capacity(written.len());
+        for w in &written {
+            written_ids.push(w.id);
+            written_keys.push(w.external_id.as_str());
+            if mine.contains(&w.id) {
+                continue; // already counted with its earlier occurrence
+            }
+            if w.inserted {
+                counts.inserted += 1;
+            } else {
+                counts.updated += 1;
+            }
+        }
+        // Rows the merge's own comparison found equal after all (a concurrent writer made
+        // them so) were not written.
+        let not_written = to_write.len() - written.len();
+        let written_set: HashSet<i64> = written_ids.iter().copied().collect();
+        let not_written_mine = no_audit.iter().filter(|id| !written_set.contains(id)).count();
+        counts.unchanged += (not_written - not_written_mine) as u64;
+
+        if self.present.tags && !written_ids.is_empty() {
+            // The written tickets' (id, external_id) pairs come from RETURNING; ticket_tags is
+            // restricted to those ids so only their links are read.
+            sql_query(
+                "DELETE FROM ticket_tags tt
+                 USING unnest($1::bigint[], $2::text[]) AS w(id, external_id), ticketops_stage_tickets s
+                 WHERE tt.ticket_id = w.id AND s.external_id = w.external_id AND tt.ticket_id = ANY($1)
+                   AND NOT (tt.tag_id = ANY (s.tag_ids))",
+            )
+            .bind::<Array<BigInt>, _>(&written_ids)
+            .bind::<Array<Text>, _>(&written_keys)
+            .execute(conn)
+            .context("cannot remove tag links")?;
+            sql_query(
+                "INSERT INTO ticket_tags (ticket_id, tag_id)
+                 SELECT w.id, u.tag_id
+                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id)
+                 JOIN ticketops_stage_tickets s ON s.external_id = w.external_id
+                 CROSS JOIN LATERAL unnest(s.tag_ids) AS u(tag_id)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind::<Array<BigInt>, _>(&written_ids)
+            .bind::<Array<Text>, _>(&written_keys)
+            .execute(conn)
+            .context("cannot add tag links")?;
+        }
+        self.phases.add("merge changed", started);
+        Ok(())
+    }
+
+    /// The value each stored column should have after the import, for staged row `s` and the
+    /// stored ticket `e`. Columns the file lacks keep the stored value, and so do blank
+    /// created_at/updated_at (so a file without them re-imports as unchanged).
+    fn target_exprs(&self) -> Vec<String> {
+        let p = self.present;
+        let keep = |present: bool, col: &str, default: &str| -> String {
+            if present {
+                format!("s.{col}")
+            } else if default.is_empty() {
+                format!("e.{col}")
+            } else {
+                format!("coalesce(e.{col}, {default})")
+            }
+        };
+        let now = format!("'{}'::timestamptz", self.import_time.to_rfc3339());
+        vec![
+            "s.subject".into(),
+            keep(p.description, "description", ""),
+            "s.status".into(),
+            keep(p.priority, "priority", "'normal'"),
+            keep(p.channel, "channel", "'other'"),
+            "s.requester_id".into(),
+            keep(p.assignee, "assignee_id", ""),
+            keep(p.organization, "organization_id", ""),
+            format!("coalesce(s.created_at, e.created_at, {now})"),
+            format!("coalesce(s.updated_at, e.updated_at, s.created_at, {now})"),
+            keep(p.solved_at, "solved_at", ""),
+            if self.undelete {
+                "NULL::timestamptz".into()
+            } else {
+                "e.deleted_at".into()
+            },
+        ]
+    }
+
+    fn tags_target(&self) -> &'static str {
+        if self.present.tags {
+            "s.tag_ids"
+        } else {
+            STORED_TAGS_OF_E
+        }
+    }
+
+    fn classify_sql(&self, op_id: i64) -> String {
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("e.{c}")).collect();
+        let target = self.target_exprs();
+        // The stored tag set is read once per row (LATERAL), not once per use.
+        let (tags_join, tags_differ) = if self.present.tags {
+            (
+                // OFFSET 0 keeps the planner from inlining the subquery into each use.
+                format!("CROSS JOIN LATERAL (SELECT {STORED_TAGS_OF_E} AS tag_ids OFFSET 0) st"),
+                "st.tag_ids IS DISTINCT FROM s.tag_ids",
+            )
+        } else {
+            (String::new(), "false")
+        };
+        format!(
+            "SELECT rec, id, deleted, mine, (fields_differ OR tags_differ) AS differs, tags_differ FROM (
+                 SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
+                        coalesce(e.last_operation_id = {op_id}, false) AS mine,
+                        ({}) IS DISTINCT FROM ({}) AS fields_differ,
+                        {tags_differ} AS tags_differ
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id
+                 {tags_join}
+                 WHERE e.id = ANY($1)
+             ) c",
+            stored.join(", "),
+            target.join(", ")
+        )
+    }
+
+    fn merge_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let cols = COLUMNS.join(", ");
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("excluded.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, {target}, {tags} AS tag_ids
+                 FROM ticketops_stage_tickets s
+                 LEFT JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 INSERT INTO tickets AS t (external_id, {cols}, last_operation_id)
+                 SELECT external_id, {cols}, {op_id} FROM target
+                 ON CONFLICT (external_id) DO UPDATE SET {set}, last_operation_id = excluded.last_operation_id
+                 WHERE ({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2)
+                 RETURNING t.id, t.external_id, (t.xmax = 0) AS inserted,
+                           CASE WHEN t.xmax = 0 THEN NULL ELSE to_jsonb(t) END AS after_image
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id,
+                        CASE WHEN w.inserted THEN '{insert}' ELSE '{update}' END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                                SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id)))
+                        END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                        END
+                 FROM written w
+                 LEFT JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
+                 LEFT JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, external_id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+            insert = crate::audit::INSERT_ACTION,
+            update = crate::audit::UPDATE_ACTION,
+        )
+    }
+}
+
+/// Inclusive ranges of consecutive ids, in order.
+fn id_ranges(ids: impl Iterator<Item = i64>) -> Vec<[i64; 2]> {
+    let mut ranges: Vec<[i64; 2]> = Vec::new();
+    for id in ids {
+        match ranges.last_mut() {
+            Some(last) if last[1] + 1 == id => last[1] = id,
+            _ => ranges.push([id, id]),
+        }
+    }
+    ranges
+}
+
+/// The stored tag set of ticket `e`, sorted like the staged one.
+const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";
+
+#[cfg(test)]
+mod tests {
+    use super::id_ranges;
+
+    #[test]
+    fn ranges_of_ids() {
+        assert_eq!(
+            id_ranges([5, 6, 7, 9, 10, 20].into_iter()),
+            vec![[5, 7], [9, 10], [20, 20]]
+        );
+        assert!(id_ranges(std::iter::empty()).is_empty());
+    }
+}
