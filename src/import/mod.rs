@@ -23,6 +23,7 @@ pub mod tickets;
 pub mod users;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -125,113 +126,29 @@ pub fn run<K: ImportKind>(
     let started = Instant::now();
     let op_kind = K::operation_kind();
     let stop = StopFlags::install()?;
-
-    let rejects_path = match (&options.rejects, default_rejects_path(&options.input)) {
-        (Some(path), _) => path.clone(),
-        (None, Some(path)) => path,
-        (None, None) => {
-            return Err(UsageError("reading from stdin needs --rejects PATH for the rejected rows".into()).into());
-        }
-    };
-    if options.resume && matches!(options.input, Input::Stdin) {
-        return Err(UsageError("--resume needs a file: stdin cannot be read again".into()).into());
-    }
-    if options.resume && options.mode != Mode::Batched {
-        return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
-    }
+    let rejects_path = rejects_path_for(&options)?;
 
     let progress = output::byte_progress(options.show_progress, options.input.size());
-    progress.set_prefix("scanning");
-    let scan_started = Instant::now();
-    let scanned = match &options.input {
-        Input::File(path) => Some(scan::scan_file::<K>(path, &options, &progress)?),
-        Input::Stdin => None,
-    };
-    if let Some(reason) = scanned.as_ref().and_then(|s| s.untracked_reason.as_ref())
-        && reason.starts_with("more than")
-    {
-        log.info(format!(
-            "warning: {reason}: a repeated key in another batch is found only when the later row is written"
-        ));
-    }
-    if log.verbose && scanned.is_some() {
-        eprintln!(
-            "scanned the file (SHA-256 and repeated keys) in {:.2} s",
-            scan_started.elapsed().as_secs_f64()
-        );
-    }
-    let source_sha = scanned.as_ref().map(|s| s.sha256.clone());
-    let repeated = scanned.and_then(|s| s.last_of_repeated);
-    if repeated.is_some() {
-        kind.keys_seen_once();
-    }
+    let (source_sha, repeated) = scan_input::<K>(&options, kind, &progress, log)?;
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {
         Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(pool, &format!("import:{sha}"))?),
         _ => None,
     };
     let mut conn = db::get(pool)?;
-
-    // A resume picks up the latest unfinished import of a file with the same content.
-    let mut resumed: Option<(i64, Checkpoint)> = None;
-    if options.resume {
-        let sha = source_sha.as_deref().expect("files have a hash");
-        match operation::latest_unfinished(&mut conn, &op_kind, sha).context("cannot look up unfinished imports")? {
-            Some(op) => {
-                let checkpoint = match op.checkpoint {
-                    Some(value) => serde_json::from_value::<Checkpoint>(value)
-                        .with_context(|| format!("operation {} has an unreadable checkpoint", op.id))?,
-                    None => Checkpoint {
-                        position: Position::default(),
-                        rejects_bytes: 0,
-                        counts: Counts::default(),
-                        tally: RejectTally::default(),
-                    },
-                };
-                log.info(format!(
-                    "resuming operation {} ({}) after record {} (line {})",
-                    op.id,
-                    op.status.as_str(),
-                    checkpoint.position.record,
-                    checkpoint.position.line
-                ));
-                resumed = Some((op.id, checkpoint));
-            }
-            None => log.info("nothing to resume: no unfinished import of this file; starting from the beginning"),
-        }
-    }
+    let resumed = match source_sha.as_deref().filter(|_| options.resume) {
+        Some(sha) => find_resume(&mut conn, &op_kind, sha, log)?,
+        None => None,
+    };
     let resume_at = resumed.as_ref().map(|(_, c)| c.position).filter(|p| p.record > 0);
-    let mut source = CsvSource::open(
+    let source = CsvSource::open(
         &options.input,
         options.delimiter,
         options.encoding,
         options.max_field_size,
         resume_at,
     )?;
-
-    // Everything that can be wrong with the header is an error before anything is written.
-    let empty_input = source.raw_header.is_empty();
-    if empty_input {
-        log.info(format!(
-            "{}: the input is empty (no header, no rows); nothing to import",
-            options.input.display()
-        ));
-    }
-    let columns = if empty_input {
-        None
-    } else {
-        Some(ColumnMap::resolve(&source.header, K::FIELDS, &options.renames).with_context(|| options.input.display())?)
-    };
-    let value_map = ValueMap::parse(&options.value_maps, K::FIELDS)?;
-    if let Some(columns) = &columns {
-        kind.configure(columns);
-    }
-    if let Some(ignored) = columns.as_ref().map(|c| &c.ignored).filter(|i| !i.is_empty()) {
-        log.info(output::escape_controls(&format!(
-            "warning: ignoring unknown column(s): {}",
-            ignored.join(", ")
-        )));
-    }
+    let (columns, value_map) = read_header::<K>(&source, &options, kind, log)?;
 
     let (mut counts, mut tally, start_rejects_len) = match &resumed {
         Some((_, c)) => (c.counts, c.tally.clone(), Some(c.rejects_bytes)),
@@ -244,7 +161,6 @@ pub fn run<K: ImportKind>(
     // The rejects file's length with the last committed batch, to cut a rolled-back one off.
     let mut committed_rejects = start_rejects_len.unwrap_or(0);
 
-    let file_display = options.input.display();
     let operator = operation::operator();
     let new_op = NewBulkOperation {
         kind: &op_kind,
@@ -269,13 +185,270 @@ pub fn run<K: ImportKind>(
     };
 
     progress.set_prefix("importing");
+    let has_rows = columns.is_some();
+    let pipeline = spawn_pipeline::<K>(
+        pool,
+        &options,
+        kind,
+        source,
+        columns,
+        value_map,
+        repeated.is_some(),
+        &progress,
+    )?;
+    let mut process = |conn: &mut PgConnection, counts: &mut Counts, tally: &mut RejectTally| {
+        let id = if options.mode == Mode::DryRun {
+            operation::start(conn, &new_op).context("cannot record the operation")?
+        } else {
+            op_id
+        };
+        process_batches(
+            conn,
+            id,
+            &pipeline.receiver,
+            kind,
+            &options,
+            repeated.as_ref(),
+            &mut rejects,
+            counts,
+            tally,
+            &stop,
+            &progress,
+            &mut committed_rejects,
+        )
+    };
+    let result = if has_rows {
+        drive(options.mode, &mut conn, &mut counts, &mut tally, &mut process)
+    } else {
+        Ok(LoopEnd::default())
+    };
+    progress.finish_and_clear();
+    let warnings = pipeline.join(&options, &tally);
+    rejects.flush()?;
 
-    // The reader thread: parse and validate while the database works on the previous batch.
-    // One batch in the channel, one being parsed, one being written: enough to keep both
-    // threads busy, and memory bounded by three batches whatever the file size.
+    let result = result.map_err(db::name_lost_connection);
+    let end = Ending::of(&result, options.mode);
+    if result.is_ok() && counts.accounted() != counts.rows_read {
+        bail!(
+            "internal error: {} rows read but {} accounted for ({counts:?})",
+            counts.rows_read,
+            counts.accounted()
+        );
+    }
+    // The end is recorded on a fresh connection when the import's own one is gone; if even
+    // that fails the import's own error stays the one reported, and the operation is marked
+    // abandoned by the next command that reads operations.
+    let mut end_not_recorded = None;
+    if op_id != 0
+        && let Err(err) = operation::record_end(
+            &mut conn,
+            url,
+            op_id,
+            end.status,
+            &serde_json::to_value(counts)?,
+            end.message.as_deref(),
+        )
+    {
+        end_not_recorded = Some(format!(
+            "{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned"
+        ));
+    }
+    let exit_code = if end.status == OperationStatus::Succeeded && counts.rejected > 0 {
+        exit::REJECTED_ROWS
+    } else {
+        end.exit_code
+    };
+    let report = ImportReport {
+        operation_id: (op_id != 0).then_some(op_id),
+        kind: op_kind,
+        status: end.status,
+        file: options.input.display(),
+        counts,
+        rejects_file: rejects.written().then(|| rejects.path().display().to_string()),
+        tally,
+        elapsed: started.elapsed(),
+        stop_reason: end.stop_reason.to_string(),
+        warnings,
+        error: result
+            .as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .or_else(|| end.message.clone().filter(|_| end.status != OperationStatus::Succeeded)),
+        dry_run: options.mode == Mode::DryRun,
+        inserts: K::INSERTS,
+        updated_label: K::UPDATED_LABEL,
+    };
+    let (notes, result) = conclude(result, &report, options.mode, op_id, exit_code, end_not_recorded);
+    Ok(ImportOutcome {
+        report,
+        extra: kind.summary_extra(),
+        notes,
+        result,
+    })
+}
+
+/// Where the rejected rows go, after the checks of the options that need no database.
+fn rejects_path_for(options: &ImportOptions) -> anyhow::Result<PathBuf> {
+    if options.resume && matches!(options.input, Input::Stdin) {
+        return Err(UsageError("--resume needs a file: stdin cannot be read again".into()).into());
+    }
+    if options.resume && options.mode != Mode::Batched {
+        return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
+    }
+    match (&options.rejects, default_rejects_path(&options.input)) {
+        (Some(path), _) => Ok(path.clone()),
+        (None, Some(path)) => Ok(path),
+        (None, None) => Err(UsageError("reading from stdin needs --rejects PATH for the rejected rows".into()).into()),
+    }
+}
+
+/// The pre-import pass over a file (see `scan`): its SHA-256 and the keys that repeat.
+#[allow(clippy::type_complexity)]
+fn scan_input<K: ImportKind>(
+    options: &ImportOptions,
+    kind: &mut K,
+    progress: &indicatif::ProgressBar,
+    log: Log,
+) -> anyhow::Result<(Option<String>, Option<HashMap<u64, scan::LastOccurrence>>)> {
+    let Input::File(path) = &options.input else {
+        return Ok((None, None));
+    };
+    progress.set_prefix("scanning");
+    let scan_started = Instant::now();
+    let scanned = scan::scan_file::<K>(path, options, progress)?;
+    if let Some(reason) = scanned.untracked_reason.as_ref().filter(|r| r.starts_with("more than")) {
+        log.info(format!(
+            "warning: {reason}: a repeated key in another batch is found only when the later row is written"
+        ));
+    }
+    log.detail(format!(
+        "scanned the file (SHA-256 and repeated keys) in {:.2} s",
+        scan_started.elapsed().as_secs_f64()
+    ));
+    if scanned.last_of_repeated.is_some() {
+        kind.keys_seen_once();
+    }
+    Ok((Some(scanned.sha256), scanned.last_of_repeated))
+}
+
+/// The latest unfinished import of a file with the same content, and where it stopped.
+fn find_resume(
+    conn: &mut PgConnection,
+    op_kind: &str,
+    sha: &str,
+    log: Log,
+) -> anyhow::Result<Option<(i64, Checkpoint)>> {
+    let Some(op) = operation::latest_unfinished(conn, op_kind, sha).context("cannot look up unfinished imports")?
+    else {
+        log.info("nothing to resume: no unfinished import of this file; starting from the beginning");
+        return Ok(None);
+    };
+    let checkpoint = match op.checkpoint {
+        Some(value) => serde_json::from_value::<Checkpoint>(value)
+            .with_context(|| format!("operation {} has an unreadable checkpoint", op.id))?,
+        None => Checkpoint {
+            position: Position::default(),
+            rejects_bytes: 0,
+            counts: Counts::default(),
+            tally: RejectTally::default(),
+        },
+    };
+    log.info(format!(
+        "resuming operation {} ({}) after record {} (line {})",
+        op.id,
+        op.status.as_str(),
+        checkpoint.position.record,
+        checkpoint.position.line
+    ));
+    Ok(Some((op.id, checkpoint)))
+}
+
+/// Which column feeds which field (`None` for an empty input), and the value maps: everything
+/// that can be wrong with the header is an error before anything is written.
+fn read_header<K: ImportKind>(
+    source: &CsvSource,
+    options: &ImportOptions,
+    kind: &mut K,
+    log: Log,
+) -> anyhow::Result<(Option<ColumnMap>, ValueMap)> {
+    let columns = if source.raw_header.is_empty() {
+        log.info(format!(
+            "{}: the input is empty (no header, no rows); nothing to import",
+            options.input.display()
+        ));
+        None
+    } else {
+        Some(ColumnMap::resolve(&source.header, K::FIELDS, &options.renames).with_context(|| options.input.display())?)
+    };
+    let value_map = ValueMap::parse(&options.value_maps, K::FIELDS)?;
+    if let Some(columns) = &columns {
+        kind.configure(columns);
+        if !columns.ignored.is_empty() {
+            log.info(output::escape_controls(&format!(
+                "warning: ignoring unknown column(s): {}",
+                columns.ignored.join(", ")
+            )));
+        }
+    }
+    Ok((columns, value_map))
+}
+
+/// The threads that feed the writer: the reader, and the kind's read-ahead when it has one.
+struct Pipeline<K: ImportKind> {
+    receiver: mpsc::Receiver<BatchResult<K>>,
+    reader: Option<std::thread::JoinHandle<Vec<String>>>,
+    prefetch: Option<std::thread::JoinHandle<std::time::Duration>>,
+    verbose: bool,
+}
+
+impl<K: ImportKind> Pipeline<K> {
+    /// Waits for the threads (the writer has stopped taking batches); returns the warnings
+    /// about the input as a whole.
+    fn join(self, options: &ImportOptions, tally: &RejectTally) -> Vec<String> {
+        drop(self.receiver);
+        let prefetch_time = self.prefetch.and_then(|handle| handle.join().ok());
+        let mut warnings = match self.reader {
+            Some(handle) => handle.join().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        warnings.dedup();
+        if let Some(t) = tally
+            .0
+            .get("invalid UTF-8")
+            .filter(|_| options.encoding == Encoding::Utf8)
+        {
+            warnings.push(format!(
+                "{} rows are not valid UTF-8: if the file is Latin-1 (ISO-8859-1), try --encoding latin1",
+                t.count
+            ));
+        }
+        if let Some(busy) = prefetch_time.filter(|_| self.verbose) {
+            eprintln!(
+                "read ahead for the writer on a second connection: {:.2} s",
+                busy.as_secs_f64()
+            );
+        }
+        warnings
+    }
+}
+
+/// Starts the reader thread (parse and validate while the database works on the previous
+/// batch) and, with a read-ahead, the prefetch thread between it and the writer. One batch in
+/// each channel, one being parsed, one being written: both sides stay busy, and memory is
+/// bounded by a few batches whatever the file size.
+#[allow(clippy::too_many_arguments)]
+fn spawn_pipeline<K: ImportKind>(
+    pool: &db::Pool,
+    options: &ImportOptions,
+    kind: &K,
+    mut source: CsvSource,
+    columns: Option<ColumnMap>,
+    value_map: ValueMap,
+    keys_tracked: bool,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Pipeline<K>> {
     let (sender, receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
-    // With a prefetcher, batches go reader → prefetch thread → writer.
-    let prefetcher = kind.prefetcher().filter(|_| repeated.is_some() && columns.is_some());
+    let prefetcher = kind.prefetcher().filter(|_| keys_tracked && columns.is_some());
     let (sender, prefetch) = match prefetcher {
         Some(fetch) => {
             let (reader_sender, reader_receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
@@ -288,14 +461,13 @@ pub fn run<K: ImportKind>(
         }
         None => (sender, None),
     };
-    let batch_size = options.batch_size.max(1);
     let parse_options = ParseOptions {
         zone: options.zone,
         tag_separator: options.tag_separator,
     };
     let settings = ReadSettings {
         encoding: options.encoding,
-        batch_size,
+        batch_size: options.batch_size.max(1),
         max_field_size: options.max_field_size,
         from_stdin: matches!(options.input, Input::Stdin),
     };
@@ -313,178 +485,117 @@ pub fn run<K: ImportKind>(
             )
         })
     });
+    Ok(Pipeline {
+        receiver,
+        reader,
+        prefetch,
+        verbose: options.verbose,
+    })
+}
 
-    let mut process =
-        |conn: &mut PgConnection, counts: &mut Counts, tally: &mut RejectTally| -> anyhow::Result<LoopEnd> {
-            let id = if options.mode == Mode::DryRun {
-                operation::start(conn, &new_op).context("cannot record the operation")?
-            } else {
-                op_id
-            };
-            process_batches(
-                conn,
-                id,
-                &receiver,
-                kind,
-                &options,
-                repeated.as_ref(),
-                &mut rejects,
-                counts,
-                tally,
-                &stop,
-                &progress,
-                &mut committed_rejects,
-            )
-        };
-    let result: anyhow::Result<LoopEnd> = if reader.is_none() {
-        Ok(LoopEnd::default())
-    } else {
-        match options.mode {
-            Mode::Batched => process(&mut conn, &mut counts, &mut tally),
-            Mode::Atomic => {
-                // A max-rejects abort or a signal rolls an atomic import back too.
-                let mut unclean_end = None;
-                let committed = conn.transaction(|c| {
-                    let end = process(c, &mut counts, &mut tally)?;
-                    if end.abort.is_none() && end.signal.is_none() {
-                        Ok(end)
-                    } else {
-                        unclean_end = Some(end);
-                        Err(anyhow::anyhow!("rolled back"))
-                    }
-                });
-                match (committed, unclean_end) {
-                    (Ok(end), _) => Ok(end),
-                    (Err(_), Some(end)) => Ok(end),
-                    (Err(e), None) => Err(e),
+/// Runs the batch loop as the mode says: batch by batch, in one transaction, or in one that is
+/// rolled back. A max-rejects abort or a signal rolls an atomic import back too.
+fn drive(
+    mode: Mode,
+    conn: &mut PgConnection,
+    counts: &mut Counts,
+    tally: &mut RejectTally,
+    process: &mut dyn FnMut(&mut PgConnection, &mut Counts, &mut RejectTally) -> anyhow::Result<LoopEnd>,
+) -> anyhow::Result<LoopEnd> {
+    match mode {
+        Mode::Batched => process(conn, counts, tally),
+        Mode::Atomic => {
+            let mut unclean_end = None;
+            let committed = conn.transaction(|c| {
+                let end = process(c, counts, tally)?;
+                if end.abort.is_none() && end.signal.is_none() {
+                    Ok(end)
+                } else {
+                    unclean_end = Some(end);
+                    Err(anyhow::anyhow!("rolled back"))
                 }
-            }
-            Mode::DryRun => {
-                let mut outcome = None;
-                let _ = conn.transaction::<(), anyhow::Error, _>(|c| {
-                    outcome = Some(process(c, &mut counts, &mut tally));
-                    Err(anyhow::anyhow!("dry run: rolled back"))
-                });
-                outcome.expect("the transaction ran")
+            });
+            match (committed, unclean_end) {
+                (Ok(end), _) => Ok(end),
+                (Err(_), Some(end)) => Ok(end),
+                (Err(e), None) => Err(e),
             }
         }
-    };
-    progress.finish_and_clear();
-    drop(receiver);
-    let prefetch_time = prefetch.and_then(|handle| handle.join().ok());
-    let mut warnings = match reader {
-        Some(handle) => handle.join().unwrap_or_default(),
-        None => Vec::new(),
-    };
-    warnings.dedup();
-    if let Some(t) = tally
-        .0
-        .get("invalid UTF-8")
-        .filter(|_| options.encoding == Encoding::Utf8)
-    {
-        warnings.push(format!(
-            "{} rows are not valid UTF-8: if the file is Latin-1 (ISO-8859-1), try --encoding latin1",
-            t.count
-        ));
+        Mode::DryRun => {
+            let mut outcome = None;
+            let _ = conn.transaction::<(), anyhow::Error, _>(|c| {
+                outcome = Some(process(c, counts, tally));
+                Err(anyhow::anyhow!("dry run: rolled back"))
+            });
+            outcome.expect("the transaction ran")
+        }
     }
-    if let Some(busy) = prefetch_time.filter(|_| options.verbose) {
-        eprintln!(
-            "read ahead for the writer on a second connection: {:.2} s",
-            busy.as_secs_f64()
-        );
-    }
-    rejects.flush()?;
+}
 
-    let result = result.map_err(db::name_lost_connection);
-    let rolled_back = options.mode == Mode::Atomic;
-    let (status, message, mut exit_code, stop_reason) = match &result {
-        Err(e) => {
-            let status = if rolled_back {
-                OperationStatus::RolledBack
-            } else {
-                OperationStatus::Failed
-            };
-            (status, Some(format!("{e:#}")), exit::FAILURE, "error")
-        }
-        Ok(LoopEnd { abort: Some(msg), .. }) => {
-            let status = if rolled_back {
-                OperationStatus::RolledBack
-            } else {
-                OperationStatus::Failed
-            };
-            (status, Some(msg.clone()), exit::FAILURE, "max-rejects")
-        }
-        Ok(LoopEnd { signal: Some(code), .. }) => {
-            let status = if rolled_back {
-                OperationStatus::RolledBack
-            } else {
-                OperationStatus::Interrupted
-            };
-            (
-                status,
-                Some(format!("stopped by {}", StopFlags::signal_name(*code))),
-                *code,
-                "signal",
-            )
-        }
-        Ok(_) => (OperationStatus::Succeeded, None, exit::SUCCESS, "done"),
-    };
-    if result.is_ok() && counts.accounted() != counts.rows_read {
-        bail!(
-            "internal error: {} rows read but {} accounted for ({counts:?})",
-            counts.rows_read,
-            counts.accounted()
-        );
-    }
-    // The end is recorded on a fresh connection when the import's own one is gone; if even
-    // that fails the import's own error stays the one reported, and the operation is marked
-    // abandoned by the next command that reads operations.
-    let mut end_not_recorded = None;
-    if op_id != 0
-        && let Err(err) = operation::record_end(
-            &mut conn,
-            url,
-            op_id,
-            status,
-            &serde_json::to_value(counts)?,
-            message.as_deref(),
-        )
-    {
-        end_not_recorded = Some(format!(
-            "{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned"
-        ));
-    }
-    if status == OperationStatus::Succeeded && counts.rejected > 0 {
-        exit_code = exit::REJECTED_ROWS;
-    }
+/// How the import ended, as recorded in its operation.
+struct Ending {
+    status: OperationStatus,
+    message: Option<String>,
+    exit_code: i32,
+    stop_reason: &'static str,
+}
 
-    let report = ImportReport {
-        operation_id: (op_id != 0).then_some(op_id),
-        kind: op_kind,
-        status,
-        file: file_display,
-        counts,
-        rejects_file: rejects.written().then(|| rejects.path().display().to_string()),
-        tally,
-        elapsed: started.elapsed(),
-        stop_reason: stop_reason.to_string(),
-        warnings,
-        error: result
-            .as_ref()
-            .err()
-            .map(|e| format!("{e:#}"))
-            .or_else(|| message.clone().filter(|_| status != OperationStatus::Succeeded)),
-        dry_run: options.mode == Mode::DryRun,
-        inserts: K::INSERTS,
-        updated_label: K::UPDATED_LABEL,
-    };
+impl Ending {
+    fn of(result: &anyhow::Result<LoopEnd>, mode: Mode) -> Ending {
+        let rolled_back = mode == Mode::Atomic;
+        let unless_rolled_back = |status| {
+            if rolled_back {
+                OperationStatus::RolledBack
+            } else {
+                status
+            }
+        };
+        match result {
+            Err(e) => Ending {
+                status: unless_rolled_back(OperationStatus::Failed),
+                message: Some(format!("{e:#}")),
+                exit_code: exit::FAILURE,
+                stop_reason: "error",
+            },
+            Ok(LoopEnd { abort: Some(msg), .. }) => Ending {
+                status: unless_rolled_back(OperationStatus::Failed),
+                message: Some(msg.clone()),
+                exit_code: exit::FAILURE,
+                stop_reason: "max-rejects",
+            },
+            Ok(LoopEnd { signal: Some(code), .. }) => Ending {
+                status: unless_rolled_back(OperationStatus::Interrupted),
+                message: Some(format!("stopped by {}", StopFlags::signal_name(*code))),
+                exit_code: *code,
+                stop_reason: "signal",
+            },
+            Ok(_) => Ending {
+                status: OperationStatus::Succeeded,
+                message: None,
+                exit_code: exit::SUCCESS,
+                stop_reason: "done",
+            },
+        }
+    }
+}
+
+/// The notes for stderr and the command's result: the exit code, or the error with what
+/// stays of the import.
+fn conclude(
+    result: anyhow::Result<LoopEnd>,
+    report: &ImportReport,
+    mode: Mode,
+    op_id: i64,
+    exit_code: i32,
+    end_not_recorded: Option<String>,
+) -> (Vec<String>, anyhow::Result<i32>) {
     let mut notes = Vec::new();
     if let Some(note) = &end_not_recorded {
         notes.push(format!("warning: {note}"));
     }
     let result = match result {
         Err(e) => {
-            let what_stays = match options.mode {
+            let what_stays = match mode {
                 Mode::Batched => format!(
                     "batches committed before it stay (operation {op_id}); fix the cause and run again, or add --resume"
                 ),
@@ -495,7 +606,7 @@ pub fn run<K: ImportKind>(
         }
         Ok(end) => {
             if let Some(msg) = end.abort {
-                let what_stays = if rolled_back {
+                let what_stays = if mode == Mode::Atomic {
                     "nothing was committed"
                 } else {
                     "batches committed before it stay"
@@ -508,10 +619,5 @@ pub fn run<K: ImportKind>(
             }
         }
     };
-    Ok(ImportOutcome {
-        report,
-        extra: kind.summary_extra(),
-        notes,
-        result,
-    })
+    (notes, result)
 }
