@@ -11,11 +11,11 @@ use diesel::{Connection, PgConnection};
 use crate::db::{self, BatchTimeouts};
 use crate::job;
 use crate::operation;
-use crate::output::{self};
+use crate::output;
 use crate::signals::StopFlags;
 use rejects::{RejectTally, RejectsWriter};
 
-use super::reader::BatchResult;
+use super::reader::{Batch, BatchResult};
 use super::*;
 
 /// How the batch loop ended when it did not fail.
@@ -56,142 +56,17 @@ pub(super) fn process_batches<K: ImportKind>(
         let wait_started = Instant::now();
         let Ok(batch) = receiver.recv() else { break };
         waited += wait_started.elapsed();
-        let mut batch = batch?;
-        let mut prefetched = batch.prefetched.take();
-        let first_line = batch
-            .rows
-            .first()
-            .map(|r| r.line)
-            .or(batch.rejects.first().map(|r| r.1))
-            .unwrap_or(0);
-        let mut base_counts = *counts;
-        base_counts.rows_read += batch.rows_read;
-        // Within a file the last occurrence of a key wins; earlier ones are duplicates.
-        let mut rows = Some(dedupe::<K>(batch.rows, repeated, &mut base_counts));
-        let reader_rejects = batch.rejects;
-        let batched = options.mode == Mode::Batched;
-
-        // Everything a batch writes, the rejects file included, is undone when its transaction
-        // rolls back: the file is cut back to the length recorded with the last committed batch.
-        let write = |conn: &mut PgConnection,
-                     rows: Vec<Numbered<K::Row>>,
-                     prefetched: Option<K::Prefetched>,
-                     kind: &mut K,
-                     c: &mut Counts,
-                     t: &mut RejectTally,
-                     rejects: &mut RejectsWriter|
-         -> anyhow::Result<u64> {
-            db::set_local_timeouts(conn, options.timeouts)?;
-            for (record, line, raw, error) in &reader_rejects {
-                rejects.write(raw, *record, *line, error)?;
-                c.rejected += 1;
-                t.add(&error.reason, *line);
-            }
-            let writer_rejects = kind.write_batch(conn, op_id, rows, prefetched, c)?;
-            for r in &writer_rejects {
-                rejects.write(&r.raw, r.record, r.line, &r.error)?;
-                c.rejected += 1;
-                t.add(&r.error.reason, r.line);
-            }
-            let rejects_bytes = rejects.flush()?;
-            if batched {
-                let checkpoint = Checkpoint {
-                    position: batch.end,
-                    rejects_bytes,
-                    counts: *c,
-                    tally: t.clone(),
-                };
-                operation::save_checkpoint(
-                    conn,
-                    op_id,
-                    &serde_json::to_value(&checkpoint)?,
-                    &serde_json::to_value(*c)?,
-                )?;
-            }
-            Ok(rejects_bytes)
-        };
-        let mut attempt = 0;
-        let (batch_counts, batch_tally) = loop {
-            let mut batch_counts = base_counts;
-            let mut batch_tally = tally.clone();
-            // A batch that may fail and be tried again (or named) keeps its rows.
-            let retry_left = batched && attempt < options.retries;
-            let attempt_rows = if batched {
-                rows.clone().unwrap_or_default()
-            } else {
-                rows.take().unwrap_or_default()
-            };
-            let write_this = |conn: &mut PgConnection| {
-                write(
-                    conn,
-                    attempt_rows,
-                    prefetched.take(),
-                    kind,
-                    &mut batch_counts,
-                    &mut batch_tally,
-                    rejects,
-                )
-            };
-            let result = if batched {
-                conn.transaction(write_this)
-            } else {
-                write_this(conn)
-            };
-            let err = match result {
-                Ok(rejects_bytes) => {
-                    *committed_rejects = rejects_bytes;
-                    break (batch_counts, batch_tally);
-                }
-                Err(err) => err,
-            };
-            kind.reset();
-            if batched {
-                rejects.cut_back(*committed_rejects)?;
-            }
-            if job::is_transient(&err) && retry_left {
-                attempt += 1;
-                let wait = job::backoff(attempt);
-                if options.verbose {
-                    eprintln!(
-                        "batch starting at line {first_line}: {err:#}; retry {attempt} of {} in {} ms",
-                        options.retries,
-                        wait.as_millis()
-                    );
-                }
-                std::thread::sleep(wait);
-                continue;
-            }
-            let mut err = err;
-            if batched && job::is_transient(&err) {
-                let keys: Vec<String> = rows
-                    .as_deref()
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|r| K::key(&r.row).map(str::to_string))
-                    .collect();
-                if let Some(held) = K::KEY_COLUMN.and_then(|(table, column)| held_keys(conn, table, column, &keys))
-                    && !held.is_empty()
-                {
-                    let shown: Vec<&str> = held.iter().take(10).map(String::as_str).collect();
-                    let more = if held.len() > shown.len() { ", …" } else { "" };
-                    err = err.context(format!(
-                        "another session held {} of the batch's rows past --lock-timeout ({} {}{more})",
-                        held.len(),
-                        K::KEY_COLUMN.map_or("key", |(_, c)| c),
-                        shown.join(", ")
-                    ));
-                }
-            }
-            let tries = if attempt > 0 {
-                format!(" (tried {} times)", attempt + 1)
-            } else {
-                String::new()
-            };
-            return Err(err.context(format!(
-                "batch starting at line {first_line} of {} could not be written{tries}",
-                options.input.display()
-            )));
-        };
+        let (batch_counts, batch_tally) = write_batch(
+            conn,
+            op_id,
+            batch?,
+            kind,
+            options,
+            repeated,
+            rejects,
+            (counts, tally),
+            committed_rejects,
+        )?;
         *counts = batch_counts;
         *tally = batch_tally;
         progress.set_message(format!(
@@ -239,6 +114,166 @@ pub(super) fn process_batches<K: ImportKind>(
     progress.set_prefix("finishing");
     kind.end(conn)?;
     Ok(LoopEnd::default())
+}
+
+/// Writes one batch from the reader in its own transaction (batched mode) with its rejects
+/// and checkpoint, retrying it with backoff when it lost a race; returns the counts and the
+/// tally with it. Everything a batch writes, the rejects file included, is undone when its
+/// transaction rolls back: the file is cut back to the length recorded with the last
+/// committed batch.
+#[allow(clippy::too_many_arguments)]
+fn write_batch<K: ImportKind>(
+    conn: &mut PgConnection,
+    op_id: i64,
+    mut batch: Batch<K::Row, K::Prefetched>,
+    kind: &mut K,
+    options: &ImportOptions,
+    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
+    rejects: &mut RejectsWriter,
+    (counts, tally): (&Counts, &RejectTally),
+    committed_rejects: &mut u64,
+) -> anyhow::Result<(Counts, RejectTally)> {
+    let mut prefetched = batch.prefetched.take();
+    let first_line = batch
+        .rows
+        .first()
+        .map(|r| r.line)
+        .or(batch.rejects.first().map(|r| r.1))
+        .unwrap_or(0);
+    let mut base_counts = *counts;
+    base_counts.rows_read += batch.rows_read;
+    // Within a file the last occurrence of a key wins; earlier ones are duplicates.
+    let mut rows = Some(dedupe::<K>(batch.rows, repeated, &mut base_counts));
+    let reader_rejects = batch.rejects;
+    let batched = options.mode == Mode::Batched;
+
+    // Everything a batch writes, the rejects file included, is undone when its transaction
+    // rolls back: the file is cut back to the length recorded with the last committed batch.
+    let write = |conn: &mut PgConnection,
+                 rows: Vec<Numbered<K::Row>>,
+                 prefetched: Option<K::Prefetched>,
+                 kind: &mut K,
+                 c: &mut Counts,
+                 t: &mut RejectTally,
+                 rejects: &mut RejectsWriter|
+     -> anyhow::Result<u64> {
+        db::set_local_timeouts(conn, options.timeouts)?;
+        for (record, line, raw, error) in &reader_rejects {
+            rejects.write(raw, *record, *line, error)?;
+            c.rejected += 1;
+            t.add(&error.reason, *line);
+        }
+        let writer_rejects = kind.write_batch(conn, op_id, rows, prefetched, c)?;
+        for r in &writer_rejects {
+            rejects.write(&r.raw, r.record, r.line, &r.error)?;
+            c.rejected += 1;
+            t.add(&r.error.reason, r.line);
+        }
+        let rejects_bytes = rejects.flush()?;
+        if batched {
+            let checkpoint = Checkpoint {
+                position: batch.end,
+                rejects_bytes,
+                counts: *c,
+                tally: t.clone(),
+            };
+            operation::save_checkpoint(
+                conn,
+                op_id,
+                &serde_json::to_value(&checkpoint)?,
+                &serde_json::to_value(*c)?,
+            )?;
+        }
+        Ok(rejects_bytes)
+    };
+    let mut attempt = 0;
+    loop {
+        let mut batch_counts = base_counts;
+        let mut batch_tally = tally.clone();
+        // A batch that may fail and be tried again (or named) keeps its rows.
+        let retry_left = batched && attempt < options.retries;
+        let attempt_rows = if batched {
+            rows.clone().unwrap_or_default()
+        } else {
+            rows.take().unwrap_or_default()
+        };
+        let write_this = |conn: &mut PgConnection| {
+            write(
+                conn,
+                attempt_rows,
+                prefetched.take(),
+                kind,
+                &mut batch_counts,
+                &mut batch_tally,
+                rejects,
+            )
+        };
+        let result = if batched {
+            conn.transaction(write_this)
+        } else {
+            write_this(conn)
+        };
+        let err = match result {
+            Ok(rejects_bytes) => {
+                *committed_rejects = rejects_bytes;
+                return Ok((batch_counts, batch_tally));
+            }
+            Err(err) => err,
+        };
+        kind.reset();
+        if batched {
+            rejects.cut_back(*committed_rejects)?;
+        }
+        if job::is_transient(&err) && retry_left {
+            attempt += 1;
+            let wait = job::backoff(attempt);
+            if options.verbose {
+                eprintln!(
+                    "batch starting at line {first_line}: {err:#}; retry {attempt} of {} in {} ms",
+                    options.retries,
+                    wait.as_millis()
+                );
+            }
+            std::thread::sleep(wait);
+            continue;
+        }
+        let err = if batched && job::is_transient(&err) {
+            name_held_rows::<K>(conn, rows.as_deref().unwrap_or_default(), err)
+        } else {
+            err
+        };
+        let tries = if attempt > 0 {
+            format!(" (tried {} times)", attempt + 1)
+        } else {
+            String::new()
+        };
+        return Err(err.context(format!(
+            "batch starting at line {first_line} of {} could not be written{tries}",
+            options.input.display()
+        )));
+    }
+}
+
+/// Adds to a batch's lock-timeout error which of its rows another session holds (by key).
+fn name_held_rows<K: ImportKind>(
+    conn: &mut PgConnection,
+    rows: &[Numbered<K::Row>],
+    err: anyhow::Error,
+) -> anyhow::Error {
+    let keys: Vec<String> = rows.iter().filter_map(|r| K::key(&r.row).map(str::to_string)).collect();
+    match K::KEY_COLUMN.and_then(|(table, column)| held_keys(conn, table, column, &keys)) {
+        Some(held) if !held.is_empty() => {
+            let shown: Vec<&str> = held.iter().take(10).map(String::as_str).collect();
+            let more = if held.len() > shown.len() { ", …" } else { "" };
+            err.context(format!(
+                "another session held {} of the batch's rows past --lock-timeout ({} {}{more})",
+                held.len(),
+                K::KEY_COLUMN.map_or("key", |(_, c)| c),
+                shown.join(", ")
+            ))
+        }
+        _ => err,
+    }
 }
 
 /// Of `keys` in `table.column`, those whose rows another session holds locked now: the rows
