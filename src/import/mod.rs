@@ -176,13 +176,11 @@ pub fn run<K: ImportKind>(
     // can be recorded whatever happens to the import's own transaction; a dry run records it
     // inside the transaction it rolls back.
     let op_id = match (&resumed, options.mode) {
-        (Some((id, _)), _) => {
-            operation::reopen(&mut conn, *id).context("cannot reopen the operation")?;
-            *id
-        }
-        (None, Mode::DryRun) => 0,
-        (None, _) => operation::start(&mut conn, &new_op).context("cannot record the operation")?,
-    };
+        (Some((id, _)), _) => operation::reopen(&mut conn, *id).map(|()| *id),
+        (None, Mode::DryRun) => Ok(0),
+        (None, _) => operation::start(&mut conn, &new_op),
+    }
+    .context("cannot record the operation")?;
 
     progress.set_prefix("importing");
     let has_rows = columns.is_some();
@@ -235,24 +233,12 @@ pub fn run<K: ImportKind>(
             counts.accounted()
         );
     }
-    // The end is recorded on a fresh connection when the import's own one is gone; if even
-    // that fails the import's own error stays the one reported, and the operation is marked
-    // abandoned by the next command that reads operations.
-    let mut end_not_recorded = None;
-    if op_id != 0
-        && let Err(err) = operation::record_end(
-            &mut conn,
-            url,
-            op_id,
-            end.status,
-            &serde_json::to_value(counts)?,
-            end.message.as_deref(),
-        )
-    {
-        end_not_recorded = Some(format!(
-            "{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned"
-        ));
-    }
+    // If even a fresh connection cannot record the end, the import's own error stays the one
+    // reported.
+    let end_not_recorded = match op_id {
+        0 => None,
+        _ => record_end(&mut conn, url, op_id, &end, &counts)?,
+    };
     let exit_code = if end.status == OperationStatus::Succeeded && counts.rejected > 0 {
         exit::REJECTED_ROWS
     } else {
@@ -285,6 +271,25 @@ pub fn run<K: ImportKind>(
         notes,
         result,
     })
+}
+
+/// Records the end of an import on `conn`, or on a fresh connection when that one is gone;
+/// returns why it could not be recorded at all (the next command then marks it abandoned).
+fn record_end(
+    conn: &mut PgConnection,
+    url: &str,
+    op_id: i64,
+    end: &Ending,
+    counts: &Counts,
+) -> anyhow::Result<Option<String>> {
+    let counts = serde_json::to_value(counts)?;
+    Ok(
+        operation::record_end(conn, url, op_id, end.status, &counts, end.message.as_deref())
+            .err()
+            .map(|err| {
+                format!("{err:#}; the next ticketops command that reads operations marks operation {op_id} abandoned")
+            }),
+    )
 }
 
 /// Where the rejected rows go, after the checks of the options that need no database.

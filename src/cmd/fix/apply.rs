@@ -454,6 +454,45 @@ impl ImportKind for Corrections {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let (rejects, work, removable) = self.resolve(conn, rows, counts)?;
+        if work.is_empty() {
+            return Ok(rejects);
+        }
+        let changed = self.compare_or_apply(conn, op_id, &work, &removable)?;
+        self.changed += changed;
+        counts.updated += changed;
+        counts.unchanged += work.len() as u64 - changed;
+        Ok(rejects)
+    }
+
+    fn summary_extra(&self) -> Value {
+        let mut extra = json!({"changed": self.changed, "unknown": self.unknown});
+        if self.dry_run {
+            extra["would_change"] = json!(self.changed);
+            extra["sample"] = json!(
+                self.sample
+                    .iter()
+                    .map(|s| json!({"external_id": s.external_id, "before": s.before, "after": s.after}))
+                    .collect::<Vec<_>>()
+            );
+        }
+        extra
+    }
+}
+
+/// A correction resolved against the database: the ticket's id, the assignee and
+/// organization as ids, and the correction itself.
+type Work = (i64, Change<i64>, Change<i64>, Correction);
+
+impl Corrections {
+    /// Looks up the tickets, assignees, organizations and tags a batch names; returns the rows
+    /// rejected for naming what does not exist, the rest as work, and the tags to remove.
+    fn resolve(
+        &mut self,
+        conn: &mut PgConnection,
+        rows: Vec<Numbered<Correction>>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<(Vec<WriterReject>, Vec<Work>, Vec<Found>)> {
         let tickets = ids_by(
             conn,
             "tickets",
@@ -539,9 +578,20 @@ impl ImportKind for Corrections {
             };
             work.push((ticket_id, assignee, organization, r.row));
         }
-        if work.is_empty() {
-            return Ok(rejects);
-        }
+        Ok((rejects, work, removable))
+    }
+
+    /// Compares the work with the tickets (a dry run: counts and samples what would change)
+    /// or applies it, with the before and after images in the audit trail; returns how many
+    /// tickets change.
+    fn compare_or_apply(
+        &mut self,
+        conn: &mut PgConnection,
+        op_id: i64,
+        work: &[Work],
+        removable: &[Found],
+    ) -> anyhow::Result<u64> {
+        let find = |found: &[Found], key: &str| found.iter().find(|f| f.key == key).map(|f| (f.id, f.deleted));
         let ids: Vec<i64> = work.iter().map(|w| w.0).collect();
         let statuses: Vec<Option<&str>> = work.iter().map(|w| w.3.status.map(TicketStatus::as_str)).collect();
         let priorities: Vec<Option<&str>> = work.iter().map(|w| w.3.priority.map(TicketPriority::as_str)).collect();
@@ -567,7 +617,7 @@ impl ImportKind for Corrections {
             .collect();
         let tags_remove: Vec<Option<String>> = work
             .iter()
-            .map(|w| id_list(&w.3.tags_remove, &|n| find(&removable, n).map(|f| f.0)))
+            .map(|w| id_list(&w.3.tags_remove, &|n| find(removable, n).map(|f| f.0)))
             .collect();
 
         let bind = |sql: String| {
@@ -635,24 +685,6 @@ impl ImportKind for Corrections {
             .get_result(conn)
             .context("cannot apply the corrections")?
         };
-        let changed = changed.changed as u64;
-        self.changed += changed;
-        counts.updated += changed;
-        counts.unchanged += work.len() as u64 - changed;
-        Ok(rejects)
-    }
-
-    fn summary_extra(&self) -> Value {
-        let mut extra = json!({"changed": self.changed, "unknown": self.unknown});
-        if self.dry_run {
-            extra["would_change"] = json!(self.changed);
-            extra["sample"] = json!(
-                self.sample
-                    .iter()
-                    .map(|s| json!({"external_id": s.external_id, "before": s.before, "after": s.after}))
-                    .collect::<Vec<_>>()
-            );
-        }
-        extra
+        Ok(changed.changed as u64)
     }
 }

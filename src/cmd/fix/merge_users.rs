@@ -136,56 +136,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     )?;
     let op = job.operation_id;
 
-    // Rows are locked and waited for (within the lock timeout, then retried) rather than
-    // skipped: a skipped row would keep referring to the user about to be deleted.
-    let move_tickets = format!(
-        "WITH target AS (
-             SELECT t.id, jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
-                                             'last_operation_id', t.last_operation_id) AS before
-             FROM tickets t WHERE t.requester_id = $1 OR t.assignee_id = $1
-             ORDER BY t.id LIMIT $3 FOR UPDATE
-         ), changed AS (
-             UPDATE tickets t
-             SET requester_id = CASE WHEN t.requester_id = $1 THEN $2 ELSE t.requester_id END,
-                 assignee_id = CASE WHEN t.assignee_id = $1 THEN $2 ELSE t.assignee_id END,
-                 last_operation_id = {op}
-             FROM target g WHERE t.id = g.id
-             RETURNING t.id, g.before,
-                       jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
-                                          'last_operation_id', t.last_operation_id) AS after
-         ), audited AS (
-             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
-         )
-         SELECT count(*) AS changed FROM changed"
-    );
-    let move_comments = format!(
-        "WITH target AS (
-             SELECT id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $3 FOR UPDATE
-         ), changed AS (
-             UPDATE comments c SET author_id = $2 FROM target g WHERE c.id = g.id RETURNING c.id
-         ), audited AS (
-             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op}, 'comments', id, '{FIX_ACTION}', jsonb_build_object('author_id', $1::bigint),
-                    jsonb_build_object('author_id', $2::bigint)
-             FROM changed
-         )
-         SELECT count(*) AS changed FROM changed"
-    );
-    let delete_user = format!(
-        "WITH before AS (
-             SELECT id, jsonb_build_object('deleted_at', deleted_at, 'updated_at', updated_at) AS image
-             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
-         ), changed AS (
-             UPDATE users u SET deleted_at = now(), updated_at = now() FROM before b WHERE u.id = b.id
-             RETURNING u.id, b.image AS before,
-                       jsonb_build_object('deleted_at', u.deleted_at, 'updated_at', u.updated_at) AS after
-         ), audited AS (
-             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op}, 'users', id, '{FIX_ACTION}', before, after FROM changed
-         )
-         SELECT count(*) AS changed FROM changed"
-    );
+    let [move_tickets, move_comments, delete_user] = merge_statements(op);
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
     let stats = job.run(
@@ -247,4 +198,61 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         json!({"from": from_email, "into": into_email, "tickets": tickets, "comments": comments,
                "users_deleted": users_deleted}),
     ))
+}
+
+/// The statements of a merge, for operation `op` ($1: the duplicate, $2: the canonical user,
+/// $3: the batch size): move the tickets, move the comments, soft-delete the duplicate, each
+/// with its audit rows.
+fn merge_statements(op: i64) -> [String; 3] {
+    // Rows are locked and waited for (within the lock timeout, then retried) rather than
+    // skipped: a skipped row would keep referring to the user about to be deleted.
+    let move_tickets = format!(
+        "WITH target AS (
+             SELECT t.id, jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
+                                             'last_operation_id', t.last_operation_id) AS before
+             FROM tickets t WHERE t.requester_id = $1 OR t.assignee_id = $1
+             ORDER BY t.id LIMIT $3 FOR UPDATE
+         ), changed AS (
+             UPDATE tickets t
+             SET requester_id = CASE WHEN t.requester_id = $1 THEN $2 ELSE t.requester_id END,
+                 assignee_id = CASE WHEN t.assignee_id = $1 THEN $2 ELSE t.assignee_id END,
+                 last_operation_id = {op}
+             FROM target g WHERE t.id = g.id
+             RETURNING t.id, g.before,
+                       jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
+                                          'last_operation_id', t.last_operation_id) AS after
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
+         )
+         SELECT count(*) AS changed FROM changed"
+    );
+    let move_comments = format!(
+        "WITH target AS (
+             SELECT id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $3 FOR UPDATE
+         ), changed AS (
+             UPDATE comments c SET author_id = $2 FROM target g WHERE c.id = g.id RETURNING c.id
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'comments', id, '{FIX_ACTION}', jsonb_build_object('author_id', $1::bigint),
+                    jsonb_build_object('author_id', $2::bigint)
+             FROM changed
+         )
+         SELECT count(*) AS changed FROM changed"
+    );
+    let delete_user = format!(
+        "WITH before AS (
+             SELECT id, jsonb_build_object('deleted_at', deleted_at, 'updated_at', updated_at) AS image
+             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
+         ), changed AS (
+             UPDATE users u SET deleted_at = now(), updated_at = now() FROM before b WHERE u.id = b.id
+             RETURNING u.id, b.image AS before,
+                       jsonb_build_object('deleted_at', u.deleted_at, 'updated_at', u.updated_at) AS after
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {op}, 'users', id, '{FIX_ACTION}', before, after FROM changed
+         )
+         SELECT count(*) AS changed FROM changed"
+    );
+    [move_tickets, move_comments, delete_user]
 }
