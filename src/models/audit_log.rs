@@ -1,20 +1,6 @@
-use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use crate::schema::audit_log;
-
-#[derive(Debug, Clone, Queryable, Selectable, Identifiable)]
-#[diesel(table_name = audit_log, check_for_backend(diesel::pg::Pg))]
-pub struct AuditEntry {
-    pub id: i64,
-    pub operation_id: i64,
-    pub table_name: String,
-    pub row_id: i64,
-    pub action: String,
-    pub before: Option<serde_json::Value>,
-    pub after: Option<serde_json::Value>,
-    pub at: DateTime<Utc>,
-}
 
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = audit_log, treat_none_as_default_value = false)]

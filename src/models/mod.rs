@@ -1,21 +1,14 @@
-//! One file per table: a read struct (`Queryable`, `Selectable`) and a `NewX` insertable.
+//! The rows ticketops reads and writes through Diesel's typed API, one file per table (most
+//! bulk work is set-based SQL and needs no struct), and the PostgreSQL enums.
 
 pub mod audit_log;
 pub mod bulk_operation;
-pub mod comment;
 pub mod enums;
-pub mod organization;
-pub mod tag;
 pub mod ticket;
 pub mod ticket_tag;
-pub mod user;
 
-pub use audit_log::{AuditEntry, NewAuditEntry};
+pub use audit_log::NewAuditEntry;
 pub use bulk_operation::{BulkOperation, NewBulkOperation};
-pub use comment::{Comment, NewComment};
 pub use enums::{OperationStatus, TicketChannel, TicketPriority, TicketStatus, UserRole};
-pub use organization::{NewOrganization, Organization};
-pub use tag::{NewTag, Tag};
-pub use ticket::{NewTicket, Ticket};
+pub use ticket::Ticket;
 pub use ticket_tag::TicketTag;
-pub use user::{NewUser, User};

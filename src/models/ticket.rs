@@ -23,24 +23,3 @@ pub struct Ticket {
     pub deleted_at: Option<DateTime<Utc>>,
     pub last_operation_id: Option<i64>,
 }
-
-/// A ticket to insert with an id chosen by the caller (binary COPY needs every column).
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = tickets, treat_none_as_default_value = false)]
-pub struct NewTicket {
-    pub id: i64,
-    pub external_id: String,
-    pub subject: String,
-    pub description: Option<String>,
-    pub status: TicketStatus,
-    pub priority: TicketPriority,
-    pub channel: TicketChannel,
-    pub requester_id: i64,
-    pub assignee_id: Option<i64>,
-    pub organization_id: Option<i64>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub solved_at: Option<DateTime<Utc>>,
-    pub deleted_at: Option<DateTime<Utc>>,
-    pub last_operation_id: Option<i64>,
-}
