@@ -50,3 +50,53 @@ settle_server() {
     psql -q "$DATABASE_URL" -c "CHECKPOINT"
     sync
 }
+
+# For the benchmarks: installs and starts what they need, builds the release binaries and sets
+# data (bench-data/, git-ignored), bin, gen, admin (the server's URL) and base (it without the
+# database name).
+bench_setup() {
+    data=$project_dir/bench-data
+    mkdir -p "$data"
+    chmod 755 "$data"
+    ensure_system_packages
+    start_local_pg
+    cargo build --release --quiet
+    bin=$project_dir/target/release/ticketops
+    gen=$project_dir/target/release/ticketops-gen
+    admin=$DATABASE_URL
+    base=${admin%/*}
+}
+
+now() { date +%s.%N; }
+# secs START END [DIGITS]: the seconds between two `now`s.
+secs() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { printf "%.*f", d, b - a }'; }
+# ratio A B: A / B with two decimals.
+ratio() { awk -v p="$1" -v o="$2" 'BEGIN { printf "%.2f", p / o }'; }
+
+# seed_tickets DATABASE TOTAL STATUS_SQL: a migrated database with 100 organizations, 20,000
+# users (50 agents) and TOTAL tickets with ids 1..TOTAL, whose status is STATUS_SQL (an
+# expression of g, the ticket's number); analyzed, and autovacuum off for tickets so that the
+# timed runs are measured alike.
+seed_tickets() {
+    local db=$1 total=$2 status=$3
+    psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+    DATABASE_URL=$base/$db "$bin" -q migrate run
+    echo "== generating $total tickets" >&2
+    psql -q "$base/$db" <<SQL
+INSERT INTO organizations (name) SELECT 'org ' || g FROM generate_series(1, 100) g;
+INSERT INTO users (email, name, role)
+    SELECT 'user' || g || '@example.com', 'User ' || g, (CASE WHEN g <= 50 THEN 'agent' ELSE 'customer' END)::user_role
+    FROM generate_series(1, 20000) g;
+INSERT INTO tickets (id, external_id, subject, description, status, priority, channel, requester_id, assignee_id,
+                     organization_id, created_at, updated_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT g, 'B-' || g, 'Subject ' || g, 'Some description of ticket ' || g, ($status)::ticket_status,
+           'normal', 'email', 51 + g % 19950, 1 + g % 50, 1 + g % 100,
+           now() - (g % 1000) * interval '1 day', now() - (g % 500) * interval '1 day'
+    FROM generate_series(1, $total) g;
+SELECT setval(pg_get_serial_sequence('tickets', 'id'), $total);
+VACUUM ANALYZE;
+-- The timed runs leave many dead tuples; autovacuum would start during one run but not the other.
+ALTER TABLE tickets SET (autovacuum_enabled = false);
+SQL
+}
