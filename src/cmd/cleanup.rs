@@ -159,6 +159,23 @@ fn print_dry_run(ctx: &Context, kind: &str, count: i64, sample: &[SampleRow]) ->
     Ok(exit::SUCCESS)
 }
 
+/// A dry run: how many tickets `query` selects, and a sample of them.
+fn preview(
+    ctx: &Context,
+    conn: &mut PgConnection,
+    kind: &str,
+    query: impl Fn() -> tickets::BoxedQuery<'static, diesel::pg::Pg>,
+) -> anyhow::Result<i32> {
+    let count: i64 = query().count().get_result(conn)?;
+    let ids: Vec<i64> = query()
+        .select(tickets::id)
+        .order(tickets::id)
+        .limit(SAMPLE_SIZE)
+        .load(conn)?;
+    let sample = sample_of(conn, &ids)?;
+    print_dry_run(ctx, kind, count, &sample)
+}
+
 fn sample_of(conn: &mut PgConnection, ids: &[i64]) -> anyhow::Result<Vec<SampleRow>> {
     sql_query(
         "SELECT id, external_id, status::text AS status,
@@ -194,15 +211,7 @@ fn soft_delete(
         ctx.info(warning);
     }
     if dry_run {
-        let count: i64 = resolved.query(DeletedScope::Exclude).count().get_result(&mut conn)?;
-        let ids: Vec<i64> = resolved
-            .query(DeletedScope::Exclude)
-            .select(tickets::id)
-            .order(tickets::id)
-            .limit(SAMPLE_SIZE)
-            .load(&mut conn)?;
-        let sample = sample_of(&mut conn, &ids)?;
-        return print_dry_run(ctx, kind, count, &sample);
+        return preview(ctx, &mut conn, kind, || resolved.query(DeletedScope::Exclude));
     }
     let job = job::Job::start(
         &pool,
@@ -380,14 +389,7 @@ fn purge(
             .into_boxed()
     };
     if dry_run {
-        let count: i64 = purgeable().count().get_result(&mut conn)?;
-        let ids: Vec<i64> = purgeable()
-            .select(tickets::id)
-            .order(tickets::id)
-            .limit(SAMPLE_SIZE)
-            .load(&mut conn)?;
-        let sample = sample_of(&mut conn, &ids)?;
-        return print_dry_run(ctx, kind, count, &sample);
+        return preview(ctx, &mut conn, kind, purgeable);
     }
     let job = job::Job::start(
         &pool,

@@ -22,36 +22,12 @@ const PUBLIC: usize = 4;
 const CREATED_AT: usize = 5;
 
 pub const FIELDS: &[FieldSpec] = &[
-    FieldSpec {
-        name: "external_id",
-        required: false,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "ticket_external_id",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "author_email",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "body",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "public",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "created_at",
-        required: false,
-        indexed: false,
-    },
+    FieldSpec::optional("external_id").indexed(),
+    FieldSpec::required("ticket_external_id").indexed(),
+    FieldSpec::required("author_email").indexed(),
+    FieldSpec::optional("body"),
+    FieldSpec::optional("public"),
+    FieldSpec::optional("created_at"),
 ];
 
 #[derive(Debug, Clone)]

@@ -23,6 +23,30 @@ pub struct FieldSpec {
     pub indexed: bool,
 }
 
+impl FieldSpec {
+    /// A field a row may leave empty or the file may lack.
+    pub const fn optional(name: &'static str) -> FieldSpec {
+        FieldSpec {
+            name,
+            required: false,
+            indexed: false,
+        }
+    }
+
+    /// A field every row must have.
+    pub const fn required(name: &'static str) -> FieldSpec {
+        FieldSpec {
+            required: true,
+            ..FieldSpec::optional(name)
+        }
+    }
+
+    /// Kept in or looked up through an index (see `MAX_INDEXED_BYTES`).
+    pub const fn indexed(self) -> FieldSpec {
+        FieldSpec { indexed: true, ..self }
+    }
+}
+
 /// The longest value accepted for an indexed field, in bytes.
 pub const MAX_INDEXED_BYTES: usize = 1000;
 
@@ -484,21 +508,9 @@ mod tests {
     use super::*;
 
     const FIELDS: &[FieldSpec] = &[
-        FieldSpec {
-            name: "external_id",
-            required: true,
-            indexed: true,
-        },
-        FieldSpec {
-            name: "subject",
-            required: true,
-            indexed: false,
-        },
-        FieldSpec {
-            name: "tags",
-            required: false,
-            indexed: false,
-        },
+        FieldSpec::required("external_id").indexed(),
+        FieldSpec::required("subject"),
+        FieldSpec::optional("tags"),
     ];
 
     #[test]

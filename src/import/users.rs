@@ -23,26 +23,10 @@ const ROLE: usize = 2;
 const ORGANIZATION: usize = 3;
 
 pub const FIELDS: &[FieldSpec] = &[
-    FieldSpec {
-        name: "email",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "name",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "role",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "organization",
-        required: false,
-        indexed: true,
-    },
+    FieldSpec::required("email").indexed(),
+    FieldSpec::optional("name"),
+    FieldSpec::optional("role"),
+    FieldSpec::optional("organization").indexed(),
 ];
 
 #[derive(Debug, Clone)]

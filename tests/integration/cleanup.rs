@@ -5,26 +5,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-/// Six tickets with known values, chosen so that every filter selects a different set.
-const DATASET: &str = "\
-external_id,subject,status,priority,channel,requester_email,assignee_email,organization,tags,created_at,updated_at
-C-1,One,closed,low,email,ann@example.com,agent@corp.com,Acme,vip,2023-01-10,2023-02-01
-C-2,Two,closed,high,web,bob@example.com,,Globex,,2023-06-01,2023-06-02
-C-3,Three,open,normal,chat,ann@example.com,agent@corp.com,,vip;billing,2024-03-01T00:30:00+01:00,2024-03-05
-C-4,Four,solved,urgent,phone,cid@example.com,other@corp.com,Acme,billing,2024-02-29T23:59:59Z,2024-06-01
-C-5,Five,pending,normal,email,bob@example.com,,,,2025-01-01,2025-01-02
-C-6,Six,closed,normal,api,ann@example.com,agent@corp.com,Acme,,2022-05-05,2022-05-06
-";
-
-fn dataset() -> (TestDb, std::path::PathBuf) {
-    let db = TestDb::new();
-    let dir = scratch("cleanup");
-    let file = dir.join("dataset.csv");
-    std::fs::write(&file, DATASET).unwrap();
-    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
-    (db, dir)
-}
-
 /// The external ids a soft-delete with these filters would touch (from its dry run).
 fn selected(db: &TestDb, dir: &std::path::Path, filters: &[&str]) -> Vec<String> {
     let mut args = vec!["--json", "cleanup", "soft-delete", "--dry-run"];
@@ -45,10 +25,6 @@ fn selected(db: &TestDb, dir: &std::path::Path, filters: &[&str]) -> Vec<String>
     );
     ids.sort();
     ids
-}
-
-fn set(ids: &[&str]) -> Vec<String> {
-    ids.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]
@@ -199,67 +175,6 @@ fn dry_run_changes_nothing() {
     assert_eq!(before, after);
 }
 
-#[test]
-fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
-    let (db, dir) = dataset();
-    let run = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "--json",
-            "cleanup",
-            "soft-delete",
-            "--status",
-            "closed",
-            "--batch-size",
-            "2",
-        ],
-    )
-    .run();
-    let summary = run.expect_code(0).json();
-    assert_eq!(summary["soft_deleted"], 3);
-    assert_eq!(summary["batches"], 2, "batch size 2 over 3 rows");
-    assert_eq!(summary["stopped"], "done");
-    let op = summary["operation_id"].as_i64().unwrap();
-    assert_eq!(
-        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
-        set(&["C-1", "C-2", "C-6"])
-    );
-    // Each batch committed on its own, with its own audit record.
-    assert_eq!(
-        db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
-        2
-    );
-    // Soft-deleting a ticket soft-deletes nothing else.
-    assert_eq!(db.scalar("SELECT count(*) FROM users WHERE deleted_at IS NOT NULL"), 0);
-
-    // Another ticket deleted by someone else, and one of op's rows restored and deleted again since.
-    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-5'");
-    db.execute("UPDATE tickets SET deleted_at = now() + interval '1 second', last_operation_id = NULL WHERE external_id = 'C-6'");
-    let op = op.to_string();
-    let dry = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op, "--dry-run"]).run();
-    assert_eq!(dry.expect_code(0).json()["would_affect"], 2, "{}", dry.explain());
-    dry.stderr_has("soft-deleted 3 ticket(s); 2 can be restored");
-    // One ticket per batch: the audit trail's batches (2 and 1 tickets) are cut to size.
-    let run = ticketops(
-        Some(&db),
-        &dir,
-        &["--json", "restore", "--operation", &op, "--batch-size", "1"],
-    )
-    .run();
-    let restore = run.expect_code(0).json();
-    assert_eq!(restore["restored"], 2, "{}", run.explain());
-    assert_eq!(restore["skipped_changed"], 1);
-    assert_eq!(restore["batches"], 3);
-    assert_eq!(
-        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
-        set(&["C-5", "C-6"])
-    );
-    // A second restore of the same operation does nothing.
-    let again = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op]).run();
-    assert_eq!(again.expect_code(0).json()["restored"], 0);
-}
-
 /// The columns a soft-delete must leave as they were, per ticket.
 const UNTOUCHED: &str = "SELECT string_agg(concat_ws(',', id, external_id, subject, status, priority, channel,
         requester_id, assignee_id, organization_id, created_at, updated_at, solved_at), ';' ORDER BY id) FROM tickets";
@@ -327,26 +242,6 @@ fn soft_delete_runs_with_update_rights_on_its_own_columns_only() {
         3
     );
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
-}
-
-#[test]
-fn restore_by_filters_needs_only_deleted() {
-    let (db, dir) = dataset();
-    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id IN ('C-1', 'C-2')");
-    ticketops(Some(&db), &dir, &["restore", "--status", "closed"])
-        .run()
-        .expect_code(2);
-    let run = ticketops(
-        Some(&db),
-        &dir,
-        &["--json", "restore", "--only-deleted", "--requester", "bob@example.com"],
-    )
-    .run();
-    assert_eq!(run.expect_code(0).json()["restored"], 1);
-    assert_eq!(
-        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL"),
-        set(&["C-1"])
-    );
 }
 
 #[test]

@@ -9,4 +9,6 @@ mod hardening;
 mod import;
 mod layers;
 mod report;
+mod restore;
 mod support;
+mod undo;

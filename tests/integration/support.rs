@@ -570,3 +570,52 @@ pub fn run_measured(cmd: Cmd) -> (Run, u64) {
     };
     (run, usage.ru_maxrss as u64)
 }
+
+pub fn sample_db(name: &str) -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new();
+    let dir = scratch(name);
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"])
+        .0
+        .expect_code(3);
+    (db, dir)
+}
+
+pub fn dataset() -> (TestDb, std::path::PathBuf) {
+    let db = TestDb::new();
+    let dir = scratch("cleanup");
+    let file = dir.join("dataset.csv");
+    std::fs::write(&file, DATASET).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    (db, dir)
+}
+
+/// Six tickets with known values, chosen so that every filter selects a different set.
+pub const DATASET: &str = "\
+external_id,subject,status,priority,channel,requester_email,assignee_email,organization,tags,created_at,updated_at
+C-1,One,closed,low,email,ann@example.com,agent@corp.com,Acme,vip,2023-01-10,2023-02-01
+C-2,Two,closed,high,web,bob@example.com,,Globex,,2023-06-01,2023-06-02
+C-3,Three,open,normal,chat,ann@example.com,agent@corp.com,,vip;billing,2024-03-01T00:30:00+01:00,2024-03-05
+C-4,Four,solved,urgent,phone,cid@example.com,other@corp.com,Acme,billing,2024-02-29T23:59:59Z,2024-06-01
+C-5,Five,pending,normal,email,bob@example.com,,,,2025-01-01,2025-01-02
+C-6,Six,closed,normal,api,ann@example.com,agent@corp.com,Acme,,2022-05-05,2022-05-06
+";
+
+pub fn set(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+/// Everything a ticket is, tags included, for the tickets that match `filter`.
+pub fn tickets_and_tags(db: &TestDb, filter: &str) -> String {
+    db.checksum(&format!(
+        "(SELECT t.*, ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id) AS tag_ids
+          FROM tickets t WHERE {filter})"
+    ))
+}
+
+pub fn apply(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--apply", "--yes"]);
+    let run = ticketops(Some(db), dir, &all).run();
+    run.expect_code(0).json()
+}

@@ -75,51 +75,15 @@ const TAGS_REMOVE: usize = 7;
 const CHANNEL: usize = 8;
 
 const FIELDS: &[FieldSpec] = &[
-    FieldSpec {
-        name: "external_id",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "status",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "priority",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "assignee_email",
-        required: false,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "organization",
-        required: false,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "subject",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "tags_add",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "tags_remove",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "channel",
-        required: false,
-        indexed: false,
-    },
+    FieldSpec::required("external_id").indexed(),
+    FieldSpec::optional("status"),
+    FieldSpec::optional("priority"),
+    FieldSpec::optional("assignee_email").indexed(),
+    FieldSpec::optional("organization").indexed(),
+    FieldSpec::optional("subject"),
+    FieldSpec::optional("tags_add"),
+    FieldSpec::optional("tags_remove"),
+    FieldSpec::optional("channel"),
 ];
 
 /// A cell that can set a value, clear it (`none`), or be blank (no change).

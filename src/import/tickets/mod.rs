@@ -49,76 +49,20 @@ const SOLVED_AT: usize = 13;
 
 /// The import format, in the order `export tickets` writes it.
 pub const FIELDS: &[FieldSpec] = &[
-    FieldSpec {
-        name: "external_id",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "subject",
-        required: true,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "description",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "status",
-        required: true,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "priority",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "channel",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "requester_email",
-        required: true,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "requester_name",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "assignee_email",
-        required: false,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "organization",
-        required: false,
-        indexed: true,
-    },
-    FieldSpec {
-        name: "tags",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "created_at",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "updated_at",
-        required: false,
-        indexed: false,
-    },
-    FieldSpec {
-        name: "solved_at",
-        required: false,
-        indexed: false,
-    },
+    FieldSpec::required("external_id").indexed(),
+    FieldSpec::required("subject"),
+    FieldSpec::optional("description"),
+    FieldSpec::required("status"),
+    FieldSpec::optional("priority"),
+    FieldSpec::optional("channel"),
+    FieldSpec::required("requester_email").indexed(),
+    FieldSpec::optional("requester_name"),
+    FieldSpec::optional("assignee_email").indexed(),
+    FieldSpec::optional("organization").indexed(),
+    FieldSpec::optional("tags"),
+    FieldSpec::optional("created_at"),
+    FieldSpec::optional("updated_at"),
+    FieldSpec::optional("solved_at"),
 ];
 
 pub const MAX_SUBJECT_CHARS: usize = 500;

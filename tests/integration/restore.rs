@@ -1,0 +1,84 @@
+//! `restore`: exactly one soft-delete operation's rows, or the tickets filters select.
+
+use crate::support::*;
+
+#[test]
+fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
+    let (db, dir) = dataset();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--batch-size",
+            "2",
+        ],
+    )
+    .run();
+    let summary = run.expect_code(0).json();
+    assert_eq!(summary["soft_deleted"], 3);
+    assert_eq!(summary["batches"], 2, "batch size 2 over 3 rows");
+    assert_eq!(summary["stopped"], "done");
+    let op = summary["operation_id"].as_i64().unwrap();
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
+        set(&["C-1", "C-2", "C-6"])
+    );
+    // Each batch committed on its own, with its own audit record.
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
+        2
+    );
+    // Soft-deleting a ticket soft-deletes nothing else.
+    assert_eq!(db.scalar("SELECT count(*) FROM users WHERE deleted_at IS NOT NULL"), 0);
+
+    // Another ticket deleted by someone else, and one of op's rows restored and deleted again since.
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-5'");
+    db.execute("UPDATE tickets SET deleted_at = now() + interval '1 second', last_operation_id = NULL WHERE external_id = 'C-6'");
+    let op = op.to_string();
+    let dry = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op, "--dry-run"]).run();
+    assert_eq!(dry.expect_code(0).json()["would_affect"], 2, "{}", dry.explain());
+    dry.stderr_has("soft-deleted 3 ticket(s); 2 can be restored");
+    // One ticket per batch: the audit trail's batches (2 and 1 tickets) are cut to size.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--operation", &op, "--batch-size", "1"],
+    )
+    .run();
+    let restore = run.expect_code(0).json();
+    assert_eq!(restore["restored"], 2, "{}", run.explain());
+    assert_eq!(restore["skipped_changed"], 1);
+    assert_eq!(restore["batches"], 3);
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL ORDER BY 1"),
+        set(&["C-5", "C-6"])
+    );
+    // A second restore of the same operation does nothing.
+    let again = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op]).run();
+    assert_eq!(again.expect_code(0).json()["restored"], 0);
+}
+
+#[test]
+fn restore_by_filters_needs_only_deleted() {
+    let (db, dir) = dataset();
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id IN ('C-1', 'C-2')");
+    ticketops(Some(&db), &dir, &["restore", "--status", "closed"])
+        .run()
+        .expect_code(2);
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--only-deleted", "--requester", "bob@example.com"],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["restored"], 1);
+    assert_eq!(
+        db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL"),
+        set(&["C-1"])
+    );
+}
