@@ -114,10 +114,17 @@ impl<R: Read> BoundedReader<R> {
             let mut from = 0;
             for i in 0..nend {
                 let to = self.ends[i] - output_before;
-                self.keep(from, to, &mut field_len, &mut record_kept, &mut oversized, record.len());
-                record.push_field(&self.field);
-                self.field.clear();
-                field_len = 0;
+                if self.field.is_empty() && field_len == 0 && to - from <= self.room(record_kept) {
+                    // The usual case: the whole field came in this call and fits, so it goes
+                    // from the scratch buffer into the record in one copy.
+                    record.push_field(&self.scratch[from..to]);
+                    record_kept += to - from;
+                } else {
+                    self.keep(from, to, &mut field_len, &mut record_kept, &mut oversized, record.len());
+                    record.push_field(&self.field);
+                    self.field.clear();
+                    field_len = 0;
+                }
                 from = to;
             }
             self.keep(
@@ -143,6 +150,11 @@ impl<R: Read> BoundedReader<R> {
                 End => return Ok(None),
             }
         }
+    }
+
+    /// How many bytes one more field may keep, given what the record kept so far.
+    fn room(&self, record_kept: usize) -> usize {
+        self.max_field.min((2 * self.max_field).saturating_sub(record_kept))
     }
 
     /// Copies `scratch[from..to]` into the current field, as far as the limits allow.

@@ -131,7 +131,7 @@ impl ImportKind for CommentImport {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<CommentRow>>,
+        rows: &[Numbered<CommentRow>],
         _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
@@ -142,8 +142,9 @@ impl ImportKind for CommentImport {
         let tickets = ticket_ids_by_external_id(conn, &ticket_keys).context("cannot look up tickets")?;
         // A comment on a ticket that does not exist cannot be stored: reject it with that reason.
         let (rows, orphans): (Vec<_>, Vec<_>) = rows
-            .into_iter()
+            .iter()
             .partition(|r| tickets.contains_key(&r.row.ticket_external_id));
+        // Rejects are rare: their fields are copied for the rejects file.
         let rejects: Vec<WriterReject> = orphans
             .into_iter()
             .map(|r| WriterReject {
@@ -157,7 +158,7 @@ impl ImportKind for CommentImport {
                 ),
                 record: r.record,
                 line: r.line,
-                raw: r.raw,
+                raw: r.raw.clone(),
             })
             .collect();
         if rows.is_empty() {

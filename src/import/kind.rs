@@ -17,7 +17,8 @@ pub struct ParseOptions {
     pub tag_separator: char,
 }
 
-/// A valid row with where it came from.
+/// A valid row with where it came from. A batch's rows are lent to the kind that writes
+/// them, so that a batch that lost a race can be written again without a copy.
 #[derive(Clone)]
 pub struct Numbered<R> {
     pub record: u64,
@@ -38,7 +39,7 @@ pub struct WriterReject {
 
 /// One kind of import: its fields, how a record becomes a row, and how a batch is written.
 pub trait ImportKind {
-    type Row: Send + Clone + 'static;
+    type Row: Send + 'static;
     /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
     const NAME: &'static str;
     /// Whether `write_batch` may reject rows and so needs each row's original fields.
@@ -92,7 +93,7 @@ pub trait ImportKind {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<Self::Row>>,
+        rows: &[Numbered<Self::Row>],
         prefetched: Option<Self::Prefetched>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>>;

@@ -143,7 +143,7 @@ impl ImportKind for UserImport {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<UserRow>>,
+        rows: &[Numbered<UserRow>],
         _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {

@@ -143,14 +143,14 @@ fn write_batch<K: ImportKind>(
     let mut base_counts = *counts;
     base_counts.rows_read += batch.rows_read;
     // Within a file the last occurrence of a key wins; earlier ones are duplicates.
-    let mut rows = Some(dedupe::<K>(batch.rows, repeated, &mut base_counts));
+    let rows = dedupe::<K>(batch.rows, repeated, &mut base_counts);
     let reader_rejects = batch.rejects;
     let batched = options.mode == Mode::Batched;
 
     // Everything a batch writes, the rejects file included, is undone when its transaction
     // rolls back: the file is cut back to the length recorded with the last committed batch.
     let write = |conn: &mut PgConnection,
-                 rows: Vec<Numbered<K::Row>>,
+                 rows: &[Numbered<K::Row>],
                  prefetched: Option<K::Prefetched>,
                  kind: &mut K,
                  c: &mut Counts,
@@ -190,17 +190,11 @@ fn write_batch<K: ImportKind>(
     loop {
         let mut batch_counts = base_counts;
         let mut batch_tally = tally.clone();
-        // A batch that may fail and be tried again (or named) keeps its rows.
         let retry_left = batched && attempt < options.retries;
-        let attempt_rows = if batched {
-            rows.clone().unwrap_or_default()
-        } else {
-            rows.take().unwrap_or_default()
-        };
-        let write_this = |conn: &mut PgConnection| {
+        let mut write_this = |conn: &mut PgConnection| {
             write(
                 conn,
-                attempt_rows,
+                &rows,
                 prefetched.take(),
                 kind,
                 &mut batch_counts,
@@ -238,7 +232,7 @@ fn write_batch<K: ImportKind>(
             continue;
         }
         let err = if batched && job::is_transient(&err) {
-            name_held_rows::<K>(conn, rows.as_deref().unwrap_or_default(), err)
+            name_held_rows::<K>(conn, &rows, err)
         } else {
             err
         };

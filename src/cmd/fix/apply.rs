@@ -321,12 +321,12 @@ fn ids_by(conn: &mut PgConnection, table: &str, column: &str, keys: Vec<&str>) -
     .with_context(|| format!("cannot look up {table}"))
 }
 
-fn reject(r: Numbered<Correction>, column: &str, reason: &str, message: String) -> WriterReject {
+fn reject(r: &Numbered<Correction>, column: &str, reason: &str, message: String) -> WriterReject {
     WriterReject {
         error: RowError::new(Some(column), reason, message),
         record: r.record,
         line: r.line,
-        raw: r.raw,
+        raw: r.raw.clone(), // rejects are rare
     }
 }
 
@@ -411,7 +411,7 @@ impl ImportKind for Corrections {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<Correction>>,
+        rows: &[Numbered<Correction>],
         _prefetched: Option<()>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
@@ -446,17 +446,17 @@ impl ImportKind for Corrections {
 
 /// A correction resolved against the database: the ticket's id, the assignee and
 /// organization as ids, and the correction itself.
-type Work = (i64, Change<i64>, Change<i64>, Correction);
+type Work<'r> = (i64, Change<i64>, Change<i64>, &'r Correction);
 
 impl Corrections {
     /// Looks up the tickets, assignees, organizations and tags a batch names; returns the rows
     /// rejected for naming what does not exist, the rest as work, and the tags to remove.
-    fn resolve(
+    fn resolve<'r>(
         &mut self,
         conn: &mut PgConnection,
-        rows: Vec<Numbered<Correction>>,
+        rows: &'r [Numbered<Correction>],
         counts: &mut Counts,
-    ) -> anyhow::Result<(Vec<WriterReject>, Vec<Work>, Vec<Found>)> {
+    ) -> anyhow::Result<(Vec<WriterReject>, Vec<Work<'r>>, Vec<Found>)> {
         let tickets = ids_by(
             conn,
             "tickets",
@@ -540,7 +540,7 @@ impl Corrections {
                 Change::Clear => Change::Clear,
                 Change::Keep => Change::Keep,
             };
-            work.push((ticket_id, assignee, organization, r.row));
+            work.push((ticket_id, assignee, organization, &r.row));
         }
         Ok((rejects, work, removable))
     }
@@ -552,7 +552,7 @@ impl Corrections {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        work: &[Work],
+        work: &[Work<'_>],
         removable: &[Found],
     ) -> anyhow::Result<u64> {
         let find = |found: &[Found], key: &str| found.iter().find(|f| f.key == key).map(|f| (f.id, f.deleted));

@@ -337,7 +337,7 @@ impl ImportKind for TicketImport {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<TicketRow>>,
+        rows: &[Numbered<TicketRow>],
         prefetched: Option<HashMap<String, Stored>>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
@@ -356,7 +356,7 @@ impl ImportKind for TicketImport {
         }
         index_paths_only(conn)?;
         let started = std::time::Instant::now();
-        self.resolve_entities(conn, &rows)
+        self.resolve_entities(conn, rows)
             .context("cannot resolve organizations, users and tags")?;
         self.phases.add("resolve users/orgs/tags", started);
         let started = std::time::Instant::now();
@@ -368,7 +368,7 @@ impl ImportKind for TicketImport {
             None if self.initial_load && self.keys_seen_once => HashMap::new(),
             None => self
                 .stored
-                .read(conn, &rows, self.present.tags)
+                .read(conn, rows, self.present.tags)
                 .context("cannot look up existing tickets")?,
         };
         self.phases.add("fetch stored tickets", started);

@@ -211,7 +211,7 @@ impl TicketImport {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<TicketRow>>,
+        rows: Vec<&Numbered<TicketRow>>,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         if rows.is_empty() {
@@ -274,7 +274,7 @@ impl TicketImport {
                     for (r, &id) in rows.into_iter().zip(&ids) {
                         let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
                         links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
-                        let row = r.row;
+                        let row = &r.row;
                         let created_at = row.created_at.unwrap_or(import_time);
                         (|| -> std::io::Result<()> {
                             copy.row(14)?;
@@ -352,7 +352,7 @@ impl TicketImport {
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
-        rows: Vec<Numbered<TicketRow>>,
+        rows: Vec<&Numbered<TicketRow>>,
         existing: &HashMap<String, Stored>,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
@@ -364,13 +364,13 @@ impl TicketImport {
             .into_iter()
             .map(|r| {
                 let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(&r.row);
-                let row = r.row;
+                let row = &r.row;
                 StageRow {
                     rec: r.record as i64,
                     ticket_id: existing[&row.external_id].0.id,
-                    external_id: row.external_id,
-                    subject: row.subject,
-                    description: row.description,
+                    external_id: row.external_id.clone(),
+                    subject: row.subject.clone(),
+                    description: row.description.clone(),
                     status: row.status,
                     priority: row.priority,
                     channel: row.channel,
