@@ -221,6 +221,93 @@ pub fn scrub(message: &str, url: &str) -> String {
     crate::output::escape_controls(&text).into_owned()
 }
 
+/// Whether libpq's environment names a server or database (then no URL is needed).
+pub fn libpq_environment_set() -> bool {
+    ["PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE"]
+        .iter()
+        .any(|key| std::env::var(key).is_ok_and(|v| !v.is_empty()))
+}
+
+/// Which server and database a connection string names, for logs: host, port and database
+/// name (never the user's password). Missing parts are libpq's defaults (`null` here).
+pub fn target_of(url: &str) -> serde_json::Value {
+    let (mut host, mut port, mut name): (Option<String>, Option<String>, Option<String>) = (None, None, None);
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let after_user = before_query
+            .rfind('@')
+            .map_or(before_query, |at| &before_query[at + 1..]);
+        let (authority, path) = after_user.split_once('/').unwrap_or((after_user, ""));
+        let (h, p) = match authority.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+            _ => (authority, None),
+        };
+        host = Some(percent_decode(h)).filter(|h| !h.is_empty());
+        port = p.map(str::to_string);
+        name = Some(percent_decode(path)).filter(|n| !n.is_empty());
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("host", v)) => host = Some(percent_decode(v)),
+                Some(("port", v)) => port = Some(v.to_string()),
+                Some(("dbname", v)) => name = Some(percent_decode(v)),
+                _ => {}
+            }
+        }
+    } else if let Some(pairs) = parse_keyvalue(url) {
+        for (k, v) in pairs {
+            match k.as_str() {
+                "host" | "hostaddr" if host.is_none() => host = Some(v),
+                "port" => port = Some(v),
+                "dbname" => name = Some(v),
+                "service" if name.is_none() => name = Some(format!("service={v}")),
+                _ => {}
+            }
+        }
+    }
+    let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+    serde_json::json!({
+        "host": host.or_else(|| env("PGHOST")),
+        "port": port.or_else(|| env("PGPORT")).and_then(|p| p.parse::<u16>().ok()),
+        "name": name.or_else(|| env("PGDATABASE")),
+    })
+}
+
+/// The connection string as it may be shown (masked), or what stands for it when empty.
+pub fn describe(url: &str) -> String {
+    if url.trim().is_empty() {
+        "the server of libpq's environment (PGHOST, PGPORT, PGDATABASE, PGSERVICE)".to_string()
+    } else {
+        mask_url(url)
+    }
+}
+
+/// What to do about a connection failure, from libpq's message.
+pub fn next_step(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("password authentication failed") || r.contains("no password supplied") {
+        "check the password (in the URL, PGPASSWORD or ~/.pgpass)"
+    } else if r.contains("database") && r.contains("does not exist") {
+        "check the database name, or create the database first"
+    } else if r.contains("role") && r.contains("does not exist") {
+        "check the user name: that role does not exist on the server"
+    } else if r.contains("pg_hba.conf") {
+        "the server does not accept this user from this host: see its pg_hba.conf"
+    } else if r.contains("connection refused")
+        || r.contains("no such file or directory")
+        || r.contains("could not translate host name")
+        || r.contains("timeout expired")
+        || r.contains("network is unreachable")
+        || r.contains("no route to host")
+    {
+        "is the server running, and are the host and port right?"
+    } else if r.contains("ssl") {
+        "check the SSL settings (sslmode) of the connection string"
+    } else {
+        "check the connection string (--database-url or DATABASE_URL)"
+    }
+}
+
 /// Adds `application_name=ticketops` (so the DBA sees who we are in pg_stat_activity) and a
 /// connect timeout, unless the connection string sets them already.
 pub fn with_connection_params(url: &str) -> String {
@@ -319,6 +406,19 @@ mod tests {
             assert!(!scrubbed.contains(secret), "{url}: {scrubbed}");
             assert!(!scrubbed.contains('\0'), "{url}: {scrubbed}");
         }
+    }
+
+    #[test]
+    fn the_target_of_a_connection_string() {
+        assert_eq!(
+            target_of("postgres://u:pw@db.internal:6432/support?sslmode=require"),
+            serde_json::json!({"host": "db.internal", "port": 6432, "name": "support"})
+        );
+        assert_eq!(
+            target_of("host=h port=5433 dbname=d password=x"),
+            serde_json::json!({"host": "h", "port": 5433, "name": "d"})
+        );
+        assert!(!target_of("postgres://u:s3cret@h/d").to_string().contains("s3cret"));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum ProgressMode {
 /// What every command gets: the global options and ways to act on them.
 pub struct Context {
     pub global: GlobalOpts,
+    /// When the command started, for the JSON summary.
+    started_at: chrono::DateTime<chrono::Utc>,
     /// Whether the command printed its JSON object (with --json, a failure prints one too).
     json_printed: std::cell::Cell<bool>,
 }
@@ -39,6 +41,7 @@ impl Context {
     pub fn new(global: GlobalOpts) -> Self {
         Context {
             global,
+            started_at: chrono::Utc::now(),
             json_printed: std::cell::Cell::new(false),
         }
     }
@@ -47,11 +50,15 @@ impl Context {
         self.json_printed.get()
     }
 
+    /// The connection string: `--database-url` or `DATABASE_URL`; without either, libpq's own
+    /// environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSERVICE`, and
+    /// `~/.pgpass`) as psql would use it, when any of those variables is set.
     pub fn database_url(&self) -> anyhow::Result<&str> {
         match self.global.database_url.as_deref() {
             Some(url) if !url.trim().is_empty() => Ok(url),
+            _ if crate::conninfo::libpq_environment_set() => Ok(""),
             _ => Err(UsageError(
-                "no database given: set DATABASE_URL or pass --database-url (scripts/pg start prints one for the local server)"
+                "no database given: set DATABASE_URL, pass --database-url, or set libpq's PGHOST/PGDATABASE/PGSERVICE"
                     .into(),
             )
             .into()),
@@ -87,6 +94,18 @@ impl Context {
         }
     }
 
+    /// Adds what a log line of a run needs besides its own keys: when it started and
+    /// finished, and which database it worked on (host, port, name; never the password).
+    pub fn stamp(&self, summary: &mut serde_json::Value) {
+        if let Some(object) = summary.as_object_mut() {
+            object.insert("started_at".into(), serde_json::json!(self.started_at));
+            object.insert("finished_at".into(), serde_json::json!(chrono::Utc::now()));
+            if let Ok(url) = self.database_url() {
+                object.insert("database".into(), crate::conninfo::target_of(url));
+            }
+        }
+    }
+
     /// Prints a JSON value as one line on stdout.
     pub fn print_json(&self, value: &serde_json::Value) -> anyhow::Result<()> {
         use std::io::Write;
@@ -102,7 +121,9 @@ impl Context {
     pub fn finish_job(&self, summary: crate::job::JobSummary) -> anyhow::Result<i32> {
         self.info(summary.line());
         if self.global.json {
-            self.print_json(&summary.json)?;
+            let mut json = summary.json.clone();
+            self.stamp(&mut json);
+            self.print_json(&json)?;
         }
         if let Some(note) = &summary.end_not_recorded {
             eprintln!("warning: {note}");
@@ -134,6 +155,7 @@ impl Context {
             if let (Some(s), Some(extra)) = (summary.as_object_mut(), outcome.extra.as_object()) {
                 s.extend(extra.clone());
             }
+            self.stamp(&mut summary);
             self.print_json(&summary)?;
         }
         for note in &outcome.notes {

@@ -126,9 +126,10 @@ pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
     PgConnection::establish(&with_connection_params(url)).map_err(|err| {
         let reason = scrub(err.to_string().trim(), url).replace("\\n", " ");
         anyhow::anyhow!(
-            "cannot connect to {}: {} — is the server running? set DATABASE_URL or --database-url",
-            mask_url(url),
-            reason
+            "cannot connect to {}: {} — {}",
+            crate::conninfo::describe(url),
+            reason,
+            crate::conninfo::next_step(&reason)
         )
     })
 }

@@ -274,6 +274,8 @@ impl Job {
             "stopped": stats.stopped.as_str(),
             "duration_ms": stats.elapsed.as_millis() as u64,
             "dry_run": false,
+            // Stopped at --max-runtime or --max-rows: the next run goes on where this one stopped.
+            "more_to_do": matches!(stats.stopped, StopReason::MaxRuntime | StopReason::MaxRows),
         });
         if let (Some(s), Some(c)) = (json.as_object_mut(), counts.as_object()) {
             s.extend(c.clone());

@@ -58,11 +58,13 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<i32> {
         let code = exit::code_of(err);
         if code != exit::SUCCESS {
             let status = if code == exit::LOCKED { "locked" } else { "failed" };
-            let _ = ctx.print_json(&serde_json::json!({
+            let mut summary = serde_json::json!({
                 "status": status,
                 "error": format!("{err:#}"),
                 "exit_code": code,
-            }));
+            });
+            ctx.stamp(&mut summary);
+            let _ = ctx.print_json(&summary);
         }
     }
     result

@@ -2,6 +2,7 @@
 //! prints their results. No command uses another command; what two share lives below.
 
 pub mod cleanup;
+pub mod completions;
 pub mod doctor;
 pub mod export;
 pub mod fix;

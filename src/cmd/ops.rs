@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::context::Context;
 use crate::db;
 use crate::exit::{self, UsageError};
-use crate::models::BulkOperation;
+use crate::models::{BulkOperation, OperationStatus};
 use crate::schema::bulk_operations;
 
 #[derive(Debug, clap::Args)]
@@ -19,9 +19,17 @@ pub struct Args {
 pub enum Action {
     /// The latest operations, newest first
     List {
-        /// Only operations of this kind, e.g. "cleanup soft-delete" or "import tickets"
+        /// Only operations whose kind starts with this, e.g. "fix" (every fix), "cleanup soft-delete"
+        /// or "import tickets"; a prefix that no kind has is an error
         #[arg(long)]
         kind: Option<String>,
+        /// Only operations with this status: running, succeeded, failed, interrupted, rolled_back,
+        /// abandoned
+        #[arg(long, value_parser = parse_status)]
+        status: Option<OperationStatus>,
+        /// Only operations started since: a date/time or an age like 7d, 12h
+        #[arg(long, value_name = "WHEN", value_parser = crate::filters::parse_when)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
         /// How many
         #[arg(long, default_value_t = 20)]
         limit: i64,
@@ -31,6 +39,57 @@ pub enum Action {
         /// The operation id
         id: i64,
     },
+}
+
+/// Every kind of operation ticketops records.
+const KINDS: &[&str] = &[
+    "import tickets",
+    "import users",
+    "import comments",
+    "cleanup soft-delete",
+    "cleanup purge",
+    "cleanup purge-users",
+    "restore",
+    "fix set",
+    "fix tag",
+    "fix reassign",
+    "fix merge-users",
+    "fix apply",
+    "undo",
+];
+
+fn parse_status(value: &str) -> Result<OperationStatus, String> {
+    OperationStatus::from_label(value.trim()).ok_or_else(|| {
+        let all: Vec<&str> = OperationStatus::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown status {value:?}; one of: {}", all.join(", "))
+    })
+}
+
+/// How long a finished operation took, or has been running.
+fn duration(op: &BulkOperation) -> String {
+    let end = op.finished_at.unwrap_or_else(chrono::Utc::now);
+    let secs = (end - op.started_at).num_milliseconds().max(0) as f64 / 1000.0;
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if secs < 3600.0 {
+        format!("{}m{:02}s", (secs / 60.0) as u64, secs as u64 % 60)
+    } else {
+        format!("{}h{:02}m", (secs / 3600.0) as u64, (secs as u64 / 60) % 60)
+    }
+}
+
+/// The counts as people read them: `inserted=3 updated=1`, zeros and batch details left out.
+fn readable_counts(counts: &serde_json::Value) -> String {
+    let skip = ["batches", "retries", "longest_batch_ms", "rows"];
+    match counts.as_object() {
+        Some(map) => map
+            .iter()
+            .filter(|(k, v)| !skip.contains(&k.as_str()) && v.as_i64() != Some(0) && !v.is_null())
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => counts.to_string(),
+    }
 }
 
 fn to_json(op: &BulkOperation) -> serde_json::Value {
@@ -55,10 +114,29 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut conn = db::get(&pool)?;
     crate::operation::mark_abandoned(&mut conn)?;
     match args.action {
-        Action::List { kind, limit } => {
+        Action::List {
+            kind,
+            status,
+            since,
+            limit,
+        } => {
             let mut q = bulk_operations::table.into_boxed();
             if let Some(kind) = kind {
-                q = q.filter(bulk_operations::kind.eq(kind));
+                let kind = kind.trim().to_string();
+                if !KINDS.iter().any(|k| k.starts_with(&kind)) {
+                    return Err(UsageError(format!(
+                        "--kind {kind:?} matches no kind of operation; the kinds are: {}",
+                        KINDS.join(", ")
+                    ))
+                    .into());
+                }
+                q = q.filter(bulk_operations::kind.like(format!("{}%", kind.replace('%', "\\%").replace('_', "\\_"))));
+            }
+            if let Some(status) = status {
+                q = q.filter(bulk_operations::status.eq(status));
+            }
+            if let Some(since) = since {
+                q = q.filter(bulk_operations::started_at.ge(since));
             }
             let ops: Vec<BulkOperation> = q
                 .order(bulk_operations::id.desc())
@@ -69,18 +147,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 ctx.print_json(&json!({"operations": ops.iter().map(to_json).collect::<Vec<_>>()}))?;
             } else {
                 println!(
-                    "{:>6}  {:<20} {:<12} {:<20} {:<10} counts",
-                    "id", "kind", "status", "started (UTC)", "operator"
+                    "{:>6}  {:<20} {:<12} {:<20} {:>9}  {:<10} counts",
+                    "id", "kind", "status", "started (UTC)", "duration", "operator"
                 );
                 for op in &ops {
                     println!(
-                        "{:>6}  {:<20} {:<12} {:<20} {:<10} {}",
+                        "{:>6}  {:<20} {:<12} {:<20} {:>9}  {:<10} {}",
                         op.id,
                         op.kind,
                         op.status.as_str(),
                         op.started_at.format("%Y-%m-%d %H:%M:%S"),
+                        duration(op),
                         op.operator,
-                        op.counts
+                        readable_counts(&op.counts)
                     );
                 }
             }

@@ -150,7 +150,12 @@ impl ImportReport {
             } else {
                 ""
             };
-            eprintln!("  rejected {:>6}  {reason} (lines {}{more})", t.count, lines.join(", "));
+            let word = if t.count == 1 { "line" } else { "lines" };
+            eprintln!(
+                "  rejected {:>6}  {reason} ({word} {}{more})",
+                t.count,
+                lines.join(", ")
+            );
         }
         if let Some(file) = &self.rejects_file {
             eprintln!("  rejected rows written to {file}");

@@ -326,6 +326,14 @@ pub fn ticketops(db: Option<&TestDb>, dir: &Path, args: &[&str]) -> Cmd {
         .args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
+        // libpq's own variables would name a server too: each test says which it uses.
+        .env_remove("PGHOST")
+        .env_remove("PGHOSTADDR")
+        .env_remove("PGPORT")
+        .env_remove("PGDATABASE")
+        .env_remove("PGUSER")
+        .env_remove("PGSERVICE")
+        .env_remove("PGPASSWORD")
         .env("NO_COLOR", "1");
     if let Some(db) = db {
         command.env("DATABASE_URL", &db.url);

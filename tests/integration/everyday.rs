@@ -1,0 +1,155 @@
+//! Everyday use: completions and manual pages, the operations history, cron-ready JSON,
+//! connection errors that say what to do, libpq's environment.
+
+use crate::support::*;
+
+#[test]
+fn completions_load_in_bash_and_the_manual_renders() {
+    let dir = scratch("completions");
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let run = ticketops(None, &dir, &["completions", shell]).run();
+        run.expect_code(0);
+        assert!(run.stdout.contains("ticketops"), "{}", run.explain());
+    }
+    let script = dir.join("ticketops.bash");
+    std::fs::write(&script, ticketops(None, &dir, &["completions", "bash"]).run().stdout).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p ticketops", script.display()))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&loaded.stdout).contains("_ticketops"),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let run = ticketops(None, &dir, &["man"]).run();
+    run.expect_code(0);
+    assert!(run.stdout.contains(".TH ticketops 1"), "{}", run.explain());
+    let pages = dir.join("man");
+    ticketops(None, &dir, &["man", "--out", pages.to_str().unwrap()])
+        .run()
+        .expect_code(0);
+    assert!(pages.join("ticketops.1").exists() && pages.join("ticketops-import.1").exists());
+}
+
+#[test]
+fn ops_list_filters_by_kind_prefix_status_and_age() {
+    let db = TestDb::new();
+    let dir = scratch("ops-filters");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    ticketops(
+        Some(&db),
+        &dir,
+        &["fix", "set", "priority=low", "--status", "new", "--apply", "--yes"],
+    )
+    .run()
+    .expect_code(0);
+    db.execute("UPDATE bulk_operations SET started_at = now() - interval '10 days' WHERE kind = 'import tickets'");
+    let kinds = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["--json", "ops", "list"];
+        all.extend_from_slice(args);
+        let run = ticketops(Some(&db), &dir, &all).run();
+        run.expect_code(0).json()["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(kinds(&["--kind", "fix"]), vec!["fix set"]);
+    assert_eq!(kinds(&["--kind", "import"]), vec!["import tickets"]);
+    assert_eq!(kinds(&["--since", "1d"]), vec!["fix set"]);
+    assert_eq!(kinds(&["--status", "succeeded"]).len(), 2);
+    assert!(kinds(&["--status", "failed"]).is_empty());
+    ticketops(Some(&db), &dir, &["ops", "list", "--kind", "nonsense"])
+        .run()
+        .expect_code(2)
+        .stderr_has("the kinds are");
+    let table = ticketops(Some(&db), &dir, &["ops", "list"]).run();
+    assert!(table.expect_code(0).stdout.contains("duration"), "{}", table.explain());
+}
+
+#[test]
+fn every_json_line_says_when_and_where_and_whether_more_is_left() {
+    let db = TestDb::new();
+    let dir = scratch("cron-json");
+    let (run, summary) = import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    run.expect_code(3);
+    for key in ["started_at", "finished_at"] {
+        assert!(summary[key].is_string(), "{key}: {summary}");
+    }
+    assert_eq!(summary["database"]["name"], db.name.as_str());
+    assert_eq!(summary["database"]["host"], "127.0.0.1");
+    // A run stopped at --max-rows: exit 0, and the JSON says there is more to do.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--all",
+            "--max-rows",
+            "10",
+            "--batch-size",
+            "5",
+        ],
+    )
+    .run();
+    let s = run.expect_code(0).json();
+    assert_eq!(s["stopped"], "max-rows");
+    assert_eq!(s["more_to_do"], true);
+    assert!(s["finished_at"].is_string() && s["database"]["port"].is_u64(), "{s}");
+    let run = ticketops(Some(&db), &dir, &["--json", "cleanup", "soft-delete", "--all"]).run();
+    assert_eq!(run.expect_code(0).json()["more_to_do"], false);
+    // A failure is one JSON line too, with where it failed.
+    let run = ticketops(Some(&db), &dir, &["--json", "undo", "99999"]).run();
+    let s = run.expect_code(2).json();
+    assert_eq!(s["status"], "failed");
+    assert_eq!(s["exit_code"], 2);
+    assert_eq!(s["database"]["name"], db.name.as_str());
+}
+
+#[test]
+fn connection_errors_say_what_to_do_and_libpq_environment_works() {
+    let db = TestDb::new();
+    let dir = scratch("conn-hints");
+    let port = db.json("SELECT inet_server_port() AS port")[0]["port"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let base = format!("postgres://ticketops@127.0.0.1:{port}");
+    let cases = [
+        (format!("{base}/no_such_database"), "check the database name"),
+        (
+            format!("postgres://no_such_role@127.0.0.1:{port}/{}", db.name),
+            "check the user name",
+        ),
+        ("postgres://u@127.0.0.1:1/x".to_string(), "is the server running"),
+    ];
+    for (url, hint) in cases {
+        let run = ticketops(None, &dir, &["report", "summary"])
+            .env("DATABASE_URL", &url)
+            .run();
+        run.expect_code(1).stderr_has(hint);
+        assert!(
+            !run.stderr.contains("scripts/"),
+            "a user message points at developer scripts{}",
+            run.explain()
+        );
+    }
+    // Without DATABASE_URL, libpq's environment names the server, as for psql.
+    let run = ticketops(None, &dir, &["--json", "report", "summary"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", &port)
+        .env("PGUSER", "ticketops")
+        .env("PGDATABASE", &db.name)
+        .run();
+    run.expect_code(0);
+    // And with nothing at all, a usage error that says what to set.
+    ticketops(None, &dir, &["report", "summary"])
+        .run()
+        .expect_code(2)
+        .stderr_has("DATABASE_URL");
+}
