@@ -300,7 +300,7 @@ pub fn next_step(reason: &str) -> &'static str {
         || r.contains("network is unreachable")
         || r.contains("no route to host")
     {
-        "is the server running, and are the host and port right?"
+        "is the server running? check the host and port"
     } else if r.contains("ssl") {
         "check the SSL settings (sslmode) of the connection string"
     } else {

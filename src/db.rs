@@ -124,7 +124,9 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
 /// One connection outside any pool, with a message a person can act on when it fails.
 pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
     PgConnection::establish(&with_connection_params(url)).map_err(|err| {
-        let reason = scrub(err.to_string().trim(), url).replace("\\n", " ");
+        let reason = scrub(err.to_string().trim(), url)
+            .replace("\\n", " ")
+            .replace("\\t", "");
         anyhow::anyhow!(
             "cannot connect to {}: {} — {}",
             crate::conninfo::describe(url),

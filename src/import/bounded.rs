@@ -122,6 +122,9 @@ impl<R: Read> BoundedReader<R> {
                 } else {
                     self.keep(from, to, &mut field_len, &mut record_kept, &mut oversized, record.len());
                     record.push_field(&self.field);
+                    if self.field.capacity() > SCRATCH {
+                        self.field = Vec::new(); // do not keep a large field's buffer
+                    }
                     self.field.clear();
                     field_len = 0;
                 }

@@ -133,6 +133,13 @@ pub(super) fn read_batches<K: ImportKind>(
                 },
                 row,
             }),
+            // An oversized record's buffer moves into the reject instead of being copied, and
+            // the reader starts again with a small one.
+            Err(error) if read.oversized.is_some() => {
+                batch
+                    .rejects
+                    .push((after.record, line, std::mem::take(&mut record), error))
+            }
             Err(error) => batch.rejects.push((after.record, line, record.clone(), error)),
         }
         if batch.rows.len() + batch.rejects.len() >= batch_size {

@@ -70,13 +70,18 @@ impl RejectsWriter {
             self.writer = Some(self.open()?);
         }
         let writer = self.writer.as_mut().expect("opened above");
-        let mut out = record.clone();
-        out.push_field(record_no.to_string().as_bytes());
-        out.push_field(line.to_string().as_bytes());
-        out.push_field(error.describe().as_bytes());
-        writer
-            .write_byte_record(&out)
-            .with_context(|| format!("cannot write the rejects file {}", self.path.display()))
+        // Field by field: the record may be large (a field cut at --max-field-size), so it is
+        // not copied to add the three columns.
+        let written = (|| -> csv::Result<()> {
+            for field in record.iter() {
+                writer.write_field(field)?;
+            }
+            writer.write_field(record_no.to_string())?;
+            writer.write_field(line.to_string())?;
+            writer.write_field(error.describe())?;
+            writer.write_record(None::<&[u8]>)
+        })();
+        written.with_context(|| format!("cannot write the rejects file {}", self.path.display()))
     }
 
     fn open(&mut self) -> anyhow::Result<csv::Writer<BufWriter<File>>> {
