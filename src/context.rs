@@ -76,14 +76,18 @@ impl Context {
         db::connect_pool(self.database_url()?, size, db::SchemaCheck::None)
     }
 
-    pub fn show_progress(&self) -> bool {
+    /// Where progress bars go: `--progress always` draws even when stderr is no terminal;
+    /// `--quiet` draws nothing.
+    pub fn progress(&self) -> crate::output::Draw {
+        use crate::output::Draw;
         if self.global.quiet {
-            return false;
+            return Draw::Hidden;
         }
         match self.global.progress {
-            ProgressMode::Always => true,
-            ProgressMode::Never => false,
-            ProgressMode::Auto => std::io::stderr().is_terminal(),
+            ProgressMode::Always => Draw::Always,
+            ProgressMode::Never => Draw::Hidden,
+            ProgressMode::Auto if std::io::stderr().is_terminal() => Draw::Terminal,
+            ProgressMode::Auto => Draw::Hidden,
         }
     }
 
@@ -134,6 +138,11 @@ impl Context {
     /// The database URL, for engines that may need a fresh connection (after a lost one).
     pub fn url(&self) -> anyhow::Result<String> {
         self.database_url().map(str::to_string)
+    }
+
+    /// A spinner and `-v` lines for a long job labelled `what`.
+    pub fn watch(&self, what: &str) -> crate::output::Watch {
+        crate::output::Watch::new(self.progress(), self.global.verbose > 0, what)
     }
 
     /// Where engines write their notes.

@@ -12,6 +12,7 @@ use diesel::PgConnection;
 use crate::db::{self, AdvisoryLock, BatchTimeouts, Pool};
 use crate::models::OperationStatus;
 use crate::operation;
+use crate::output::Watch;
 use crate::signals::StopFlags;
 
 /// How a job's batches run, as plain values (the command line's `BatchArgs` give them).
@@ -103,7 +104,7 @@ pub fn run_batches(
     conn: &mut PgConnection,
     args: &BatchSettings,
     stop: &StopFlags,
-    verbose: bool,
+    watch: &Watch,
     mut step: impl FnMut(&mut PgConnection, u64) -> anyhow::Result<Step>,
 ) -> RunStats {
     let started = Instant::now();
@@ -143,13 +144,11 @@ pub fn run_batches(
                     attempt += 1;
                     stats.retries += 1;
                     let backoff = backoff(attempt);
-                    if verbose {
-                        eprintln!(
-                            "batch {}: {err:#}; retry {attempt} in {} ms",
-                            stats.batches + 1,
-                            backoff.as_millis()
-                        );
-                    }
+                    watch.line(format!(
+                        "batch {}: {err:#}; retry {attempt} in {} ms",
+                        stats.batches + 1,
+                        backoff.as_millis()
+                    ));
                     std::thread::sleep(backoff);
                 }
                 other => break other.map(|s| (s, took)),
@@ -161,15 +160,15 @@ pub fn run_batches(
                     stats.batches += 1;
                     stats.rows += s.rows;
                     stats.longest_batch = stats.longest_batch.max(took);
-                    if verbose {
-                        eprintln!(
-                            "batch {}: {} rows in {} ms ({} in all)",
-                            stats.batches,
-                            s.rows,
-                            took.as_millis(),
-                            stats.rows
-                        );
-                    }
+                    watch.advance(s.rows, stats.rows, started);
+                    watch.line(format!(
+                        "batch {}: {} rows in {} ms ({} in all, {:.0} rows/s)",
+                        stats.batches,
+                        s.rows,
+                        took.as_millis(),
+                        stats.rows,
+                        crate::output::rate(stats.rows, started.elapsed())
+                    ));
                 }
                 if s.done {
                     stats.stopped = StopReason::Done;
@@ -188,6 +187,7 @@ pub fn run_batches(
             std::thread::sleep(args.sleep);
         }
     }
+    watch.progress.finish_and_clear();
     stats.elapsed = started.elapsed();
     stats
 }
@@ -229,10 +229,10 @@ impl Job {
         &self,
         conn: &mut PgConnection,
         settings: &BatchSettings,
-        verbose: bool,
+        watch: &Watch,
         step: impl FnMut(&mut PgConnection, u64) -> anyhow::Result<Step>,
     ) -> RunStats {
-        run_batches(conn, settings, &self.stop, verbose, step)
+        run_batches(conn, settings, &self.stop, watch, step)
     }
 
     /// Records the end of the operation — on a fresh connection when the job's own one is

@@ -4,15 +4,35 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// Where progress bars go (`--progress`): nowhere, to stderr when it is a terminal, or to
+/// stderr whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    Hidden,
+    Terminal,
+    Always,
+}
+
+impl Draw {
+    fn target(self) -> ProgressDrawTarget {
+        match self {
+            Draw::Hidden => ProgressDrawTarget::hidden(),
+            Draw::Terminal => ProgressDrawTarget::stderr(),
+            // indicatif's stderr target draws nothing when stderr is not a terminal.
+            Draw::Always => ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 10),
+        }
+    }
+}
+
 /// A bar over `total` bytes, or a spinner when the size is unknown (stdin). Hidden when
-/// `visible` is false, so callers never need to branch on it.
-pub fn byte_progress(visible: bool, total: Option<u64>) -> ProgressBar {
-    if !visible {
+/// `draw` says so, so callers never need to branch on it.
+pub fn byte_progress(draw: Draw, total: Option<u64>) -> ProgressBar {
+    if draw == Draw::Hidden {
         return ProgressBar::hidden();
     }
     let bar = match total {
         Some(total) => {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(Some(total), draw.target());
             bar.set_style(
                 ProgressStyle::with_template("{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {msg} ETA {eta}")
                     .expect("valid template")
@@ -21,15 +41,83 @@ pub fn byte_progress(visible: bool, total: Option<u64>) -> ProgressBar {
             bar
         }
         None => {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(None, draw.target());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {prefix:>10} {bytes} read {msg}").expect("valid template"),
+                ProgressStyle::with_template("{spinner} {prefix:>10} {bytes} {msg}").expect("valid template"),
             );
             bar
         }
     };
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// How a long job shows it is alive: a spinner with the rows done and their rate on a terminal
+/// (`--progress`), and with `-v` a line per batch for logs.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub verbose: bool,
+    pub progress: ProgressBar,
+}
+
+impl Watch {
+    /// A spinner labelled `what`, drawn as `draw` says.
+    pub fn new(draw: Draw, verbose: bool, what: &str) -> Watch {
+        let progress = if draw != Draw::Hidden {
+            let bar = ProgressBar::with_draw_target(None, draw.target());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix}: {human_pos} rows {msg} ({elapsed})")
+                    .expect("valid template"),
+            );
+            bar.set_prefix(what.to_string());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Watch { verbose, progress }
+    }
+
+    /// Without a terminal: nothing drawn, no lines.
+    pub fn quiet() -> Watch {
+        Watch {
+            verbose: false,
+            progress: ProgressBar::hidden(),
+        }
+    }
+
+    /// Counts `rows` more done, and shows the rate since `started`.
+    pub fn advance(&self, rows: u64, total: u64, started: std::time::Instant) {
+        self.progress.inc(rows);
+        self.progress
+            .set_message(format!("at {:.0} rows/s", rate(total, started.elapsed())));
+    }
+
+    /// A `-v` line: RFC 3339 time first, and never through the middle of the spinner.
+    pub fn line(&self, message: impl std::fmt::Display) {
+        if self.verbose {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            self.progress.suspend(|| eprintln!("{now} {message}"));
+        }
+    }
+}
+
+/// A writer that moves a byte progress bar by what goes through it.
+pub struct ProgressWriter<W> {
+    pub inner: W,
+    pub progress: ProgressBar,
+}
+
+impl<W: std::io::Write> std::io::Write for ProgressWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Rows per second, guarded against a zero duration.

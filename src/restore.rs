@@ -237,7 +237,7 @@ pub fn restore_operation(
     conn: &mut PgConnection,
     source_op: i64,
     settings: &BatchSettings,
-    verbose: bool,
+    watch: &crate::output::Watch,
 ) -> anyhow::Result<OperationRestored> {
     let chunk = settings.batch_size as usize;
     let job = Job::start(pool, url, conn, KIND, json!({"operation": source_op}))?;
@@ -246,7 +246,7 @@ pub fn restore_operation(
     let mut batches = DeletedBatches::new(source_op, chunk);
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
-    let stats = job.run(conn, settings, verbose, |conn, _limit| {
+    let stats = job.run(conn, settings, watch, |conn, _limit| {
         let Some((when, ids)) = batches.front(conn)?.cloned() else {
             return Ok(Step { rows: 0, done: true });
         };

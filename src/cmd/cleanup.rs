@@ -229,40 +229,35 @@ fn soft_delete(
         );
     }
     let mut last_id = 0i64;
-    let stats = job.run(
-        &mut conn,
-        &batching.settings(),
-        ctx.global.verbose > 0,
-        |conn, limit| {
-            let now = Utc::now();
-            let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
-            let Some(max) = last_candidate else {
-                return Ok(Step { rows: 0, done: true });
-            };
-            if ids.is_empty() {
-                last_id = max;
-                return Ok(Step { rows: 0, done: false });
-            }
-            let changed = ids.len();
-            // One audit row per batch: every row changed the same way (deleted_at from NULL to
-            // now), so the ids list is the whole before/after record.
-            audit::record_batch(
-                conn,
-                op_id,
-                "tickets",
-                Action::SoftDelete,
-                ids[0],
-                Some(json!({"deleted_at": null})),
-                Some(json!({"deleted_at": now, "ids": ids})),
-            )?;
-            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
+    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+        let now = Utc::now();
+        let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
+        let Some(max) = last_candidate else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        if ids.is_empty() {
             last_id = max;
-            Ok(Step {
-                rows: changed as u64,
-                done: false,
-            })
-        },
-    );
+            return Ok(Step { rows: 0, done: false });
+        }
+        let changed = ids.len();
+        // One audit row per batch: every row changed the same way (deleted_at from NULL to
+        // now), so the ids list is the whole before/after record.
+        audit::record_batch(
+            conn,
+            op_id,
+            "tickets",
+            Action::SoftDelete,
+            ids[0],
+            Some(json!({"deleted_at": null})),
+            Some(json!({"deleted_at": now, "ids": ids})),
+        )?;
+        operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
+        last_id = max;
+        Ok(Step {
+            rows: changed as u64,
+            done: false,
+        })
+    });
     let rows = stats.rows;
     ctx.finish_job(job.finish(&mut conn, stats, json!({"soft_deleted": rows})))
 }
@@ -404,84 +399,79 @@ fn purge(
     let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let mut last_id = 0i64;
     let mut comments_purged = 0u64;
-    let stats = job.run(
-        &mut conn,
-        &batching.settings(),
-        ctx.global.verbose > 0,
-        |conn, limit| {
-            // Found and locked in one ordered primary-key scan: rows another transaction holds are
-            // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
-            // restored meanwhile before locking it.
-            let ids: Vec<i64> = tickets::table
-                .select(tickets::id)
-                .filter(tickets::deleted_at.lt(deleted_before))
-                .filter(tickets::id.gt(last_id))
-                .order(tickets::id)
-                .limit(limit as i64)
-                .for_update()
-                .skip_locked()
-                .load(conn)?;
-            let Some(&max) = ids.last() else {
-                return Ok(Step { rows: 0, done: true });
-            };
-            // Archive first, durably; delete only after. Any failure rolls the batch back and
-            // cuts the archive back to where it was.
-            // Archive lengths before this batch, to cut back to if it fails.
-            let mut tickets_len = None;
-            let mut comments_len = None;
-            let result = (|| -> anyhow::Result<(usize, u64)> {
-                if let Some(a) = tickets_archive.as_mut() {
-                    let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
-                    tickets_len = Some(a.append(&rows)?);
-                }
-                if let Some(a) = comments_archive.as_mut() {
-                    let rows = archive_rows(
-                        conn,
-                        crate::export::COMMENTS_SELECT,
-                        COMMENT_COLUMNS,
-                        "c.ticket_id",
-                        &ids,
-                    )?;
-                    comments_len = Some(a.append(&rows)?);
-                }
-                let comments: i64 = crate::schema::comments::table
-                    .filter(crate::schema::comments::ticket_id.eq_any(&ids))
-                    .count()
-                    .get_result(conn)?;
-                let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
-                audit::record_batch(
-                    conn,
-                    op_id,
-                    "tickets",
-                    Action::Purge,
-                    ids[0],
-                    Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
-                    None,
-                )?;
-                operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
-                Ok((deleted, comments as u64))
-            })();
-            match result {
-                Ok((deleted, comments)) => {
-                    comments_purged += comments;
-                    last_id = max;
-                    Ok(Step {
-                        rows: deleted as u64,
-                        done: false,
-                    })
-                }
-                Err(err) => {
-                    if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
-                        a.cut_back(len);
-                    }
-                    if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
-                        a.cut_back(len);
-                    }
-                    Err(err)
-                }
+    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+        // Found and locked in one ordered primary-key scan: rows another transaction holds are
+        // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
+        // restored meanwhile before locking it.
+        let ids: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(tickets::deleted_at.lt(deleted_before))
+            .filter(tickets::id.gt(last_id))
+            .order(tickets::id)
+            .limit(limit as i64)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        let Some(&max) = ids.last() else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        // Archive first, durably; delete only after. Any failure rolls the batch back and
+        // cuts the archive back to where it was.
+        // Archive lengths before this batch, to cut back to if it fails.
+        let mut tickets_len = None;
+        let mut comments_len = None;
+        let result = (|| -> anyhow::Result<(usize, u64)> {
+            if let Some(a) = tickets_archive.as_mut() {
+                let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
+                tickets_len = Some(a.append(&rows)?);
             }
-        },
-    );
+            if let Some(a) = comments_archive.as_mut() {
+                let rows = archive_rows(
+                    conn,
+                    crate::export::COMMENTS_SELECT,
+                    COMMENT_COLUMNS,
+                    "c.ticket_id",
+                    &ids,
+                )?;
+                comments_len = Some(a.append(&rows)?);
+            }
+            let comments: i64 = crate::schema::comments::table
+                .filter(crate::schema::comments::ticket_id.eq_any(&ids))
+                .count()
+                .get_result(conn)?;
+            let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
+            audit::record_batch(
+                conn,
+                op_id,
+                "tickets",
+                Action::Purge,
+                ids[0],
+                Some(json!({"ids": ids, "archive": archive, "archive_comments": archive_comments})),
+                None,
+            )?;
+            operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;
+            Ok((deleted, comments as u64))
+        })();
+        match result {
+            Ok((deleted, comments)) => {
+                comments_purged += comments;
+                last_id = max;
+                Ok(Step {
+                    rows: deleted as u64,
+                    done: false,
+                })
+            }
+            Err(err) => {
+                if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
+                    a.cut_back(len);
+                }
+                if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
+                    a.cut_back(len);
+                }
+                Err(err)
+            }
+        }
+    });
     let rows = stats.rows;
     ctx.finish_job(job.finish(
         &mut conn,
@@ -533,60 +523,55 @@ fn purge_users(
     )?;
     let op_id = job.operation_id;
     let mut last_id = 0i64;
-    let stats = job.run(
-        &mut conn,
-        &batching.settings(),
-        ctx.global.verbose > 0,
-        |conn, limit| {
-            let candidates: Vec<i64> = purgeable()
-                .select(users::id)
-                .filter(users::id.gt(last_id))
-                .order(users::id)
-                .limit(limit as i64)
-                .load(conn)?;
-            let Some(&max) = candidates.last() else {
-                return Ok(Step { rows: 0, done: true });
-            };
-            let locked: Vec<i64> = users::table
-                .select(users::id)
-                .filter(users::id.eq_any(&candidates))
-                .order(users::id)
-                .for_update()
-                .skip_locked()
-                .load(conn)?;
-            // Checked again under the lock: nothing may have started referring to them.
-            let ids: Vec<i64> = purgeable()
-                .select(users::id)
-                .filter(users::id.eq_any(&locked))
-                .load(conn)?;
-            if ids.is_empty() {
-                last_id = max;
-                return Ok(Step { rows: 0, done: false });
-            }
-            let before: Vec<serde_json::Value> =
-                sql_query("SELECT to_jsonb(u)::text AS fields FROM users u WHERE id = ANY($1)")
-                    .bind::<Array<BigInt>, _>(&ids)
-                    .load::<JsonText>(conn)?
-                    .into_iter()
-                    .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
-                    .collect();
-            let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
-            audit::record_batch(
-                conn,
-                op_id,
-                "users",
-                Action::Purge,
-                ids[0],
-                Some(json!({"rows": before})),
-                None,
-            )?;
+    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+        let candidates: Vec<i64> = purgeable()
+            .select(users::id)
+            .filter(users::id.gt(last_id))
+            .order(users::id)
+            .limit(limit as i64)
+            .load(conn)?;
+        let Some(&max) = candidates.last() else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let locked: Vec<i64> = users::table
+            .select(users::id)
+            .filter(users::id.eq_any(&candidates))
+            .order(users::id)
+            .for_update()
+            .skip_locked()
+            .load(conn)?;
+        // Checked again under the lock: nothing may have started referring to them.
+        let ids: Vec<i64> = purgeable()
+            .select(users::id)
+            .filter(users::id.eq_any(&locked))
+            .load(conn)?;
+        if ids.is_empty() {
             last_id = max;
-            Ok(Step {
-                rows: deleted as u64,
-                done: false,
-            })
-        },
-    );
+            return Ok(Step { rows: 0, done: false });
+        }
+        let before: Vec<serde_json::Value> =
+            sql_query("SELECT to_jsonb(u)::text AS fields FROM users u WHERE id = ANY($1)")
+                .bind::<Array<BigInt>, _>(&ids)
+                .load::<JsonText>(conn)?
+                .into_iter()
+                .map(|r| serde_json::from_str(&r.fields).unwrap_or(serde_json::Value::Null))
+                .collect();
+        let deleted = diesel::delete(users::table.filter(users::id.eq_any(&ids))).execute(conn)?;
+        audit::record_batch(
+            conn,
+            op_id,
+            "users",
+            Action::Purge,
+            ids[0],
+            Some(json!({"rows": before})),
+            None,
+        )?;
+        last_id = max;
+        Ok(Step {
+            rows: deleted as u64,
+            done: false,
+        })
+    });
     let rows = stats.rows;
     ctx.finish_job(job.finish(&mut conn, stats, json!({"purged": rows})))
 }

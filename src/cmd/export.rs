@@ -62,7 +62,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         What::Users => Dataset::Users,
         What::Comments => Dataset::Comments,
     };
-    let result = export::export(&mut conn, dataset, args.include_deleted, &mut out);
+    let progress = crate::output::byte_progress(ctx.progress(), None);
+    progress.set_prefix("exporting");
+    let mut counted = crate::output::ProgressWriter {
+        inner: &mut out,
+        progress: progress.clone(),
+    };
+    let result = export::export(&mut conn, dataset, args.include_deleted, &mut counted);
+    progress.finish_and_clear();
     let result = result.and_then(|b| {
         out.flush().with_context(|| format!("cannot write {target_name}"))?;
         Ok(b)

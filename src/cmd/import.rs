@@ -147,7 +147,7 @@ impl CommonArgs {
                 statement_timeout: self.statement_timeout,
             },
             retries: self.retries,
-            show_progress: ctx.show_progress(),
+            progress: ctx.progress(),
             verbose,
         })
     }

@@ -70,7 +70,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             let stats = job.run(
                 &mut conn,
                 &args.batching.settings(),
-                ctx.global.verbose > 0,
+                &ctx.watch(&job.kind),
                 |conn, limit| {
                     let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Only, last_id, limit as i64)?;
                     let Some(max) = last_candidate else {
@@ -123,7 +123,7 @@ fn restore_operation(
         ctx.info(preview.describe());
         return dry_run_report(ctx, preview.restorable);
     }
-    let done = restore::restore_operation(pool, &ctx.url()?, conn, source_op, &settings, ctx.global.verbose > 0)?;
+    let done = restore::restore_operation(pool, &ctx.url()?, conn, source_op, &settings, &ctx.watch(restore::KIND))?;
     if let Some(note) = done.skipped_note(source_op) {
         ctx.info(note);
     }

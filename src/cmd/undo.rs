@@ -370,40 +370,35 @@ fn revert(
     };
     let mut cursor = parts.first().map(start_of).unwrap_or(0);
     let (mut seen, mut already) = (0i64, 0i64);
-    let stats = job.run(
-        conn,
-        &args.batching.settings(),
-        ctx.global.verbose > 0,
-        |conn, limit| {
-            let Some(part) = parts.get(current) else {
-                return Ok(Step { rows: 0, done: true });
-            };
-            let r: Reverted = sql_query(&sql[current])
-                .bind::<BigInt, _>(source_op)
-                .bind::<BigInt, _>(cursor)
-                .bind::<BigInt, _>(limit as i64)
-                .bind::<Bool, _>(args.force)
-                .get_result(conn)
-                .context("cannot revert the batch")?;
-            let finished = match part {
-                Part::Images(_) => r.seen == 0,
-                Part::Inserted { high, .. } => r.next >= *high,
-            };
-            cursor = r.next;
-            seen += r.seen;
-            already += r.already;
-            if finished {
-                current += 1;
-                if let Some(next) = parts.get(current) {
-                    cursor = start_of(next);
-                }
+    let stats = job.run(conn, &args.batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+        let Some(part) = parts.get(current) else {
+            return Ok(Step { rows: 0, done: true });
+        };
+        let r: Reverted = sql_query(&sql[current])
+            .bind::<BigInt, _>(source_op)
+            .bind::<BigInt, _>(cursor)
+            .bind::<BigInt, _>(limit as i64)
+            .bind::<Bool, _>(args.force)
+            .get_result(conn)
+            .context("cannot revert the batch")?;
+        let finished = match part {
+            Part::Images(_) => r.seen == 0,
+            Part::Inserted { high, .. } => r.next >= *high,
+        };
+        cursor = r.next;
+        seen += r.seen;
+        already += r.already;
+        if finished {
+            current += 1;
+            if let Some(next) = parts.get(current) {
+                cursor = start_of(next);
             }
-            Ok(Step {
-                rows: r.reverted as u64,
-                done: current >= parts.len(),
-            })
-        },
-    );
+        }
+        Ok(Step {
+            rows: r.reverted as u64,
+            done: current >= parts.len(),
+        })
+    });
     let rows = stats.rows;
     let conflicts = (seen - rows as i64 - already).max(0);
     if conflicts > 0 && !ctx.global.quiet {
@@ -584,7 +579,7 @@ fn undo_soft_delete(
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let done = restore::restore_operation(pool, &ctx.url()?, conn, op, &settings, ctx.global.verbose > 0)?;
+    let done = restore::restore_operation(pool, &ctx.url()?, conn, op, &settings, &ctx.watch(restore::KIND))?;
     if let Some(note) = done.skipped_note(op) {
         ctx.info(note);
     }

@@ -83,7 +83,7 @@ pub struct ImportOptions {
     /// tried again in batched mode.
     pub retries: u32,
     /// Draw a progress bar on stderr.
-    pub show_progress: bool,
+    pub progress: output::Draw,
     /// `-v`: say where the time went.
     pub verbose: bool,
 }
@@ -128,7 +128,7 @@ pub fn run<K: ImportKind>(
     let stop = StopFlags::install()?;
     let rejects_path = rejects_path_for(&options)?;
 
-    let progress = output::byte_progress(options.show_progress, options.input.size());
+    let progress = output::byte_progress(options.progress, options.input.size());
     let (source_sha, repeated) = scan_input::<K>(&options, kind, &progress, log)?;
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {

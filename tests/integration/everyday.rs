@@ -153,3 +153,72 @@ fn connection_errors_say_what_to_do_and_libpq_environment_works() {
         .expect_code(2)
         .stderr_has("DATABASE_URL");
 }
+
+#[test]
+fn long_jobs_show_progress_on_a_terminal_and_log_lines_without_one() {
+    let db = TestDb::new();
+    let dir = scratch("progress");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    // Under a pseudo-terminal (script(1)), the spinner with rows and rate is drawn.
+    let typescript = dir.join("typescript");
+    let command = format!("{BIN} cleanup soft-delete --status open --batch-size 5 --sleep 150ms");
+    let status = std::process::Command::new("script")
+        .args(["-qec", &command, typescript.to_str().unwrap()])
+        .env("DATABASE_URL", &db.url)
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(
+        screen.contains("cleanup soft-delete: 5 rows") && screen.contains("rows/s"),
+        "no progress on the terminal: {screen:?}"
+    );
+    // --progress always draws without a terminal too.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--progress",
+            "always",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "new",
+            "--batch-size",
+            "5",
+            "--sleep",
+            "150ms",
+        ],
+    )
+    .run();
+    run.expect_code(0);
+    assert!(run.stderr.contains("rows/s"), "{}", run.explain());
+    // Without one, -v prints a line per batch: RFC 3339 time, batch number, rows so far, rate.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "-v",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "pending",
+            "--batch-size",
+            "5",
+        ],
+    )
+    .run();
+    run.expect_code(0);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("batch 1:"))
+        .unwrap_or_else(|| panic!("no batch line{}", run.explain()));
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(chrono::DateTime::parse_from_rfc3339(stamp).is_ok(), "{line}");
+    assert!(line.contains("in all") && line.contains("rows/s"), "{line}");
+    assert!(!run.stderr.contains('\r'), "no bar without a terminal{}", run.explain());
+}

@@ -155,7 +155,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             statement_timeout: args.statement_timeout,
         },
         retries: args.retries,
-        show_progress: ctx.show_progress(),
+        progress: ctx.progress(),
         verbose: ctx.global.verbose > 0,
     };
     let pool = ctx.pool(import::CONNECTIONS)?;

@@ -142,7 +142,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let stats = job.run(
         &mut conn,
         &args.batching.settings(),
-        ctx.global.verbose > 0,
+        &ctx.watch(&job.kind),
         |conn, limit| {
             let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
                 let moved: Changed = sql_query(sql)

@@ -182,7 +182,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     let stats = job.run(
         &mut conn,
         &run.batching.settings(),
-        ctx.global.verbose > 0,
+        &ctx.watch(&job.kind),
         |conn, limit| {
             let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64)?;
             let Some(max) = last_candidate else {
