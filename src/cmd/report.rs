@@ -117,7 +117,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     };
     let format = match (ctx.global.json, common.format) {
         (true, Some(f)) if f != Format::Json => {
-            return Err(UsageError(format!("--json and --format {f:?} disagree; give one of them")).into());
+            let asked = format!("{f:?}").to_lowercase();
+            return Err(UsageError(format!(
+                "--json asks for JSON but --format {asked} for {asked}: give only one of them"
+            ))
+            .into());
         }
         (true, _) => Format::Json,
         (false, f) => f.unwrap_or(Format::Table),

@@ -222,3 +222,24 @@ fn long_jobs_show_progress_on_a_terminal_and_log_lines_without_one() {
     assert!(line.contains("in all") && line.contains("rows/s"), "{line}");
     assert!(!run.stderr.contains('\r'), "no bar without a terminal{}", run.explain());
 }
+
+#[test]
+fn small_usage_errors_say_the_right_thing() {
+    let db = TestDb::new();
+    let dir = scratch("small-errors");
+    let run = ticketops(Some(&db), &dir, &["fix", "set", "status=bogus", "--all"]).run();
+    run.expect_code(2).stderr_has("expected one of new, open");
+    assert!(
+        !run.stderr.contains("--value-map"),
+        "fix set has no --value-map{}",
+        run.explain()
+    );
+    ticketops(Some(&db), &dir, &["fix", "apply", "-"])
+        .run()
+        .expect_code(2)
+        .stderr_has("needs a file, not stdin");
+    ticketops(Some(&db), &dir, &["--json", "report", "summary", "--format", "table"])
+        .run()
+        .expect_code(2)
+        .stderr_has("--format table");
+}

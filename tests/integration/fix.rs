@@ -496,3 +496,38 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
     assert_eq!(tickets_and_tags(&db, "true"), with_deleted);
     assert_ne!(with_deleted, original);
 }
+
+#[test]
+fn solving_a_ticket_by_fix_sets_solved_at_and_reopening_clears_it_and_undo_restores_both() {
+    let (db, dir) = sample_db("solved-at");
+    let before = db.checksum("tickets");
+    let open_unsolved = db.scalar("SELECT count(*) FROM tickets WHERE status = 'open' AND solved_at IS NULL");
+    assert!(open_unsolved > 0);
+    let solve = apply(&db, &dir, &["fix", "set", "status=solved", "--status", "open"]);
+    assert_eq!(
+        solve["changed"].as_i64().unwrap(),
+        db.scalar("SELECT count(*) FROM tickets WHERE last_operation_id = (SELECT max(id) FROM bulk_operations)")
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE status = 'solved' AND solved_at IS NULL"),
+        0,
+        "every solved ticket has a solved_at"
+    );
+    let kept =
+        db.scalar("SELECT count(*) FROM tickets WHERE status = 'solved' AND solved_at < now() - interval '1 day'");
+    assert!(kept > 0, "a solved_at already there is kept");
+    let reopen = apply(&db, &dir, &["fix", "set", "status=open", "--status", "solved"]);
+    assert!(reopen["changed"].as_i64().unwrap() > 0);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE status = 'open' AND solved_at IS NOT NULL"),
+        0
+    );
+    for op in [reopen["operation_id"].to_string(), solve["operation_id"].to_string()] {
+        apply(&db, &dir, &["undo", &op]);
+    }
+    assert_eq!(
+        db.checksum("tickets"),
+        before,
+        "undo gives back status, solved_at and the rest"
+    );
+}

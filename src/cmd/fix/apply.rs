@@ -20,7 +20,7 @@ use crate::args::{ApplyArgs, CsvArgs, confirm, parse_timeout};
 use crate::audit::FIX_ACTION;
 use crate::context::Context;
 use crate::db::BatchTimeouts;
-use crate::exit;
+use crate::exit::{self, UsageError};
 use crate::import::entities::EntityCache;
 use crate::import::normalize::{self, InputZone};
 use crate::import::source::{FieldSpec, Input, RecordFields, RowError};
@@ -129,6 +129,14 @@ pub struct Corrections {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    if args.file.as_os_str() == "-" {
+        return Err(UsageError(
+            "fix apply needs a file, not stdin (-): it reads the file twice (a count for the confirmation, \
+             then the changes); save the input to a file first"
+                .into(),
+        )
+        .into());
+    }
     if args.apply.apply && !args.apply.yes && !std::io::stdin().is_terminal() {
         // Refuse before reading anything, as confirm() would after the counting pass.
         confirm(&args.apply, KIND, 0)?;

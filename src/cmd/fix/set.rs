@@ -138,7 +138,11 @@ fn parse_assignments(conn: &mut PgConnection, raw: &[String]) -> anyhow::Result<
         };
         let field = field.trim().to_ascii_lowercase();
         let value = value.trim();
-        let bad = |message: String| -> anyhow::Error { UsageError(format!("{field}={value}: {message}")).into() };
+        // The value lists come from the importer's parsers; fix set has no --value-map.
+        let bad = |message: String| -> anyhow::Error {
+            let message = message.replace("; use --value-map for others", "");
+            UsageError(format!("{field}={value}: {message}")).into()
+        };
         let assignment = match field.as_str() {
             "status" => {
                 let v = normalize::ticket_status(value).map_err(bad)?;
@@ -271,12 +275,21 @@ impl FieldFix {
             .enumerate()
             .map(|(i, a)| format!("${}::{}", i + 2, a.cast))
             .collect();
-        let set: Vec<String> = assignments
+        let mut set: Vec<String> = assignments
             .iter()
             .enumerate()
             .map(|(i, a)| format!("{} = ${}::{}", a.column, i + 2, a.cast))
             .collect();
         let mut image: Vec<String> = assignments.iter().map(|a| format!("'{0}', t.{0}", a.column)).collect();
+        // A ticket set to solved or closed gets a solved_at when it has none, and one set back
+        // to an open state loses it, so that reports count it right; undo restores it.
+        let status_param = assignments.iter().position(|a| a.column == "status").map(|i| i + 2);
+        if let Some(p) = status_param {
+            set.push(format!(
+                "solved_at = CASE WHEN ${p}::ticket_status IN ('solved', 'closed') THEN coalesce(t.solved_at, now()) END"
+            ));
+            image.push("'solved_at', t.solved_at".into());
+        }
         image.push("'updated_at', t.updated_at".into());
         image.push("'last_operation_id', t.last_operation_id".into());
         let shown: Vec<String> = assignments
@@ -288,6 +301,9 @@ impl FieldFix {
             .collect();
         let mut assigned: Vec<&str> = assignments.iter().map(|a| a.column).collect();
         assigned.push("updated_at");
+        if status_param.is_some() {
+            assigned.push("solved_at");
+        }
         let restated = restate.set_tail(&assigned);
         FieldFix {
             restated,
