@@ -178,6 +178,34 @@ impl CsvArgs {
     }
 }
 
+/// How a command that prints rows prints them (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// An aligned table for people
+    Table,
+    /// CSV with a header row (the table's columns)
+    Csv,
+    /// One JSON object
+    Json,
+}
+
+impl Format {
+    /// `--format`, reconciled with the global `--json` (which means `--format json`).
+    pub fn chosen(format: Option<Format>, json: bool) -> anyhow::Result<Format> {
+        match (json, format) {
+            (true, Some(f)) if f != Format::Json => {
+                let asked = format!("{f:?}").to_lowercase();
+                Err(UsageError(format!(
+                    "--json asks for JSON but --format {asked} for {asked}: give only one of them"
+                ))
+                .into())
+            }
+            (true, _) => Ok(Format::Json),
+            (false, f) => Ok(f.unwrap_or(Format::Table)),
+        }
+    }
+}
+
 /// `500ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let v = value.trim();

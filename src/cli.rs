@@ -71,6 +71,8 @@ pub enum Command {
     Report(report::Args),
     /// Revert a fix, a merge, an import or a soft-delete run (a dry run by default)
     Undo(undo::Args),
+    /// See tickets: a page of what filters select, or one ticket with its comments and history
+    Tickets(tickets::Args),
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish)
     Completions(completions::CompletionsArgs),
     /// Print the manual page (or write every page into a directory)
@@ -89,6 +91,7 @@ pub fn dispatch(ctx: &Context, command: Command) -> anyhow::Result<i32> {
         Command::Fix(args) => fix::run(ctx, args),
         Command::Report(args) => report::run(ctx, args),
         Command::Undo(args) => undo::run(ctx, args),
+        Command::Tickets(args) => tickets::run(ctx, args),
         Command::Completions(args) => completions::completions(ctx, args, <Cli as clap::CommandFactory>::command()),
         Command::Man(args) => completions::man(ctx, args, <Cli as clap::CommandFactory>::command()),
     }

@@ -28,6 +28,8 @@ pub mod job;
 pub mod operation;
 /// Bringing soft-deleted tickets back (`restore`, and `undo` of a soft-delete).
 pub mod restore;
+/// Reading tickets for people: a page of a filtered list, one ticket in full with its history.
+pub mod tickets;
 
 // The plumbing.
 /// Connection strings: masking, scrubbing passwords from errors, ticketops' parameters.

@@ -11,4 +11,5 @@ pub mod migrate;
 pub mod ops;
 pub mod report;
 pub mod restore;
+pub mod tickets;
 pub mod undo;

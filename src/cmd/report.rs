@@ -16,9 +16,10 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Bool, Date, Double, Integer, Nullable, Text, Timestamptz};
 use serde_json::{Map, Value, json};
 
+use crate::args::Format;
 use crate::context::Context;
 use crate::db;
-use crate::exit::{self, UsageError};
+use crate::exit;
 use crate::filters::{DeletedScope, ResolvedFilters, TicketFilters};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 use crate::output::{Cell, Table, sparkline};
@@ -73,16 +74,6 @@ pub struct CommonArgs {
     pub filters: TicketFilters,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// An aligned table for people
-    Table,
-    /// CSV with a header row (the table's columns)
-    Csv,
-    /// One JSON object (the shape is given per report in the README)
-    Json,
-}
-
 /// A report's result: the table (for `table` and `csv`), its JSON form, and an optional chart
 /// printed under the table.
 struct Output {
@@ -115,17 +106,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         Report::Summary(c) | Report::Backlog(c) => (c, 0),
         Report::Flow { days, common } | Report::Agents { days, common } => (common, *days),
     };
-    let format = match (ctx.global.json, common.format) {
-        (true, Some(f)) if f != Format::Json => {
-            let asked = format!("{f:?}").to_lowercase();
-            return Err(UsageError(format!(
-                "--json asks for JSON but --format {asked} for {asked}: give only one of them"
-            ))
-            .into());
-        }
-        (true, _) => Format::Json,
-        (false, f) => f.unwrap_or(Format::Table),
-    };
+    let format = Format::chosen(common.format, ctx.global.json)?;
     let filters = common.filters.resolve()?;
     let explain = common.explain;
     let pool = ctx.pool(1)?;

@@ -243,3 +243,134 @@ fn small_usage_errors_say_the_right_thing() {
         .expect_code(2)
         .stderr_has("--format table");
 }
+
+#[test]
+fn tickets_list_pages_through_exactly_what_the_filters_select() {
+    let db = TestDb::new();
+    let dir = scratch("tickets-list");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    for (sort, desc, order) in [
+        ("created", false, "created_at, id"),
+        ("updated", true, "updated_at DESC, id DESC"),
+        ("id", true, "id DESC"),
+    ] {
+        let expected = db.strings(&format!(
+            "SELECT external_id FROM tickets WHERE status IN ('new', 'open') AND deleted_at IS NULL ORDER BY {order}"
+        ));
+        let mut got = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut args = vec![
+                "--json", "tickets", "list", "--status", "new,open", "--sort", sort, "--limit", "7",
+            ];
+            if desc {
+                args.push("--desc");
+            }
+            if let Some(a) = &after {
+                args.extend(["--after", a.as_str()]);
+            }
+            let page = ticketops(Some(&db), &dir, &args).run().expect_code(0).json();
+            got.extend(
+                page["tickets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["external_id"].as_str().unwrap().to_string()),
+            );
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => break,
+            }
+            assert!(got.len() <= expected.len(), "more pages than tickets");
+        }
+        assert_same_rows(&got, &expected, &format!("pages sorted by {sort}"));
+        let count = ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "tickets", "list", "--status", "new,open", "--count"],
+        )
+        .run()
+        .expect_code(0)
+        .json();
+        assert_eq!(count["count"].as_u64().unwrap() as usize, expected.len());
+    }
+    let csv = ticketops(
+        Some(&db),
+        &dir,
+        &["tickets", "list", "--tag", "vip", "--format", "csv", "--limit", "1000"],
+    )
+    .run();
+    let rows = csv.expect_code(0).stdout.lines().count() as i64 - 1;
+    assert_eq!(
+        rows,
+        db.scalar("SELECT count(*) FROM tickets t JOIN ticket_tags x ON x.ticket_id = t.id JOIN tags g ON g.id = x.tag_id WHERE g.name = 'vip' AND t.deleted_at IS NULL")
+    );
+    ticketops(
+        Some(&db),
+        &dir,
+        &["tickets", "list", "--sort", "created", "--after", "garbage"],
+    )
+    .run()
+    .expect_code(1)
+    .stderr_has("not a cursor");
+}
+
+#[test]
+fn tickets_show_gives_fields_tags_comments_and_history() {
+    let db = TestDb::new();
+    let dir = scratch("tickets-show");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let id = db
+        .strings(
+            "SELECT t.external_id FROM tickets t WHERE EXISTS (SELECT 1 FROM comments c WHERE c.ticket_id = t.id)
+         AND EXISTS (SELECT 1 FROM ticket_tags x WHERE x.ticket_id = t.id) ORDER BY t.id LIMIT 1",
+        )
+        .remove(0);
+    let fix = apply(
+        &db,
+        &dir,
+        &["fix", "set", "priority=urgent", "--ids-file", &{
+            let f = dir.join("ids.csv");
+            std::fs::write(&f, format!("external_id\n{id}\n")).unwrap();
+            f.to_str().unwrap().to_string()
+        }],
+    );
+    let shown = ticketops(Some(&db), &dir, &["--json", "tickets", "show", &id, "--comments", "1"])
+        .run()
+        .expect_code(0)
+        .json();
+    assert_eq!(shown["external_id"], id.as_str());
+    assert_eq!(shown["priority"], "urgent");
+    let tags: Vec<String> = db.strings(&format!(
+        "SELECT g.name FROM tags g JOIN ticket_tags x ON x.tag_id = g.id JOIN tickets t ON t.id = x.ticket_id
+         WHERE t.external_id = '{id}' ORDER BY g.name"
+    ));
+    assert_eq!(shown["tags"], serde_json::json!(tags));
+    assert_eq!(shown["comments"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        shown["comment_count"].as_i64().unwrap(),
+        db.scalar(&format!(
+            "SELECT count(*) FROM comments c JOIN tickets t ON t.id = c.ticket_id WHERE t.external_id = '{id}'"
+        ))
+    );
+    let kinds: Vec<&str> = shown["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["import tickets", "fix set"], "{shown}");
+    assert_eq!(shown["operations"][1]["id"], fix["operation_id"]);
+    let text = ticketops(Some(&db), &dir, &["tickets", "show", &id]).run();
+    text.expect_code(0);
+    assert!(
+        text.stdout.contains("history:") && text.stdout.contains("fix set"),
+        "{}",
+        text.explain()
+    );
+    ticketops(Some(&db), &dir, &["tickets", "show", "NO-SUCH-TICKET"])
+        .run()
+        .expect_code(2)
+        .stderr_has("there is no ticket");
+}
