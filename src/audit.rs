@@ -125,6 +125,79 @@ pub fn record_batch(
     Ok(())
 }
 
+/// One changed value of one row, as `ops show --changes` lists it.
+#[derive(Debug, Clone, diesel::QueryableByName, serde::Serialize)]
+pub struct ChangedValue {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    #[serde(skip)]
+    pub audit_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub table: String,
+    /// The row as people name it: a ticket's or comment's external_id, a user's e-mail; for a
+    /// row that no longer exists, `id N`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub key: String,
+    /// The column, or `(inserted)` / `(purged)` for a whole row.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub field: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Jsonb>)]
+    pub before: Option<serde_json::Value>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Jsonb>)]
+    pub after: Option<serde_json::Value>,
+}
+
+/// What the audit rows of `operation_id` after audit id `after` (at most `limit` of them)
+/// changed, value by value: the columns that differ between a row's before and after images,
+/// and each row of a batch recorded as a list of ids. In audit order, then by row.
+pub fn changes(conn: &mut PgConnection, operation_id: i64, after: i64, limit: i64) -> QueryResult<Vec<ChangedValue>> {
+    use diesel::sql_types::BigInt;
+    diesel::sql_query(format!(
+        "WITH a AS (
+             SELECT id, table_name, row_id, action, before, after FROM audit_log
+             WHERE operation_id = $1 AND id > $2 ORDER BY id LIMIT $3
+         ), changed AS (
+             SELECT a.id AS audit_id, a.table_name, a.row_id, k.key AS field, a.before -> k.key AS before,
+                    a.after -> k.key AS after
+             FROM a CROSS JOIN LATERAL jsonb_object_keys(coalesce(a.before, '{{}}') || coalesce(a.after, '{{}}')) k(key)
+             WHERE a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND k.key <> 'last_operation_id'
+               AND (a.before -> k.key) IS DISTINCT FROM (a.after -> k.key)
+             UNION ALL
+             SELECT a.id, a.table_name, a.row_id, '(inserted)', NULL, NULL FROM a WHERE a.action = '{INSERT_ACTION}'
+             UNION ALL
+             SELECT a.id, a.table_name, g.id, '(inserted)', NULL, NULL
+             FROM a CROSS JOIN LATERAL jsonb_array_elements(a.after -> 'ids') r
+                    CROSS JOIN LATERAL generate_series((r ->> 0)::bigint, (r ->> 1)::bigint) g(id)
+             WHERE a.action = '{INSERT_IDS_ACTION}'
+             UNION ALL
+             SELECT a.id, a.table_name, i.value::bigint, 'deleted_at', 'null'::jsonb, a.after -> 'deleted_at'
+             FROM a CROSS JOIN LATERAL jsonb_array_elements_text(a.after -> 'ids') i
+             WHERE a.action = '{SOFT_DELETE_ACTION}'
+             UNION ALL
+             SELECT a.id, a.table_name, i.value::bigint, 'deleted_at', a.before -> 'deleted_at' -> (i.n::int - 1), 'null'::jsonb
+             FROM a CROSS JOIN LATERAL jsonb_array_elements_text(a.before -> 'ids') WITH ORDINALITY i(value, n)
+             WHERE a.action = '{RESTORE_ACTION}'
+             UNION ALL
+             SELECT a.id, a.table_name, coalesce(i.value ->> 'id', i.value #>> '{{}}')::bigint, '(purged)', NULL, NULL
+             FROM a CROSS JOIN LATERAL jsonb_array_elements(coalesce(a.before -> 'ids', a.before -> 'rows')) i
+             WHERE a.action = '{PURGE_ACTION}'
+         )
+         SELECT c.audit_id, c.table_name AS table,
+                coalesce(CASE c.table_name WHEN 'tickets' THEN t.external_id WHEN 'users' THEN u.email
+                                           WHEN 'comments' THEN m.external_id END,
+                         'id ' || c.row_id) AS key,
+                c.field, c.before, c.after
+         FROM changed c
+         LEFT JOIN tickets t ON c.table_name = 'tickets' AND t.id = c.row_id
+         LEFT JOIN users u ON c.table_name = 'users' AND u.id = c.row_id
+         LEFT JOIN comments m ON c.table_name = 'comments' AND m.id = c.row_id
+         ORDER BY c.audit_id, c.row_id, c.field"
+    ))
+    .bind::<BigInt, _>(operation_id)
+    .bind::<BigInt, _>(after)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 use diesel::prelude::*;
 use serde_json::json;
 
+use crate::args::Format;
+use crate::audit;
 use crate::context::Context;
 use crate::db;
 use crate::exit::{self, UsageError};
@@ -38,6 +40,13 @@ pub enum Action {
     Show {
         /// The operation id
         id: i64,
+        /// List what it changed, value by value: one line per changed field of each row (by
+        /// external_id or e-mail), before and after
+        #[arg(long)]
+        changes: bool,
+        /// Output format of --changes (the global --json means --format json)
+        #[arg(long, value_enum, requires = "changes")]
+        format: Option<Format>,
     },
 }
 
@@ -164,7 +173,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 }
             }
         }
-        Action::Show { id } => {
+        Action::Show {
+            id,
+            changes: true,
+            format,
+        } => return print_changes(ctx, &mut conn, id, format),
+        Action::Show { id, .. } => {
             let op: BulkOperation = bulk_operations::table
                 .find(id)
                 .select(BulkOperation::as_select())
@@ -200,6 +214,82 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 }
             }
         }
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `ops show ID --changes`: the operation's audit trail, a page of audit rows at a time, so that
+/// a table or CSV of a large operation streams (JSON is one object, held whole).
+fn print_changes(
+    ctx: &Context,
+    conn: &mut diesel::PgConnection,
+    id: i64,
+    format: Option<Format>,
+) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    use std::io::Write;
+    let format = Format::chosen(format, ctx.global.json)?;
+    crate::operation::find(conn, id)?
+        .ok_or_else(|| UsageError(format!("there is no operation {id} (see `ticketops ops list`)")))?;
+    let shown = |v: &Option<serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let mut all = Vec::new();
+    let mut csv = (format == Format::Csv).then(|| csv::Writer::from_writer(std::io::stdout()));
+    let mut after = 0i64;
+    let mut printed_header = false;
+    loop {
+        // 20 audit rows a page: a batch's row can list thousands of ids.
+        let page = audit::changes(conn, id, after, 20).context("cannot read the operation's audit trail")?;
+        let Some(last) = page.last() else { break };
+        after = last.audit_id;
+        match format {
+            Format::Json => all.extend(page),
+            Format::Csv => {
+                let writer = csv.as_mut().expect("made for CSV");
+                if !printed_header {
+                    writer.write_record(["table", "key", "field", "before", "after"])?;
+                    printed_header = true;
+                }
+                for c in &page {
+                    writer.write_record([
+                        c.table.clone(),
+                        c.key.clone(),
+                        c.field.clone(),
+                        shown(&c.before),
+                        shown(&c.after),
+                    ])?;
+                }
+                writer.flush()?;
+            }
+            Format::Table => {
+                // Streamed line by line (an operation can change millions of values), so the
+                // columns are fixed-width rather than fitted.
+                let mut out = std::io::stdout().lock();
+                if !printed_header {
+                    writeln!(out, "{:<9} {:<20} {:<16} before → after", "table", "key", "field")?;
+                    printed_header = true;
+                }
+                for c in &page {
+                    writeln!(
+                        out,
+                        "{:<9} {:<20} {:<16} {} → {}",
+                        c.table,
+                        crate::output::escape_controls(&c.key),
+                        c.field,
+                        crate::output::escape_controls(&shown(&c.before)),
+                        crate::output::escape_controls(&shown(&c.after))
+                    )?;
+                }
+            }
+        }
+    }
+    if format == Format::Json {
+        ctx.print_json(&json!({"operation_id": id, "changes": all}))?;
+    } else if !printed_header && format == Format::Table {
+        ctx.info(format!("operation {id} recorded no changed rows"));
     }
     Ok(exit::SUCCESS)
 }

@@ -374,3 +374,81 @@ fn tickets_show_gives_fields_tags_comments_and_history() {
         .expect_code(2)
         .stderr_has("there is no ticket");
 }
+
+#[test]
+fn ops_show_changes_lists_every_changed_value_by_external_id() {
+    let db = TestDb::new();
+    let dir = scratch("ops-changes");
+    let (_, imported) = import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    let changes = |op: &serde_json::Value| -> Vec<serde_json::Value> {
+        let run = ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "ops", "show", &op.to_string(), "--changes"],
+        )
+        .run();
+        run.expect_code(0).json()["changes"].as_array().unwrap().clone()
+    };
+    // An import: one (inserted) line per inserted ticket, by external_id.
+    let inserted = changes(&imported["operation_id"]);
+    assert_eq!(inserted.len() as u64, imported["inserted"].as_u64().unwrap());
+    assert!(
+        inserted
+            .iter()
+            .all(|c| c["field"] == "(inserted)" && c["key"].as_str().unwrap().starts_with("T-"))
+    );
+    // A fix: the changed field of each changed ticket, before and after.
+    let fix = apply(&db, &dir, &["fix", "set", "priority=urgent", "--status", "on_hold"]);
+    let fixed = changes(&fix["operation_id"]);
+    let priority: Vec<&serde_json::Value> = fixed.iter().filter(|c| c["field"] == "priority").collect();
+    assert_eq!(priority.len() as i64, fix["changed"].as_i64().unwrap());
+    assert!(
+        priority
+            .iter()
+            .all(|c| c["after"] == "urgent" && c["before"] != "urgent")
+    );
+    let key = priority[0]["key"].as_str().unwrap();
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT priority::text FROM tickets WHERE external_id = '{key}'"
+        )),
+        vec!["urgent"]
+    );
+    // A soft-delete: deleted_at of every ticket, in CSV too.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--batch-size",
+            "7",
+        ],
+    )
+    .run();
+    let deleted = run.expect_code(0).json();
+    let csv = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "ops",
+            "show",
+            &deleted["operation_id"].to_string(),
+            "--changes",
+            "--format",
+            "csv",
+        ],
+    )
+    .run();
+    let lines: Vec<&str> = csv.expect_code(0).stdout.lines().collect();
+    assert_eq!(lines[0], "table,key,field,before,after");
+    assert_eq!(lines.len() as u64 - 1, deleted["soft_deleted"].as_u64().unwrap());
+    assert!(
+        lines[1..].iter().all(|l| l.contains(",deleted_at,,")),
+        "{}",
+        csv.explain()
+    );
+}
