@@ -68,8 +68,9 @@ pub struct ApplyArgs {
     pub yes: bool,
 }
 
-/// Asks the person at the terminal to confirm a write of `count` rows. Without a terminal and
-/// without `--yes`, refuses (exit 2) rather than guess.
+/// Asks the person at the terminal to confirm a write of `count` rows (`y` or `yes`; anything
+/// else, an empty line included, is no). Without a terminal and without `--yes`, refuses
+/// (exit 2) rather than guess.
 pub fn confirm(args: &ApplyArgs, what: &str, count: u64) -> anyhow::Result<bool> {
     if args.yes {
         return Ok(true);
@@ -80,7 +81,7 @@ pub fn confirm(args: &ApplyArgs, what: &str, count: u64) -> anyhow::Result<bool>
         ))
         .into());
     }
-    eprint!("{what}: {count} row(s) will change. Type yes to continue: ");
+    eprint!("{what}: {count} row(s) will change. Continue? [y/N] ");
     std::io::stderr().flush().ok();
     let mut answer = String::new();
     std::io::stdin()

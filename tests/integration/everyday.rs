@@ -452,3 +452,47 @@ fn ops_show_changes_lists_every_changed_value_by_external_id() {
         csv.explain()
     );
 }
+
+#[test]
+fn the_confirmation_shows_the_count_and_a_sample_and_reads_y_or_n() {
+    let db = TestDb::new();
+    let dir = scratch("confirm");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    let before = db.checksum("tickets");
+    // script(1) gives the binary a terminal; its stdin feeds the answer to it.
+    let answer = |reply: &str| -> String {
+        let typescript = dir.join(format!("confirm-{}", reply.trim()));
+        let mut child = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("{BIN} fix set priority=low --status on_hold --apply"),
+                typescript.to_str().unwrap(),
+            ])
+            .env("DATABASE_URL", &db.url)
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::io::Write::write_all(&mut stdin, reply.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait().unwrap();
+        String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).replace('\r', "")
+    };
+    let screen = answer("n\n");
+    assert!(screen.contains("Continue? [y/N]"), "{screen}");
+    assert!(
+        screen.contains("external_id") && screen.contains("priority=low"),
+        "the sample is shown: {screen}"
+    );
+    assert!(screen.contains("nothing was written"), "{screen}");
+    assert_eq!(db.checksum("tickets"), before, "no means no");
+    let screen = answer("y\n");
+    assert!(screen.contains("fix set: succeeded"), "{screen}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE status = 'on_hold' AND priority <> 'low'"),
+        0
+    );
+}

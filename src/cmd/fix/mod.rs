@@ -169,9 +169,16 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
         }
         if would_change == 0 {
             ctx.info("nothing to change");
-        } else if !confirm(run.apply, run.kind, would_change)? {
-            ctx.info("not confirmed; nothing was written");
-            return Ok(exit::FAILURE);
+        } else {
+            if !run.apply.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                // The person asked sees what would change before answering.
+                eprintln!("{} ({})", run.kind, fix.describe());
+                sample_table(&sample, would_change, &mut std::io::stderr().lock())?;
+            }
+            if !confirm(run.apply, run.kind, would_change)? {
+                ctx.info("not confirmed; nothing was written");
+                return Ok(exit::FAILURE);
+            }
         }
     }
     let job = Job::start(pool, &ctx.url()?, &mut conn, run.kind, run.args)?;
@@ -233,6 +240,13 @@ pub fn print_dry_run(
 
 /// The sample of a dry run as a table, before → after, and how to go on.
 pub fn print_dry_run_table(would_change: u64, sample: &[Sample]) -> anyhow::Result<()> {
+    sample_table(sample, would_change, &mut std::io::stdout().lock())?;
+    println!("run again with --apply to write");
+    Ok(())
+}
+
+/// The sample as a table, before → after, with how many more rows there are.
+fn sample_table(sample: &[Sample], would_change: u64, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     if !sample.is_empty() {
         let mut table = crate::output::Table::new(["external_id", "before", "after"]);
         for s in sample {
@@ -242,12 +256,11 @@ pub fn print_dry_run_table(would_change: u64, sample: &[Sample]) -> anyhow::Resu
                 crate::output::Cell::text(flat(&s.after)),
             ]);
         }
-        table.write_aligned(&mut std::io::stdout().lock())?;
+        table.write_aligned(out)?;
         if would_change as usize > sample.len() {
-            println!("… and {} more", would_change as usize - sample.len());
+            writeln!(out, "… and {} more", would_change as usize - sample.len())?;
         }
     }
-    println!("run again with --apply to write");
     Ok(())
 }
 
