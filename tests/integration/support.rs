@@ -541,8 +541,10 @@ pub fn kill(child: &std::process::Child, signal: &str) {
     assert!(ok.success());
 }
 
-/// Runs the binary and returns its result with its peak resident memory in KiB, read from
-/// wait4(2) for that one child (other tests' children do not count).
+/// Runs the binary and returns its result with its peak resident memory in KiB: the high-water
+/// mark of its own address space (`VmHWM`), read from /proc while it runs. Not wait4's
+/// ru_maxrss: a child forked from this (large, multi-threaded) test process carries the
+/// parent's resident size into ru_maxrss across its exec.
 #[allow(clippy::zombie_processes)] // reaped by wait4 below, which std does not know of
 pub fn run_measured(cmd: Cmd) -> (Run, u64) {
     use std::io::Read;
@@ -560,9 +562,27 @@ pub fn run_measured(cmd: Cmd) -> (Run, u64) {
         let _ = stderr.read_to_end(&mut buf);
         buf
     });
+    let pid = child.id() as libc::pid_t;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    let hwm = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                    peak = peak.max(hwm.unwrap_or(0));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        }
+    });
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
     let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(waited, pid, "wait4 failed");
     let code = if libc::WIFEXITED(status) {
@@ -576,7 +596,10 @@ pub fn run_measured(cmd: Cmd) -> (Run, u64) {
         stdout: String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
     };
-    (run, usage.ru_maxrss as u64)
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = watcher.join().unwrap();
+    assert!(peak > 0, "no VmHWM was read for the child");
+    (run, peak)
 }
 
 pub fn sample_db(name: &str) -> (TestDb, std::path::PathBuf) {
