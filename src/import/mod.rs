@@ -94,7 +94,11 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
         Input::Stdin => None,
         Input::File(path) => {
             let name = path.file_name()?.to_string_lossy();
-            let stem = name.strip_suffix(".csv").unwrap_or(&name);
+            let name = [".gz", ".zst"]
+                .iter()
+                .find_map(|z| name.strip_suffix(z))
+                .unwrap_or(&name);
+            let stem = name.strip_suffix(".csv").unwrap_or(name);
             Some(path.with_file_name(format!("{stem}.rejects.csv")))
         }
     }

@@ -143,7 +143,7 @@ pub(super) fn read_batches<K: ImportKind>(
             Err(error) => batch.rejects.push((after.record, line, record.clone(), error)),
         }
         if batch.rows.len() + batch.rejects.len() >= batch_size {
-            progress.set_position(after.byte);
+            progress.set_position(source.progress_position(after));
             let full = std::mem::replace(
                 &mut batch,
                 Batch {
@@ -160,7 +160,7 @@ pub(super) fn read_batches<K: ImportKind>(
         }
     }
     if batch.rows_read > 0 {
-        progress.set_position(batch.end.byte);
+        progress.set_position(source.progress_position(batch.end));
         let _ = sender.send(Ok(batch));
     }
     warnings.extend(latin1_check.warning());

@@ -52,20 +52,6 @@ pub struct Scan {
     pub untracked_reason: Option<String>,
 }
 
-/// Moves the progress bar by the bytes read through it.
-struct ProgressReader<R> {
-    inner: R,
-    progress: indicatif::ProgressBar,
-}
-
-impl<R: Read> Read for ProgressReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.progress.inc(n as u64);
-        Ok(n)
-    }
-}
-
 /// The SHA-256 of the file at `path`, as lower-case hex.
 fn sha256_of(path: &Path) -> io::Result<String> {
     let mut file = File::open(path)?;
@@ -113,12 +99,9 @@ fn scan_keys<K: ImportKind>(
 ) -> anyhow::Result<RepeatedKeys> {
     let (delimiter, encoding, fields, renames) = (options.delimiter, options.encoding, K::FIELDS, &options.renames);
     let key_field = K::KEY_FIELD;
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let counting = ProgressReader {
-        inner: file,
-        progress: progress.clone(),
-    };
-    let mut reader = BoundedReader::new(counting, delimiter, options.max_field_size);
+    let on_read = progress.clone();
+    let (decoded, _) = super::source::open_decoded(path, Box::new(move |n| on_read.inc(n)))?;
+    let mut reader = BoundedReader::new(decoded, delimiter, options.max_field_size);
     let mut record = ByteRecord::new();
     let read_error = || format!("cannot read {}", path.display());
 

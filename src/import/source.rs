@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
 use csv::ByteRecord;
@@ -372,6 +374,10 @@ pub struct ReadRecord {
 /// and holds no field beyond `max_field_size` bytes.
 pub struct CsvSource {
     reader: BoundedReader<Box<dyn Read + Send>>,
+    /// The file's own bytes read so far, and whether they are compressed (then the progress
+    /// bar, over the file's size, follows them rather than the CSV's position).
+    consumed: Arc<AtomicU64>,
+    compressed: bool,
     /// Added to the reader's own positions (BOM, or where a resume started).
     base: Position,
     pub header: Vec<String>,
@@ -391,9 +397,21 @@ impl CsvSource {
         max_field_size: usize,
         resume_at: Option<Position>,
     ) -> anyhow::Result<CsvSource> {
+        let consumed = Arc::new(AtomicU64::new(0));
+        let counter = |consumed: &Arc<AtomicU64>| -> OnRead {
+            let consumed = consumed.clone();
+            Box::new(move |n| {
+                consumed.fetch_add(n, Ordering::Relaxed);
+            })
+        };
+        let mut compression = Compression::None;
         let (mut raw, mut start): (Box<dyn Read + Send>, u64) = match input {
             Input::Stdin => (Box::new(io::stdin()), 0),
-            Input::File(path) => (Box::new(open_file(path)?), 0),
+            Input::File(path) => {
+                let (reader, how) = open_decoded(path, counter(&consumed))?;
+                compression = how;
+                (reader, 0)
+            }
         };
         // Skip a UTF-8 byte order mark at the byte level: the csv parser would otherwise see it
         // as part of the first field, and a quoted first header would not parse as quoted.
@@ -434,20 +452,46 @@ impl CsvSource {
             let Input::File(path) = input else {
                 bail!("--resume needs a file, not stdin")
             };
-            let mut file = open_file(path)?;
-            file.seek(SeekFrom::Start(at.byte))
-                .with_context(|| format!("cannot seek in {}", path.display()))?;
-            reader = BoundedReader::new(Box::new(file), delimiter, max_field_size);
+            consumed.store(0, Ordering::Relaxed);
+            let (mut resumed, how) = open_decoded(path, counter(&consumed))?;
+            if how == Compression::None {
+                // A plain file is sought; a compressed one is decompressed up to the position.
+                let mut file = open_file(path)?;
+                file.seek(SeekFrom::Start(at.byte))
+                    .with_context(|| format!("cannot seek in {}", path.display()))?;
+                resumed = Box::new(io::BufReader::with_capacity(1 << 20, file));
+            } else {
+                let skipped = io::copy(&mut resumed.by_ref().take(at.byte), &mut io::sink())
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                if skipped < at.byte {
+                    bail!(
+                        "{} is shorter than where the import stopped: not the same file",
+                        path.display()
+                    );
+                }
+            }
+            reader = BoundedReader::new(resumed, delimiter, max_field_size);
             base = at;
         }
         let records_read = base.record;
         Ok(CsvSource {
+            consumed,
+            compressed: compression != Compression::None,
             reader,
             base,
             header,
             raw_header,
             records_read,
         })
+    }
+
+    /// Where a progress bar over the input file's size stands after `after`.
+    pub fn progress_position(&self, after: Position) -> u64 {
+        if self.compressed {
+            self.consumed.load(Ordering::Relaxed)
+        } else {
+            after.byte
+        }
     }
 
     /// Reads the next record into `record`, or `None` at the end of the input.
@@ -475,6 +519,55 @@ impl CsvSource {
             unterminated: end.unterminated,
         }))
     }
+}
+
+/// Called with the number of the file's own bytes each read consumed.
+pub type OnRead = Box<dyn FnMut(u64) + Send>;
+
+/// Counts the file's own bytes as they are read (under a decompressor: the compressed bytes).
+struct CountingReader<R> {
+    inner: R,
+    on_read: OnRead,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_read)(n as u64);
+        Ok(n)
+    }
+}
+
+/// How an input file is compressed, from its first bytes (not its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Opens an input file for reading its CSV: decompressed when it is gzip or zstd (told by
+/// its content, so `dump.csv.gz` and a gzip named `dump.csv` both work). `on_read` is told the
+/// file's own bytes consumed, for a progress bar over the file's size.
+pub fn open_decoded(path: &Path, on_read: OnRead) -> anyhow::Result<(Box<dyn Read + Send>, Compression)> {
+    let mut file = open_file(path)?;
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read {}", path.display()))?;
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("cannot seek in {}", path.display()))?;
+    let counted = CountingReader {
+        inner: io::BufReader::with_capacity(1 << 20, file),
+        on_read,
+    };
+    let context = || format!("cannot read {}", path.display());
+    Ok(match magic[..n] {
+        [0x1f, 0x8b, ..] => (Box::new(flate2::read::MultiGzDecoder::new(counted)), Compression::Gzip),
+        [0x28, 0xb5, 0x2f, 0xfd] => (
+            Box::new(zstd::stream::read::Decoder::new(counted).with_context(context)?),
+            Compression::Zstd,
+        ),
+        _ => (Box::new(counted), Compression::None),
+    })
 }
 
 fn open_file(path: &Path) -> anyhow::Result<File> {
