@@ -20,13 +20,15 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// PostgreSQL connection URL (a `.env` file in the working directory is honoured)
+    /// PostgreSQL connection URL or key/value string (a `.env` file in the working directory is
+    /// honoured; without any, libpq's PGHOST, PGPORT, PGUSER, PGDATABASE, PGSERVICE are used)
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// Print the machine-readable result as JSON on stdout
     #[arg(long, global = true)]
     pub json: bool,
-    /// Progress bars on stderr: auto shows them only when stderr is a terminal
+    /// Progress bars on stderr: auto draws them only when stderr is a terminal, always draws them
+    /// even when it is not
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true)]
     pub progress: ProgressMode,
     /// Print only errors on stderr
