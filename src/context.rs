@@ -135,11 +135,6 @@ impl Context {
         summary.into_result()
     }
 
-    /// The database URL, for engines that may need a fresh connection (after a lost one).
-    pub fn url(&self) -> anyhow::Result<String> {
-        self.database_url().map(str::to_string)
-    }
-
     /// A spinner and `-v` lines for a long job labelled `what`.
     pub fn watch(&self, what: &str) -> crate::output::Watch {
         crate::output::Watch::new(self.progress(), self.global.verbose > 0, what)

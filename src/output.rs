@@ -78,14 +78,6 @@ impl Watch {
         Watch { verbose, progress }
     }
 
-    /// Without a terminal: nothing drawn, no lines.
-    pub fn quiet() -> Watch {
-        Watch {
-            verbose: false,
-            progress: ProgressBar::hidden(),
-        }
-    }
-
     /// Counts `rows` more done, and shows the rate since `started`.
     pub fn advance(&self, rows: u64, total: u64, started: std::time::Instant) {
         self.progress.inc(rows);

@@ -215,7 +215,7 @@ fn soft_delete(
     }
     let job = job::Job::start(
         &pool,
-        &ctx.url()?,
+        ctx.database_url()?,
         &mut conn,
         kind,
         json!({"filters": filters.to_json(), "all": all, "batching": batching.settings().to_json()}),
@@ -388,7 +388,7 @@ fn purge(
     }
     let job = job::Job::start(
         &pool,
-        &ctx.url()?,
+        ctx.database_url()?,
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "archive": archive, "archive_comments": archive_comments,
@@ -516,7 +516,7 @@ fn purge_users(
     }
     let job = job::Job::start(
         &pool,
-        &ctx.url()?,
+        ctx.database_url()?,
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "batching": batching.settings().to_json()}),

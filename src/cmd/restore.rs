@@ -59,7 +59,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             }
             let job = Job::start(
                 &pool,
-                &ctx.url()?,
+                ctx.database_url()?,
                 &mut conn,
                 kind,
                 json!({"filters": args.filters.to_json(), "all": args.all}),
@@ -123,7 +123,14 @@ fn restore_operation(
         ctx.info(preview.describe());
         return dry_run_report(ctx, preview.restorable);
     }
-    let done = restore::restore_operation(pool, &ctx.url()?, conn, source_op, &settings, &ctx.watch(restore::KIND))?;
+    let done = restore::restore_operation(
+        pool,
+        ctx.database_url()?,
+        conn,
+        source_op,
+        &settings,
+        &ctx.watch(restore::KIND),
+    )?;
     if let Some(note) = done.skipped_note(source_op) {
         ctx.info(note);
     }

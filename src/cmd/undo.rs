@@ -350,7 +350,7 @@ fn revert(
 ) -> anyhow::Result<i32> {
     let job = Job::start(
         pool,
-        &ctx.url()?,
+        ctx.database_url()?,
         conn,
         "undo",
         json!({"operation": source_op, "force": args.force}),
@@ -579,7 +579,14 @@ fn undo_soft_delete(
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    let done = restore::restore_operation(pool, &ctx.url()?, conn, op, &settings, &ctx.watch(restore::KIND))?;
+    let done = restore::restore_operation(
+        pool,
+        ctx.database_url()?,
+        conn,
+        op,
+        &settings,
+        &ctx.watch(restore::KIND),
+    )?;
     if let Some(note) = done.skipped_note(op) {
         ctx.info(note);
     }

@@ -129,7 +129,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     }
     let job = Job::start(
         &pool,
-        &ctx.url()?,
+        ctx.database_url()?,
         &mut conn,
         KIND,
         json!({"from": from_email, "into": into_email, "batching": args.batching.settings().to_json()}),

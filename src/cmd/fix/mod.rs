@@ -181,7 +181,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
             }
         }
     }
-    let job = Job::start(pool, &ctx.url()?, &mut conn, run.kind, run.args)?;
+    let job = Job::start(pool, ctx.database_url()?, &mut conn, run.kind, run.args)?;
     let op_id = job.operation_id;
     fix.prepare(&mut conn)?;
     let mut last_id = 0i64;
