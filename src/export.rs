@@ -9,6 +9,7 @@ use diesel::pg::{CopyFormat, CopyTarget, Pg};
 use diesel::query_builder::AstPass;
 use diesel::{QueryResult, sql_types};
 
+use crate::filters::ResolvedFilters;
 use crate::schema;
 
 /// What can be exported.
@@ -119,7 +120,7 @@ fn copy_out<T: CopyTarget>(target: T, conn: &mut diesel::PgConnection, out: &mut
 }
 
 /// Writes `dataset` as CSV with a header to `out`; returns the bytes written.
-pub fn export(
+pub fn export_all(
     conn: &mut diesel::PgConnection,
     dataset: Dataset,
     include_deleted: bool,
@@ -133,4 +134,61 @@ pub fn export(
         (Dataset::Comments, false) => copy_out(CommentsExport::<false>, conn, out),
         (Dataset::Comments, true) => copy_out(CommentsExport::<true>, conn, out),
     }
+}
+
+// The tickets a filtered export selects, staged on the server: COPY cannot take bound
+// parameters, and the filters' values are never rendered into SQL text.
+diesel::table! {
+    export_selection (id) {
+        id -> BigInt,
+    }
+}
+
+export_query!(
+    SelectedTicketsExport,
+    schema::tickets::table,
+    (
+        TICKETS_SELECT,
+        "",
+        " WHERE t.id IN (SELECT id FROM export_selection) ORDER BY t.id"
+    )
+);
+export_query!(
+    SelectedCommentsExport,
+    schema::comments::table,
+    (
+        COMMENTS_SELECT,
+        "",
+        " WHERE c.ticket_id IN (SELECT id FROM export_selection) ORDER BY c.id"
+    )
+);
+
+/// Writes the tickets the filters select, or their comments, as CSV with a header; returns
+/// the bytes written. The selection is one `INSERT … SELECT` of ids into a temporary table
+/// (bound parameters, on the server), then one `COPY` that joins it, in one REPEATABLE READ
+/// transaction so that both see the same snapshot. Client memory stays constant.
+pub fn export_selected(
+    conn: &mut diesel::PgConnection,
+    dataset: Dataset,
+    filters: &ResolvedFilters,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    use diesel::prelude::*;
+    conn.build_transaction().repeatable_read().run(|conn| {
+        diesel::sql_query("CREATE TEMPORARY TABLE export_selection (id bigint PRIMARY KEY) ON COMMIT DROP")
+            .execute(conn)
+            .context("cannot create the temporary table of selected tickets")?;
+        diesel::insert_into(export_selection::table)
+            .values(filters.query(filters.deleted_scope()).select(schema::tickets::id))
+            .into_columns(export_selection::id)
+            .execute(conn)
+            .context("cannot select the tickets to export")?;
+        // Temporary tables are never analyzed by autovacuum; the planner needs their size.
+        diesel::sql_query("ANALYZE export_selection").execute(conn)?;
+        match dataset {
+            Dataset::Tickets => copy_out(SelectedTicketsExport::<true>, conn, out),
+            Dataset::Comments => copy_out(SelectedCommentsExport::<true>, conn, out),
+            Dataset::Users => anyhow::bail!("users are not selected by ticket filters"),
+        }
+    })
 }

@@ -1,6 +1,6 @@
-//! `ticketops export tickets|users|comments [-o FILE]`: CSV in exactly the import format,
-//! streamed from PostgreSQL with `COPY (SELECT …) TO STDOUT` through Diesel's `copy_to`, so
-//! memory stays constant whatever the table size.
+//! `ticketops export tickets|users|comments [filters] [-o FILE]`: CSV in exactly the import
+//! format, streamed from PostgreSQL with `COPY (SELECT …) TO STDOUT` through Diesel's
+//! `copy_to`, so memory stays constant whatever the table size.
 
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use crate::context::Context;
 use crate::db;
 use crate::exit;
+use crate::exit::UsageError;
 use crate::export::{self, Dataset};
+use crate::filters::TicketFilters;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -18,8 +20,14 @@ Timestamps are written in UTC as RFC 3339 with microseconds, tags joined with ';
 `export` then `import` into an empty database reproduces the data, and into the same database
 reports every row unchanged.
 
+The ticket filters are those of `tickets list`, `cleanup` and `fix`: `export comments` with
+filters writes the comments of the tickets they select. Export, edit in a spreadsheet, and
+`fix apply` the file: it reads the export's own columns (a `tags` column sets the tag set).
+
 Examples:
   ticketops export tickets -o tickets.csv
+  ticketops export tickets --status open --assignee none -o unassigned.csv
+  ticketops export comments --tag vip --created-after 30d -o vip-comments.csv
   ticketops export users --include-deleted | gzip > users.csv.gz")]
 pub struct Args {
     /// What to export
@@ -28,9 +36,9 @@ pub struct Args {
     /// Write to this file instead of stdout
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Include soft-deleted rows
-    #[arg(long)]
-    pub include_deleted: bool,
+    /// Which tickets (for `tickets` and `comments`); `--include-deleted` also applies to users
+    #[command(flatten)]
+    pub filters: TicketFilters,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -41,6 +49,19 @@ pub enum What {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    let dataset = match args.what {
+        What::Tickets => Dataset::Tickets,
+        What::Users => Dataset::Users,
+        What::Comments => Dataset::Comments,
+    };
+    let filtered = !args.filters.is_empty() || args.filters.only_deleted;
+    if filtered && dataset == Dataset::Users {
+        return Err(UsageError(
+            "export users takes no ticket filters (only --include-deleted); filter tickets or comments instead".into(),
+        )
+        .into());
+    }
+    let filters = args.filters.resolve()?;
     let pool = ctx.pool(1)?;
     let mut conn = db::get(&pool)?;
     let (mut out, target_name): (Box<dyn Write>, String) = match &args.output {
@@ -57,18 +78,20 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ),
     };
     let started = std::time::Instant::now();
-    let dataset = match args.what {
-        What::Tickets => Dataset::Tickets,
-        What::Users => Dataset::Users,
-        What::Comments => Dataset::Comments,
-    };
+    if filtered && let Some(warning) = filters.unmatched_ids_warning(&mut conn)? {
+        ctx.info(warning);
+    }
     let progress = crate::output::byte_progress(ctx.progress(), None);
     progress.set_prefix("exporting");
     let mut counted = crate::output::ProgressWriter {
         inner: &mut out,
         progress: progress.clone(),
     };
-    let result = export::export(&mut conn, dataset, args.include_deleted, &mut counted);
+    let result = if filtered {
+        export::export_selected(&mut conn, dataset, &filters, &mut counted)
+    } else {
+        export::export_all(&mut conn, dataset, args.filters.include_deleted, &mut counted)
+    };
     progress.finish_and_clear();
     let result = result.and_then(|b| {
         out.flush().with_context(|| format!("cannot write {target_name}"))?;

@@ -63,8 +63,10 @@ pub trait ImportKind {
         Cow::Borrowed(raw.trim())
     }
 
-    /// Told which fields the file has, once its header is read.
-    fn configure(&mut self, _columns: &ColumnMap) {}
+    /// Told which fields the file has, once its header is read; an error refuses the file.
+    fn configure(&mut self, _columns: &ColumnMap) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// Told that the pre-import scan saw every key, so each key reaches `write_batch` at
     /// most once in the whole import (earlier occurrences are dropped as duplicates).

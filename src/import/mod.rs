@@ -391,7 +391,7 @@ fn read_header<K: ImportKind>(
     };
     let value_map = ValueMap::parse(&options.value_maps, K::FIELDS)?;
     if let Some(columns) = &columns {
-        kind.configure(columns);
+        kind.configure(columns).with_context(|| options.input.display())?;
         if !columns.ignored.is_empty() {
             log.info(output::escape_controls(&format!(
                 "warning: ignoring unknown column(s): {}",

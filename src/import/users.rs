@@ -13,7 +13,7 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
 use super::entities::EntityCache;
 use super::normalize;
-use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
+use super::source::{FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
 use crate::models::UserRole;
 
@@ -132,8 +132,6 @@ impl ImportKind for UserImport {
     fn normalize_key(raw: &str) -> Cow<'_, str> {
         Cow::Owned(raw.trim().to_lowercase())
     }
-
-    fn configure(&mut self, _columns: &ColumnMap) {}
 
     fn reset(&mut self) {
         self.cache.clear();

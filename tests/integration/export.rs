@@ -75,3 +75,63 @@ fn export_leaves_out_soft_deleted_rows_unless_asked() {
     let all = ticketops(Some(&db), &dir, &["export", "tickets", "--include-deleted"]).run();
     assert_eq!(all.expect_code(0).stdout.lines().count(), 3);
 }
+
+/// The first column of a CSV (external ids), header left out.
+fn first_column(csv_text: &str) -> Vec<String> {
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let mut ids: Vec<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn export_selects_with_the_same_filters_as_tickets_list() {
+    let (db, dir) = dataset();
+    let comments = dir.join("comments.csv");
+    std::fs::write(
+        &comments,
+        "external_id,ticket_external_id,author_email,body,created_at\n\
+         K-1,C-1,ann@example.com,first,2023-01-11\nK-3,C-3,ann@example.com,third,2024-03-02\n\
+         K-4,C-4,cid@example.com,fourth,2024-03-03\n",
+    )
+    .unwrap();
+    import(&db, &dir, "comments", &comments, &[]).0.expect_code(0);
+    db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--status", "closed"], &["C-1", "C-2"]),
+        (&["--status", "closed", "--include-deleted"], &["C-1", "C-2", "C-6"]),
+        (&["--only-deleted"], &["C-6"]),
+        (&["--tag", "vip"], &["C-1", "C-3"]),
+        (&["--organization", "Acme", "--priority", "urgent"], &["C-4"]),
+        (&["--assignee", "none"], &["C-2", "C-5"]),
+        (
+            &["--created-after", "2024-01-01", "--created-before", "2025-01-01"],
+            &["C-3", "C-4"],
+        ),
+        (&["--requester", "nobody@example.com"], &[]),
+    ];
+    for (filters, expected) in cases {
+        let mut args = vec!["export", "tickets"];
+        args.extend_from_slice(filters);
+        let run = ticketops(Some(&db), &dir, &args).run();
+        run.expect_code(0);
+        assert!(run.stdout.starts_with("external_id,subject,"), "{}", run.explain());
+        assert_eq!(first_column(&run.stdout), set(expected), "export {filters:?}");
+        let mut list = vec!["tickets", "list", "--format", "csv"];
+        list.extend_from_slice(filters);
+        let listed = ticketops(Some(&db), &dir, &list).run();
+        assert_eq!(
+            first_column(&listed.expect_code(0).stdout),
+            set(expected),
+            "tickets list {filters:?}"
+        );
+    }
+    // Comments: those of the selected tickets.
+    let run = ticketops(Some(&db), &dir, &["export", "comments", "--tag", "vip"]).run();
+    assert_eq!(first_column(&run.expect_code(0).stdout), set(&["K-1", "K-3"]));
+    // Users are not selected by ticket filters: a usage error, not everything.
+    ticketops(Some(&db), &dir, &["export", "users", "--status", "open"])
+        .run()
+        .expect_code(2)
+        .stderr_has("export users takes no ticket filters");
+}

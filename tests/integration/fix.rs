@@ -390,7 +390,7 @@ fn fix_apply_corrects_rows_rejects_bad_ones_and_accounts_for_every_row() {
     std::fs::write(
         &file,
         format!(
-            "External ID,Status,priority,assignee_email,organization,subject,tags_add,tags_remove,notes,Channel\n\
+            "External ID,Status,priority,assignee_email,organization,subject,tags_add,tags_remove,_notes,Channel\n\
              {a},closed,,,,,,,first,\n\
              {b},,Critical,none,Globex,Fixed subject,Escalated;vip,billing,,Phone\n\
              {c},bogus,,,,,,,bad status,\n\
@@ -530,4 +530,109 @@ fn solving_a_ticket_by_fix_sets_solved_at_and_reopening_clears_it_and_undo_resto
         before,
         "undo gives back status, solved_at and the rest"
     );
+}
+
+#[test]
+fn an_export_edited_in_a_spreadsheet_applies_as_it_is_and_undoes() {
+    let (db, dir) = dataset();
+    let before = tickets_and_tags(&db, "true");
+    ticketops(Some(&db), &dir, &["export", "tickets", "-o", "all.csv"])
+        .run()
+        .expect_code(0);
+    // Unedited, the export changes nothing and rejects nothing.
+    let same = ticketops(Some(&db), &dir, &["--json", "fix", "apply", "all.csv"]).run();
+    let v = same.expect_code(0).json();
+    assert_eq!(
+        (v["would_change"].as_u64(), v["rejected"].as_u64()),
+        (Some(0), Some(0)),
+        "{}",
+        same.explain()
+    );
+
+    // Edit it as a spreadsheet would: the tags cell is the whole set.
+    let mut reader = csv::Reader::from_path(dir.join("all.csv")).unwrap();
+    let header = reader.headers().unwrap().clone();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let mut writer = csv::Writer::from_path(dir.join("edited.csv")).unwrap();
+    writer.write_record(&header).unwrap();
+    for record in reader.records() {
+        let mut row: Vec<String> = record.unwrap().iter().map(String::from).collect();
+        match row[0].as_str() {
+            "C-1" => row[col("tags")] = "billing;new-tag".into(),
+            "C-3" => row[col("tags")] = String::new(),
+            "C-5" => {
+                row[col("status")] = "solved".into();
+                row[col("description")] = "Edited in a spreadsheet".into();
+            }
+            "C-2" => row[col("created_at")] = "2020-01-01T00:00:00.000000Z".into(),
+            "C-4" => row[col("requester_email")] = "someone@example.com".into(),
+            _ => {}
+        }
+        writer.write_record(&row).unwrap();
+    }
+    writer.flush().unwrap();
+    let applied = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "apply", "edited.csv", "--apply", "--yes"],
+    )
+    .run();
+    let v = applied.expect_code(3).json();
+    assert_eq!(v["changed"], 3, "{v}");
+    assert_eq!(v["rejected"], 2, "{v}");
+    let tags = |id: &str| {
+        db.strings(&format!(
+            "SELECT coalesce(string_agg(g.name, ';' ORDER BY g.name), '') FROM tickets t
+             LEFT JOIN ticket_tags x ON x.ticket_id = t.id LEFT JOIN tags g ON g.id = x.tag_id
+             WHERE t.external_id = '{id}'"
+        ))
+        .remove(0)
+    };
+    assert_eq!(tags("C-1"), "billing;new-tag");
+    assert_eq!(tags("C-3"), "");
+    assert_eq!(
+        db.strings("SELECT status::text || ' ' || description || ' ' || (solved_at IS NOT NULL) FROM tickets WHERE external_id = 'C-5'"),
+        set(&["solved Edited in a spreadsheet true"]),
+        "the status rule gives a solved ticket its solved_at"
+    );
+    let rejects = read_rejects(&dir.join("edited.rejects.csv"));
+    let reasons: Vec<(String, String)> = rejects.iter().map(|(id, _, why)| (id.clone(), why.clone())).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|(id, why)| id == "C-2" && why.contains("cannot change created_at")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(id, why)| id == "C-4" && why.contains("cannot change requester_email")),
+        "{reasons:?}"
+    );
+    // The same file again: nothing more to change (a blank solved_at is not an edit).
+    let again = ticketops(Some(&db), &dir, &["--json", "fix", "apply", "edited.csv"]).run();
+    let v2 = again.expect_code(3).json();
+    assert_eq!(
+        (v2["would_change"].as_u64(), v2["rejected"].as_u64()),
+        (Some(0), Some(2))
+    );
+    apply(&db, &dir, &["undo", &v["operation_id"].to_string()]);
+    assert_eq!(
+        tickets_and_tags(&db, "true"),
+        before,
+        "undo gives back tags, description and solved_at"
+    );
+
+    // A column fix apply does not know, or both tag forms: the file is refused, nothing read.
+    std::fs::write(dir.join("notes.csv"), "external_id,status,notes\nC-1,open,call back\n").unwrap();
+    ticketops(Some(&db), &dir, &["fix", "apply", "notes.csv"])
+        .run()
+        .expect_code(2)
+        .stderr_has("does not know the column(s) notes");
+    std::fs::write(dir.join("both.csv"), "external_id,tags,tags_add\nC-1,a,b\n").unwrap();
+    ticketops(Some(&db), &dir, &["fix", "apply", "both.csv"])
+        .run()
+        .expect_code(2)
+        .stderr_has("both a tags column");
+    assert_eq!(tickets_and_tags(&db, "true"), before);
 }

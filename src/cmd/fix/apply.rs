@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::{Value, json};
 
@@ -23,22 +24,36 @@ use crate::db::BatchTimeouts;
 use crate::exit::{self, UsageError};
 use crate::import::entities::EntityCache;
 use crate::import::normalize::{self, InputZone};
-use crate::import::source::{FieldSpec, Input, RecordFields, RowError};
+use crate::import::source::{ColumnMap, FieldSpec, Input, RecordFields, RowError};
 use crate::import::{self, Counts, ImportKind, ImportOptions, Mode, Numbered, ParseOptions, WriterReject};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
 pub const HELP: &str = "\
 Columns (by header name, any subset besides external_id): status, priority, channel,
-assignee_email (an e-mail, or `none` to unassign), organization (a name, or `none`), subject, tags_add and
-tags_remove (lists separated by --tag-separator). A blank cell changes nothing. Values are
-checked like an import's; bad rows, unknown external_ids, unknown assignees and unknown
-organizations go to the rejects file with their reasons. Soft-deleted tickets are skipped.
-Every row is accounted for: rows_read = changed + unchanged + duplicate + skipped_deleted +
-rejected (`updated` in the import keys is `changed`).
+assignee_email (an e-mail, or `none` to unassign), organization (a name, or `none`), subject,
+description, tags_add and tags_remove (lists separated by --tag-separator), or tags: the
+whole tag set (a blank tags cell means no tags; not together with tags_add/tags_remove).
+Any other blank cell changes nothing. A status set to solved or closed gives a ticket without
+solved_at one (now); a status set back to an open state clears it.
+
+The file of `export tickets` is read as it is: export, edit in a spreadsheet, apply. Its
+columns that fix apply cannot change (requester_email, requester_name, created_at, solved_at)
+are compared with the stored values, and a row that edits one is rejected with the reason
+(a blank solved_at is not an edit: the status rule decides it); updated_at is ignored (the
+fix sets it). A column fix apply does not know refuses the file
+before anything is read, so that no edit is dropped silently; a column whose name starts
+with `_` (a note, or a rejects file's _line/_error) is left alone.
+
+Values are checked like an import's; bad rows, unknown external_ids, unknown assignees and
+unknown organizations go to the rejects file with their reasons. Soft-deleted tickets are
+skipped. Every row is accounted for: rows_read = changed + unchanged + duplicate +
+skipped_deleted + rejected (`updated` in the import keys is `changed`).
 
 Examples:
   ticketops fix apply corrections.csv                  # dry run: counts and a sample
-  ticketops fix apply corrections.csv --apply --yes";
+  ticketops fix apply corrections.csv --apply --yes
+  ticketops export tickets --tag vip -o vip.csv        # edit vip.csv, then:
+  ticketops fix apply vip.csv --apply";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -73,6 +88,12 @@ const SUBJECT: usize = 5;
 const TAGS_ADD: usize = 6;
 const TAGS_REMOVE: usize = 7;
 const CHANNEL: usize = 8;
+const DESCRIPTION: usize = 9;
+const TAGS: usize = 10;
+const REQUESTER_EMAIL: usize = 11;
+const REQUESTER_NAME: usize = 12;
+const CREATED_AT: usize = 13;
+const SOLVED_AT: usize = 14;
 
 const FIELDS: &[FieldSpec] = &[
     FieldSpec::required("external_id").indexed(),
@@ -84,6 +105,15 @@ const FIELDS: &[FieldSpec] = &[
     FieldSpec::optional("tags_add"),
     FieldSpec::optional("tags_remove"),
     FieldSpec::optional("channel"),
+    FieldSpec::optional("description"),
+    FieldSpec::optional("tags"),
+    // The export's columns that fix apply does not change: checked against the stored values.
+    FieldSpec::optional("requester_email").indexed(),
+    FieldSpec::optional("requester_name"),
+    FieldSpec::optional("created_at"),
+    FieldSpec::optional("solved_at"),
+    // Set by the fix itself; read and ignored so that an export's file is accepted as it is.
+    FieldSpec::optional("updated_at"),
 ];
 
 /// A cell that can set a value, clear it (`none`), or be blank (no change).
@@ -104,8 +134,78 @@ pub struct Correction {
     assignee: Change<String>,
     organization: Change<String>,
     subject: Option<String>,
+    description: Option<String>,
+    /// The whole tag set, when the file has a `tags` column.
+    tags: Option<Vec<String>>,
     tags_add: Vec<String>,
     tags_remove: Vec<String>,
+    /// Values of columns that cannot change, to compare with the stored ones.
+    unchangeable: Unchangeable,
+}
+
+/// The export's columns that fix apply does not change, as the file has them (`None` when
+/// the file lacks the column; for the timestamps, `Some(None)` is a blank cell).
+#[derive(Debug, Clone, Default)]
+struct Unchangeable {
+    requester_email: Option<String>,
+    requester_name: Option<String>,
+    created_at: Option<Option<DateTime<Utc>>>,
+    solved_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl Unchangeable {
+    fn is_empty(&self) -> bool {
+        self.requester_email.is_none()
+            && self.requester_name.is_none()
+            && self.created_at.is_none()
+            && self.solved_at.is_none()
+    }
+
+    /// The first column whose value differs from the stored ticket's, with both values.
+    fn edited(&self, stored: &Stored) -> Option<(&'static str, String, String)> {
+        let time = |t: &Option<DateTime<Utc>>| {
+            t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .unwrap_or_default()
+        };
+        if let Some(email) = &self.requester_email
+            && !email.eq_ignore_ascii_case(&stored.requester_email)
+        {
+            return Some(("requester_email", stored.requester_email.clone(), email.clone()));
+        }
+        let stored_name = stored.requester_name.clone().unwrap_or_default();
+        if let Some(name) = &self.requester_name
+            && name.trim() != stored_name.trim()
+        {
+            return Some(("requester_name", stored_name, name.clone()));
+        }
+        if let Some(created_at) = &self.created_at
+            && *created_at != Some(stored.created_at)
+        {
+            return Some(("created_at", time(&Some(stored.created_at)), time(created_at)));
+        }
+        // A blank solved_at is never an edit: the status rule sets or clears it.
+        if let Some(solved_at @ Some(_)) = &self.solved_at
+            && *solved_at != stored.solved_at
+        {
+            return Some(("solved_at", time(&stored.solved_at), time(solved_at)));
+        }
+        None
+    }
+}
+
+/// What a ticket stores in the columns fix apply does not change.
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    requester_email: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    requester_name: Option<String>,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    solved_at: Option<DateTime<Utc>>,
 }
 
 fn reference(fields: &RecordFields<'_>, index: usize) -> Result<Change<String>, RowError> {
@@ -242,41 +342,53 @@ impl Corrections {
     }
 }
 
-/// The corrections of one batch as arrays ($1…$10), compared with the stored tickets as JSON
+/// The corrections of one batch as arrays ($1…$14), compared with the stored tickets as JSON
 /// objects of the correctable values (tag sets as sorted tag ids); `target` holds the tickets
 /// whose values differ, with both objects.
 const TARGET_SQL: &str = "
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
-                         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[])
+                         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[],
+                         $13::text[], $14::text[])
         AS i(id, status, priority, set_assignee, assignee_id, set_organization, organization_id, subject,
-             tags_add, tags_remove, channel)
+             tags_add, tags_remove, channel, set_tags, tags, description)
 ), cur AS (
     SELECT t.id, t.external_id, t.updated_at AS old_updated_at, t.last_operation_id AS old_operation_id,
            jsonb_build_object('status', t.status, 'priority', t.priority, 'channel', t.channel,
                               'assignee_id', t.assignee_id,
                               'organization_id', t.organization_id, 'subject', t.subject,
+                              'description', t.description, 'solved_at', t.solved_at,
                               'tag_ids', to_jsonb(ARRAY(SELECT tag_id FROM ticket_tags x
                                                         WHERE x.ticket_id = t.id ORDER BY tag_id))) AS old,
            i.status, i.priority, i.channel, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
-           i.subject, i.tags_add, i.tags_remove
+           i.subject, i.tags_add, i.tags_remove, i.set_tags, i.tags, i.description
     FROM i JOIN tickets t ON t.id = i.id
 ), want AS (
     SELECT c.id, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
            jsonb_build_object(
                'status', coalesce(c.status, c.old ->> 'status'),
+               -- the importer's rule: solved or closed without solved_at gets one, an open
+               -- state has none; a status that does not change keeps what is stored
+               'solved_at', CASE WHEN coalesce(c.status, c.old ->> 'status') = c.old ->> 'status' THEN c.old -> 'solved_at'
+                                 WHEN c.status IN ('solved', 'closed')
+                                     THEN coalesce(nullif(c.old -> 'solved_at', 'null'::jsonb), to_jsonb(now()))
+                                 ELSE 'null'::jsonb END,
                'priority', coalesce(c.priority, c.old ->> 'priority'),
                'channel', coalesce(c.channel, c.old ->> 'channel'),
                'assignee_id', CASE WHEN c.set_assignee THEN to_jsonb(c.assignee_id) ELSE c.old -> 'assignee_id' END,
                'organization_id', CASE WHEN c.set_organization THEN to_jsonb(c.organization_id)
                                        ELSE c.old -> 'organization_id' END,
                'subject', coalesce(c.subject, c.old ->> 'subject'),
-               'tag_ids', to_jsonb(ARRAY(
+               'description', coalesce(c.description, c.old ->> 'description'),
+               'tag_ids', CASE WHEN c.set_tags
+                   THEN to_jsonb(ARRAY(SELECT DISTINCT u FROM unnest(
+                            coalesce(string_to_array(nullif(c.tags, ''), ',')::bigint[], '{}')) u ORDER BY u))
+                   ELSE to_jsonb(ARRAY(
                    SELECT DISTINCT u FROM unnest(
                        ARRAY(SELECT jsonb_array_elements_text(c.old -> 'tag_ids')::bigint)
                        || coalesce(string_to_array(c.tags_add, ',')::bigint[], '{}')) u
                    WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{}'))
-                   ORDER BY u))) AS new
+                   ORDER BY u)) END) AS new
     FROM cur c
 ), target AS (
     SELECT * FROM want WHERE old <> new
@@ -312,6 +424,30 @@ struct Found {
     id: i64,
     #[diesel(sql_type = Bool)]
     deleted: bool,
+}
+
+/// The stored values of the columns fix apply does not change, for the tickets of the rows
+/// that have any of them (none when the file lacks those columns).
+fn stored_unchangeable(
+    conn: &mut PgConnection,
+    rows: &[Numbered<Correction>],
+    tickets: &[Found],
+) -> anyhow::Result<Vec<Stored>> {
+    let ids: Vec<i64> = rows
+        .iter()
+        .filter(|r| !r.row.unchangeable.is_empty())
+        .filter_map(|r| tickets.iter().find(|t| t.key == r.row.external_id).map(|t| t.id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sql_query(
+        "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
+         FROM tickets t JOIN users r ON r.id = t.requester_id WHERE t.id = ANY($1)",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .load(conn)
+    .context("cannot read the tickets' stored values")
 }
 
 /// Ids by name (or e-mail) in `table`, live rows only where the table soft-deletes.
@@ -387,6 +523,25 @@ impl ImportKind for Corrections {
             fields.parse(index, "invalid tags", |v| normalize::tags(v, options.tag_separator))
         };
         let (tags_add, tags_remove) = (tags(TAGS_ADD)?, tags(TAGS_REMOVE)?);
+        let whole_tags = match fields.get(TAGS)? {
+            Some(_) => Some(tags(TAGS)?),
+            None => None,
+        };
+        let description = fields.non_empty(DESCRIPTION)?.map(|v| v.into_owned());
+        let time = |index: usize| -> Result<Option<Option<DateTime<Utc>>>, RowError> {
+            match fields.get(index)? {
+                None => Ok(None),
+                Some(_) => fields
+                    .parse(index, "invalid timestamp", |v| normalize::timestamp(v, InputZone::Utc))
+                    .map(Some),
+            }
+        };
+        let unchangeable = Unchangeable {
+            requester_email: fields.non_empty(REQUESTER_EMAIL)?.map(|v| v.into_owned()),
+            requester_name: fields.get(REQUESTER_NAME)?.map(|v| v.into_owned()),
+            created_at: time(CREATED_AT)?,
+            solved_at: time(SOLVED_AT)?,
+        };
         if let Some(both) = tags_add.iter().find(|t| tags_remove.contains(t)) {
             return Err(RowError::new(
                 Some("tags_remove"),
@@ -402,13 +557,37 @@ impl ImportKind for Corrections {
             assignee,
             organization: reference(fields, ORGANIZATION)?,
             subject,
+            description,
+            tags: whole_tags,
             tags_add,
             tags_remove,
+            unchangeable,
         })
     }
 
     fn key(row: &Correction) -> Option<&str> {
         Some(&row.external_id)
+    }
+
+    fn configure(&mut self, columns: &ColumnMap) -> anyhow::Result<()> {
+        if !columns.ignored.is_empty() {
+            let known: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
+            return Err(UsageError(format!(
+                "fix apply does not know the column(s) {}: their edits would be lost, so nothing was read \
+                 (the columns are: {}; rename with --map, remove the column, or start its name with `_` to keep it as a note)",
+                crate::output::escape_controls(&columns.ignored.join(", ")),
+                known.join(", ")
+            ))
+            .into());
+        }
+        if columns.has(TAGS) && (columns.has(TAGS_ADD) || columns.has(TAGS_REMOVE)) {
+            return Err(UsageError(
+                "the file has both a tags column (the whole tag set) and tags_add/tags_remove; keep one or the other"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -499,7 +678,13 @@ impl Corrections {
         self.cache
             .ensure_tags(
                 conn,
-                rows.iter().flat_map(|r| r.row.tags_add.iter().map(String::as_str)),
+                rows.iter().flat_map(|r| {
+                    r.row
+                        .tags_add
+                        .iter()
+                        .chain(r.row.tags.iter().flatten())
+                        .map(String::as_str)
+                }),
             )
             .context("cannot create the tags to add")?;
         let removable = ids_by(
@@ -510,6 +695,8 @@ impl Corrections {
                 .flat_map(|r| r.row.tags_remove.iter().map(String::as_str))
                 .collect(),
         )?;
+
+        let stored = stored_unchangeable(conn, rows, &tickets)?;
 
         let mut rejects = Vec::new();
         let mut work = Vec::new();
@@ -522,6 +709,18 @@ impl Corrections {
             };
             if deleted {
                 counts.skipped_deleted += 1;
+                continue;
+            }
+            if let Some((column, was, now)) = stored
+                .iter()
+                .find(|s| s.id == ticket_id)
+                .and_then(|s| r.row.unchangeable.edited(s))
+            {
+                let message = format!(
+                    "fix apply cannot change {column} (stored {was:?}, the file has {now:?}); \
+                     restore the cell or remove the column"
+                );
+                rejects.push(reject(r, column, "column cannot be changed", message));
                 continue;
             }
             let assignee = match &r.row.assignee {
@@ -579,6 +778,21 @@ impl Corrections {
             .map(|w| if let Change::Set(id) = w.2 { Some(id) } else { None })
             .collect();
         let subjects: Vec<Option<&str>> = work.iter().map(|w| w.3.subject.as_deref()).collect();
+        let descriptions: Vec<Option<&str>> = work.iter().map(|w| w.3.description.as_deref()).collect();
+        let set_tags: Vec<bool> = work.iter().map(|w| w.3.tags.is_some()).collect();
+        let whole_tags: Vec<Option<String>> = work
+            .iter()
+            .map(|w| {
+                w.3.tags.as_ref().map(|names| {
+                    let ids: Vec<String> = names
+                        .iter()
+                        .filter_map(|n| self.cache.tag_id(n))
+                        .map(|id| id.to_string())
+                        .collect();
+                    ids.join(",")
+                })
+            })
+            .collect();
         let id_list = |names: &[String], id_of: &dyn Fn(&str) -> Option<i64>| -> Option<String> {
             let ids: Vec<String> = names.iter().filter_map(|n| id_of(n)).map(|id| id.to_string()).collect();
             (!ids.is_empty()).then(|| ids.join(","))
@@ -606,6 +820,9 @@ impl Corrections {
                 .bind::<Array<Nullable<Text>>, _>(tags_add.clone())
                 .bind::<Array<Nullable<Text>>, _>(tags_remove.clone())
                 .bind::<Array<Nullable<Text>>, _>(channels.clone())
+                .bind::<Array<Bool>, _>(set_tags.clone())
+                .bind::<Array<Nullable<Text>>, _>(whole_tags.clone())
+                .bind::<Array<Nullable<Text>>, _>(descriptions.clone())
         };
         let changed: Changed = if self.dry_run {
             if self.sample.len() < SAMPLE_SIZE {
@@ -632,6 +849,8 @@ impl Corrections {
                          assignee_id = (g.new ->> 'assignee_id')::bigint,
                          organization_id = (g.new ->> 'organization_id')::bigint,
                          subject = g.new ->> 'subject',
+                         description = g.new ->> 'description',
+                         solved_at = (g.new ->> 'solved_at')::timestamptz,
                          updated_at = now(), last_operation_id = {op_id}
                      FROM target g WHERE t.id = g.id
                      RETURNING t.id, t.updated_at, g.old, g.new, g.old_updated_at, g.old_operation_id

@@ -254,7 +254,7 @@ impl ImportKind for TicketImport {
         Some(&row.external_id)
     }
 
-    fn configure(&mut self, columns: &ColumnMap) {
+    fn configure(&mut self, columns: &ColumnMap) -> anyhow::Result<()> {
         self.present = Present {
             description: columns.has(DESCRIPTION),
             priority: columns.has(PRIORITY),
@@ -264,6 +264,7 @@ impl ImportKind for TicketImport {
             tags: columns.has(TAGS),
             solved_at: columns.has(SOLVED_AT),
         };
+        Ok(())
     }
 
     fn begin(&mut self, conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
