@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::db::BatchTimeouts;
 use crate::exit::UsageError;
 use crate::import::MaxRejects;
+use crate::import::mapping::Mapping;
 use crate::import::source::{Encoding, parse_delimiter};
 use crate::job::BatchSettings;
 
@@ -100,6 +101,14 @@ pub struct CsvArgs {
     /// Translate a value before it is checked: 'field:Source Value=value' (repeatable)
     #[arg(long = "value-map", value_name = "FIELD:FROM=TO")]
     pub value_maps: Vec<String>,
+    /// A TOML file of column renames, value aliases and date formats for another system's
+    /// export (see fixtures/maps/); --map, --value-map and --date-format take precedence
+    #[arg(long, value_name = "FILE")]
+    pub map_file: Option<PathBuf>,
+    /// Read timestamps in this strftime format, e.g. '%d/%b/%y %I:%M %p' for 14/Jul/25 3:42 PM
+    /// (repeatable: tried in order, then the built-in RFC 3339 / ISO shapes)
+    #[arg(long, value_name = "FORMAT")]
+    pub date_format: Vec<String>,
     /// Field delimiter: one ASCII character, or 'tab'
     #[arg(long, default_value = ",", value_parser = parse_delimiter)]
     pub delimiter: u8,
@@ -153,17 +162,14 @@ pub fn parse_size(value: &str) -> Result<usize, String> {
 }
 
 impl CsvArgs {
-    /// The `--map` pairs, checked.
-    pub fn renames(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.maps
-            .iter()
-            .map(|m| {
-                m.rsplit_once('=')
-                    .map(|(from, to)| (from.trim().to_string(), to.trim().to_string()))
-                    .filter(|(from, to)| !from.is_empty() && !to.is_empty())
-                    .ok_or_else(|| UsageError(format!("--map {m:?} is not of the form 'Source Header=field'")).into())
-            })
-            .collect()
+    /// `--map`, `--value-map`, `--date-format` and `--map-file`, checked.
+    pub fn mapping(&self) -> anyhow::Result<Mapping> {
+        Mapping::new(
+            &self.maps,
+            &self.value_maps,
+            &self.date_format,
+            self.map_file.as_deref(),
+        )
     }
 
     /// What is recorded in `bulk_operations.args`.
@@ -171,6 +177,8 @@ impl CsvArgs {
         json!({
             "map": self.maps,
             "value_map": self.value_maps,
+            "map_file": self.map_file.as_ref().map(|p| p.display().to_string()),
+            "date_format": self.date_format,
             "delimiter": (self.delimiter as char).to_string(),
             "tag_separator": self.tag_separator.to_string(),
             "encoding": format!("{:?}", self.encoding).to_lowercase(),

@@ -117,7 +117,7 @@ impl CommonArgs {
 
     fn options(&self, ctx: &Context, undelete: bool, initial_load: bool) -> anyhow::Result<ImportOptions> {
         let verbose = ctx.global.verbose > 0;
-        let renames = self.csv.renames()?;
+        let mapping = self.csv.mapping()?;
         let mode = match (self.atomic || initial_load, self.dry_run) {
             (_, true) => Mode::DryRun,
             (true, false) => Mode::Atomic,
@@ -132,8 +132,7 @@ impl CommonArgs {
             encoding: self.csv.encoding,
             zone: self.timezone,
             tag_separator: self.csv.tag_separator,
-            renames,
-            value_maps: self.csv.value_maps.clone(),
+            mapping,
             rejects: self.csv.rejects.clone(),
             max_rejects: self.csv.max_rejects,
             max_field_size: self.csv.max_field_size,

@@ -112,7 +112,7 @@ impl ImportKind for CommentImport {
                 .parse(PUBLIC, "invalid boolean", normalize::boolean)?
                 .unwrap_or(true),
             created_at: fields.parse(CREATED_AT, "invalid timestamp", |v| {
-                normalize::timestamp(v, options.zone)
+                normalize::timestamp_in(v, options.zone, &options.date_formats)
             })?,
         })
     }

@@ -15,6 +15,8 @@ use super::*;
 pub struct ParseOptions {
     pub zone: InputZone,
     pub tag_separator: char,
+    /// `--date-format`s, tried in order before the built-in shapes.
+    pub date_formats: Vec<String>,
 }
 
 /// A valid row with where it came from. A batch's rows are lent to the kind that writes

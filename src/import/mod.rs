@@ -14,6 +14,7 @@ mod copy_binary;
 pub mod entities;
 mod initial_load;
 mod kind;
+pub mod mapping;
 pub mod normalize;
 mod reader;
 pub mod rejects;
@@ -67,8 +68,8 @@ pub struct ImportOptions {
     pub encoding: Encoding,
     pub zone: InputZone,
     pub tag_separator: char,
-    pub renames: Vec<(String, String)>,
-    pub value_maps: Vec<String>,
+    /// `--map`, `--value-map`, `--date-format` and `--map-file`.
+    pub mapping: mapping::Mapping,
     pub rejects: Option<PathBuf>,
     pub max_rejects: Option<MaxRejects>,
     /// `--max-field-size`: a record with a larger field is rejected unread.
@@ -380,6 +381,7 @@ fn read_header<K: ImportKind>(
     kind: &mut K,
     log: Log,
 ) -> anyhow::Result<(Option<ColumnMap>, ValueMap)> {
+    let value_map = ValueMap::new(&options.mapping.values, K::FIELDS)?;
     let columns = if source.raw_header.is_empty() {
         log.info(format!(
             "{}: the input is empty (no header, no rows); nothing to import",
@@ -387,9 +389,11 @@ fn read_header<K: ImportKind>(
         ));
         None
     } else {
-        Some(ColumnMap::resolve(&source.header, K::FIELDS, &options.renames).with_context(|| options.input.display())?)
+        Some(
+            ColumnMap::resolve(&source.header, K::FIELDS, &options.mapping, options.tag_separator)
+                .with_context(|| options.input.display())?,
+        )
     };
-    let value_map = ValueMap::parse(&options.value_maps, K::FIELDS)?;
     if let Some(columns) = &columns {
         kind.configure(columns).with_context(|| options.input.display())?;
         if !columns.ignored.is_empty() {
@@ -473,6 +477,7 @@ fn spawn_pipeline<K: ImportKind>(
     let parse_options = ParseOptions {
         zone: options.zone,
         tag_separator: options.tag_separator,
+        date_formats: options.mapping.date_formats.clone(),
     };
     let settings = ReadSettings {
         encoding: options.encoding,

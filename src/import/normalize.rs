@@ -166,6 +166,35 @@ impl InputZone {
     }
 }
 
+/// `timestamp`, with the `--date-format`s (strftime) tried first, in order: a format with an
+/// offset (`%z`) gives that instant, one without is local time in `zone`, a date-only format
+/// is midnight.
+pub fn timestamp_in(value: &str, zone: InputZone, formats: &[String]) -> Result<Option<DateTime<Utc>>, String> {
+    let v = value.trim();
+    if v.is_empty() || formats.is_empty() {
+        return timestamp(v, zone);
+    }
+    for format in formats {
+        if let Ok(dt) = DateTime::parse_from_str(v, format) {
+            return Ok(Some(dt.with_timezone(&Utc)));
+        }
+        if let Ok(naive) = NaiveDateTime::parse_from_str(v, format) {
+            return zone.to_utc(naive).map(Some);
+        }
+        if let Ok(date) = NaiveDate::parse_from_str(v, format) {
+            return zone
+                .to_utc(date.and_hms_opt(0, 0, 0).expect("midnight exists"))
+                .map(Some);
+        }
+    }
+    timestamp(v, zone).map_err(|_| {
+        format!(
+            "not a timestamp: {v:?} (tried --date-format {} and RFC 3339, YYYY-MM-DD HH:MM:SS[.frac], YYYY-MM-DD)",
+            formats.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
 /// RFC 3339 (`2024-03-01T12:00:00Z`, `+02:00`), `YYYY-MM-DD HH:MM:SS[.frac]` (with `T` or a
 /// space, optional offset), or a bare date (midnight). An empty value is `None`.
 pub fn timestamp(value: &str, zone: InputZone) -> Result<Option<DateTime<Utc>>, String> {
@@ -293,6 +322,36 @@ pub fn tags(value: &str, separator: char) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn date_formats_are_tried_in_order_before_the_built_in_shapes() {
+        let jira = vec!["%d/%b/%y %I:%M %p".to_string()];
+        let t = timestamp_in("14/Jul/25 3:42 PM", InputZone::Utc, &jira)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.to_rfc3339(), "2025-07-14T15:42:00+00:00");
+        let t = timestamp_in("01/Feb/24 12:05 AM", InputZone::Utc, &jira)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.to_rfc3339(), "2024-02-01T00:05:00+00:00");
+        // The built-in shapes still work alongside.
+        let t = timestamp_in("2024-03-01T12:00:00Z", InputZone::Utc, &jira)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.to_rfc3339(), "2024-03-01T12:00:00+00:00");
+        let us_then_eu = vec!["%m/%d/%Y".to_string(), "%d.%m.%Y %H:%M %z".to_string()];
+        let t = timestamp_in("07/04/2024", InputZone::Utc, &us_then_eu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.to_rfc3339(), "2024-07-04T00:00:00+00:00");
+        let t = timestamp_in("04.07.2024 10:00 +0200", InputZone::Utc, &us_then_eu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.to_rfc3339(), "2024-07-04T08:00:00+00:00");
+        let err = timestamp_in("31/Foo/25 3:42 PM", InputZone::Utc, &jira).unwrap_err();
+        assert!(err.contains("tried --date-format"), "{err}");
+        assert_eq!(timestamp_in("", InputZone::Utc, &jira), Ok(None));
+    }
 
     #[test]
     fn status_aliases() {

@@ -97,7 +97,7 @@ fn scan_keys<K: ImportKind>(
     options: &ImportOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<RepeatedKeys> {
-    let (delimiter, encoding, fields, renames) = (options.delimiter, options.encoding, K::FIELDS, &options.renames);
+    let (delimiter, encoding, fields) = (options.delimiter, options.encoding, K::FIELDS);
     let key_field = K::KEY_FIELD;
     let on_read = progress.clone();
     let (decoded, _) = super::source::open_decoded(path, Box::new(move |n| on_read.inc(n)))?;
@@ -120,7 +120,10 @@ fn scan_keys<K: ImportKind>(
                 decode(h, encoding).trim().trim_matches('"').to_string()
             })
             .collect();
-        if let (Some(field), Ok(columns)) = (key_field, ColumnMap::resolve(&header, fields, renames)) {
+        if let (Some(field), Ok(columns)) = (
+            key_field,
+            ColumnMap::resolve(&header, fields, &options.mapping, options.tag_separator),
+        ) {
             key_column = columns.positions[field].map(|c| (c, columns.header_len));
         }
     }

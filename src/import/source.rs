@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use csv::ByteRecord;
 
 use super::bounded::{BoundedReader, Oversized};
+use super::mapping::{Mapping, Rename, ValueAlias};
 use crate::exit::UsageError;
 
 /// One field an import kind understands.
@@ -23,6 +24,9 @@ pub struct FieldSpec {
     /// Stored in or looked up through a B-tree index, whose entries hold at most ~2,700
     /// bytes: longer values are rejected (`MAX_INDEXED_BYTES`) rather than fail the batch.
     pub indexed: bool,
+    /// A list (tags): several columns may feed it (Jira writes one `Labels` column per
+    /// label), their values joined with the list separator.
+    pub list: bool,
 }
 
 impl FieldSpec {
@@ -32,6 +36,7 @@ impl FieldSpec {
             name,
             required: false,
             indexed: false,
+            list: false,
         }
     }
 
@@ -46,6 +51,11 @@ impl FieldSpec {
     /// Kept in or looked up through an index (see `MAX_INDEXED_BYTES`).
     pub const fn indexed(self) -> FieldSpec {
         FieldSpec { indexed: true, ..self }
+    }
+
+    /// A list that several columns may feed (see `list`).
+    pub const fn list(self) -> FieldSpec {
+        FieldSpec { list: true, ..self }
     }
 }
 
@@ -113,18 +123,29 @@ pub fn header_key(name: &str) -> String {
 pub struct ColumnMap {
     /// Indexed like the kind's field list: the file column, if any.
     pub positions: Vec<Option<usize>>,
-    /// Header columns that feed no field (columns starting with `_` are not listed).
+    /// Further columns of list fields: (field, column), after the field's first column.
+    pub more: Vec<(usize, usize)>,
+    /// What joins the values of a list field's columns.
+    pub list_separator: char,
+    /// Header columns that feed no field (columns starting with `_` are not listed), each
+    /// name once.
     pub ignored: Vec<String>,
     pub header_len: usize,
 }
 
 impl ColumnMap {
-    pub fn resolve(header: &[String], fields: &[FieldSpec], renames: &[(String, String)]) -> anyhow::Result<ColumnMap> {
-        for (_, field) in renames {
+    pub fn resolve(
+        header: &[String],
+        fields: &[FieldSpec],
+        mapping: &Mapping,
+        list_separator: char,
+    ) -> anyhow::Result<ColumnMap> {
+        let renames = &mapping.renames;
+        for Rename { field, .. } in renames {
             if !fields.iter().any(|f| f.name == field) {
                 let known: Vec<&str> = fields.iter().map(|f| f.name).collect();
                 return Err(UsageError(format!(
-                    "--map names an unknown field {field:?}; the fields are: {}",
+                    "--map (or the map file) names an unknown field {field:?}; the fields are: {}",
                     known.join(", ")
                 ))
                 .into());
@@ -132,7 +153,10 @@ impl ColumnMap {
         }
         // A --map whose column is not in the file is a typo, or the wrong file: either way
         // the import would not do what was asked.
-        for (source, field) in renames {
+        for Rename {
+            header: source, field, ..
+        } in renames.iter().filter(|r| r.required)
+        {
             if !header.iter().any(|h| header_key(h) == header_key(source)) {
                 return Err(UsageError(format!(
                     "--map '{source}={field}' names a column {source:?} that the header does not have (header: {})",
@@ -146,7 +170,8 @@ impl ColumnMap {
             }
         }
         let mut positions = vec![None; fields.len()];
-        let mut ignored = Vec::new();
+        let mut more = Vec::new();
+        let mut ignored: Vec<String> = Vec::new();
         for (column, name) in header.iter().enumerate() {
             if name.trim().starts_with('_') {
                 continue; // our own _record/_line/_error columns from a rejects file
@@ -154,17 +179,19 @@ impl ColumnMap {
             let key = header_key(name);
             let target = renames
                 .iter()
-                .find(|(source, _)| header_key(source) == key)
-                .map(|(_, field)| field.as_str())
+                .find(|r| header_key(&r.header) == key)
+                .map(|r| r.field.as_str())
                 .or_else(|| fields.iter().find(|f| header_key(f.name) == key).map(|f| f.name));
             match target.and_then(|t| fields.iter().position(|f| f.name == t)) {
                 Some(field) if positions[field].is_none() => positions[field] = Some(column),
+                Some(field) if fields[field].list => more.push((field, column)),
                 Some(field) => bail!(
                     "columns {:?} and {:?} both map to the field {}",
                     header[positions[field].unwrap()],
                     name,
                     fields[field].name
                 ),
+                None if ignored.contains(name) => {}
                 None => ignored.push(name.clone()),
             }
         }
@@ -192,6 +219,8 @@ impl ColumnMap {
         }
         Ok(ColumnMap {
             positions,
+            more,
+            list_separator,
             ignored,
             header_len: header.len(),
         })
@@ -210,23 +239,18 @@ pub struct ValueMap {
 }
 
 impl ValueMap {
-    pub fn parse(specs: &[String], fields: &[FieldSpec]) -> anyhow::Result<ValueMap> {
+    pub fn new(aliases: &[ValueAlias], fields: &[FieldSpec]) -> anyhow::Result<ValueMap> {
         let mut map = HashMap::new();
-        for spec in specs {
-            let parsed = spec
-                .split_once(':')
-                .and_then(|(field, rest)| rest.rsplit_once('=').map(|(from, to)| (field, from, to)));
-            let Some((field, from, to)) = parsed else {
+        for ValueAlias { field, from, to } in aliases {
+            if !fields.iter().any(|f| f.name == field) {
+                let known: Vec<&str> = fields.iter().map(|f| f.name).collect();
                 return Err(UsageError(format!(
-                    "--value-map {spec:?} is not of the form 'field:Source Value=value'"
+                    "a value map ('{field}:{from}={to}') names an unknown field {field:?}; the fields are: {}",
+                    known.join(", ")
                 ))
                 .into());
-            };
-            let field = field.trim();
-            if !fields.iter().any(|f| f.name == field) {
-                return Err(UsageError(format!("--value-map {spec:?} names an unknown field {field:?}")).into());
             }
-            map.insert((field.to_string(), from.trim().to_lowercase()), to.trim().to_string());
+            map.insert((field.clone(), from.trim().to_lowercase()), to.trim().to_string());
         }
         Ok(ValueMap { map })
     }
@@ -284,6 +308,28 @@ impl<'a> RecordFields<'a> {
         let Some(column) = self.columns.positions[index] else {
             return Ok(None);
         };
+        if self.fields[index].list && self.columns.more.iter().any(|(f, _)| *f == index) {
+            return self.joined(index, column).map(Some);
+        }
+        self.column_text(index, column).map(Some)
+    }
+
+    /// A list field fed by several columns: their non-empty values joined.
+    fn joined(&self, index: usize, first: usize) -> Result<Cow<'a, str>, RowError> {
+        let mut values = Vec::new();
+        let columns =
+            std::iter::once(first).chain(self.columns.more.iter().filter(|(f, _)| *f == index).map(|(_, c)| *c));
+        for column in columns {
+            let value = self.column_text(index, column)?;
+            if !value.is_empty() {
+                values.push(value);
+            }
+        }
+        Ok(Cow::Owned(values.join(&self.columns.list_separator.to_string())))
+    }
+
+    /// The trimmed, checked text of one column, read as field `index`.
+    fn column_text(&self, index: usize, column: usize) -> Result<Cow<'a, str>, RowError> {
         let name = self.fields[index].name;
         let bytes = self.record.get(column).unwrap_or(b"");
         if let Some(at) = bytes.iter().position(|&b| b == 0) {
@@ -324,7 +370,7 @@ impl<'a> RecordFields<'a> {
                 ),
             ));
         }
-        Ok(Some(text))
+        Ok(text)
     }
 
     /// Like `get`, but an empty or absent value is `None`.
@@ -612,7 +658,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let map = ColumnMap::resolve(&header, FIELDS, &[]).unwrap();
+        let map = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ';').unwrap();
         assert_eq!(map.positions, vec![Some(0), Some(1), None]);
         assert_eq!(map.ignored, vec!["Extra".to_string()]);
     }
@@ -620,31 +666,67 @@ mod tests {
     #[test]
     fn a_header_split_on_another_delimiter_gets_a_hint() {
         let header = vec!["external_id;subject;status".to_string()];
-        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        let err = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ';')
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("try --delimiter ';'"), "{err}");
         let header = vec!["Ticket".to_string(), "Title".to_string()];
-        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        let err = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ';')
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("--delimiter"), "{err}");
     }
 
     #[test]
     fn renames_and_missing_required() {
         let header: Vec<String> = ["Ticket Number", "Title"].iter().map(|s| s.to_string()).collect();
-        let err = ColumnMap::resolve(&header, FIELDS, &[]).unwrap_err().to_string();
+        let err = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ';')
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("external_id, subject"), "{err}");
-        let renames = vec![
-            ("ticket number".to_string(), "external_id".to_string()),
-            ("Title".into(), "subject".into()),
-        ];
-        let map = ColumnMap::resolve(&header, FIELDS, &renames).unwrap();
+        let renames = Mapping::renames(&[("ticket number", "external_id"), ("Title", "subject")]);
+        let map = ColumnMap::resolve(&header, FIELDS, &renames, ';').unwrap();
         assert_eq!(map.positions, vec![Some(0), Some(1), None]);
     }
 
     #[test]
+    fn repeated_columns_of_a_list_field_are_joined_and_of_others_refused() {
+        let fields = &[FieldSpec::required("external_id"), FieldSpec::optional("tags").list()];
+        let header: Vec<String> = ["Key", "Labels", "Labels", "Labels", "Other", "Other"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mapping = Mapping::renames(&[("Key", "external_id"), ("Labels", "tags")]);
+        let map = ColumnMap::resolve(&header, fields, &mapping, ';').unwrap();
+        assert_eq!(map.positions, vec![Some(0), Some(1)]);
+        assert_eq!(map.more, vec![(1, 2), (1, 3)]);
+        assert_eq!(map.ignored, vec!["Other".to_string()]);
+        let record = ByteRecord::from(vec!["K-1", "a", "", "b c", "x", "y"]);
+        let value_map = ValueMap::default();
+        let row = RecordFields {
+            record: &record,
+            columns: &map,
+            fields,
+            encoding: Encoding::Utf8,
+            value_map: &value_map,
+        };
+        assert_eq!(row.get(1).unwrap().as_deref(), Some("a;b c"));
+        let not_a_list = &[FieldSpec::required("external_id"), FieldSpec::optional("subject")];
+        let mapping = Mapping::renames(&[("Key", "external_id"), ("Labels", "subject")]);
+        let err = ColumnMap::resolve(&header, not_a_list, &mapping, ';').unwrap_err();
+        assert!(err.to_string().contains("both map to the field subject"), "{err}");
+    }
+
+    #[test]
     fn value_maps() {
-        let vm = ValueMap::parse(&["external_id:Foo Bar=baz".to_string()], FIELDS).unwrap();
+        let alias = |field: &str| ValueAlias {
+            field: field.into(),
+            from: "Foo Bar".into(),
+            to: "baz".into(),
+        };
+        let vm = ValueMap::new(&[alias("external_id")], FIELDS).unwrap();
         assert_eq!(vm.apply("external_id", Cow::Borrowed(" foo bar ")), "baz");
         assert_eq!(vm.apply("subject", Cow::Borrowed("foo bar")), "foo bar");
-        assert!(ValueMap::parse(&["nonsense".to_string()], FIELDS).is_err());
+        assert!(ValueMap::new(&[alias("nonsense")], FIELDS).is_err());
     }
 }

@@ -1323,3 +1323,213 @@ fn the_default_batch_size_depends_on_the_kind_of_load() {
         );
     }
 }
+
+#[test]
+fn a_map_file_does_what_a_dozen_flags_do() {
+    let flags = [
+        "--map",
+        "Ticket ID=external_id",
+        "--map",
+        "Title=subject",
+        "--map",
+        "Body=description",
+        "--map",
+        "State=status",
+        "--map",
+        "Urgency=priority",
+        "--map",
+        "Source=channel",
+        "--map",
+        "Customer Email=requester_email",
+        "--map",
+        "Customer=requester_name",
+        "--map",
+        "Agent=assignee_email",
+        "--map",
+        "Company=organization",
+        "--map",
+        "Labels=tags",
+        "--map",
+        "Opened=created_at",
+        "--map",
+        "Last Update=updated_at",
+        "--map",
+        "Resolved=solved_at",
+        "--value-map",
+        "status:Pending Customer Response=pending",
+    ];
+    let common = ["--tag-separator", "|", "--timezone", "Europe/Berlin"];
+    let by_flags = TestDb::new();
+    let dir = scratch("map-file");
+    let mut args = flags.to_vec();
+    args.extend_from_slice(&common);
+    import(&by_flags, &dir, "tickets", &bad("other_helpdesk.csv"), &args)
+        .0
+        .expect_code(0);
+    let by_file = TestDb::new();
+    let map_file = fixture("maps/other_helpdesk.toml");
+    let mut args = vec!["--map-file", map_file.to_str().unwrap()];
+    args.extend_from_slice(&common);
+    let (run, summary) = import(&by_file, &dir, "tickets", &bad("other_helpdesk.csv"), &args);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [2, 0, 0, 0, 0, 0], "{}", run.explain());
+    assert_same_rows(
+        &by_file.ticket_snapshot(),
+        &by_flags.ticket_snapshot(),
+        "map file vs flags",
+    );
+    assert_eq!(
+        by_file.strings("SELECT args ->> 'map_file' FROM bulk_operations"),
+        set(&[map_file.to_str().unwrap()]),
+        "the operation records the map file"
+    );
+
+    // A flag wins over the file; a wrong file is a usage error before anything is read.
+    let db = TestDb::new();
+    let mut args = vec![
+        "--map-file",
+        map_file.to_str().unwrap(),
+        "--value-map",
+        "status:Pending Customer Response=on hold",
+    ];
+    args.extend_from_slice(&common);
+    import(&db, &dir, "tickets", &bad("other_helpdesk.csv"), &args)
+        .0
+        .expect_code(0);
+    assert_eq!(
+        db.strings("SELECT status::text FROM tickets WHERE external_id = 'ZD-1'"),
+        set(&["on_hold"])
+    );
+    for (text, message) in [
+        (
+            "[columns]\n\"Ticket ID\" = \"ticket_number\"\n",
+            "unknown field \"ticket_number\"",
+        ),
+        ("[colums]\n", "is not valid"),
+        ("[values.state]\n\"x\" = \"y\"\n", "unknown field \"state\""),
+        ("date_formats = [\"%d/%Q\"]\n", "not a valid strftime format"),
+    ] {
+        let wrong = dir.join("wrong.toml");
+        std::fs::write(&wrong, text).unwrap();
+        let run = ticketops(
+            Some(&db),
+            &dir,
+            &[
+                "import",
+                "tickets",
+                bad("other_helpdesk.csv").to_str().unwrap(),
+                "--map-file",
+                wrong.to_str().unwrap(),
+            ],
+        )
+        .run();
+        run.expect_code(2).stderr_has(message);
+    }
+}
+
+#[test]
+fn a_jira_export_imports_with_its_map_file_and_reimports_unchanged() {
+    let db = TestDb::new();
+    let dir = scratch("jira");
+    let jira = fixture("jira.csv");
+    let map_file = fixture("maps/jira.toml");
+    let args = ["--map-file", map_file.to_str().unwrap(), "--timezone", "Europe/Berlin"];
+    let (run, summary) = import(&db, &dir, "tickets", &jira, &args);
+    run.expect_code(0)
+        .stderr_has("ignoring unknown column(s): Issue id, Issue Type, Project key, Resolution, Watchers");
+    assert_eq!(outcome(&summary), [6, 0, 0, 0, 0, 0], "{}", run.explain());
+    let rows = db.json(
+        "SELECT external_id, status::text, priority::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') AS created,
+                to_char(solved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') AS solved, description,
+                (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
+                  WHERE tt.ticket_id = t.id) AS tags,
+                (SELECT name FROM organizations o WHERE o.id = t.organization_id) AS organization
+         FROM tickets t ORDER BY external_id",
+    );
+    let row = |id: &str| rows.iter().find(|r| r["external_id"] == id).unwrap().clone();
+    let first = row("SUP-101");
+    assert_eq!(first["status"], "pending", "Waiting for customer");
+    assert_eq!(first["priority"], "high");
+    assert_eq!(
+        first["created"], "2025-07-14 13:42",
+        "14/Jul/25 3:42 PM in Berlin (CEST)"
+    );
+    assert_eq!(
+        first["tags"], "login;password",
+        "the repeated Labels columns are merged"
+    );
+    assert_eq!(first["organization"], "Northwind");
+    assert_eq!(
+        first["description"],
+        "I reset my password twice.\nThe login page still says \"invalid credentials\".\n\nBrowser: Firefox 128"
+    );
+    let done = row("SUP-102");
+    assert_eq!(
+        (done["status"].as_str(), done["priority"].as_str()),
+        (Some("solved"), Some("normal"))
+    );
+    assert_eq!(done["solved"], "2025-01-03 15:20");
+    let todo = row("SUP-103");
+    assert_eq!(
+        (todo["status"].as_str(), todo["priority"].as_str()),
+        (Some("new"), Some("low"))
+    );
+    assert_eq!(todo["tags"], "dark-mode;feature-request;ui");
+    assert_eq!(todo["created"], "2025-02-27 23:01", "12:01 AM is just after midnight");
+    let outage = row("SUP-104");
+    assert_eq!(
+        (outage["status"].as_str(), outage["priority"].as_str()),
+        (Some("open"), Some("urgent"))
+    );
+    assert_eq!(row("SUP-106")["status"], "closed");
+
+    let (again, summary) = import(&db, &dir, "tickets", &jira, &args);
+    again.expect_code(0);
+    assert_eq!(
+        outcome(&summary),
+        [0, 0, 6, 0, 0, 0],
+        "a re-run changes nothing{}",
+        again.explain()
+    );
+
+    // Without the date format, each Jira date is a rejected row that says why; with
+    // --date-format on the command line instead of the file, they all go in.
+    let no_dates = dir.join("no-dates.toml");
+    let text = std::fs::read_to_string(&map_file).unwrap();
+    std::fs::write(&no_dates, text.replace("date_formats = ", "# date_formats = ")).unwrap();
+    let plain = TestDb::new();
+    let rejects = dir.join("no-dates.rejects.csv");
+    let (run, summary) = import(
+        &plain,
+        &dir,
+        "tickets",
+        &jira,
+        &[
+            "--map-file",
+            no_dates.to_str().unwrap(),
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
+    );
+    run.expect_code(3);
+    assert_eq!(summary["rejected"], 6);
+    let reasons = read_rejects(&rejects);
+    assert!(
+        reasons[0].2.contains("not a timestamp: \"14/Jul/25 3:42 PM\""),
+        "{reasons:?}"
+    );
+    let (run, summary) = import(
+        &plain,
+        &dir,
+        "tickets",
+        &jira,
+        &[
+            "--map-file",
+            no_dates.to_str().unwrap(),
+            "--date-format",
+            "%d/%b/%y %I:%M %p",
+        ],
+    );
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 6, "{}", run.explain());
+}

@@ -102,11 +102,11 @@ const FIELDS: &[FieldSpec] = &[
     FieldSpec::optional("assignee_email").indexed(),
     FieldSpec::optional("organization").indexed(),
     FieldSpec::optional("subject"),
-    FieldSpec::optional("tags_add"),
-    FieldSpec::optional("tags_remove"),
+    FieldSpec::optional("tags_add").list(),
+    FieldSpec::optional("tags_remove").list(),
     FieldSpec::optional("channel"),
     FieldSpec::optional("description"),
-    FieldSpec::optional("tags"),
+    FieldSpec::optional("tags").list(),
     // The export's columns that fix apply does not change: checked against the stored values.
     FieldSpec::optional("requester_email").indexed(),
     FieldSpec::optional("requester_name"),
@@ -241,15 +241,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         // Refuse before reading anything, as confirm() would after the counting pass.
         confirm(&args.apply, KIND, 0)?;
     }
-    let renames = args.csv.renames()?;
+    let mapping = args.csv.mapping()?;
     let options = |mode: Mode| ImportOptions {
         input: Input::File(args.file.clone()),
         delimiter: args.csv.delimiter,
         encoding: args.csv.encoding,
         zone: InputZone::Utc,
         tag_separator: args.csv.tag_separator,
-        renames: renames.clone(),
-        value_maps: args.csv.value_maps.clone(),
+        mapping: mapping.clone(),
         rejects: args.csv.rejects.clone(),
         max_rejects: args.csv.max_rejects,
         max_field_size: args.csv.max_field_size,
@@ -532,7 +531,9 @@ impl ImportKind for Corrections {
             match fields.get(index)? {
                 None => Ok(None),
                 Some(_) => fields
-                    .parse(index, "invalid timestamp", |v| normalize::timestamp(v, InputZone::Utc))
+                    .parse(index, "invalid timestamp", |v| {
+                        normalize::timestamp_in(v, InputZone::Utc, &options.date_formats)
+                    })
                     .map(Some),
             }
         };

@@ -59,7 +59,7 @@ pub const FIELDS: &[FieldSpec] = &[
     FieldSpec::optional("requester_name"),
     FieldSpec::optional("assignee_email").indexed(),
     FieldSpec::optional("organization").indexed(),
-    FieldSpec::optional("tags"),
+    FieldSpec::optional("tags").list(),
     FieldSpec::optional("created_at"),
     FieldSpec::optional("updated_at"),
     FieldSpec::optional("solved_at"),
@@ -192,7 +192,9 @@ fn parse_time(
     index: usize,
     options: &ParseOptions,
 ) -> Result<Option<DateTime<Utc>>, RowError> {
-    fields.parse(index, "invalid timestamp", |v| normalize::timestamp(v, options.zone))
+    fields.parse(index, "invalid timestamp", |v| {
+        normalize::timestamp_in(v, options.zone, &options.date_formats)
+    })
 }
 
 fn optional_text(fields: &RecordFields<'_>, index: usize) -> Result<Option<String>, RowError> {
