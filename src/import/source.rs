@@ -450,15 +450,13 @@ impl CsvSource {
                 consumed.fetch_add(n, Ordering::Relaxed);
             })
         };
-        let mut compression = Compression::None;
-        let (mut raw, mut start): (Box<dyn Read + Send>, u64) = match input {
-            Input::Stdin => (Box::new(io::stdin()), 0),
-            Input::File(path) => {
-                let (reader, how) = open_decoded(path, counter(&consumed))?;
-                compression = how;
-                (reader, 0)
+        let (mut raw, compression) = match input {
+            Input::Stdin => {
+                decode(Box::new(io::stdin()), counter(&consumed)).context("cannot read the standard input")?
             }
+            Input::File(path) => open_decoded(path, counter(&consumed))?,
         };
+        let mut start = 0u64;
         // Skip a UTF-8 byte order mark at the byte level: the csv parser would otherwise see it
         // as part of the first field, and a quoted first header would not parse as quoted.
         let mut first = [0u8; 3];
@@ -605,14 +603,28 @@ pub fn open_decoded(path: &Path, on_read: OnRead) -> anyhow::Result<(Box<dyn Rea
         inner: io::BufReader::with_capacity(1 << 20, file),
         on_read,
     };
-    let context = || format!("cannot read {}", path.display());
-    Ok(match magic[..n] {
+    decoder(Box::new(counted), &magic[..n]).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Like `open_decoded`, for a stream that cannot seek (stdin): the bytes read to tell the
+/// compression are put back in front of the rest.
+fn decode(mut stream: Box<dyn Read + Send>, on_read: OnRead) -> anyhow::Result<(Box<dyn Read + Send>, Compression)> {
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut stream, &mut magic)?;
+    let whole = io::Cursor::new(magic[..n].to_vec()).chain(stream);
+    let counted = CountingReader {
+        inner: io::BufReader::with_capacity(1 << 20, whole),
+        on_read,
+    };
+    decoder(Box::new(counted), &magic[..n])
+}
+
+/// The decompressing reader the first bytes (`magic`) call for.
+fn decoder(counted: Box<dyn Read + Send>, magic: &[u8]) -> anyhow::Result<(Box<dyn Read + Send>, Compression)> {
+    Ok(match magic {
         [0x1f, 0x8b, ..] => (Box::new(flate2::read::MultiGzDecoder::new(counted)), Compression::Gzip),
-        [0x28, 0xb5, 0x2f, 0xfd] => (
-            Box::new(zstd::stream::read::Decoder::new(counted).with_context(context)?),
-            Compression::Zstd,
-        ),
-        _ => (Box::new(counted), Compression::None),
+        [0x28, 0xb5, 0x2f, 0xfd] => (Box::new(zstd::stream::read::Decoder::new(counted)?), Compression::Zstd),
+        _ => (counted, Compression::None),
     })
 }
 

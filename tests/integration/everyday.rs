@@ -528,6 +528,20 @@ fn compressed_dumps_import_as_they_are_and_resume() {
         dir.join("t.rejects.csv").exists(),
         "dump.csv.gz rejects go to dump.rejects.csv"
     );
+    // From stdin (`zcat` not needed): the content decides there too.
+    for file in [&gz, &zst] {
+        let db = TestDb::new();
+        let run = ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "import", "tickets", "-", "--rejects", "stdin.rejects.csv"],
+        )
+        .stdin(std::fs::read(file).unwrap())
+        .run();
+        run.expect_code(3);
+        assert_eq!(outcome(&run.json()), outcome(&expected), "stdin {}", file.display());
+        assert_same_rows(&db.ticket_snapshot(), &reference.ticket_snapshot(), "compressed stdin");
+    }
     // Killed mid-import, then --resume: the compressed stream is read up to where it stopped.
     let db = TestDb::new();
     let mut child = ticketops(
