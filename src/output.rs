@@ -151,6 +151,9 @@ impl Cell {
 pub struct Table {
     pub columns: Vec<String>,
     pub rows: Vec<Vec<Cell>>,
+    /// Rows that sum the others: shown under the table, left out of CSV, where a script or a
+    /// spreadsheet would count them as data.
+    pub totals: Vec<Vec<Cell>>,
 }
 
 impl Table {
@@ -158,6 +161,7 @@ impl Table {
         Table {
             columns: columns.into_iter().map(Into::into).collect(),
             rows: Vec::new(),
+            totals: Vec::new(),
         }
     }
 
@@ -166,9 +170,20 @@ impl Table {
         self.rows.push(row);
     }
 
+    /// A row that sums the others (see `totals`).
+    pub fn push_total(&mut self, row: Vec<Cell>) {
+        debug_assert_eq!(row.len(), self.columns.len());
+        self.totals.push(row);
+    }
+
     /// Columns padded to their widest value, two spaces apart, numbers right-aligned.
     pub fn write_aligned(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        let rendered: Vec<Vec<String>> = self.rows.iter().map(|r| r.iter().map(Cell::render).collect()).collect();
+        let rendered: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .chain(&self.totals)
+            .map(|r| r.iter().map(Cell::render).collect())
+            .collect();
         let widths: Vec<usize> = (0..self.columns.len())
             .map(|c| {
                 rendered
@@ -180,7 +195,7 @@ impl Table {
             })
             .collect();
         let numeric: Vec<bool> = (0..self.columns.len())
-            .map(|c| self.rows.iter().any(|r| r[c].is_number()))
+            .map(|c| self.rows.iter().chain(&self.totals).any(|r| r[c].is_number()))
             .collect();
         let line = |cells: &[String]| {
             let padded: Vec<String> = cells
@@ -203,7 +218,7 @@ impl Table {
         Ok(())
     }
 
-    /// RFC 4180 CSV with a header row.
+    /// RFC 4180 CSV with a header row; the data rows only, no totals.
     pub fn write_csv(&self, out: impl std::io::Write) -> anyhow::Result<()> {
         let mut writer = csv::Writer::from_writer(out);
         writer.write_record(&self.columns)?;

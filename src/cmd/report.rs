@@ -31,7 +31,10 @@ Examples:
   ticketops report summary
   ticketops report backlog --organization Acme
   ticketops report flow --days 14 --channel email,web
-  ticketops report agents --days 7 --format csv > agents.csv")]
+  ticketops report agents --days 7 --format csv > agents.csv
+
+The tables of backlog and flow end with a total row; their CSV leaves it out (a spreadsheet
+would count it as data), JSON has `total` keys.")]
 pub struct Args {
     #[command(subcommand)]
     pub report: Report,
@@ -372,7 +375,7 @@ fn backlog(q: &mut Queries, filters: &ResolvedFilters) -> anyhow::Result<Output>
         by_priority.insert(priority.as_str().into(), json!(column_totals[p]));
     }
     cells.push(Cell::Int(total));
-    table.push(cells);
+    table.push_total(cells);
     Ok(Output {
         table,
         json: json!({"total": total, "by_priority": by_priority, "buckets": rows}),
@@ -423,7 +426,7 @@ fn flow(q: &mut Queries, filters: &ResolvedFilters, days: u32) -> anyhow::Result
     }
     let created_total: i64 = per_day.iter().map(|d| d.0).sum();
     let solved_total: i64 = per_day.iter().map(|d| d.1).sum();
-    table.push(vec![
+    table.push_total(vec![
         Cell::text("total"),
         Cell::Int(created_total),
         Cell::Int(solved_total),
