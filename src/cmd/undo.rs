@@ -10,6 +10,8 @@
 //! reported and left alone unless `--force`. An undo is an operation itself, a dry run by
 //! default, and records its own before/after images, so it can be undone in turn.
 
+use std::io::Write as _;
+
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
@@ -23,6 +25,7 @@ use crate::exit::{self, UsageError};
 use crate::filters::RestateUnchanged;
 use crate::job::{Job, Step};
 use crate::operation;
+use crate::output::{Cell, Table, escape_controls};
 use crate::restore;
 
 #[derive(Debug, clap::Args)]
@@ -331,6 +334,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         }
         return Ok(exit::SUCCESS);
     }
+    if would > 0 && asking(&args.apply) {
+        print_sample(&mut conn, op.id, would)?;
+    }
     if would > 0 && !confirm(&args.apply, "undo", would)? {
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
@@ -340,6 +346,40 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
 
 /// The real run: every part in batches, counting what was reverted, what was already as
 /// before and what changed since.
+/// Whether `confirm` will ask at a terminal (and the sample should be shown first).
+fn asking(apply: &ApplyArgs) -> bool {
+    !apply.yes && std::io::IsTerminal::is_terminal(&std::io::stdin())
+}
+
+/// What the question shows on stderr: a few values the undo puts back, as the operation left
+/// them → as they were before it (an inserted row is removed).
+fn print_sample(conn: &mut PgConnection, op: i64, would: u64) -> anyhow::Result<()> {
+    const SAMPLE_VALUES: usize = 8;
+    let shown = |v: &Option<serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => "∅".to_string(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let changes = crate::audit::changes(conn, op, 0, 3).context("cannot read the operation's audit trail")?;
+    let mut table = Table::new(["key", "field", "now", "after undo"]);
+    for c in changes.iter().take(SAMPLE_VALUES) {
+        let (now, restored) = match c.field.as_str() {
+            "(inserted)" => ("(inserted)".to_string(), "(removed)".to_string()),
+            _ => (shown(&c.after), shown(&c.before)),
+        };
+        table.push(vec![
+            Cell::text(escape_controls(&c.key)),
+            Cell::text(&c.field),
+            Cell::text(escape_controls(&now)),
+            Cell::text(escape_controls(&restored)),
+        ]);
+    }
+    let mut err = std::io::stderr().lock();
+    writeln!(err, "undo of operation {op}: {would} row(s), for example:")?;
+    table.write_aligned(&mut err)?;
+    Ok(())
+}
+
 fn revert(
     ctx: &Context,
     pool: &db::Pool,
@@ -574,6 +614,9 @@ fn undo_soft_delete(
             );
         }
         return Ok(exit::SUCCESS);
+    }
+    if asking(&args.apply) {
+        print_sample(conn, op, preview.restorable as u64)?;
     }
     if !confirm(&args.apply, "undo", preview.restorable as u64)? {
         ctx.info("not confirmed; nothing was written");

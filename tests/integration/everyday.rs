@@ -460,14 +460,10 @@ fn the_confirmation_shows_the_count_and_a_sample_and_reads_y_or_n() {
     import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
     let before = db.checksum("tickets");
     // script(1) gives the binary a terminal; its stdin feeds the answer to it.
-    let answer = |reply: &str| -> String {
+    let ask = |command: &str, reply: &str| -> String {
         let typescript = dir.join(format!("confirm-{}", reply.trim()));
         let mut child = std::process::Command::new("script")
-            .args([
-                "-qec",
-                &format!("{BIN} fix set priority=low --status on_hold --apply"),
-                typescript.to_str().unwrap(),
-            ])
+            .args(["-qec", &format!("{BIN} {command}"), typescript.to_str().unwrap()])
             .env("DATABASE_URL", &db.url)
             .current_dir(&dir)
             .stdin(std::process::Stdio::piped())
@@ -481,6 +477,7 @@ fn the_confirmation_shows_the_count_and_a_sample_and_reads_y_or_n() {
         child.wait().unwrap();
         String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).replace('\r', "")
     };
+    let answer = |reply: &str| ask("fix set priority=low --status on_hold --apply", reply);
     let screen = answer("n\n");
     assert!(screen.contains("Continue? [y/N]"), "{screen}");
     assert!(
@@ -495,6 +492,31 @@ fn the_confirmation_shows_the_count_and_a_sample_and_reads_y_or_n() {
         db.scalar("SELECT count(*) FROM tickets WHERE status = 'on_hold' AND priority <> 'low'"),
         0
     );
+    let after_fix = db.checksum("tickets");
+
+    // undo and merge-users ask the same way, with a sample.
+    let op = db.scalar("SELECT max(id) FROM bulk_operations");
+    let screen = ask(&format!("undo {op} --apply"), "n\n");
+    assert!(screen.contains("Continue? [y/N]"), "{screen}");
+    assert!(
+        screen.contains("after undo") && screen.contains("priority") && screen.contains("low"),
+        "the values the undo puts back are shown: {screen}"
+    );
+    assert!(screen.contains("nothing was written"), "{screen}");
+    assert_eq!(db.checksum("tickets"), after_fix, "no means no");
+    let (from, into) = (
+        db.strings("SELECT r.email FROM tickets t JOIN users r ON r.id = t.requester_id ORDER BY t.id LIMIT 1")
+            .remove(0),
+        db.strings("SELECT email FROM users WHERE role = 'agent' ORDER BY id LIMIT 1")
+            .remove(0),
+    );
+    let screen = ask(&format!("fix merge-users --from {from} --into {into} --apply"), "n\n");
+    assert!(screen.contains("Continue? [y/N]"), "{screen}");
+    assert!(
+        screen.contains("requester=") && screen.contains(&into),
+        "the tickets that would move are shown: {screen}"
+    );
+    assert_eq!(db.checksum("tickets"), after_fix, "no means no");
 }
 
 #[test]

@@ -62,6 +62,51 @@ fn find_user(conn: &mut PgConnection, email: &str, flag: &str) -> anyhow::Result
     Ok((id, deleted_at.is_some()))
 }
 
+/// A few of the tickets that move, before → after (requester and assignee).
+fn merge_sample(conn: &mut PgConnection, from: i64, into_email: &str) -> anyhow::Result<Vec<Sample>> {
+    Ok(sql_query(format!(
+        "SELECT t.external_id,
+                jsonb_build_object('requester', r.email, 'assignee', a.email) AS before,
+                jsonb_build_object('requester', CASE WHEN t.requester_id = $1 THEN $2 ELSE r.email END,
+                                   'assignee', CASE WHEN t.assignee_id = $1 THEN $2 ELSE a.email END) AS after
+         FROM tickets t JOIN users r ON r.id = t.requester_id LEFT JOIN users a ON a.id = t.assignee_id
+         WHERE t.requester_id = $1 OR t.assignee_id = $1
+         ORDER BY t.id LIMIT {SAMPLE_SIZE}"
+    ))
+    .bind::<BigInt, _>(from)
+    .bind::<Text, _>(into_email)
+    .load(conn)?)
+}
+
+fn print_merge_dry_run(
+    ctx: &Context,
+    from_email: &str,
+    into_email: &str,
+    from_deleted: bool,
+    refs: &References,
+    would_change: u64,
+    sample: &[Sample],
+) -> anyhow::Result<()> {
+    let described = format!(
+        "{} ticket(s) and {} comment(s) move from {from_email} to {into_email}; {from_email} is {}",
+        refs.tickets,
+        refs.comments,
+        if from_deleted {
+            "already soft-deleted"
+        } else {
+            "soft-deleted"
+        }
+    );
+    print_dry_run(
+        ctx,
+        KIND,
+        &described,
+        would_change,
+        sample,
+        json!({"from": from_email, "into": into_email, "tickets": refs.tickets, "comments": refs.comments}),
+    )
+}
+
 fn references(conn: &mut PgConnection, from: i64) -> anyhow::Result<References> {
     sql_query(
         "SELECT (SELECT count(*) FROM tickets WHERE requester_id = $1 OR assignee_id = $1) AS tickets,
@@ -89,39 +134,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     }
     let refs = references(&mut conn, from)?;
     let would_change = (refs.tickets + refs.comments) as u64 + u64::from(!from_deleted);
-    if !args.apply.apply {
-        let sample: Vec<Sample> = sql_query(format!(
-            "SELECT t.external_id,
-                    jsonb_build_object('requester', r.email, 'assignee', a.email) AS before,
-                    jsonb_build_object('requester', CASE WHEN t.requester_id = $1 THEN $3 ELSE r.email END,
-                                       'assignee', CASE WHEN t.assignee_id = $1 THEN $3 ELSE a.email END) AS after
-             FROM tickets t JOIN users r ON r.id = t.requester_id LEFT JOIN users a ON a.id = t.assignee_id
-             WHERE t.requester_id = $1 OR t.assignee_id = $1
-             ORDER BY t.id LIMIT {SAMPLE_SIZE}"
-        ))
-        .bind::<BigInt, _>(from)
-        .bind::<BigInt, _>(into)
-        .bind::<Text, _>(&into_email)
-        .load(&mut conn)?;
-        let described = format!(
-            "{} ticket(s) and {} comment(s) move from {from_email} to {into_email}; {from_email} is {}",
-            refs.tickets,
-            refs.comments,
-            if from_deleted {
-                "already soft-deleted"
-            } else {
-                "soft-deleted"
-            }
-        );
-        print_dry_run(
-            ctx,
-            KIND,
-            &described,
-            would_change,
-            &sample,
-            json!({"from": from_email, "into": into_email, "tickets": refs.tickets, "comments": refs.comments}),
-        )?;
-        return Ok(exit::SUCCESS);
+    let asking = !args.apply.yes && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    if !args.apply.apply || asking {
+        let sample = merge_sample(&mut conn, from, &into_email)?;
+        if args.apply.apply {
+            // The person asked sees what would change before answering.
+            eprintln!("{KIND} ({from_email} into {into_email})");
+            super::sample_table(&sample, refs.tickets as u64, &mut std::io::stderr().lock())?;
+        } else {
+            print_merge_dry_run(
+                ctx,
+                &from_email,
+                &into_email,
+                from_deleted,
+                &refs,
+                would_change,
+                &sample,
+            )?;
+            return Ok(exit::SUCCESS);
+        }
     }
     if !confirm(&args.apply, KIND, would_change)? {
         ctx.info("not confirmed; nothing was written");
