@@ -27,8 +27,8 @@ pub struct GlobalArgs {
     /// Print the machine-readable result as JSON on stdout
     #[arg(long, global = true)]
     pub json: bool,
-    /// Progress bars on stderr: auto draws them only when stderr is a terminal, always draws them
-    /// even when it is not
+    /// Progress bars on stderr (rows done of the total, rate, ETA; a spinner when the total is
+    /// not cheap to count): auto draws them only when stderr is a terminal, always even when not
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true)]
     pub progress: ProgressMode,
     /// Print only errors on stderr

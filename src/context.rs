@@ -140,6 +140,24 @@ impl Context {
         crate::output::Watch::new(self.progress(), self.global.verbose > 0, what)
     }
 
+    /// `watch`, with the rows the job will do as its total when someone sees the progress and
+    /// `count` is cheap (`db::count_within`; a slow count leaves a spinner), capped by
+    /// `--max-rows`.
+    pub fn watch_counted(
+        &self,
+        what: &str,
+        conn: &mut diesel::PgConnection,
+        max_rows: Option<u64>,
+        count: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<i64>,
+    ) -> crate::output::Watch {
+        let watch = self.watch(what);
+        if !watch.is_seen() {
+            return watch;
+        }
+        let total = crate::db::count_within(conn, crate::db::COUNT_BUDGET, count);
+        watch.with_total(total.map(|n| max_rows.map_or(n, |max| n.min(max))))
+    }
+
     /// Where engines write their notes.
     pub fn log(&self) -> crate::output::Log {
         crate::output::Log {

@@ -208,6 +208,24 @@ pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> Q
     ))
 }
 
+/// How long a count for a progress bar may take before the bar is a spinner instead.
+pub const COUNT_BUDGET: Duration = Duration::from_secs(2);
+
+/// A count for a progress bar, when it is cheap: `count` runs under a `statement_timeout` of
+/// `budget` in its own transaction; a count that takes longer (or fails) is `None`.
+pub fn count_within(
+    conn: &mut PgConnection,
+    budget: Duration,
+    count: impl FnOnce(&mut PgConnection) -> QueryResult<i64>,
+) -> Option<u64> {
+    conn.transaction(|conn| {
+        diesel::sql_query(format!("SET LOCAL statement_timeout = {}", budget.as_millis().max(1))).execute(conn)?;
+        count(conn)
+    })
+    .ok()
+    .map(|n| n.max(0) as u64)
+}
+
 /// Runs `f` in its own transaction with `SET LOCAL lock_timeout` / `statement_timeout`.
 pub fn in_batch_transaction<T, E, F>(conn: &mut PgConnection, timeouts: BatchTimeouts, f: F) -> Result<T, E>
 where

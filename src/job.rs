@@ -161,8 +161,9 @@ pub fn run_batches(
                     stats.rows += s.rows;
                     stats.longest_batch = stats.longest_batch.max(took);
                     watch.advance(s.rows, stats.rows, started);
+                    let of_total = watch.total.map(|t| format!(" of {t}")).unwrap_or_default();
                     watch.line(format!(
-                        "batch {}: {} rows in {} ms ({} in all, {:.0} rows/s)",
+                        "batch {}: {} rows in {} ms ({}{of_total} in all, {:.0} rows/s)",
                         stats.batches,
                         s.rows,
                         took.as_millis(),

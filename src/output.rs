@@ -52,12 +52,16 @@ pub fn byte_progress(draw: Draw, total: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// How a long job shows it is alive: a spinner with the rows done and their rate on a terminal
-/// (`--progress`), and with `-v` a line per batch for logs.
+/// How a long job shows it is alive: on a terminal (`--progress`) a bar with rows done of the
+/// total, rate and ETA when the total is known, else a spinner with rows and rate; with `-v`
+/// a line per batch for logs.
 #[derive(Debug, Clone)]
 pub struct Watch {
     pub verbose: bool,
     pub progress: ProgressBar,
+    /// The rows the job is expected to do, when known (counted first where that is cheap).
+    pub total: Option<u64>,
+    shown: bool,
 }
 
 impl Watch {
@@ -75,7 +79,34 @@ impl Watch {
         } else {
             ProgressBar::hidden()
         };
-        Watch { verbose, progress }
+        Watch {
+            verbose,
+            shown: draw != Draw::Hidden,
+            progress,
+            total: None,
+        }
+    }
+
+    /// Whether anyone sees the progress (a bar, or `-v` lines): counting a total first is
+    /// only worth its cost then.
+    pub fn is_seen(&self) -> bool {
+        self.shown || self.verbose
+    }
+
+    /// The rows the job will do: the spinner becomes a bar with done/total and an ETA.
+    pub fn with_total(mut self, total: Option<u64>) -> Watch {
+        if let Some(total) = total {
+            self.total = Some(total);
+            self.progress.set_length(total);
+            self.progress.set_style(
+                ProgressStyle::with_template(
+                    "{prefix}: [{bar:30}] {human_pos}/{human_len} rows {msg} ({elapsed}, ETA {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+        self
     }
 
     /// Counts `rows` more done, and shows the rate since `started`.

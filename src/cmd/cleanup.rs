@@ -229,7 +229,10 @@ fn soft_delete(
         );
     }
     let mut last_id = 0i64;
-    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+    let watch = ctx.watch_counted(&job.kind, &mut conn, batching.max_rows, |c| {
+        resolved.query(DeletedScope::Exclude).count().get_result(c)
+    });
+    let stats = job.run(&mut conn, &batching.settings(), &watch, |conn, limit| {
         let now = Utc::now();
         let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
         let Some(max) = last_candidate else {
@@ -399,7 +402,10 @@ fn purge(
     let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let mut last_id = 0i64;
     let mut comments_purged = 0u64;
-    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+    let watch = ctx.watch_counted(&job.kind, &mut conn, batching.max_rows, |c| {
+        purgeable().count().get_result(c)
+    });
+    let stats = job.run(&mut conn, &batching.settings(), &watch, |conn, limit| {
         // Found and locked in one ordered primary-key scan: rows another transaction holds are
         // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
         // restored meanwhile before locking it.
@@ -523,7 +529,10 @@ fn purge_users(
     )?;
     let op_id = job.operation_id;
     let mut last_id = 0i64;
-    let stats = job.run(&mut conn, &batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+    let watch = ctx.watch_counted(&job.kind, &mut conn, batching.max_rows, |c| {
+        purgeable().count().get_result(c)
+    });
+    let stats = job.run(&mut conn, &batching.settings(), &watch, |conn, limit| {
         let candidates: Vec<i64> = purgeable()
             .select(users::id)
             .filter(users::id.gt(last_id))

@@ -67,31 +67,29 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             let op_id = job.operation_id;
             let restate = RestateUnchanged::check(&mut conn)?;
             let mut last_id = 0i64;
-            let stats = job.run(
-                &mut conn,
-                &args.batching.settings(),
-                &ctx.watch(&job.kind),
-                |conn, limit| {
-                    let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Only, last_id, limit as i64)?;
-                    let Some(max) = last_candidate else {
-                        return Ok(Step { rows: 0, done: true });
-                    };
-                    last_id = max;
-                    if ids.is_empty() {
-                        return Ok(Step { rows: 0, done: false });
-                    }
-                    let before: Vec<Option<DateTime<Utc>>> = tickets::table
-                        .select(tickets::deleted_at)
-                        .filter(tickets::id.eq_any(&ids))
-                        .order(tickets::id)
-                        .load(conn)?;
-                    let restored = undelete(conn, op_id, &ids, before, restate)?;
-                    Ok(Step {
-                        rows: restored,
-                        done: false,
-                    })
-                },
-            );
+            let watch = ctx.watch_counted(&job.kind, &mut conn, args.batching.max_rows, |c| {
+                resolved.query(DeletedScope::Only).count().get_result(c)
+            });
+            let stats = job.run(&mut conn, &args.batching.settings(), &watch, |conn, limit| {
+                let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Only, last_id, limit as i64)?;
+                let Some(max) = last_candidate else {
+                    return Ok(Step { rows: 0, done: true });
+                };
+                last_id = max;
+                if ids.is_empty() {
+                    return Ok(Step { rows: 0, done: false });
+                }
+                let before: Vec<Option<DateTime<Utc>>> = tickets::table
+                    .select(tickets::deleted_at)
+                    .filter(tickets::id.eq_any(&ids))
+                    .order(tickets::id)
+                    .load(conn)?;
+                let restored = undelete(conn, op_id, &ids, before, restate)?;
+                Ok(Step {
+                    rows: restored,
+                    done: false,
+                })
+            });
             let rows = stats.rows;
             ctx.finish_job(job.finish(&mut conn, stats, json!({"restored": rows})))
         }
@@ -129,7 +127,7 @@ fn restore_operation(
         conn,
         source_op,
         &settings,
-        &ctx.watch(restore::KIND),
+        &ctx.watch(restore::KIND).with_total(Some(preview.restorable as u64)),
     )?;
     if let Some(note) = done.skipped_note(source_op) {
         ctx.info(note);

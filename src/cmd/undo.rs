@@ -304,7 +304,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     // The plan (a pass over every row) is for the dry run and the confirmation question; with
     // --apply --yes the batches count the same things as they go.
     if args.apply.apply && args.apply.yes {
-        return revert(ctx, &pool, &mut conn, op.id, &parts, &args);
+        return revert(ctx, &pool, &mut conn, op.id, &parts, &args, None);
     }
     let mut plan = Plan::default();
     for part in &parts {
@@ -341,7 +341,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ctx.info("not confirmed; nothing was written");
         return Ok(exit::FAILURE);
     }
-    revert(ctx, &pool, &mut conn, op.id, &parts, &args)
+    revert(ctx, &pool, &mut conn, op.id, &parts, &args, Some(would))
 }
 
 /// The real run: every part in batches, counting what was reverted, what was already as
@@ -387,6 +387,7 @@ fn revert(
     source_op: i64,
     parts: &[Part],
     args: &Args,
+    total: Option<u64>,
 ) -> anyhow::Result<i32> {
     let job = Job::start(
         pool,
@@ -410,7 +411,8 @@ fn revert(
     };
     let mut cursor = parts.first().map(start_of).unwrap_or(0);
     let (mut seen, mut already) = (0i64, 0i64);
-    let stats = job.run(conn, &args.batching.settings(), &ctx.watch(&job.kind), |conn, limit| {
+    let watch = ctx.watch(&job.kind).with_total(total);
+    let stats = job.run(conn, &args.batching.settings(), &watch, |conn, limit| {
         let Some(part) = parts.get(current) else {
             return Ok(Step { rows: 0, done: true });
         };
@@ -628,7 +630,7 @@ fn undo_soft_delete(
         conn,
         op,
         &settings,
-        &ctx.watch(restore::KIND),
+        &ctx.watch(restore::KIND).with_total(Some(preview.restorable as u64)),
     )?;
     if let Some(note) = done.skipped_note(op) {
         ctx.info(note);

@@ -159,7 +159,11 @@ fn long_jobs_show_progress_on_a_terminal_and_log_lines_without_one() {
     let db = TestDb::new();
     let dir = scratch("progress");
     import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
-    // Under a pseudo-terminal (script(1)), the spinner with rows and rate is drawn.
+    let open = db.scalar("SELECT count(*) FROM tickets WHERE status = 'open' AND deleted_at IS NULL");
+    let pending = db.scalar("SELECT count(*) FROM tickets WHERE status = 'pending' AND deleted_at IS NULL");
+    assert!(open > 5 && pending > 5);
+    // Under a pseudo-terminal (script(1)), a bar with rows done of the total (counted first),
+    // rate and ETA is drawn.
     let typescript = dir.join("typescript");
     let command = format!("{BIN} cleanup soft-delete --status open --batch-size 5 --sleep 150ms");
     let status = std::process::Command::new("script")
@@ -173,8 +177,11 @@ fn long_jobs_show_progress_on_a_terminal_and_log_lines_without_one() {
     assert!(status.success());
     let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
     assert!(
-        screen.contains("cleanup soft-delete: 5 rows") && screen.contains("rows/s"),
-        "no progress on the terminal: {screen:?}"
+        screen.contains("cleanup soft-delete: [")
+            && screen.contains(&format!("5/{open} rows"))
+            && screen.contains("rows/s")
+            && screen.contains("ETA"),
+        "no progress bar on the terminal: {screen:?}"
     );
     // --progress always draws without a terminal too.
     let run = ticketops(
@@ -219,7 +226,10 @@ fn long_jobs_show_progress_on_a_terminal_and_log_lines_without_one() {
         .unwrap_or_else(|| panic!("no batch line{}", run.explain()));
     let stamp = line.split_whitespace().next().unwrap();
     assert!(chrono::DateTime::parse_from_rfc3339(stamp).is_ok(), "{line}");
-    assert!(line.contains("in all") && line.contains("rows/s"), "{line}");
+    assert!(
+        line.contains(&format!("(5 of {pending} in all")) && line.contains("rows/s"),
+        "{line}"
+    );
     assert!(!run.stderr.contains('\r'), "no bar without a terminal{}", run.explain());
 }
 

@@ -173,7 +173,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let stats = job.run(
         &mut conn,
         &args.batching.settings(),
-        &ctx.watch(&job.kind),
+        &ctx.watch(&job.kind).with_total(Some(would_change)),
         |conn, limit| {
             let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
                 let moved: Changed = sql_query(sql)

@@ -144,6 +144,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
 
     // The dry run: every matching ticket, in the batches of the real run, compared the same
     // way. With --apply --yes nobody reads its count, so the real run goes straight ahead.
+    let mut total = None;
     if !(run.apply.apply && run.apply.yes) {
         let mut would_change = 0u64;
         let mut sample = Vec::new();
@@ -167,6 +168,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
             print_dry_run(ctx, run.kind, &fix.describe(), would_change, &sample, run.extra)?;
             return Ok(exit::SUCCESS);
         }
+        total = Some(would_change);
         if would_change == 0 {
             ctx.info("nothing to change");
         } else {
@@ -189,7 +191,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     let stats = job.run(
         &mut conn,
         &run.batching.settings(),
-        &ctx.watch(&job.kind),
+        &ctx.watch(&job.kind).with_total(total),
         |conn, limit| {
             let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64)?;
             let Some(max) = last_candidate else {
