@@ -249,46 +249,46 @@ fn header_only_and_empty_files() {
     }
 }
 
+/// What reads `bad/other_helpdesk.csv` (as `fixtures/maps/other_helpdesk.toml` does).
+const OTHER_HELPDESK_FLAGS: [&str; 30] = [
+    "--map",
+    "Ticket ID=external_id",
+    "--map",
+    "Title=subject",
+    "--map",
+    "Body=description",
+    "--map",
+    "State=status",
+    "--map",
+    "Urgency=priority",
+    "--map",
+    "Source=channel",
+    "--map",
+    "Customer Email=requester_email",
+    "--map",
+    "Customer=requester_name",
+    "--map",
+    "Agent=assignee_email",
+    "--map",
+    "Company=organization",
+    "--map",
+    "Labels=tags",
+    "--map",
+    "Opened=created_at",
+    "--map",
+    "Last Update=updated_at",
+    "--map",
+    "Resolved=solved_at",
+    "--value-map",
+    "status:Pending Customer Response=pending",
+];
+
 #[test]
 fn mapping_and_value_mapping_of_another_export() {
     let db = TestDb::new();
     let dir = scratch("mapping");
-    let maps = [
-        "--map",
-        "Ticket ID=external_id",
-        "--map",
-        "Title=subject",
-        "--map",
-        "Body=description",
-        "--map",
-        "State=status",
-        "--map",
-        "Urgency=priority",
-        "--map",
-        "Source=channel",
-        "--map",
-        "Customer Email=requester_email",
-        "--map",
-        "Customer=requester_name",
-        "--map",
-        "Agent=assignee_email",
-        "--map",
-        "Company=organization",
-        "--map",
-        "Labels=tags",
-        "--map",
-        "Opened=created_at",
-        "--map",
-        "Last Update=updated_at",
-        "--map",
-        "Resolved=solved_at",
-        "--value-map",
-        "status:Pending Customer Response=pending",
-        "--tag-separator",
-        "|",
-        "--timezone",
-        "Europe/Berlin",
-    ];
+    let mut maps = OTHER_HELPDESK_FLAGS.to_vec();
+    maps.extend_from_slice(&["--tag-separator", "|", "--timezone", "Europe/Berlin"]);
     let (run, summary) = import(&db, &dir, "tickets", &bad("other_helpdesk.csv"), &maps);
     run.expect_code(0)
         .stderr_has("ignoring unknown column(s): Satisfaction");
@@ -1326,42 +1326,10 @@ fn the_default_batch_size_depends_on_the_kind_of_load() {
 
 #[test]
 fn a_map_file_does_what_a_dozen_flags_do() {
-    let flags = [
-        "--map",
-        "Ticket ID=external_id",
-        "--map",
-        "Title=subject",
-        "--map",
-        "Body=description",
-        "--map",
-        "State=status",
-        "--map",
-        "Urgency=priority",
-        "--map",
-        "Source=channel",
-        "--map",
-        "Customer Email=requester_email",
-        "--map",
-        "Customer=requester_name",
-        "--map",
-        "Agent=assignee_email",
-        "--map",
-        "Company=organization",
-        "--map",
-        "Labels=tags",
-        "--map",
-        "Opened=created_at",
-        "--map",
-        "Last Update=updated_at",
-        "--map",
-        "Resolved=solved_at",
-        "--value-map",
-        "status:Pending Customer Response=pending",
-    ];
     let common = ["--tag-separator", "|", "--timezone", "Europe/Berlin"];
     let by_flags = TestDb::new();
     let dir = scratch("map-file");
-    let mut args = flags.to_vec();
+    let mut args = OTHER_HELPDESK_FLAGS.to_vec();
     args.extend_from_slice(&common);
     import(&by_flags, &dir, "tickets", &bad("other_helpdesk.csv"), &args)
         .0
