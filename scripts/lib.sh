@@ -10,6 +10,15 @@ ensure_system_packages() {
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    # pg_partman for the partitioned layout, for the newest server major installed (or the
+    # distribution's default when none is yet).
+    local major
+    major=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sed 's|/usr/lib/postgresql/\([0-9]*\)/bin|\1|' | sort -n | tail -1)
+    if [ -n "$major" ]; then
+        [ -e "/usr/share/postgresql/$major/extension/pg_partman.control" ] || missing+=("postgresql-$major-partman")
+    else
+        missing+=(postgresql-15-partman)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then

@@ -13,6 +13,7 @@ use diesel::sql_types::{BigInt, Bool, Timestamptz};
 
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
+use crate::layout::Layout;
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 use crate::schema::{organizations, tags, ticket_tags, tickets, users};
 
@@ -347,6 +348,11 @@ impl ResolvedFilters {
     /// take). Rows skipped because another transaction held them are left for the next run,
     /// and so is a row another transaction changed between this statement's start and its
     /// lock (its new version is not in the statement's snapshot).
+    ///
+    /// On the partitioned layout a `ctid` is unique only within one partition — an UPDATE by
+    /// ctid would also change rows of other partitions at the same address — so the rows are
+    /// reached by their key (id, created_at) instead, one partition each.
+    #[allow(clippy::too_many_arguments)]
     pub fn soft_delete_batch(
         &self,
         conn: &mut PgConnection,
@@ -355,9 +361,16 @@ impl ResolvedFilters {
         now: DateTime<Utc>,
         op_id: i64,
         restate: RestateUnchanged,
+        layout: Layout,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
+        // Rendered into the UPDATE, never loaded itself: the SQL type is only a label.
+        let address = if layout.partitioned() {
+            "tickets.id AS locked_id, tickets.created_at AS locked_created_at"
+        } else {
+            "tickets.ctid"
+        };
         let locking = tickets::table
-            .select(diesel::dsl::sql::<Tid>("tickets.ctid"))
+            .select(diesel::dsl::sql::<Tid>(address))
             .filter(self.condition(DeletedScope::Exclude))
             .filter(tickets::id.gt(after_id))
             .order(tickets::id)
@@ -369,6 +382,7 @@ impl ResolvedFilters {
             now,
             op_id,
             restate,
+            by_key: layout.partitioned(),
         }
         .load(conn)?;
         deleted.sort_unstable();
@@ -531,13 +545,15 @@ impl RestateUnchanged {
 
 /// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op[, <unchanged> = <unchanged>…]
 /// WHERE ctid = ANY(ARRAY(<locking query>)) RETURNING id`: Diesel's update builder cannot take
-/// a locking subquery.
+/// a locking subquery. With `by_key`, `… FROM (<locking query>) locked WHERE (id, created_at)
+/// match` instead (partitioned layout).
 struct SoftDeleteLocked<Q> {
     locking: Q,
     now: DateTime<Utc>,
     op_id: i64,
     /// Whether to name [`UNCHANGED_INDEXED_COLUMNS`] in the SET list too.
     restate: RestateUnchanged,
+    by_key: bool,
 }
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
@@ -547,9 +563,18 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
         out.push_sql(", last_operation_id = ");
         out.push_bind_param::<BigInt, _>(&self.op_id)?;
         out.push_sql(&self.restate.set_tail(&[]));
-        out.push_sql(" WHERE ctid = ANY(ARRAY(");
-        self.locking.walk_ast(out.reborrow())?;
-        out.push_sql(")) RETURNING id");
+        if self.by_key {
+            out.push_sql(" FROM (");
+            self.locking.walk_ast(out.reborrow())?;
+            out.push_sql(
+                ") AS locked WHERE tickets.id = locked.locked_id AND tickets.created_at = locked.locked_created_at \
+                 RETURNING tickets.id",
+            );
+        } else {
+            out.push_sql(" WHERE ctid = ANY(ARRAY(");
+            self.locking.walk_ast(out.reborrow())?;
+            out.push_sql(")) RETURNING id");
+        }
         Ok(())
     }
 }

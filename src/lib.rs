@@ -14,6 +14,8 @@ pub mod cmd;
 pub mod context;
 
 // The engines: they take plain values and return results.
+/// Archives of deleted rows in the import format, synced before the delete commits.
+pub mod archive;
 /// The audit vocabulary (`audit_log.action`) and how a batch is recorded.
 pub mod audit;
 /// Export in the import format (`COPY … TO`), also the queries of purge's archives.
@@ -38,6 +40,8 @@ pub mod conninfo;
 pub mod db;
 /// Exit codes and how errors become them.
 pub mod exit;
+/// The schema's layout (plain, partitioned), chosen once and read by the engines.
+pub mod layout;
 /// The few row structs the typed queries use, and the PostgreSQL enums.
 pub mod models;
 /// Progress bars, tables, notes, escaping, files created for the owner only.

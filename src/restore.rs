@@ -116,13 +116,21 @@ fn undelete_its_own(
     deleted_at: DateTime<Utc>,
     ids: &[i64],
     restate: RestateUnchanged,
+    layout: crate::layout::Layout,
 ) -> anyhow::Result<Vec<i64>> {
-    let mut restored: Vec<i64> = diesel::sql_query(format!(
-        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{}
-         WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets
+    // By ctid on one table; by key on partitions, where a ctid is unique only per partition.
+    let addressed = if layout.partitioned() {
+        "FROM (SELECT id AS locked_id, created_at AS locked_created_at FROM tickets
+               WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
+               FOR NO KEY UPDATE SKIP LOCKED) AS locked
+         WHERE tickets.id = locked.locked_id AND tickets.created_at = locked.locked_created_at"
+    } else {
+        "WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets
                                 WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
-                                FOR NO KEY UPDATE SKIP LOCKED))
-         RETURNING id",
+                                FOR NO KEY UPDATE SKIP LOCKED))"
+    };
+    let mut restored: Vec<i64> = diesel::sql_query(format!(
+        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} {addressed} RETURNING tickets.id AS id",
         restate.set_tail(&[])
     ))
     .bind::<BigInt, _>(op_id)
@@ -243,6 +251,7 @@ pub fn restore_operation(
     let job = Job::start(pool, url, conn, KIND, json!({"operation": source_op}))?;
     let op_id = job.operation_id;
     let restate = RestateUnchanged::check(conn)?;
+    let layout = crate::layout::Layout::of(conn)?;
     let mut batches = DeletedBatches::new(source_op, chunk);
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
@@ -250,7 +259,7 @@ pub fn restore_operation(
         let Some((when, ids)) = batches.front(conn)?.cloned() else {
             return Ok(Step { rows: 0, done: true });
         };
-        let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate)?;
+        let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate, layout)?;
         let restored = restorable.len() as u64;
         let left: Vec<i64> = ids
             .iter()

@@ -116,6 +116,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    ticketops_layout (singleton) {
+        singleton -> Bool,
+        layout -> Text,
+        chosen_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     use diesel::sql_types::*;
     use super::sql_types::UserRole;
 
@@ -147,6 +155,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     organizations,
     tags,
     ticket_tags,
+    ticketops_layout,
     tickets,
     users,
 );

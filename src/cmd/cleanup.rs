@@ -3,17 +3,16 @@
 //! to purge; never waiting on rows the live application holds), short transactions with lock and statement timeouts, one advisory lock per job
 //! (a second run exits 75), a clean stop on signals and limits, and a one-line JSON summary.
 
-use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
+use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS, archive_rows};
 use crate::args::BatchArgs;
 use crate::audit::{self, Action};
 use crate::context::Context;
@@ -21,6 +20,7 @@ use crate::db::{self};
 use crate::exit;
 use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters, parse_when};
 use crate::job::{self, Step};
+use crate::layout::Layout;
 use crate::operation;
 use crate::schema::{tickets, users};
 
@@ -222,6 +222,7 @@ fn soft_delete(
     )?;
     let op_id = job.operation_id;
     let restate = RestateUnchanged::check(&mut conn)?;
+    let layout = Layout::of(&mut conn)?;
     if !restate.allowed() && ctx.global.verbose > 0 {
         eprintln!(
             "tickets has column triggers or column privileges: the soft-delete names only deleted_at and \
@@ -234,7 +235,8 @@ fn soft_delete(
     });
     let stats = job.run(&mut conn, &batching.settings(), &watch, |conn, limit| {
         let now = Utc::now();
-        let (ids, last_candidate) = resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate)?;
+        let (ids, last_candidate) =
+            resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate, layout)?;
         let Some(max) = last_candidate else {
             return Ok(Step { rows: 0, done: true });
         };
@@ -265,111 +267,6 @@ fn soft_delete(
     ctx.finish_job(job.finish(&mut conn, stats, json!({"soft_deleted": rows})))
 }
 
-/// An archive CSV that batches are appended to, flushed and synced before their delete
-/// commits, and cut back if the batch fails.
-struct Archive {
-    path: PathBuf,
-    header: &'static [&'static str],
-    file: Option<File>,
-}
-
-impl Archive {
-    fn new(path: PathBuf, header: &'static [&'static str]) -> Archive {
-        Archive {
-            path,
-            header,
-            file: None,
-        }
-    }
-
-    /// Appends rows; returns the length before them, to cut back to on failure.
-    fn append(&mut self, rows: &[Vec<Option<String>>]) -> anyhow::Result<u64> {
-        let path = self.path.display().to_string();
-        let context = || format!("cannot write the archive {path}");
-        if self.file.is_none() {
-            let file = crate::output::append_private(&self.path).with_context(context)?;
-            self.file = Some(file);
-        }
-        let file = self.file.as_mut().expect("opened above");
-        let before = file.seek(SeekFrom::End(0)).with_context(context)?;
-        let header = self.header;
-        let written = (|| -> anyhow::Result<()> {
-            let mut writer = csv::Writer::from_writer(BufWriter::new(&*file));
-            if before == 0 {
-                writer.write_record(header)?;
-            }
-            for row in rows {
-                writer.write_record(row.iter().map(|f| f.as_deref().unwrap_or("")))?;
-            }
-            let inner = writer.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
-            inner.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
-            file.sync_data()?;
-            Ok(())
-        })();
-        if let Err(err) = written {
-            self.cut_back(before);
-            return Err(err.context(context()));
-        }
-        Ok(before)
-    }
-
-    /// Removes what the failed batch appended.
-    fn cut_back(&mut self, len: u64) {
-        if let Some(file) = &self.file {
-            let _ = file.set_len(len);
-            let _ = file.sync_data();
-        }
-    }
-}
-
-#[derive(QueryableByName)]
-struct Fields {
-    #[diesel(sql_type = Array<Nullable<Text>>)]
-    fields: Vec<Option<String>>,
-}
-
-/// The rows of `select` (an export query) for the given ids, each as text fields.
-fn archive_rows(
-    conn: &mut PgConnection,
-    select: &str,
-    columns: &[&str],
-    filter: &str,
-    ids: &[i64],
-) -> anyhow::Result<Vec<Vec<Option<String>>>> {
-    let fields: Vec<String> = columns.iter().map(|c| format!("q.{c}::text")).collect();
-    let sql = format!(
-        "SELECT ARRAY[{}] AS fields FROM ({select} WHERE {filter} = ANY($1)) q",
-        fields.join(", ")
-    );
-    let rows: Vec<Fields> = sql_query(sql).bind::<Array<BigInt>, _>(ids).load(conn)?;
-    Ok(rows.into_iter().map(|r| r.fields).collect())
-}
-
-const TICKET_COLUMNS: &[&str] = &[
-    "external_id",
-    "subject",
-    "description",
-    "status",
-    "priority",
-    "channel",
-    "requester_email",
-    "requester_name",
-    "assignee_email",
-    "organization",
-    "tags",
-    "created_at",
-    "updated_at",
-    "solved_at",
-];
-const COMMENT_COLUMNS: &[&str] = &[
-    "external_id",
-    "ticket_external_id",
-    "author_email",
-    "body",
-    "public",
-    "created_at",
-];
-
 fn purge(
     ctx: &Context,
     deleted_before: DateTime<Utc>,
@@ -398,6 +295,7 @@ fn purge(
                "batching": batching.settings().to_json()}),
     )?;
     let op_id = job.operation_id;
+    let layout = Layout::of(&mut conn)?;
     let mut tickets_archive = archive.clone().map(|p| Archive::new(p, TICKET_COLUMNS));
     let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let mut last_id = 0i64;
@@ -445,7 +343,12 @@ fn purge(
                 .filter(crate::schema::comments::ticket_id.eq_any(&ids))
                 .count()
                 .get_result(conn)?;
-            let deleted = diesel::delete(tickets::table.filter(tickets::id.eq_any(&ids))).execute(conn)?;
+            // Where a ticket's identity lives: deleting it there cascades to the ticket, its
+            // comments and tag links (tickets itself on plain, ticket_keys on partitions).
+            let (table, id) = layout.ticket_identity();
+            let deleted = sql_query(format!("DELETE FROM {table} WHERE {id} = ANY($1)"))
+                .bind::<Array<BigInt>, _>(&ids)
+                .execute(conn)?;
             audit::record_batch(
                 conn,
                 op_id,

@@ -8,10 +8,11 @@ use serde_json::json;
 use crate::context::Context;
 use crate::db;
 use crate::exit;
+use crate::layout::{Layout, PartitionHealth};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Exits 1 when the database is unreachable, migrations are pending, or a foreign key lacks an index."
+    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition). Exits 1 when the database is unreachable, migrations are pending, a foreign key\nlacks an index, or the partitions end within a month or rows sit in the default partition."
 )]
 pub struct Args {}
 
@@ -43,32 +44,40 @@ struct Version {
     version: String,
 }
 
-/// Foreign keys whose columns are not the leading columns of some index: every delete or
-/// key update on the referenced table would scan the referencing one.
+/// Foreign keys whose columns are not the leading columns of some index (nor hold all the
+/// columns of a unique one, which finds the row by itself): every delete or key update on the
+/// referenced table would scan the referencing one. A partition's copy of a partitioned
+/// table's key is the partitioned table's.
 const UNINDEXED_FOREIGN_KEYS_SQL: &str = "
 SELECT c.conrelid::regclass::text AS table_name, c.conname::text AS constraint_name,
        pg_get_constraintdef(c.oid) AS definition
 FROM pg_constraint c
 WHERE c.contype = 'f'
+  AND c.conparentid = 0
   AND c.connamespace = 'public'::regnamespace
   AND NOT EXISTS (
       SELECT 1 FROM pg_index i
       WHERE i.indrelid = c.conrelid
-        AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
-        AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] <@ c.conkey)
+        AND (((string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
+              AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] <@ c.conkey)
+             OR (i.indisunique AND string_to_array(i.indkey::text, ' ')::int2[] <@ c.conkey)))
 ORDER BY 1, 2";
 
+/// One line per table; a partitioned table sums its partitions.
 const TABLE_STATS_SQL: &str = "
-SELECT c.relname::text AS table_name,
-       -- reltuples is -1 until the table is first analyzed; the collector's count is better then
-       (CASE WHEN c.reltuples < 0 THEN coalesce(s.n_live_tup, 0) ELSE c.reltuples END)::float8 AS estimated_rows,
-       pg_total_relation_size(c.oid) AS total_bytes,
-       coalesce(s.n_dead_tup, 0) AS dead_tuples
-FROM pg_class c
+SELECT t.relname::text AS table_name,
+       sum(CASE WHEN c.reltuples < 0 THEN coalesce(s.n_live_tup, 0) ELSE c.reltuples END)::float8 AS estimated_rows,
+       sum(pg_total_relation_size(c.oid))::bigint AS total_bytes,
+       sum(coalesce(s.n_dead_tup, 0))::bigint AS dead_tuples
+FROM pg_class t
+CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(t.oid) WHERE isleaf AND t.relkind = 'p'
+                    UNION ALL SELECT t.oid WHERE t.relkind = 'r') p
+JOIN pg_class c ON c.oid = p.relid
 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
-  AND c.relname <> '__diesel_schema_migrations'
-ORDER BY c.relname";
+WHERE t.relnamespace = 'public'::regnamespace AND t.relkind IN ('r', 'p') AND NOT t.relispartition
+  AND t.relname <> '__diesel_schema_migrations'
+GROUP BY t.relname
+ORDER BY t.relname";
 
 pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
     let url = ctx.database_url()?;
@@ -92,6 +101,16 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
         .load(&mut conn)
         .context("cannot list foreign keys")?;
     let pool_state = pool.state();
+    // Unknown while the layout's migration is pending.
+    let layout = if pending.is_empty() {
+        Layout::of(&mut conn).ok()
+    } else {
+        None
+    };
+    let partitions = match layout {
+        Some(Layout::Partitioned) => Some(PartitionHealth::read(&mut conn)?),
+        _ => None,
+    };
 
     let mut problems = Vec::new();
     if !pending.is_empty() {
@@ -100,6 +119,9 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
             pending.len(),
             pending.join(", ")
         ));
+    }
+    if let Some(p) = &partitions {
+        problems.extend(p.problems());
     }
     for fk in &unindexed {
         problems.push(format!(
@@ -123,6 +145,8 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
         ctx.print_json(&json!({
             "database_url": masked,
             "server_version": version.version,
+            "layout": layout,
+            "partitions": partitions,
             "pending_migrations": pending,
             "tables": tables_json,
             "unindexed_foreign_keys": unindexed.iter().map(|f| &f.constraint_name).collect::<Vec<_>>(),
@@ -140,6 +164,23 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
             migrations.len() - pending.len(),
             pending.len()
         );
+        if let Some(layout) = layout {
+            println!("layout         {}", layout.as_str());
+        }
+        if let Some(p) = &partitions {
+            let day = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "partitions     {} monthly, {} to {} (pg_partman premake {}), {} row(s) in tickets_default",
+                p.partitions,
+                day(p.first_from),
+                day(p.last_until),
+                p.premake.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                p.default_rows
+            );
+        }
         println!(
             "pool           max {} connections, {} open, checkout timeout {} s, checked on checkout",
             pool.max_size(),

@@ -7,6 +7,7 @@ use serde_json::json;
 use crate::context::Context;
 use crate::db::{self, MIGRATIONS};
 use crate::exit;
+use crate::layout::Layout;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,8 +17,24 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
-    /// Apply every pending migration
-    Run,
+    /// Apply every pending migration (and, on an empty database, choose its layout)
+    #[command(after_help = "\
+Layouts (chosen once, on an empty database; recorded in ticketops_layout, read by every command):
+  plain        one tickets table (the default)
+  partitioned  tickets range-partitioned by created_at, a partition a month, made ahead and
+               maintained by pg_partman (package postgresql-15-partman), a default partition
+               for stray rows, and ticket_keys keeping external_id unique across partitions.
+               Run `SELECT partman.run_maintenance()` from cron (or pg_partman_bgw) so that
+               months are made ahead; imports make the months their rows need.
+
+Examples:
+  ticketops migrate run
+  ticketops migrate run --layout partitioned")]
+    Run {
+        /// The layout of a new database [default: plain; an existing database keeps its own]
+        #[arg(long, value_enum)]
+        layout: Option<Layout>,
+    },
     /// Revert the latest applied migration (or all of them with --all)
     Revert {
         /// Revert every applied migration, leaving an empty schema
@@ -32,20 +49,26 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let url = ctx.database_url()?;
     let mut conn = db::establish(url)?;
     match args.action {
-        Action::Run => {
+        Action::Run { layout } => {
             let applied = conn
                 .run_pending_migrations(MIGRATIONS)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .context("cannot apply migrations")?;
             let versions: Vec<String> = applied.iter().map(|v| v.to_string()).collect();
+            if let Some(layout) = layout {
+                crate::layout::choose(&mut conn, layout)?;
+            }
+            let layout = Layout::of(&mut conn)?;
             if ctx.global.json {
-                ctx.print_json(&json!({ "applied": versions }))?;
-            } else if versions.is_empty() {
-                ctx.info("migrations: nothing to apply, the schema is up to date");
+                ctx.print_json(&json!({ "applied": versions, "layout": layout }))?;
             } else {
+                if versions.is_empty() {
+                    ctx.info("migrations: nothing to apply, the schema is up to date");
+                }
                 for v in &versions {
                     ctx.info(format!("applied {v}"));
                 }
+                ctx.info(format!("layout: {}", layout.as_str()));
             }
         }
         Action::Revert { all } => {

@@ -24,6 +24,7 @@ use crate::db::{self};
 use crate::exit::{self, UsageError};
 use crate::filters::RestateUnchanged;
 use crate::job::{Job, Step};
+use crate::layout::Layout;
 use crate::operation;
 use crate::output::{Cell, Table, escape_controls};
 use crate::restore;
@@ -399,9 +400,10 @@ fn revert(
     let undo_op = job.operation_id;
 
     let restate = RestateUnchanged::check(conn)?;
+    let layout = Layout::of(conn)?;
     let sql: Vec<String> = parts
         .iter()
-        .map(|p| revert_sql(p, undo_op, args.force, restate))
+        .map(|p| revert_sql(p, undo_op, args.force, restate, layout))
         .collect();
     let mut current = 0usize;
     // Images are walked by descending audit id, inserted tickets by ascending id window.
@@ -505,10 +507,20 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Pl
 /// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
 /// $4 --force. Returns how many rows were reverted, the next cursor and how many audit rows
 /// (or ids) the batch looked at.
-fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
+fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged, layout: Layout) -> String {
     match part {
         Part::Images(images) => {
             let table = &images.table;
+            // A ticket whose created_at comes back moves to its month; on partitions its key
+            // (which routes lookups) follows.
+            let keys = if layout.partitioned() && table == "tickets" {
+                "keys_moved AS (
+                     UPDATE ticket_keys k SET created_at = c.created_at
+                     FROM changed c WHERE k.ticket_id = c.id AND k.created_at <> c.created_at
+                 ),"
+            } else {
+                ""
+            };
             // Tag sets are put back as a whole: links not in the image go, missing ones come.
             let tags = if images.tags {
                 "tags_removed AS (
@@ -555,8 +567,8 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged)
                      UPDATE {table} t SET {set}
                      FROM {source}
                      WHERE t.id = a.row_id AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
-                     RETURNING t.id, a.before, {old_values} AS old_values
-                 ), {tags} audited AS (
+                     RETURNING t.id, t.created_at, a.before, {old_values} AS old_values
+                 ), {tags} {keys} audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                      SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM changed
                  ), left_alone AS MATERIALIZED (

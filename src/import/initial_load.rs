@@ -24,13 +24,24 @@ pub(super) struct Definition {
 /// `keep_keys` (the scan could not track the keys: the load then looks them up and may merge
 /// a repeated one). Then truncates the tables, so that the load may `COPY … FREEZE`. Returns the
 /// statements that recreate everything.
-pub(super) fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) -> anyhow::Result<Rebuild> {
+/// On the partitioned layout ticket_keys is one of the tables, and the definitions of the
+/// partitioned indexes (`ON ONLY tickets`) are recreated on the whole table, every partition.
+pub(super) fn drop_indexes_and_keys(
+    conn: &mut PgConnection,
+    keep_keys: bool,
+    layout: crate::layout::Layout,
+) -> anyhow::Result<Rebuild> {
     #[derive(QueryableByName)]
     struct Empty {
         #[diesel(sql_type = Bool)]
         empty: bool,
     }
-    crate::db::lock_tables(conn, &["tickets", "ticket_tags"], "ACCESS EXCLUSIVE")
+    let tables: &[&str] = if layout.partitioned() {
+        &["tickets", "ticket_tags", "ticket_keys"]
+    } else {
+        &["tickets", "ticket_tags"]
+    };
+    crate::db::lock_tables(conn, tables, "ACCESS EXCLUSIVE")
         .context("the initial load needs tickets and ticket_tags to itself")?;
     let empty: Empty =
         sql_query("SELECT NOT EXISTS (SELECT 1 FROM tickets) AND NOT EXISTS (SELECT 1 FROM ticket_tags) AS empty")
@@ -40,26 +51,36 @@ pub(super) fn drop_indexes_and_keys(conn: &mut PgConnection, keep_keys: bool) ->
             "--initial-load needs empty tickets and ticket_tags tables, and they hold rows; import without --initial-load"
         );
     }
-    let definitions: Vec<Definition> = sql_query(
+    // Constraints of the tables themselves (conparentid = 0: not a partition's copy of one).
+    let tables_sql = tables
+        .iter()
+        .map(|t| format!("'{t}'::regclass"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut definitions: Vec<Definition> = sql_query(format!(
         "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
                 pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind
          FROM pg_constraint c
-         WHERE (c.contype = 'f' AND (c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
-                                     OR c.confrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)))
-            OR (c.contype IN ('p', 'u') AND c.conrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
-                AND NOT $1)
+         WHERE c.conparentid = 0
+           AND ((c.contype = 'f' AND (c.conrelid IN ({tables_sql}) OR c.confrelid IN ({tables_sql})))
+                OR (c.contype IN ('p', 'u') AND c.conrelid IN ({tables_sql}) AND NOT $1))
          UNION ALL
          SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL
          FROM pg_index i
-         WHERE i.indrelid IN ('tickets'::regclass, 'ticket_tags'::regclass)
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
-    )
+         WHERE i.indrelid IN ({tables_sql})
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)"
+    ))
     .bind::<Bool, _>(keep_keys)
     .load(conn)?;
+    for d in &mut definitions {
+        // A partitioned index reads `CREATE INDEX … ON ONLY public.tickets …`: recreated so,
+        // it would be an invalid index on the parent alone.
+        d.definition = d.definition.replacen(" ON ONLY ", " ON ", 1);
+    }
     let rebuild = drop_for_rebuild(conn, definitions)?;
     // Empty, and no foreign key points at them any more: COPY FREEZE needs the tables
     // created or truncated in the current transaction.
-    sql_query("TRUNCATE tickets, ticket_tags")
+    sql_query(format!("TRUNCATE {}", tables.join(", ")))
         .execute(conn)
         .context("cannot truncate the empty tickets and ticket_tags for the initial load")?;
     Ok(rebuild)

@@ -794,10 +794,17 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     assert_eq!(outcome(&a), outcome(&b));
     assert_same_rows(&fast.ticket_snapshot(), &normal.ticket_snapshot(), "initial load");
     assert_same_rows(&fast.user_snapshot(), &normal.user_snapshot(), "initial load's users");
+    // The tables' own indexes and constraints (a partition's copies come and go with the
+    // months the data needs).
     let schema = |db: &TestDb| {
         db.strings(
-            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' UNION ALL
-             SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+            "SELECT indexdef FROM pg_indexes i
+             JOIN pg_class t ON t.relname = i.tablename AND t.relnamespace = 'public'::regnamespace
+             WHERE i.schemaname = 'public' AND NOT t.relispartition
+             UNION ALL
+             SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint c
+             WHERE connamespace = 'public'::regnamespace AND conparentid = 0
+               AND NOT (SELECT relispartition FROM pg_class WHERE oid = c.conrelid)
              ORDER BY 1",
         )
     };
@@ -808,13 +815,20 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     );
     ticketops(Some(&fast), &dir, &["doctor"]).run().expect_code(0);
     // Loaded frozen (COPY FREEZE after a TRUNCATE): every page is all-visible, as the
-    // statistics the load took before validating its foreign keys record.
+    // statistics the load took before validating its foreign keys record. PostgreSQL refuses
+    // FREEZE on a partitioned table: there, the tag links only.
+    let frozen: &[&str] = if partitioned() {
+        &["ticket_tags true"]
+    } else {
+        &["ticket_tags true", "tickets true"]
+    };
     assert_eq!(
-        fast.strings(
+        fast.strings(&format!(
             "SELECT relname || ' ' || (relpages > 0 AND relallvisible = relpages) FROM pg_class
-             WHERE relname IN ('tickets', 'ticket_tags') ORDER BY 1"
-        ),
-        ["ticket_tags true", "tickets true"]
+             WHERE relname IN ('ticket_tags'{}) ORDER BY 1",
+            if partitioned() { "" } else { ", 'tickets'" }
+        )),
+        frozen
     );
 
     let initial_load = |db: &TestDb, rejects: &str| {

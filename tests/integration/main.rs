@@ -9,6 +9,7 @@ mod foundation;
 mod hardening;
 mod import;
 mod layers;
+mod partitioned;
 mod report;
 mod restore;
 mod support;

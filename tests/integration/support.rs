@@ -64,12 +64,28 @@ fn url_for(admin: &str, database: &str) -> String {
     url
 }
 
-/// Hash of the migrations, so a changed schema gets a fresh template.
+/// The schema layout the suite runs on: `TICKETOPS_TEST_LAYOUT` (plain, partitioned), plain
+/// when unset. `scripts/test` runs the suite once per layout.
+pub fn layout() -> &'static str {
+    static LAYOUT: OnceLock<String> = OnceLock::new();
+    LAYOUT.get_or_init(|| std::env::var("TICKETOPS_TEST_LAYOUT").unwrap_or_else(|_| "plain".into()))
+}
+
+pub fn partitioned() -> bool {
+    layout() == "partitioned"
+}
+
+/// Hash of the migrations and the layout scripts, so a changed schema gets a fresh template.
 fn migrations_key() -> String {
     let mut files: Vec<PathBuf> = std::fs::read_dir(project_dir().join("migrations"))
         .unwrap()
         .flat_map(|d| std::fs::read_dir(d.unwrap().path()).into_iter().flatten())
         .map(|f| f.unwrap().path())
+        .chain(
+            std::fs::read_dir(project_dir().join("src/layout"))
+                .unwrap()
+                .map(|f| f.unwrap().path()),
+        )
         .collect();
     files.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -82,13 +98,17 @@ fn migrations_key() -> String {
     format!("{hash:016x}")
 }
 
-/// Creates (once per schema version, under an advisory lock, so parallel test processes
-/// agree) a template database migrated by the real binary.
-fn template_name() -> &'static str {
-    static TEMPLATE: OnceLock<String> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
+/// Creates (once per schema version and layout, under an advisory lock, so parallel test
+/// processes agree) a template database migrated by the real binary.
+fn template_name(layout: &str) -> String {
+    static TEMPLATES: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, name)) = templates.iter().find(|(l, _)| l == layout) {
+        return name.clone();
+    }
+    let name = {
         let admin = admin_url();
-        let name = format!("ticketops_tpl_{}", migrations_key());
+        let name = format!("ticketops_tpl_{layout}_{}", migrations_key());
         let mut conn = PgConnection::establish(&admin).expect("connect to the test server");
         conn.batch_execute("SELECT pg_advisory_lock(4242)").unwrap();
         let exists = query_json(
@@ -98,7 +118,7 @@ fn template_name() -> &'static str {
         if exists.is_empty() {
             conn.batch_execute(&format!("CREATE DATABASE {name}_tmp")).ok();
             let out = Command::new(BIN)
-                .args(["migrate", "run"])
+                .args(["migrate", "run", "--layout", layout])
                 .env("DATABASE_URL", url_for(&admin, &format!("{name}_tmp")))
                 .output()
                 .unwrap();
@@ -112,7 +132,9 @@ fn template_name() -> &'static str {
         }
         conn.batch_execute("SELECT pg_advisory_unlock(4242)").unwrap();
         name
-    })
+    };
+    templates.push((layout.to_string(), name.clone()));
+    name
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -122,13 +144,22 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     admin: String,
+    /// The layout it was migrated with (plain for an empty one).
+    pub layout: String,
 }
 
 impl TestDb {
-    /// A migrated database.
+    /// A migrated database in the suite's layout.
     pub fn new() -> TestDb {
-        let template = template_name();
-        Self::create(&format!("TEMPLATE {template}"))
+        Self::with_layout(layout())
+    }
+
+    /// A migrated database in `layout`, whatever the suite's.
+    pub fn with_layout(layout: &str) -> TestDb {
+        let template = template_name(layout);
+        let mut db = Self::create(&format!("TEMPLATE {template}"));
+        db.layout = layout.to_string();
+        db
     }
 
     /// An empty database with no schema at all.
@@ -148,15 +179,38 @@ impl TestDb {
         conn.batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .unwrap();
         let url = url_for(&admin, &name);
-        TestDb { name, url, admin }
+        TestDb {
+            name,
+            url,
+            admin,
+            layout: "plain".into(),
+        }
     }
 
     pub fn conn(&self) -> PgConnection {
         PgConnection::establish(&self.url).expect("connect to the test database")
     }
 
+    /// Runs SQL as an application would. On the partitioned layout an application that writes
+    /// tickets writes their keys in the same transaction (the foreign key to ticket_keys is
+    /// checked at commit): a test's own INSERT or UPDATE of tickets gets that statement added.
     pub fn execute(&self, sql: &str) {
-        self.conn().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let lower = sql.to_lowercase();
+        let sql = if self.layout == "partitioned"
+            && (lower.contains("insert into tickets") || lower.contains("update tickets"))
+        {
+            format!(
+                "BEGIN; {sql};
+                 INSERT INTO ticket_keys (ticket_id, external_id, created_at)
+                 SELECT id, external_id, created_at FROM tickets
+                 ON CONFLICT (ticket_id) DO UPDATE SET external_id = excluded.external_id, created_at = excluded.created_at
+                 WHERE (ticket_keys.external_id, ticket_keys.created_at) IS DISTINCT FROM (excluded.external_id, excluded.created_at);
+                 COMMIT;"
+            )
+        } else {
+            sql.to_string()
+        };
+        self.conn().batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// Rows of a query as JSON objects.

@@ -22,6 +22,7 @@ use super::entities::EntityCache;
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
+use crate::layout::{Layout, Partitions};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
 mod stored;
@@ -119,6 +120,10 @@ pub struct TicketImport {
     keys_seen_once: bool,
     /// Reads stored tickets when no read-ahead did.
     stored: StoredLookup,
+    /// The schema's layout, read when the import begins.
+    layout: Layout,
+    /// The monthly partitions known to exist (partitioned layout).
+    partitions: Partitions,
 }
 
 /// Past this many inserted tickets an import ends with ANALYZE.
@@ -175,6 +180,8 @@ impl TicketImport {
             id_sequence: None,
             keys_seen_once: false,
             stored: StoredLookup::default(),
+            layout: Layout::Plain,
+            partitions: Partitions::default(),
             phases: PhaseTimes {
                 verbose,
                 totals: Vec::new(),
@@ -270,11 +277,12 @@ impl ImportKind for TicketImport {
     }
 
     fn begin(&mut self, conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
+        self.layout = Layout::of(conn)?;
         sql_query(STAGE_TABLE_SQL)
             .execute(conn)
             .context("cannot create the staging table")?;
         if self.initial_load {
-            self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once)?;
+            self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once, self.layout)?;
             self.cache
                 .lock_users_for_load(conn)
                 .context("cannot lock users for the initial load")?;

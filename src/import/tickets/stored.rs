@@ -30,6 +30,8 @@ pub(super) fn index_paths_only(conn: &mut PgConnection) -> QueryResult<usize> {
 pub(super) struct StoredLookup {
     /// Where the next batch's tickets probably start.
     next_id: Option<i64>,
+    /// The layout, read on first use (this runs on the read-ahead's own connection).
+    layout: Option<crate::layout::Layout>,
 }
 
 impl StoredLookup {
@@ -54,10 +56,33 @@ impl StoredLookup {
         if stored.len() < wanted.len() {
             let found: HashSet<&str> = stored.iter().map(|t| t.external_id.as_str()).collect();
             let missing: Vec<&str> = wanted.iter().copied().filter(|k| !found.contains(k)).collect();
-            let probed: Vec<Ticket> = tickets::table
-                .filter(tickets::external_id.eq_any(&missing))
-                .select(Ticket::as_select())
-                .load(conn)?;
+            let layout = match self.layout {
+                Some(layout) => layout,
+                None => {
+                    let layout = crate::layout::Layout::of(conn)
+                        .map_err(|e| diesel::result::Error::QueryBuilderError(e.into()))?;
+                    *self.layout.insert(layout)
+                }
+            };
+            let probed: Vec<Ticket> = if layout.partitioned() {
+                // Through the keys, whose created_at names the one partition to look in.
+                tickets::table
+                    .filter(
+                        diesel::dsl::sql::<diesel::sql_types::Bool>(
+                            "(tickets.id, tickets.created_at) IN \
+                             (SELECT ticket_id, created_at FROM ticket_keys WHERE external_id = ANY(",
+                        )
+                        .bind::<Array<Text>, _>(&missing)
+                        .sql("))"),
+                    )
+                    .select(Ticket::as_select())
+                    .load(conn)?
+            } else {
+                tickets::table
+                    .filter(tickets::external_id.eq_any(&missing))
+                    .select(Ticket::as_select())
+                    .load(conn)?
+            };
             stored.extend(probed);
         }
         stored.sort_unstable_by_key(|t| t.id);

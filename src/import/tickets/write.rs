@@ -242,12 +242,29 @@ impl TicketImport {
                 .context("cannot allocate ticket ids")?;
             ids.into_iter().map(|i| i.id).collect()
         };
+        let import_time = self.import_time;
+        if self.layout.partitioned() {
+            // The months first, then the keys (which the tickets reference): a key that
+            // exists already (a concurrent insert) fails the batch like the unique index does
+            // on the plain layout.
+            let started = std::time::Instant::now();
+            self.partitions
+                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+            copy_keys(
+                conn,
+                rows.iter()
+                    .zip(&ids)
+                    .map(|(r, &id)| (id, r.row.external_id.as_str(), r.row.created_at.unwrap_or(import_time))),
+            )?;
+            self.phases.add("COPY ticket keys", started);
+        }
         // Each row is encoded as the COPY streams, so the lookups and the freeing of the
         // parsed rows overlap with the server ingesting the rows before.
         let pending = RefCell::new(Some(rows));
         let links = RefCell::new(Vec::new());
-        let import_time = self.import_time;
         let this = &*self;
+        // COPY … FREEZE is refused on a partitioned table.
+        let freeze = self.initial_load && !self.layout.partitioned();
         let inserted = diesel::copy_from(tickets::table)
             .from_raw_data(
                 // In the order the rows below are written.
@@ -302,7 +319,7 @@ impl TicketImport {
             // The initial load truncated the tables in its transaction: its rows can be
             // written frozen and their pages marked all-visible, so the index builds and key
             // validations after it need not check each row's visibility (0.5-0.8 s per 1M).
-            .with_freeze(self.initial_load)
+            .with_freeze(freeze)
             .execute(conn)
             .context("cannot COPY new tickets")?;
         let links = links.into_inner();
@@ -359,6 +376,11 @@ impl TicketImport {
         if rows.is_empty() {
             return Ok(());
         }
+        if self.layout.partitioned() {
+            self.partitions
+                .ensure(conn, rows.iter().filter_map(|r| r.row.created_at))?;
+        }
+        let by_rec: HashMap<i64, &Numbered<TicketRow>> = rows.iter().map(|r| (r.record as i64, *r)).collect();
         sql_query("TRUNCATE ticketops_stage_tickets").execute(conn)?;
         let stage: Vec<StageRow> = rows
             .into_iter()
@@ -426,15 +448,27 @@ impl TicketImport {
                 counts.unchanged += 1;
             }
         }
-        // Staged rows whose ticket vanished between lookup and compare are inserted by the
-        // merge below like any new row.
+        // Staged rows whose ticket vanished between lookup and compare are inserted like any
+        // new row: by the merge's ON CONFLICT on the plain layout, by insert_new on the
+        // partitioned one (whose merge is an UPDATE).
         let classified_recs: HashSet<i64> = classified.iter().map(|c| c.rec).collect();
-        to_write.extend(staged_recs.into_iter().filter(|rec| !classified_recs.contains(rec)));
+        let vanished = staged_recs.into_iter().filter(|rec| !classified_recs.contains(rec));
+        if self.layout.partitioned() {
+            let vanished: Vec<&Numbered<TicketRow>> = vanished.map(|rec| by_rec[&rec]).collect();
+            self.insert_new(conn, op_id, vanished, counts)?;
+        } else {
+            to_write.extend(vanished);
+        }
         if to_write.is_empty() {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let written: Vec<Written> = sql_query(self.merge_sql(op_id))
+        let merge_sql = if self.layout.partitioned() {
+            self.update_sql(op_id)
+        } else {
+            self.merge_sql(op_id)
+        };
+        let written: Vec<Written> = sql_query(merge_sql)
             .bind::<Array<BigInt>, _>(&to_write)
             .bind::<Array<BigInt>, _>(&tag_changed)
             .bind::<Array<BigInt>, _>(&no_audit)
@@ -565,6 +599,55 @@ impl TicketImport {
         )
     }
 
+    /// The partitioned layout's merge: an UPDATE (ON CONFLICT cannot move a row to another
+    /// partition, and there is no unique external_id on tickets to conflict on). A changed
+    /// created_at moves the ticket to its month; its key follows in the same statement.
+    fn update_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = g.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("g.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
+                 FROM target g
+                 WHERE t.id = g.id AND t.created_at = g.stored_created_at
+                   AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
+                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, to_jsonb(t) AS after_image
+             ), moved AS (
+                 UPDATE ticket_keys k SET created_at = w.created_at
+                 FROM written w WHERE k.ticket_id = w.id AND k.created_at <> w.created_at
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id, '{update}',
+                        to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                            SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id))),
+                        w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                 FROM written w
+                 JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
+                 JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, external_id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+            update = crate::audit::UPDATE_ACTION,
+        )
+    }
+
     fn merge_sql(&self, op_id: i64) -> String {
         let target: Vec<String> = self
             .target_exprs()
@@ -615,6 +698,41 @@ impl TicketImport {
             update = crate::audit::UPDATE_ACTION,
         )
     }
+}
+
+/// The key rows of new tickets (partitioned layout), by binary COPY.
+fn copy_keys<'a>(
+    conn: &mut PgConnection,
+    keys: impl Iterator<Item = (i64, &'a str, DateTime<Utc>)>,
+) -> anyhow::Result<()> {
+    use crate::layout::ticket_keys;
+    let keys = RefCell::new(Some(keys));
+    diesel::copy_from(ticket_keys::table)
+        .from_raw_data(
+            (
+                ticket_keys::ticket_id,
+                ticket_keys::external_id,
+                ticket_keys::created_at,
+            ),
+            |out| -> Result<(), diesel::result::Error> {
+                let keys = keys.take().expect("the COPY callback runs once");
+                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                for (id, external_id, created_at) in keys {
+                    (|| -> std::io::Result<()> {
+                        copy.row(3)?;
+                        copy.int8(id)?;
+                        copy.text(external_id)?;
+                        copy.timestamptz(created_at)
+                    })()
+                    .map_err(write_error)?;
+                }
+                copy.finish().map_err(write_error)
+            },
+        )
+        .with_format(CopyFormat::Binary)
+        .execute(conn)
+        .context("cannot COPY the keys of new tickets")?;
+    Ok(())
 }
 
 /// Inclusive ranges of consecutive ids, in order.

@@ -1,0 +1,117 @@
+//! Archives of what is deleted for good (`cleanup purge`, `cleanup retention`): CSV in the
+//! import format, appended batch by batch and synced to disk before the delete that follows
+//! commits, cut back when that batch fails. `ticketops import tickets ARCHIVE` brings the rows
+//! back.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+
+/// An archive CSV that batches are appended to, flushed and synced before their delete
+/// commits, and cut back if the batch fails.
+pub struct Archive {
+    path: PathBuf,
+    header: &'static [&'static str],
+    file: Option<File>,
+}
+
+impl Archive {
+    pub fn new(path: PathBuf, header: &'static [&'static str]) -> Archive {
+        Archive {
+            path,
+            header,
+            file: None,
+        }
+    }
+
+    /// Appends rows; returns the length before them, to cut back to on failure.
+    pub fn append(&mut self, rows: &[Vec<Option<String>>]) -> anyhow::Result<u64> {
+        let path = self.path.display().to_string();
+        let context = || format!("cannot write the archive {path}");
+        if self.file.is_none() {
+            let file = crate::output::append_private(&self.path).with_context(context)?;
+            self.file = Some(file);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let before = file.seek(SeekFrom::End(0)).with_context(context)?;
+        let header = self.header;
+        let written = (|| -> anyhow::Result<()> {
+            let mut writer = csv::Writer::from_writer(BufWriter::new(&*file));
+            if before == 0 {
+                writer.write_record(header)?;
+            }
+            for row in rows {
+                writer.write_record(row.iter().map(|f| f.as_deref().unwrap_or("")))?;
+            }
+            let inner = writer.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+            inner.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+            file.sync_data()?;
+            Ok(())
+        })();
+        if let Err(err) = written {
+            self.cut_back(before);
+            return Err(err.context(context()));
+        }
+        Ok(before)
+    }
+
+    /// Removes what the failed batch appended.
+    pub fn cut_back(&mut self, len: u64) {
+        if let Some(file) = &self.file {
+            let _ = file.set_len(len);
+            let _ = file.sync_data();
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Fields {
+    #[diesel(sql_type = Array<Nullable<Text>>)]
+    fields: Vec<Option<String>>,
+}
+
+/// The rows of `select` (an export query) for the given ids, each as text fields.
+pub fn archive_rows(
+    conn: &mut PgConnection,
+    select: &str,
+    columns: &[&str],
+    filter: &str,
+    ids: &[i64],
+) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    let fields: Vec<String> = columns.iter().map(|c| format!("q.{c}::text")).collect();
+    let sql = format!(
+        "SELECT ARRAY[{}] AS fields FROM ({select} WHERE {filter} = ANY($1)) q",
+        fields.join(", ")
+    );
+    let rows: Vec<Fields> = sql_query(sql).bind::<Array<BigInt>, _>(ids).load(conn)?;
+    Ok(rows.into_iter().map(|r| r.fields).collect())
+}
+
+pub const TICKET_COLUMNS: &[&str] = &[
+    "external_id",
+    "subject",
+    "description",
+    "status",
+    "priority",
+    "channel",
+    "requester_email",
+    "requester_name",
+    "assignee_email",
+    "organization",
+    "tags",
+    "created_at",
+    "updated_at",
+    "solved_at",
+];
+pub const COMMENT_COLUMNS: &[&str] = &[
+    "external_id",
+    "ticket_external_id",
+    "author_email",
+    "body",
+    "public",
+    "created_at",
+];

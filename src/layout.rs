@@ -1,0 +1,240 @@
+//! The schema's layout: `plain` (one tickets table), `partitioned` (tickets range-partitioned
+//! by month with pg_partman, external_id kept unique by `ticket_keys`), and later
+//! `distributed`. Chosen once, on an empty database, by `migrate run --layout`; recorded in
+//! `ticketops_layout`; every engine whose SQL differs between layouts reads it with
+//! [`Layout::of`] at its start.
+
+use anyhow::{Context as _, bail};
+use diesel::sql_types::{BigInt, Text};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One tickets table (the default)
+    Plain,
+    /// tickets range-partitioned by created_at, a partition a month, with pg_partman
+    Partitioned,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Plain => "plain",
+            Layout::Partitioned => "partitioned",
+        }
+    }
+
+    /// The layout recorded in the database.
+    pub fn of(conn: &mut PgConnection) -> anyhow::Result<Layout> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Text)]
+            layout: String,
+        }
+        let row: Row = sql_query("SELECT layout FROM ticketops_layout")
+            .get_result(conn)
+            .context("cannot read the schema's layout (ticketops_layout)")?;
+        match row.layout.as_str() {
+            "plain" => Ok(Layout::Plain),
+            "partitioned" => Ok(Layout::Partitioned),
+            other => bail!("the database has the layout {other:?}, which this ticketops does not know"),
+        }
+    }
+
+    /// Whether tickets are partitioned (no `ctid` addressing, keys in `ticket_keys`).
+    pub fn partitioned(self) -> bool {
+        self == Layout::Partitioned
+    }
+
+    /// The table and column that identify a ticket for the rows that hang off it (comments,
+    /// tag links): deleting there deletes the ticket and everything that references it.
+    pub fn ticket_identity(self) -> (&'static str, &'static str) {
+        match self {
+            Layout::Plain => ("tickets", "id"),
+            Layout::Partitioned => ("ticket_keys", "ticket_id"),
+        }
+    }
+}
+
+/// Turns the freshly migrated, empty plain schema into `to`. Refuses when tickets, comments
+/// or users hold rows: a layout is chosen before the data comes.
+pub fn choose(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {
+    let current = Layout::of(conn)?;
+    if current == to {
+        return Ok(());
+    }
+    #[derive(QueryableByName)]
+    struct Rows {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let rows: Rows = sql_query(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM tickets LIMIT 1) t)
+              + (SELECT count(*) FROM (SELECT 1 FROM users LIMIT 1) u)
+              + (SELECT count(*) FROM (SELECT 1 FROM comments LIMIT 1) c) AS n",
+    )
+    .get_result(conn)?;
+    if current != Layout::Plain || rows.n > 0 {
+        return Err(crate::exit::UsageError(format!(
+            "the database has the {} layout{}; a layout is chosen once, on an empty database \
+             (export, migrate a new database with --layout {}, import)",
+            current.as_str(),
+            if rows.n > 0 { " and holds data" } else { "" },
+            to.as_str()
+        ))
+        .into());
+    }
+    let sql = match to {
+        Layout::Plain => unreachable!("plain is where every database starts"),
+        Layout::Partitioned => include_str!("layout/partitioned.sql"),
+    };
+    conn.build_transaction()
+        .run(|conn| diesel::connection::SimpleConnection::batch_execute(conn, sql))
+        .map_err(|e| {
+            let hint = if e.to_string().contains("pg_partman") {
+                " (the partitioned layout needs pg_partman on the server: apt-get install postgresql-15-partman)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot set up the {} layout: {e}{hint}", to.as_str())
+        })
+}
+
+// The key table of the partitioned layout (not in schema.rs, which is the plain schema that
+// `diesel print-schema` writes).
+diesel::table! {
+    ticket_keys (ticket_id) {
+        ticket_id -> Int8,
+        external_id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+/// The months that have a partition of tickets, as far as this process knows: an import makes
+/// the months its rows need before writing them (pg_partman makes a year back and four months
+/// ahead; older dumps need older months), so that no row lands in the default partition.
+#[derive(Debug, Default)]
+pub struct Partitions {
+    known: std::collections::HashSet<(i32, u32)>,
+}
+
+impl Partitions {
+    /// Makes sure each month of `times` has its partition (`partman.create_partition_time`,
+    /// which skips those that exist and attaches the others: a SHARE UPDATE EXCLUSIVE lock on
+    /// tickets, and an exclusive one on the default partition while it checks that none of its
+    /// rows belong to the month — held to the end of the caller's transaction). Asked once per
+    /// month per process, for the month's first and last instant in UTC, so that the months
+    /// are right whatever the server's time zone.
+    pub fn ensure(
+        &mut self,
+        conn: &mut PgConnection,
+        times: impl IntoIterator<Item = chrono::DateTime<chrono::Utc>>,
+    ) -> anyhow::Result<()> {
+        use chrono::{Datelike, TimeZone};
+        let mut bounds: Vec<chrono::DateTime<chrono::Utc>> = Vec::new();
+        for t in times {
+            let month = (t.year(), t.month());
+            if !self.known.insert(month) {
+                continue;
+            }
+            let first = chrono::Utc.with_ymd_and_hms(month.0, month.1, 1, 0, 0, 0).single();
+            let next = if month.1 == 12 {
+                chrono::Utc.with_ymd_and_hms(month.0 + 1, 1, 1, 0, 0, 0).single()
+            } else {
+                chrono::Utc.with_ymd_and_hms(month.0, month.1 + 1, 1, 0, 0, 0).single()
+            };
+            bounds.extend(first);
+            bounds.extend(next.map(|n| n - chrono::Duration::microseconds(1)));
+        }
+        if bounds.is_empty() {
+            return Ok(());
+        }
+        sql_query("SELECT partman.create_partition_time('public.tickets', $1::timestamptz[], p_analyze := false)")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(&bounds)
+            .execute(conn)
+            .context("cannot create the monthly partitions of tickets the rows need")?;
+        Ok(())
+    }
+}
+
+/// How the partitions of tickets stand (partitioned layout), for `doctor`.
+#[derive(Debug, serde::Serialize)]
+pub struct PartitionHealth {
+    /// Monthly partitions (the default one left out).
+    pub partitions: i64,
+    pub first_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the newest partition ends: rows from then on go to the default partition.
+    pub last_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rows in tickets_default: a month that gets a partition later must not have rows there.
+    pub default_rows: i64,
+    /// Months pg_partman keeps ahead.
+    pub premake: Option<i32>,
+}
+
+impl PartitionHealth {
+    pub fn read(conn: &mut PgConnection) -> anyhow::Result<PartitionHealth> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = BigInt)]
+            partitions: i64,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+            first_from: Option<chrono::DateTime<chrono::Utc>>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+            last_until: Option<chrono::DateTime<chrono::Utc>>,
+            #[diesel(sql_type = BigInt)]
+            default_rows: i64,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+            premake: Option<i32>,
+        }
+        let row: Row = sql_query(
+            "WITH bounds AS (
+                 SELECT c.oid, pg_get_expr(c.relpartbound, c.oid) AS bound
+                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'tickets'::regclass
+             ), ranges AS (
+                 SELECT (regexp_match(bound, 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
+                        (regexp_match(bound, 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
+                 FROM bounds WHERE bound <> 'DEFAULT'
+             )
+             SELECT (SELECT count(*) FROM ranges) AS partitions,
+                    (SELECT min(lo) FROM ranges) AS first_from,
+                    (SELECT max(hi) FROM ranges) AS last_until,
+                    (SELECT count(*) FROM tickets t
+                      WHERE t.tableoid IN (SELECT oid FROM bounds WHERE bound = 'DEFAULT')) AS default_rows,
+                    (SELECT premake FROM partman.part_config WHERE parent_table = 'public.tickets') AS premake",
+        )
+        .get_result(conn)
+        .context("cannot read the partitions of tickets")?;
+        Ok(PartitionHealth {
+            partitions: row.partitions,
+            first_from: row.first_from,
+            last_until: row.last_until,
+            default_rows: row.default_rows,
+            premake: row.premake,
+        })
+    }
+
+    /// What needs doing, if anything.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let soon = chrono::Utc::now() + chrono::Duration::days(31);
+        match self.last_until {
+            Some(until) if until >= soon => {}
+            Some(until) => problems.push(format!(
+                "the partitions of tickets end on {}: pg_partman's maintenance has not run lately \
+                 (run `SELECT partman.run_maintenance()` from cron, or pg_partman_bgw); newer rows go to the default partition",
+                until.format("%Y-%m-%d")
+            )),
+            None => problems.push("tickets has no monthly partitions".into()),
+        }
+        if self.default_rows > 0 {
+            problems.push(format!(
+                "{} row(s) in the default partition tickets_default: a partition for their month cannot be made \
+                 until they move (SELECT partman.partition_data_time('public.tickets'))",
+                self.default_rows
+            ));
+        }
+        problems
+    }
+}

@@ -1,0 +1,227 @@
+//! The partitioned layout (`migrate run --layout partitioned`): what only it can get wrong.
+//! These tests make their own partitioned database whatever the suite's layout; the rest of
+//! the suite runs on it too with `TICKETOPS_TEST_LAYOUT=partitioned` (scripts/test does).
+
+use crate::support::*;
+
+fn partitioned_db(name: &str) -> (TestDb, std::path::PathBuf) {
+    (TestDb::with_layout("partitioned"), scratch(name))
+}
+
+/// The partition a ticket's row lives in.
+fn partition_of(db: &TestDb, external_id: &str) -> String {
+    db.strings(&format!(
+        "SELECT tableoid::regclass::text FROM tickets WHERE external_id = '{external_id}'"
+    ))
+    .remove(0)
+}
+
+const TWO_MONTHS: &str = "\
+external_id,subject,status,requester_email,tags,created_at
+A-1,First of March,open,ann@example.com,vip,2023-03-05T10:00:00Z
+B-1,First of July,open,bob@example.com,vip,2024-07-09T10:00:00Z
+";
+
+#[test]
+fn a_soft_delete_changes_its_own_rows_even_where_two_partitions_share_a_ctid() {
+    let (db, dir) = partitioned_db("ctid");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    // Each is the first row of its month's partition: the same ctid, (0,1).
+    assert_ne!(partition_of(&db, "A-1"), partition_of(&db, "B-1"));
+    assert_eq!(
+        db.strings("SELECT DISTINCT ctid::text FROM tickets WHERE external_id IN ('A-1', 'B-1')"),
+        set(&["(0,1)"]),
+        "the hazard is planted"
+    );
+    std::fs::write(dir.join("ids.csv"), "external_id\nA-1\n").unwrap();
+    let v = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "soft-delete", "--ids-file", "ids.csv"],
+    )
+    .run()
+    .expect_code(0)
+    .json();
+    assert_eq!(v["soft_deleted"], 1);
+    assert_eq!(
+        db.strings("SELECT external_id || ' ' || (deleted_at IS NOT NULL) FROM tickets ORDER BY 1"),
+        set(&["A-1 true", "B-1 false"]),
+        "only the selected ticket, not its ctid twin in the other partition"
+    );
+    // Restore by operation: the same, the other way.
+    let op = v["operation_id"].to_string();
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '1 day' WHERE external_id = 'B-1'");
+    ticketops(Some(&db), &dir, &["restore", "--operation", &op])
+        .run()
+        .expect_code(0);
+    assert_eq!(
+        db.strings("SELECT external_id || ' ' || (deleted_at IS NOT NULL) FROM tickets ORDER BY 1"),
+        set(&["A-1 false", "B-1 true"])
+    );
+}
+
+#[test]
+fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
+    let (db, dir) = partitioned_db("unique");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let insert = |external_id: &str, created_at: &str, with_key: bool| {
+        let key = if with_key {
+            format!("INSERT INTO ticket_keys VALUES (999, '{external_id}', '{created_at}');")
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "BEGIN; {key}
+             INSERT INTO tickets (id, external_id, subject, status, requester_id, created_at)
+             VALUES (999, '{external_id}', 's', 'open', (SELECT min(id) FROM users), '{created_at}');
+             COMMIT;"
+        );
+        diesel::connection::SimpleConnection::batch_execute(&mut db.conn(), &sql)
+    };
+    // Another month's partition, the same external_id: refused by the key's unique index.
+    let err = insert("A-1", "2025-01-01T00:00:00Z", true).unwrap_err().to_string();
+    assert!(err.contains("ticket_keys_external_id_key"), "{err}");
+    // A ticket without its key: refused at commit by the foreign key.
+    let err = insert("C-1", "2025-01-01T00:00:00Z", false).unwrap_err().to_string();
+    assert!(err.contains("foreign key"), "{err}");
+    // With a key naming it, a new ticket goes in.
+    insert("C-1", "2025-01-01T00:00:00Z", true).unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 3);
+}
+
+#[test]
+fn a_reimport_that_changes_created_at_moves_the_ticket_with_its_tags_comments_and_history() {
+    let (db, dir) = partitioned_db("move");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let comments = dir.join("comments.csv");
+    std::fs::write(
+        &comments,
+        "external_id,ticket_external_id,author_email,body,created_at\nK-1,A-1,ann@example.com,hello,2023-03-06\n",
+    )
+    .unwrap();
+    import(&db, &dir, "comments", &comments, &[]).0.expect_code(0);
+    let before = partition_of(&db, "A-1");
+    let moved = dir.join("moved.csv");
+    std::fs::write(
+        &moved,
+        TWO_MONTHS.replace("2023-03-05T10:00:00Z", "2021-11-20T08:00:00Z"),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &moved, &[]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 1, 1, 0, 0, 0], "{}", run.explain());
+    let after = partition_of(&db, "A-1");
+    assert_ne!(before, after);
+    assert_eq!(
+        after, "tickets_p2021_11",
+        "a month before any partition pg_partman made: the import made it"
+    );
+    assert_eq!(
+        db.strings(
+            "SELECT k.created_at = t.created_at FROM ticket_keys k JOIN tickets t ON t.id = k.ticket_id
+             WHERE t.external_id = 'A-1'"
+        ),
+        set(&["true"]),
+        "the key follows the ticket"
+    );
+    assert_eq!(
+        db.strings(
+            "SELECT c.body || ' ' || g.name FROM tickets t JOIN comments c ON c.ticket_id = t.id
+             JOIN ticket_tags x ON x.ticket_id = t.id JOIN tags g ON g.id = x.tag_id WHERE t.external_id = 'A-1'"
+        ),
+        set(&["hello vip"]),
+        "comments and tag links stay with the ticket"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets_default"),
+        0,
+        "nothing lands in the default partition"
+    );
+    // The re-import is undone: back to March 2023, key and all.
+    let op = db.scalar("SELECT max(id) FROM bulk_operations WHERE kind = 'import tickets'");
+    apply(&db, &dir, &["undo", &op.to_string()]);
+    assert_eq!(partition_of(&db, "A-1"), before);
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM ticket_keys k JOIN tickets t ON t.id = k.ticket_id AND t.created_at = k.created_at"
+        ),
+        2
+    );
+    // And the same file again changes nothing.
+    let (run, summary) = import(&db, &dir, "tickets", &file, &[]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 0, 2, 0, 0, 0], "{}", run.explain());
+}
+
+#[test]
+fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
+    let (db, dir) = partitioned_db("months");
+    let file = dir.join("old.csv");
+    std::fs::write(
+        &file,
+        "external_id,subject,status,requester_email,created_at\n\
+         O-1,Old,closed,ann@example.com,2019-02-10\nO-2,Older,closed,ann@example.com,2018-12-31T23:30:00Z\n",
+    )
+    .unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    assert_eq!(partition_of(&db, "O-1"), "tickets_p2019_02");
+    assert_eq!(partition_of(&db, "O-2"), "tickets_p2018_12");
+    let v = ticketops(Some(&db), &dir, &["--json", "doctor"])
+        .run()
+        .expect_code(0)
+        .json();
+    assert_eq!(v["layout"], "partitioned");
+    assert_eq!(v["partitions"]["default_rows"], 0);
+    assert!(v["partitions"]["partitions"].as_i64().unwrap() >= 17 + 2, "{v}");
+    // Partitions that run out (pg_partman's maintenance not scheduled) are reported with what
+    // to do, and its maintenance makes the months ahead again.
+    db.execute(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT c.oid::regclass AS p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                    WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+                      AND (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz > now()
+           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$",
+    );
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("partman.run_maintenance()");
+    db.execute("SELECT partman.run_maintenance('public.tickets')");
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+    // A stray row in the default partition (an application writing a month nobody made).
+    db.execute(
+        "INSERT INTO tickets (external_id, subject, status, requester_id, created_at)
+         VALUES ('D-1', 'Far future', 'open', (SELECT min(id) FROM users), '2040-01-01')",
+    );
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("1 row(s) in the default partition");
+}
+
+#[test]
+fn a_layout_is_chosen_once_on_an_empty_database() {
+    let db = TestDb::new();
+    let dir = scratch("layout-once");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    let other = if partitioned() { "plain" } else { "partitioned" };
+    ticketops(Some(&db), &dir, &["migrate", "run", "--layout", other])
+        .run()
+        .expect_code(2)
+        .stderr_has("a layout is chosen once, on an empty database");
+    // Naming the layout it has is fine, and so is naming none.
+    ticketops(Some(&db), &dir, &["migrate", "run", "--layout", layout()])
+        .run()
+        .expect_code(0);
+    let v = ticketops(Some(&db), &dir, &["--json", "migrate", "run"])
+        .run()
+        .expect_code(0)
+        .json();
+    assert_eq!(v["layout"], layout());
+}
