@@ -59,6 +59,36 @@ impl Archive {
         Ok(before)
     }
 
+    /// Appends what `write` streams (given whether the file needs its header), flushed and
+    /// synced; returns the length before, to cut back to if what follows fails. A failed
+    /// write is cut back here.
+    pub fn append_with(
+        &mut self,
+        write: impl FnOnce(&mut dyn std::io::Write, bool) -> anyhow::Result<u64>,
+    ) -> anyhow::Result<u64> {
+        let path = self.path.display().to_string();
+        let context = || format!("cannot write the archive {path}");
+        if self.file.is_none() {
+            let file = crate::output::append_private(&self.path).with_context(context)?;
+            self.file = Some(file);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let before = file.seek(SeekFrom::End(0)).with_context(context)?;
+        let written = (|| -> anyhow::Result<()> {
+            let mut out = BufWriter::with_capacity(1 << 20, &*file);
+            write(&mut out, before == 0)?;
+            std::io::Write::flush(&mut out)?;
+            drop(out);
+            file.sync_data()?;
+            Ok(())
+        })();
+        if let Err(err) = written {
+            self.cut_back(before);
+            return Err(err.context(context()));
+        }
+        Ok(before)
+    }
+
     /// Removes what the failed batch appended.
     pub fn cut_back(&mut self, len: u64) {
         if let Some(file) = &self.file {

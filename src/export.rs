@@ -100,9 +100,18 @@ export_query!(
 );
 
 fn copy_out<T: CopyTarget>(target: T, conn: &mut diesel::PgConnection, out: &mut dyn Write) -> anyhow::Result<u64> {
+    copy_csv(target, conn, true, out)
+}
+
+fn copy_csv<T: CopyTarget>(
+    target: T,
+    conn: &mut diesel::PgConnection,
+    header: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
     let mut reader = diesel::copy_to(target)
         .with_format(CopyFormat::Csv)
-        .with_header(true)
+        .with_header(header)
         .load_raw(conn)
         .context("cannot start COPY … TO STDOUT")?;
     let mut bytes = 0u64;
@@ -191,4 +200,141 @@ pub fn export_selected(
             Dataset::Users => anyhow::bail!("users are not selected by ticket filters"),
         }
     })
+}
+
+/// The temporary views `cleanup retention` archives a whole partition through (made by
+/// [`stage_partition`]): COPY takes no table name as a parameter.
+const STAGED_TICKETS: &str = "ticketops_retention_tickets";
+const STAGED_COMMENTS: &str = "ticketops_retention_comments";
+
+export_query!(
+    StagedTicketsExport,
+    schema::tickets::table,
+    ("SELECT * FROM ticketops_retention_tickets", "", "")
+);
+export_query!(
+    StagedCommentsExport,
+    schema::comments::table,
+    ("SELECT * FROM ticketops_retention_comments", "", "")
+);
+
+/// Makes the temporary views that show the tickets of `partition` (a partition of tickets, as
+/// the catalog names it) and their comments in the export format, for [`copy_staged`]. Dropped
+/// at the end of the transaction.
+pub fn stage_partition(conn: &mut diesel::PgConnection, partition: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    let tickets = TICKETS_SELECT.replacen("FROM tickets t", &format!("FROM {partition} t"), 1);
+    let comments = COMMENTS_SELECT.replacen("JOIN tickets t", &format!("JOIN {partition} t"), 1);
+    for (view, select) in [(STAGED_TICKETS, tickets), (STAGED_COMMENTS, comments)] {
+        diesel::sql_query(format!("DROP VIEW IF EXISTS {view}")).execute(conn)?;
+        diesel::sql_query(format!("CREATE TEMPORARY VIEW {view} AS {select} ORDER BY 1"))
+            .execute(conn)
+            .with_context(|| format!("cannot stage {partition} for its archive"))?;
+    }
+    Ok(())
+}
+
+/// Drops the views of [`stage_partition`] (temporary views last as long as the session).
+pub fn unstage(conn: &mut diesel::PgConnection) -> anyhow::Result<()> {
+    diesel::connection::SimpleConnection::batch_execute(
+        conn,
+        &format!("DROP VIEW IF EXISTS {STAGED_TICKETS}; DROP VIEW IF EXISTS {STAGED_COMMENTS}"),
+    )?;
+    Ok(())
+}
+
+/// Writes the staged tickets (or their comments) as CSV to `out`, with a header when asked,
+/// and checks that every row arrived: Diesel does not read the status that ends a `COPY … TO`,
+/// so a server-side error in the middle (a cancel, a timeout) would otherwise look like the end
+/// of the data. The records written are counted as they pass and compared with the view's
+/// count in the same transaction. Returns the bytes written.
+pub fn copy_staged(
+    conn: &mut diesel::PgConnection,
+    dataset: Dataset,
+    header: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    use diesel::RunQueryDsl;
+    let mut counted = RecordCounter::new(out);
+    let (bytes, view) = match dataset {
+        Dataset::Tickets => (
+            copy_csv(StagedTicketsExport::<true>, conn, header, &mut counted)?,
+            STAGED_TICKETS,
+        ),
+        Dataset::Comments => (
+            copy_csv(StagedCommentsExport::<true>, conn, header, &mut counted)?,
+            STAGED_COMMENTS,
+        ),
+        Dataset::Users => anyhow::bail!("users are not archived by partition"),
+    };
+    // The COPY's final status is still pending on the connection: libpq's PQexec (a simple
+    // query) collects it first — and an error there has aborted the transaction, so that the
+    // count below fails.
+    diesel::connection::SimpleConnection::batch_execute(conn, "SELECT 1")?;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = sql_types::BigInt)]
+        n: i64,
+    }
+    let expected: Count = diesel::sql_query(format!("SELECT count(*) AS n FROM {view}"))
+        .get_result(conn)
+        .context("cannot check the archive against the rows")?;
+    let records = counted.records() - u64::from(header);
+    if records != expected.n as u64 {
+        anyhow::bail!(
+            "the COPY of {view} ended after {records} of {} rows; nothing is removed",
+            expected.n
+        );
+    }
+    Ok(bytes)
+}
+
+/// A writer that counts the CSV records passing through it.
+struct RecordCounter<'w> {
+    inner: &'w mut dyn Write,
+    reader: csv_core::Reader,
+    output: [u8; 4096],
+    ends: [usize; 64],
+    records: u64,
+}
+
+impl<'w> RecordCounter<'w> {
+    fn new(inner: &'w mut dyn Write) -> RecordCounter<'w> {
+        RecordCounter {
+            inner,
+            reader: csv_core::Reader::new(),
+            output: [0; 4096],
+            ends: [0; 64],
+            records: 0,
+        }
+    }
+
+    fn records(&self) -> u64 {
+        self.records
+    }
+}
+
+impl Write for RecordCounter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let mut input = &buf[..n];
+        loop {
+            let (result, read, _, _) = self.reader.read_record(input, &mut self.output, &mut self.ends);
+            input = &input[read..];
+            match result {
+                csv_core::ReadRecordResult::Record => self.records += 1,
+                // The fields themselves are not kept: a full buffer is simply reused.
+                csv_core::ReadRecordResult::OutputFull | csv_core::ReadRecordResult::OutputEndsFull => {}
+                csv_core::ReadRecordResult::InputEmpty | csv_core::ReadRecordResult::End => break,
+            }
+            if input.is_empty() && !matches!(result, csv_core::ReadRecordResult::Record) {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }

@@ -83,7 +83,7 @@ pub fn parse_when(value: &str) -> Result<DateTime<Utc>, String> {
     Ok(when)
 }
 
-/// `90d`, `12h`, `2w`, `30m`, `45s` as a duration.
+/// `90d`, `12h`, `2w`, `30m`, `45s`, `7y` (365 days a year) as a duration.
 pub fn parse_age(value: &str) -> Option<Duration> {
     let unit = value.chars().last()?;
     let number: i64 = value[..value.len() - unit.len_utf8()].trim().parse().ok()?;
@@ -96,6 +96,8 @@ pub fn parse_age(value: &str) -> Option<Duration> {
         'h' => Duration::try_hours(number),
         'd' => Duration::try_days(number),
         'w' => Duration::try_weeks(number),
+        // A retention policy's years: 365 days each (leap days are not counted).
+        'y' => number.checked_mul(365).and_then(Duration::try_days),
         _ => None,
     }
 }
@@ -601,7 +603,9 @@ mod tests {
         assert_eq!(parse_age("2w"), Duration::try_weeks(2));
         assert_eq!(parse_age("d"), None);
         assert_eq!(parse_age("-3d"), None);
-        assert_eq!(parse_age("3y"), None);
+        assert_eq!(parse_age("3y"), Duration::try_days(3 * 365));
+        assert_eq!(parse_age("3x"), None);
+        assert_eq!(parse_age(&format!("{}y", i64::MAX / 100)), None, "overflow is no age");
     }
 
     #[test]

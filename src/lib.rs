@@ -30,6 +30,8 @@ pub mod job;
 pub mod operation;
 /// Bringing soft-deleted tickets back (`restore`, and `undo` of a soft-delete).
 pub mod restore;
+/// `cleanup retention`: tickets older than a cut-off removed for good, by partition or batch.
+pub mod retention;
 /// Reading tickets for people: a page of a filtered list, one ticket in full with its history.
 pub mod tickets;
 

@@ -619,3 +619,141 @@ fn ops_list_and_show() {
         .run()
         .expect_code(2);
 }
+
+#[test]
+fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_them() {
+    let db = TestDb::new();
+    let dir = scratch("retention");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    // A fix leaves per-row audit rows on some old tickets; they go with them.
+    apply(
+        &db,
+        &dir,
+        &["fix", "set", "priority=high", "--created-before", "2023-03-01"],
+    );
+    let cutoff = "2024-01-15";
+    let old = format!("created_at < '{cutoff}'");
+    let (old_tickets, old_comments) = (
+        db.scalar(&format!("SELECT count(*) FROM tickets WHERE {old}")),
+        db.scalar(&format!(
+            "SELECT count(*) FROM comments WHERE ticket_id IN (SELECT id FROM tickets WHERE {old})"
+        )),
+    );
+    assert!(old_tickets > 50 && old_comments > 50);
+    let kept = db.strings(&format!("SELECT external_id FROM tickets WHERE NOT ({old}) ORDER BY 1"));
+    let old_snapshot: Vec<String> = db
+        .ticket_snapshot()
+        .into_iter()
+        .filter(|row| !kept.iter().any(|k| row.starts_with(&format!("({k},"))))
+        .collect();
+    let before = db.checksum("tickets");
+
+    // The dry run counts and writes nothing.
+    let dry = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "old.csv",
+        ],
+    )
+    .run();
+    let v = dry.expect_code(0).json();
+    assert_eq!(
+        (v["would_remove"].as_i64(), v["comments"].as_i64()),
+        (Some(old_tickets), Some(old_comments))
+    );
+    assert_eq!(db.checksum("tickets"), before);
+    assert!(!dir.join("old.csv").exists());
+    // Without a terminal, --apply needs --yes.
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "old.csv",
+            "--apply",
+        ],
+    )
+    .run()
+    .expect_code(2);
+
+    let v = apply(
+        &db,
+        &dir,
+        &[
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "old.csv",
+            "--archive-comments",
+            "old-comments.csv",
+            "--batch-size",
+            "25",
+        ],
+    );
+    assert_eq!(v["removed"].as_i64(), Some(old_tickets), "{v}");
+    assert_eq!(v["comments_removed"].as_i64(), Some(old_comments), "{v}");
+    assert_eq!(db.strings("SELECT external_id FROM tickets ORDER BY 1"), kept);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM comments c LEFT JOIN tickets t ON t.id = c.ticket_id WHERE t.id IS NULL"),
+        0,
+        "no comment outlives its ticket"
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM audit_log a WHERE a.table_name = 'tickets' AND a.row_id > 0
+               AND a.action NOT IN ('purge', 'insert_ids', 'soft_delete', 'restore')
+               AND NOT EXISTS (SELECT 1 FROM tickets t WHERE t.id = a.row_id)"
+        ),
+        0,
+        "no per-row audit row of a removed ticket is left"
+    );
+    // The archives are import files: importing them brings the very same tickets back.
+    let (run, s) = import(&db, &dir, "tickets", &dir.join("old.csv"), &[]);
+    run.expect_code(0);
+    assert_eq!(s["inserted"].as_i64(), Some(old_tickets), "{}", run.explain());
+    let (run, s) = import(&db, &dir, "comments", &dir.join("old-comments.csv"), &[]);
+    run.expect_code(0);
+    assert_eq!(s["inserted"].as_i64(), Some(old_comments), "{}", run.explain());
+    let restored: Vec<String> = db
+        .ticket_snapshot()
+        .into_iter()
+        .filter(|row| !kept.iter().any(|k| row.starts_with(&format!("({k},"))))
+        .collect();
+    assert_same_rows(&restored, &old_snapshot, "archive re-imported");
+
+    // Nothing left before the cut-off: a second run removes nothing and says so.
+    ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "cleanup",
+            "retention",
+            "--created-before",
+            "2020-01-01",
+            "--archive",
+            "none.csv",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run()
+    .expect_code(0);
+    ticketops(Some(&db), &dir, &["cleanup", "retention", "--archive", "x.csv"])
+        .run()
+        .expect_code(2)
+        .stderr_has("needs --created-before");
+}

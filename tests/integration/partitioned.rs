@@ -225,3 +225,137 @@ fn a_layout_is_chosen_once_on_an_empty_database() {
         .json();
     assert_eq!(v["layout"], layout());
 }
+
+#[test]
+fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() {
+    let (db, dir) = partitioned_db("retention-partitions");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let cutoff = "2023-06-15";
+    let whole =
+        db.strings("SELECT DISTINCT tableoid::regclass::text FROM tickets WHERE created_at < '2023-06-01' ORDER BY 1");
+    assert_eq!(whole.len(), 5, "{whole:?}");
+    let boundary = db.scalar(&format!(
+        "SELECT count(*) FROM tickets WHERE created_at >= '2023-06-01' AND created_at < '{cutoff}'"
+    ));
+    let old = db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'"));
+    assert!(boundary > 0);
+    let plan = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "a.csv",
+        ],
+    )
+    .run()
+    .expect_code(0)
+    .json();
+    let planned: Vec<&str> = plan["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned, whole);
+    assert_eq!(plan["batched"].as_i64(), Some(boundary));
+
+    // A partition that cannot be dropped yet (something depends on it) stays detached and
+    // archived; the next run finishes it without archiving it twice.
+    db.execute("CREATE VIEW blocker AS SELECT * FROM tickets_p2023_03");
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "a.csv",
+            "--apply",
+            "--yes",
+        ],
+    )
+    .run();
+    run.expect_code(1)
+        .stderr_has("tickets_p2023_03 (archived; the next run finishes it)");
+    assert_eq!(
+        run.json()["partitions_dropped"],
+        serde_json::json!(["tickets_p2023_01", "tickets_p2023_02"])
+    );
+    db.execute("DROP VIEW blocker");
+    let v = apply(
+        &db,
+        &dir,
+        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
+    );
+    assert_eq!(
+        v["partitions_dropped"],
+        serde_json::json!(["tickets_p2023_03", "tickets_p2023_04", "tickets_p2023_05"])
+    );
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'")),
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_class WHERE relname IN ('tickets_p2023_01', 'tickets_p2023_03', 'tickets_p2023_05')"),
+        0,
+        "the months are gone, not emptied"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
+        0,
+        "no key outlives its ticket"
+    );
+    // The archive holds every removed ticket once, whole months and boundary alike.
+    let mut archived: Vec<String> = csv::Reader::from_path(dir.join("a.csv"))
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap()[0].to_string())
+        .collect();
+    let total = archived.len();
+    archived.sort();
+    archived.dedup();
+    assert_eq!((total as i64, archived.len() as i64), (old, old));
+    // The boundary month lost its old rows one by one; the live months were not touched.
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE created_at >= '2023-06-01' AND created_at < '2023-07-01'"),
+        db.scalar("SELECT count(*) FROM tickets_p2023_06")
+    );
+}
+
+#[test]
+fn retention_with_a_filter_goes_row_by_row_even_on_partitions() {
+    let (db, dir) = partitioned_db("retention-filtered");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    let closed_old = db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed' AND created_at < '2024-01-01'");
+    let all = db.scalar("SELECT count(*) FROM tickets");
+    let v = apply(
+        &db,
+        &dir,
+        &[
+            "cleanup",
+            "retention",
+            "--created-before",
+            "2024-01-01",
+            "--status",
+            "closed",
+            "--archive",
+            "a.csv",
+        ],
+    );
+    assert_eq!(v["partitions_dropped"], serde_json::json!([]));
+    assert_eq!(v["removed"].as_i64(), Some(closed_old));
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), all - closed_old);
+    assert!(
+        db.scalar("SELECT count(*) FROM tickets_p2023_01") > 0,
+        "the month stays for its other tickets"
+    );
+}

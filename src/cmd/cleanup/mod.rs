@@ -1,4 +1,4 @@
-//! `ticketops cleanup soft-delete | purge | purge-users`: the nightly cron jobs. Batched by
+//! `ticketops cleanup soft-delete | purge | purge-users | retention`: the nightly cron jobs. Batched by
 //! primary key with `SKIP LOCKED` row locks (`FOR NO KEY UPDATE` to soft-delete, `FOR UPDATE`
 //! to purge; never waiting on rows the live application holds), short transactions with lock and statement timeouts, one advisory lock per job
 //! (a second run exits 75), a clean stop on signals and limits, and a one-line JSON summary.
@@ -11,6 +11,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
+
+mod retention;
 
 use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS, archive_rows};
 use crate::args::BatchArgs;
@@ -64,6 +66,9 @@ pub enum Job {
         #[command(flatten)]
         batching: BatchArgs,
     },
+    /// Remove tickets created before AGE for good (comments, tag links, audit rows too), archived first
+    #[command(after_help = retention::HELP)]
+    Retention(Box<retention::Args>),
     /// Hard-delete users soft-deleted before AGE who own no tickets and wrote no comments
     PurgeUsers {
         /// Purge users soft-deleted before this: an age like 180d or a date/time
@@ -115,6 +120,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             dry_run,
             batching,
         } => purge_users(ctx, deleted_before, dry_run, batching),
+        Job::Retention(args) => retention::run(ctx, *args),
     }
 }
 

@@ -1,0 +1,245 @@
+//! `ticketops cleanup retention --created-before AGE --archive FILE [filters]`: the dry run,
+//! the question, and the run — whole partitions first (partitioned layout), then batches —
+//! as one job (advisory lock, operation record, one-line JSON summary).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS};
+use crate::args::{ApplyArgs, BatchArgs, confirm};
+use crate::context::Context;
+use crate::db;
+use crate::exit::{self, UsageError};
+use crate::filters::TicketFilters;
+use crate::job::{self, RunStats, Step, StopReason};
+use crate::layout::Layout;
+use crate::retention::{self, KIND, Removed};
+
+pub const HELP: &str = "\
+Removes for good the tickets created before --created-before (soft-deleted or not; with
+--only-deleted, only those), with their comments, tag links and per-row audit rows, as a
+retention policy asks. Everything removed is first appended to --archive (and the comments to
+--archive-comments) in the import format and synced to disk; `ticketops import tickets ARCHIVE`
+brings it back. A dry run until --apply, which asks (count and sample) unless --yes.
+
+On the partitioned layout with no other filter, each monthly partition wholly before the
+cut-off is archived by COPY, detached and dropped in one step: no row-by-row DELETE, no dead
+tuples, tickets locked only for the detach. The boundary month, filtered runs and the plain
+layout go in batches like `cleanup purge` (rows the application holds are skipped for the next
+run). Exit codes as the other cleanup jobs.
+
+Examples:
+  ticketops cleanup retention --created-before 7y --archive old.csv             # dry run
+  ticketops cleanup retention --created-before 2019-01-01 --archive old.csv \\
+      --archive-comments old-comments.csv --apply --yes --json";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub filters: TicketFilters,
+    /// Append the removed tickets to this CSV (import format), synced before anything is removed
+    #[arg(long, value_name = "FILE")]
+    pub archive: PathBuf,
+    /// Append the removed tickets' comments to this CSV (import format) too
+    #[arg(long, value_name = "FILE")]
+    pub archive_comments: Option<PathBuf>,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
+const SAMPLE_SIZE: i64 = 5;
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
+    let Some(cutoff) = args.filters.created_before else {
+        return Err(
+            UsageError("cleanup retention needs --created-before AGE (a date, or an age like 2555d)".into()).into(),
+        );
+    };
+    let filters = args.filters.resolve()?;
+    let pool = ctx.pool(2)?;
+    let mut conn = db::get(&pool)?;
+    if let Some(warning) = filters.unmatched_ids_warning(&mut conn)? {
+        ctx.info(warning);
+    }
+    let layout = Layout::of(&mut conn)?;
+    let plan = retention::plan(&mut conn, layout, &filters, cutoff)?;
+    let sample = retention::sample(&mut conn, &filters, SAMPLE_SIZE)?;
+    let partition_names: Vec<&str> = plan.partitions.iter().map(|p| p.name.as_str()).collect();
+    if !args.apply.apply {
+        if ctx.global.json {
+            ctx.print_json(&json!({
+                "kind": KIND, "dry_run": true, "created_before": cutoff, "would_remove": plan.tickets,
+                "comments": plan.comments, "partitions": plan.partitions, "batched": plan.batched,
+                "leftover_detached": plan.leftover,
+                "sample": sample.iter().map(|(id, at)| json!({"external_id": id, "created_at": at})).collect::<Vec<_>>(),
+            }))?;
+        } else {
+            println!(
+                "dry run: {KIND} would remove {} ticket(s) created before {} and {} comment(s); nothing was written",
+                plan.tickets,
+                cutoff.format("%Y-%m-%d %H:%M:%S UTC"),
+                plan.comments
+            );
+            if !plan.partitions.is_empty() {
+                println!(
+                    "  {} whole partition(s) archived and dropped: {}",
+                    plan.partitions.len(),
+                    partition_names.join(", ")
+                );
+            }
+            println!("  {} ticket(s) in batches", plan.batched);
+            if !plan.leftover.is_empty() {
+                println!(
+                    "  detached and archived by an earlier run, to be dropped: {}",
+                    plan.leftover.join(", ")
+                );
+            }
+            for (external_id, created_at) in &sample {
+                println!("  {external_id}  created {}", created_at.format("%Y-%m-%d"));
+            }
+            println!(
+                "run again with --apply to remove them (archived to {} first)",
+                args.archive.display()
+            );
+        }
+        return Ok(exit::SUCCESS);
+    }
+    if plan.tickets > 0 || !plan.leftover.is_empty() {
+        if !args.apply.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            eprintln!(
+                "{KIND}: tickets created before {}, for example:",
+                cutoff.format("%Y-%m-%d")
+            );
+            for (external_id, created_at) in &sample {
+                eprintln!("  {external_id}  created {}", created_at.format("%Y-%m-%d"));
+            }
+        }
+        if !confirm(&args.apply, KIND, plan.tickets as u64)? {
+            ctx.info("not confirmed; nothing was written");
+            return Ok(exit::FAILURE);
+        }
+    }
+
+    let settings = args.batching.settings();
+    let job = job::Job::start(
+        &pool,
+        ctx.database_url()?,
+        &mut conn,
+        KIND,
+        json!({"created_before": cutoff, "filters": args.filters.to_json(), "archive": args.archive,
+               "archive_comments": args.archive_comments, "batching": settings.to_json()}),
+    )?;
+    let op_id = job.operation_id;
+    let mut archive = Archive::new(args.archive.clone(), TICKET_COLUMNS);
+    let mut comments_archive = args.archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
+    let watch = ctx.watch(&job.kind).with_total(Some(plan.tickets as u64));
+
+    // Whole partitions (and any an earlier run left detached) first: one step each.
+    let started = Instant::now();
+    let mut dropped = Vec::new();
+    let mut whole = Removed::default();
+    let mut longest = Duration::ZERO;
+    let mut stopped = None;
+    let mut error = None;
+    let leftover = plan.leftover.iter().map(|name| (name.clone(), true));
+    let partitions = plan.partitions.iter().map(|p| (p.name.clone(), false));
+    for (name, detached) in leftover.chain(partitions) {
+        if let Some(code) = job.stop.requested() {
+            stopped = Some(StopReason::Signal(code));
+            break;
+        }
+        if settings.max_runtime.is_some_and(|max| started.elapsed() >= max) {
+            stopped = Some(StopReason::MaxRuntime);
+            break;
+        }
+        let step_started = Instant::now();
+        let result = if detached {
+            retention::drop_detached(&mut conn, op_id, &name, settings.timeouts)
+        } else {
+            let partition = plan.partitions.iter().find(|p| p.name == name).expect("planned");
+            retention::remove_partition(
+                &mut conn,
+                op_id,
+                partition,
+                &mut archive,
+                comments_archive.as_mut(),
+                settings.timeouts,
+            )
+        };
+        match result {
+            Ok(removed) => {
+                longest = longest.max(step_started.elapsed());
+                whole.tickets += removed.tickets;
+                whole.comments += removed.comments;
+                watch.advance(removed.tickets, whole.tickets, started);
+                watch.line(format!(
+                    "partition {name}: {} tickets and {} comments archived and dropped in {} ms",
+                    removed.tickets,
+                    removed.comments,
+                    step_started.elapsed().as_millis()
+                ));
+                dropped.push(name);
+            }
+            Err(err) => {
+                error = Some(err);
+                break;
+            }
+        }
+    }
+
+    // Then the rest in batches, unless the partitions stopped the run.
+    let mut batched_comments = 0u64;
+    let mut stats = if stopped.is_some() || error.is_some() {
+        watch.progress.finish_and_clear();
+        RunStats {
+            batches: 0,
+            rows: 0,
+            retries: 0,
+            longest_batch: Duration::ZERO,
+            elapsed: started.elapsed(),
+            stopped: if error.is_some() {
+                StopReason::Error
+            } else {
+                stopped.unwrap_or(StopReason::Done)
+            },
+            error,
+        }
+    } else {
+        let mut last_id = 0i64;
+        job.run(&mut conn, &settings, &watch, |conn, limit| {
+            let (removed, last) = retention::remove_batch(
+                conn,
+                layout,
+                &filters,
+                op_id,
+                last_id,
+                limit as i64,
+                &mut archive,
+                comments_archive.as_mut(),
+            )?;
+            let Some(last) = last else {
+                return Ok(Step { rows: 0, done: true });
+            };
+            last_id = last;
+            batched_comments += removed.comments;
+            Ok(Step {
+                rows: removed.tickets,
+                done: false,
+            })
+        })
+    };
+    stats.rows += whole.tickets;
+    stats.batches += dropped.len() as u64;
+    stats.longest_batch = stats.longest_batch.max(longest);
+    let removed = stats.rows;
+    ctx.finish_job(job.finish(
+        &mut conn,
+        stats,
+        json!({"removed": removed, "comments_removed": whole.comments + batched_comments,
+               "partitions_dropped": dropped, "archive": args.archive, "archive_comments": args.archive_comments}),
+    ))
+}

@@ -1,0 +1,348 @@
+//! `cleanup retention`: tickets created before a cut-off removed for good, with their comments,
+//! tag links and per-row audit rows, for data-protection rules ("delete tickets older than 7
+//! years"). Everything removed is first written to the archive (import format) and synced.
+//!
+//! On the partitioned layout, with no filter but the cut-off, each monthly partition that lies
+//! wholly before it goes in one step — archived by `COPY … TO` from the partition (locked
+//! against writes meanwhile), detached, then dropped with its keys — no row-by-row DELETE of
+//! tickets, no dead tuples in them, and tickets itself is locked only for the detach. The
+//! boundary partition, filtered runs and the plain layout go in batches like `cleanup purge`.
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text, Timestamptz};
+use diesel::{PgConnection, QueryableByName, sql_query};
+use serde_json::json;
+
+use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS, archive_rows};
+use crate::audit::{self, Action};
+use crate::db::{self, BatchTimeouts};
+use crate::export::{self, Dataset};
+use crate::filters::{DeletedScope, ResolvedFilters};
+use crate::layout::Layout;
+use crate::schema::tickets;
+
+pub const KIND: &str = "cleanup retention";
+
+/// Marks a partition detached by a retention run whose drop has not committed yet: the next
+/// run finishes it (its archive is written).
+const DETACHED_MARK: &str = "ticketops retention: detached and archived by operation ";
+
+/// A monthly partition that lies wholly before the cut-off.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WholePartition {
+    /// As the catalog names it (quoted where needed).
+    pub name: String,
+    pub until: DateTime<Utc>,
+    pub tickets: i64,
+}
+
+/// What a retention run would remove.
+#[derive(Debug, serde::Serialize)]
+pub struct Plan {
+    pub tickets: i64,
+    pub comments: i64,
+    /// Dropped whole (partitioned layout, no filter but the cut-off).
+    pub partitions: Vec<WholePartition>,
+    /// Removed in batches (the rest).
+    pub batched: i64,
+    /// Partitions an earlier run detached and archived but did not drop.
+    pub leftover: Vec<String>,
+}
+
+/// The scope retention works in: every ticket, soft-deleted or not, unless `--only-deleted`.
+pub fn scope(filters: &ResolvedFilters) -> DeletedScope {
+    if filters.filters.only_deleted {
+        DeletedScope::Only
+    } else {
+        DeletedScope::Include
+    }
+}
+
+/// Whether whole partitions may go: nothing but the cut-off (and the deleted-row scope, which
+/// retention ignores) selects.
+fn by_partition(layout: Layout, filters: &ResolvedFilters) -> bool {
+    let f = &filters.filters;
+    let mut only_cutoff = f.clone();
+    only_cutoff.created_before = None;
+    layout.partitioned() && only_cutoff.is_empty() && !f.only_deleted
+}
+
+pub fn plan(
+    conn: &mut PgConnection,
+    layout: Layout,
+    filters: &ResolvedFilters,
+    cutoff: DateTime<Utc>,
+) -> anyhow::Result<Plan> {
+    let scope = scope(filters);
+    let tickets: i64 = filters.query(scope).count().get_result(conn)?;
+    let comments: i64 = crate::schema::comments::table
+        .filter(crate::schema::comments::ticket_id.eq_any(filters.query(scope).select(tickets::id)))
+        .count()
+        .get_result(conn)?;
+    let partitions = if by_partition(layout, filters) {
+        whole_partitions(conn, cutoff)?
+    } else {
+        Vec::new()
+    };
+    let whole: i64 = partitions.iter().map(|p| p.tickets).sum();
+    let leftover = if layout.partitioned() {
+        detached_leftovers(conn)?
+    } else {
+        Vec::new()
+    };
+    Ok(Plan {
+        tickets,
+        comments,
+        batched: tickets - whole,
+        partitions,
+        leftover,
+    })
+}
+
+/// The monthly partitions of tickets that end at or before `cutoff`, oldest first, with their
+/// row counts.
+fn whole_partitions(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<WholePartition>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        name: String,
+        #[diesel(sql_type = Timestamptz)]
+        until: DateTime<Utc>,
+    }
+    let rows: Vec<Row> = sql_query(
+        "SELECT name, until FROM (
+             SELECT c.oid::regclass::text AS name,
+                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS until
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+         ) p WHERE until <= $1 ORDER BY until",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .load(conn)
+    .context("cannot list the partitions of tickets")?;
+    let mut partitions = Vec::with_capacity(rows.len());
+    for row in rows {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let count: Count = sql_query(format!("SELECT count(*) AS n FROM {}", row.name)).get_result(conn)?;
+        partitions.push(WholePartition {
+            name: row.name,
+            until: row.until,
+            tickets: count.n,
+        });
+    }
+    Ok(partitions)
+}
+
+/// Tables an earlier run detached and archived but did not get to drop.
+fn detached_leftovers(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let names: Vec<Name> = sql_query(
+        "SELECT c.oid::regclass::text AS name FROM pg_class c
+         WHERE c.relkind = 'r' AND NOT c.relispartition AND obj_description(c.oid, 'pg_class') LIKE $1 || '%'
+         ORDER BY 1",
+    )
+    .bind::<Text, _>(DETACHED_MARK)
+    .load(conn)?;
+    Ok(names.into_iter().map(|n| n.name).collect())
+}
+
+/// What removing one partition did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Removed {
+    pub tickets: u64,
+    pub comments: u64,
+}
+
+/// Removes one whole partition: (1) in one transaction, locks it against writes, appends its
+/// tickets and their comments to the archives (`COPY … TO`, synced), detaches it from tickets
+/// and marks it; (2) in a second, drops it and deletes its keys (cascading to comments and tag
+/// links) and the per-row audit rows of both. A failure in (1) rolls back and cuts the
+/// archives back; after (1), a failure leaves a marked, detached table the next run finishes.
+pub fn remove_partition(
+    conn: &mut PgConnection,
+    op_id: i64,
+    partition: &WholePartition,
+    archive: &mut Archive,
+    comments_archive: Option<&mut Archive>,
+    timeouts: BatchTimeouts,
+) -> anyhow::Result<Removed> {
+    let name = &partition.name;
+    let mut tickets_len = None;
+    let mut comments_len = None;
+    let mut comments_archive = comments_archive;
+    let detached = db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<()> {
+        sql_query(format!("LOCK TABLE {name} IN SHARE MODE"))
+            .execute(conn)
+            .with_context(|| format!("cannot lock {name} against writes while it is archived"))?;
+        export::stage_partition(conn, name)?;
+        tickets_len =
+            Some(archive.append_with(|out, header| export::copy_staged(conn, Dataset::Tickets, header, out))?);
+        if let Some(a) = comments_archive.as_deref_mut() {
+            comments_len =
+                Some(a.append_with(|out, header| export::copy_staged(conn, Dataset::Comments, header, out))?);
+        }
+        export::unstage(conn)?;
+        sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
+            .execute(conn)
+            .with_context(|| format!("cannot detach {name} from tickets"))?;
+        sql_query(format!("COMMENT ON TABLE {name} IS '{DETACHED_MARK}{op_id}'")).execute(conn)?;
+        Ok(())
+    });
+    if let Err(err) = detached {
+        if let Some(len) = tickets_len {
+            archive.cut_back(len);
+        }
+        if let (Some(a), Some(len)) = (comments_archive, comments_len) {
+            a.cut_back(len);
+        }
+        return Err(err);
+    }
+    drop_detached(conn, op_id, name, timeouts)
+}
+
+/// Drops a detached, archived partition and everything that hangs off its tickets.
+pub fn drop_detached(
+    conn: &mut PgConnection,
+    op_id: i64,
+    name: &str,
+    timeouts: BatchTimeouts,
+) -> anyhow::Result<Removed> {
+    db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
+        sql_query(format!(
+            "CREATE TEMPORARY TABLE ticketops_retention_gone ON COMMIT DROP AS SELECT id FROM {name}"
+        ))
+        .execute(conn)?;
+        sql_query("ANALYZE ticketops_retention_gone").execute(conn)?;
+        sql_query(format!("DROP TABLE {name}")).execute(conn)?;
+        let removed = remove_hanging(conn, Layout::Partitioned, "SELECT id FROM ticketops_retention_gone")?;
+        audit::record_batch(
+            conn,
+            op_id,
+            "tickets",
+            Action::Purge,
+            0,
+            Some(json!({"partition": name, "tickets": removed.tickets})),
+            None,
+        )?;
+        Ok(removed)
+    })
+    .with_context(|| format!("cannot drop the detached partition {name} (archived; the next run finishes it)"))
+}
+
+/// Deletes the tickets `ids_sql` selects where their identity lives (`ticket_keys` on
+/// partitions, cascading to the rows of attached partitions; `tickets` on plain), their
+/// comments and tag links, and the per-row audit rows of both. Returns the counts.
+fn remove_hanging(conn: &mut PgConnection, layout: Layout, ids_sql: &str) -> anyhow::Result<Removed> {
+    sql_query(format!(
+        "DELETE FROM audit_log WHERE table_name = 'comments'
+           AND row_id IN (SELECT id FROM comments WHERE ticket_id IN ({ids_sql}))"
+    ))
+    .execute(conn)?;
+    sql_query(format!(
+        "DELETE FROM audit_log WHERE table_name = 'tickets' AND row_id IN ({ids_sql})"
+    ))
+    .execute(conn)?;
+    let comments = sql_query(format!("DELETE FROM comments WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
+    let (table, id) = layout.ticket_identity();
+    let tickets = sql_query(format!("DELETE FROM {table} WHERE {id} IN ({ids_sql})")).execute(conn)?;
+    Ok(Removed {
+        tickets: tickets as u64,
+        comments: comments as u64,
+    })
+}
+
+/// One batch of the rows that do not go by partition: the next `limit` matching tickets after
+/// `after_id` that nobody else holds (`FOR UPDATE SKIP LOCKED`), archived and synced, then
+/// deleted with what hangs off them. Returns what it removed and the highest id it looked at
+/// (`None`: nothing was left).
+#[allow(clippy::too_many_arguments)]
+pub fn remove_batch(
+    conn: &mut PgConnection,
+    layout: Layout,
+    filters: &ResolvedFilters,
+    op_id: i64,
+    after_id: i64,
+    limit: i64,
+    archive: &mut Archive,
+    comments_archive: Option<&mut Archive>,
+) -> anyhow::Result<(Removed, Option<i64>)> {
+    let ids: Vec<i64> = tickets::table
+        .select(tickets::id)
+        .filter(filters.condition(scope(filters)))
+        .filter(tickets::id.gt(after_id))
+        .order(tickets::id)
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .load(conn)?;
+    let Some(&last) = ids.last() else {
+        return Ok((Removed::default(), None));
+    };
+    let mut tickets_len = None;
+    let mut comments_len = None;
+    let mut comments_archive = comments_archive;
+    let result = (|| -> anyhow::Result<Removed> {
+        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
+        tickets_len = Some(archive.append(&rows)?);
+        drop(rows);
+        if let Some(a) = comments_archive.as_deref_mut() {
+            let rows = archive_rows(
+                conn,
+                crate::export::COMMENTS_SELECT,
+                COMMENT_COLUMNS,
+                "c.ticket_id",
+                &ids,
+            )?;
+            comments_len = Some(a.append(&rows)?);
+        }
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let ids_sql = format!("SELECT unnest('{{{list}}}'::bigint[])");
+        let removed = remove_hanging(conn, layout, &ids_sql)?;
+        audit::record_batch(
+            conn,
+            op_id,
+            "tickets",
+            Action::Purge,
+            ids[0],
+            Some(json!({"ids": ids})),
+            None,
+        )?;
+        Ok(removed)
+    })();
+    match result {
+        Ok(removed) => Ok((removed, Some(last))),
+        Err(err) => {
+            if let Some(len) = tickets_len {
+                archive.cut_back(len);
+            }
+            if let (Some(a), Some(len)) = (comments_archive, comments_len) {
+                a.cut_back(len);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// A few of the tickets that would go, for the dry run and the question.
+pub fn sample(
+    conn: &mut PgConnection,
+    filters: &ResolvedFilters,
+    limit: i64,
+) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+    Ok(filters
+        .query(scope(filters))
+        .select((tickets::external_id, tickets::created_at))
+        .order((tickets::created_at, tickets::id))
+        .limit(limit)
+        .load(conn)?)
+}
