@@ -379,6 +379,9 @@ impl ResolvedFilters {
             .limit(limit)
             .for_no_key_update()
             .skip_locked();
+        if layout.partitioned() {
+            crate::layout::by_key_plans(conn)?;
+        }
         let mut deleted: Vec<i64> = SoftDeleteLocked {
             locking,
             now,

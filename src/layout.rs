@@ -47,14 +47,43 @@ impl Layout {
         self == Layout::Partitioned
     }
 
-    /// The table and column that identify a ticket for the rows that hang off it (comments,
-    /// tag links): deleting there deletes the ticket and everything that references it.
-    pub fn ticket_identity(self) -> (&'static str, &'static str) {
-        match self {
-            Layout::Plain => ("tickets", "id"),
-            Layout::Partitioned => ("ticket_keys", "ticket_id"),
+    /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
+    /// (cascading from tickets on plain, from their keys on partitions); returns how many
+    /// tickets went.
+    pub fn delete_tickets(
+        self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+        created_at: &[chrono::DateTime<chrono::Utc>],
+    ) -> diesel::QueryResult<usize> {
+        use diesel::sql_types::{Array, Timestamptz};
+        if !self.partitioned() {
+            return sql_query("DELETE FROM tickets WHERE id = ANY($1)")
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn);
         }
+        sql_query("DELETE FROM ticket_keys WHERE ticket_id = ANY($1)")
+            .bind::<Array<BigInt>, _>(ids)
+            .execute(conn)?;
+        by_key_plans(conn)?;
+        sql_query(
+            "DELETE FROM tickets t USING unnest($1::bigint[], $2::timestamptz[]) AS b(id, created_at)
+             WHERE t.id = b.id AND t.created_at = b.created_at",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Timestamptz>, _>(created_at)
+        .execute(conn)
     }
+}
+
+/// For the rest of the transaction, joins of a batch's keys to the partitioned tickets as
+/// nested loops: each probe is pruned to one partition at run time, where the planner, costing
+/// every partition, would rather hash the batch and scan the whole table (measured: 0.3-0.7 s
+/// a batch at 1M tickets, against 50 ms).
+pub fn by_key_plans(conn: &mut PgConnection) -> diesel::QueryResult<()> {
+    sql_query("SET LOCAL enable_hashjoin = off").execute(conn)?;
+    sql_query("SET LOCAL enable_mergejoin = off").execute(conn)?;
+    Ok(())
 }
 
 /// Turns the freshly migrated, empty plain schema into `to`. Refuses when tickets, comments

@@ -129,6 +129,9 @@ fn undelete_its_own(
                                 WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
                                 FOR NO KEY UPDATE SKIP LOCKED))"
     };
+    if layout.partitioned() {
+        crate::layout::by_key_plans(conn)?;
+    }
     let mut restored: Vec<i64> = diesel::sql_query(format!(
         "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} {addressed} RETURNING tickets.id AS id",
         restate.set_tail(&[])

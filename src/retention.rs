@@ -224,7 +224,12 @@ pub fn drop_detached(
         .execute(conn)?;
         sql_query("ANALYZE ticketops_retention_gone").execute(conn)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
-        let removed = remove_hanging(conn, Layout::Partitioned, "SELECT id FROM ticketops_retention_gone")?;
+        // The tickets went with their table: what hangs off them, and their keys.
+        let gone = "SELECT id FROM ticketops_retention_gone";
+        let removed = Removed {
+            comments: remove_hanging(conn, gone)?,
+            tickets: sql_query(format!("DELETE FROM ticket_keys WHERE ticket_id IN ({gone})")).execute(conn)? as u64,
+        };
         audit::record_batch(
             conn,
             op_id,
@@ -239,10 +244,10 @@ pub fn drop_detached(
     .with_context(|| format!("cannot drop the detached partition {name} (archived; the next run finishes it)"))
 }
 
-/// Deletes the tickets `ids_sql` selects where their identity lives (`ticket_keys` on
-/// partitions, cascading to the rows of attached partitions; `tickets` on plain), their
-/// comments and tag links, and the per-row audit rows of both. Returns the counts.
-fn remove_hanging(conn: &mut PgConnection, layout: Layout, ids_sql: &str) -> anyhow::Result<Removed> {
+/// Deletes the comments of the tickets `ids_sql` selects, and the per-row audit rows of both;
+/// returns the comments deleted. Set-based, before the tickets or keys go (their cascades
+/// then find nothing to do).
+fn remove_hanging(conn: &mut PgConnection, ids_sql: &str) -> anyhow::Result<u64> {
     sql_query(format!(
         "DELETE FROM audit_log WHERE table_name = 'comments'
            AND row_id IN (SELECT id FROM comments WHERE ticket_id IN ({ids_sql}))"
@@ -253,12 +258,8 @@ fn remove_hanging(conn: &mut PgConnection, layout: Layout, ids_sql: &str) -> any
     ))
     .execute(conn)?;
     let comments = sql_query(format!("DELETE FROM comments WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
-    let (table, id) = layout.ticket_identity();
-    let tickets = sql_query(format!("DELETE FROM {table} WHERE {id} IN ({ids_sql})")).execute(conn)?;
-    Ok(Removed {
-        tickets: tickets as u64,
-        comments: comments as u64,
-    })
+    sql_query(format!("DELETE FROM ticket_tags WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
+    Ok(comments as u64)
 }
 
 /// One batch of the rows that do not go by partition: the next `limit` matching tickets after
@@ -276,8 +277,8 @@ pub fn remove_batch(
     archive: &mut Archive,
     comments_archive: Option<&mut Archive>,
 ) -> anyhow::Result<(Removed, Option<i64>)> {
-    let ids: Vec<i64> = tickets::table
-        .select(tickets::id)
+    let batch: Vec<(i64, DateTime<Utc>)> = tickets::table
+        .select((tickets::id, tickets::created_at))
         .filter(filters.condition(scope(filters)))
         .filter(tickets::id.gt(after_id))
         .order(tickets::id)
@@ -285,9 +286,10 @@ pub fn remove_batch(
         .for_update()
         .skip_locked()
         .load(conn)?;
-    let Some(&last) = ids.last() else {
+    let Some(&(last, _)) = batch.last() else {
         return Ok((Removed::default(), None));
     };
+    let (ids, created_at): (Vec<i64>, Vec<DateTime<Utc>>) = batch.into_iter().unzip();
     let mut tickets_len = None;
     let mut comments_len = None;
     let mut comments_archive = comments_archive;
@@ -307,7 +309,10 @@ pub fn remove_batch(
         }
         let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
         let ids_sql = format!("SELECT unnest('{{{list}}}'::bigint[])");
-        let removed = remove_hanging(conn, layout, &ids_sql)?;
+        let removed = Removed {
+            comments: remove_hanging(conn, &ids_sql)?,
+            tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,
+        };
         audit::record_batch(
             conn,
             op_id,

@@ -4,17 +4,15 @@
 -- tickets is range-partitioned by created_at, one partition a month, created ahead and
 -- maintained by pg_partman (in its own schema), with a default partition for stray rows.
 -- A unique key of a partitioned table must contain the partition key, so external_id cannot
--- be unique on tickets itself: ticket_keys holds one row per ticket, and its primary key is
--- the ticket's id, its unique key the external_id. ticketops writes both in one transaction,
--- and the database holds them together:
---   * tickets (id, created_at, external_id) references ticket_keys (ticket_id, created_at,
---     external_id): a ticket row exists only as its key says, so two tickets with one
---     external_id would need one key row each — which the unique key refuses. DEFERRABLE
---     INITIALLY DEFERRED, so that moving a ticket to another month (UPDATE of created_at in
---     tickets and in ticket_keys) is checked at commit;
---   * comments and ticket_tags reference ticket_keys (ticket_id), which does not move when a
---     ticket changes partition, ON DELETE CASCADE; deleting a key deletes the ticket too.
--- ticket_keys.created_at also routes a lookup by external_id to one partition.
+-- be unique on tickets itself: ticket_keys holds one row per ticket — its primary key the
+-- ticket's id, its unique key the external_id, which PostgreSQL enforces for every writer that
+-- writes keys — written in the same transaction as the ticket (ticketops always does; an
+-- application writing tickets directly must too, as on the distributed layout).
+-- comments and ticket_tags reference ticket_keys (ticket_id), which does not move when a ticket
+-- changes partition, ON DELETE CASCADE. ticket_keys.created_at routes a lookup by external_id
+-- to one partition. No foreign key goes from tickets to ticket_keys: its check on every key
+-- deleted (a query over the partitioned table per row) made dropping a month of keys cost
+-- seconds; see docs/scaling.md.
 
 CREATE SCHEMA IF NOT EXISTS partman;
 CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman;
@@ -22,8 +20,7 @@ CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman;
 CREATE TABLE ticket_keys (
     ticket_id bigint PRIMARY KEY,
     external_id text COLLATE "C" NOT NULL UNIQUE,
-    created_at timestamptz NOT NULL,
-    UNIQUE (ticket_id, created_at, external_id)
+    created_at timestamptz NOT NULL
 );
 
 ALTER TABLE comments DROP CONSTRAINT comments_ticket_id_fkey;
@@ -46,10 +43,7 @@ CREATE TABLE tickets (
     solved_at timestamptz,
     deleted_at timestamptz,
     last_operation_id bigint REFERENCES bulk_operations (id),
-    PRIMARY KEY (id, created_at),
-    -- Served by the primary key (id, created_at), which finds the one row by itself.
-    FOREIGN KEY (id, created_at, external_id) REFERENCES ticket_keys (ticket_id, created_at, external_id)
-        ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
+    PRIMARY KEY (id, created_at)
 ) PARTITION BY RANGE (created_at);
 -- The plain layout's indexes, on every partition. external_id is not unique here (ticket_keys
 -- is), but lookups by it (tickets show, --ids-file) need an index.

@@ -313,8 +313,8 @@ fn purge(
         // Found and locked in one ordered primary-key scan: rows another transaction holds are
         // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
         // restored meanwhile before locking it.
-        let ids: Vec<i64> = tickets::table
-            .select(tickets::id)
+        let batch: Vec<(i64, DateTime<Utc>)> = tickets::table
+            .select((tickets::id, tickets::created_at))
             .filter(tickets::deleted_at.lt(deleted_before))
             .filter(tickets::id.gt(last_id))
             .order(tickets::id)
@@ -322,9 +322,10 @@ fn purge(
             .for_update()
             .skip_locked()
             .load(conn)?;
-        let Some(&max) = ids.last() else {
+        let Some(&(max, _)) = batch.last() else {
             return Ok(Step { rows: 0, done: true });
         };
+        let (ids, created_at): (Vec<i64>, Vec<DateTime<Utc>>) = batch.into_iter().unzip();
         // Archive first, durably; delete only after. Any failure rolls the batch back and
         // cuts the archive back to where it was.
         // Archive lengths before this batch, to cut back to if it fails.
@@ -349,12 +350,7 @@ fn purge(
                 .filter(crate::schema::comments::ticket_id.eq_any(&ids))
                 .count()
                 .get_result(conn)?;
-            // Where a ticket's identity lives: deleting it there cascades to the ticket, its
-            // comments and tag links (tickets itself on plain, ticket_keys on partitions).
-            let (table, id) = layout.ticket_identity();
-            let deleted = sql_query(format!("DELETE FROM {table} WHERE {id} = ANY($1)"))
-                .bind::<Array<BigInt>, _>(&ids)
-                .execute(conn)?;
+            let deleted = layout.delete_tickets(conn, &ids, &created_at)?;
             audit::record_batch(
                 conn,
                 op_id,

@@ -379,6 +379,7 @@ impl TicketImport {
         if self.layout.partitioned() {
             self.partitions
                 .ensure(conn, rows.iter().filter_map(|r| r.row.created_at))?;
+            crate::layout::by_key_plans(conn)?;
         }
         let by_rec: HashMap<i64, &Numbered<TicketRow>> = rows.iter().map(|r| (r.record as i64, *r)).collect();
         sql_query("TRUNCATE ticketops_stage_tickets").execute(conn)?;
