@@ -125,7 +125,21 @@ fn copy_csv<T: CopyTarget>(
         bytes += n as u64;
         reader.consume(n);
     }
+    drop(reader);
+    end_of_copy(conn)?;
     Ok(bytes)
+}
+
+/// Collects the status that ends a `COPY … TO`, which Diesel leaves unread: an error the
+/// server raised in the middle of the data (a cancel, a statement timeout) arrives there and
+/// would otherwise look like the end of the data. libpq's simple-query path (PQexec) discards
+/// it, but the error has aborted the transaction every COPY here runs in, so the statement
+/// after it fails — and says so.
+fn end_of_copy(conn: &mut diesel::PgConnection) -> anyhow::Result<()> {
+    diesel::connection::SimpleConnection::batch_execute(conn, "SELECT 1").context(
+        "the COPY stopped before the end of the data: the server ended it with an error \
+             (a statement_timeout, a cancel, a terminated session)",
+    )
 }
 
 /// Writes `dataset` as CSV with a header to `out`; returns the bytes written.
@@ -135,14 +149,18 @@ pub fn export_all(
     include_deleted: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<u64> {
-    match (dataset, include_deleted) {
-        (Dataset::Tickets, false) => copy_out(TicketsExport::<false>, conn, out),
-        (Dataset::Tickets, true) => copy_out(TicketsExport::<true>, conn, out),
-        (Dataset::Users, false) => copy_out(UsersExport::<false>, conn, out),
-        (Dataset::Users, true) => copy_out(UsersExport::<true>, conn, out),
-        (Dataset::Comments, false) => copy_out(CommentsExport::<false>, conn, out),
-        (Dataset::Comments, true) => copy_out(CommentsExport::<true>, conn, out),
-    }
+    // In a transaction, so that an error ending the COPY is seen (see `end_of_copy`).
+    conn.build_transaction()
+        .read_only()
+        .repeatable_read()
+        .run(|conn| match (dataset, include_deleted) {
+            (Dataset::Tickets, false) => copy_out(TicketsExport::<false>, conn, out),
+            (Dataset::Tickets, true) => copy_out(TicketsExport::<true>, conn, out),
+            (Dataset::Users, false) => copy_out(UsersExport::<false>, conn, out),
+            (Dataset::Users, true) => copy_out(UsersExport::<true>, conn, out),
+            (Dataset::Comments, false) => copy_out(CommentsExport::<false>, conn, out),
+            (Dataset::Comments, true) => copy_out(CommentsExport::<true>, conn, out),
+        })
 }
 
 // The tickets a filtered export selects, staged on the server: COPY cannot take bound
@@ -268,10 +286,8 @@ pub fn copy_staged(
         ),
         Dataset::Users => anyhow::bail!("users are not archived by partition"),
     };
-    // The COPY's final status is still pending on the connection: libpq's PQexec (a simple
-    // query) collects it first — and an error there has aborted the transaction, so that the
-    // count below fails.
-    diesel::connection::SimpleConnection::batch_execute(conn, "SELECT 1")?;
+    // Belt and braces for an archive: the rows counted as they passed against the view's own
+    // count, in the same transaction.
     #[derive(diesel::QueryableByName)]
     struct Count {
         #[diesel(sql_type = sql_types::BigInt)]

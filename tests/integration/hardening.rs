@@ -860,3 +860,28 @@ fn every_command_checks_the_migrations_first_and_says_what_to_run() {
         .expect_code(1)
         .stderr_has("pending");
 }
+
+#[test]
+fn an_export_the_server_ends_midway_is_an_error_not_a_short_file() {
+    // Diesel does not read the status that ends a COPY: a statement timeout in the middle of
+    // the data used to look like its end (exit 0, a file cut short).
+    let db = TestDb::new();
+    let dir = scratch("export-cut");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "40000", "--seed", "5"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let run = ticketops(Some(&db), &dir, &["export", "tickets", "-o", "cut.csv"])
+        .env("PGOPTIONS", "-c statement_timeout=50")
+        .run();
+    run.expect_code(1);
+    assert!(
+        run.stderr.contains("stopped before the end of the data") || run.stderr.contains("statement timeout"),
+        "{}",
+        run.explain()
+    );
+    assert!(!dir.join("cut.csv").exists(), "the partial file is removed");
+    // To stdout too: an error, whatever was written before it.
+    ticketops(Some(&db), &dir, &["export", "tickets"])
+        .env("PGOPTIONS", "-c statement_timeout=50")
+        .run()
+        .expect_code(1);
+}
