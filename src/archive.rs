@@ -30,33 +30,18 @@ impl Archive {
 
     /// Appends rows; returns the length before them, to cut back to on failure.
     pub fn append(&mut self, rows: &[Vec<Option<String>>]) -> anyhow::Result<u64> {
-        let path = self.path.display().to_string();
-        let context = || format!("cannot write the archive {path}");
-        if self.file.is_none() {
-            let file = crate::output::append_private(&self.path).with_context(context)?;
-            self.file = Some(file);
-        }
-        let file = self.file.as_mut().expect("opened above");
-        let before = file.seek(SeekFrom::End(0)).with_context(context)?;
         let header = self.header;
-        let written = (|| -> anyhow::Result<()> {
-            let mut writer = csv::Writer::from_writer(BufWriter::new(&*file));
-            if before == 0 {
+        self.append_with(|out, needs_header| {
+            let mut writer = csv::Writer::from_writer(out);
+            if needs_header {
                 writer.write_record(header)?;
             }
             for row in rows {
                 writer.write_record(row.iter().map(|f| f.as_deref().unwrap_or("")))?;
             }
-            let inner = writer.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
-            inner.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
-            file.sync_data()?;
-            Ok(())
-        })();
-        if let Err(err) = written {
-            self.cut_back(before);
-            return Err(err.context(context()));
-        }
-        Ok(before)
+            writer.flush()?;
+            Ok(0)
+        })
     }
 
     /// Appends what `write` streams (given whether the file needs its header), flushed and
@@ -145,3 +130,46 @@ pub const COMMENT_COLUMNS: &[&str] = &[
     "public",
     "created_at",
 ];
+
+/// Where a batch's archives stood before it: what to cut back to if the batch fails.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Marks {
+    tickets: Option<u64>,
+    comments: Option<u64>,
+}
+
+/// Appends the tickets `ids` to `tickets` and their comments to `comments` (each when given),
+/// synced; records in `marks` where each archive stood before.
+pub fn archive_batch(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    tickets: Option<&mut Archive>,
+    comments: Option<&mut Archive>,
+    marks: &mut Marks,
+) -> anyhow::Result<()> {
+    if let Some(a) = tickets {
+        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", ids)?;
+        marks.tickets = Some(a.append(&rows)?);
+    }
+    if let Some(a) = comments {
+        let rows = archive_rows(
+            conn,
+            crate::export::COMMENTS_SELECT,
+            COMMENT_COLUMNS,
+            "c.ticket_id",
+            ids,
+        )?;
+        marks.comments = Some(a.append(&rows)?);
+    }
+    Ok(())
+}
+
+/// Cuts the archives back to `marks` after the batch that appended to them failed.
+pub fn cut_back(tickets: Option<&mut Archive>, comments: Option<&mut Archive>, marks: Marks) {
+    if let (Some(a), Some(len)) = (tickets, marks.tickets) {
+        a.cut_back(len);
+    }
+    if let (Some(a), Some(len)) = (comments, marks.comments) {
+        a.cut_back(len);
+    }
+}

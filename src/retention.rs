@@ -15,7 +15,7 @@ use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, sql_query};
 use serde_json::json;
 
-use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS, archive_rows};
+use crate::archive::{Archive, Marks, archive_batch, cut_back};
 use crate::audit::{self, Action};
 use crate::db::{self, BatchTimeouts};
 use crate::export::{self, Dataset};
@@ -290,23 +290,16 @@ pub fn remove_batch(
         return Ok((Removed::default(), None));
     };
     let (ids, created_at): (Vec<i64>, Vec<DateTime<Utc>>) = batch.into_iter().unzip();
-    let mut tickets_len = None;
-    let mut comments_len = None;
+    let mut marks = Marks::default();
     let mut comments_archive = comments_archive;
     let result = (|| -> anyhow::Result<Removed> {
-        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
-        tickets_len = Some(archive.append(&rows)?);
-        drop(rows);
-        if let Some(a) = comments_archive.as_deref_mut() {
-            let rows = archive_rows(
-                conn,
-                crate::export::COMMENTS_SELECT,
-                COMMENT_COLUMNS,
-                "c.ticket_id",
-                &ids,
-            )?;
-            comments_len = Some(a.append(&rows)?);
-        }
+        archive_batch(
+            conn,
+            &ids,
+            Some(&mut *archive),
+            comments_archive.as_deref_mut(),
+            &mut marks,
+        )?;
         let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
         let ids_sql = format!("SELECT unnest('{{{list}}}'::bigint[])");
         let removed = Removed {
@@ -327,12 +320,7 @@ pub fn remove_batch(
     match result {
         Ok(removed) => Ok((removed, Some(last))),
         Err(err) => {
-            if let Some(len) = tickets_len {
-                archive.cut_back(len);
-            }
-            if let (Some(a), Some(len)) = (comments_archive, comments_len) {
-                a.cut_back(len);
-            }
+            cut_back(Some(archive), comments_archive, marks);
             Err(err)
         }
     }

@@ -14,7 +14,7 @@ use serde_json::json;
 
 mod retention;
 
-use crate::archive::{Archive, COMMENT_COLUMNS, TICKET_COLUMNS, archive_rows};
+use crate::archive::{Archive, COMMENT_COLUMNS, Marks, TICKET_COLUMNS, archive_batch, cut_back};
 use crate::args::BatchArgs;
 use crate::audit::{self, Action};
 use crate::context::Context;
@@ -328,24 +328,15 @@ fn purge(
         let (ids, created_at): (Vec<i64>, Vec<DateTime<Utc>>) = batch.into_iter().unzip();
         // Archive first, durably; delete only after. Any failure rolls the batch back and
         // cuts the archive back to where it was.
-        // Archive lengths before this batch, to cut back to if it fails.
-        let mut tickets_len = None;
-        let mut comments_len = None;
+        let mut marks = Marks::default();
         let result = (|| -> anyhow::Result<(usize, u64)> {
-            if let Some(a) = tickets_archive.as_mut() {
-                let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", &ids)?;
-                tickets_len = Some(a.append(&rows)?);
-            }
-            if let Some(a) = comments_archive.as_mut() {
-                let rows = archive_rows(
-                    conn,
-                    crate::export::COMMENTS_SELECT,
-                    COMMENT_COLUMNS,
-                    "c.ticket_id",
-                    &ids,
-                )?;
-                comments_len = Some(a.append(&rows)?);
-            }
+            archive_batch(
+                conn,
+                &ids,
+                tickets_archive.as_mut(),
+                comments_archive.as_mut(),
+                &mut marks,
+            )?;
             let comments: i64 = crate::schema::comments::table
                 .filter(crate::schema::comments::ticket_id.eq_any(&ids))
                 .count()
@@ -373,12 +364,7 @@ fn purge(
                 })
             }
             Err(err) => {
-                if let (Some(a), Some(len)) = (tickets_archive.as_mut(), tickets_len) {
-                    a.cut_back(len);
-                }
-                if let (Some(a), Some(len)) = (comments_archive.as_mut(), comments_len) {
-                    a.cut_back(len);
-                }
+                cut_back(tickets_archive.as_mut(), comments_archive.as_mut(), marks);
                 Err(err)
             }
         }
