@@ -41,7 +41,7 @@ pub struct TicketFilters {
     /// Only tickets with this tag
     #[arg(long, value_name = "NAME", help_heading = "Filters")]
     pub tag: Option<String>,
-    /// Created before: a date/time (UTC unless it has an offset) or an age like 90d, 12h, 2w
+    /// Created before: a date/time (UTC unless it has an offset) or an age like 90d, 12h, 2w, 7y
     #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
     pub created_before: Option<DateTime<Utc>>,
     /// Created at or after: a date/time or an age
