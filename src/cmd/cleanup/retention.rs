@@ -26,7 +26,8 @@ brings it back. A dry run until --apply, which asks (count and sample) unless --
 
 On the partitioned layout with no other filter, each monthly partition wholly before the
 cut-off is archived by COPY, detached and dropped in one step: no row-by-row DELETE, no dead
-tuples, tickets locked only for the detach. The boundary month, filtered runs and the plain
+tuples, tickets locked only for the detach (a month's COPY is one statement: give big months a
+longer --statement-timeout). The boundary month, filtered runs and the plain
 layout go in batches like `cleanup purge` (rows the application holds are skipped for the next
 run). Exit codes as the other cleanup jobs.
 
