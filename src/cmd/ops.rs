@@ -58,6 +58,7 @@ const KINDS: &[&str] = &[
     "cleanup soft-delete",
     "cleanup purge",
     "cleanup purge-users",
+    crate::retention::KIND,
     "restore",
     "fix set",
     "fix tag",

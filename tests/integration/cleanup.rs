@@ -706,6 +706,20 @@ fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_t
     );
     assert_eq!(v["removed"].as_i64(), Some(old_tickets), "{v}");
     assert_eq!(v["comments_removed"].as_i64(), Some(old_comments), "{v}");
+    let listed = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "ops", "list", "--kind", "cleanup retention"],
+    )
+    .run();
+    assert!(
+        listed
+            .expect_code(0)
+            .stdout
+            .contains(&format!("\"id\":{}", v["operation_id"])),
+        "{}",
+        listed.explain()
+    );
     assert_eq!(db.strings("SELECT external_id FROM tickets ORDER BY 1"), kept);
     assert_eq!(
         db.scalar("SELECT count(*) FROM comments c LEFT JOIN tickets t ON t.id = c.ticket_id WHERE t.id IS NULL"),
