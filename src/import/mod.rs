@@ -9,6 +9,7 @@
 
 mod accounting;
 mod bounded;
+mod columns;
 pub mod comments;
 mod copy_binary;
 pub mod entities;

@@ -25,6 +25,7 @@ use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject
 use crate::layout::{Layout, Partitions};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
+mod merge_sql;
 mod stored;
 mod write;
 

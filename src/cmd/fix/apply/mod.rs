@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::{Value, json};
 
-use super::{Changed, SAMPLE_SIZE, Sample};
+mod sql;
+mod unchangeable;
+
+use self::unchangeable::{Unchangeable, stored_unchangeable};
+use super::Sample;
 use crate::args::{ApplyArgs, CsvArgs, confirm, parse_timeout};
-use crate::audit::FIX_ACTION;
 use crate::context::Context;
 use crate::db::BatchTimeouts;
 use crate::exit::{self, UsageError};
@@ -141,71 +144,6 @@ pub struct Correction {
     tags_remove: Vec<String>,
     /// Values of columns that cannot change, to compare with the stored ones.
     unchangeable: Unchangeable,
-}
-
-/// The export's columns that fix apply does not change, as the file has them (`None` when
-/// the file lacks the column; for the timestamps, `Some(None)` is a blank cell).
-#[derive(Debug, Clone, Default)]
-struct Unchangeable {
-    requester_email: Option<String>,
-    requester_name: Option<String>,
-    created_at: Option<Option<DateTime<Utc>>>,
-    solved_at: Option<Option<DateTime<Utc>>>,
-}
-
-impl Unchangeable {
-    fn is_empty(&self) -> bool {
-        self.requester_email.is_none()
-            && self.requester_name.is_none()
-            && self.created_at.is_none()
-            && self.solved_at.is_none()
-    }
-
-    /// The first column whose value differs from the stored ticket's, with both values.
-    fn edited(&self, stored: &Stored) -> Option<(&'static str, String, String)> {
-        let time = |t: &Option<DateTime<Utc>>| {
-            t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .unwrap_or_default()
-        };
-        if let Some(email) = &self.requester_email
-            && !email.eq_ignore_ascii_case(&stored.requester_email)
-        {
-            return Some(("requester_email", stored.requester_email.clone(), email.clone()));
-        }
-        let stored_name = stored.requester_name.clone().unwrap_or_default();
-        if let Some(name) = &self.requester_name
-            && name.trim() != stored_name.trim()
-        {
-            return Some(("requester_name", stored_name, name.clone()));
-        }
-        if let Some(created_at) = &self.created_at
-            && *created_at != Some(stored.created_at)
-        {
-            return Some(("created_at", time(&Some(stored.created_at)), time(created_at)));
-        }
-        // A blank solved_at is never an edit: the status rule sets or clears it.
-        if let Some(solved_at @ Some(_)) = &self.solved_at
-            && *solved_at != stored.solved_at
-        {
-            return Some(("solved_at", time(&stored.solved_at), time(solved_at)));
-        }
-        None
-    }
-}
-
-/// What a ticket stores in the columns fix apply does not change.
-#[derive(QueryableByName)]
-struct Stored {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = Text)]
-    requester_email: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    requester_name: Option<String>,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    solved_at: Option<DateTime<Utc>>,
 }
 
 fn reference(fields: &RecordFields<'_>, index: usize) -> Result<Change<String>, RowError> {
@@ -341,80 +279,6 @@ impl Corrections {
     }
 }
 
-/// The corrections of one batch as arrays ($1…$14), compared with the stored tickets as JSON
-/// objects of the correctable values (tag sets as sorted tag ids); `target` holds the tickets
-/// whose values differ, with both objects.
-const TARGET_SQL: &str = "
-WITH i AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
-                         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[],
-                         $13::text[], $14::text[])
-        AS i(id, status, priority, set_assignee, assignee_id, set_organization, organization_id, subject,
-             tags_add, tags_remove, channel, set_tags, tags, description)
-), cur AS (
-    SELECT t.id, t.external_id, t.updated_at AS old_updated_at, t.last_operation_id AS old_operation_id,
-           jsonb_build_object('status', t.status, 'priority', t.priority, 'channel', t.channel,
-                              'assignee_id', t.assignee_id,
-                              'organization_id', t.organization_id, 'subject', t.subject,
-                              'description', t.description, 'solved_at', t.solved_at,
-                              'tag_ids', to_jsonb(ARRAY(SELECT tag_id FROM ticket_tags x
-                                                        WHERE x.ticket_id = t.id ORDER BY tag_id))) AS old,
-           i.status, i.priority, i.channel, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
-           i.subject, i.tags_add, i.tags_remove, i.set_tags, i.tags, i.description
-    FROM i JOIN tickets t ON t.id = i.id
-), want AS (
-    SELECT c.id, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
-           jsonb_build_object(
-               'status', coalesce(c.status, c.old ->> 'status'),
-               -- the importer's rule: solved or closed without solved_at gets one, an open
-               -- state has none; a status that does not change keeps what is stored
-               'solved_at', CASE WHEN coalesce(c.status, c.old ->> 'status') = c.old ->> 'status' THEN c.old -> 'solved_at'
-                                 WHEN c.status IN ('solved', 'closed')
-                                     THEN coalesce(nullif(c.old -> 'solved_at', 'null'::jsonb), to_jsonb(now()))
-                                 ELSE 'null'::jsonb END,
-               'priority', coalesce(c.priority, c.old ->> 'priority'),
-               'channel', coalesce(c.channel, c.old ->> 'channel'),
-               'assignee_id', CASE WHEN c.set_assignee THEN to_jsonb(c.assignee_id) ELSE c.old -> 'assignee_id' END,
-               'organization_id', CASE WHEN c.set_organization THEN to_jsonb(c.organization_id)
-                                       ELSE c.old -> 'organization_id' END,
-               'subject', coalesce(c.subject, c.old ->> 'subject'),
-               'description', coalesce(c.description, c.old ->> 'description'),
-               'tag_ids', CASE WHEN c.set_tags
-                   THEN to_jsonb(ARRAY(SELECT DISTINCT u FROM unnest(
-                            coalesce(string_to_array(nullif(c.tags, ''), ',')::bigint[], '{}')) u ORDER BY u))
-                   ELSE to_jsonb(ARRAY(
-                   SELECT DISTINCT u FROM unnest(
-                       ARRAY(SELECT jsonb_array_elements_text(c.old -> 'tag_ids')::bigint)
-                       || coalesce(string_to_array(c.tags_add, ',')::bigint[], '{}')) u
-                   WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{}'))
-                   ORDER BY u)) END) AS new
-    FROM cur c
-), target AS (
-    SELECT * FROM want WHERE old <> new
-)";
-
-/// The keys of `a` whose value differs in `b`, as an object of `a`'s values.
-fn changed_keys(a: &str, b: &str) -> String {
-    format!(
-        "(SELECT jsonb_object_agg(k, {a} -> k) FROM jsonb_object_keys({a}) k WHERE {a} -> k IS DISTINCT FROM {b} -> k)"
-    )
-}
-
-/// Like `changed_keys`, with ids shown as people read them (e-mail, organization and tag names).
-fn shown_keys(a: &str, b: &str) -> String {
-    format!(
-        "(SELECT jsonb_object_agg(
-             CASE k WHEN 'assignee_id' THEN 'assignee' WHEN 'organization_id' THEN 'organization'
-                    WHEN 'tag_ids' THEN 'tags' ELSE k END,
-             CASE k WHEN 'assignee_id' THEN to_jsonb((SELECT email FROM users WHERE id = ({a} ->> k)::bigint))
-                    WHEN 'organization_id' THEN to_jsonb((SELECT name FROM organizations WHERE id = ({a} ->> k)::bigint))
-                    WHEN 'tag_ids' THEN to_jsonb(ARRAY(SELECT name FROM tags WHERE id IN (
-                                            SELECT jsonb_array_elements_text({a} -> k)::bigint) ORDER BY name))
-                    ELSE {a} -> k END)
-         FROM jsonb_object_keys({a}) k WHERE {a} -> k IS DISTINCT FROM {b} -> k)"
-    )
-}
-
 #[derive(QueryableByName)]
 struct Found {
     #[diesel(sql_type = Text)]
@@ -423,30 +287,6 @@ struct Found {
     id: i64,
     #[diesel(sql_type = Bool)]
     deleted: bool,
-}
-
-/// The stored values of the columns fix apply does not change, for the tickets of the rows
-/// that have any of them (none when the file lacks those columns).
-fn stored_unchangeable(
-    conn: &mut PgConnection,
-    rows: &[Numbered<Correction>],
-    tickets: &[Found],
-) -> anyhow::Result<Vec<Stored>> {
-    let ids: Vec<i64> = rows
-        .iter()
-        .filter(|r| !r.row.unchangeable.is_empty())
-        .filter_map(|r| tickets.iter().find(|t| t.key == r.row.external_id).map(|t| t.id))
-        .collect();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    sql_query(
-        "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
-         FROM tickets t JOIN users r ON r.id = t.requester_id WHERE t.id = ANY($1)",
-    )
-    .bind::<Array<BigInt>, _>(ids)
-    .load(conn)
-    .context("cannot read the tickets' stored values")
 }
 
 /// Ids by name (or e-mail) in `table`, live rows only where the table soft-deletes.
@@ -751,132 +591,5 @@ impl Corrections {
             work.push((ticket_id, assignee, organization, &r.row));
         }
         Ok((rejects, work, removable))
-    }
-
-    /// Compares the work with the tickets (a dry run: counts and samples what would change)
-    /// or applies it, with the before and after images in the audit trail; returns how many
-    /// tickets change.
-    fn compare_or_apply(
-        &mut self,
-        conn: &mut PgConnection,
-        op_id: i64,
-        work: &[Work<'_>],
-        removable: &[Found],
-    ) -> anyhow::Result<u64> {
-        let find = |found: &[Found], key: &str| found.iter().find(|f| f.key == key).map(|f| (f.id, f.deleted));
-        let ids: Vec<i64> = work.iter().map(|w| w.0).collect();
-        let statuses: Vec<Option<&str>> = work.iter().map(|w| w.3.status.map(TicketStatus::as_str)).collect();
-        let priorities: Vec<Option<&str>> = work.iter().map(|w| w.3.priority.map(TicketPriority::as_str)).collect();
-        let channels: Vec<Option<&str>> = work.iter().map(|w| w.3.channel.map(TicketChannel::as_str)).collect();
-        let set_assignee: Vec<bool> = work.iter().map(|w| w.1 != Change::Keep).collect();
-        let assignee_ids: Vec<Option<i64>> = work
-            .iter()
-            .map(|w| if let Change::Set(id) = w.1 { Some(id) } else { None })
-            .collect();
-        let set_organization: Vec<bool> = work.iter().map(|w| w.2 != Change::Keep).collect();
-        let organization_ids: Vec<Option<i64>> = work
-            .iter()
-            .map(|w| if let Change::Set(id) = w.2 { Some(id) } else { None })
-            .collect();
-        let subjects: Vec<Option<&str>> = work.iter().map(|w| w.3.subject.as_deref()).collect();
-        let descriptions: Vec<Option<&str>> = work.iter().map(|w| w.3.description.as_deref()).collect();
-        let set_tags: Vec<bool> = work.iter().map(|w| w.3.tags.is_some()).collect();
-        let whole_tags: Vec<Option<String>> = work
-            .iter()
-            .map(|w| {
-                w.3.tags.as_ref().map(|names| {
-                    let ids: Vec<String> = names
-                        .iter()
-                        .filter_map(|n| self.cache.tag_id(n))
-                        .map(|id| id.to_string())
-                        .collect();
-                    ids.join(",")
-                })
-            })
-            .collect();
-        let id_list = |names: &[String], id_of: &dyn Fn(&str) -> Option<i64>| -> Option<String> {
-            let ids: Vec<String> = names.iter().filter_map(|n| id_of(n)).map(|id| id.to_string()).collect();
-            (!ids.is_empty()).then(|| ids.join(","))
-        };
-        let tags_add: Vec<Option<String>> = work
-            .iter()
-            .map(|w| id_list(&w.3.tags_add, &|n| self.cache.tag_id(n)))
-            .collect();
-        let tags_remove: Vec<Option<String>> = work
-            .iter()
-            .map(|w| id_list(&w.3.tags_remove, &|n| find(removable, n).map(|f| f.0)))
-            .collect();
-
-        let bind = |sql: String| {
-            sql_query(sql)
-                .into_boxed()
-                .bind::<Array<BigInt>, _>(ids.clone())
-                .bind::<Array<Nullable<Text>>, _>(statuses.clone())
-                .bind::<Array<Nullable<Text>>, _>(priorities.clone())
-                .bind::<Array<Bool>, _>(set_assignee.clone())
-                .bind::<Array<Nullable<BigInt>>, _>(assignee_ids.clone())
-                .bind::<Array<Bool>, _>(set_organization.clone())
-                .bind::<Array<Nullable<BigInt>>, _>(organization_ids.clone())
-                .bind::<Array<Nullable<Text>>, _>(subjects.clone())
-                .bind::<Array<Nullable<Text>>, _>(tags_add.clone())
-                .bind::<Array<Nullable<Text>>, _>(tags_remove.clone())
-                .bind::<Array<Nullable<Text>>, _>(channels.clone())
-                .bind::<Array<Bool>, _>(set_tags.clone())
-                .bind::<Array<Nullable<Text>>, _>(whole_tags.clone())
-                .bind::<Array<Nullable<Text>>, _>(descriptions.clone())
-        };
-        let changed: Changed = if self.dry_run {
-            if self.sample.len() < SAMPLE_SIZE {
-                let rows: Vec<Sample> = bind(format!(
-                    "{TARGET_SQL} SELECT external_id, {before} AS before, {after} AS after FROM target ORDER BY id LIMIT {}",
-                    SAMPLE_SIZE - self.sample.len(),
-                    before = shown_keys("old", "new"),
-                    after = shown_keys("new", "old"),
-                ))
-                .load(conn)
-                .context("cannot compare the corrections with the tickets")?;
-                self.sample.extend(rows);
-            }
-            bind(format!("{TARGET_SQL} SELECT count(*) AS changed FROM target"))
-                .get_result(conn)
-                .context("cannot compare the corrections with the tickets")?
-        } else {
-            bind(format!(
-                "{TARGET_SQL}, changed AS (
-                     UPDATE tickets t
-                     SET status = (g.new ->> 'status')::ticket_status,
-                         priority = (g.new ->> 'priority')::ticket_priority,
-                         channel = (g.new ->> 'channel')::ticket_channel,
-                         assignee_id = (g.new ->> 'assignee_id')::bigint,
-                         organization_id = (g.new ->> 'organization_id')::bigint,
-                         subject = g.new ->> 'subject',
-                         description = g.new ->> 'description',
-                         solved_at = (g.new ->> 'solved_at')::timestamptz,
-                         updated_at = now(), last_operation_id = {op_id}
-                     FROM target g WHERE t.id = g.id
-                     RETURNING t.id, t.updated_at, g.old, g.new, g.old_updated_at, g.old_operation_id
-                 ), tags_removed AS (
-                     DELETE FROM ticket_tags x USING target g
-                     WHERE x.ticket_id = g.id
-                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(g.new -> 'tag_ids')::bigint)
-                 ), tags_added AS (
-                     INSERT INTO ticket_tags (ticket_id, tag_id)
-                     SELECT g.id, e::bigint FROM target g CROSS JOIN LATERAL jsonb_array_elements_text(g.new -> 'tag_ids') e
-                     ON CONFLICT DO NOTHING
-                 ), audited AS (
-                     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                     SELECT {op_id}, 'tickets', id, '{FIX_ACTION}',
-                            {before} || jsonb_build_object('updated_at', old_updated_at, 'last_operation_id', old_operation_id),
-                            {after} || jsonb_build_object('updated_at', updated_at, 'last_operation_id', {op_id})
-                     FROM changed
-                 )
-                 SELECT count(*) AS changed FROM changed",
-                before = changed_keys("old", "new"),
-                after = changed_keys("new", "old"),
-            ))
-            .get_result(conn)
-            .context("cannot apply the corrections")?
-        };
-        Ok(changed.changed as u64)
     }
 }

@@ -1,0 +1,198 @@
+//! The SQL of the write path's comparison and merge of changed tickets: what each stored
+//! column becomes, the classification of staged rows, and the merge itself — an upsert on the
+//! plain layout, an UPDATE that may move rows between months on the partitioned one.
+
+use super::*;
+
+/// The stored columns compared and written, in order.
+const COLUMNS: &[&str] = &[
+    "subject",
+    "description",
+    "status",
+    "priority",
+    "channel",
+    "requester_id",
+    "assignee_id",
+    "organization_id",
+    "created_at",
+    "updated_at",
+    "solved_at",
+    "deleted_at",
+];
+
+impl TicketImport {
+    /// The value each stored column should have after the import, for staged row `s` and the
+    /// stored ticket `e`. Columns the file lacks keep the stored value, and so do blank
+    /// created_at/updated_at (so a file without them re-imports as unchanged).
+    pub(super) fn target_exprs(&self) -> Vec<String> {
+        let p = self.present;
+        let keep = |present: bool, col: &str, default: &str| -> String {
+            if present {
+                format!("s.{col}")
+            } else if default.is_empty() {
+                format!("e.{col}")
+            } else {
+                format!("coalesce(e.{col}, {default})")
+            }
+        };
+        let now = format!("'{}'::timestamptz", self.import_time.to_rfc3339());
+        vec![
+            "s.subject".into(),
+            keep(p.description, "description", ""),
+            "s.status".into(),
+            keep(p.priority, "priority", "'normal'"),
+            keep(p.channel, "channel", "'other'"),
+            "s.requester_id".into(),
+            keep(p.assignee, "assignee_id", ""),
+            keep(p.organization, "organization_id", ""),
+            format!("coalesce(s.created_at, e.created_at, {now})"),
+            format!("coalesce(s.updated_at, e.updated_at, s.created_at, {now})"),
+            keep(p.solved_at, "solved_at", ""),
+            if self.undelete {
+                "NULL::timestamptz".into()
+            } else {
+                "e.deleted_at".into()
+            },
+        ]
+    }
+
+    pub(super) fn tags_target(&self) -> &'static str {
+        if self.present.tags {
+            "s.tag_ids"
+        } else {
+            STORED_TAGS_OF_E
+        }
+    }
+
+    pub(super) fn classify_sql(&self, op_id: i64) -> String {
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("e.{c}")).collect();
+        let target = self.target_exprs();
+        // The stored tag set is read once per row (LATERAL), not once per use.
+        let (tags_join, tags_differ) = if self.present.tags {
+            (
+                // OFFSET 0 keeps the planner from inlining the subquery into each use.
+                format!("CROSS JOIN LATERAL (SELECT {STORED_TAGS_OF_E} AS tag_ids OFFSET 0) st"),
+                "st.tag_ids IS DISTINCT FROM s.tag_ids",
+            )
+        } else {
+            (String::new(), "false")
+        };
+        format!(
+            "SELECT rec, id, deleted, mine, (fields_differ OR tags_differ) AS differs, tags_differ FROM (
+                 SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
+                        coalesce(e.last_operation_id = {op_id}, false) AS mine,
+                        ({}) IS DISTINCT FROM ({}) AS fields_differ,
+                        {tags_differ} AS tags_differ
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id
+                 {tags_join}
+                 WHERE e.id = ANY($1)
+             ) c",
+            stored.join(", "),
+            target.join(", ")
+        )
+    }
+
+    /// The partitioned layout's merge: an UPDATE (ON CONFLICT cannot move a row to another
+    /// partition, and there is no unique external_id on tickets to conflict on). A changed
+    /// created_at moves the ticket to its month; its key follows in the same statement.
+    pub(super) fn update_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = g.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("g.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
+                 FROM target g
+                 WHERE t.id = g.id AND t.created_at = g.stored_created_at
+                   AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
+                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, to_jsonb(t) AS after_image
+             ), moved AS (
+                 UPDATE ticket_keys k SET created_at = w.created_at
+                 FROM written w WHERE k.ticket_id = w.id AND k.created_at <> w.created_at
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id, '{update}',
+                        to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                            SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id))),
+                        w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                 FROM written w
+                 JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
+                 JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, external_id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+            update = crate::audit::UPDATE_ACTION,
+        )
+    }
+
+    pub(super) fn merge_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let cols = COLUMNS.join(", ");
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("excluded.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, {target}, {tags} AS tag_ids
+                 FROM ticketops_stage_tickets s
+                 LEFT JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 INSERT INTO tickets AS t (external_id, {cols}, last_operation_id)
+                 SELECT external_id, {cols}, {op_id} FROM target
+                 ON CONFLICT (external_id) DO UPDATE SET {set}, last_operation_id = excluded.last_operation_id
+                 WHERE ({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2)
+                 RETURNING t.id, t.external_id, (t.xmax = 0) AS inserted,
+                           CASE WHEN t.xmax = 0 THEN NULL ELSE to_jsonb(t) END AS after_image
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id,
+                        CASE WHEN w.inserted THEN '{insert}' ELSE '{update}' END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                                SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id)))
+                        END,
+                        CASE WHEN w.inserted THEN NULL ELSE
+                            w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                        END
+                 FROM written w
+                 LEFT JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
+                 LEFT JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, external_id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+            insert = crate::audit::INSERT_ACTION,
+            update = crate::audit::UPDATE_ACTION,
+        )
+    }
+}
+
+/// The stored tag set of ticket `e`, sorted like the staged one.
+const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";
