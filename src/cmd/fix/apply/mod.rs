@@ -6,6 +6,7 @@
 //! in one query, and only with `--apply` writes the tickets that differ, with their before and
 //! after values in `audit_log`. The dry run (the default) runs the same comparison.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -304,6 +305,11 @@ fn ids_by(conn: &mut PgConnection, table: &str, column: &str, keys: Vec<&str>) -
     .with_context(|| format!("cannot look up {table}"))
 }
 
+/// Found rows by key: (id, soft-deleted).
+fn by_key(found: Vec<Found>) -> HashMap<String, (i64, bool)> {
+    found.into_iter().map(|f| (f.key, (f.id, f.deleted))).collect()
+}
+
 fn reject(r: &Numbered<Correction>, column: &str, reason: &str, message: String) -> WriterReject {
     WriterReject {
         error: RowError::new(Some(column), reason, message),
@@ -513,7 +519,9 @@ impl Corrections {
                 })
                 .collect(),
         )?;
-        let find = |found: &[Found], key: &str| found.iter().find(|f| f.key == key).map(|f| (f.id, f.deleted));
+        // By key, for the per-row lookups below (a batch holds thousands of rows).
+        let (tickets, assignees, organizations) = (by_key(tickets), by_key(assignees), by_key(organizations));
+        let find = |found: &HashMap<String, (i64, bool)>, key: &str| found.get(key).copied();
         // Tags to add are created like an import's (inside the dry run's rolled-back
         // transaction too, so that its sample can name them); tags to remove are only looked up.
         self.cache
@@ -552,11 +560,7 @@ impl Corrections {
                 counts.skipped_deleted += 1;
                 continue;
             }
-            if let Some((column, was, now)) = stored
-                .iter()
-                .find(|s| s.id == ticket_id)
-                .and_then(|s| r.row.unchangeable.edited(s))
-            {
+            if let Some((column, was, now)) = stored.get(&ticket_id).and_then(|s| r.row.unchangeable.edited(s)) {
                 let message = format!(
                     "fix apply cannot change {column} (stored {was:?}, the file has {now:?}); \
                      restore the cell or remove the column"

@@ -7,7 +7,9 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
 use anyhow::Context as _;
 
-use super::{Correction, Found};
+use std::collections::HashMap;
+
+use super::Correction;
 use crate::import::Numbered;
 
 /// The export's columns that fix apply does not change, as the file has them (`None` when
@@ -80,21 +82,22 @@ pub(super) struct Stored {
 pub(super) fn stored_unchangeable(
     conn: &mut PgConnection,
     rows: &[Numbered<Correction>],
-    tickets: &[Found],
-) -> anyhow::Result<Vec<Stored>> {
+    tickets: &HashMap<String, (i64, bool)>,
+) -> anyhow::Result<HashMap<i64, Stored>> {
     let ids: Vec<i64> = rows
         .iter()
         .filter(|r| !r.row.unchangeable.is_empty())
-        .filter_map(|r| tickets.iter().find(|t| t.key == r.row.external_id).map(|t| t.id))
+        .filter_map(|r| tickets.get(&r.row.external_id).map(|t| t.0))
         .collect();
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return Ok(HashMap::new());
     }
-    sql_query(
+    let stored: Vec<Stored> = sql_query(
         "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
          FROM tickets t JOIN users r ON r.id = t.requester_id WHERE t.id = ANY($1)",
     )
     .bind::<Array<BigInt>, _>(ids)
     .load(conn)
-    .context("cannot read the tickets' stored values")
+    .context("cannot read the tickets' stored values")?;
+    Ok(stored.into_iter().map(|s| (s.id, s)).collect())
 }
