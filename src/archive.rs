@@ -90,7 +90,7 @@ struct Fields {
 }
 
 /// The rows of `select` (an export query) for the given ids, each as text fields.
-pub fn archive_rows(
+fn archive_rows(
     conn: &mut PgConnection,
     select: &str,
     columns: &[&str],
@@ -160,6 +160,23 @@ pub fn archive_batch(
             ids,
         )?;
         marks.comments = Some(a.append(&rows)?);
+    }
+    Ok(())
+}
+
+/// Appends the tickets and comments staged by [`crate::export::stage_partition`] to the
+/// archives, by `COPY … TO` (checked against the rows staged), synced; records in `marks` where
+/// each archive stood before.
+pub fn archive_staged(
+    conn: &mut PgConnection,
+    tickets: &mut Archive,
+    comments: Option<&mut Archive>,
+    marks: &mut Marks,
+) -> anyhow::Result<()> {
+    use crate::export::{Dataset, copy_staged};
+    marks.tickets = Some(tickets.append_with(|out, header| copy_staged(conn, Dataset::Tickets, header, out))?);
+    if let Some(a) = comments {
+        marks.comments = Some(a.append_with(|out, header| copy_staged(conn, Dataset::Comments, header, out))?);
     }
     Ok(())
 }

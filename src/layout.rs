@@ -187,6 +187,33 @@ impl Partitions {
     }
 }
 
+/// A monthly partition of tickets, as the catalog bounds it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct MonthlyPartition {
+    /// As the catalog names it (quoted where needed).
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub from: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub until: chrono::DateTime<chrono::Utc>,
+}
+
+/// The monthly partitions of tickets (the default partition left out), oldest first.
+pub fn monthly_partitions(conn: &mut PgConnection) -> anyhow::Result<Vec<MonthlyPartition>> {
+    sql_query(
+        "SELECT name, lo AS \"from\", hi AS until FROM (
+             SELECT c.oid::regclass::text AS name,
+                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
+                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+         ) p ORDER BY lo",
+    )
+    .load(conn)
+    .context("cannot list the partitions of tickets")
+}
+
 /// How the partitions of tickets stand (partitioned layout), for `doctor`.
 #[derive(Debug, serde::Serialize)]
 pub struct PartitionHealth {
@@ -206,39 +233,24 @@ impl PartitionHealth {
         #[derive(QueryableByName)]
         struct Row {
             #[diesel(sql_type = BigInt)]
-            partitions: i64,
-            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
-            first_from: Option<chrono::DateTime<chrono::Utc>>,
-            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
-            last_until: Option<chrono::DateTime<chrono::Utc>>,
-            #[diesel(sql_type = BigInt)]
             default_rows: i64,
             #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
             premake: Option<i32>,
         }
+        let months = monthly_partitions(conn)?;
         let row: Row = sql_query(
-            "WITH bounds AS (
-                 SELECT c.oid, pg_get_expr(c.relpartbound, c.oid) AS bound
-                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                 WHERE i.inhparent = 'tickets'::regclass
-             ), ranges AS (
-                 SELECT (regexp_match(bound, 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
-                        (regexp_match(bound, 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
-                 FROM bounds WHERE bound <> 'DEFAULT'
-             )
-             SELECT (SELECT count(*) FROM ranges) AS partitions,
-                    (SELECT min(lo) FROM ranges) AS first_from,
-                    (SELECT max(hi) FROM ranges) AS last_until,
-                    (SELECT count(*) FROM tickets t
-                      WHERE t.tableoid IN (SELECT oid FROM bounds WHERE bound = 'DEFAULT')) AS default_rows,
+            "SELECT (SELECT count(*) FROM tickets t
+                      WHERE t.tableoid IN (SELECT c.oid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                                           WHERE i.inhparent = 'tickets'::regclass
+                                             AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT')) AS default_rows,
                     (SELECT premake FROM partman.part_config WHERE parent_table = 'public.tickets') AS premake",
         )
         .get_result(conn)
-        .context("cannot read the partitions of tickets")?;
+        .context("cannot read the default partition of tickets")?;
         Ok(PartitionHealth {
-            partitions: row.partitions,
-            first_from: row.first_from,
-            last_until: row.last_until,
+            partitions: months.len() as i64,
+            first_from: months.iter().map(|m| m.from).min(),
+            last_until: months.iter().map(|m| m.until).max(),
             default_rows: row.default_rows,
             premake: row.premake,
         })

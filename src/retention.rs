@@ -11,14 +11,14 @@
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Text};
 use diesel::{PgConnection, QueryableByName, sql_query};
 use serde_json::json;
 
-use crate::archive::{Archive, Marks, archive_batch, cut_back};
+use crate::archive::{Archive, Marks, archive_batch, archive_staged, cut_back};
 use crate::audit::{self, Action};
 use crate::db::{self, BatchTimeouts};
-use crate::export::{self, Dataset};
+use crate::export;
 use crate::filters::{DeletedScope, ResolvedFilters};
 use crate::layout::Layout;
 use crate::schema::tickets;
@@ -105,34 +105,19 @@ pub fn plan(
 /// row counts.
 fn whole_partitions(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<WholePartition>> {
     #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = Text)]
-        name: String,
-        #[diesel(sql_type = Timestamptz)]
-        until: DateTime<Utc>,
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
     }
-    let rows: Vec<Row> = sql_query(
-        "SELECT name, until FROM (
-             SELECT c.oid::regclass::text AS name,
-                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS until
-             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
-         ) p WHERE until <= $1 ORDER BY until",
-    )
-    .bind::<Timestamptz, _>(cutoff)
-    .load(conn)
-    .context("cannot list the partitions of tickets")?;
-    let mut partitions = Vec::with_capacity(rows.len());
-    for row in rows {
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        let count: Count = sql_query(format!("SELECT count(*) AS n FROM {}", row.name)).get_result(conn)?;
+    let mut partitions = Vec::new();
+    for month in crate::layout::monthly_partitions(conn)?
+        .into_iter()
+        .filter(|m| m.until <= cutoff)
+    {
+        let count: Count = sql_query(format!("SELECT count(*) AS n FROM {}", month.name)).get_result(conn)?;
         partitions.push(WholePartition {
-            name: row.name,
-            until: row.until,
+            name: month.name,
+            until: month.until,
             tickets: count.n,
         });
     }
@@ -177,20 +162,14 @@ pub fn remove_partition(
     timeouts: BatchTimeouts,
 ) -> anyhow::Result<Removed> {
     let name = &partition.name;
-    let mut tickets_len = None;
-    let mut comments_len = None;
+    let mut marks = Marks::default();
     let mut comments_archive = comments_archive;
     let detached = db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<()> {
         sql_query(format!("LOCK TABLE {name} IN SHARE MODE"))
             .execute(conn)
             .with_context(|| format!("cannot lock {name} against writes while it is archived"))?;
         export::stage_partition(conn, name)?;
-        tickets_len =
-            Some(archive.append_with(|out, header| export::copy_staged(conn, Dataset::Tickets, header, out))?);
-        if let Some(a) = comments_archive.as_deref_mut() {
-            comments_len =
-                Some(a.append_with(|out, header| export::copy_staged(conn, Dataset::Comments, header, out))?);
-        }
+        archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
         export::unstage(conn)?;
         sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
             .execute(conn)
@@ -199,12 +178,7 @@ pub fn remove_partition(
         Ok(())
     });
     if let Err(err) = detached {
-        if let Some(len) = tickets_len {
-            archive.cut_back(len);
-        }
-        if let (Some(a), Some(len)) = (comments_archive, comments_len) {
-            a.cut_back(len);
-        }
+        cut_back(Some(archive), comments_archive, marks);
         return Err(err);
     }
     drop_detached(conn, op_id, name, timeouts)

@@ -113,7 +113,8 @@ impl Mapping {
         Ok(mapping)
     }
 
-    /// Only `--map`-style renames, for callers and tests that have no other mapping.
+    /// Only `--map`-style renames, for the tests of the column mapping.
+    #[cfg(test)]
     pub fn renames(pairs: &[(&str, &str)]) -> Mapping {
         Mapping {
             renames: pairs

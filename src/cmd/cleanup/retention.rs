@@ -146,9 +146,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut longest = Duration::ZERO;
     let mut stopped = None;
     let mut error = None;
-    let leftover = plan.leftover.iter().map(|name| (name.clone(), true));
-    let partitions = plan.partitions.iter().map(|p| (p.name.clone(), false));
-    for (name, detached) in leftover.chain(partitions) {
+    // A leftover is a name (its archive is written); a planned month, the partition itself.
+    let leftover = plan.leftover.iter().map(|name| (name.clone(), None));
+    let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
+    for (name, whole_month) in leftover.chain(partitions) {
         if let Some(code) = job.stop.requested() {
             stopped = Some(StopReason::Signal(code));
             break;
@@ -158,18 +159,16 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             break;
         }
         let step_started = Instant::now();
-        let result = if detached {
-            retention::drop_detached(&mut conn, op_id, &name, settings.timeouts)
-        } else {
-            let partition = plan.partitions.iter().find(|p| p.name == name).expect("planned");
-            retention::remove_partition(
+        let result = match whole_month {
+            None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
+            Some(partition) => retention::remove_partition(
                 &mut conn,
                 op_id,
                 partition,
                 &mut archive,
                 comments_archive.as_mut(),
                 settings.timeouts,
-            )
+            ),
         };
         match result {
             Ok(removed) => {
