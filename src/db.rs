@@ -265,7 +265,7 @@ pub fn lock_tables(conn: &mut PgConnection, tables: &[&str], mode: &str) -> anyh
     let holders: Vec<LockHolder> = sql_query(
         "SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?') AS application_name,
                 coalesce(a.state, '?') AS state,
-                coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::float8, 0) AS seconds
+                greatest(coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::float8, 0), 0) AS seconds
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
          WHERE l.granted AND l.pid <> pg_backend_pid()
            AND l.relation = ANY (SELECT to_regclass(t)::oid FROM unnest($1::text[]) t)

@@ -365,7 +365,10 @@ fn initial_load_gives_up_on_its_table_lock_after_the_lock_timeout_and_names_the_
     let mut app = db.conn();
     app.batch_execute("SET application_name = 'support-app'; BEGIN; SELECT count(*) FROM tickets")
         .unwrap();
-    let app_pid = db.json("SELECT pid FROM pg_stat_activity WHERE application_name = 'support-app'")[0]["pid"]
+    let app_pid = db.json(
+        // Other tests hold locks as 'support-app' too, in their own databases.
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'support-app' AND datname = current_database()",
+    )[0]["pid"]
         .as_i64()
         .unwrap();
     let started = Instant::now();
