@@ -34,6 +34,43 @@ ensure_system_packages() {
     $sudo apt-get install -y -qq "${missing[@]}" >&2
 }
 
+# The PostgreSQL major whose server binaries the local clusters use (the newest installed).
+server_major() {
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sed 's|/usr/lib/postgresql/\([0-9]*\)/bin|\1|' | sort -n | tail -1
+}
+
+# Citus for the distributed layout: already installed into the server, or built and installed
+# from the source tarball CITUS_SRC names (as root; build packages from the distribution). Returns
+# 1 when there is no Citus and no CITUS_SRC.
+ensure_citus() {
+    local major
+    major=$(server_major)
+    [ -n "$major" ] || return 1
+    [ -e "/usr/lib/postgresql/$major/lib/citus.so" ] && return 0
+    [ -n "${CITUS_SRC:-}" ] || return 1
+    [ -f "$CITUS_SRC" ] || { echo "error: CITUS_SRC=$CITUS_SRC is not a file" >&2; exit 1; }
+    [ "$(id -u)" -eq 0 ] || { echo "error: building Citus from $CITUS_SRC needs root (it installs into the server)" >&2; exit 1; }
+    echo "building Citus from $CITUS_SRC for PostgreSQL $major (a few minutes)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    local packages=(build-essential "postgresql-server-dev-$major" libkrb5-dev liblz4-dev libzstd-dev)
+    if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then
+        apt-get update -qq >&2
+        apt-get install -y -qq "${packages[@]}" >&2
+    fi
+    local build
+    build=$(mktemp -d)
+    tar -xzf "$CITUS_SRC" -C "$build"
+    (
+        cd "$build"/citus-*
+        PG_CONFIG=/usr/lib/postgresql/$major/bin/pg_config ./configure --without-libcurl >"$build/configure.log" 2>&1 ||
+            { tail -n 30 "$build/configure.log" >&2; exit 1; }
+        make -j"$(nproc)" with_llvm=no >"$build/make.log" 2>&1 || { tail -n 30 "$build/make.log" >&2; exit 1; }
+        make install with_llvm=no >"$build/install.log" 2>&1 || { tail -n 30 "$build/install.log" >&2; exit 1; }
+    )
+    rm -rf "$build"
+    [ -e "/usr/lib/postgresql/$major/lib/citus.so" ]
+}
+
 # Starts the project-local server (if needed) and exports DATABASE_URL for it. Sets
 # STARTED_PG=1 when this call started it, so the caller can stop it again.
 start_local_pg() {

@@ -116,7 +116,9 @@ struct UtcSession;
 impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for UtcSession {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
         use diesel::connection::SimpleConnection;
-        conn.batch_execute("SET TIME ZONE 'UTC'")
+        // On Citus, SET LOCAL (the batch timeouts) reaches the workers' sessions too; elsewhere
+        // the setting is an unused placeholder.
+        conn.batch_execute("SET TIME ZONE 'UTC'; SET citus.propagate_set_commands TO 'local'")
             .map_err(diesel::r2d2::Error::QueryError)
     }
 }
@@ -367,4 +369,11 @@ impl Drop for AdvisoryLock {
             .bind::<Text, _>(&self.name)
             .execute(&mut self.conn);
     }
+}
+
+/// One `id` column of a raw query's rows.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Id {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub id: i64,
 }

@@ -312,14 +312,29 @@ impl ResolvedFilters {
     /// One statement picks the candidates by primary key and locks those that still match
     /// (PostgreSQL re-checks the filters on the newest version of a row changed meanwhile).
     /// Returns the locked ids and the highest candidate id (to continue after, past rows that
-    /// were skipped).
+    /// were skipped). On Citus the candidates are read first and locked shard by shard.
     pub fn lock_batch(
         &self,
         conn: &mut PgConnection,
         scope: DeletedScope,
         after_id: i64,
         limit: i64,
+        layout: Layout,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
+        if layout.distributed() {
+            let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
+            let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
+                tickets::table
+                    .select(tickets::id)
+                    .filter(tickets::id.eq_any(ids))
+                    .filter(self.condition(scope))
+                    .for_no_key_update()
+                    .skip_locked()
+                    .load(conn)
+            })?;
+            locked.sort_unstable();
+            return Ok((locked, candidates.last().copied()));
+        }
         let locked: Vec<i64> = tickets::table
             .select(tickets::id)
             .filter(tickets::id.eq_any(self.candidates(scope, after_id, limit)))
@@ -365,8 +380,26 @@ impl ResolvedFilters {
         restate: RestateUnchanged,
         layout: Layout,
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
+        if layout.distributed() {
+            // Locked shard by shard first (Citus locks rows only in one-shard statements),
+            // then changed in one statement that every worker runs on its shards.
+            let (locked, last) = self.lock_batch(conn, DeletedScope::Exclude, after_id, limit, layout)?;
+            let mut deleted: Vec<i64> = diesel::sql_query(format!(
+                "UPDATE tickets SET deleted_at = $1, last_operation_id = $2{} WHERE id = ANY($3) RETURNING id",
+                restate.set_tail(&[])
+            ))
+            .bind::<Timestamptz, _>(now)
+            .bind::<BigInt, _>(op_id)
+            .bind::<diesel::sql_types::Array<BigInt>, _>(&locked)
+            .load::<crate::db::Id>(conn)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+            deleted.sort_unstable();
+            return Ok((deleted, last));
+        }
         // Rendered into the UPDATE, never loaded itself: the SQL type is only a label.
-        let address = if layout.partitioned() {
+        let address = if layout.keyed() {
             "tickets.id AS locked_id, tickets.created_at AS locked_created_at"
         } else {
             "tickets.ctid"
@@ -387,7 +420,7 @@ impl ResolvedFilters {
             now,
             op_id,
             restate,
-            by_key: layout.partitioned(),
+            by_key: layout.keyed(),
         }
         .load(conn)?;
         deleted.sort_unstable();

@@ -1,8 +1,10 @@
 //! The schema's layout: `plain` (one tickets table), `partitioned` (tickets range-partitioned
-//! by month with pg_partman, external_id kept unique by `ticket_keys`), and later
-//! `distributed`. Chosen once, on an empty database, by `migrate run --layout`; recorded in
+//! by month with pg_partman, external_id kept unique by `ticket_keys`), and `distributed`
+//! (Citus: tickets hash-distributed by id over the workers, keys in `ticket_keys`). Chosen once, on an empty database, by `migrate run --layout`; recorded in
 //! `ticketops_layout`; every engine whose SQL differs between layouts reads it with
 //! [`Layout::of`] at its start.
+
+pub mod cluster;
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Text};
@@ -15,6 +17,9 @@ pub enum Layout {
     Plain,
     /// tickets range-partitioned by created_at, a partition a month, with pg_partman
     Partitioned,
+    /// on a Citus coordinator: tickets, tags links, comments and audit rows distributed by
+    /// ticket id over the workers; users, organizations, tags and operations reference tables
+    Distributed,
 }
 
 impl Layout {
@@ -22,6 +27,7 @@ impl Layout {
         match self {
             Layout::Plain => "plain",
             Layout::Partitioned => "partitioned",
+            Layout::Distributed => "distributed",
         }
     }
 
@@ -38,18 +44,31 @@ impl Layout {
         match row.layout.as_str() {
             "plain" => Ok(Layout::Plain),
             "partitioned" => Ok(Layout::Partitioned),
+            "distributed" => Ok(Layout::Distributed),
             other => bail!("the database has the layout {other:?}, which this ticketops does not know"),
         }
     }
 
-    /// Whether tickets are partitioned (no `ctid` addressing, keys in `ticket_keys`).
+    /// Whether tickets are partitioned by month (pg_partman).
     pub fn partitioned(self) -> bool {
         self == Layout::Partitioned
     }
 
+    /// Whether external_id is kept unique by `ticket_keys` rather than by tickets itself, and
+    /// rows are addressed by key rather than by `ctid` (which is unique only per partition or
+    /// shard).
+    pub fn keyed(self) -> bool {
+        matches!(self, Layout::Partitioned | Layout::Distributed)
+    }
+
+    /// Whether tickets live on Citus workers.
+    pub fn distributed(self) -> bool {
+        self == Layout::Distributed
+    }
+
     /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
-    /// (cascading from tickets on plain, from their keys on partitions); returns how many
-    /// tickets went.
+    /// (cascading from tickets on plain and distributed, from their keys on partitions);
+    /// returns how many tickets went.
     pub fn delete_tickets(
         self,
         conn: &mut PgConnection,
@@ -57,6 +76,16 @@ impl Layout {
         created_at: &[chrono::DateTime<chrono::Utc>],
     ) -> diesel::QueryResult<usize> {
         use diesel::sql_types::{Array, Timestamptz};
+        if self.distributed() {
+            sql_query("DELETE FROM ticket_keys WHERE ticket_id = ANY($1)")
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn)?;
+            sql_query(
+                "DELETE FROM comment_keys WHERE comment_id IN (SELECT id FROM comments WHERE ticket_id = ANY($1))",
+            )
+            .bind::<Array<BigInt>, _>(ids)
+            .execute(conn)?;
+        }
         if !self.partitioned() {
             return sql_query("DELETE FROM tickets WHERE id = ANY($1)")
                 .bind::<Array<BigInt>, _>(ids)
@@ -73,6 +102,43 @@ impl Layout {
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<Timestamptz>, _>(created_at)
         .execute(conn)
+    }
+}
+
+impl Layout {
+    /// Runs `lock` (a `… WHERE id = ANY(ids) … FOR UPDATE SKIP LOCKED`) on `ids` and returns
+    /// what it returned. On Citus, which takes row locks only in a statement that reaches one
+    /// shard, once for each shard of tickets that holds some of them (a router query each, all
+    /// in the caller's transaction); elsewhere once for all.
+    pub fn lock_per_shard<T>(
+        self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+        mut lock: impl FnMut(&mut PgConnection, &[i64]) -> diesel::QueryResult<Vec<T>>,
+    ) -> diesel::QueryResult<Vec<T>> {
+        if ids.is_empty() {
+            // (On Citus an empty list reaches every shard, where no row lock may be taken.)
+            return Ok(Vec::new());
+        }
+        if !self.distributed() {
+            return lock(conn, ids);
+        }
+        #[derive(QueryableByName)]
+        struct ShardIds {
+            #[diesel(sql_type = diesel::sql_types::Array<BigInt>)]
+            ids: Vec<i64>,
+        }
+        let groups: Vec<ShardIds> = sql_query(
+            "SELECT array_agg(i ORDER BY i) AS ids FROM unnest($1::bigint[]) i
+             GROUP BY get_shard_id_for_distribution_column('tickets', i) ORDER BY min(i)",
+        )
+        .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+        .load(conn)?;
+        let mut locked = Vec::with_capacity(ids.len());
+        for group in groups {
+            locked.extend(lock(conn, &group.ids)?);
+        }
+        Ok(locked)
     }
 }
 
@@ -117,9 +183,18 @@ pub fn choose(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {
     let sql = match to {
         Layout::Plain => unreachable!("plain is where every database starts"),
         Layout::Partitioned => include_str!("layout/partitioned.sql"),
+        Layout::Distributed => {
+            workers_are_registered(conn)?;
+            include_str!("layout/distributed.sql")
+        }
     };
+    // One statement at a time: Citus refuses some of its functions inside a multi-statement
+    // query string.
     conn.build_transaction()
-        .run(|conn| diesel::connection::SimpleConnection::batch_execute(conn, sql))
+        .run(|conn| {
+            statements(sql)
+                .try_for_each(|statement| diesel::connection::SimpleConnection::batch_execute(conn, statement))
+        })
         .map_err(|e| {
             let hint = if e.to_string().contains("pg_partman") {
                 " (the partitioned layout needs pg_partman on the server: apt-get install postgresql-15-partman)"
@@ -128,6 +203,64 @@ pub fn choose(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {
             };
             anyhow::anyhow!("cannot set up the {} layout: {e}{hint}", to.as_str())
         })
+}
+
+/// The statements of a layout script: split at semicolons that end a line outside a
+/// dollar-quoted body.
+fn statements(script: &str) -> impl Iterator<Item = &str> {
+    let mut in_body = false;
+    let mut start = 0;
+    let mut ends = Vec::new();
+    let mut offset = 0;
+    for line in script.split_inclusive('\n') {
+        in_body ^= line.matches("$$").count() % 2 == 1;
+        offset += line.len();
+        if !in_body && line.trim_end().ends_with(';') && !line.trim_start().starts_with("--") {
+            ends.push(offset);
+        }
+    }
+    ends.push(script.len());
+    ends.into_iter()
+        .map(move |end| {
+            let statement = &script[start..end];
+            start = end;
+            statement
+        })
+        .filter(|s| {
+            s.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+        })
+}
+
+/// The distributed layout needs the Citus extension in this database and at least one worker.
+fn workers_are_registered(conn: &mut PgConnection) -> anyhow::Result<()> {
+    #[derive(QueryableByName)]
+    struct Workers {
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        n: Option<i64>,
+    }
+    let citus: Workers =
+        sql_query("SELECT count(*) AS n FROM pg_extension WHERE extname = 'citus'").get_result(conn)?;
+    if citus.n != Some(1) {
+        return Err(crate::exit::UsageError(
+            "the distributed layout needs a Citus coordinator: this database has no citus extension \
+             (CREATE EXTENSION citus, then SELECT citus_add_node(host, port) for each worker)"
+                .into(),
+        )
+        .into());
+    }
+    let workers: Workers =
+        sql_query("SELECT count(*) AS n FROM pg_dist_node WHERE noderole = 'primary' AND groupid <> 0 AND isactive")
+            .get_result(conn)?;
+    if workers.n.unwrap_or(0) == 0 {
+        return Err(crate::exit::UsageError(
+            "the distributed layout needs workers: none is registered on this coordinator \
+             (SELECT citus_add_node(host, port) for each)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 // The key table of the partitioned layout (not in schema.rs, which is the plain schema that

@@ -57,11 +57,12 @@ fn take_liveness_lock(conn: &mut PgConnection, id: i64) -> QueryResult<()> {
 /// process ended without recording the end (killed, or the server went away first). Called
 /// by every command that reads operations, so a dead run is never shown as running.
 pub fn mark_abandoned(conn: &mut PgConnection) -> QueryResult<usize> {
-    use diesel::sql_types::BigInt;
-    diesel::sql_query(
-        "UPDATE bulk_operations o
-         SET status = 'abandoned', finished_at = now(),
-             message = concat_ws('; ', o.message, 'abandoned: its process ended without recording the end')
+    use diesel::sql_types::{Array, BigInt, Timestamptz};
+    // Found first, then marked by id with the time bound: on Citus bulk_operations is a
+    // reference table, whose UPDATE takes no STABLE function of a column and no join with
+    // the coordinator's own pg_locks.
+    let dead: Vec<i64> = diesel::sql_query(
+        "SELECT o.id FROM bulk_operations o
          WHERE o.status = 'running'
            AND NOT EXISTS (
                SELECT 1 FROM pg_locks l
@@ -70,6 +71,22 @@ pub fn mark_abandoned(conn: &mut PgConnection) -> QueryResult<usize> {
                  AND l.classid::bigint = $1 AND l.objid::bigint = o.id AND l.objsubid = 1)",
     )
     .bind::<BigInt, _>(LIVENESS_LOCK_CLASS)
+    .load::<crate::db::Id>(conn)?
+    .into_iter()
+    .map(|r| r.id)
+    .collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    diesel::sql_query(
+        "UPDATE bulk_operations o
+         SET status = 'abandoned', finished_at = $2,
+             message = CASE WHEN o.message IS NULL THEN $3 ELSE o.message || '; ' || $3 END
+         WHERE o.id = ANY($1) AND o.status = 'running'",
+    )
+    .bind::<Array<BigInt>, _>(&dead)
+    .bind::<Timestamptz, _>(chrono::Utc::now())
+    .bind::<diesel::sql_types::Text, _>("abandoned: its process ended without recording the end")
     .execute(conn)
 }
 

@@ -118,8 +118,24 @@ fn undelete_its_own(
     restate: RestateUnchanged,
     layout: crate::layout::Layout,
 ) -> anyhow::Result<Vec<i64>> {
-    // By ctid on one table; by key on partitions, where a ctid is unique only per partition.
-    let addressed = if layout.partitioned() {
+    // By ctid on one table; by key on partitions, where a ctid is unique only per partition;
+    // on Citus locked shard by shard first (it locks rows only in one-shard statements).
+    let mut locked: Vec<i64> = Vec::new();
+    let addressed = if layout.distributed() {
+        locked = layout.lock_per_shard(conn, ids, |conn, ids| {
+            use crate::schema::tickets;
+            use diesel::prelude::*;
+            tickets::table
+                .select(tickets::id)
+                .filter(tickets::id.eq_any(ids))
+                .filter(tickets::deleted_at.eq(deleted_at))
+                .filter(tickets::last_operation_id.eq(source_op))
+                .for_no_key_update()
+                .skip_locked()
+                .load(conn)
+        })?;
+        "WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4"
+    } else if layout.keyed() {
         "FROM (SELECT id AS locked_id, created_at AS locked_created_at FROM tickets
                WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
                FOR NO KEY UPDATE SKIP LOCKED) AS locked
@@ -137,7 +153,7 @@ fn undelete_its_own(
         restate.set_tail(&[])
     ))
     .bind::<BigInt, _>(op_id)
-    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<BigInt>, _>(if layout.distributed() { &locked } else { ids })
     .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
     .bind::<BigInt, _>(source_op)
     .load::<RestoredId>(conn)?

@@ -111,6 +111,10 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
         Some(Layout::Partitioned) => Some(PartitionHealth::read(&mut conn)?),
         _ => None,
     };
+    let cluster = match layout {
+        Some(Layout::Distributed) => Some(crate::layout::cluster::ClusterHealth::read(&mut conn)?),
+        _ => None,
+    };
 
     let mut problems = Vec::new();
     if !pending.is_empty() {
@@ -122,6 +126,9 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
     }
     if let Some(p) = &partitions {
         problems.extend(p.problems());
+    }
+    if let Some(c) = &cluster {
+        problems.extend(c.problems());
     }
     for fk in &unindexed {
         problems.push(format!(
@@ -147,6 +154,7 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
             "server_version": version.version,
             "layout": layout,
             "partitions": partitions,
+            "cluster": cluster,
             "pending_migrations": pending,
             "tables": tables_json,
             "unindexed_foreign_keys": unindexed.iter().map(|f| &f.constraint_name).collect::<Vec<_>>(),
@@ -180,6 +188,31 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 p.premake.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
                 p.default_rows
             );
+        }
+        if let Some(c) = &cluster {
+            for n in &c.nodes {
+                println!(
+                    "node           {}:{} {}{}, {} shard placement(s)",
+                    n.name,
+                    n.port,
+                    n.role,
+                    if n.active { "" } else { " (inactive)" },
+                    n.shards
+                );
+            }
+            for t in &c.tables {
+                let by = t
+                    .distribution_column
+                    .as_deref()
+                    .map(|c| format!(" by {c}, {} shards", t.shards))
+                    .unwrap_or_default();
+                let differs = if t.kind == t.expected {
+                    String::new()
+                } else {
+                    format!(" (the layout has it {})", t.expected)
+                };
+                println!("table kind     {:<17} {}{by}{differs}", t.table, t.kind);
+            }
         }
         println!(
             "pool           max {} connections, {} open, checkout timeout {} s, checked on checkout",

@@ -66,12 +66,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             )?;
             let op_id = job.operation_id;
             let restate = RestateUnchanged::check(&mut conn)?;
+            let layout = crate::layout::Layout::of(&mut conn)?;
             let mut last_id = 0i64;
             let watch = ctx.watch_counted(&job.kind, &mut conn, args.batching.max_rows, |c| {
                 resolved.query(DeletedScope::Only).count().get_result(c)
             });
             let stats = job.run(&mut conn, &args.batching.settings(), &watch, |conn, limit| {
-                let (ids, last_candidate) = resolved.lock_batch(conn, DeletedScope::Only, last_id, limit as i64)?;
+                let (ids, last_candidate) =
+                    resolved.lock_batch(conn, DeletedScope::Only, last_id, limit as i64, layout)?;
                 let Some(max) = last_candidate else {
                     return Ok(Step { rows: 0, done: true });
                 };

@@ -513,7 +513,7 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
             let table = &images.table;
             // A ticket whose created_at comes back moves to its month; on partitions its key
             // (which routes lookups) follows.
-            let keys = if layout.partitioned() && table == "tickets" {
+            let keys = if layout.keyed() && table == "tickets" {
                 "keys_moved AS (
                      UPDATE ticket_keys k SET created_at = c.created_at
                      FROM changed c WHERE k.ticket_id = c.id AND k.created_at <> c.created_at

@@ -478,13 +478,15 @@ const UPSERT_USERS_SQL: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS i(email, name, role, organization_id)
 ), written AS (
-    INSERT INTO users AS u (email, name, role, organization_id)
-    SELECT email, nullif(name, ''), role::user_role, organization_id FROM input
+    INSERT INTO users AS u (email, name, role, organization_id, updated_at)
+    SELECT email, nullif(name, ''), role::user_role, organization_id, now() FROM input
+    -- The time comes in with the row: Citus takes only column references and immutable
+    -- expressions in DO UPDATE SET.
     ON CONFLICT (email) DO UPDATE SET
         name = coalesce(nullif(u.name, ''), excluded.name),
         role = CASE WHEN u.role = 'customer' THEN excluded.role ELSE u.role END,
         organization_id = coalesce(u.organization_id, excluded.organization_id),
-        updated_at = now()
+        updated_at = excluded.updated_at
     WHERE ((u.name IS NULL OR u.name = '') AND excluded.name IS NOT NULL)
        OR (u.role = 'customer' AND excluded.role <> 'customer')
        OR (u.organization_id IS NULL AND excluded.organization_id IS NOT NULL)

@@ -36,7 +36,7 @@ pub(super) fn drop_indexes_and_keys(
         #[diesel(sql_type = Bool)]
         empty: bool,
     }
-    let tables: &[&str] = if layout.partitioned() {
+    let tables: &[&str] = if layout.keyed() {
         &["tickets", "ticket_tags", "ticket_keys"]
     } else {
         &["tickets", "ticket_tags"]

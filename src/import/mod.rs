@@ -522,6 +522,7 @@ fn drive(
         Mode::Atomic => {
             let mut unclean_end = None;
             let committed = conn.transaction(|c| {
+                one_transaction_mode(c)?;
                 let end = process(c, counts, tally)?;
                 if end.abort.is_none() && end.signal.is_none() {
                     Ok(end)
@@ -539,12 +540,25 @@ fn drive(
         Mode::DryRun => {
             let mut outcome = None;
             let _ = conn.transaction::<(), anyhow::Error, _>(|c| {
+                one_transaction_mode(c)?;
                 outcome = Some(process(c, counts, tally));
                 Err(anyhow::anyhow!("dry run: rolled back"))
             });
             outcome.expect("the transaction ran")
         }
     }
+}
+
+/// For a whole import in one transaction. On Citus a transaction that has written tickets on
+/// many shards at once may not write the users, organizations or tags (reference tables that
+/// tickets refer to) again: the next batch would fail. Sequential mode (one connection per
+/// worker) allows it; elsewhere the setting is an unused placeholder.
+fn one_transaction_mode(conn: &mut PgConnection) -> anyhow::Result<()> {
+    diesel::connection::SimpleConnection::batch_execute(
+        conn,
+        "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'",
+    )?;
+    Ok(())
 }
 
 /// How the import ended, as recorded in its operation.

@@ -81,11 +81,13 @@ WITH input AS (
                (coalesce(i.name, e.name), coalesce(i.role::user_role, e.role), coalesce(i.organization_id, e.organization_id),
                 CASE WHEN $5 THEN NULL ELSE e.deleted_at END))
 ), written AS (
-    INSERT INTO users AS u (email, name, role, organization_id, deleted_at)
-    SELECT email, name, role, organization_id, deleted_at FROM target
+    INSERT INTO users AS u (email, name, role, organization_id, deleted_at, updated_at)
+    SELECT email, name, role, organization_id, deleted_at, now() FROM target
+    -- The time comes in with the row: Citus takes only column references and immutable
+    -- expressions in DO UPDATE SET.
     ON CONFLICT (email) DO UPDATE SET
         name = excluded.name, role = excluded.role, organization_id = excluded.organization_id,
-        deleted_at = excluded.deleted_at, updated_at = now()
+        deleted_at = excluded.deleted_at, updated_at = excluded.updated_at
     WHERE (u.name, u.role, u.organization_id, u.deleted_at) IS DISTINCT FROM
           (excluded.name, excluded.role, excluded.organization_id, excluded.deleted_at)
     RETURNING u.id, (u.xmax = 0) AS inserted, CASE WHEN u.xmax = 0 THEN NULL ELSE to_jsonb(u) END AS after_image

@@ -2,6 +2,7 @@
 //! one database per test, the real `ticketops` binary for everything a user would run.
 
 mod cleanup;
+mod distributed;
 mod everyday;
 mod export;
 mod fix;

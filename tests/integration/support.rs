@@ -64,8 +64,9 @@ fn url_for(admin: &str, database: &str) -> String {
     url
 }
 
-/// The schema layout the suite runs on: `TICKETOPS_TEST_LAYOUT` (plain, partitioned), plain
-/// when unset. `scripts/test` runs the suite once per layout.
+/// The schema layout the suite runs on: `TICKETOPS_TEST_LAYOUT` (plain, partitioned,
+/// distributed), plain when unset. `scripts/test` runs the suite once per layout; for
+/// `distributed` the admin URL is a Citus coordinator's (`scripts/pg start --citus`).
 pub fn layout() -> &'static str {
     static LAYOUT: OnceLock<String> = OnceLock::new();
     LAYOUT.get_or_init(|| std::env::var("TICKETOPS_TEST_LAYOUT").unwrap_or_else(|_| "plain".into()))
@@ -73,6 +74,64 @@ pub fn layout() -> &'static str {
 
 pub fn partitioned() -> bool {
     layout() == "partitioned"
+}
+
+pub fn distributed() -> bool {
+    layout() == "distributed"
+}
+
+/// Runs a test only in the distributed suite: elsewhere there is no Citus cluster to run it on.
+#[macro_export]
+macro_rules! only_on_distributed {
+    () => {
+        if !$crate::support::distributed() {
+            eprintln!("distributed layout only (TICKETOPS_TEST_LAYOUT=distributed)");
+            return;
+        }
+    };
+}
+
+/// On a Citus coordinator: a new database exists on every node (the database is created with
+/// propagation on), and in it the extension and the workers the admin database knows.
+fn make_distributed(admin: &str, name: &str) {
+    #[derive(QueryableByName)]
+    struct Node {
+        #[diesel(sql_type = Text)]
+        host: String,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        port: i32,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        groupid: i32,
+    }
+    let mut conn = PgConnection::establish(admin).expect("connect to the Citus coordinator");
+    let nodes: Vec<Node> = diesel::sql_query(
+        "SELECT nodename AS host, nodeport AS port, groupid FROM pg_dist_node WHERE noderole = 'primary' ORDER BY groupid",
+    )
+    .load(&mut conn)
+    .expect("the admin database of a Citus cluster has its nodes registered (scripts/pg start --citus)");
+    let url = url_for(admin, name);
+    let user = admin
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('@').next())
+        .unwrap_or("postgres");
+    for node in nodes.iter().filter(|n| n.groupid != 0) {
+        let worker = format!("postgres://{user}@{}:{}/{name}", node.host, node.port);
+        PgConnection::establish(&worker)
+            .unwrap_or_else(|e| panic!("{worker}: {e}"))
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS citus")
+            .unwrap_or_else(|e| panic!("{worker}: {e}"));
+    }
+    let mut conn = PgConnection::establish(&url).unwrap();
+    conn.batch_execute("CREATE EXTENSION IF NOT EXISTS citus").unwrap();
+    for node in &nodes {
+        let sql = if node.groupid == 0 {
+            format!("SELECT citus_set_coordinator_host('{}', {})", node.host, node.port)
+        } else {
+            format!("SELECT citus_add_node('{}', {})", node.host, node.port)
+        };
+        conn.batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }
 
 /// Hash of the migrations and the layout scripts, so a changed schema gets a fresh template.
@@ -156,6 +215,23 @@ impl TestDb {
 
     /// A migrated database in `layout`, whatever the suite's.
     pub fn with_layout(layout: &str) -> TestDb {
+        if layout == "distributed" {
+            // No templates: the shards live on the workers, in a database of the same name.
+            let mut db = Self::create("");
+            make_distributed(&db.admin, &db.name);
+            let out = Command::new(BIN)
+                .args(["migrate", "run", "--layout", layout])
+                .env("DATABASE_URL", &db.url)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "migrating failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            db.layout = layout.to_string();
+            return db;
+        }
         let template = template_name(layout);
         let mut db = Self::create(&format!("TEMPLATE {template}"));
         db.layout = layout.to_string();
@@ -175,6 +251,7 @@ impl TestDb {
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
         let mut conn = PgConnection::establish(&admin).expect("connect to the test server");
+        propagate_databases(&mut conn);
         conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
         conn.batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .unwrap();
@@ -196,9 +273,17 @@ impl TestDb {
     /// checked at commit): a test's own INSERT or UPDATE of tickets gets that statement added.
     pub fn execute(&self, sql: &str) {
         let lower = sql.to_lowercase();
-        let sql = if self.layout == "partitioned"
-            && (lower.contains("insert into tickets") || lower.contains("update tickets"))
-        {
+        let writes_tickets = lower.contains("insert into tickets") || lower.contains("update tickets");
+        let sql = if self.layout == "distributed" && writes_tickets {
+            format!(
+                "BEGIN; {sql};
+                 INSERT INTO ticket_keys (external_id, ticket_id, created_at)
+                 SELECT external_id, id, created_at FROM tickets
+                 ON CONFLICT (external_id) DO UPDATE SET ticket_id = excluded.ticket_id, created_at = excluded.created_at
+                 WHERE (ticket_keys.ticket_id, ticket_keys.created_at) IS DISTINCT FROM (excluded.ticket_id, excluded.created_at);
+                 COMMIT;"
+            )
+        } else if self.layout == "partitioned" && writes_tickets {
             format!(
                 "BEGIN; {sql};
                  INSERT INTO ticket_keys (ticket_id, external_id, created_at)
@@ -213,6 +298,11 @@ impl TestDb {
         self.conn().batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// Runs SQL and returns the server's error as text instead of panicking.
+    pub fn conn_result(&self, sql: &str) -> Result<(), String> {
+        self.conn().batch_execute(sql).map_err(|e| e.to_string())
+    }
+
     /// Rows of a query as JSON objects.
     pub fn json(&self, sql: &str) -> Vec<Value> {
         query_json(&mut self.conn(), sql)
@@ -225,17 +315,20 @@ impl TestDb {
 
     /// One string per row: the value of a one-column query, the row's text form otherwise.
     pub fn strings(&self, sql: &str) -> Vec<String> {
-        self.json(&format!("SELECT row_to_json(q) AS j, (q.*)::text AS r FROM ({sql}) q"))
-            .into_iter()
-            .map(|row| match row["j"].as_object() {
-                Some(obj) if obj.len() == 1 => match obj.values().next().unwrap() {
-                    Value::String(s) => s.clone(),
-                    Value::Null => String::new(),
-                    other => other.to_string(),
-                },
-                _ => row["r"].as_str().unwrap_or("").to_string(),
-            })
-            .collect()
+        self.json(&format!(
+            "{} SELECT row_to_json(q) AS j, (q.*)::text AS r FROM q",
+            materialized(sql)
+        ))
+        .into_iter()
+        .map(|row| match row["j"].as_object() {
+            Some(obj) if obj.len() == 1 => match obj.values().next().unwrap() {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            },
+            _ => row["r"].as_str().unwrap_or("").to_string(),
+        })
+        .collect()
     }
 
     /// Everything a ticket import decides, in a stable order: two databases with equal
@@ -278,8 +371,17 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Ok(mut conn) = PgConnection::establish(&self.admin) {
+            propagate_databases(&mut conn);
             let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
         }
+    }
+}
+
+/// On the distributed suite's Citus coordinator, CREATE and DROP DATABASE reach the workers.
+fn propagate_databases(conn: &mut PgConnection) {
+    if distributed() {
+        conn.batch_execute("SET citus.enable_create_database_propagation TO on")
+            .unwrap();
     }
 }
 
@@ -289,8 +391,18 @@ struct JsonRow {
     v: String,
 }
 
+/// `WITH q AS … (sql)`: on Citus the rows come to the coordinator first (MATERIALIZED), where a
+/// row's JSON or text is made of the whole row; pushed down to the shards it came out empty.
+fn materialized(sql: &str) -> String {
+    if distributed() {
+        format!("WITH q AS MATERIALIZED ({sql})")
+    } else {
+        format!("WITH q AS ({sql})")
+    }
+}
+
 fn query_json(conn: &mut PgConnection, sql: &str) -> Vec<Value> {
-    let wrapped = format!("SELECT row_to_json(q)::text AS v FROM ({sql}) q");
+    let wrapped = format!("{} SELECT row_to_json(q)::text AS v FROM q", materialized(sql));
     let rows: Vec<JsonRow> = diesel::sql_query(&wrapped)
         .load(conn)
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -186,6 +186,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     let job = Job::start(pool, ctx.database_url()?, &mut conn, run.kind, run.args)?;
     let op_id = job.operation_id;
     fix.prepare(&mut conn)?;
+    let layout = crate::layout::Layout::of(&mut conn)?;
     let mut last_id = 0i64;
     let mut unchanged = 0u64;
     let stats = job.run(
@@ -193,7 +194,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
         &run.batching.settings(),
         &ctx.watch(&job.kind).with_total(total),
         |conn, limit| {
-            let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64)?;
+            let (ids, last_candidate) = run.filters.lock_batch(conn, scope, last_id, limit as i64, layout)?;
             let Some(max) = last_candidate else {
                 return Ok(Step { rows: 0, done: true });
             };

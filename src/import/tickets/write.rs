@@ -227,13 +227,15 @@ impl TicketImport {
             ids.into_iter().map(|i| i.id).collect()
         };
         let import_time = self.import_time;
-        if self.layout.partitioned() {
+        if self.layout.keyed() {
             // The months first, then the keys (which the tickets reference): a key that
             // exists already (a concurrent insert) fails the batch like the unique index does
             // on the plain layout.
             let started = std::time::Instant::now();
-            self.partitions
-                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+            if self.layout.partitioned() {
+                self.partitions
+                    .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+            }
             copy_keys(
                 conn,
                 rows.iter()
@@ -438,7 +440,7 @@ impl TicketImport {
         // partitioned one (whose merge is an UPDATE).
         let classified_recs: HashSet<i64> = classified.iter().map(|c| c.rec).collect();
         let vanished = staged_recs.into_iter().filter(|rec| !classified_recs.contains(rec));
-        if self.layout.partitioned() {
+        if self.layout.keyed() {
             let vanished: Vec<&Numbered<TicketRow>> = vanished.map(|rec| by_rec[&rec]).collect();
             self.insert_new(conn, op_id, vanished, counts)?;
         } else {
@@ -448,7 +450,7 @@ impl TicketImport {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let merge_sql = if self.layout.partitioned() {
+        let merge_sql = if self.layout.keyed() {
             self.update_sql(op_id)
         } else {
             self.merge_sql(op_id)
