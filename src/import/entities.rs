@@ -304,19 +304,22 @@ impl EntityCache {
             roles.push(change.role.as_str());
             orgs.push(change.organization_id);
         }
+        // The role arrives as user_role and the time as a parameter: Citus (users is a
+        // reference table there) takes no cast or now() inside CASE or COALESCE of an UPDATE.
         sql_query(
             "UPDATE users AS u SET
                  name = coalesce(nullif(u.name, ''), c.name),
-                 role = CASE WHEN u.role = 'customer' THEN c.role::user_role ELSE u.role END,
+                 role = CASE WHEN u.role = 'customer' THEN c.role ELSE u.role END,
                  organization_id = coalesce(u.organization_id, c.organization_id),
-                 updated_at = now()
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS c(id, name, role, organization_id)
+                 updated_at = $5
+             FROM unnest($1::bigint[], $2::text[], $3::user_role[], $4::bigint[]) AS c(id, name, role, organization_id)
              WHERE u.id = c.id",
         )
         .bind::<Array<BigInt>, _>(&ids)
         .bind::<Array<Nullable<Text>>, _>(&names)
         .bind::<Array<Text>, _>(&roles)
         .bind::<Array<Nullable<BigInt>>, _>(&orgs)
+        .bind::<diesel::sql_types::Timestamptz, _>(chrono::Utc::now())
         .execute(conn)?;
         Ok(())
     }

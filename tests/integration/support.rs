@@ -356,7 +356,10 @@ impl TestDb {
 
     /// The physical identity of every row version: changes whenever any row is rewritten.
     pub fn row_versions(&self, table: &str) -> Vec<String> {
-        self.strings(&format!("SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid"))
+        // (A ctid is unique per shard only: on Citus the order needs the xmin too.)
+        self.strings(&format!(
+            "SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid, xmin::text"
+        ))
     }
 
     /// An md5 over the whole content of a table.

@@ -59,6 +59,8 @@ impl TicketImport {
     pub(super) fn tags_target(&self) -> &'static str {
         if self.present.tags {
             "s.tag_ids"
+        } else if self.layout.distributed() {
+            STORED_TAGS_OF_ST
         } else {
             STORED_TAGS_OF_E
         }
@@ -67,8 +69,14 @@ impl TicketImport {
     pub(super) fn classify_sql(&self, op_id: i64) -> String {
         let stored: Vec<String> = COLUMNS.iter().map(|c| format!("e.{c}")).collect();
         let target = self.target_exprs();
-        // The stored tag set is read once per row (LATERAL), not once per use.
-        let (tags_join, tags_differ) = if self.present.tags {
+        // The stored tag set is read once per row (LATERAL), not once per use; on Citus, which
+        // takes no correlated subquery here, joined as one aggregate per ticket on its shard.
+        let (tags_join, tags_differ) = if self.present.tags && self.layout.distributed() {
+            (
+                stored_tags_join("$1"),
+                "coalesce(st.tag_ids, '{}') IS DISTINCT FROM s.tag_ids",
+            )
+        } else if self.present.tags {
             (
                 // OFFSET 0 keeps the planner from inlining the subquery into each use.
                 format!("CROSS JOIN LATERAL (SELECT {STORED_TAGS_OF_E} AS tag_ids OFFSET 0) st"),
@@ -142,6 +150,57 @@ impl TicketImport {
         )
     }
 
+    /// The distributed layout's merge: the partitioned one's UPDATE, with what Citus needs.
+    /// The images are made on the coordinator from the rows the workers return (`t` after,
+    /// `b` before: a self-join on the distribution column, read in the UPDATE's own
+    /// snapshot), as Citus takes no non-immutable function such as `to_jsonb` in RETURNING;
+    /// the stored tags come joined per shard, not from a correlated subquery.
+    pub(super) fn distributed_update_sql(&self, op_id: i64) -> String {
+        let target: Vec<String> = self
+            .target_exprs()
+            .into_iter()
+            .zip(COLUMNS)
+            .map(|(expr, col)| format!("{expr} AS {col}"))
+            .collect();
+        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = g.{c}")).collect();
+        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
+        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("g.{c}")).collect();
+        format!(
+            "WITH target AS (
+                 SELECT s.external_id, e.id, {target}, {tags} AS tag_ids, {STORED_TAGS_OF_ST} AS stored_tag_ids
+                 FROM ticketops_stage_tickets s
+                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
+                 {stored_tags}
+                 WHERE s.rec = ANY($1)
+             ), written AS (
+                 UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
+                 FROM target g, tickets b
+                 WHERE t.id = g.id AND b.id = t.id
+                   AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
+                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, t AS after_row, b AS before_row
+             ), moved AS (
+                 UPDATE ticket_keys k SET created_at = w.created_at
+                 FROM written w WHERE k.external_id = w.external_id AND k.created_at <> w.created_at
+             ), audited AS (
+                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                 SELECT {op_id}, 'tickets', w.id, '{update}',
+                        to_jsonb(w.before_row) || jsonb_build_object('tag_ids', to_jsonb(g.stored_tag_ids)),
+                        to_jsonb(w.after_row) || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                 FROM written w
+                 JOIN target g ON g.external_id = w.external_id
+                 WHERE NOT (w.id = ANY($3))
+             )
+             SELECT id, external_id, inserted FROM written",
+            target = target.join(", "),
+            tags = self.tags_target(),
+            set = set.join(", "),
+            stored = stored.join(", "),
+            incoming = incoming.join(", "),
+            update = crate::audit::UPDATE_ACTION,
+            stored_tags = stored_tags_join("$4"),
+        )
+    }
+
     pub(super) fn merge_sql(&self, op_id: i64) -> String {
         let target: Vec<String> = self
             .target_exprs()
@@ -193,6 +252,18 @@ impl TicketImport {
         )
     }
 }
+
+/// The stored tag sets of the batch's tickets `e` (their ids in parameter `ids`), aggregated
+/// per ticket where the tag links live (distributed layout).
+fn stored_tags_join(ids: &str) -> String {
+    format!(
+        "LEFT JOIN (SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids
+                    FROM ticket_tags WHERE ticket_id = ANY({ids}) GROUP BY ticket_id) st ON st.ticket_id = e.id"
+    )
+}
+
+/// The stored tag set of ticket `e` from [`stored_tags_join`].
+const STORED_TAGS_OF_ST: &str = "coalesce(st.tag_ids, '{}'::bigint[])";
 
 /// The stored tag set of ticket `e`, sorted like the staged one.
 const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";

@@ -450,7 +450,9 @@ impl TicketImport {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let merge_sql = if self.layout.keyed() {
+        let merge_sql = if self.layout.distributed() {
+            self.distributed_update_sql(op_id)
+        } else if self.layout.keyed() {
             self.update_sql(op_id)
         } else {
             self.merge_sql(op_id)
