@@ -17,6 +17,8 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::json;
 
+mod distributed;
+
 use crate::args::{ApplyArgs, BatchArgs, confirm};
 use crate::audit::{FIX_ACTION, INSERT_ACTION, INSERT_IDS_ACTION, SOFT_DELETE_ACTION, UPDATE_ACTION};
 use crate::context::Context;
@@ -390,6 +392,15 @@ fn revert(
     args: &Args,
     total: Option<u64>,
 ) -> anyhow::Result<i32> {
+    let layout = Layout::of(conn)?;
+    if args.force && layout.distributed() {
+        return Err(UsageError(
+            "undo --force is not supported on the distributed layout yet: undo without --force reverts every \
+             row not changed since, and says how many it left alone"
+                .into(),
+        )
+        .into());
+    }
     let job = Job::start(
         pool,
         ctx.database_url()?,
@@ -400,10 +411,15 @@ fn revert(
     let undo_op = job.operation_id;
 
     let restate = RestateUnchanged::check(conn)?;
-    let layout = Layout::of(conn)?;
     let sql: Vec<String> = parts
         .iter()
-        .map(|p| revert_sql(p, undo_op, args.force, restate, layout))
+        .map(|p| {
+            if layout.distributed() {
+                distributed::revert_sql(p, undo_op, restate)
+            } else {
+                revert_sql(p, undo_op, args.force, restate, layout)
+            }
+        })
         .collect();
     let mut current = 0usize;
     // Images are walked by descending audit id, inserted tickets by ascending id window.

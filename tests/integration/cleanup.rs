@@ -270,8 +270,7 @@ fn a_locked_row_is_skipped_not_waited_on_and_taken_by_the_next_run() {
     use diesel::connection::SimpleConnection;
     let (db, dir) = dataset();
     let mut app = db.conn();
-    app.batch_execute("BEGIN; SELECT * FROM tickets WHERE external_id = 'C-2' FOR UPDATE")
-        .unwrap();
+    app.batch_execute(&db.lock_ticket_sql("C-2")).unwrap();
     let started = Instant::now();
     let run = ticketops(
         Some(&db),
@@ -314,8 +313,7 @@ fn purge_skips_a_locked_row_without_waiting_and_the_next_run_takes_it() {
     let closed = db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'");
     assert!(closed >= 3, "the dataset has closed tickets around the locked one");
     let mut app = db.conn();
-    app.batch_execute("BEGIN; SELECT * FROM tickets WHERE external_id = 'C-2' FOR UPDATE")
-        .unwrap();
+    app.batch_execute(&db.lock_ticket_sql("C-2")).unwrap();
     let purge = |extra: &[&str]| {
         let mut args = vec![
             "--json",

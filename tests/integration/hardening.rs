@@ -439,7 +439,8 @@ fn hold_ticket_lock(db: &TestDb, external_id: &str, hold: Duration) -> std::thre
     use diesel::connection::SimpleConnection;
     let mut app = db.conn();
     app.batch_execute(&format!(
-        "SET application_name = 'support-app'; BEGIN; SELECT 1 FROM tickets WHERE external_id = '{external_id}' FOR UPDATE"
+        "SET application_name = 'support-app'; {}",
+        db.lock_ticket_sql(external_id)
     ))
     .unwrap();
     std::thread::spawn(move || {

@@ -298,6 +298,13 @@ impl TestDb {
         self.conn().batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// `BEGIN; SELECT … FOR UPDATE` of one ticket, as an application holds it: by the ticket's
+    /// id (looked up first), so that on Citus it is a one-shard statement, which may lock rows.
+    pub fn lock_ticket_sql(&self, external_id: &str) -> String {
+        let id = self.scalar(&format!("SELECT id FROM tickets WHERE external_id = '{external_id}'"));
+        format!("BEGIN; SELECT * FROM tickets WHERE id = {id} FOR UPDATE")
+    }
+
     /// Runs SQL and returns the server's error as text instead of panicking.
     pub fn conn_result(&self, sql: &str) -> Result<(), String> {
         self.conn().batch_execute(sql).map_err(|e| e.to_string())

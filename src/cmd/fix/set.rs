@@ -245,9 +245,14 @@ struct FieldFix {
     /// that its batches' index inserts do not run bottom-up deletion passes (see
     /// [`crate::filters::UNCHANGED_INDEXED_COLUMNS`]); empty where naming them is not safe.
     restated: String,
-    image_of_t: String,
+    /// The columns of the images.
+    image_columns: Vec<&'static str>,
     shown_before: String,
 }
+
+/// Where `set` wants the time of the batch: bound as a constant, since Citus takes no now()
+/// inside a COALESCE of an UPDATE.
+const BATCH_TIME: &str = "{batch_time}";
 
 /// How a column is shown in a dry run's sample (e-mails and names rather than ids).
 fn shown_column(column: &str) -> (&'static str, String) {
@@ -280,18 +285,21 @@ impl FieldFix {
             .enumerate()
             .map(|(i, a)| format!("{} = ${}::{}", a.column, i + 2, a.cast))
             .collect();
-        let mut image: Vec<String> = assignments.iter().map(|a| format!("'{0}', t.{0}", a.column)).collect();
+        let mut image: Vec<&'static str> = assignments.iter().map(|a| a.column).collect();
         // A ticket set to solved or closed gets a solved_at when it has none, and one set back
         // to an open state loses it, so that reports count it right; undo restores it.
-        let status_param = assignments.iter().position(|a| a.column == "status").map(|i| i + 2);
-        if let Some(p) = status_param {
-            set.push(format!(
-                "solved_at = CASE WHEN ${p}::ticket_status IN ('solved', 'closed') THEN coalesce(t.solved_at, now()) END"
-            ));
-            image.push("'solved_at', t.solved_at".into());
+        // (Decided here from the value rather than by a CASE in SQL, which Citus refuses.)
+        let status = assignments.iter().find(|a| a.column == "status");
+        if let Some(status) = status {
+            if matches!(status.value.as_deref(), Some("solved" | "closed")) {
+                set.push(format!("solved_at = coalesce(t.solved_at, {BATCH_TIME})"));
+            } else {
+                set.push("solved_at = NULL".into());
+            }
+            image.push("solved_at");
         }
-        image.push("'updated_at', t.updated_at".into());
-        image.push("'last_operation_id', t.last_operation_id".into());
+        image.push("updated_at");
+        image.push("last_operation_id");
         let shown: Vec<String> = assignments
             .iter()
             .map(|a| {
@@ -301,7 +309,7 @@ impl FieldFix {
             .collect();
         let mut assigned: Vec<&str> = assignments.iter().map(|a| a.column).collect();
         assigned.push("updated_at");
-        if status_param.is_some() {
+        if status.is_some() {
             assigned.push("solved_at");
         }
         let restated = restate.set_tail(&assigned);
@@ -310,10 +318,16 @@ impl FieldFix {
             // ROW() so that a single column compares as a row too.
             differs: format!("ROW({}) IS DISTINCT FROM ROW({})", stored.join(", "), wanted.join(", ")),
             set: set.join(", "),
-            image_of_t: format!("jsonb_build_object({})", image.join(", ")),
+            image_columns: image,
             shown_before: format!("jsonb_build_object({})", shown.join(", ")),
             assignments,
         }
+    }
+
+    /// The image of row `row` (`t`, or a whole-row value such as `(c.after_row)`).
+    fn image_of(&self, row: &str) -> String {
+        let pairs: Vec<String> = self.image_columns.iter().map(|c| format!("'{c}', {row}.{c}")).collect();
+        format!("jsonb_build_object({})", pairs.join(", "))
     }
 
     /// The assignments as `field=value`, as given.
@@ -388,21 +402,25 @@ impl TicketFix for FieldFix {
     }
 
     fn apply(&self, conn: &mut PgConnection, ids: &[i64], op: i64) -> anyhow::Result<u64> {
+        // The after-image is made from the returned row, not in RETURNING, where Citus takes
+        // no non-immutable function.
+        let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
         let query = format!(
             "WITH target AS (
-                 SELECT t.id, {image} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
+                 SELECT t.id, {image_t} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
              ), changed AS (
-                 UPDATE tickets t SET {set}, updated_at = now(), last_operation_id = {op}{restated}
+                 UPDATE tickets t SET {set}, updated_at = {now}, last_operation_id = {op}{restated}
                  FROM target WHERE t.id = target.id
-                 RETURNING t.id, target.before, {image} AS after
+                 RETURNING t.id, target.before, t AS after_row
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                 SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
+                 SELECT {op}, 'tickets', c.id, '{FIX_ACTION}', c.before, {image_c} FROM changed c
              )
              SELECT count(*) AS changed FROM changed",
-            image = self.image_of_t,
+            image_t = self.image_of("t"),
+            image_c = self.image_of("(c.after_row)"),
             differs = self.differs,
-            set = self.set,
+            set = self.set.replace(BATCH_TIME, &now),
             restated = self.restated,
         );
         let q = bind_values(

@@ -491,6 +491,22 @@ impl Corrections {
         rows: &'r [Numbered<Correction>],
         counts: &mut Counts,
     ) -> anyhow::Result<(Vec<WriterReject>, Vec<Work<'r>>, Vec<Found>)> {
+        // Tags to add are created like an import's (inside the dry run's rolled-back
+        // transaction too, so that its sample can name them); tags to remove are only looked up.
+        // First: on Citus tags is a reference table, which a transaction may not write after
+        // reading tickets on many shards at once.
+        self.cache
+            .ensure_tags(
+                conn,
+                rows.iter().flat_map(|r| {
+                    r.row
+                        .tags_add
+                        .iter()
+                        .chain(r.row.tags.iter().flatten())
+                        .map(String::as_str)
+                }),
+            )
+            .context("cannot create the tags to add")?;
         let tickets = ids_by(
             conn,
             "tickets",
@@ -522,20 +538,6 @@ impl Corrections {
         // By key, for the per-row lookups below (a batch holds thousands of rows).
         let (tickets, assignees, organizations) = (by_key(tickets), by_key(assignees), by_key(organizations));
         let find = |found: &HashMap<String, (i64, bool)>, key: &str| found.get(key).copied();
-        // Tags to add are created like an import's (inside the dry run's rolled-back
-        // transaction too, so that its sample can name them); tags to remove are only looked up.
-        self.cache
-            .ensure_tags(
-                conn,
-                rows.iter().flat_map(|r| {
-                    r.row
-                        .tags_add
-                        .iter()
-                        .chain(r.row.tags.iter().flatten())
-                        .map(String::as_str)
-                }),
-            )
-            .context("cannot create the tags to add")?;
         let removable = ids_by(
             conn,
             "tags",

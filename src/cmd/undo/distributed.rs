@@ -1,0 +1,171 @@
+//! The revert statements of `undo` on the distributed layout. Citus refuses what the other
+//! layouts' statements do on the workers: casts of JSON values (STABLE functions) next to the
+//! updated row's columns, correlated subqueries for the stored tag sets, row locks across
+//! shards. So each batch first decodes its images on the coordinator (a MATERIALIZED CTE of
+//! typed values), reads the stored tag sets as one aggregate per ticket, and the UPDATE then
+//! compares and assigns plain values. Same binds and result columns as the other layouts.
+//! (`--force` is refused there for now: its before-images need the current rows as JSON.)
+
+use super::{INSERTED_IDS_WINDOW, ImageSet, Part};
+use crate::audit::{FIX_ACTION, UPDATE_ACTION};
+use crate::filters::RestateUnchanged;
+
+pub(super) fn revert_sql(part: &Part, undo_op: i64, restate: RestateUnchanged) -> String {
+    match part {
+        Part::Images(images) => images_sql(images, undo_op, restate),
+        Part::Inserted { .. } => {
+            let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
+            format!(
+                "WITH ids AS ({INSERTED_IDS_WINDOW}
+                 ), changed AS (
+                     UPDATE tickets t SET deleted_at = {now}, last_operation_id = {undo_op}
+                     FROM ids WHERE t.id = ids.id AND t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
+                     RETURNING t.id, t.deleted_at
+                 ), audited AS (
+                     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+                     SELECT {undo_op}, 'tickets', id, '{FIX_ACTION}',
+                            jsonb_build_object('deleted_at', NULL, 'last_operation_id', $1),
+                            jsonb_build_object('deleted_at', deleted_at, 'last_operation_id', {undo_op})
+                     FROM changed
+                 )
+                 SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
+                        (SELECT count(*) FROM ids LEFT JOIN tickets t ON t.id = ids.id
+                         WHERE t.id IS NULL OR t.deleted_at IS NOT NULL) AS already"
+            )
+        }
+    }
+}
+
+/// `v.<prefix>_has_<c>` and `v.<prefix>_<c>` for every column of the images, and the tag set.
+fn decoded(images: &ImageSet) -> String {
+    let mut out = Vec::new();
+    for (img, prefix) in [("a.before", "b"), ("a.after", "a")] {
+        for (c, ty) in &images.columns {
+            out.push(format!(
+                "{img} ? '{c}' AS {prefix}_has_{c}, ({img} ->> '{c}')::{ty} AS {prefix}_{c}"
+            ));
+        }
+        if images.tags {
+            out.push(format!(
+                "{img} ? 'tag_ids' AS {prefix}_has_tags, coalesce({img} -> 'tag_ids', '[]') AS {prefix}_tags,
+                 ARRAY(SELECT jsonb_array_elements_text(coalesce({img} -> 'tag_ids', '[]'))::bigint) AS {prefix}_tag_array"
+            ));
+        }
+    }
+    out.join(", ")
+}
+
+/// Whether row `t` (and its stored tags `st`) holds the decoded image `prefix`.
+fn holds(images: &ImageSet, prefix: &str) -> String {
+    let mut checks: Vec<String> = images
+        .columns
+        .iter()
+        .map(|(c, _)| format!("(NOT v.{prefix}_has_{c} OR t.{c} IS NOT DISTINCT FROM v.{prefix}_{c})"))
+        .collect();
+    if images.tags {
+        checks.push(format!(
+            "(NOT v.{prefix}_has_tags OR v.{prefix}_tags = coalesce(st.tags, '[]'))"
+        ));
+    }
+    if checks.is_empty() {
+        "TRUE".into()
+    } else {
+        format!("({})", checks.join(" AND "))
+    }
+}
+
+fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> String {
+    let table = &images.table;
+    let set: Vec<String> = images
+        .columns
+        .iter()
+        .map(|(c, _)| format!("{c} = CASE WHEN v.b_has_{c} THEN v.b_{c} ELSE t.{c} END"))
+        .collect();
+    let mut set = if set.is_empty() {
+        "id = t.id".to_string()
+    } else {
+        set.join(", ")
+    };
+    if table == "tickets" {
+        let assigned: Vec<&str> = images.columns.iter().map(|(c, _)| *c).collect();
+        set += &restate.set_tail(&assigned);
+    }
+    let (stored_tags, tags_join) = if images.tags {
+        (
+            "st AS MATERIALIZED (
+                 SELECT ticket_id, to_jsonb(array_agg(tag_id ORDER BY tag_id)) AS tags FROM ticket_tags
+                 WHERE ticket_id IN (SELECT row_id FROM v) GROUP BY ticket_id
+             ),",
+            "LEFT JOIN st ON st.ticket_id = v.row_id",
+        )
+    } else {
+        ("", "")
+    };
+    let tag_writes = if images.tags {
+        "tags_removed AS (
+             DELETE FROM ticket_tags x USING changed c
+             WHERE c.b_has_tags AND x.ticket_id = c.id AND NOT x.tag_id = ANY(c.b_tag_array)
+         ), tags_added AS (
+             INSERT INTO ticket_tags (ticket_id, tag_id)
+             SELECT c.id, u FROM changed c, unnest(c.b_tag_array) u WHERE c.b_has_tags
+             ON CONFLICT DO NOTHING
+         ),"
+    } else {
+        ""
+    };
+    let keys = if table == "tickets" {
+        "keys_moved AS (
+             UPDATE ticket_keys k SET created_at = c.created_at
+             FROM changed c WHERE k.external_id = c.external_id AND k.created_at <> c.created_at
+         ),"
+    } else {
+        ""
+    };
+    let (returned, tag_columns) = if table == "tickets" {
+        (
+            "t.created_at, t.external_id,",
+            if images.tags {
+                "v.b_has_tags, v.b_tag_array,"
+            } else {
+                ""
+            },
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        "WITH a AS (
+             SELECT id AS audit_id, row_id, before, after FROM audit_log
+             WHERE operation_id = $1 AND table_name = '{table}'
+               AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
+             ORDER BY id DESC LIMIT $3
+         ), v AS MATERIALIZED (
+             SELECT a.audit_id, a.row_id, a.before, a.after, {decoded} FROM a
+         ), {stored_tags} target AS MATERIALIZED (
+             SELECT v.*, {after_t} AND NOT {before_t} AND $4 = $4 AS to_revert, {before_t} AS already_reverted
+             FROM v JOIN {table} t ON t.id = v.row_id {tags_join}
+         ), changed AS (
+             UPDATE {table} t SET {set}
+             FROM target v
+             WHERE t.id = v.row_id AND v.to_revert AND {after_columns} -- re-checked on a row changed meanwhile
+             RETURNING t.id, {returned} {tag_columns} v.before, v.after
+         ), {tag_writes} {keys} audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', after, before FROM changed
+         )
+         SELECT (SELECT count(*) FROM changed) AS reverted,
+                coalesce((SELECT min(audit_id) FROM a), $2) AS next,
+                (SELECT count(*) FROM a) AS seen,
+                (SELECT count(*) FROM target WHERE already_reverted) AS already",
+        decoded = decoded(images),
+        before_t = holds(images, "b"),
+        after_t = holds(images, "a"),
+        after_columns = holds(
+            &ImageSet {
+                tags: false,
+                ..images.clone()
+            },
+            "a"
+        ),
+    )
+}
