@@ -17,7 +17,7 @@ pub enum Layout {
     Plain,
     /// tickets range-partitioned by created_at, a partition a month, with pg_partman
     Partitioned,
-    /// on a Citus coordinator: tickets, tags links, comments and audit rows distributed by
+    /// on a Citus coordinator: tickets, tag links, comments and audit rows distributed by
     /// ticket id over the workers; users, organizations, tags and operations reference tables
     Distributed,
 }
