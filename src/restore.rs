@@ -99,12 +99,6 @@ pub fn undelete(
     Ok(changed as u64)
 }
 
-#[derive(diesel::QueryableByName)]
-struct RestoredId {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-}
-
 /// One batch of `restore --operation`: those of `ids` still deleted by `source_op` (deleted_at
 /// as it set it, last_operation_id its own) that no other transaction holds, locked and
 /// restored in one statement (reached by `ctid`, as the soft-delete does). Returns their ids in
@@ -156,7 +150,7 @@ fn undelete_its_own(
     .bind::<Array<BigInt>, _>(if layout.distributed() { &locked } else { ids })
     .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
     .bind::<BigInt, _>(source_op)
-    .load::<RestoredId>(conn)?
+    .load::<crate::db::Id>(conn)?
     .into_iter()
     .map(|row| row.id)
     .collect();

@@ -94,12 +94,7 @@ pub(super) fn reserve_id_block(
     table: &str,
     n: usize,
 ) -> QueryResult<std::ops::RangeInclusive<i64>> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
-    let last: Id = sql_query(
+    let last: crate::db::Id = sql_query(
         "SELECT setval(s, nextval(s) + $2 - 1) AS id FROM (SELECT pg_get_serial_sequence($1, 'id')::regclass AS s) q",
     )
     .bind::<Text, _>(table)

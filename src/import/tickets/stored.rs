@@ -151,9 +151,3 @@ pub(super) struct IdExternal {
     #[diesel(sql_type = Text)]
     external_id: String,
 }
-
-#[derive(QueryableByName)]
-pub(super) struct Id {
-    #[diesel(sql_type = BigInt)]
-    pub(super) id: i64,
-}

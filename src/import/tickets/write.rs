@@ -17,8 +17,8 @@ use crate::import::{Counts, Numbered};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
 use crate::schema::{ticket_tags, tickets};
 
-use super::stored::Id;
 use super::*;
+use crate::db::Id;
 use crate::import::initial_load::reserve_id_block;
 
 #[derive(QueryableByName)]
