@@ -101,19 +101,35 @@ impl TicketImport {
         )
     }
 
-    /// The partitioned layout's merge: an UPDATE (ON CONFLICT cannot move a row to another
-    /// partition, and there is no unique external_id on tickets to conflict on). A changed
-    /// created_at moves the ticket to its month; its key follows in the same statement.
-    pub(super) fn update_sql(&self, op_id: i64) -> String {
+    /// The column lists of a merge: the target expressions `AS` their columns, the SET list
+    /// from the row `incoming` (`g`, or `excluded` for an upsert), the stored row `t` and the
+    /// incoming one.
+    fn lists(&self, incoming: &str) -> Lists {
         let target: Vec<String> = self
             .target_exprs()
             .into_iter()
             .zip(COLUMNS)
             .map(|(expr, col)| format!("{expr} AS {col}"))
             .collect();
-        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = g.{c}")).collect();
-        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
-        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("g.{c}")).collect();
+        let column_list = |f: &dyn Fn(&str) -> String| COLUMNS.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ");
+        Lists {
+            target: target.join(", "),
+            set: column_list(&|c| format!("{c} = {incoming}.{c}")),
+            stored: column_list(&|c| format!("t.{c}")),
+            incoming: column_list(&|c| format!("{incoming}.{c}")),
+        }
+    }
+
+    /// The partitioned layout's merge: an UPDATE (ON CONFLICT cannot move a row to another
+    /// partition, and there is no unique external_id on tickets to conflict on). A changed
+    /// created_at moves the ticket to its month; its key follows in the same statement.
+    pub(super) fn update_sql(&self, op_id: i64) -> String {
+        let Lists {
+            target,
+            set,
+            stored,
+            incoming,
+        } = self.lists("g");
         format!(
             "WITH target AS (
                  SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids
@@ -141,11 +157,7 @@ impl TicketImport {
                  WHERE NOT (w.id = ANY($3))
              )
              SELECT id, external_id, inserted FROM written",
-            target = target.join(", "),
             tags = self.tags_target(),
-            set = set.join(", "),
-            stored = stored.join(", "),
-            incoming = incoming.join(", "),
             update = crate::audit::UPDATE_ACTION,
         )
     }
@@ -156,15 +168,12 @@ impl TicketImport {
     /// snapshot), as Citus takes no non-immutable function such as `to_jsonb` in RETURNING;
     /// the stored tags come joined per shard, not from a correlated subquery.
     pub(super) fn distributed_update_sql(&self, op_id: i64) -> String {
-        let target: Vec<String> = self
-            .target_exprs()
-            .into_iter()
-            .zip(COLUMNS)
-            .map(|(expr, col)| format!("{expr} AS {col}"))
-            .collect();
-        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = g.{c}")).collect();
-        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
-        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("g.{c}")).collect();
+        let Lists {
+            target,
+            set,
+            stored,
+            incoming,
+        } = self.lists("g");
         format!(
             "WITH target AS (
                  SELECT s.external_id, e.id, {target}, {tags} AS tag_ids, {STORED_TAGS_OF_ST} AS stored_tag_ids
@@ -191,27 +200,20 @@ impl TicketImport {
                  WHERE NOT (w.id = ANY($3))
              )
              SELECT id, external_id, inserted FROM written",
-            target = target.join(", "),
             tags = self.tags_target(),
-            set = set.join(", "),
-            stored = stored.join(", "),
-            incoming = incoming.join(", "),
             update = crate::audit::UPDATE_ACTION,
             stored_tags = stored_tags_join("$4"),
         )
     }
 
     pub(super) fn merge_sql(&self, op_id: i64) -> String {
-        let target: Vec<String> = self
-            .target_exprs()
-            .into_iter()
-            .zip(COLUMNS)
-            .map(|(expr, col)| format!("{expr} AS {col}"))
-            .collect();
+        let Lists {
+            target,
+            set,
+            stored,
+            incoming,
+        } = self.lists("excluded");
         let cols = COLUMNS.join(", ");
-        let set: Vec<String> = COLUMNS.iter().map(|c| format!("{c} = excluded.{c}")).collect();
-        let stored: Vec<String> = COLUMNS.iter().map(|c| format!("t.{c}")).collect();
-        let incoming: Vec<String> = COLUMNS.iter().map(|c| format!("excluded.{c}")).collect();
         format!(
             "WITH target AS (
                  SELECT s.external_id, {target}, {tags} AS tag_ids
@@ -242,15 +244,19 @@ impl TicketImport {
                  WHERE NOT (w.id = ANY($3))
              )
              SELECT id, external_id, inserted FROM written",
-            target = target.join(", "),
             tags = self.tags_target(),
-            set = set.join(", "),
-            stored = stored.join(", "),
-            incoming = incoming.join(", "),
             insert = crate::audit::INSERT_ACTION,
             update = crate::audit::UPDATE_ACTION,
         )
     }
+}
+
+/// See [`TicketImport::lists`].
+struct Lists {
+    target: String,
+    set: String,
+    stored: String,
+    incoming: String,
 }
 
 /// The stored tag sets of the batch's tickets `e` (their ids in parameter `ids`), aggregated
