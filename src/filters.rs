@@ -528,6 +528,54 @@ struct Tid;
 /// A condition on `tickets` built from user filters (every value bound, never SQL text).
 pub type TicketCondition = Box<dyn BoxableExpression<tickets::table, Pg, SqlType = Bool>>;
 
+/// A ticket's id and created_at: its key on every layout.
+pub type TicketKey = (i64, DateTime<Utc>);
+
+/// The next `limit` tickets after `after_id`, in id order, that `condition` selects and no
+/// other transaction holds, locked FOR UPDATE SKIP LOCKED, with their created_at; and the
+/// highest candidate id, to continue after (`None`: nothing was left). For the batches that
+/// remove tickets (purge, retention). On Citus, which locks rows only in one-shard statements,
+/// the candidates are read first and then locked shard by shard.
+pub fn lock_next_for_removal(
+    conn: &mut PgConnection,
+    layout: Layout,
+    condition: impl Fn() -> TicketCondition,
+    after_id: i64,
+    limit: i64,
+) -> QueryResult<(Vec<TicketKey>, Option<i64>)> {
+    if layout.distributed() {
+        let candidates: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(condition())
+            .filter(tickets::id.gt(after_id))
+            .order(tickets::id)
+            .limit(limit)
+            .load(conn)?;
+        let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
+            tickets::table
+                .select((tickets::id, tickets::created_at))
+                .filter(tickets::id.eq_any(ids))
+                .filter(condition())
+                .for_update()
+                .skip_locked()
+                .load(conn)
+        })?;
+        locked.sort_unstable_by_key(|&(id, _)| id);
+        return Ok((locked, candidates.last().copied()));
+    }
+    let batch: Vec<TicketKey> = tickets::table
+        .select((tickets::id, tickets::created_at))
+        .filter(condition())
+        .filter(tickets::id.gt(after_id))
+        .order(tickets::id)
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .load(conn)?;
+    let last = batch.last().map(|&(id, _)| id);
+    Ok((batch, last))
+}
+
 /// The indexed columns of `tickets` that a soft-delete never changes. Naming them in its SET
 /// list (`requester_id = requester_id`) turns off PostgreSQL's "logically unchanged index" hint
 /// for their indexes, which is decided from the SET list alone. With the hint, every batch's

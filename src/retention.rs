@@ -251,39 +251,8 @@ pub fn remove_batch(
     archive: &mut Archive,
     comments_archive: Option<&mut Archive>,
 ) -> anyhow::Result<(Removed, Option<i64>)> {
-    let (batch, last): (Vec<(i64, DateTime<Utc>)>, _) = if layout.distributed() {
-        // Citus locks rows only in one-shard statements: candidates first, then shard by shard.
-        let candidates: Vec<i64> = tickets::table
-            .select(tickets::id)
-            .filter(filters.condition(scope(filters)))
-            .filter(tickets::id.gt(after_id))
-            .order(tickets::id)
-            .limit(limit)
-            .load(conn)?;
-        let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
-            tickets::table
-                .select((tickets::id, tickets::created_at))
-                .filter(tickets::id.eq_any(ids))
-                .filter(filters.condition(scope(filters)))
-                .for_update()
-                .skip_locked()
-                .load(conn)
-        })?;
-        locked.sort_unstable_by_key(|&(id, _)| id);
-        (locked, candidates.last().copied())
-    } else {
-        let batch: Vec<(i64, DateTime<Utc>)> = tickets::table
-            .select((tickets::id, tickets::created_at))
-            .filter(filters.condition(scope(filters)))
-            .filter(tickets::id.gt(after_id))
-            .order(tickets::id)
-            .limit(limit)
-            .for_update()
-            .skip_locked()
-            .load(conn)?;
-        let last = batch.last().map(|&(id, _)| id);
-        (batch, last)
-    };
+    let (batch, last) =
+        crate::filters::lock_next_for_removal(conn, layout, || filters.condition(scope(filters)), after_id, limit)?;
     let Some(last) = last else {
         return Ok((Removed::default(), None));
     };

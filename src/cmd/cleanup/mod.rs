@@ -313,39 +313,13 @@ fn purge(
         // Found and locked in one ordered primary-key scan: rows another transaction holds are
         // skipped (left for the next run), and PostgreSQL re-checks `deleted_at` on a row
         // restored meanwhile before locking it.
-        let (batch, max): (Vec<(i64, DateTime<Utc>)>, _) = if layout.distributed() {
-            // Citus locks rows only in one-shard statements: candidates first, then shard by shard.
-            let candidates: Vec<i64> = tickets::table
-                .select(tickets::id)
-                .filter(tickets::deleted_at.lt(deleted_before))
-                .filter(tickets::id.gt(last_id))
-                .order(tickets::id)
-                .limit(limit as i64)
-                .load(conn)?;
-            let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
-                tickets::table
-                    .select((tickets::id, tickets::created_at))
-                    .filter(tickets::id.eq_any(ids))
-                    .filter(tickets::deleted_at.lt(deleted_before))
-                    .for_update()
-                    .skip_locked()
-                    .load(conn)
-            })?;
-            locked.sort_unstable_by_key(|&(id, _)| id);
-            (locked, candidates.last().copied())
-        } else {
-            let batch: Vec<(i64, DateTime<Utc>)> = tickets::table
-                .select((tickets::id, tickets::created_at))
-                .filter(tickets::deleted_at.lt(deleted_before))
-                .filter(tickets::id.gt(last_id))
-                .order(tickets::id)
-                .limit(limit as i64)
-                .for_update()
-                .skip_locked()
-                .load(conn)?;
-            let max = batch.last().map(|&(id, _)| id);
-            (batch, max)
-        };
+        let (batch, max) = crate::filters::lock_next_for_removal(
+            conn,
+            layout,
+            || Box::new(tickets::deleted_at.assume_not_null().lt(deleted_before)),
+            last_id,
+            limit as i64,
+        )?;
         let Some(max) = max else {
             return Ok(Step { rows: 0, done: true });
         };
