@@ -143,3 +143,18 @@ fn a_soft_delete_skips_a_row_the_application_holds_on_another_shard_without_wait
     run.expect_code(0);
     assert_eq!(run.json()["soft_deleted"], 1);
 }
+
+#[test]
+fn the_distributed_layout_is_refused_without_citus_and_says_what_it_needs() {
+    // An empty database without the citus extension: on a plain server, and on a Citus
+    // coordinator too (the extension is per database).
+    let db = TestDb::empty();
+    let dir = scratch("dist-refused");
+    let run = ticketops(Some(&db), &dir, &["migrate", "run", "--layout", "distributed"]).run();
+    run.expect_code(2).stderr_has("needs a Citus coordinator");
+    // Nothing of the layout was applied: the database stays plain.
+    assert_eq!(
+        db.strings("SELECT layout FROM ticketops_layout"),
+        vec!["plain".to_string()]
+    );
+}
