@@ -80,11 +80,9 @@ impl Layout {
             sql_query("DELETE FROM ticket_keys WHERE ticket_id = ANY($1)")
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn)?;
-            sql_query(
-                "DELETE FROM comment_keys WHERE comment_id IN (SELECT id FROM comments WHERE ticket_id = ANY($1))",
-            )
-            .bind::<Array<BigInt>, _>(ids)
-            .execute(conn)?;
+            sql_query("DELETE FROM comment_keys WHERE ticket_id = ANY($1)")
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn)?;
         }
         if !self.partitioned() {
             return sql_query("DELETE FROM tickets WHERE id = ANY($1)")

@@ -12,7 +12,10 @@ use super::normalize;
 use super::source::{FieldSpec, RecordFields, RowError};
 use super::tickets::ticket_ids_by_external_id;
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
+use crate::layout::Layout;
 use crate::models::UserRole;
+
+mod distributed;
 
 const EXTERNAL_ID: usize = 0;
 const TICKET_EXTERNAL_ID: usize = 1;
@@ -43,6 +46,8 @@ pub struct CommentRow {
 #[derive(Default)]
 pub struct CommentImport {
     cache: EntityCache,
+    /// The layout, read by the first batch.
+    layout: Option<Layout>,
 }
 
 #[derive(QueryableByName)]
@@ -138,29 +143,36 @@ impl ImportKind for CommentImport {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let layout = match self.layout {
+            Some(layout) => layout,
+            None => *self.layout.insert(Layout::of(conn)?),
+        };
+        if layout.distributed() {
+            sequential_mode(conn)?;
+        }
         let ticket_keys: Vec<&str> = rows.iter().map(|r| r.row.ticket_external_id.as_str()).collect();
         let tickets = ticket_ids_by_external_id(conn, &ticket_keys).context("cannot look up tickets")?;
         // A comment on a ticket that does not exist cannot be stored: reject it with that reason.
         let (rows, orphans): (Vec<_>, Vec<_>) = rows
             .iter()
             .partition(|r| tickets.contains_key(&r.row.ticket_external_id));
-        // Rejects are rare: their fields are copied for the rejects file.
-        let rejects: Vec<WriterReject> = orphans
+        let mut rejects: Vec<WriterReject> = orphans
             .into_iter()
-            .map(|r| WriterReject {
-                error: RowError::new(
-                    Some("ticket_external_id"),
-                    "unknown ticket",
-                    format!(
-                        "ticket {:?} does not exist; import the tickets first",
-                        r.row.ticket_external_id
+            .map(|r| {
+                reject(
+                    r,
+                    RowError::new(
+                        Some("ticket_external_id"),
+                        "unknown ticket",
+                        format!(
+                            "ticket {:?} does not exist; import the tickets first",
+                            r.row.ticket_external_id
+                        ),
                     ),
-                ),
-                record: r.record,
-                line: r.line,
-                raw: r.raw.clone(),
+                )
             })
             .collect();
+        let orphan_count = rejects.len() as u64;
         if rows.is_empty() {
             return Ok(rejects);
         }
@@ -176,30 +188,61 @@ impl ImportKind for CommentImport {
         self.cache
             .ensure_users(conn, &authors)
             .context("cannot resolve comment authors")?;
+        let author_id = |r: &Numbered<CommentRow>| self.cache.user_id(&r.row.author_email).expect("resolved above");
 
-        let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.row.external_id.as_deref()).collect();
-        let ticket_ids: Vec<i64> = rows.iter().map(|r| tickets[&r.row.ticket_external_id]).collect();
-        let author_ids: Vec<i64> = rows
-            .iter()
-            .map(|r| self.cache.user_id(&r.row.author_email).expect("resolved above"))
-            .collect();
-        let bodies: Vec<&str> = rows.iter().map(|r| r.row.body.as_str()).collect();
-        let public: Vec<bool> = rows.iter().map(|r| r.row.public).collect();
-        let created: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.row.created_at).collect();
-        let merged: MergeCounts = sql_query(MERGE_COMMENTS_SQL)
-            .bind::<Array<Nullable<Text>>, _>(&external_ids)
-            .bind::<Array<BigInt>, _>(&ticket_ids)
-            .bind::<Array<BigInt>, _>(&author_ids)
-            .bind::<Array<Text>, _>(&bodies)
-            .bind::<Array<Bool>, _>(&public)
-            .bind::<Array<Nullable<Timestamptz>>, _>(&created)
-            .bind::<Timestamptz, _>(Utc::now())
-            .bind::<BigInt, _>(op_id)
-            .get_result(conn)
-            .context("cannot merge comments")?;
+        let merged = if layout.distributed() {
+            let resolved: Vec<distributed::Resolved<'_>> = rows
+                .iter()
+                .map(|r| distributed::Resolved {
+                    row: r,
+                    ticket_id: tickets[&r.row.ticket_external_id],
+                    author_id: author_id(r),
+                })
+                .collect();
+            let (merged, refused) = distributed::merge(conn, op_id, &resolved, Utc::now())?;
+            rejects.extend(refused.into_iter().map(|(i, error)| reject(rows[i], error)));
+            merged
+        } else {
+            let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.row.external_id.as_deref()).collect();
+            let ticket_ids: Vec<i64> = rows.iter().map(|r| tickets[&r.row.ticket_external_id]).collect();
+            let author_ids: Vec<i64> = rows.iter().map(|r| author_id(r)).collect();
+            let bodies: Vec<&str> = rows.iter().map(|r| r.row.body.as_str()).collect();
+            let public: Vec<bool> = rows.iter().map(|r| r.row.public).collect();
+            let created: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.row.created_at).collect();
+            sql_query(MERGE_COMMENTS_SQL)
+                .bind::<Array<Nullable<Text>>, _>(&external_ids)
+                .bind::<Array<BigInt>, _>(&ticket_ids)
+                .bind::<Array<BigInt>, _>(&author_ids)
+                .bind::<Array<Text>, _>(&bodies)
+                .bind::<Array<Bool>, _>(&public)
+                .bind::<Array<Nullable<Timestamptz>>, _>(&created)
+                .bind::<Timestamptz, _>(Utc::now())
+                .bind::<BigInt, _>(op_id)
+                .get_result::<MergeCounts>(conn)
+                .context("cannot merge comments")?
+        };
+        let kept = rows.len() as u64 + orphan_count - rejects.len() as u64;
         counts.inserted += merged.inserted as u64;
         counts.updated += merged.updated as u64;
-        counts.unchanged += rows.len() as u64 - merged.inserted as u64 - merged.updated as u64;
+        counts.unchanged += kept - merged.inserted as u64 - merged.updated as u64;
         Ok(rejects)
     }
+}
+
+fn reject(r: &Numbered<CommentRow>, error: RowError) -> WriterReject {
+    // Rejects are rare: their fields are copied for the rejects file.
+    WriterReject {
+        error,
+        record: r.record,
+        line: r.line,
+        raw: r.raw.clone(),
+    }
+}
+
+/// On Citus, a transaction that has read tickets from many shards at once may not write users
+/// (a reference table) afterwards, nor read comments (which refer to users) in parallel after
+/// it has: a batch of comments runs one connection per worker (each worker's shards in turn).
+fn sequential_mode(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sql_query("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'").execute(conn)?;
+    Ok(())
 }

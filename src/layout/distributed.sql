@@ -25,11 +25,13 @@ CREATE TABLE ticket_keys (
 -- Deleting tickets deletes their keys by ticket id.
 CREATE INDEX ticket_keys_ticket_id_idx ON ticket_keys (ticket_id);
 
+-- With the comment's ticket: the shard its comment lives on (and how a ticket's go with it).
 CREATE TABLE comment_keys (
     external_id text COLLATE "C" PRIMARY KEY,
-    comment_id bigint NOT NULL
+    comment_id bigint NOT NULL,
+    ticket_id bigint NOT NULL
 );
-CREATE INDEX comment_keys_comment_id_idx ON comment_keys (comment_id);
+CREATE INDEX comment_keys_ticket_id_idx ON comment_keys (ticket_id);
 
 -- Identities become sequences with the same names (pg_get_serial_sequence still finds them).
 DO $$

@@ -79,6 +79,9 @@ fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> Str
     let set: Vec<String> = images
         .columns
         .iter()
+        // A comment's ticket is its distribution column, which an UPDATE cannot change on Citus;
+        // nothing moves comments there (imports refuse it), so its images hold the same ticket.
+        .filter(|(c, _)| !(table == "comments" && *c == "ticket_id"))
         .map(|(c, _)| format!("{c} = CASE WHEN v.b_has_{c} THEN v.b_{c} ELSE t.{c} END"))
         .collect();
     let mut set = if set.is_empty() {

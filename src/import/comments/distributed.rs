@@ -1,0 +1,295 @@
+//! A batch of comments on the distributed layout. Citus refuses the other layouts' single
+//! statement: `ON CONFLICT (external_id)` has no unique key on comments there (it lives in
+//! `comment_keys`, distributed by external_id), and the `NOT EXISTS` that matches a comment
+//! without external_id is a correlated subquery. So a batch is read, classified here, and
+//! written in a few set-based statements, each one distributed statement that the workers run
+//! in parallel: new comments with their keys, changed comments with their audit images (made on
+//! the coordinator from the rows the workers return, as for tickets).
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+
+use super::{CommentRow, MergeCounts};
+use crate::audit::{INSERT_ACTION, UPDATE_ACTION};
+use crate::import::Numbered;
+use crate::import::source::RowError;
+
+/// A comment of the batch, resolved: its ticket and author ids.
+pub(super) struct Resolved<'a> {
+    pub row: &'a Numbered<CommentRow>,
+    pub ticket_id: i64,
+    pub author_id: i64,
+}
+
+#[derive(QueryableByName)]
+struct Key {
+    #[diesel(sql_type = Text)]
+    external_id: String,
+    #[diesel(sql_type = BigInt)]
+    comment_id: i64,
+    #[diesel(sql_type = BigInt)]
+    ticket_id: i64,
+}
+
+#[derive(QueryableByName)]
+struct StoredComment {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    author_id: i64,
+    #[diesel(sql_type = Text)]
+    body: String,
+    #[diesel(sql_type = Bool)]
+    public: bool,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
+
+#[derive(QueryableByName)]
+struct Ordinal {
+    #[diesel(sql_type = Integer)]
+    ord: i32,
+}
+
+/// One comment to write: the values it gets.
+struct Write<'a> {
+    id: i64,
+    external_id: Option<&'a str>,
+    ticket_id: i64,
+    author_id: i64,
+    body: &'a str,
+    public: bool,
+    created_at: DateTime<Utc>,
+}
+
+/// Writes `rows` (their tickets exist, their authors are resolved); returns the counts and the
+/// rows refused: a comment whose ticket changed would have to move to another shard, which
+/// Citus does not do in an UPDATE (see docs/scaling.md).
+pub(super) fn merge(
+    conn: &mut PgConnection,
+    op_id: i64,
+    rows: &[Resolved<'_>],
+    now: DateTime<Utc>,
+) -> anyhow::Result<(MergeCounts, Vec<(usize, RowError)>)> {
+    let keyed: Vec<&str> = rows.iter().filter_map(|r| r.row.row.external_id.as_deref()).collect();
+    let keys: HashMap<String, Key> =
+        sql_query("SELECT external_id, comment_id, ticket_id FROM comment_keys WHERE external_id = ANY($1)")
+            .bind::<Array<Text>, _>(&keyed)
+            .load::<Key>(conn)
+            .context("cannot read the comments' keys")?
+            .into_iter()
+            .map(|k| (k.external_id.clone(), k))
+            .collect();
+    let (ticket_ids, ids): (Vec<i64>, Vec<i64>) = keys.values().map(|k| (k.ticket_id, k.comment_id)).unzip();
+    let stored: HashMap<i64, StoredComment> = sql_query(
+        "SELECT id, author_id, body, public, created_at FROM comments WHERE ticket_id = ANY($1) AND id = ANY($2)",
+    )
+    .bind::<Array<BigInt>, _>(&ticket_ids)
+    .bind::<Array<BigInt>, _>(&ids)
+    .load::<StoredComment>(conn)
+    .context("cannot read the stored comments")?
+    .into_iter()
+    .map(|c| (c.id, c))
+    .collect();
+    let present = keyless_present(conn, rows)?;
+
+    let mut refused = Vec::new();
+    let mut inserts: Vec<Write<'_>> = Vec::new();
+    let mut updates: Vec<Write<'_>> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let row = &r.row.row;
+        let stored_key = row.external_id.as_deref().and_then(|k| keys.get(k));
+        let write = |id, created_at| Write {
+            id,
+            external_id: row.external_id.as_deref(),
+            ticket_id: r.ticket_id,
+            author_id: r.author_id,
+            body: &row.body,
+            public: row.public,
+            created_at,
+        };
+        match stored_key {
+            Some(key) if key.ticket_id != r.ticket_id => refused.push((
+                i,
+                RowError::new(
+                    Some("ticket_external_id"),
+                    "comment moves to another ticket",
+                    format!(
+                        "comment {:?} belongs to another ticket; moving a comment is not supported on the \
+                         distributed layout (delete it there first)",
+                        row.external_id.as_deref().unwrap_or_default()
+                    ),
+                ),
+            )),
+            Some(key) => {
+                let Some(s) = stored.get(&key.comment_id) else {
+                    anyhow::bail!(
+                        "comment_keys names comment {} on ticket {} for {:?}, which does not exist",
+                        key.comment_id,
+                        key.ticket_id,
+                        key.external_id
+                    );
+                };
+                let created_at = row.created_at.unwrap_or(s.created_at);
+                // Compared as stored: to the microsecond.
+                if (s.author_id, s.body.as_str(), s.public, s.created_at.timestamp_micros())
+                    != (
+                        r.author_id,
+                        row.body.as_str(),
+                        row.public,
+                        created_at.timestamp_micros(),
+                    )
+                {
+                    updates.push(write(s.id, created_at));
+                }
+            }
+            None if row.external_id.is_none() && present.contains(&(i as i32)) => {}
+            None => inserts.push(write(0, row.created_at.unwrap_or(now))),
+        }
+    }
+    let inserted = insert(conn, op_id, &mut inserts)?;
+    let updated = update(conn, op_id, &updates)?;
+    Ok((MergeCounts { inserted, updated }, refused))
+}
+
+/// The positions in `rows` of the comments without external_id that are stored already
+/// (same ticket, author and body, and time when the row has one).
+fn keyless_present(conn: &mut PgConnection, rows: &[Resolved<'_>]) -> anyhow::Result<HashSet<i32>> {
+    let keyless: Vec<(i32, &Resolved<'_>)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.row.row.external_id.is_none())
+        .map(|(i, r)| (i as i32, r))
+        .collect();
+    if keyless.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ords: Vec<i32> = keyless.iter().map(|(i, _)| *i).collect();
+    let tickets: Vec<i64> = keyless.iter().map(|(_, r)| r.ticket_id).collect();
+    let authors: Vec<i64> = keyless.iter().map(|(_, r)| r.author_id).collect();
+    let bodies: Vec<&str> = keyless.iter().map(|(_, r)| r.row.row.body.as_str()).collect();
+    let created: Vec<Option<DateTime<Utc>>> = keyless.iter().map(|(_, r)| r.row.row.created_at).collect();
+    Ok(sql_query(
+        "SELECT DISTINCT i.ord FROM comments c
+         JOIN unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::timestamptz[])
+              AS i(ord, ticket_id, author_id, body, created_at)
+           ON c.ticket_id = i.ticket_id AND c.author_id = i.author_id AND c.body = i.body
+          AND (i.created_at IS NULL OR c.created_at = i.created_at)",
+    )
+    .bind::<Array<Integer>, _>(&ords)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(&authors)
+    .bind::<Array<Text>, _>(&bodies)
+    .bind::<Array<Nullable<Timestamptz>>, _>(&created)
+    .load::<Ordinal>(conn)
+    .context("cannot look up the comments without external_id")?
+    .into_iter()
+    .map(|o| o.ord)
+    .collect())
+}
+
+/// Inserts new comments (ids drawn from the coordinator's sequence first, for their keys),
+/// their keys and their audit rows.
+fn insert(conn: &mut PgConnection, op_id: i64, rows: &mut [Write<'_>]) -> anyhow::Result<i64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let ids: Vec<Id> = sql_query("SELECT nextval('comments_id_seq') AS id FROM generate_series(1, $1)")
+        .bind::<Integer, _>(rows.len() as i32)
+        .load(conn)
+        .context("cannot draw comment ids")?;
+    for (row, id) in rows.iter_mut().zip(ids) {
+        row.id = id.id;
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.external_id).collect();
+    let tickets: Vec<i64> = rows.iter().map(|r| r.ticket_id).collect();
+    let authors: Vec<i64> = rows.iter().map(|r| r.author_id).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.body).collect();
+    let public: Vec<bool> = rows.iter().map(|r| r.public).collect();
+    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+    let inserted = sql_query(
+        "INSERT INTO comments (id, external_id, ticket_id, author_id, body, public, created_at)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bool[], $7::timestamptz[])",
+    )
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Nullable<Text>>, _>(&external_ids)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(&authors)
+    .bind::<Array<Text>, _>(&bodies)
+    .bind::<Array<Bool>, _>(&public)
+    .bind::<Array<Timestamptz>, _>(&created)
+    .execute(conn)
+    .context("cannot insert comments")?;
+    sql_query(
+        "INSERT INTO comment_keys (external_id, comment_id, ticket_id)
+         SELECT k, id, ticket_id FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS i(k, id, ticket_id)
+         WHERE k IS NOT NULL",
+    )
+    .bind::<Array<Nullable<Text>>, _>(&external_ids)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .execute(conn)
+    .context("cannot insert the comments' keys")?;
+    sql_query(format!(
+        "INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+         SELECT $1, 'comments', id, '{INSERT_ACTION}', NULL, NULL FROM unnest($2::bigint[]) AS id"
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(&ids)
+    .execute(conn)
+    .context("cannot record the inserted comments")?;
+    Ok(inserted as i64)
+}
+
+/// Updates changed comments in place (same ticket, so same shard), with before and after images.
+fn update(conn: &mut PgConnection, op_id: i64, rows: &[Write<'_>]) -> anyhow::Result<i64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let tickets: Vec<i64> = rows.iter().map(|r| r.ticket_id).collect();
+    let authors: Vec<i64> = rows.iter().map(|r| r.author_id).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.body).collect();
+    let public: Vec<bool> = rows.iter().map(|r| r.public).collect();
+    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+    let count: Count = sql_query(format!(
+        "WITH u AS (
+             SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bool[], $7::timestamptz[])
+                 AS u(id, ticket_id, author_id, body, public, created_at)
+         ), written AS (
+             UPDATE comments c SET author_id = u.author_id, body = u.body, public = u.public, created_at = u.created_at
+             FROM u, comments b
+             WHERE c.ticket_id = u.ticket_id AND c.id = u.id AND b.ticket_id = c.ticket_id AND b.id = c.id
+             RETURNING c.id, c AS after_row, b AS before_row
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT $1, 'comments', id, '{UPDATE_ACTION}', to_jsonb(before_row), to_jsonb(after_row) FROM written
+         )
+         SELECT count(*) AS n FROM written"
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(&authors)
+    .bind::<Array<Text>, _>(&bodies)
+    .bind::<Array<Bool>, _>(&public)
+    .bind::<Array<Timestamptz>, _>(&created)
+    .get_result(conn)
+    .context("cannot update comments")?;
+    Ok(count.n)
+}
