@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
@@ -78,10 +78,15 @@ struct TagFix {
     remove_ids: Vec<i64>,
 }
 
-/// A ticket changes when it lacks a tag to add or has a tag to remove.
-const DIFFERS: &str = "(EXISTS (SELECT 1 FROM unnest($2::bigint[]) a(tag_id)
-                              WHERE NOT EXISTS (SELECT 1 FROM ticket_tags x WHERE x.ticket_id = t.id AND x.tag_id = a.tag_id))
-                      OR EXISTS (SELECT 1 FROM ticket_tags x WHERE x.ticket_id = t.id AND x.tag_id = ANY($3::bigint[])))";
+/// The stored tag set of each ticket `t` of `$1`, as `st.tag_ids`: one aggregate per ticket
+/// joined on the ticket id (on Citus it runs on the ticket's shard; a correlated subquery per
+/// ticket is refused there).
+const STORED_TAGS: &str = "LEFT JOIN (SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids
+                                      FROM ticket_tags WHERE ticket_id = ANY($1) GROUP BY ticket_id) st
+                               ON st.ticket_id = t.id";
+
+/// A ticket changes when it lacks a tag to add (`$2`) or has a tag to remove (`$3`).
+const DIFFERS: &str = "(NOT coalesce(st.tag_ids, '{}') @> $2::bigint[] OR coalesce(st.tag_ids, '{}') && $3::bigint[])";
 
 #[derive(QueryableByName)]
 struct SampleRow {
@@ -134,7 +139,7 @@ impl TicketFix for TagFix {
 
     fn preview(&self, conn: &mut PgConnection, ids: &[i64], sample: usize) -> anyhow::Result<(u64, Vec<Sample>)> {
         let changed: Changed = sql_query(format!(
-            "SELECT count(*) AS changed FROM tickets t WHERE t.id = ANY($1) AND {DIFFERS}"
+            "SELECT count(*) AS changed FROM tickets t {STORED_TAGS} WHERE t.id = ANY($1) AND {DIFFERS}"
         ))
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<BigInt>, _>(&self.add_ids)
@@ -145,10 +150,12 @@ impl TicketFix for TagFix {
             return Ok((changed.changed as u64, Vec::new()));
         }
         let rows: Vec<SampleRow> = sql_query(format!(
-            "SELECT t.external_id,
-                    ARRAY(SELECT g.name FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
-                          WHERE x.ticket_id = t.id ORDER BY g.name) AS tags
-             FROM tickets t WHERE t.id = ANY($1) AND {DIFFERS} ORDER BY t.id LIMIT {sample}"
+            "SELECT t.external_id, coalesce(sn.names, '{{}}') AS tags
+             FROM tickets t {STORED_TAGS}
+             LEFT JOIN (SELECT x.ticket_id, array_agg(g.name::text ORDER BY g.name) AS names
+                        FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
+                        WHERE x.ticket_id = ANY($1) GROUP BY x.ticket_id) sn ON sn.ticket_id = t.id
+             WHERE t.id = ANY($1) AND {DIFFERS} ORDER BY t.id LIMIT {sample}"
         ))
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<BigInt>, _>(&self.add_ids)
@@ -181,9 +188,10 @@ impl TicketFix for TagFix {
     fn apply(&self, conn: &mut PgConnection, ids: &[i64], op: i64) -> anyhow::Result<u64> {
         let changed: Changed = sql_query(format!(
             "WITH target AS (
-                 SELECT t.id, t.updated_at, t.last_operation_id,
-                        ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id) AS tag_ids
-                 FROM tickets t WHERE t.id = ANY($1) AND {DIFFERS}
+                 SELECT t.id, t.updated_at, t.last_operation_id, coalesce(st.tag_ids, '{{}}') AS tag_ids,
+                        ARRAY(SELECT DISTINCT u FROM unnest(coalesce(st.tag_ids, '{{}}') || $2::bigint[]) u
+                              WHERE u <> ALL($3::bigint[]) ORDER BY u) AS new_tag_ids
+                 FROM tickets t {STORED_TAGS} WHERE t.id = ANY($1) AND {DIFFERS}
              ), removed AS (
                  DELETE FROM ticket_tags x USING target g WHERE x.ticket_id = g.id AND x.tag_id = ANY($3::bigint[])
              ), added AS (
@@ -191,26 +199,24 @@ impl TicketFix for TagFix {
                  SELECT g.id, a.tag_id FROM target g CROSS JOIN unnest($2::bigint[]) a(tag_id)
                  ON CONFLICT DO NOTHING
              ), changed AS (
-                 UPDATE tickets t SET updated_at = now(), last_operation_id = {op}
+                 UPDATE tickets t SET updated_at = $4, last_operation_id = {op}
                  FROM target g WHERE t.id = g.id
-                 RETURNING t.id, t.updated_at, g.tag_ids, g.updated_at AS old_updated_at,
-                           g.last_operation_id AS old_operation_id
+                 RETURNING t.id
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                 SELECT {op}, 'tickets', id, '{FIX_ACTION}',
-                        jsonb_build_object('tag_ids', to_jsonb(tag_ids), 'updated_at', old_updated_at,
-                                           'last_operation_id', old_operation_id),
-                        jsonb_build_object('tag_ids', to_jsonb(ARRAY(
-                                               SELECT DISTINCT u FROM unnest(tag_ids || $2::bigint[]) u
-                                               WHERE u <> ALL($3::bigint[]) ORDER BY u)),
-                                           'updated_at', updated_at, 'last_operation_id', {op})
-                 FROM changed
+                 SELECT {op}, 'tickets', g.id, '{FIX_ACTION}',
+                        jsonb_build_object('tag_ids', to_jsonb(g.tag_ids), 'updated_at', g.updated_at,
+                                           'last_operation_id', g.last_operation_id),
+                        jsonb_build_object('tag_ids', to_jsonb(g.new_tag_ids), 'updated_at', $4::timestamptz,
+                                           'last_operation_id', {op})
+                 FROM changed c JOIN target g ON g.id = c.id
              )
              SELECT count(*) AS changed FROM changed"
         ))
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<BigInt>, _>(&self.add_ids)
         .bind::<Array<BigInt>, _>(&self.remove_ids)
+        .bind::<Timestamptz, _>(chrono::Utc::now())
         .get_result(conn)
         .context("cannot apply the tag fix")?;
         Ok(changed.changed as u64)
