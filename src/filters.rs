@@ -323,15 +323,20 @@ impl ResolvedFilters {
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
         if layout.distributed() {
             let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
-            let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
+            let held: Vec<i64> = layout.lock_per_shard(conn, &candidates, |conn, ids| {
                 tickets::table
                     .select(tickets::id)
                     .filter(tickets::id.eq_any(ids))
-                    .filter(self.condition(scope))
                     .for_no_key_update()
                     .skip_locked()
                     .load(conn)
             })?;
+            // Checked again once held (as in `lock_next_for_removal`).
+            let mut locked: Vec<i64> = tickets::table
+                .select(tickets::id)
+                .filter(tickets::id.eq_any(&held))
+                .filter(self.condition(scope))
+                .load(conn)?;
             locked.sort_unstable();
             return Ok((locked, candidates.last().copied()));
         }
@@ -551,15 +556,23 @@ pub fn lock_next_for_removal(
             .order(tickets::id)
             .limit(limit)
             .load(conn)?;
-        let mut locked = layout.lock_per_shard(conn, &candidates, |conn, ids| {
+        let held: Vec<i64> = layout.lock_per_shard(conn, &candidates, |conn, ids| {
             tickets::table
-                .select((tickets::id, tickets::created_at))
+                .select(tickets::id)
                 .filter(tickets::id.eq_any(ids))
-                .filter(condition())
                 .for_update()
                 .skip_locked()
                 .load(conn)
         })?;
+        // Checked again once held: the filters may hold subqueries (a tag, a requester's
+        // e-mail), which Citus takes in no row-locking statement, so the lock is by id alone.
+        // The rows cannot change while held; one that stopped matching since the candidates
+        // were read stays locked until the batch commits, and is left alone.
+        let mut locked: Vec<TicketKey> = tickets::table
+            .select((tickets::id, tickets::created_at))
+            .filter(tickets::id.eq_any(&held))
+            .filter(condition())
+            .load(conn)?;
         locked.sort_unstable_by_key(|&(id, _)| id);
         return Ok((locked, candidates.last().copied()));
     }

@@ -1,7 +1,7 @@
 //! The SQL that compares a batch of corrections with the stored tickets and applies them.
 
 use anyhow::Context as _;
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, RunQueryDsl, sql_query};
 
 use super::super::{Changed, SAMPLE_SIZE, Sample};
@@ -9,9 +9,11 @@ use super::{Change, Corrections, Found, Work};
 use crate::audit::FIX_ACTION;
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
-/// The corrections of one batch as arrays ($1…$14), compared with the stored tickets as JSON
-/// objects of the correctable values (tag sets as sorted tag ids); `target` holds the tickets
-/// whose values differ, with both objects.
+/// The corrections of one batch as arrays ($1…$14, the batch's time $15), compared with the
+/// stored tickets as JSON objects of the correctable values (tag sets as sorted tag ids);
+/// `target` holds the tickets whose values differ, with both objects. The stored tag sets come
+/// as one aggregate per ticket, and `want` is made on the coordinator (MATERIALIZED) from the
+/// rows read: on Citus a correlated subquery next to a distributed table is refused.
 const TARGET_SQL: &str = "
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
@@ -25,12 +27,13 @@ WITH i AS (
                               'assignee_id', t.assignee_id,
                               'organization_id', t.organization_id, 'subject', t.subject,
                               'description', t.description, 'solved_at', t.solved_at,
-                              'tag_ids', to_jsonb(ARRAY(SELECT tag_id FROM ticket_tags x
-                                                        WHERE x.ticket_id = t.id ORDER BY tag_id))) AS old,
+                              'tag_ids', to_jsonb(coalesce(st.tag_ids, '{}'))) AS old,
            i.status, i.priority, i.channel, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
            i.subject, i.tags_add, i.tags_remove, i.set_tags, i.tags, i.description
     FROM i JOIN tickets t ON t.id = i.id
-), want AS (
+    LEFT JOIN (SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids
+               FROM ticket_tags WHERE ticket_id = ANY($1) GROUP BY ticket_id) st ON st.ticket_id = t.id
+), want AS MATERIALIZED (
     SELECT c.id, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
            jsonb_build_object(
                'status', coalesce(c.status, c.old ->> 'status'),
@@ -38,7 +41,7 @@ WITH i AS (
                -- state has none; a status that does not change keeps what is stored
                'solved_at', CASE WHEN coalesce(c.status, c.old ->> 'status') = c.old ->> 'status' THEN c.old -> 'solved_at'
                                  WHEN c.status IN ('solved', 'closed')
-                                     THEN coalesce(nullif(c.old -> 'solved_at', 'null'::jsonb), to_jsonb(now()))
+                                     THEN coalesce(nullif(c.old -> 'solved_at', 'null'::jsonb), to_jsonb($15::timestamptz))
                                  ELSE 'null'::jsonb END,
                'priority', coalesce(c.priority, c.old ->> 'priority'),
                'channel', coalesce(c.channel, c.old ->> 'channel'),
@@ -57,7 +60,7 @@ WITH i AS (
                    WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{}'))
                    ORDER BY u)) END) AS new
     FROM cur c
-), target AS (
+), target AS MATERIALIZED (
     SELECT * FROM want WHERE old <> new
 )";
 
@@ -138,6 +141,7 @@ impl Corrections {
             .map(|w| id_list(&w.3.tags_remove, &|n| find(removable, n).map(|f| f.0)))
             .collect();
 
+        let now = chrono::Utc::now();
         let bind = |sql: String| {
             sql_query(sql)
                 .into_boxed()
@@ -155,6 +159,7 @@ impl Corrections {
                 .bind::<Array<Bool>, _>(set_tags.clone())
                 .bind::<Array<Nullable<Text>>, _>(whole_tags.clone())
                 .bind::<Array<Nullable<Text>>, _>(descriptions.clone())
+                .bind::<Timestamptz, _>(now)
         };
         let changed: Changed = if self.dry_run {
             if self.sample.len() < SAMPLE_SIZE {
@@ -173,37 +178,44 @@ impl Corrections {
                 .context("cannot compare the corrections with the tickets")?
         } else {
             bind(format!(
-                "{TARGET_SQL}, changed AS (
+                "{TARGET_SQL}, decoded AS MATERIALIZED (
+                     -- typed here, so that the UPDATE assigns plain values (Citus refuses the
+                     -- casts, STABLE functions, in an UPDATE of a distributed table)
+                     SELECT g.id, (g.new ->> 'status')::ticket_status AS status,
+                            (g.new ->> 'priority')::ticket_priority AS priority,
+                            (g.new ->> 'channel')::ticket_channel AS channel,
+                            (g.new ->> 'assignee_id')::bigint AS assignee_id,
+                            (g.new ->> 'organization_id')::bigint AS organization_id,
+                            g.new ->> 'subject' AS subject, g.new ->> 'description' AS description,
+                            (g.new ->> 'solved_at')::timestamptz AS solved_at,
+                            ARRAY(SELECT jsonb_array_elements_text(g.new -> 'tag_ids')::bigint) AS tag_ids,
+                            {before} || jsonb_build_object('updated_at', g.old_updated_at,
+                                                           'last_operation_id', g.old_operation_id) AS before,
+                            {after} || jsonb_build_object('updated_at', $15::timestamptz,
+                                                          'last_operation_id', {op_id}::bigint) AS after
+                     FROM target g
+                 ), changed AS (
                      UPDATE tickets t
-                     SET status = (g.new ->> 'status')::ticket_status,
-                         priority = (g.new ->> 'priority')::ticket_priority,
-                         channel = (g.new ->> 'channel')::ticket_channel,
-                         assignee_id = (g.new ->> 'assignee_id')::bigint,
-                         organization_id = (g.new ->> 'organization_id')::bigint,
-                         subject = g.new ->> 'subject',
-                         description = g.new ->> 'description',
-                         solved_at = (g.new ->> 'solved_at')::timestamptz,
-                         updated_at = now(), last_operation_id = {op_id}
-                     FROM target g WHERE t.id = g.id
-                     RETURNING t.id, t.updated_at, g.old, g.new, g.old_updated_at, g.old_operation_id
+                     SET status = d.status, priority = d.priority, channel = d.channel, assignee_id = d.assignee_id,
+                         organization_id = d.organization_id, subject = d.subject, description = d.description,
+                         solved_at = d.solved_at, updated_at = $15, last_operation_id = {op_id}
+                     FROM decoded d WHERE t.id = d.id
+                     RETURNING t.id
                  ), tags_removed AS (
-                     DELETE FROM ticket_tags x USING target g
-                     WHERE x.ticket_id = g.id
-                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(g.new -> 'tag_ids')::bigint)
+                     DELETE FROM ticket_tags x USING decoded d
+                     WHERE x.ticket_id = d.id AND NOT x.tag_id = ANY(d.tag_ids)
                  ), tags_added AS (
                      INSERT INTO ticket_tags (ticket_id, tag_id)
-                     SELECT g.id, e::bigint FROM target g CROSS JOIN LATERAL jsonb_array_elements_text(g.new -> 'tag_ids') e
+                     SELECT d.id, u FROM decoded d CROSS JOIN LATERAL unnest(d.tag_ids) u
                      ON CONFLICT DO NOTHING
                  ), audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                     SELECT {op_id}, 'tickets', id, '{FIX_ACTION}',
-                            {before} || jsonb_build_object('updated_at', old_updated_at, 'last_operation_id', old_operation_id),
-                            {after} || jsonb_build_object('updated_at', updated_at, 'last_operation_id', {op_id})
-                     FROM changed
+                     SELECT {op_id}, 'tickets', d.id, '{FIX_ACTION}', d.before, d.after
+                     FROM changed c JOIN decoded d ON d.id = c.id
                  )
                  SELECT count(*) AS changed FROM changed",
-                before = changed_keys("old", "new"),
-                after = changed_keys("new", "old"),
+                before = changed_keys("g.old", "g.new"),
+                after = changed_keys("g.new", "g.old"),
             ))
             .get_result(conn)
             .context("cannot apply the corrections")?
