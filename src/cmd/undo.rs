@@ -434,6 +434,11 @@ fn revert(
         let Some(part) = parts.get(current) else {
             return Ok(Step { rows: 0, done: true });
         };
+        if layout.distributed() && matches!(part, Part::Images(i) if i.table == "users") {
+            // Citus refuses to write users (a reference table that tickets and comments refer
+            // to) after reading the audit rows in parallel: one connection per worker.
+            sql_query("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'").execute(conn)?;
+        }
         let r: Reverted = sql_query(&sql[current])
             .bind::<BigInt, _>(source_op)
             .bind::<BigInt, _>(cursor)

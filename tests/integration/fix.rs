@@ -309,8 +309,10 @@ fn merge_users_leaves_no_reference_to_the_duplicate_and_undo_brings_it_back() {
     // The duplicate: a requester who also wrote comments; the canonical user: an agent.
     let dup = db
         .strings(
-            "SELECT u.email FROM users u JOIN comments c ON c.author_id = u.id JOIN tickets t ON t.requester_id = u.id
-             GROUP BY u.email ORDER BY count(*) DESC, 1 LIMIT 1",
+            "SELECT u.email FROM users u
+             JOIN (SELECT author_id AS id, count(*) AS n FROM comments GROUP BY 1) c ON c.id = u.id
+             JOIN (SELECT requester_id AS id, count(*) AS n FROM tickets GROUP BY 1) t ON t.id = u.id
+             ORDER BY c.n * t.n DESC, 1 LIMIT 1",
         )
         .remove(0);
     let into = "agent1@support.example.org";

@@ -5,7 +5,7 @@
 
 use anyhow::{Context as _, bail};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
@@ -16,6 +16,7 @@ use crate::context::Context;
 use crate::db::{self};
 use crate::exit::{self, UsageError};
 use crate::job::{Job, Step};
+use crate::layout::Layout;
 use crate::schema::users;
 
 pub const HELP: &str = "\
@@ -167,7 +168,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     )?;
     let op = job.operation_id;
 
-    let [move_tickets, move_comments, delete_user] = merge_statements(op);
+    let layout = Layout::of(&mut conn)?;
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
     let stats = job.run(
@@ -175,24 +176,23 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         &args.batching.settings(),
         &ctx.watch(&job.kind).with_total(Some(would_change)),
         |conn, limit| {
-            let run = |conn: &mut PgConnection, sql: &str| -> anyhow::Result<i64> {
-                let moved: Changed = sql_query(sql)
-                    .bind::<BigInt, _>(from)
-                    .bind::<BigInt, _>(into)
-                    .bind::<BigInt, _>(limit as i64)
-                    .get_result(conn)?;
-                Ok(moved.changed)
-            };
-            let moved = match phase {
+            if layout.distributed() {
+                // Citus refuses to write users (a reference table that tickets and comments
+                // refer to) in a transaction that read those in parallel: one connection per worker.
+                sql_query("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'").execute(conn)?;
+            }
+            let limit = limit as i64;
+            let (moved, candidates) = match phase {
                 0 => {
-                    let n = run(conn, &move_tickets).context("cannot move the tickets")?;
-                    tickets += n;
-                    n
+                    let moved = move_tickets(conn, layout, op, from, into, limit).context("cannot move the tickets")?;
+                    tickets += moved.0;
+                    moved
                 }
                 1 => {
-                    let n = run(conn, &move_comments).context("cannot move the comments")?;
-                    comments += n;
-                    n
+                    let moved =
+                        move_comments(conn, layout, op, from, into, limit).context("cannot move the comments")?;
+                    comments += moved.0;
+                    moved
                 }
                 _ => {
                     // Rows written by the application since the moves started would be left behind.
@@ -205,7 +205,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                             left.comments
                         );
                     }
-                    let n = run(conn, &delete_user).context("cannot soft-delete the duplicate user")?;
+                    let n = delete_user(conn, op, from).context("cannot soft-delete the duplicate user")?;
                     users_deleted += n;
                     phase += 1;
                     return Ok(Step {
@@ -214,7 +214,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                     });
                 }
             };
-            if moved < limit as i64 {
+            if candidates < limit {
                 phase += 1;
             }
             Ok(Step {
@@ -231,38 +231,109 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     ))
 }
 
-/// The statements of a merge, for operation `op` ($1: the duplicate, $2: the canonical user,
-/// $3: the batch size): move the tickets, move the comments, soft-delete the duplicate, each
-/// with its audit rows.
-fn merge_statements(op: i64) -> [String; 3] {
-    // Rows are locked and waited for (within the lock timeout, then retried) rather than
-    // skipped: a skipped row would keep referring to the user about to be deleted.
-    let move_tickets = format!(
+// Rows are locked and waited for (within the lock timeout, then retried) rather than skipped:
+// a skipped row would keep referring to the user about to be deleted. The next batch's rows are
+// read first and then locked by id — on Citus shard by shard, as it takes row locks only in
+// one-shard statements — and changed where they still refer to the duplicate.
+
+/// Moves the next `limit` tickets of `from` (as requester or assignee) to `into`, audited;
+/// returns how many moved and how many were candidates.
+fn move_tickets(
+    conn: &mut PgConnection,
+    layout: Layout,
+    op: i64,
+    from: i64,
+    into: i64,
+    limit: i64,
+) -> anyhow::Result<(i64, i64)> {
+    let candidates: Vec<i64> =
+        sql_query("SELECT id FROM tickets WHERE requester_id = $1 OR assignee_id = $1 ORDER BY id LIMIT $2")
+            .bind::<BigInt, _>(from)
+            .bind::<BigInt, _>(limit)
+            .load::<db::Id>(conn)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+    let locked: Vec<i64> = layout
+        .lock_per_shard(conn, &candidates, |conn, ids| {
+            sql_query("SELECT id FROM tickets WHERE id = ANY($1) FOR UPDATE")
+                .bind::<Array<BigInt>, _>(ids)
+                .load::<db::Id>(conn)
+        })?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let moved: Changed = sql_query(format!(
         "WITH target AS (
-             SELECT t.id, jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
-                                             'last_operation_id', t.last_operation_id) AS before
-             FROM tickets t WHERE t.requester_id = $1 OR t.assignee_id = $1
-             ORDER BY t.id LIMIT $3 FOR UPDATE
+             SELECT t.id, t.requester_id, t.assignee_id, t.last_operation_id
+             FROM tickets t WHERE t.id = ANY($3) AND (t.requester_id = $1 OR t.assignee_id = $1)
          ), changed AS (
              UPDATE tickets t
              SET requester_id = CASE WHEN t.requester_id = $1 THEN $2 ELSE t.requester_id END,
                  assignee_id = CASE WHEN t.assignee_id = $1 THEN $2 ELSE t.assignee_id END,
                  last_operation_id = {op}
              FROM target g WHERE t.id = g.id
-             RETURNING t.id, g.before,
-                       jsonb_build_object('requester_id', t.requester_id, 'assignee_id', t.assignee_id,
-                                          'last_operation_id', t.last_operation_id) AS after
+             RETURNING t.id, t.requester_id, t.assignee_id, t.last_operation_id
          ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op}, 'tickets', id, '{FIX_ACTION}', before, after FROM changed
+             SELECT {op}, 'tickets', c.id, '{FIX_ACTION}',
+                    jsonb_build_object('requester_id', g.requester_id, 'assignee_id', g.assignee_id,
+                                       'last_operation_id', g.last_operation_id),
+                    jsonb_build_object('requester_id', c.requester_id, 'assignee_id', c.assignee_id,
+                                       'last_operation_id', c.last_operation_id)
+             FROM changed c JOIN target g ON g.id = c.id
          )
          SELECT count(*) AS changed FROM changed"
-    );
-    let move_comments = format!(
-        "WITH target AS (
-             SELECT id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $3 FOR UPDATE
-         ), changed AS (
-             UPDATE comments c SET author_id = $2 FROM target g WHERE c.id = g.id RETURNING c.id
+    ))
+    .bind::<BigInt, _>(from)
+    .bind::<BigInt, _>(into)
+    .bind::<Array<BigInt>, _>(&locked)
+    .get_result(conn)?;
+    Ok((moved.changed, candidates.len() as i64))
+}
+
+/// Moves the next `limit` comments of `from` to `into`, audited; returns how many moved and
+/// how many were candidates.
+fn move_comments(
+    conn: &mut PgConnection,
+    layout: Layout,
+    op: i64,
+    from: i64,
+    into: i64,
+    limit: i64,
+) -> anyhow::Result<(i64, i64)> {
+    #[derive(QueryableByName)]
+    struct Comment {
+        #[diesel(sql_type = BigInt)]
+        ticket_id: i64,
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let candidates: Vec<Comment> =
+        sql_query("SELECT ticket_id, id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $2")
+            .bind::<BigInt, _>(from)
+            .bind::<BigInt, _>(limit)
+            .load(conn)?;
+    let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
+    let mut tickets: Vec<i64> = candidates.iter().map(|c| c.ticket_id).collect();
+    tickets.sort_unstable();
+    tickets.dedup();
+    // Comments live on their ticket's shard.
+    let locked: Vec<i64> = layout
+        .lock_per_shard(conn, &tickets, |conn, tickets| {
+            sql_query("SELECT id FROM comments WHERE ticket_id = ANY($1) AND id = ANY($2) FOR UPDATE")
+                .bind::<Array<BigInt>, _>(tickets)
+                .bind::<Array<BigInt>, _>(&ids)
+                .load::<db::Id>(conn)
+        })?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let moved: Changed = sql_query(format!(
+        "WITH changed AS (
+             UPDATE comments c SET author_id = $2
+             WHERE c.ticket_id = ANY($3) AND c.id = ANY($4) AND c.author_id = $1
+             RETURNING c.id
          ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
              SELECT {op}, 'comments', id, '{FIX_ACTION}', jsonb_build_object('author_id', $1::bigint),
@@ -270,20 +341,34 @@ fn merge_statements(op: i64) -> [String; 3] {
              FROM changed
          )
          SELECT count(*) AS changed FROM changed"
-    );
-    let delete_user = format!(
+    ))
+    .bind::<BigInt, _>(from)
+    .bind::<BigInt, _>(into)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(&locked)
+    .get_result(conn)?;
+    Ok((moved.changed, candidates.len() as i64))
+}
+
+/// Soft-deletes the duplicate, audited; returns 1, or 0 when it was soft-deleted already.
+fn delete_user(conn: &mut PgConnection, op: i64, from: i64) -> anyhow::Result<i64> {
+    let changed: Changed = sql_query(format!(
         "WITH before AS (
-             SELECT id, jsonb_build_object('deleted_at', deleted_at, 'updated_at', updated_at) AS image
-             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
+             SELECT id, deleted_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
          ), changed AS (
-             UPDATE users u SET deleted_at = now(), updated_at = now() FROM before b WHERE u.id = b.id
-             RETURNING u.id, b.image AS before,
-                       jsonb_build_object('deleted_at', u.deleted_at, 'updated_at', u.updated_at) AS after
+             UPDATE users u SET deleted_at = $2, updated_at = $2 FROM before b WHERE u.id = b.id
+             RETURNING u.id, u.deleted_at, u.updated_at
          ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {op}, 'users', id, '{FIX_ACTION}', before, after FROM changed
+             SELECT {op}, 'users', c.id, '{FIX_ACTION}',
+                    jsonb_build_object('deleted_at', b.deleted_at, 'updated_at', b.updated_at),
+                    jsonb_build_object('deleted_at', c.deleted_at, 'updated_at', c.updated_at)
+             FROM changed c JOIN before b ON b.id = c.id
          )
          SELECT count(*) AS changed FROM changed"
-    );
-    [move_tickets, move_comments, delete_user]
+    ))
+    .bind::<BigInt, _>(from)
+    .bind::<Timestamptz, _>(chrono::Utc::now())
+    .get_result(conn)?;
+    Ok(changed.changed)
 }
