@@ -631,13 +631,24 @@ impl RestateUnchanged {
     /// are not in `assigned` (the statement sets those itself): the tail of an UPDATE's SET list,
     /// empty when naming them is not safe.
     pub fn set_tail(self, assigned: &[&str]) -> String {
+        self.set_tail_of(assigned, "")
+    }
+
+    /// [`Self::set_tail`] with the values named as columns of `row` (`, requester_id =
+    /// t.requester_id, …`), for an UPDATE that joins another copy of its table.
+    pub fn set_tail_of(self, assigned: &[&str], row: &str) -> String {
         if !self.0 {
             return String::new();
         }
+        let prefix = if row.is_empty() {
+            String::new()
+        } else {
+            format!("{row}.")
+        };
         UNCHANGED_INDEXED_COLUMNS
             .iter()
             .filter(|column| !assigned.contains(column))
-            .map(|column| format!(", {column} = {column}"))
+            .map(|column| format!(", {column} = {prefix}{column}"))
             .collect()
     }
 }

@@ -393,14 +393,6 @@ fn revert(
     total: Option<u64>,
 ) -> anyhow::Result<i32> {
     let layout = Layout::of(conn)?;
-    if args.force && layout.distributed() {
-        return Err(UsageError(
-            "undo --force is not supported on the distributed layout yet: undo without --force reverts every \
-             row not changed since, and says how many it left alone"
-                .into(),
-        )
-        .into());
-    }
     let job = Job::start(
         pool,
         ctx.database_url()?,
@@ -415,7 +407,7 @@ fn revert(
         .iter()
         .map(|p| {
             if layout.distributed() {
-                distributed::revert_sql(p, undo_op, restate)
+                distributed::revert_sql(p, undo_op, args.force, restate)
             } else {
                 revert_sql(p, undo_op, args.force, restate, layout)
             }

@@ -272,29 +272,73 @@ fn name_held_rows<K: ImportKind>(
 
 /// Of `keys` in `table.column`, those whose rows another session holds locked now: the rows
 /// that are not locked are taken with SKIP LOCKED in a transaction that is rolled back at
-/// once. `None` when the lookup itself fails.
+/// once. On Citus, which takes row locks only in one-shard statements, the rows of a
+/// distributed table are found first and then tried shard by shard. `None` when the lookup
+/// itself fails.
 pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys: &[String]) -> Option<Vec<String>> {
     use diesel::RunQueryDsl;
+    use diesel::sql_types::{Array, BigInt, Text};
     #[derive(diesel::QueryableByName)]
     struct Key {
-        #[diesel(sql_type = diesel::sql_types::Text)]
+        #[diesel(sql_type = Text)]
         key: String,
     }
+    #[derive(diesel::QueryableByName)]
+    struct Placed {
+        #[diesel(sql_type = BigInt)]
+        ticket_id: i64,
+        #[diesel(sql_type = Text)]
+        key: String,
+    }
+    let layout = crate::layout::Layout::of(conn).ok()?;
+    // The ticket id each distributed table is spread by.
+    let ticket_column = match table {
+        "tickets" if layout.distributed() => Some("id"),
+        "comments" if layout.distributed() => Some("ticket_id"),
+        _ => None,
+    };
     let mut held = None;
     let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-        let select = |lock: &str| {
-            diesel::sql_query(format!(
-                "SELECT {column}::text AS key FROM {table} WHERE {column} = ANY($1) ORDER BY 1 {lock}"
+        let (all, free): (Vec<String>, Vec<String>) = if let Some(ticket_column) = ticket_column {
+            let placed: Vec<Placed> = diesel::sql_query(format!(
+                "SELECT {ticket_column} AS ticket_id, {column}::text AS key FROM {table} WHERE {column} = ANY($1)"
             ))
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(keys)
+            .bind::<Array<Text>, _>(keys)
+            .load(conn)?;
+            let mut tickets: Vec<i64> = placed.iter().map(|p| p.ticket_id).collect();
+            tickets.sort_unstable();
+            tickets.dedup();
+            let free = layout.lock_per_shard(conn, &tickets, |conn, tickets| {
+                diesel::sql_query(format!(
+                    "SELECT {column}::text AS key FROM {table}
+                     WHERE {ticket_column} = ANY($1) AND {column} = ANY($2) FOR NO KEY UPDATE SKIP LOCKED"
+                ))
+                .bind::<Array<BigInt>, _>(tickets)
+                .bind::<Array<Text>, _>(keys)
+                .load::<Key>(conn)
+            })?;
+            (
+                placed.into_iter().map(|p| p.key).collect(),
+                free.into_iter().map(|k| k.key).collect(),
+            )
+        } else {
+            let select = |lock: &str| {
+                diesel::sql_query(format!(
+                    "SELECT {column}::text AS key FROM {table} WHERE {column} = ANY($1) ORDER BY 1 {lock}"
+                ))
+                .bind::<Array<Text>, _>(keys)
+            };
+            let all: Vec<Key> = select("").load(conn)?;
+            let free: Vec<Key> = select("FOR NO KEY UPDATE SKIP LOCKED").load(conn)?;
+            (
+                all.into_iter().map(|k| k.key).collect(),
+                free.into_iter().map(|k| k.key).collect(),
+            )
         };
-        let all: Vec<Key> = select("").load(conn)?;
-        let free: std::collections::HashSet<String> = select("FOR NO KEY UPDATE SKIP LOCKED")
-            .load::<Key>(conn)?
-            .into_iter()
-            .map(|k| k.key)
-            .collect();
-        held = Some(all.into_iter().map(|k| k.key).filter(|k| !free.contains(k)).collect());
+        let free: std::collections::HashSet<String> = free.into_iter().collect();
+        let mut still_held: Vec<String> = all.into_iter().filter(|k| !free.contains(k)).collect();
+        still_held.sort();
+        held = Some(still_held);
         Err(diesel::result::Error::RollbackTransaction)
     });
     held

@@ -4,15 +4,17 @@
 //! shards. So each batch first decodes its images on the coordinator (a MATERIALIZED CTE of
 //! typed values), reads the stored tag sets as one aggregate per ticket, and the UPDATE then
 //! compares and assigns plain values. Same binds and result columns as the other layouts.
-//! (`--force` is refused there for now: its before-images need the current rows as JSON.)
+//! With `--force` the values a row held before the undo (the undo's own before-images) come
+//! from the row as the UPDATE found it (`b`, the same table joined on the row's key), turned
+//! into JSON on the coordinator.
 
 use super::{INSERTED_IDS_WINDOW, ImageSet, Part};
 use crate::audit::{FIX_ACTION, UPDATE_ACTION};
 use crate::filters::RestateUnchanged;
 
-pub(super) fn revert_sql(part: &Part, undo_op: i64, restate: RestateUnchanged) -> String {
+pub(super) fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
     match part {
-        Part::Images(images) => images_sql(images, undo_op, restate),
+        Part::Images(images) => images_sql(images, undo_op, force, restate),
         Part::Inserted { .. } => {
             let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
             format!(
@@ -74,7 +76,7 @@ fn holds(images: &ImageSet, prefix: &str) -> String {
     }
 }
 
-fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> String {
+fn images_sql(images: &ImageSet, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
     let table = &images.table;
     let set: Vec<String> = images
         .columns
@@ -91,7 +93,7 @@ fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> Str
     };
     if table == "tickets" {
         let assigned: Vec<&str> = images.columns.iter().map(|(c, _)| *c).collect();
-        set += &restate.set_tail(&assigned);
+        set += &restate.set_tail_of(&assigned, "t");
     }
     let (stored_tags, tags_join) = if images.tags {
         (
@@ -136,6 +138,47 @@ fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> Str
     } else {
         ("", "")
     };
+    // The row before this undo, `b`, joined on the row's key (a comment's includes its ticket,
+    // the distribution column), and the undo's before-image: without --force a reverted row
+    // held the after-image; with it, the image's keys read from `b` on the coordinator.
+    let same_row = if table == "comments" {
+        "b.ticket_id = t.ticket_id AND b.id = t.id"
+    } else {
+        "b.id = t.id"
+    };
+    let (to_revert, recheck, old_values) = if force {
+        let tags = if images.tags {
+            " || CASE WHEN c.before ? 'tag_ids' THEN jsonb_build_object('tag_ids', c.current_tags) ELSE '{}' END"
+        } else {
+            ""
+        };
+        (
+            format!("NOT {}", holds(images, "b")),
+            "TRUE".to_string(),
+            format!(
+                "(SELECT jsonb_object_agg(k, j -> k) FROM (SELECT to_jsonb(c.before_row){tags} AS j) r,
+                                                         jsonb_object_keys(c.before) k)"
+            ),
+        )
+    } else {
+        (
+            format!("{} AND NOT {}", holds(images, "a"), holds(images, "b")),
+            holds(
+                &ImageSet {
+                    tags: false,
+                    ..images.clone()
+                },
+                "a",
+            ),
+            "c.after".to_string(),
+        )
+    };
+    let current_tags = if images.tags {
+        "coalesce(st.tags, '[]') AS current_tags,"
+    } else {
+        ""
+    };
+    let returned_tags = if images.tags { "v.current_tags," } else { "" };
     format!(
         "WITH a AS (
              SELECT id AS audit_id, row_id, before, after FROM audit_log
@@ -145,16 +188,18 @@ fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> Str
          ), v AS MATERIALIZED (
              SELECT a.audit_id, a.row_id, a.before, a.after, {decoded} FROM a
          ), {stored_tags} target AS MATERIALIZED (
-             SELECT v.*, {after_t} AND NOT {before_t} AND $4 = $4 AS to_revert, {before_t} AS already_reverted
+             SELECT v.*, {current_tags} {to_revert} AND $4 = $4 AS to_revert, {before_t} AS already_reverted
              FROM v JOIN {table} t ON t.id = v.row_id {tags_join}
          ), changed AS (
              UPDATE {table} t SET {set}
-             FROM target v
-             WHERE t.id = v.row_id AND v.to_revert AND {after_columns} -- re-checked on a row changed meanwhile
-             RETURNING t.id, {returned} {tag_columns} v.before, v.after
-         ), {tag_writes} {keys} audited AS (
+             FROM target v, {table} b
+             WHERE t.id = v.row_id AND {same_row} AND v.to_revert AND {recheck} -- re-checked on a row changed meanwhile
+             RETURNING t.id, {returned} {tag_columns} {returned_tags} v.before, v.after, b AS before_row
+         ), {tag_writes} {keys} old AS MATERIALIZED (
+             SELECT c.id, c.before, {old_values} AS old_values FROM changed c
+         ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-             SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', after, before FROM changed
+             SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM old
          )
          SELECT (SELECT count(*) FROM changed) AS reverted,
                 coalesce((SELECT min(audit_id) FROM a), $2) AS next,
@@ -162,13 +207,5 @@ fn images_sql(images: &ImageSet, undo_op: i64, restate: RestateUnchanged) -> Str
                 (SELECT count(*) FROM target WHERE already_reverted) AS already",
         decoded = decoded(images),
         before_t = holds(images, "b"),
-        after_t = holds(images, "a"),
-        after_columns = holds(
-            &ImageSet {
-                tags: false,
-                ..images.clone()
-            },
-            "a"
-        ),
     )
 }
