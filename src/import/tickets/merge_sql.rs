@@ -156,13 +156,15 @@ impl TicketImport {
                  JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
              )
-             SELECT id, external_id, inserted FROM written",
+             SELECT id, external_id, inserted, NULL::timestamptz AS moved_to FROM written",
             tags = self.tags_target(),
             update = crate::audit::UPDATE_ACTION,
         )
     }
 
     /// The distributed layout's merge: the partitioned one's UPDATE, with what Citus needs.
+    /// The keys of tickets whose created_at changed are updated afterwards by the caller
+    /// (`moved_to`): joined in this statement to every written row, a key shard is read whole.
     /// The images are made on the coordinator from the rows the workers return (`t` after,
     /// `b` before: a self-join on the distribution column, read in the UPDATE's own
     /// snapshot), as Citus takes no non-immutable function such as `to_jsonb` in RETURNING;
@@ -184,12 +186,10 @@ impl TicketImport {
              ), written AS (
                  UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
                  FROM target g, tickets b
-                 WHERE t.id = g.id AND b.id = t.id
+                 WHERE t.id = g.id AND b.id = t.id AND t.id = ANY($4) -- (each shard probes its ids)
                    AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
-                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, t AS after_row, b AS before_row
-             ), moved AS (
-                 UPDATE ticket_keys k SET created_at = w.created_at
-                 FROM written w WHERE k.external_id = w.external_id AND k.created_at <> w.created_at
+                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, t AS after_row, b AS before_row,
+                           t.created_at <> b.created_at AS created_at_changed
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id, '{update}',
@@ -199,7 +199,7 @@ impl TicketImport {
                  JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
              )
-             SELECT id, external_id, inserted FROM written",
+             SELECT id, external_id, inserted, CASE WHEN created_at_changed THEN created_at END AS moved_to FROM written",
             tags = self.tags_target(),
             update = crate::audit::UPDATE_ACTION,
             stored_tags = stored_tags_join("$4"),
@@ -243,7 +243,7 @@ impl TicketImport {
                  LEFT JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
              )
-             SELECT id, external_id, inserted FROM written",
+             SELECT id, external_id, inserted, NULL::timestamptz AS moved_to FROM written",
             tags = self.tags_target(),
             insert = crate::audit::INSERT_ACTION,
             update = crate::audit::UPDATE_ACTION,

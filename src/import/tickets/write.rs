@@ -46,6 +46,9 @@ struct Written {
     external_id: String,
     #[diesel(sql_type = Bool)]
     inserted: bool,
+    /// The new created_at of a ticket whose key must follow (distributed layout only).
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    moved_to: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 // The staging table for rows that may already exist. Temporary (no WAL, private to the
@@ -464,6 +467,22 @@ impl TicketImport {
             .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
             .context("cannot merge changed tickets")?;
+        let (moved_keys, moved_to): (Vec<&str>, Vec<chrono::DateTime<chrono::Utc>>) = written
+            .iter()
+            .filter_map(|w| w.moved_to.map(|at| (w.external_id.as_str(), at)))
+            .unzip();
+        if !moved_keys.is_empty() {
+            // Pruned to the keys' shards by the ANY on the distribution column.
+            sql_query(
+                "UPDATE ticket_keys k SET created_at = m.created_at
+                 FROM unnest($1::text[], $2::timestamptz[]) AS m(external_id, created_at)
+                 WHERE k.external_id = m.external_id AND k.external_id = ANY($1)",
+            )
+            .bind::<Array<Text>, _>(&moved_keys)
+            .bind::<Array<diesel::sql_types::Timestamptz>, _>(&moved_to)
+            .execute(conn)
+            .context("cannot move the keys of tickets whose created_at changed")?;
+        }
         let mine: HashSet<i64> = no_audit.iter().copied().collect();
         let mut written_ids = Vec::with_capacity(written.len());
         let mut written_keys = Vec::with_capacity(written.len());
