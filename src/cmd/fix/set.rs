@@ -410,7 +410,7 @@ impl TicketFix for FieldFix {
                  SELECT t.id, {image_t} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
              ), changed AS (
                  UPDATE tickets t SET {set}, updated_at = {now}, last_operation_id = {op}{restated}
-                 FROM target WHERE t.id = target.id
+                 FROM target WHERE t.id = target.id AND t.id = ANY($1) -- (each shard probes the batch's ids)
                  RETURNING t.id, target.before, t AS after_row
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
