@@ -292,6 +292,17 @@ impl TestDb {
                  WHERE (ticket_keys.external_id, ticket_keys.created_at) IS DISTINCT FROM (excluded.external_id, excluded.created_at);
                  COMMIT;"
             )
+        } else if self.layout == "distributed" && (lower.contains("create trigger") || lower.contains("drop trigger")) {
+            // Citus creates triggers on the shards of a distributed table only when told to (the
+            // tests' triggers touch no other table, which is what it calls safe), and propagates
+            // DDL one statement at a time.
+            let mut conn = self.conn();
+            conn.batch_execute("SET citus.enable_unsafe_triggers TO on").unwrap();
+            for statement in sql_statements(sql) {
+                conn.batch_execute(statement)
+                    .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            }
+            return;
         } else {
             sql.to_string()
         };
@@ -825,4 +836,27 @@ pub fn apply(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> serde_json::V
     all.extend_from_slice(&["--apply", "--yes"]);
     let run = ticketops(Some(db), dir, &all).run();
     run.expect_code(0).json()
+}
+
+/// The statements of a script: split at semicolons outside `$$` quoting.
+fn sql_statements(sql: &str) -> Vec<&str> {
+    let mut statements = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(b"$$") {
+            quoted = !quoted;
+            i += 2;
+            continue;
+        }
+        if bytes[i] == b';' && !quoted {
+            statements.push(sql[start..i].trim());
+            start = i + 1;
+        }
+        i += 1;
+    }
+    statements.push(sql[start..].trim());
+    statements.retain(|s| !s.is_empty());
+    statements
 }
