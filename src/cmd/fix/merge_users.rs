@@ -169,6 +169,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let op = job.operation_id;
 
     let layout = Layout::of(&mut conn)?;
+    let merge = Merge { layout, op, from, into };
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
     let stats = job.run(
@@ -184,13 +185,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             let limit = limit as i64;
             let (moved, candidates) = match phase {
                 0 => {
-                    let moved = move_tickets(conn, layout, op, from, into, limit).context("cannot move the tickets")?;
+                    let moved = merge.move_tickets(conn, limit).context("cannot move the tickets")?;
                     tickets += moved.0;
                     moved
                 }
                 1 => {
-                    let moved =
-                        move_comments(conn, layout, op, from, into, limit).context("cannot move the comments")?;
+                    let moved = merge.move_comments(conn, limit).context("cannot move the comments")?;
                     comments += moved.0;
                     moved
                 }
@@ -205,7 +205,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                             left.comments
                         );
                     }
-                    let n = delete_user(conn, op, from).context("cannot soft-delete the duplicate user")?;
+                    let n = merge
+                        .delete_user(conn)
+                        .context("cannot soft-delete the duplicate user")?;
                     users_deleted += n;
                     phase += 1;
                     return Ok(Step {
@@ -236,35 +238,39 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
 // read first and then locked by id — on Citus shard by shard, as it takes row locks only in
 // one-shard statements — and changed where they still refer to the duplicate.
 
-/// Moves the next `limit` tickets of `from` (as requester or assignee) to `into`, audited;
-/// returns how many moved and how many were candidates.
-fn move_tickets(
-    conn: &mut PgConnection,
+/// One merge: the duplicate `from` into `into`, recorded as operation `op`.
+#[derive(Clone, Copy)]
+struct Merge {
     layout: Layout,
     op: i64,
     from: i64,
     into: i64,
-    limit: i64,
-) -> anyhow::Result<(i64, i64)> {
-    let candidates: Vec<i64> =
-        sql_query("SELECT id FROM tickets WHERE requester_id = $1 OR assignee_id = $1 ORDER BY id LIMIT $2")
-            .bind::<BigInt, _>(from)
-            .bind::<BigInt, _>(limit)
-            .load::<db::Id>(conn)?
+}
+
+impl Merge {
+    /// Moves the next `limit` tickets of `from` (as requester or assignee) to `into`, audited;
+    /// returns how many moved and how many were candidates.
+    fn move_tickets(&self, conn: &mut PgConnection, limit: i64) -> anyhow::Result<(i64, i64)> {
+        let Merge { layout, op, from, into } = *self;
+        let candidates: Vec<i64> =
+            sql_query("SELECT id FROM tickets WHERE requester_id = $1 OR assignee_id = $1 ORDER BY id LIMIT $2")
+                .bind::<BigInt, _>(from)
+                .bind::<BigInt, _>(limit)
+                .load::<db::Id>(conn)?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+        let locked: Vec<i64> = layout
+            .lock_per_shard(conn, &candidates, |conn, ids| {
+                sql_query("SELECT id FROM tickets WHERE id = ANY($1) FOR UPDATE")
+                    .bind::<Array<BigInt>, _>(ids)
+                    .load::<db::Id>(conn)
+            })?
             .into_iter()
             .map(|r| r.id)
             .collect();
-    let locked: Vec<i64> = layout
-        .lock_per_shard(conn, &candidates, |conn, ids| {
-            sql_query("SELECT id FROM tickets WHERE id = ANY($1) FOR UPDATE")
-                .bind::<Array<BigInt>, _>(ids)
-                .load::<db::Id>(conn)
-        })?
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    let moved: Changed = sql_query(format!(
-        "WITH target AS (
+        let moved: Changed = sql_query(format!(
+            "WITH target AS (
              SELECT t.id, t.requester_id, t.assignee_id, t.last_operation_id
              FROM tickets t WHERE t.id = ANY($3) AND (t.requester_id = $1 OR t.assignee_id = $1)
          ), changed AS (
@@ -284,53 +290,47 @@ fn move_tickets(
              FROM changed c JOIN target g ON g.id = c.id
          )
          SELECT count(*) AS changed FROM changed"
-    ))
-    .bind::<BigInt, _>(from)
-    .bind::<BigInt, _>(into)
-    .bind::<Array<BigInt>, _>(&locked)
-    .get_result(conn)?;
-    Ok((moved.changed, candidates.len() as i64))
-}
-
-/// Moves the next `limit` comments of `from` to `into`, audited; returns how many moved and
-/// how many were candidates.
-fn move_comments(
-    conn: &mut PgConnection,
-    layout: Layout,
-    op: i64,
-    from: i64,
-    into: i64,
-    limit: i64,
-) -> anyhow::Result<(i64, i64)> {
-    #[derive(QueryableByName)]
-    struct Comment {
-        #[diesel(sql_type = BigInt)]
-        ticket_id: i64,
-        #[diesel(sql_type = BigInt)]
-        id: i64,
+        ))
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(into)
+        .bind::<Array<BigInt>, _>(&locked)
+        .get_result(conn)?;
+        Ok((moved.changed, candidates.len() as i64))
     }
-    let candidates: Vec<Comment> =
-        sql_query("SELECT ticket_id, id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $2")
-            .bind::<BigInt, _>(from)
-            .bind::<BigInt, _>(limit)
-            .load(conn)?;
-    let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
-    let mut tickets: Vec<i64> = candidates.iter().map(|c| c.ticket_id).collect();
-    tickets.sort_unstable();
-    tickets.dedup();
-    // Comments live on their ticket's shard.
-    let locked: Vec<i64> = layout
-        .lock_per_shard(conn, &tickets, |conn, tickets| {
-            sql_query("SELECT id FROM comments WHERE ticket_id = ANY($1) AND id = ANY($2) FOR UPDATE")
-                .bind::<Array<BigInt>, _>(tickets)
-                .bind::<Array<BigInt>, _>(&ids)
-                .load::<db::Id>(conn)
-        })?
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    let moved: Changed = sql_query(format!(
-        "WITH changed AS (
+
+    /// Moves the next `limit` comments of `from` to `into`, audited; returns how many moved and
+    /// how many were candidates.
+    fn move_comments(&self, conn: &mut PgConnection, limit: i64) -> anyhow::Result<(i64, i64)> {
+        let Merge { layout, op, from, into } = *self;
+        #[derive(QueryableByName)]
+        struct Comment {
+            #[diesel(sql_type = BigInt)]
+            ticket_id: i64,
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+        }
+        let candidates: Vec<Comment> =
+            sql_query("SELECT ticket_id, id FROM comments WHERE author_id = $1 ORDER BY id LIMIT $2")
+                .bind::<BigInt, _>(from)
+                .bind::<BigInt, _>(limit)
+                .load(conn)?;
+        let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
+        let mut tickets: Vec<i64> = candidates.iter().map(|c| c.ticket_id).collect();
+        tickets.sort_unstable();
+        tickets.dedup();
+        // Comments live on their ticket's shard.
+        let locked: Vec<i64> = layout
+            .lock_per_shard(conn, &tickets, |conn, tickets| {
+                sql_query("SELECT id FROM comments WHERE ticket_id = ANY($1) AND id = ANY($2) FOR UPDATE")
+                    .bind::<Array<BigInt>, _>(tickets)
+                    .bind::<Array<BigInt>, _>(&ids)
+                    .load::<db::Id>(conn)
+            })?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let moved: Changed = sql_query(format!(
+            "WITH changed AS (
              UPDATE comments c SET author_id = $2
              WHERE c.ticket_id = ANY($3) AND c.id = ANY($4) AND c.author_id = $1
              RETURNING c.id
@@ -341,19 +341,20 @@ fn move_comments(
              FROM changed
          )
          SELECT count(*) AS changed FROM changed"
-    ))
-    .bind::<BigInt, _>(from)
-    .bind::<BigInt, _>(into)
-    .bind::<Array<BigInt>, _>(&tickets)
-    .bind::<Array<BigInt>, _>(&locked)
-    .get_result(conn)?;
-    Ok((moved.changed, candidates.len() as i64))
-}
+        ))
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(into)
+        .bind::<Array<BigInt>, _>(&tickets)
+        .bind::<Array<BigInt>, _>(&locked)
+        .get_result(conn)?;
+        Ok((moved.changed, candidates.len() as i64))
+    }
 
-/// Soft-deletes the duplicate, audited; returns 1, or 0 when it was soft-deleted already.
-fn delete_user(conn: &mut PgConnection, op: i64, from: i64) -> anyhow::Result<i64> {
-    let changed: Changed = sql_query(format!(
-        "WITH before AS (
+    /// Soft-deletes the duplicate, audited; returns 1, or 0 when it was soft-deleted already.
+    fn delete_user(&self, conn: &mut PgConnection) -> anyhow::Result<i64> {
+        let Merge { op, from, .. } = *self;
+        let changed: Changed = sql_query(format!(
+            "WITH before AS (
              SELECT id, deleted_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE
          ), changed AS (
              UPDATE users u SET deleted_at = $2, updated_at = $2 FROM before b WHERE u.id = b.id
@@ -366,9 +367,10 @@ fn delete_user(conn: &mut PgConnection, op: i64, from: i64) -> anyhow::Result<i6
              FROM changed c JOIN before b ON b.id = c.id
          )
          SELECT count(*) AS changed FROM changed"
-    ))
-    .bind::<BigInt, _>(from)
-    .bind::<Timestamptz, _>(chrono::Utc::now())
-    .get_result(conn)?;
-    Ok(changed.changed)
+        ))
+        .bind::<BigInt, _>(from)
+        .bind::<Timestamptz, _>(chrono::Utc::now())
+        .get_result(conn)?;
+        Ok(changed.changed)
+    }
 }
