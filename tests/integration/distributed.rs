@@ -212,3 +212,52 @@ fn a_sigkilled_import_leaves_no_transaction_in_doubt_and_resumes_to_the_same_key
         "every ticket has exactly its key"
     );
 }
+
+#[test]
+fn a_comment_that_would_move_to_another_ticket_is_rejected_with_its_reason_and_stays() {
+    crate::only_on_distributed!();
+    let (db, dir) = dataset();
+    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
+    let first = dir.join("comments-1.csv");
+    std::fs::write(
+        &first,
+        format!(
+            "{header}K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+             K-2,C-2,bob@example.com,second,true,2024-01-01T00:00:00Z\n"
+        ),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "comments", &first, &[]);
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 2, "{}", run.explain());
+    let second = dir.join("comments-2.csv");
+    std::fs::write(
+        &second,
+        format!(
+            "{header}K-1,C-3,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+             K-2,C-2,bob@example.com,second (edited),true,2024-01-01T00:00:00Z\n"
+        ),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "comments", &second, &["--rejects", "moved.csv"]);
+    run.expect_code(3);
+    assert_eq!(outcome(&summary), [0, 1, 0, 0, 0, 1], "{}", run.explain());
+    let rejects = read_rejects(&dir.join("moved.csv"));
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].1, 2, "the line of K-1");
+    assert!(rejects[0].2.contains("cannot move between tickets"), "{:?}", rejects[0]);
+    assert_eq!(
+        db.strings(
+            "SELECT c.external_id || ' ' || c.body FROM comments c WHERE c.external_id IN ('K-1', 'K-2') ORDER BY 1"
+        ),
+        vec!["K-1 first", "K-2 second (edited)"]
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM comments c JOIN tickets t ON t.id = c.ticket_id
+             WHERE c.external_id = 'K-1' AND t.external_id = 'C-1'"
+        ),
+        1,
+        "K-1 stays on its ticket"
+    );
+}

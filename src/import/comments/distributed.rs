@@ -119,8 +119,8 @@ pub(super) fn merge(
                     Some("ticket_external_id"),
                     "comment moves to another ticket",
                     format!(
-                        "comment {:?} belongs to another ticket; moving a comment is not supported on the \
-                         distributed layout (delete it there first)",
+                        "comment {:?} is on another ticket; a comment cannot move between tickets on the \
+                         distributed layout (keep its ticket, or give it another external_id)",
                         row.external_id.as_deref().unwrap_or_default()
                     ),
                 ),
