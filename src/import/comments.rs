@@ -1,7 +1,7 @@
 //! `import comments`: ticket_external_id, author_email, body, public, created_at and an
 //! optional external_id (the upsert key). A comment without external_id is matched on
 //! (ticket, author, body, created_at), so importing the same file twice adds nothing. A batch
-//! is one merge statement, or on the distributed layout the steps of [`distributed`].
+//! is one merge statement, or on the distributed layout the steps of `comments/distributed.rs`.
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
