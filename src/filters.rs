@@ -323,14 +323,7 @@ impl ResolvedFilters {
     ) -> QueryResult<(Vec<i64>, Option<i64>)> {
         if layout.distributed() {
             let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
-            let held: Vec<i64> = layout.lock_per_shard(conn, &candidates, |conn, ids| {
-                tickets::table
-                    .select(tickets::id)
-                    .filter(tickets::id.eq_any(ids))
-                    .for_no_key_update()
-                    .skip_locked()
-                    .load(conn)
-            })?;
+            let held = layout.lock_tickets(conn, &candidates, "FOR NO KEY UPDATE SKIP LOCKED")?;
             // Checked again once held (as in `lock_next_for_removal`).
             let mut locked: Vec<i64> = tickets::table
                 .select(tickets::id)
@@ -556,14 +549,7 @@ pub fn lock_next_for_removal(
             .order(tickets::id)
             .limit(limit)
             .load(conn)?;
-        let held: Vec<i64> = layout.lock_per_shard(conn, &candidates, |conn, ids| {
-            tickets::table
-                .select(tickets::id)
-                .filter(tickets::id.eq_any(ids))
-                .for_update()
-                .skip_locked()
-                .load(conn)
-        })?;
+        let held = layout.lock_tickets(conn, &candidates, "FOR UPDATE SKIP LOCKED")?;
         // Checked again once held: the filters may hold subqueries (a tag, a requester's
         // e-mail), which Citus takes in no row-locking statement, so the lock is by id alone.
         // The rows cannot change while held; one that stopped matching since the candidates

@@ -140,6 +140,19 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// Locks the tickets `ids` by id alone (`lock`: a locking clause such as `FOR UPDATE SKIP
+    /// LOCKED`) through [`Layout::lock_per_shard`]; returns the ids locked.
+    pub fn lock_tickets(self, conn: &mut PgConnection, ids: &[i64], lock: &str) -> diesel::QueryResult<Vec<i64>> {
+        let locked = self.lock_per_shard(conn, ids, |conn, ids| {
+            sql_query(format!("SELECT id FROM tickets WHERE id = ANY($1) {lock}"))
+                .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+                .load::<crate::db::Id>(conn)
+        })?;
+        Ok(locked.into_iter().map(|r| r.id).collect())
+    }
+}
+
 /// For the rest of the transaction, joins of a batch's keys to the partitioned tickets as
 /// nested loops: each probe is pruned to one partition at run time, where the planner, costing
 /// every partition, would rather hash the batch and scan the whole table (measured: 0.3-0.7 s

@@ -260,15 +260,7 @@ impl Merge {
                 .into_iter()
                 .map(|r| r.id)
                 .collect();
-        let locked: Vec<i64> = layout
-            .lock_per_shard(conn, &candidates, |conn, ids| {
-                sql_query("SELECT id FROM tickets WHERE id = ANY($1) FOR UPDATE")
-                    .bind::<Array<BigInt>, _>(ids)
-                    .load::<db::Id>(conn)
-            })?
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        let locked = layout.lock_tickets(conn, &candidates, "FOR UPDATE")?;
         let moved: Changed = sql_query(format!(
             "WITH target AS (
              SELECT t.id, t.requester_id, t.assignee_id, t.last_operation_id
