@@ -142,11 +142,7 @@ impl ImageSet {
                      SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id)))"
             ));
         }
-        if checks.is_empty() {
-            "TRUE".to_string()
-        } else {
-            format!("({})", checks.join(" AND "))
-        }
+        all_of(&checks)
     }
 
     /// `SET` assignments putting image `img`'s values back (other columns keep theirs). A
@@ -171,6 +167,15 @@ impl ImageSet {
         } else {
             set
         }
+    }
+}
+
+/// The SQL conjunction of `checks` (`TRUE` when there are none).
+fn all_of(checks: &[String]) -> String {
+    if checks.is_empty() {
+        "TRUE".to_string()
+    } else {
+        format!("({})", checks.join(" AND "))
     }
 }
 

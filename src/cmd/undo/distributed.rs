@@ -8,7 +8,7 @@
 //! from the row as the UPDATE found it (`b`, the same table joined on the row's key), turned
 //! into JSON on the coordinator.
 
-use super::{INSERTED_IDS_WINDOW, ImageSet, Part};
+use super::{INSERTED_IDS_WINDOW, ImageSet, Part, all_of};
 use crate::audit::{FIX_ACTION, UPDATE_ACTION};
 use crate::filters::RestateUnchanged;
 
@@ -69,11 +69,7 @@ fn holds(images: &ImageSet, prefix: &str) -> String {
             "(NOT v.{prefix}_has_tags OR v.{prefix}_tags = coalesce(st.tags, '[]'))"
         ));
     }
-    if checks.is_empty() {
-        "TRUE".into()
-    } else {
-        format!("({})", checks.join(" AND "))
-    }
+    all_of(&checks)
 }
 
 fn images_sql(images: &ImageSet, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
