@@ -31,22 +31,45 @@ macro_rules! utc {
     };
 }
 
-pub const TICKETS_SELECT: &str = concat!(
-    "SELECT t.external_id, t.subject, t.description, t.status, t.priority, t.channel,
+/// The tickets in the import format; `$tags` is the tag list of ticket `t`, `$joins` any
+/// joins it needs.
+macro_rules! tickets_select {
+    ($tags:expr, $joins:expr) => {
+        concat!(
+            "SELECT t.external_id, t.subject, t.description, t.status, t.priority, t.channel,
             r.email AS requester_email, r.name AS requester_name, a.email AS assignee_email,
-            o.name AS organization,
-            (SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
-              WHERE tt.ticket_id = t.id) AS tags, ",
-    utc!("t.created_at"),
-    " AS created_at, ",
-    utc!("t.updated_at"),
-    " AS updated_at, ",
-    utc!("t.solved_at"),
-    " AS solved_at
+            o.name AS organization, ",
+            $tags,
+            " AS tags, ",
+            utc!("t.created_at"),
+            " AS created_at, ",
+            utc!("t.updated_at"),
+            " AS updated_at, ",
+            utc!("t.solved_at"),
+            " AS solved_at
      FROM tickets t
      JOIN users r ON r.id = t.requester_id
      LEFT JOIN users a ON a.id = t.assignee_id
-     LEFT JOIN organizations o ON o.id = t.organization_id"
+     LEFT JOIN organizations o ON o.id = t.organization_id",
+            $joins
+        )
+    };
+}
+
+/// Some tickets (archives, filtered exports): each one's tags looked up by its id.
+pub const TICKETS_SELECT: &str = tickets_select!(
+    "(SELECT string_agg(g.name, ';' ORDER BY g.name) FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id
+              WHERE tt.ticket_id = t.id)",
+    ""
+);
+
+/// Every ticket (the unfiltered export): the tag lists aggregated in one pass over the tag
+/// links and joined, about a third faster than a lookup per ticket (docs/performance.md).
+const ALL_TICKETS_SELECT: &str = tickets_select!(
+    "tg.tags",
+    "
+     LEFT JOIN (SELECT tt.ticket_id, string_agg(g.name, ';' ORDER BY g.name) AS tags
+                FROM ticket_tags tt JOIN tags g ON g.id = tt.tag_id GROUP BY tt.ticket_id) tg ON tg.ticket_id = t.id"
 );
 
 const USERS_SELECT: &str = "SELECT u.email, u.name, u.role, o.name AS organization
@@ -86,7 +109,7 @@ macro_rules! export_query {
 export_query!(
     TicketsExport,
     schema::tickets::table,
-    (TICKETS_SELECT, " WHERE t.deleted_at IS NULL", " ORDER BY t.id")
+    (ALL_TICKETS_SELECT, " WHERE t.deleted_at IS NULL", " ORDER BY t.id")
 );
 export_query!(
     UsersExport,
