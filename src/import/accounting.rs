@@ -61,15 +61,34 @@ impl Counts {
     pub fn accounted(&self) -> u64 {
         self.inserted + self.updated + self.unchanged + self.duplicate + self.skipped_deleted + self.rejected
     }
+
+    /// Adds the counts of one more batch.
+    pub fn add(&mut self, batch: &Counts) {
+        self.rows_read += batch.rows_read;
+        self.inserted += batch.inserted;
+        self.updated += batch.updated;
+        self.unchanged += batch.unchanged;
+        self.duplicate += batch.duplicate;
+        self.skipped_deleted += batch.skipped_deleted;
+        self.rejected += batch.rejected;
+    }
 }
 
-/// What is stored in `bulk_operations.checkpoint` after each committed batch.
+/// What is stored in `bulk_operations.checkpoint` after each committed batch. With several
+/// writers (`--jobs`) batches commit out of order: `position` is the end of the committed
+/// prefix of the file, and `done` holds the batches committed beyond it (each by the record
+/// it starts after, with its end); a resume reads from `position` in batches of the same
+/// `batch_size` and skips those.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Checkpoint {
     pub(super) position: Position,
     pub(super) rejects_bytes: u64,
     pub(super) counts: Counts,
     pub(super) tally: RejectTally,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) done: Vec<(u64, Position)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) batch_size: Option<usize>,
 }
 
 /// The result of one import, printed as the summary.

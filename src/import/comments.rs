@@ -133,6 +133,12 @@ impl ImportKind for CommentImport {
         self.cache.clear();
     }
 
+    /// Comments fill in nothing of their authors (created without a name), so the order in
+    /// which writers resolve them does not matter.
+    fn another_writer(&self) -> Option<CommentImport> {
+        Some(CommentImport::default())
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,

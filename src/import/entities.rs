@@ -227,7 +227,10 @@ impl EntityCache {
             }
             return Ok(());
         }
-        let wanted: Vec<UserRef<'_>> = wanted.into_values().collect();
+        // In e-mail order, as every writer of an import (--jobs) inserts them: two that insert
+        // the same new users wait for each other in one order, never in a cycle.
+        let mut wanted: Vec<UserRef<'_>> = wanted.into_values().collect();
+        wanted.sort_unstable_by(|a, b| a.email.cmp(b.email));
         self.upsert_users(conn, &wanted)
     }
 
@@ -503,7 +506,8 @@ SELECT id, email, role, has_name, has_organization FROM written";
 fn upsert_names(conn: &mut PgConnection, table: &str, names: &[String]) -> QueryResult<Vec<IdName>> {
     let sql = format!(
         "WITH input AS (SELECT DISTINCT unnest($1::text[]) AS name),
-              inserted AS (INSERT INTO {table} (name) SELECT name FROM input ON CONFLICT (name) DO NOTHING RETURNING id, name)
+              inserted AS (INSERT INTO {table} (name) SELECT name FROM input ORDER BY name
+                           ON CONFLICT (name) DO NOTHING RETURNING id, name)
          SELECT id, name FROM inserted
          UNION ALL SELECT t.id, t.name FROM {table} t JOIN input USING (name)"
     );

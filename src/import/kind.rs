@@ -40,7 +40,7 @@ pub struct WriterReject {
 }
 
 /// One kind of import: its fields, how a record becomes a row, and how a batch is written.
-pub trait ImportKind {
+pub trait ImportKind: Send {
     type Row: Send + 'static;
     /// `tickets`, `users`, `comments`: the operation kind is `import <name>`.
     const NAME: &'static str;
@@ -88,6 +88,23 @@ pub trait ImportKind {
     /// the lookup for another batch read. It reads state committed just before the batch's
     /// own transaction, so a concurrent change in between is seen as one made just after.
     fn prefetcher(&self) -> Option<Prefetcher<Self::Row, Self::Prefetched>> {
+        None
+    }
+
+    /// Creates or finds what the batch's rows refer to (users, organizations, tags), in the
+    /// batch's transaction before `write_batch`. With several writers the batches do this in
+    /// file order, one after the other, so that where the file fills in a value (a user's
+    /// first name seen) the first row in the file wins, as with one writer.
+    fn resolve(&mut self, _conn: &mut PgConnection, _rows: &[Numbered<Self::Row>]) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// A writer for another connection (`--jobs`): the same settings, its own caches. `None`
+    /// when the kind writes with one connection only.
+    fn another_writer(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
         None
     }
 

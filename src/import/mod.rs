@@ -27,7 +27,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -48,7 +48,7 @@ pub use accounting::{Counts, ImportReport, MaxRejects};
 pub use kind::{ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 pub(crate) use reader::Latin1Check;
 use reader::{BatchResult, ReadSettings, read_batches};
-use writer::{LoopEnd, prefetch_batches, process_batches};
+use writer::{Committed, LoopEnd, WriterShared, prefetch_batches, process_batches};
 
 /// How rows are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub struct ImportOptions {
     /// `--max-field-size`: a record with a larger field is rejected unread.
     pub max_field_size: usize,
     pub batch_size: usize,
+    /// `--jobs`: how many connections write batches at the same time.
+    pub jobs: usize,
     pub mode: Mode,
     pub resume: bool,
     pub undelete: bool,
@@ -106,8 +108,14 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
     }
 }
 
-/// How many connections an import uses: the writer, the advisory lock and the read-ahead.
+/// How many connections an import with one writer uses: the writer, the advisory lock and
+/// the read-ahead.
 pub const CONNECTIONS: u32 = 3;
+
+/// How many connections an import with `jobs` writers uses.
+pub fn connections(jobs: usize) -> u32 {
+    CONNECTIONS + jobs.saturating_sub(1) as u32
+}
 
 /// How an import ended, for the command to print: the summary, the kind's own JSON keys,
 /// notes for stderr, and the exit code or the error.
@@ -147,6 +155,18 @@ pub fn run<K: ImportKind>(
         None => None,
     };
     let resume_at = resumed.as_ref().map(|(_, c)| c.position).filter(|p| p.record > 0);
+    // Batches committed out of order (several writers) are skipped by where they start: the
+    // resume reads in batches of the size they were written in.
+    let mut options = options;
+    if let Some(size) = resumed.as_ref().and_then(|(_, c)| c.batch_size)
+        && size != options.batch_size
+    {
+        log.info(format!(
+            "resuming in batches of {size} rows, as the interrupted run wrote them (not {})",
+            options.batch_size
+        ));
+        options.batch_size = size;
+    }
     let source = CsvSource::open(
         &options.input,
         options.delimiter,
@@ -156,16 +176,22 @@ pub fn run<K: ImportKind>(
     )?;
     let (columns, value_map) = read_header::<K>(&source, &options, kind, log)?;
 
-    let (mut counts, mut tally, start_rejects_len) = match &resumed {
-        Some((_, c)) => (c.counts, c.tally.clone(), Some(c.rejects_bytes)),
-        None => (Counts::default(), RejectTally::default(), None),
-    };
     if resumed.is_none() {
         rejects::remove_stale(&rejects_path, options.delimiter)?;
     }
-    let mut rejects = RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len);
-    // The rejects file's length with the last committed batch, to cut a rolled-back one off.
-    let mut committed_rejects = start_rejects_len.unwrap_or(0);
+    let start_rejects_len = resumed.as_ref().map(|(_, c)| c.rejects_bytes);
+    let committed = Mutex::new(Committed {
+        counts: resumed.as_ref().map(|(_, c)| c.counts).unwrap_or_default(),
+        tally: resumed.as_ref().map(|(_, c)| c.tally.clone()).unwrap_or_default(),
+        rejects: RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len),
+        rejects_bytes: start_rejects_len.unwrap_or(0),
+        prefix: resume_at.unwrap_or_default(),
+        done: resumed
+            .as_ref()
+            .map(|(_, c)| c.done.iter().copied().collect())
+            .unwrap_or_default(),
+        batch_size: options.batch_size,
+    });
 
     let operator = operation::operator();
     let new_op = NewBulkOperation {
@@ -190,6 +216,7 @@ pub fn run<K: ImportKind>(
 
     progress.set_prefix("importing");
     let has_rows = columns.is_some();
+    let more_writers = more_writers(pool, &options, kind, repeated.is_some(), log)?;
     let pipeline = spawn_pipeline::<K>(
         pool,
         &options,
@@ -198,35 +225,39 @@ pub fn run<K: ImportKind>(
         columns,
         value_map,
         repeated.is_some(),
+        resume_at.unwrap_or_default(),
         &progress,
     )?;
-    let mut process = |conn: &mut PgConnection, counts: &mut Counts, tally: &mut RejectTally| {
+    let mut more_writers = Some(more_writers);
+    let mut process = |conn: &mut PgConnection| {
         let id = if options.mode == Mode::DryRun {
             operation::start(conn, &new_op).context("cannot record the operation")?
         } else {
             op_id
         };
-        process_batches(
-            conn,
-            id,
-            &pipeline.receiver,
-            kind,
-            &options,
-            repeated.as_ref(),
-            &mut rejects,
-            counts,
-            tally,
-            &stop,
-            &progress,
-            &mut committed_rejects,
-        )
+        let shared = WriterShared {
+            op_id: id,
+            receiver: &pipeline.receiver,
+            options: &options,
+            repeated: repeated.as_ref(),
+            committed: &committed,
+            stop: &stop,
+            progress: &progress,
+        };
+        process_batches(conn, kind, more_writers.take().unwrap_or_default(), &shared)
     };
     let result = if has_rows {
-        drive(options.mode, &mut conn, &mut counts, &mut tally, &mut process)
+        drive(options.mode, &mut conn, &mut process)
     } else {
         Ok(LoopEnd::default())
     };
     progress.finish_and_clear();
+    let Committed {
+        counts,
+        tally,
+        mut rejects,
+        ..
+    } = committed.into_inner().unwrap_or_else(|e| e.into_inner());
     let warnings = pipeline.join(&options, &tally);
     rejects.flush()?;
 
@@ -303,6 +334,14 @@ fn rejects_path_for(options: &ImportOptions) -> anyhow::Result<PathBuf> {
     if options.resume && matches!(options.input, Input::Stdin) {
         return Err(UsageError("--resume needs a file: stdin cannot be read again".into()).into());
     }
+    if options.jobs > 1 && options.mode != Mode::Batched {
+        return Err(UsageError(
+            "--jobs writes batches on several connections, each committing on its own: it does not work with \
+             --atomic, --dry-run or --initial-load, which run in one transaction"
+                .into(),
+        )
+        .into());
+    }
     if options.resume && options.mode != Mode::Batched {
         return Err(UsageError("--resume works with batched imports, not with --atomic or --dry-run".into()).into());
     }
@@ -311,6 +350,45 @@ fn rejects_path_for(options: &ImportOptions) -> anyhow::Result<PathBuf> {
         (None, Some(path)) => Ok(path),
         (None, None) => Err(UsageError("reading from stdin needs --rejects PATH for the rejected rows".into()).into()),
     }
+}
+
+/// The writers besides the main one for `--jobs N`, each with its own connection. One writer
+/// where several could not give the result of one: when a key may reach the writers more than
+/// once (stdin, which is not scanned, or a file with more keys than the scan tracks), the
+/// order of their commits would decide which occurrence wins.
+fn more_writers<K: ImportKind>(
+    pool: &db::Pool,
+    options: &ImportOptions,
+    kind: &K,
+    keys_tracked: bool,
+    log: Log,
+) -> anyhow::Result<Vec<(db::PooledConn, K)>> {
+    if options.jobs <= 1 {
+        return Ok(Vec::new());
+    }
+    let why_one = if !keys_tracked {
+        Some(match options.input {
+            Input::Stdin => "stdin is not scanned for repeated keys beforehand",
+            Input::File(_) => "the scan could not track every key of the file",
+        })
+    } else if kind.another_writer().is_none() {
+        Some("this kind of import writes with one connection")
+    } else {
+        None
+    };
+    if let Some(why) = why_one {
+        log.info(format!(
+            "warning: --jobs {}: writing on one connection: {why}",
+            options.jobs
+        ));
+        return Ok(Vec::new());
+    }
+    let mut more = Vec::with_capacity(options.jobs - 1);
+    for _ in 1..options.jobs {
+        let writer = kind.another_writer().expect("checked above");
+        more.push((db::get(pool)?, writer));
+    }
+    Ok(more)
 }
 
 /// The pre-import pass over a file (see `scan`): its SHA-256 and the keys that repeat.
@@ -362,6 +440,8 @@ fn find_resume(
             rejects_bytes: 0,
             counts: Counts::default(),
             tally: RejectTally::default(),
+            done: Vec::new(),
+            batch_size: None,
         },
     };
     log.info(format!(
@@ -409,7 +489,7 @@ fn read_header<K: ImportKind>(
 
 /// The threads that feed the writer: the reader, and the kind's read-ahead when it has one.
 struct Pipeline<K: ImportKind> {
-    receiver: mpsc::Receiver<BatchResult<K>>,
+    receiver: Mutex<mpsc::Receiver<BatchResult<K>>>,
     reader: Option<std::thread::JoinHandle<Vec<String>>>,
     prefetch: Option<std::thread::JoinHandle<std::time::Duration>>,
     verbose: bool,
@@ -459,6 +539,7 @@ fn spawn_pipeline<K: ImportKind>(
     columns: Option<ColumnMap>,
     value_map: ValueMap,
     keys_tracked: bool,
+    start: Position,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Pipeline<K>> {
     let (sender, receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
@@ -485,6 +566,7 @@ fn spawn_pipeline<K: ImportKind>(
         batch_size: options.batch_size.max(1),
         max_field_size: options.max_field_size,
         from_stdin: matches!(options.input, Input::Stdin),
+        start,
     };
     let reader_progress = progress.clone();
     let reader = columns.map(|columns| {
@@ -501,7 +583,7 @@ fn spawn_pipeline<K: ImportKind>(
         })
     });
     Ok(Pipeline {
-        receiver,
+        receiver: Mutex::new(receiver),
         reader,
         prefetch,
         verbose: options.verbose,
@@ -513,17 +595,15 @@ fn spawn_pipeline<K: ImportKind>(
 fn drive(
     mode: Mode,
     conn: &mut PgConnection,
-    counts: &mut Counts,
-    tally: &mut RejectTally,
-    process: &mut dyn FnMut(&mut PgConnection, &mut Counts, &mut RejectTally) -> anyhow::Result<LoopEnd>,
+    process: &mut dyn FnMut(&mut PgConnection) -> anyhow::Result<LoopEnd>,
 ) -> anyhow::Result<LoopEnd> {
     match mode {
-        Mode::Batched => process(conn, counts, tally),
+        Mode::Batched => process(conn),
         Mode::Atomic => {
             let mut unclean_end = None;
             let committed = conn.transaction(|c| {
                 one_transaction_mode(c)?;
-                let end = process(c, counts, tally)?;
+                let end = process(c)?;
                 if end.abort.is_none() && end.signal.is_none() {
                     Ok(end)
                 } else {
@@ -541,7 +621,7 @@ fn drive(
             let mut outcome = None;
             let _ = conn.transaction::<(), anyhow::Error, _>(|c| {
                 one_transaction_mode(c)?;
-                outcome = Some(process(c, counts, tally));
+                outcome = Some(process(c));
                 Err(anyhow::anyhow!("dry run: rolled back"))
             });
             outcome.expect("the transaction ran")

@@ -12,6 +12,10 @@ use super::*;
 
 /// What the reader thread hands to the writer (through the prefetch thread, if any).
 pub(super) struct Batch<R, P> {
+    /// The batch's number in this run (0, 1, …), and where the input stood before its first
+    /// record.
+    pub(super) seq: u64,
+    pub(super) start: Position,
     pub(super) rows: Vec<Numbered<R>>,
     pub(super) rejects: Vec<(u64, u64, ByteRecord, RowError)>,
     pub(super) end: Position,
@@ -29,6 +33,8 @@ pub(super) struct ReadSettings {
     /// A stream can end mid-record (a broken pipe, a cut download): its last record is then
     /// rejected. A file that does not end with a line end only gets a warning.
     pub(super) from_stdin: bool,
+    /// Where reading starts (a resume's checkpoint).
+    pub(super) start: Position,
 }
 
 /// Parses and validates records into batches for the writer; returns the warnings about the
@@ -49,6 +55,8 @@ pub(super) fn read_batches<K: ImportKind>(
     let mut latin1_check = Latin1Check::default();
     let mut record = ByteRecord::new();
     let mut batch = Batch {
+        seq: 0,
+        start: settings.start,
         rows: Vec::with_capacity(batch_size),
         rejects: Vec::new(),
         end: Position::default(),
@@ -144,9 +152,12 @@ pub(super) fn read_batches<K: ImportKind>(
         }
         if batch.rows.len() + batch.rejects.len() >= batch_size {
             progress.set_position(source.progress_position(after));
+            let seq = batch.seq + 1;
             let full = std::mem::replace(
                 &mut batch,
                 Batch {
+                    seq,
+                    start: after,
                     rows: Vec::with_capacity(batch_size),
                     rejects: Vec::new(),
                     end: after,

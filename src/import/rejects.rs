@@ -34,6 +34,19 @@ impl RejectTally {
             entry.first_lines.push(line);
         }
     }
+
+    /// Adds the tally of one more batch. The sample lines stay the first ones in the file,
+    /// whatever order batches commit in.
+    pub fn merge(&mut self, batch: &RejectTally) {
+        for (reason, tally) in &batch.0 {
+            let entry = self.0.entry(reason.clone()).or_default();
+            entry.count += tally.count;
+            entry.first_lines.extend(&tally.first_lines);
+            entry.first_lines.sort_unstable();
+            entry.first_lines.dedup();
+            entry.first_lines.truncate(SAMPLE_LINES);
+        }
+    }
 }
 
 /// Writes rejected records; the file is created on the first reject.

@@ -139,6 +139,10 @@ impl ImportKind for UserImport {
         self.cache.clear();
     }
 
+    fn another_writer(&self) -> Option<UserImport> {
+        Some(UserImport::new(self.undelete))
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,

@@ -2,9 +2,10 @@
 //! wins), written in one transaction with its checkpoint and rejects, retried when it lost a
 //! race; and the read-ahead thread that fetches what the next batch needs meanwhile.
 
-use std::collections::HashMap;
-use std::sync::mpsc;
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection};
 
@@ -17,6 +18,7 @@ use rejects::{RejectTally, RejectsWriter};
 
 use super::reader::{Batch, BatchResult};
 use super::*;
+use source::Position;
 
 /// How the batch loop ended when it did not fail.
 #[derive(Debug, Default)]
@@ -27,112 +29,249 @@ pub(super) struct LoopEnd {
     pub(super) signal: Option<i32>,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the batches have committed so far, shared by the writers under one lock: the sums of
+/// their counts and rejects, the rejects file, and how far the input is done. A batch takes
+/// the lock to write its rejects and checkpoint and keeps it through its COMMIT, so that the
+/// file can be cut back to the committed length when the COMMIT fails.
+pub(super) struct Committed {
+    pub(super) counts: Counts,
+    pub(super) tally: RejectTally,
+    pub(super) rejects: RejectsWriter,
+    /// The rejects file's length with the last committed batch.
+    pub(super) rejects_bytes: u64,
+    /// The end of the committed prefix of the input.
+    pub(super) prefix: Position,
+    /// Batches committed beyond the prefix: the record each starts after → its end.
+    pub(super) done: BTreeMap<u64, Position>,
+    pub(super) batch_size: usize,
+}
+
+impl Committed {
+    /// Whether the batch that starts at `start` is committed: one the run this one resumes
+    /// committed beyond its prefix, before or after this run's batches joined them to it.
+    fn has(&self, start: Position) -> bool {
+        start.record < self.prefix.record || self.done.contains_key(&start.record)
+    }
+
+    /// The prefix and the batches beyond it once the batch from `start` to `end` is committed.
+    fn with_batch(&self, start: Position, end: Position) -> (Position, BTreeMap<u64, Position>) {
+        let mut done = self.done.clone();
+        done.insert(start.record, end);
+        let mut prefix = self.prefix;
+        while let Some(next) = done.remove(&prefix.record) {
+            prefix = next;
+        }
+        (prefix, done)
+    }
+}
+
+/// The order in which batches resolve their users, organizations and tags (see
+/// `ImportKind::resolve`): batch `n` waits until batch `n - 1` has. A writer that stops sets
+/// `halted`, so that no one waits for a batch that will not come.
+#[derive(Default)]
+struct Turns {
+    next: Mutex<u64>,
+    changed: Condvar,
+    halted: AtomicBool,
+}
+
+impl Turns {
+    /// Waits for batch `seq`'s turn; false when the import is stopping.
+    fn wait(&self, seq: u64) -> bool {
+        let next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .changed
+            .wait_while(next, |next| *next < seq && !self.halted.load(Ordering::SeqCst))
+            .unwrap_or_else(|e| e.into_inner());
+        *next >= seq
+    }
+
+    /// Batch `seq` has resolved (or will not): the next may.
+    fn pass(&self, seq: u64) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if *next == seq {
+            *next = seq + 1;
+        }
+        self.changed.notify_all();
+    }
+
+    fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+        let _guard = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    fn halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
+    }
+}
+
+/// What every writer reads.
+pub(super) struct WriterShared<'a, K: ImportKind> {
+    pub(super) op_id: i64,
+    pub(super) receiver: &'a Mutex<mpsc::Receiver<BatchResult<K>>>,
+    pub(super) options: &'a ImportOptions,
+    pub(super) repeated: Option<&'a HashMap<u64, scan::LastOccurrence>>,
+    pub(super) committed: &'a Mutex<Committed>,
+    pub(super) stop: &'a StopFlags,
+    pub(super) progress: &'a indicatif::ProgressBar,
+}
+
+/// Writes the batches from the reader until the input ends, a writer fails, too many rows
+/// are rejected or a signal asks to stop: on `conn` with `kind`, and on each of `more` (other
+/// connections with their own writers) at the same time.
 pub(super) fn process_batches<K: ImportKind>(
     conn: &mut PgConnection,
-    op_id: i64,
-    receiver: &mpsc::Receiver<BatchResult<K>>,
     kind: &mut K,
-    options: &ImportOptions,
-    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
-    rejects: &mut RejectsWriter,
-    counts: &mut Counts,
-    tally: &mut RejectTally,
-    stop: &StopFlags,
-    progress: &indicatif::ProgressBar,
-    committed_rejects: &mut u64,
+    more: Vec<(db::PooledConn, K)>,
+    shared: &WriterShared<'_, K>,
 ) -> anyhow::Result<LoopEnd> {
+    let options = shared.options;
     if options.mode != Mode::Batched {
         // One transaction for the whole import: the timeouts hold for what `begin` does (an
         // initial load locks whole tables) as well as for every batch.
         db::set_local_timeouts(conn, options.timeouts)?;
     }
-    kind.begin(conn, op_id)?;
     let started = Instant::now();
-    // Time spent waiting for the reader thread: when it is large, parsing (not the
-    // database) limits the import.
-    let mut waited = std::time::Duration::ZERO;
-    loop {
-        let wait_started = Instant::now();
-        let Ok(batch) = receiver.recv() else { break };
-        waited += wait_started.elapsed();
-        let (batch_counts, batch_tally) = write_batch(
-            conn,
-            op_id,
-            batch?,
-            kind,
-            options,
-            repeated,
-            rejects,
-            (counts, tally),
-            committed_rejects,
-        )?;
-        *counts = batch_counts;
-        *tally = batch_tally;
-        progress.set_message(format!(
-            "{} rows, {:.0} rows/s",
-            counts.rows_read,
-            output::rate(counts.rows_read, started.elapsed())
-        ));
-
-        if let Some(limit) = options.max_rejects
-            && limit.exceeded(counts.rejected, counts.rows_read, false)
-        {
-            return Ok(LoopEnd {
-                abort: Some(format!(
-                    "too many rejected rows: {} of {} read, over --max-rejects; stopped",
-                    counts.rejected, counts.rows_read
-                )),
-                signal: None,
-            });
+    let turns = Turns::default();
+    let writers = more.len() + 1;
+    let results: Vec<(anyhow::Result<LoopEnd>, Duration)> = std::thread::scope(|scope| {
+        let turns = &turns;
+        let handles: Vec<_> = more
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut conn, mut kind))| {
+                scope.spawn(move || write_batches(&mut conn, &mut kind, i + 1, shared, turns, started))
+            })
+            .collect();
+        let mut results = vec![write_batches(conn, kind, 0, shared, turns, started)];
+        results.extend(handles.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| (Err(anyhow::anyhow!("a writer thread panicked")), Duration::ZERO))
+        }));
+        results
+    });
+    let mut end = LoopEnd::default();
+    for (i, (result, waited)) in results.into_iter().enumerate() {
+        if options.verbose {
+            let who = if writers > 1 {
+                format!("writer {}: ", i + 1)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "{who}waited {:.2} s for the reader (parsing, validation, read-ahead) in {:.2} s of writing",
+                waited.as_secs_f64(),
+                started.elapsed().as_secs_f64()
+            );
         }
-        if let Some(code) = stop.requested() {
-            return Ok(LoopEnd {
-                abort: None,
-                signal: Some(code),
-            });
-        }
+        let this = result?;
+        end.abort = end.abort.or(this.abort);
+        end.signal = end.signal.or(this.signal);
     }
+    if end.abort.is_some() || end.signal.is_some() {
+        return Ok(end);
+    }
+    let counts = lock(shared.committed).counts;
     if let Some(limit) = options.max_rejects
         && limit.exceeded(counts.rejected, counts.rows_read, true)
     {
-        return Ok(LoopEnd {
-            abort: Some(format!(
-                "too many rejected rows: {} of {} read, over --max-rejects",
-                counts.rejected, counts.rows_read
-            )),
-            signal: None,
-        });
+        end.abort = Some(format!(
+            "too many rejected rows: {} of {} read, over --max-rejects",
+            counts.rejected, counts.rows_read
+        ));
     }
-    if options.verbose {
-        eprintln!(
-            "waited {:.2} s for the reader (parsing, validation, read-ahead) in {:.2} s of writing",
-            waited.as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        );
+    Ok(end)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One writer's loop: takes the next batch from the reader and writes it, until there are
+/// none or the import stops. Returns how it ended and how long it waited for batches.
+fn write_batches<K: ImportKind>(
+    conn: &mut PgConnection,
+    kind: &mut K,
+    writer: usize,
+    shared: &WriterShared<'_, K>,
+    turns: &Turns,
+    started: Instant,
+) -> (anyhow::Result<LoopEnd>, Duration) {
+    let mut waited = Duration::ZERO;
+    let result = (|| {
+        kind.begin(conn, shared.op_id)?;
+        loop {
+            if turns.halted() {
+                // Another writer stopped the import; its reason is the one reported.
+                return Ok(LoopEnd::default());
+            }
+            let wait_started = Instant::now();
+            let next = lock(shared.receiver).recv();
+            waited += wait_started.elapsed();
+            let Ok(batch) = next else { break };
+            let batch = batch?;
+            let seq = batch.seq;
+            if lock(shared.committed).has(batch.start) {
+                // Committed by the run this one resumes.
+                turns.pass(seq);
+                continue;
+            }
+            let written = write_batch(conn, batch, kind, shared, turns);
+            turns.pass(seq);
+            if !written? {
+                return Ok(LoopEnd::default());
+            }
+            let counts = lock(shared.committed).counts;
+            shared.progress.set_message(format!(
+                "{} rows, {:.0} rows/s",
+                counts.rows_read,
+                output::rate(counts.rows_read, started.elapsed())
+            ));
+            if let Some(limit) = shared.options.max_rejects
+                && limit.exceeded(counts.rejected, counts.rows_read, false)
+            {
+                return Ok(LoopEnd {
+                    abort: Some(format!(
+                        "too many rejected rows: {} of {} read, over --max-rejects; stopped",
+                        counts.rejected, counts.rows_read
+                    )),
+                    signal: None,
+                });
+            }
+            if let Some(code) = shared.stop.requested() {
+                return Ok(LoopEnd {
+                    abort: None,
+                    signal: Some(code),
+                });
+            }
+        }
+        if writer == 0 {
+            shared.progress.set_prefix("finishing");
+        }
+        kind.end(conn)?;
+        Ok(LoopEnd::default())
+    })();
+    if !matches!(&result, Ok(end) if end.abort.is_none() && end.signal.is_none()) {
+        turns.halt();
     }
-    progress.set_prefix("finishing");
-    kind.end(conn)?;
-    Ok(LoopEnd::default())
+    (result, waited)
 }
 
 /// Writes one batch from the reader in its own transaction (batched mode) with its rejects
-/// and checkpoint, retrying it with backoff when it lost a race; returns the counts and the
-/// tally with it. Everything a batch writes, the rejects file included, is undone when its
+/// and checkpoint, retrying it with backoff when it lost a race, and adds it to what is
+/// committed. Everything a batch writes, the rejects file included, is undone when its
 /// transaction rolls back: the file is cut back to the length recorded with the last
-/// committed batch.
-#[allow(clippy::too_many_arguments)]
+/// committed batch. False when the import stopped before the batch's turn came.
 fn write_batch<K: ImportKind>(
     conn: &mut PgConnection,
-    op_id: i64,
     mut batch: Batch<K::Row, K::Prefetched>,
     kind: &mut K,
-    options: &ImportOptions,
-    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
-    rejects: &mut RejectsWriter,
-    (counts, tally): (&Counts, &RejectTally),
-    committed_rejects: &mut u64,
-) -> anyhow::Result<(Counts, RejectTally)> {
+    shared: &WriterShared<'_, K>,
+    turns: &Turns,
+) -> anyhow::Result<bool> {
+    let options = shared.options;
+    let op_id = shared.op_id;
     let mut prefetched = batch.prefetched.take();
     let first_line = batch
         .rows
@@ -140,84 +279,94 @@ fn write_batch<K: ImportKind>(
         .map(|r| r.line)
         .or(batch.rejects.first().map(|r| r.1))
         .unwrap_or(0);
-    let mut base_counts = *counts;
-    base_counts.rows_read += batch.rows_read;
+    // This batch's own counts, added to the committed ones when it commits.
+    let mut base_counts = Counts {
+        rows_read: batch.rows_read,
+        ..Counts::default()
+    };
     // Within a file the last occurrence of a key wins; earlier ones are duplicates.
-    let rows = dedupe::<K>(batch.rows, repeated, &mut base_counts);
+    let rows = dedupe::<K>(batch.rows, shared.repeated, &mut base_counts);
     let reader_rejects = batch.rejects;
     let batched = options.mode == Mode::Batched;
+    let mut my_turn = Some(batch.seq);
 
-    // Everything a batch writes, the rejects file included, is undone when its transaction
-    // rolls back: the file is cut back to the length recorded with the last committed batch.
-    let write = |conn: &mut PgConnection,
-                 rows: &[Numbered<K::Row>],
-                 prefetched: Option<K::Prefetched>,
-                 kind: &mut K,
-                 c: &mut Counts,
-                 t: &mut RejectTally,
-                 rejects: &mut RejectsWriter|
-     -> anyhow::Result<u64> {
-        db::set_local_timeouts(conn, options.timeouts)?;
-        for (record, line, raw, error) in &reader_rejects {
-            rejects.write(raw, *record, *line, error)?;
-            c.rejected += 1;
-            t.add(&error.reason, *line);
-        }
-        let writer_rejects = kind.write_batch(conn, op_id, rows, prefetched, c)?;
-        for r in &writer_rejects {
-            rejects.write(&r.raw, r.record, r.line, &r.error)?;
-            c.rejected += 1;
-            t.add(&r.error.reason, r.line);
-        }
-        let rejects_bytes = rejects.flush()?;
-        if batched {
-            let checkpoint = Checkpoint {
-                position: batch.end,
-                rejects_bytes,
-                counts: *c,
-                tally: t.clone(),
-            };
-            operation::save_checkpoint(
-                conn,
-                op_id,
-                &serde_json::to_value(&checkpoint)?,
-                &serde_json::to_value(*c)?,
-            )?;
-        }
-        Ok(rejects_bytes)
-    };
     let mut attempt = 0;
     loop {
         let mut batch_counts = base_counts;
-        let mut batch_tally = tally.clone();
+        let mut batch_tally = RejectTally::default();
         let retry_left = batched && attempt < options.retries;
-        let mut write_this = |conn: &mut PgConnection| {
-            write(
-                conn,
-                &rows,
-                prefetched.take(),
-                kind,
-                &mut batch_counts,
-                &mut batch_tally,
-                rejects,
-            )
-        };
-        let result = if batched {
-            conn.transaction(write_this)
-        } else {
-            write_this(conn)
-        };
+        let result = in_batch_transaction(conn, batched, |conn| {
+            db::set_local_timeouts(conn, options.timeouts)?;
+            if let Some(seq) = my_turn.take() {
+                if !turns.wait(seq) {
+                    return Ok(None);
+                }
+                let resolved = kind.resolve(conn, &rows);
+                turns.pass(seq);
+                resolved?;
+            } else {
+                kind.resolve(conn, &rows)?;
+            }
+            let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
+            // From here on the batch holds the lock on what is committed, through its COMMIT.
+            let mut committed = lock(shared.committed);
+            let written = (|| {
+                for (record, line, raw, error) in &reader_rejects {
+                    committed.rejects.write(raw, *record, *line, error)?;
+                    batch_counts.rejected += 1;
+                    batch_tally.add(&error.reason, *line);
+                }
+                for r in &writer_rejects {
+                    committed.rejects.write(&r.raw, r.record, r.line, &r.error)?;
+                    batch_counts.rejected += 1;
+                    batch_tally.add(&r.error.reason, r.line);
+                }
+                let rejects_bytes = committed.rejects.flush()?;
+                let mut counts = committed.counts;
+                counts.add(&batch_counts);
+                let mut tally = committed.tally.clone();
+                tally.merge(&batch_tally);
+                let (prefix, done) = committed.with_batch(batch.start, batch.end);
+                if batched {
+                    let checkpoint = Checkpoint {
+                        position: prefix,
+                        rejects_bytes,
+                        counts,
+                        tally: tally.clone(),
+                        done: done.iter().map(|(start, end)| (*start, *end)).collect(),
+                        batch_size: (!done.is_empty()).then_some(committed.batch_size),
+                    };
+                    operation::save_checkpoint(
+                        conn,
+                        op_id,
+                        &serde_json::to_value(&checkpoint)?,
+                        &serde_json::to_value(counts)?,
+                    )?;
+                }
+                anyhow::Ok((rejects_bytes, counts, tally, prefix, done))
+            })();
+            match written {
+                Ok(state) => Ok(Some((committed, state))),
+                Err(e) => {
+                    let committed_len = committed.rejects_bytes;
+                    let _ = committed.rejects.cut_back(committed_len);
+                    Err(e)
+                }
+            }
+        });
         let err = match result {
-            Ok(rejects_bytes) => {
-                *committed_rejects = rejects_bytes;
-                return Ok((batch_counts, batch_tally));
+            Ok(None) => return Ok(false),
+            Ok(Some((mut committed, (rejects_bytes, counts, tally, prefix, done)))) => {
+                committed.rejects_bytes = rejects_bytes;
+                committed.counts = counts;
+                committed.tally = tally;
+                committed.prefix = prefix;
+                committed.done = done;
+                return Ok(true);
             }
             Err(err) => err,
         };
         kind.reset();
-        if batched {
-            rejects.cut_back(*committed_rejects)?;
-        }
         if job::is_transient(&err) && retry_left {
             attempt += 1;
             let wait = job::backoff(attempt);
@@ -247,6 +396,41 @@ fn write_batch<K: ImportKind>(
         )));
     }
 }
+
+/// Runs `work` in a transaction of its own when `batched` (else inside the import's one) and
+/// commits it while what `work` returns — the lock on what is committed — is still held.
+/// When the COMMIT fails, the rejects file is cut back under that same lock.
+fn in_batch_transaction<'m>(
+    conn: &mut PgConnection,
+    batched: bool,
+    work: impl FnOnce(&mut PgConnection) -> anyhow::Result<Option<(std::sync::MutexGuard<'m, Committed>, CommittedState)>>,
+) -> anyhow::Result<Option<(std::sync::MutexGuard<'m, Committed>, CommittedState)>> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    if !batched {
+        return work(conn);
+    }
+    AnsiTransactionManager::begin_transaction(conn)?;
+    match work(conn) {
+        Ok(Some((mut committed, state))) => match AnsiTransactionManager::commit_transaction(conn) {
+            Ok(()) => Ok(Some((committed, state))),
+            Err(e) => {
+                let _ = AnsiTransactionManager::rollback_transaction(conn);
+                let committed_len = committed.rejects_bytes;
+                let _ = committed.rejects.cut_back(committed_len);
+                Err(e.into())
+            }
+        },
+        other => {
+            // Nothing of it is kept (stopped before its turn, or failed).
+            let _ = AnsiTransactionManager::rollback_transaction(conn);
+            other
+        }
+    }
+}
+
+/// What a batch's commit makes of the committed state: the rejects file's length, the
+/// counts, the tally, the prefix and the batches done beyond it.
+type CommittedState = (u64, Counts, RejectTally, Position, BTreeMap<u64, Position>);
 
 /// Adds to a batch's lock-timeout error which of its rows another session holds (by key).
 fn name_held_rows<K: ImportKind>(

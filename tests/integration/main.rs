@@ -9,6 +9,7 @@ mod fix;
 mod foundation;
 mod hardening;
 mod import;
+mod jobs;
 mod layers;
 mod partitioned;
 mod report;

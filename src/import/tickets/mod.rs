@@ -12,6 +12,8 @@
 //!    written, so a re-import leaves no dead tuples.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -107,7 +109,8 @@ pub struct TicketImport {
     cache: EntityCache,
     /// The time given to rows without created_at (the same for the whole import).
     import_time: DateTime<Utc>,
-    warned_missing_created_at: bool,
+    /// Shared by the writers of one import (`--jobs`): the warning is printed once.
+    warned_missing_created_at: Arc<AtomicBool>,
     /// Indexes and foreign keys dropped by `--initial-load`, recreated by `end`.
     dropped: Rebuild,
     /// Time spent in each phase, printed with -v: what limits an import.
@@ -175,7 +178,7 @@ impl TicketImport {
             initial_load,
             cache: EntityCache::default(),
             import_time: Utc::now(),
-            warned_missing_created_at: false,
+            warned_missing_created_at: Arc::default(),
             dropped: Rebuild::default(),
             inserted_here: 0,
             id_sequence: None,
@@ -345,6 +348,27 @@ impl ImportKind for TicketImport {
         }))
     }
 
+    fn resolve(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        index_paths_only(conn)?;
+        let started = std::time::Instant::now();
+        self.resolve_entities(conn, rows)
+            .context("cannot resolve organizations, users and tags")?;
+        self.phases.add("resolve users/orgs/tags", started);
+        Ok(())
+    }
+
+    fn another_writer(&self) -> Option<TicketImport> {
+        let mut writer = TicketImport::new(self.undelete, self.initial_load, self.phases.verbose);
+        writer.present = self.present;
+        writer.import_time = self.import_time;
+        writer.warned_missing_created_at = Arc::clone(&self.warned_missing_created_at);
+        writer.keys_seen_once = self.keys_seen_once;
+        Some(writer)
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,
@@ -356,8 +380,9 @@ impl ImportKind for TicketImport {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        if !self.warned_missing_created_at && rows.iter().any(|r| r.row.created_at.is_none()) {
-            self.warned_missing_created_at = true;
+        if rows.iter().any(|r| r.row.created_at.is_none())
+            && !self.warned_missing_created_at.swap(true, Ordering::SeqCst)
+        {
             eprintln!(
                 "warning: some rows have no created_at (first at line {}); new tickets get the import time",
                 rows.iter()
@@ -367,10 +392,6 @@ impl ImportKind for TicketImport {
             );
         }
         index_paths_only(conn)?;
-        let started = std::time::Instant::now();
-        self.resolve_entities(conn, rows)
-            .context("cannot resolve organizations, users and tags")?;
-        self.phases.add("resolve users/orgs/tags", started);
         let started = std::time::Instant::now();
 
         // An initial load starts from an empty, locked table: when every key comes once, none

@@ -191,6 +191,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         rejects: args.csv.rejects.clone(),
         max_rejects: args.csv.max_rejects,
         max_field_size: args.csv.max_field_size,
+        jobs: 1,
         batch_size: args.batch_size as usize,
         mode,
         resume: false,

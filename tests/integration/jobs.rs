@@ -1,0 +1,410 @@
+//! `import --jobs N`: several writers give exactly the result of one — tables, counts, rejects,
+//! audit — also when batches commit out of order and the import is killed in between.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// The rejects of a run in file order (writers append them in commit order).
+fn sorted_rejects(path: &std::path::Path) -> Vec<(String, u64, String)> {
+    if !path.exists() {
+        return Vec::new();
+    }
+    let mut rejects = read_rejects(path);
+    rejects.sort_by_key(|r| r.1);
+    rejects
+}
+
+/// Everything an import run decides that a second writer could change: the tickets, the
+/// users, the counts, the reasons with their first lines, the rejects and the audit rows.
+fn run_state(db: &TestDb, dir: &std::path::Path, summary: &serde_json::Value, rejects: &str, op: i64) -> String {
+    // Ticket ids are the writers' (new tickets get theirs in commit order): audit rows are
+    // compared by external id, and the id ranges of inserts by the tickets in them.
+    let external_ids: std::collections::HashMap<i64, String> = db
+        .json("SELECT id, external_id FROM tickets")
+        .into_iter()
+        .map(|r| {
+            (
+                r["id"].as_i64().unwrap(),
+                r["external_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut inserted = Vec::new();
+    let mut audit = Vec::new();
+    let rows = db.json(&format!(
+        "SELECT row_id, action, l.after->'ids' AS ids,
+                (l.before - 'id' - 'requester_id' - 'assignee_id' - 'organization_id' - 'tag_ids'
+                    - 'last_operation_id')::text AS before,
+                (l.after - 'id' - 'requester_id' - 'assignee_id' - 'organization_id' - 'tag_ids'
+                    - 'last_operation_id')::text AS after
+         FROM audit_log l WHERE l.operation_id = {op}"
+    ));
+    for row in rows {
+        if row["action"] == "insert_ids" {
+            for range in row["ids"].as_array().unwrap() {
+                let (from, to) = (range[0].as_i64().unwrap(), range[1].as_i64().unwrap());
+                inserted.extend((from..=to).map(|id| external_ids[&id].clone()));
+            }
+        } else {
+            let key = &external_ids[&row["row_id"].as_i64().unwrap()];
+            audit.push(format!("{key} {} {} {}", row["action"], row["before"], row["after"]));
+        }
+    }
+    inserted.sort_unstable();
+    audit.sort();
+    audit.push(format!("inserted {}", inserted.join(";")));
+    format!(
+        "{:?}\n{}\n{:?}\n{:?}\n{:?}\n{:?}",
+        outcome(summary),
+        summary["errors"],
+        sorted_rejects(&dir.join(rejects)),
+        db.ticket_snapshot(),
+        db.user_snapshot(),
+        audit
+    )
+}
+
+#[test]
+fn two_and_four_writers_give_the_tables_counts_rejects_and_audit_of_one() {
+    let dir = scratch("jobs-same");
+    // Dirty, with repeated keys spread over the file (small batches put most repeats in other
+    // batches than their last occurrence), then the same tickets changed.
+    let first = generate(
+        &dir,
+        "first.csv",
+        &[
+            "tickets",
+            "--rows",
+            "6000",
+            "--seed",
+            "31",
+            "--bad-share",
+            "0.02",
+            "--duplicate-share",
+            "0.1",
+        ],
+    );
+    let changed = generate(
+        &dir,
+        "changed.csv",
+        &["tickets", "--rows", "6000", "--seed", "32", "--duplicate-share", "0.05"],
+    );
+    let mut states = Vec::new();
+    for jobs in ["1", "2", "4"] {
+        let db = TestDb::new();
+        let args = |rejects: &'static str| vec!["--jobs", jobs, "--batch-size", "100", "--rejects", rejects];
+        let (run, summary) = import(&db, &dir, "tickets", &first, &args("r1.csv"));
+        run.expect_code(3);
+        assert!(summary["duplicate"].as_u64().unwrap() > 300, "{summary}");
+        let first_state = run_state(&db, &dir, &summary, "r1.csv", 1);
+        let (run, summary) = import(&db, &dir, "tickets", &changed, &args("r2.csv"));
+        run.expect_code(0);
+        assert!(summary["updated"].as_u64().unwrap() > 4000, "{summary}");
+        let changed_state = run_state(&db, &dir, &summary, "r2.csv", 2);
+        states.push((jobs, first_state, changed_state));
+    }
+    let (_, first_one, changed_one) = &states[0];
+    let lines = |state: &str| -> Vec<String> { state.split("\", \"").map(str::to_string).collect() };
+    for (jobs, first_state, changed_state) in &states[1..] {
+        assert_same_rows(
+            &lines(first_state),
+            &lines(first_one),
+            &format!("--jobs {jobs}: the first import against --jobs 1"),
+        );
+        assert_same_rows(
+            &lines(changed_state),
+            &lines(changed_one),
+            &format!("--jobs {jobs}: the import of changed rows against --jobs 1"),
+        );
+    }
+}
+
+#[test]
+fn writers_creating_the_same_new_users_keep_the_first_name_and_organization_in_the_file() {
+    let dir = scratch("jobs-users");
+    // Every batch of 10 rows names the same five new requesters, each row with another name and
+    // organization: the first in the file must win, whichever writer commits first.
+    let mut csv = String::from("external_id,subject,status,requester_email,requester_name,organization,created_at\n");
+    for i in 0..3000 {
+        csv.push_str(&format!(
+            "U-{i:05},Subject {i},open,shared{}@example.com,Name {i},Org {},2024-01-01T00:00:00Z\n",
+            i % 5,
+            i % 7
+        ));
+    }
+    let file = dir.join("shared-users.csv");
+    std::fs::write(&file, csv).unwrap();
+    let mut snapshots = Vec::new();
+    for jobs in ["1", "4"] {
+        let db = TestDb::new();
+        let (run, summary) = import(&db, &dir, "tickets", &file, &["--jobs", jobs, "--batch-size", "10"]);
+        run.expect_code(0);
+        assert_eq!(summary["inserted"], 3000);
+        let users = db.strings(
+            "SELECT u.email || ' ' || u.name || ' ' || o.name FROM users u
+             JOIN organizations o ON o.id = u.organization_id ORDER BY 1",
+        );
+        snapshots.push((users, db.ticket_snapshot()));
+    }
+    let first_in_file: Vec<String> = (0..5)
+        .map(|i| format!("shared{i}@example.com Name {i} Org {i}"))
+        .collect();
+    assert_eq!(
+        snapshots[0].0, first_in_file,
+        "one writer: the first name and organization in the file"
+    );
+    assert!(
+        snapshots[1] == snapshots[0],
+        "four writers: other users or tickets than one writer"
+    );
+}
+
+/// `file` with every subject changed (prefixed), as the next day's dump of the same tickets:
+/// the same users, the same bad rows.
+fn with_changed_subjects(file: &std::path::Path, to: &std::path::Path) {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(file).unwrap();
+    let mut writer = csv::WriterBuilder::new().flexible(true).from_path(to).unwrap();
+    writer.write_byte_record(reader.byte_headers().unwrap()).unwrap();
+    for record in reader.byte_records() {
+        let record = record.unwrap();
+        let changed: Vec<Vec<u8>> = record
+            .iter()
+            .enumerate()
+            .map(|(i, f)| if i == 1 { [b"Re: ", f].concat() } else { f.to_vec() })
+            .collect();
+        writer.write_record(&changed).unwrap();
+    }
+    writer.flush().unwrap();
+}
+
+#[test]
+fn a_killed_import_with_batches_committed_out_of_order_resumes_to_the_result_of_one_writer() {
+    let dir = scratch("jobs-kill");
+    let first = generate(
+        &dir,
+        "first.csv",
+        &[
+            "tickets",
+            "--rows",
+            "20000",
+            "--seed",
+            "33",
+            "--bad-share",
+            "0.01",
+            "--duplicate-share",
+            "0.05",
+        ],
+    );
+    let changed = dir.join("changed.csv");
+    with_changed_subjects(&first, &changed);
+    let reference = TestDb::new();
+    import(&reference, &dir, "tickets", &first, &["--rejects", "ref1.csv"]);
+    let (_, full) = import(
+        &reference,
+        &dir,
+        "tickets",
+        &changed,
+        &["--batch-size", "200", "--rejects", "ref.csv"],
+    );
+    assert!(full["updated"].as_u64().unwrap() > 15000, "{full}");
+
+    let db = TestDb::new();
+    import(&db, &dir, "tickets", &first, &["--rejects", "r1.csv"]);
+    // One ticket of the first batches is held up in its update, so that the other writers
+    // commit later batches before that one: the checkpoint then holds batches beyond its
+    // committed prefix.
+    db.execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.external_id = 'T-000300' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION slow();",
+    );
+    let path = changed.to_str().unwrap();
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "import",
+            "tickets",
+            path,
+            "--jobs",
+            "4",
+            "--batch-size",
+            "200",
+            "--rejects",
+            "r.csv",
+        ],
+    )
+    .spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let checkpoint = loop {
+        let found = db.json(
+            "SELECT checkpoint AS j FROM bulk_operations
+             WHERE checkpoint->'done' IS NOT NULL AND status = 'running' AND id = 2",
+        );
+        if let Some(checkpoint) = found.into_iter().next() {
+            break checkpoint;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the import ended ({status}) before batches committed out of order");
+        }
+        assert!(Instant::now() < deadline, "no out-of-order checkpoint within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    kill(&child, "-KILL");
+    let _ = child.wait();
+    let checkpoint = &checkpoint["j"];
+    assert!(!checkpoint["done"].as_array().unwrap().is_empty(), "{checkpoint}");
+    assert_eq!(checkpoint["batch_size"], 200, "{checkpoint}");
+    db.execute("DROP TRIGGER slow ON tickets");
+
+    // Resumed with another batch size and one writer: it reads in the batches it was written in.
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &changed,
+        &["--resume", "--batch-size", "500", "--rejects", "r.csv"],
+    );
+    run.expect_code(3).stderr_has("resuming in batches of 200 rows");
+    assert_eq!(summary["operation_id"], 2, "the same operation continues");
+    assert_eq!(outcome(&summary), outcome(&full), "{}", run.explain());
+    assert_same_rows(
+        &db.ticket_snapshot(),
+        &reference.ticket_snapshot(),
+        "--resume after SIGKILL",
+    );
+    assert_eq!(db.user_snapshot(), reference.user_snapshot());
+    assert_eq!(sorted_rejects(&dir.join("r.csv")), sorted_rejects(&dir.join("ref.csv")));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM audit_log WHERE operation_id = 2"),
+        reference.scalar("SELECT count(*) FROM audit_log WHERE operation_id = 2"),
+        "one audit row per ticket changed, none twice"
+    );
+}
+
+#[test]
+fn sigterm_stops_every_writer_after_its_batch_and_resume_finishes_the_file() {
+    let dir = scratch("jobs-term");
+    let file = generate(&dir, "big.csv", &["tickets", "--rows", "40000", "--seed", "34"]);
+    let db = TestDb::new();
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            file.to_str().unwrap(),
+            "--jobs",
+            "2",
+            "--batch-size",
+            "500",
+        ],
+    )
+    .spawn();
+    wait_for_checkpoint(&db, &mut child);
+    kill(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["status"], "interrupted");
+    let committed = db.scalar("SELECT count(*) FROM tickets");
+    assert_eq!(
+        committed as u64,
+        summary["inserted"].as_u64().unwrap(),
+        "whole batches only"
+    );
+    assert_eq!(committed % 500, 0, "a batch is committed whole or not at all");
+    assert!(committed < 40000, "the signal came too late to test anything");
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &["--resume", "--jobs", "2", "--batch-size", "500"],
+    );
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 40000);
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+}
+
+#[test]
+fn jobs_refuse_one_transaction_modes_and_fall_back_to_one_writer_on_stdin() {
+    let dir = scratch("jobs-modes");
+    let db = TestDb::new();
+    let file = fixture("tickets.csv");
+    let path = file.to_str().unwrap();
+    for mode in ["--atomic", "--dry-run", "--initial-load"] {
+        ticketops(Some(&db), &dir, &["import", "tickets", path, "--jobs", "2", mode])
+            .run()
+            .expect_code(2)
+            .stderr_has("--jobs writes batches on several connections");
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    let bytes = std::fs::read(&file).unwrap();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", "-", "--jobs", "2", "--rejects", "r.csv"],
+    )
+    .stdin(bytes)
+    .run();
+    run.stderr_has("writing on one connection: stdin is not scanned");
+    let summary = run.json();
+    assert_accounted(&summary, &run);
+    assert!(summary["inserted"].as_u64().unwrap() > 0, "{summary}");
+}
+
+#[test]
+fn users_and_comments_imports_with_three_writers_end_as_with_one() {
+    let dir = scratch("jobs-kinds");
+    let tickets = generate(&dir, "tickets.csv", &["tickets", "--rows", "500", "--seed", "35"]);
+    let users = generate(
+        &dir,
+        "users.csv",
+        &["users", "--rows", "3000", "--seed", "36", "--bad-share", "0.02"],
+    );
+    let comments = generate(
+        &dir,
+        "comments.csv",
+        &[
+            "comments",
+            "--rows",
+            "4000",
+            "--tickets",
+            "500",
+            "--seed",
+            "37",
+            "--bad-share",
+            "0.02",
+        ],
+    );
+    let mut results = Vec::new();
+    for jobs in ["1", "3"] {
+        let db = TestDb::new();
+        import(&db, &dir, "tickets", &tickets, &[]);
+        let args = |rejects: &'static str| vec!["--jobs", jobs, "--batch-size", "100", "--rejects", rejects];
+        let (_, users_summary) = import(&db, &dir, "users", &users, &args("ru.csv"));
+        let (_, comments_summary) = import(&db, &dir, "comments", &comments, &args("rc.csv"));
+        let stored_comments = db.strings(
+            "SELECT coalesce(c.external_id, '') || ' ' || t.external_id || ' ' || u.email || ' ' || c.body
+             FROM comments c JOIN tickets t ON t.id = c.ticket_id JOIN users u ON u.id = c.author_id ORDER BY 1",
+        );
+        results.push((
+            outcome(&users_summary),
+            outcome(&comments_summary),
+            sorted_rejects(&dir.join("ru.csv")),
+            sorted_rejects(&dir.join("rc.csv")),
+            db.user_snapshot(),
+            stored_comments,
+        ));
+    }
+    assert!(
+        results[0].0[0] > 0 && results[0].1[0] > 0,
+        "users and comments inserted"
+    );
+    assert!(!results[0].2.is_empty() && !results[0].3.is_empty(), "rows rejected");
+    assert!(results[1] == results[0], "three writers: other results than one");
+}
