@@ -141,10 +141,10 @@ pub(super) fn process_batches<K: ImportKind>(
             .into_iter()
             .enumerate()
             .map(|(i, (mut conn, mut kind))| {
-                scope.spawn(move || write_batches(&mut conn, &mut kind, i + 1, shared, turns, started))
+                scope.spawn(move || write_batches(&mut conn, &mut kind, (i + 1, writers), shared, turns, started))
             })
             .collect();
-        let mut results = vec![write_batches(conn, kind, 0, shared, turns, started)];
+        let mut results = vec![write_batches(conn, kind, (0, writers), shared, turns, started)];
         results.extend(handles.into_iter().map(|h| {
             h.join()
                 .unwrap_or_else(|_| (Err(anyhow::anyhow!("a writer thread panicked")), Duration::ZERO))
@@ -193,7 +193,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn write_batches<K: ImportKind>(
     conn: &mut PgConnection,
     kind: &mut K,
-    writer: usize,
+    (writer, writers): (usize, usize),
     shared: &WriterShared<'_, K>,
     turns: &Turns,
     started: Instant,
@@ -217,7 +217,7 @@ fn write_batches<K: ImportKind>(
                 turns.pass(seq);
                 continue;
             }
-            let written = write_batch(conn, batch, kind, shared, turns);
+            let written = write_batch(conn, batch, kind, shared, turns, writers > 1);
             turns.pass(seq);
             if !written? {
                 return Ok(LoopEnd::default());
@@ -263,12 +263,20 @@ fn write_batches<K: ImportKind>(
 /// committed. Everything a batch writes, the rejects file included, is undone when its
 /// transaction rolls back: the file is cut back to the length recorded with the last
 /// committed batch. False when the import stopped before the batch's turn came.
+///
+/// With several writers (`parallel`), the batch's new users, organizations and tags are
+/// committed first, in a short transaction of their own in the batch's turn: inside the
+/// batch's transaction they would stay uncommitted until it ends, and the next batch that
+/// names one of them would wait for that (measured: two writers slower than one on a first
+/// import, where most batches bring new users). A batch that then fails leaves them in place;
+/// a retry, a re-run or `--resume` finds them.
 fn write_batch<K: ImportKind>(
     conn: &mut PgConnection,
     mut batch: Batch<K::Row, K::Prefetched>,
     kind: &mut K,
     shared: &WriterShared<'_, K>,
     turns: &Turns,
+    parallel: bool,
 ) -> anyhow::Result<bool> {
     let options = shared.options;
     let op_id = shared.op_id;
@@ -289,6 +297,23 @@ fn write_batch<K: ImportKind>(
     let reader_rejects = batch.rejects;
     let batched = options.mode == Mode::Batched;
     let mut my_turn = Some(batch.seq);
+    let mut resolved = false;
+    if parallel && batched {
+        if !turns.wait(batch.seq) {
+            return Ok(false);
+        }
+        let result = conn.transaction(|conn| {
+            db::set_local_timeouts(conn, options.timeouts)?;
+            kind.resolve(conn, &rows)
+        });
+        turns.pass(batch.seq);
+        my_turn = None;
+        match result {
+            Ok(()) => resolved = true,
+            // Resolved again inside the batch's transaction, as a retry would.
+            Err(_) => kind.reset(),
+        }
+    }
 
     let mut attempt = 0;
     loop {
@@ -304,7 +329,7 @@ fn write_batch<K: ImportKind>(
                 let resolved = kind.resolve(conn, &rows);
                 turns.pass(seq);
                 resolved?;
-            } else {
+            } else if !std::mem::take(&mut resolved) {
                 kind.resolve(conn, &rows)?;
             }
             let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;

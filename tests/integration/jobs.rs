@@ -178,6 +178,22 @@ fn with_changed_subjects(file: &std::path::Path, to: &std::path::Path) {
     writer.flush().unwrap();
 }
 
+/// The first external_id after record `after` of `file` that occurs once in it (so that its
+/// row is written in that record's batch).
+fn key_only_once_after(file: &std::path::Path, after: usize) -> String {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(file).unwrap();
+    let keys: Vec<String> = reader
+        .byte_records()
+        .map(|r| String::from_utf8_lossy(r.unwrap().get(0).unwrap_or_default()).into_owned())
+        .collect();
+    let once = |k: &String| keys.iter().filter(|other| *other == k).count() == 1;
+    keys[after..]
+        .iter()
+        .find(|k| k.starts_with("T-") && once(k))
+        .unwrap()
+        .clone()
+}
+
 #[test]
 fn a_killed_import_with_batches_committed_out_of_order_resumes_to_the_result_of_one_writer() {
     let dir = scratch("jobs-kill");
@@ -214,11 +230,12 @@ fn a_killed_import_with_batches_committed_out_of_order_resumes_to_the_result_of_
     // One ticket of the first batches is held up in its update, so that the other writers
     // commit later batches before that one: the checkpoint then holds batches beyond its
     // committed prefix.
-    db.execute(
+    let held_up = key_only_once_after(&changed, 250);
+    db.execute(&format!(
         "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.external_id = 'T-000300' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION slow();",
-    );
+         BEGIN IF NEW.external_id = '{held_up}' THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION slow();"
+    ));
     let path = changed.to_str().unwrap();
     let mut child = ticketops(
         Some(&db),

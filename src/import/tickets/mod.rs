@@ -328,6 +328,8 @@ impl ImportKind for TicketImport {
 
     fn reset(&mut self) {
         self.cache.clear();
+        // Months made by a rolled-back batch are gone with it.
+        self.partitions = Partitions::default();
     }
 
     fn keys_seen_once(&mut self) {
@@ -356,6 +358,13 @@ impl ImportKind for TicketImport {
         let started = std::time::Instant::now();
         self.resolve_entities(conn, rows)
             .context("cannot resolve organizations, users and tags")?;
+        if self.layout.partitioned() {
+            // The months the rows need, made here too: with several writers this runs in a
+            // transaction of its own, so that two writers never make the same month at once.
+            let import_time = self.import_time;
+            self.partitions
+                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+        }
         self.phases.add("resolve users/orgs/tags", started);
         Ok(())
     }
