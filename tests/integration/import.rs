@@ -1321,12 +1321,12 @@ fn an_overflowing_entity_cache_keeps_what_the_batch_needs() {
     assert_eq!(db.scalar("SELECT count(*) FROM organizations"), 10);
 }
 
-/// Without --batch-size an import runs 5,000-row batches and an initial load 10,000-row ones;
+/// Without --batch-size an import runs 2,000-row batches and an initial load 5,000-row ones;
 /// the operation records the size it used.
 #[test]
 fn the_default_batch_size_depends_on_the_kind_of_load() {
     let dir = scratch("batch-size");
-    for (extra, expected) in [(&[][..], "5000"), (&["--initial-load"][..], "10000")] {
+    for (extra, expected) in [(&[][..], "2000"), (&["--initial-load"][..], "5000")] {
         let db = TestDb::new();
         let mut args = vec!["--rejects", "r.csv"];
         args.extend_from_slice(extra);
