@@ -15,7 +15,7 @@ use crate::schema::users;
 
 /// Caches are cleared past this many entries, so memory stays bounded on exports with
 /// millions of distinct users.
-const CACHE_LIMIT: usize = 500_000;
+const CACHE_LIMIT: usize = 100_000;
 
 #[derive(QueryableByName)]
 struct IdName {
@@ -93,7 +93,7 @@ impl Default for EntityCache {
 }
 
 impl EntityCache {
-    /// A cache whose maps are cleared past `limit` entries (`default()`: 500,000).
+    /// A cache whose maps are cleared past `limit` entries (`default()`: 100,000).
     pub fn with_limit(limit: usize) -> EntityCache {
         EntityCache {
             organizations: KeyMap::default(),
