@@ -87,11 +87,10 @@ pub struct CommonArgs {
     /// rows cost about 4 MiB, per writer with --jobs)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub batch_size: Option<u64>,
-    /// Write batches on N connections at once, each committing on its own, with the same
-    /// result as one [default: 1: a live database also serves its application, and one
-    /// connection leaves it the other cores; on 2 cores, --jobs 2 measured 1.3-1.6x the rows/s
-    /// of one for new and changed rows (docs/performance.md)]. Not with --atomic, --dry-run or
-    /// --initial-load
+    /// Write batches on N connections at once, each committing on its own, with the same result as
+    /// one writer. 1 by default: a live database also serves its application, and one writer
+    /// leaves it the other cores; on 2 cores --jobs 2 measured 1.4-1.7x the rows/s of one for new
+    /// and for changed rows (docs/performance.md). Not with --atomic, --dry-run or --initial-load
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
     /// Continue the latest unfinished import of a file with the same content from its checkpoint
