@@ -366,27 +366,25 @@ fn more_writers<K: ImportKind>(
     if options.jobs <= 1 {
         return Ok(Vec::new());
     }
-    let why_one = if !keys_tracked {
-        Some(match options.input {
-            Input::Stdin => "stdin is not scanned for repeated keys beforehand",
-            Input::File(_) => "the scan could not track every key of the file",
-        })
-    } else if kind.another_writer().is_none() {
-        Some("this kind of import writes with one connection")
-    } else {
-        None
-    };
-    if let Some(why) = why_one {
+    let one_writer = |why: &str| {
         log.info(format!(
             "warning: --jobs {}: writing on one connection: {why}",
             options.jobs
         ));
-        return Ok(Vec::new());
+        Ok(Vec::new())
+    };
+    if !keys_tracked {
+        return one_writer(match options.input {
+            Input::Stdin => "stdin is not scanned for repeated keys beforehand",
+            Input::File(_) => "the scan could not track every key of the file",
+        });
     }
     let mut more = Vec::with_capacity(options.jobs - 1);
     for _ in 1..options.jobs {
-        let writer = kind.another_writer().expect("checked above");
-        more.push((db::get(pool)?, writer));
+        match kind.another_writer() {
+            Some(writer) => more.push((db::get(pool)?, writer)),
+            None => return one_writer("this kind of import writes with one connection"),
+        }
     }
     Ok(more)
 }

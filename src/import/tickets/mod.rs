@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -117,6 +117,11 @@ pub struct TicketImport {
     phases: PhaseTimes,
     /// Tickets inserted by this run, to decide whether statistics need refreshing.
     inserted_here: u64,
+    /// What the writers of one import (`--jobs`) share: how many there are, how many have
+    /// ended, and the tickets they inserted — the last to end refreshes the statistics once.
+    writers: Arc<Writers>,
+    /// This writer's number (1 for the first).
+    writer: usize,
     /// The sequence behind tickets.id, looked up once: resolving it inside the id query cost
     /// a catalog lookup per row (ten times the nextval itself).
     id_sequence: Option<String>,
@@ -128,6 +133,13 @@ pub struct TicketImport {
     layout: Layout,
     /// The monthly partitions known to exist (partitioned layout).
     partitions: Partitions,
+}
+
+#[derive(Default)]
+struct Writers {
+    count: AtomicUsize,
+    ended: AtomicUsize,
+    inserted: AtomicU64,
 }
 
 /// Past this many inserted tickets an import ends with ANALYZE.
@@ -149,14 +161,16 @@ impl PhaseTimes {
         }
     }
 
-    fn report(&self) {
+    /// Prints the times with -v; `writer` names the writer when there are several.
+    fn report(&self, writer: Option<usize>) {
         if self.verbose {
             let parts: Vec<String> = self
                 .totals
                 .iter()
                 .map(|(p, d)| format!("{p} {:.2} s", d.as_secs_f64()))
                 .collect();
-            eprintln!("time by phase: {}", parts.join(", "));
+            let who = writer.map(|n| format!("writer {n}: ")).unwrap_or_default();
+            eprintln!("{who}time by phase: {}", parts.join(", "));
         }
     }
 }
@@ -181,6 +195,11 @@ impl TicketImport {
             warned_missing_created_at: Arc::default(),
             dropped: Rebuild::default(),
             inserted_here: 0,
+            writers: Arc::new(Writers {
+                count: AtomicUsize::new(1),
+                ..Writers::default()
+            }),
+            writer: 1,
             id_sequence: None,
             keys_seen_once: false,
             stored: StoredLookup::default(),
@@ -317,12 +336,19 @@ impl ImportKind for TicketImport {
             recreate(conn, &self.dropped.foreign_keys)?;
             sql_query("SET LOCAL enable_hashjoin TO DEFAULT").execute(conn)?;
             self.phases.add("validate foreign keys", started);
-        } else if self.inserted_here > ANALYZE_AFTER_ROWS {
+        } else {
             // Fresh statistics after a large load: without them the planner misjudges the next
-            // import's batch lookups (measured: 8 s instead of 2 s for 1,000,000 rows).
-            self.analyze(conn)?;
+            // import's batch lookups (measured: 8 s instead of 2 s for 1,000,000 rows). Once,
+            // by the last writer to end.
+            let inserted = self.writers.inserted.fetch_add(self.inserted_here, Ordering::SeqCst) + self.inserted_here;
+            let last =
+                self.writers.ended.fetch_add(1, Ordering::SeqCst) + 1 == self.writers.count.load(Ordering::SeqCst);
+            if last && inserted > ANALYZE_AFTER_ROWS {
+                self.analyze(conn)?;
+            }
         }
-        self.phases.report();
+        let several = self.writers.count.load(Ordering::SeqCst) > 1;
+        self.phases.report(several.then_some(self.writer));
         Ok(())
     }
 
@@ -374,6 +400,8 @@ impl ImportKind for TicketImport {
         writer.present = self.present;
         writer.import_time = self.import_time;
         writer.warned_missing_created_at = Arc::clone(&self.warned_missing_created_at);
+        writer.writer = self.writers.count.fetch_add(1, Ordering::SeqCst) + 1;
+        writer.writers = Arc::clone(&self.writers);
         writer.keys_seen_once = self.keys_seen_once;
         Some(writer)
     }
