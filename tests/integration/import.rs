@@ -713,47 +713,59 @@ fn sigkill_then_resume_or_rerun_ends_in_the_same_state() {
     }
 }
 
+/// With one writer and with two (`--jobs 2`: every writer stops after its batch).
 #[test]
 fn sigterm_stops_after_the_batch_and_marks_the_operation_interrupted() {
     let dir = scratch("sigterm");
     let file = generate(&dir, "big.csv", &["tickets", "--rows", "40000", "--seed", "12"]);
-    let db = TestDb::new();
-    let mut child = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "--json",
-            "import",
+    for jobs in ["1", "2"] {
+        let db = TestDb::new();
+        let mut child = ticketops(
+            Some(&db),
+            &dir,
+            &[
+                "--json",
+                "import",
+                "tickets",
+                file.to_str().unwrap(),
+                "--batch-size",
+                "500",
+                "--jobs",
+                jobs,
+            ],
+        )
+        .spawn();
+        wait_for_checkpoint(&db, &mut child);
+        kill(&child, "-TERM");
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(143), "--jobs {jobs}: {stderr}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+        assert_eq!(summary["status"], "interrupted");
+        assert_eq!(summary["stopped"], "signal");
+        let committed = db.scalar("SELECT count(*) FROM tickets");
+        assert_eq!(
+            committed as u64,
+            summary["inserted"].as_u64().unwrap(),
+            "--jobs {jobs}: whole batches only"
+        );
+        assert_eq!(committed % 500, 0, "a batch is committed whole or not at all");
+        assert!(committed < 40000, "the signal came too late to test anything");
+        assert_eq!(
+            db.strings("SELECT status::text FROM bulk_operations"),
+            vec!["interrupted"]
+        );
+        let (run, summary) = import(
+            &db,
+            &dir,
             "tickets",
-            file.to_str().unwrap(),
-            "--batch-size",
-            "500",
-        ],
-    )
-    .spawn();
-    wait_for_checkpoint(&db, &mut child);
-    kill(&child, "-TERM");
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(143), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
-    assert_eq!(summary["status"], "interrupted");
-    assert_eq!(summary["stopped"], "signal");
-    let committed = db.scalar("SELECT count(*) FROM tickets");
-    assert_eq!(
-        committed as u64,
-        summary["inserted"].as_u64().unwrap(),
-        "whole batches only"
-    );
-    assert_eq!(committed % 500, 0, "a batch is committed whole or not at all");
-    assert_eq!(
-        db.strings("SELECT status::text FROM bulk_operations"),
-        vec!["interrupted"]
-    );
-    let (run, summary) = import(&db, &dir, "tickets", &file, &["--resume", "--batch-size", "500"]);
-    run.expect_code(0);
-    assert_eq!(summary["inserted"], 40000);
-    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+            &file,
+            &["--resume", "--batch-size", "500", "--jobs", jobs],
+        );
+        run.expect_code(0);
+        assert_eq!(summary["inserted"], 40000);
+        assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40000);
+    }
 }
 
 #[test]
