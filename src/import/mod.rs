@@ -48,7 +48,7 @@ pub use accounting::{Counts, ImportReport, MaxRejects};
 pub use kind::{ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 pub(crate) use reader::Latin1Check;
 use reader::{BatchResult, ReadSettings, read_batches};
-use writer::{Committed, LoopEnd, WriterShared, prefetch_batches, process_batches};
+use writer::{Committed, CommittedState, LoopEnd, WriterShared, prefetch_batches, process_batches};
 
 /// How rows are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,16 +181,18 @@ pub fn run<K: ImportKind>(
     }
     let start_rejects_len = resumed.as_ref().map(|(_, c)| c.rejects_bytes);
     let committed = Mutex::new(Committed {
-        counts: resumed.as_ref().map(|(_, c)| c.counts).unwrap_or_default(),
-        tally: resumed.as_ref().map(|(_, c)| c.tally.clone()).unwrap_or_default(),
         rejects: RejectsWriter::new(rejects_path, &source.raw_header, options.delimiter, start_rejects_len),
-        rejects_bytes: start_rejects_len.unwrap_or(0),
-        prefix: resume_at.unwrap_or_default(),
-        done: resumed
-            .as_ref()
-            .map(|(_, c)| c.done.iter().copied().collect())
-            .unwrap_or_default(),
         batch_size: options.batch_size,
+        state: match &resumed {
+            Some((_, c)) => CommittedState {
+                counts: c.counts,
+                tally: c.tally.clone(),
+                rejects_bytes: c.rejects_bytes,
+                prefix: resume_at.unwrap_or_default(),
+                done: c.done.iter().copied().collect(),
+            },
+            None => CommittedState::default(),
+        },
     });
 
     let operator = operation::operator();
@@ -253,9 +255,8 @@ pub fn run<K: ImportKind>(
     };
     progress.finish_and_clear();
     let Committed {
-        counts,
-        tally,
         mut rejects,
+        state: CommittedState { counts, tally, .. },
         ..
     } = committed.into_inner().unwrap_or_else(|e| e.into_inner());
     let warnings = pipeline.join(&options, &tally);

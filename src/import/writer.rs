@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, mpsc};
+use std::sync::{Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection};
@@ -34,34 +34,49 @@ pub(super) struct LoopEnd {
 /// the lock to write its rejects and checkpoint and keeps it through its COMMIT, so that the
 /// file can be cut back to the committed length when the COMMIT fails.
 pub(super) struct Committed {
+    pub(super) rejects: RejectsWriter,
+    pub(super) batch_size: usize,
+    pub(super) state: CommittedState,
+}
+
+/// What is committed, as a batch's checkpoint records it.
+#[derive(Clone, Default)]
+pub(super) struct CommittedState {
     pub(super) counts: Counts,
     pub(super) tally: RejectTally,
-    pub(super) rejects: RejectsWriter,
     /// The rejects file's length with the last committed batch.
     pub(super) rejects_bytes: u64,
     /// The end of the committed prefix of the input.
     pub(super) prefix: Position,
     /// Batches committed beyond the prefix: the record each starts after → its end.
     pub(super) done: BTreeMap<u64, Position>,
-    pub(super) batch_size: usize,
 }
 
-impl Committed {
+impl CommittedState {
     /// Whether the batch that starts at `start` is committed: one the run this one resumes
     /// committed beyond its prefix, before or after this run's batches joined them to it.
     fn has(&self, start: Position) -> bool {
         start.record < self.prefix.record || self.done.contains_key(&start.record)
     }
 
-    /// The prefix and the batches beyond it once the batch from `start` to `end` is committed.
-    fn with_batch(&self, start: Position, end: Position) -> (Position, BTreeMap<u64, Position>) {
-        let mut done = self.done.clone();
-        done.insert(start.record, end);
-        let mut prefix = self.prefix;
-        while let Some(next) = done.remove(&prefix.record) {
-            prefix = next;
+    /// This state with one more batch, from `start` to `end`, with its counts and tally, and
+    /// the rejects file now `rejects_bytes` long.
+    fn with_batch(
+        &self,
+        (start, end): (Position, Position),
+        counts: &Counts,
+        tally: &RejectTally,
+        rejects_bytes: u64,
+    ) -> CommittedState {
+        let mut next = self.clone();
+        next.counts.add(counts);
+        next.tally.merge(tally);
+        next.rejects_bytes = rejects_bytes;
+        next.done.insert(start.record, end);
+        while let Some(end) = next.done.remove(&next.prefix.record) {
+            next.prefix = end;
         }
-        (prefix, done)
+        next
     }
 }
 
@@ -172,7 +187,7 @@ pub(super) fn process_batches<K: ImportKind>(
     if end.abort.is_some() || end.signal.is_some() {
         return Ok(end);
     }
-    let counts = lock(shared.committed).counts;
+    let counts = lock(shared.committed).state.counts;
     if let Some(limit) = options.max_rejects
         && limit.exceeded(counts.rejected, counts.rows_read, true)
     {
@@ -184,7 +199,7 @@ pub(super) fn process_batches<K: ImportKind>(
     Ok(end)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -212,7 +227,7 @@ fn write_batches<K: ImportKind>(
             let Ok(batch) = next else { break };
             let batch = batch?;
             let seq = batch.seq;
-            if lock(shared.committed).has(batch.start) {
+            if lock(shared.committed).state.has(batch.start) {
                 // Committed by the run this one resumes.
                 turns.pass(seq);
                 continue;
@@ -222,7 +237,7 @@ fn write_batches<K: ImportKind>(
             if !written? {
                 return Ok(LoopEnd::default());
             }
-            let counts = lock(shared.committed).counts;
+            let counts = lock(shared.committed).state.counts;
             shared.progress.set_message(format!(
                 "{} rows, {:.0} rows/s",
                 counts.rows_read,
@@ -296,7 +311,8 @@ fn write_batch<K: ImportKind>(
     let rows = dedupe::<K>(batch.rows, shared.repeated, &mut base_counts);
     let reader_rejects = batch.rejects;
     let batched = options.mode == Mode::Batched;
-    let mut my_turn = Some(batch.seq);
+    // Whether the batch's users, organizations and tags are made already (see above); one
+    // writer makes them inside the batch's transaction, in turn by construction.
     let mut resolved = false;
     if parallel && batched {
         if !turns.wait(batch.seq) {
@@ -307,7 +323,6 @@ fn write_batch<K: ImportKind>(
             kind.resolve(conn, &rows)
         });
         turns.pass(batch.seq);
-        my_turn = None;
         match result {
             Ok(()) => resolved = true,
             // Resolved again inside the batch's transaction, as a retry would.
@@ -322,14 +337,7 @@ fn write_batch<K: ImportKind>(
         let retry_left = batched && attempt < options.retries;
         let result = in_batch_transaction(conn, batched, |conn| {
             db::set_local_timeouts(conn, options.timeouts)?;
-            if let Some(seq) = my_turn.take() {
-                if !turns.wait(seq) {
-                    return Ok(None);
-                }
-                let resolved = kind.resolve(conn, &rows);
-                turns.pass(seq);
-                resolved?;
-            } else if !std::mem::take(&mut resolved) {
+            if !std::mem::take(&mut resolved) {
                 kind.resolve(conn, &rows)?;
             }
             let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
@@ -347,46 +355,40 @@ fn write_batch<K: ImportKind>(
                     batch_tally.add(&r.error.reason, r.line);
                 }
                 let rejects_bytes = committed.rejects.flush()?;
-                let mut counts = committed.counts;
-                counts.add(&batch_counts);
-                let mut tally = committed.tally.clone();
-                tally.merge(&batch_tally);
-                let (prefix, done) = committed.with_batch(batch.start, batch.end);
+                let next =
+                    committed
+                        .state
+                        .with_batch((batch.start, batch.end), &batch_counts, &batch_tally, rejects_bytes);
                 if batched {
                     let checkpoint = Checkpoint {
-                        position: prefix,
+                        position: next.prefix,
                         rejects_bytes,
-                        counts,
-                        tally: tally.clone(),
-                        done: done.iter().map(|(start, end)| (*start, *end)).collect(),
-                        batch_size: (!done.is_empty()).then_some(committed.batch_size),
+                        counts: next.counts,
+                        tally: next.tally.clone(),
+                        done: next.done.iter().map(|(start, end)| (*start, *end)).collect(),
+                        batch_size: (!next.done.is_empty()).then_some(committed.batch_size),
                     };
                     operation::save_checkpoint(
                         conn,
                         op_id,
                         &serde_json::to_value(&checkpoint)?,
-                        &serde_json::to_value(counts)?,
+                        &serde_json::to_value(next.counts)?,
                     )?;
                 }
-                anyhow::Ok((rejects_bytes, counts, tally, prefix, done))
+                anyhow::Ok(next)
             })();
             match written {
-                Ok(state) => Ok(Some((committed, state))),
+                Ok(next) => Ok((committed, next)),
                 Err(e) => {
-                    let committed_len = committed.rejects_bytes;
+                    let committed_len = committed.state.rejects_bytes;
                     let _ = committed.rejects.cut_back(committed_len);
                     Err(e)
                 }
             }
         });
         let err = match result {
-            Ok(None) => return Ok(false),
-            Ok(Some((mut committed, (rejects_bytes, counts, tally, prefix, done)))) => {
-                committed.rejects_bytes = rejects_bytes;
-                committed.counts = counts;
-                committed.tally = tally;
-                committed.prefix = prefix;
-                committed.done = done;
+            Ok((mut committed, next)) => {
+                committed.state = next;
                 return Ok(true);
             }
             Err(err) => err,
@@ -428,34 +430,29 @@ fn write_batch<K: ImportKind>(
 fn in_batch_transaction<'m>(
     conn: &mut PgConnection,
     batched: bool,
-    work: impl FnOnce(&mut PgConnection) -> anyhow::Result<Option<(std::sync::MutexGuard<'m, Committed>, CommittedState)>>,
-) -> anyhow::Result<Option<(std::sync::MutexGuard<'m, Committed>, CommittedState)>> {
+    work: impl FnOnce(&mut PgConnection) -> anyhow::Result<(MutexGuard<'m, Committed>, CommittedState)>,
+) -> anyhow::Result<(MutexGuard<'m, Committed>, CommittedState)> {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
     if !batched {
         return work(conn);
     }
     AnsiTransactionManager::begin_transaction(conn)?;
     match work(conn) {
-        Ok(Some((mut committed, state))) => match AnsiTransactionManager::commit_transaction(conn) {
-            Ok(()) => Ok(Some((committed, state))),
+        Ok((mut committed, next)) => match AnsiTransactionManager::commit_transaction(conn) {
+            Ok(()) => Ok((committed, next)),
             Err(e) => {
                 let _ = AnsiTransactionManager::rollback_transaction(conn);
-                let committed_len = committed.rejects_bytes;
+                let committed_len = committed.state.rejects_bytes;
                 let _ = committed.rejects.cut_back(committed_len);
                 Err(e.into())
             }
         },
-        other => {
-            // Nothing of it is kept (stopped before its turn, or failed).
+        Err(e) => {
             let _ = AnsiTransactionManager::rollback_transaction(conn);
-            other
+            Err(e)
         }
     }
 }
-
-/// What a batch's commit makes of the committed state: the rejects file's length, the
-/// counts, the tally, the prefix and the batches done beyond it.
-type CommittedState = (u64, Counts, RejectTally, Position, BTreeMap<u64, Position>);
 
 /// Adds to a batch's lock-timeout error which of its rows another session holds (by key).
 fn name_held_rows<K: ImportKind>(
