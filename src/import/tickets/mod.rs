@@ -109,16 +109,13 @@ pub struct TicketImport {
     cache: EntityCache,
     /// The time given to rows without created_at (the same for the whole import).
     import_time: DateTime<Utc>,
-    /// Shared by the writers of one import (`--jobs`): the warning is printed once.
-    warned_missing_created_at: Arc<AtomicBool>,
     /// Indexes and foreign keys dropped by `--initial-load`, recreated by `end`.
     dropped: Rebuild,
     /// Time spent in each phase, printed with -v: what limits an import.
     phases: PhaseTimes,
     /// Tickets inserted by this run, to decide whether statistics need refreshing.
     inserted_here: u64,
-    /// What the writers of one import (`--jobs`) share: how many there are, how many have
-    /// ended, and the tickets they inserted — the last to end refreshes the statistics once.
+    /// What the writers of one import (`--jobs`) share.
     writers: Arc<Writers>,
     /// This writer's number (1 for the first).
     writer: usize,
@@ -135,11 +132,15 @@ pub struct TicketImport {
     partitions: Partitions,
 }
 
+/// What the writers of one import share: how many there are, how many have ended, and the
+/// tickets they inserted (the last to end refreshes the statistics once), and whether the
+/// warning about rows without created_at was printed (once per import).
 #[derive(Default)]
 struct Writers {
     count: AtomicUsize,
     ended: AtomicUsize,
     inserted: AtomicU64,
+    warned_missing_created_at: AtomicBool,
 }
 
 /// Past this many inserted tickets an import ends with ANALYZE.
@@ -192,7 +193,6 @@ impl TicketImport {
             initial_load,
             cache: EntityCache::default(),
             import_time: Utc::now(),
-            warned_missing_created_at: Arc::default(),
             dropped: Rebuild::default(),
             inserted_here: 0,
             writers: Arc::new(Writers {
@@ -385,8 +385,9 @@ impl ImportKind for TicketImport {
         self.resolve_entities(conn, rows)
             .context("cannot resolve organizations, users and tags")?;
         if self.layout.partitioned() {
-            // The months the rows need, made here too: with several writers this runs in a
-            // transaction of its own, so that two writers never make the same month at once.
+            // The months the rows need (the only place they are made): with several writers
+            // this runs in a transaction of its own, so that two writers never make the same
+            // month at once.
             let import_time = self.import_time;
             self.partitions
                 .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
@@ -399,7 +400,6 @@ impl ImportKind for TicketImport {
         let mut writer = TicketImport::new(self.undelete, self.initial_load, self.phases.verbose);
         writer.present = self.present;
         writer.import_time = self.import_time;
-        writer.warned_missing_created_at = Arc::clone(&self.warned_missing_created_at);
         writer.writer = self.writers.count.fetch_add(1, Ordering::SeqCst) + 1;
         writer.writers = Arc::clone(&self.writers);
         writer.keys_seen_once = self.keys_seen_once;
@@ -418,7 +418,7 @@ impl ImportKind for TicketImport {
             return Ok(Vec::new());
         }
         if rows.iter().any(|r| r.row.created_at.is_none())
-            && !self.warned_missing_created_at.swap(true, Ordering::SeqCst)
+            && !self.writers.warned_missing_created_at.swap(true, Ordering::SeqCst)
         {
             eprintln!(
                 "warning: some rows have no created_at (first at line {}); new tickets get the import time",

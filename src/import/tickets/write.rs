@@ -231,14 +231,10 @@ impl TicketImport {
         };
         let import_time = self.import_time;
         if self.layout.keyed() {
-            // The months first, then the keys (which the tickets reference): a key that
-            // exists already (a concurrent insert) fails the batch like the unique index does
-            // on the plain layout.
+            // The keys first (the months were made by `resolve`), which the tickets reference:
+            // a key that exists already (a concurrent insert) fails the batch like the unique
+            // index does on the plain layout.
             let started = std::time::Instant::now();
-            if self.layout.partitioned() {
-                self.partitions
-                    .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
-            }
             copy_keys(
                 conn,
                 rows.iter()
@@ -366,8 +362,7 @@ impl TicketImport {
             return Ok(());
         }
         if self.layout.partitioned() {
-            self.partitions
-                .ensure(conn, rows.iter().filter_map(|r| r.row.created_at))?;
+            // (The months the rows move to were made by `resolve`.)
             crate::layout::by_key_plans(conn)?;
         }
         let by_rec: HashMap<i64, &Numbered<TicketRow>> = rows.iter().map(|r| (r.record as i64, *r)).collect();
