@@ -25,7 +25,6 @@ pub mod tickets;
 pub mod users;
 mod writer;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, mpsc};
 use std::time::Instant;
@@ -397,7 +396,7 @@ fn scan_input<K: ImportKind>(
     kind: &mut K,
     progress: &indicatif::ProgressBar,
     log: Log,
-) -> anyhow::Result<(Option<String>, Option<HashMap<u64, scan::LastOccurrence>>)> {
+) -> anyhow::Result<(Option<String>, Option<scan::Repeated>)> {
     let Input::File(path) = &options.input else {
         return Ok((None, None));
     };

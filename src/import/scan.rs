@@ -79,6 +79,9 @@ pub struct LastOccurrence {
     pub key: String,
 }
 
+/// The keys that occur more than once, by their `key_hash` (a hash already: not hashed again).
+pub(crate) type Repeated = HashMap<u64, LastOccurrence, BuildHasherDefault<PreHashed>>;
+
 pub fn key_hash(key: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key.as_bytes())
 }
@@ -87,7 +90,7 @@ pub struct Scan {
     pub sha256: String,
     /// For each key that occurs more than once: where it occurs last. `None` when the keys
     /// could not be tracked (no key column, or too many keys).
-    pub last_of_repeated: Option<HashMap<u64, LastOccurrence>>,
+    pub(crate) last_of_repeated: Option<Repeated>,
     pub untracked_reason: Option<String>,
 }
 
@@ -129,13 +132,13 @@ pub fn scan_file<K: ImportKind>(
     })
 }
 
-type RepeatedKeys = (Option<HashMap<u64, LastOccurrence>>, Option<String>);
+type ScannedKeys = (Option<Repeated>, Option<String>);
 
 fn scan_keys<K: ImportKind>(
     path: &Path,
     options: &ImportOptions,
     progress: &indicatif::ProgressBar,
-) -> anyhow::Result<RepeatedKeys> {
+) -> anyhow::Result<ScannedKeys> {
     let (delimiter, encoding, fields) = (options.delimiter, options.encoding, K::FIELDS);
     let key_field = K::KEY_FIELD;
     let on_read = progress.clone();
@@ -171,7 +174,7 @@ fn scan_keys<K: ImportKind>(
         .map(|m| m.len() / BYTES_PER_RECORD_GUESS)
         .unwrap_or(0);
     let mut seen = SeenKeys::for_keys(expected_records);
-    let mut repeated: HashMap<u64, LastOccurrence, BuildHasherDefault<PreHashed>> = HashMap::default();
+    let mut repeated = Repeated::default();
     let mut record_no = 0u64;
     let mut latin1 = (encoding == Encoding::Latin1).then(Latin1Check::default);
     while let Some(end) = reader.read_record(&mut record).with_context(read_error)? {
@@ -203,7 +206,7 @@ fn scan_keys<K: ImportKind>(
             key_column = None;
             untracked_reason = Some(format!("more than {MAX_TRACKED_KEYS} repeated keys"));
             seen = SeenKeys::for_keys(0);
-            repeated = HashMap::default();
+            repeated = Repeated::default();
         }
     }
     progress.set_position(0);
@@ -212,8 +215,7 @@ fn scan_keys<K: ImportKind>(
         return Err(UsageError(format!("{}: {warning}; nothing was imported", path.display())).into());
     }
     let tracked = untracked_reason.is_none();
-    drop(seen);
-    Ok((tracked.then(|| repeated.into_iter().collect()), untracked_reason))
+    Ok((tracked.then_some(repeated), untracked_reason))
 }
 
 fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, str> {

@@ -126,7 +126,7 @@ pub(super) struct WriterShared<'a, K: ImportKind> {
     pub(super) op_id: i64,
     pub(super) receiver: &'a Mutex<mpsc::Receiver<BatchResult<K>>>,
     pub(super) options: &'a ImportOptions,
-    pub(super) repeated: Option<&'a HashMap<u64, scan::LastOccurrence>>,
+    pub(super) repeated: Option<&'a scan::Repeated>,
     pub(super) committed: &'a Mutex<Committed>,
     pub(super) stop: &'a StopFlags,
     pub(super) progress: &'a indicatif::ProgressBar,
@@ -554,7 +554,7 @@ pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys
 /// file; counts the others as duplicates.
 pub(super) fn dedupe<K: ImportKind>(
     rows: Vec<Numbered<K::Row>>,
-    repeated: Option<&HashMap<u64, scan::LastOccurrence>>,
+    repeated: Option<&scan::Repeated>,
     counts: &mut Counts,
 ) -> Vec<Numbered<K::Row>> {
     let repeated = repeated.filter(|r| !r.is_empty());
