@@ -139,6 +139,10 @@ impl ImportKind for CommentImport {
         Some(CommentImport::default())
     }
 
+    fn share_caches(&mut self, writers: usize) {
+        self.cache.share_limit(writers);
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,

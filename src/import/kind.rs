@@ -108,6 +108,10 @@ pub trait ImportKind: Send {
         None
     }
 
+    /// This writer is one of `writers` (`--jobs`): its caches keep their share of the limit,
+    /// so that memory does not grow with the number of writers.
+    fn share_caches(&mut self, _writers: usize) {}
+
     /// Writes one deduplicated batch, adding to `counts` and returning rows it rejected.
     /// `prefetched` is what `prefetcher` read for the batch, when it ran and succeeded.
     fn write_batch(

@@ -359,7 +359,7 @@ fn rejects_path_for(options: &ImportOptions) -> anyhow::Result<PathBuf> {
 fn more_writers<K: ImportKind>(
     pool: &db::Pool,
     options: &ImportOptions,
-    kind: &K,
+    kind: &mut K,
     keys_tracked: bool,
     log: Log,
 ) -> anyhow::Result<Vec<(db::PooledConn, K)>> {
@@ -385,6 +385,10 @@ fn more_writers<K: ImportKind>(
             Some(writer) => more.push((db::get(pool)?, writer)),
             None => return one_writer("this kind of import writes with one connection"),
         }
+    }
+    kind.share_caches(options.jobs);
+    for (_, writer) in &mut more {
+        writer.share_caches(options.jobs);
     }
     Ok(more)
 }

@@ -143,6 +143,10 @@ impl ImportKind for UserImport {
         Some(UserImport::new(self.undelete))
     }
 
+    fn share_caches(&mut self, writers: usize) {
+        self.cache.share_limit(writers);
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,

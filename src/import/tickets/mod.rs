@@ -33,7 +33,7 @@ mod write;
 
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
 pub(crate) use stored::ticket_ids_by_external_id;
-use stored::{Stored, StoredLookup, index_paths_only};
+use stored::{Stored, StoredByKey, StoredLookup, index_paths_only};
 use write::STAGE_TABLE_SQL;
 
 const EXTERNAL_ID: usize = 0;
@@ -233,7 +233,7 @@ fn optional_text(fields: &RecordFields<'_>, index: usize) -> Result<Option<Strin
 
 impl ImportKind for TicketImport {
     type Row = TicketRow;
-    type Prefetched = HashMap<String, Stored>;
+    type Prefetched = StoredByKey;
     const NAME: &'static str = "tickets";
     const FIELDS: &'static [FieldSpec] = FIELDS;
 
@@ -364,7 +364,7 @@ impl ImportKind for TicketImport {
 
     /// The stored tickets of the next batch are read while this one is written: on a
     /// re-import that lookup is most of the work (an initial load needs none).
-    fn prefetcher(&self) -> Option<Prefetcher<TicketRow, HashMap<String, Stored>>> {
+    fn prefetcher(&self) -> Option<Prefetcher<TicketRow, StoredByKey>> {
         if self.initial_load {
             return None;
         }
@@ -406,12 +406,16 @@ impl ImportKind for TicketImport {
         Some(writer)
     }
 
+    fn share_caches(&mut self, writers: usize) {
+        self.cache.share_limit(writers);
+    }
+
     fn write_batch(
         &mut self,
         conn: &mut PgConnection,
         op_id: i64,
         rows: &[Numbered<TicketRow>],
-        prefetched: Option<HashMap<String, Stored>>,
+        prefetched: Option<StoredByKey>,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<WriterReject>> {
         if rows.is_empty() {

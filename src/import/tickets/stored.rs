@@ -42,7 +42,7 @@ impl StoredLookup {
         conn: &mut PgConnection,
         rows: &[Numbered<TicketRow>],
         with_tags: bool,
-    ) -> QueryResult<HashMap<String, Stored>> {
+    ) -> QueryResult<StoredByKey> {
         let wanted: HashSet<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
         let mut stored: Vec<Ticket> = Vec::with_capacity(wanted.len());
         if let Some(first) = self.next_id {
@@ -120,7 +120,7 @@ impl StoredLookup {
             while let Some((_, tag_id)) = links.next_if(|(ticket_id, _)| *ticket_id == ticket.id) {
                 tags.push(tag_id);
             }
-            by_external_id.insert(std::mem::take(&mut ticket.external_id), (ticket, tags));
+            by_external_id.insert(std::mem::take(&mut ticket.external_id), Box::new((ticket, tags)));
         }
         Ok(by_external_id)
     }
@@ -143,6 +143,11 @@ pub(crate) fn ticket_ids_by_external_id(
 
 /// A stored ticket and its sorted tag ids (empty when the file has no tags column).
 pub(super) type Stored = (Ticket, Vec<i64>);
+
+/// A batch's stored tickets by external id. Boxed: a map sized for a batch has about twice
+/// as many slots as tickets, and an empty slot then takes a pointer instead of a ticket
+/// (1.1 MB instead of 0.6 for 2,000 tickets, with two or three batches in flight).
+pub(super) type StoredByKey = HashMap<String, Box<Stored>>;
 
 #[derive(QueryableByName)]
 pub(super) struct IdExternal {

@@ -355,7 +355,7 @@ impl TicketImport {
         conn: &mut PgConnection,
         op_id: i64,
         rows: Vec<&Numbered<TicketRow>>,
-        existing: &HashMap<String, Stored>,
+        existing: &StoredByKey,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         if rows.is_empty() {
