@@ -246,7 +246,7 @@ fn reject(r: &Numbered<CommentRow>, error: RowError) -> WriterReject {
         error,
         record: r.record,
         line: r.line,
-        raw: r.raw.clone(),
+        raw: r.raw.clone().unwrap_or_default(),
     }
 }
 

@@ -552,6 +552,29 @@ impl std::hash::Hash for NameKey {
     }
 }
 
+/// A map keyed by strings (a batch's external ids), hashed with xxh3 in one pass instead of
+/// SipHash: the read-ahead builds and the writer probes one for every batch.
+pub type StrMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<StrHasher>>;
+pub type StrSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<StrHasher>>;
+
+/// Hashes what a `str` writes (its bytes, then one 0xff byte) with xxh3.
+#[derive(Default)]
+pub struct StrHasher(u64);
+
+impl std::hash::Hasher for StrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+    }
+}
+
 /// A hasher for keys that are hashes already (xxh3): it passes them through.
 #[derive(Default)]
 pub(crate) struct PreHashed(u64);

@@ -25,8 +25,9 @@ pub struct ParseOptions {
 pub struct Numbered<R> {
     pub record: u64,
     pub line: u64,
-    /// The original fields, kept only for kinds that reject rows in the writer.
-    pub raw: ByteRecord,
+    /// The original fields, kept only for kinds that reject rows in the writer (an empty
+    /// record would still be an allocation per row).
+    pub raw: Option<ByteRecord>,
     pub row: R,
 }
 

@@ -134,11 +134,7 @@ pub(super) fn read_batches<K: ImportKind>(
             Ok(row) => batch.rows.push(Numbered {
                 record: after.record,
                 line,
-                raw: if K::REJECTS_IN_WRITER {
-                    record.clone()
-                } else {
-                    ByteRecord::new()
-                },
+                raw: K::REJECTS_IN_WRITER.then(|| record.clone()),
                 row,
             }),
             // An oversized record's buffer moves into the reject instead of being copied, and

@@ -344,7 +344,7 @@ impl CsvSource {
                 let mut file = open_file(path)?;
                 file.seek(SeekFrom::Start(at.byte))
                     .with_context(|| format!("cannot seek in {}", path.display()))?;
-                resumed = Box::new(io::BufReader::with_capacity(1 << 20, file));
+                resumed = Box::new(io::BufReader::with_capacity(super::bounded::INPUT_BUFFER, file));
             } else {
                 let skipped = io::copy(&mut resumed.by_ref().take(at.byte), &mut io::sink())
                     .with_context(|| format!("cannot read {}", path.display()))?;
@@ -441,7 +441,7 @@ pub fn open_decoded(path: &Path, on_read: OnRead) -> anyhow::Result<(Box<dyn Rea
     file.seek(SeekFrom::Start(0))
         .with_context(|| format!("cannot seek in {}", path.display()))?;
     let counted = CountingReader {
-        inner: io::BufReader::with_capacity(1 << 20, file),
+        inner: io::BufReader::with_capacity(super::bounded::INPUT_BUFFER, file),
         on_read,
     };
     decoder(Box::new(counted), &magic[..n]).with_context(|| format!("cannot read {}", path.display()))
@@ -454,7 +454,7 @@ fn decode(mut stream: Box<dyn Read + Send>, on_read: OnRead) -> anyhow::Result<(
     let n = read_up_to(&mut stream, &mut magic)?;
     let whole = io::Cursor::new(magic[..n].to_vec()).chain(stream);
     let counted = CountingReader {
-        inner: io::BufReader::with_capacity(1 << 20, whole),
+        inner: io::BufReader::with_capacity(super::bounded::INPUT_BUFFER, whole),
         on_read,
     };
     decoder(Box::new(counted), &magic[..n])

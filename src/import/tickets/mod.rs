@@ -439,7 +439,7 @@ impl ImportKind for TicketImport {
         // can exist yet and the lookup is skipped.
         let stored = match prefetched {
             Some(stored) => stored,
-            None if self.initial_load && self.keys_seen_once => HashMap::new(),
+            None if self.initial_load && self.keys_seen_once => StoredByKey::default(),
             None => self
                 .stored
                 .read(conn, rows, self.present.tags)

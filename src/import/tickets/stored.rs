@@ -1,6 +1,6 @@
 //! Reading the stored tickets a batch refers to.
 
-use std::collections::{HashMap, HashSet};
+use crate::import::entities::{StrMap, StrSet};
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text};
@@ -43,7 +43,7 @@ impl StoredLookup {
         rows: &[Numbered<TicketRow>],
         with_tags: bool,
     ) -> QueryResult<StoredByKey> {
-        let wanted: HashSet<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
+        let wanted: StrSet<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
         let mut stored: Vec<Ticket> = Vec::with_capacity(wanted.len());
         if let Some(first) = self.next_id {
             let in_range: Vec<Ticket> = tickets::table
@@ -54,7 +54,7 @@ impl StoredLookup {
         }
         let guessed = stored.len();
         if stored.len() < wanted.len() {
-            let found: HashSet<&str> = stored.iter().map(|t| t.external_id.as_str()).collect();
+            let found: StrSet<&str> = stored.iter().map(|t| t.external_id.as_str()).collect();
             let missing: Vec<&str> = wanted.iter().copied().filter(|k| !found.contains(k)).collect();
             let layout = match self.layout {
                 Some(layout) => layout,
@@ -113,7 +113,7 @@ impl StoredLookup {
         }
         // Both in ticket id order: each ticket's links are the next run of `links`.
         let mut links = links.into_iter().peekable();
-        let mut by_external_id = HashMap::with_capacity(stored.len());
+        let mut by_external_id = StoredByKey::with_capacity_and_hasher(stored.len(), Default::default());
         for mut ticket in stored {
             while links.next_if(|(ticket_id, _)| *ticket_id < ticket.id).is_some() {}
             let mut tags = Vec::new();
@@ -147,7 +147,7 @@ pub(super) type Stored = (Ticket, Vec<i64>);
 /// A batch's stored tickets by external id. Boxed: a map sized for a batch has about twice
 /// as many slots as tickets, and an empty slot then takes a pointer instead of a ticket
 /// (1.1 MB instead of 0.6 for 2,000 tickets, with two or three batches in flight).
-pub(super) type StoredByKey = HashMap<String, Box<Stored>>;
+pub(super) type StoredByKey = StrMap<String, Box<Stored>>;
 
 #[derive(QueryableByName)]
 pub(super) struct IdExternal {

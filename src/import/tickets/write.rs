@@ -97,14 +97,14 @@ CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
 
 #[derive(Insertable)]
 #[diesel(table_name = ticketops_stage_tickets, treat_none_as_default_value = false)]
-struct StageRow {
+struct StageRow<'a> {
     rec: i64,
     /// The id the lookup found; every query joins on it *and* restricts tickets to the
     /// batch's ids, so the planner never scans the whole table for a batch.
     ticket_id: i64,
-    external_id: String,
-    subject: String,
-    description: Option<String>,
+    external_id: &'a str,
+    subject: &'a str,
+    description: Option<&'a str>,
     status: TicketStatus,
     priority: TicketPriority,
     channel: TicketChannel,
@@ -375,9 +375,9 @@ impl TicketImport {
                 StageRow {
                     rec: r.record as i64,
                     ticket_id: existing[&row.external_id].0.id,
-                    external_id: row.external_id.clone(),
-                    subject: row.subject.clone(),
-                    description: row.description.clone(),
+                    external_id: &row.external_id,
+                    subject: &row.subject,
+                    description: row.description.as_deref(),
                     status: row.status,
                     priority: row.priority,
                     channel: row.channel,

@@ -316,7 +316,7 @@ fn reject(r: &Numbered<Correction>, column: &str, reason: &str, message: String)
         error: RowError::new(Some(column), reason, message),
         record: r.record,
         line: r.line,
-        raw: r.raw.clone(), // rejects are rare
+        raw: r.raw.clone().unwrap_or_default(), // rejects are rare
     }
 }
 
