@@ -585,16 +585,13 @@ impl std::hash::Hasher for PreHashed {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only u64/u128 keys are hashed here; fold anything else rather than lose it.
+        // Only u64 hashes are hashed here (`NameKey` writes one); fold anything else rather
+        // than lose it.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
             self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
         }
-    }
-
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
     }
 
     fn write_u64(&mut self, value: u64) {
