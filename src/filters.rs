@@ -14,6 +14,7 @@ use diesel::sql_types::{BigInt, Bool, Timestamptz};
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
 use crate::layout::Layout;
+use crate::layout::partition_rows::{self, LOCKED_COLUMNS, LockedByPartition, PartitionRows};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 use crate::schema::{organizations, tags, ticket_tags, tickets, users};
 
@@ -364,9 +365,10 @@ impl ResolvedFilters {
     /// and so is a row another transaction changed between this statement's start and its
     /// lock (its new version is not in the statement's snapshot).
     ///
-    /// On the partitioned layout a `ctid` is unique only within one partition — an UPDATE by
-    /// ctid would also change rows of other partitions at the same address — so the rows are
-    /// reached by their key (id, created_at) instead, one partition each.
+    /// On the partitioned layout a `ctid` is unique only within one partition — an UPDATE of
+    /// the parent by ctid would also change rows of other partitions at the same address — so
+    /// the locked rows are grouped by partition and each partition is updated by ctid
+    /// ([`partition_rows`]).
     #[allow(clippy::too_many_arguments)]
     pub fn soft_delete_batch(
         &self,
@@ -396,31 +398,38 @@ impl ResolvedFilters {
             deleted.sort_unstable();
             return Ok((deleted, last));
         }
-        // Rendered into the UPDATE, never loaded itself: the SQL type is only a label.
-        let address = if layout.keyed() {
-            "tickets.id AS locked_id, tickets.created_at AS locked_created_at"
-        } else {
-            "tickets.ctid"
+        let locking = |address: &str| {
+            tickets::table
+                // Rendered into the UPDATE, never loaded itself: the SQL type is only a label.
+                .select(diesel::dsl::sql::<Tid>(address))
+                .filter(self.condition(DeletedScope::Exclude))
+                .filter(tickets::id.gt(after_id))
+                .order(tickets::id)
+                .limit(limit)
+                .for_no_key_update()
+                .skip_locked()
         };
-        let locking = tickets::table
-            .select(diesel::dsl::sql::<Tid>(address))
-            .filter(self.condition(DeletedScope::Exclude))
-            .filter(tickets::id.gt(after_id))
-            .order(tickets::id)
-            .limit(limit)
-            .for_no_key_update()
-            .skip_locked();
-        if layout.partitioned() {
+        let mut deleted: Vec<i64> = if layout.partitioned() {
             crate::layout::by_key_plans(conn)?;
-        }
-        let mut deleted: Vec<i64> = SoftDeleteLocked {
-            locking,
-            now,
-            op_id,
-            restate,
-            by_key: layout.keyed(),
-        }
-        .load(conn)?;
+            let columns = restate.columns(&["deleted_at", "last_operation_id"]);
+            let groups: Vec<PartitionRows> = LockedByPartition {
+                locking: locking(LOCKED_COLUMNS),
+                columns: &columns,
+            }
+            .load(conn)?;
+            let set = format!("deleted_at = $1, last_operation_id = $2{}", restate.set_tail(&[]));
+            partition_rows::update_each(conn, &groups, &set, 2, |q| {
+                q.bind::<Timestamptz, _>(now).bind::<BigInt, _>(op_id)
+            })?
+        } else {
+            SoftDeleteLocked {
+                locking: locking("tickets.ctid"),
+                now,
+                op_id,
+                restate,
+            }
+            .load(conn)?
+        };
         deleted.sort_unstable();
         let last = deleted.last().copied();
         Ok((deleted, last))
@@ -613,6 +622,15 @@ impl RestateUnchanged {
         self.0
     }
 
+    /// The columns an UPDATE that sets `assigned` (and [`Self::set_tail`]) names.
+    pub fn columns<'c>(self, assigned: &[&'c str]) -> Vec<&'c str> {
+        let mut columns = assigned.to_vec();
+        if self.0 {
+            columns.extend(UNCHANGED_INDEXED_COLUMNS.iter().filter(|c| !assigned.contains(c)));
+        }
+        columns
+    }
+
     /// `, requester_id = requester_id, …` for the columns of [`UNCHANGED_INDEXED_COLUMNS`] that
     /// are not in `assigned` (the statement sets those itself): the tail of an UPDATE's SET list,
     /// empty when naming them is not safe.
@@ -641,15 +659,13 @@ impl RestateUnchanged {
 
 /// `UPDATE tickets SET deleted_at = $now, last_operation_id = $op[, <unchanged> = <unchanged>…]
 /// WHERE ctid = ANY(ARRAY(<locking query>)) RETURNING id`: Diesel's update builder cannot take
-/// a locking subquery. With `by_key`, `… FROM (<locking query>) locked WHERE (id, created_at)
-/// match` instead (partitioned layout).
+/// a locking subquery (plain layout).
 struct SoftDeleteLocked<Q> {
     locking: Q,
     now: DateTime<Utc>,
     op_id: i64,
     /// Whether to name [`UNCHANGED_INDEXED_COLUMNS`] in the SET list too.
     restate: RestateUnchanged,
-    by_key: bool,
 }
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
@@ -659,18 +675,9 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SoftDeleteLocked<Q> {
         out.push_sql(", last_operation_id = ");
         out.push_bind_param::<BigInt, _>(&self.op_id)?;
         out.push_sql(&self.restate.set_tail(&[]));
-        if self.by_key {
-            out.push_sql(" FROM (");
-            self.locking.walk_ast(out.reborrow())?;
-            out.push_sql(
-                ") AS locked WHERE tickets.id = locked.locked_id AND tickets.created_at = locked.locked_created_at \
-                 RETURNING tickets.id",
-            );
-        } else {
-            out.push_sql(" WHERE ctid = ANY(ARRAY(");
-            self.locking.walk_ast(out.reborrow())?;
-            out.push_sql(")) RETURNING id");
-        }
+        out.push_sql(" WHERE ctid = ANY(ARRAY(");
+        self.locking.walk_ast(out.reborrow())?;
+        out.push_sql(")) RETURNING id");
         Ok(())
     }
 }

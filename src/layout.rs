@@ -5,6 +5,7 @@
 //! [`Layout::of`] at its start.
 
 pub mod cluster;
+pub mod partition_rows;
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Text};

@@ -13,6 +13,7 @@ use crate::db::Pool;
 use crate::exit::UsageError;
 use crate::filters::RestateUnchanged;
 use crate::job::{BatchSettings, Job, JobSummary, Step};
+use crate::layout::partition_rows::{self, LOCKED_COLUMNS, PartitionRows};
 use crate::operation;
 use crate::schema::tickets;
 
@@ -101,7 +102,7 @@ pub fn undelete(
 
 /// One batch of `restore --operation`: those of `ids` still deleted by `source_op` (deleted_at
 /// as it set it, last_operation_id its own) that no other transaction holds, locked and
-/// restored in one statement (reached by `ctid`, as the soft-delete does). Returns their ids in
+/// restored (reached by `ctid`, as the soft-delete does). Returns their ids in
 /// order.
 fn undelete_its_own(
     conn: &mut PgConnection,
@@ -112,48 +113,52 @@ fn undelete_its_own(
     restate: RestateUnchanged,
     layout: crate::layout::Layout,
 ) -> anyhow::Result<Vec<i64>> {
-    // By ctid on one table; by key on partitions, where a ctid is unique only per partition;
-    // on Citus locked shard by shard first (it locks rows only in one-shard statements).
-    let mut locked: Vec<i64> = Vec::new();
-    let addressed = if layout.distributed() {
-        locked = layout.lock_per_shard(conn, ids, |conn, ids| {
-            use crate::schema::tickets;
-            use diesel::prelude::*;
-            tickets::table
-                .select(tickets::id)
-                .filter(tickets::id.eq_any(ids))
-                .filter(tickets::deleted_at.eq(deleted_at))
-                .filter(tickets::last_operation_id.eq(source_op))
-                .for_no_key_update()
-                .skip_locked()
-                .load(conn)
-        })?;
-        "WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4"
-    } else if layout.keyed() {
-        "FROM (SELECT id AS locked_id, created_at AS locked_created_at FROM tickets
-               WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
-               FOR NO KEY UPDATE SKIP LOCKED) AS locked
-         WHERE tickets.id = locked.locked_id AND tickets.created_at = locked.locked_created_at"
+    // By ctid on one table and in each partition (a ctid is unique only per partition); on
+    // Citus locked shard by shard first (it locks rows only in one-shard statements).
+    let set = format!("deleted_at = NULL, last_operation_id = $1{}", restate.set_tail(&[]));
+    let its_own = "id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4";
+    let mut restored: Vec<i64> = if layout.partitioned() {
+        let groups: Vec<PartitionRows> = diesel::sql_query(partition_rows::grouped_sql(
+            &format!("SELECT {LOCKED_COLUMNS} FROM tickets WHERE {its_own} FOR NO KEY UPDATE SKIP LOCKED"),
+            &restate.columns(&["deleted_at", "last_operation_id"]),
+        ))
+        .bind::<BigInt, _>(op_id)
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
+        .bind::<BigInt, _>(source_op)
+        .load(conn)?;
+        partition_rows::update_each(conn, &groups, &set, 1, |q| q.bind::<BigInt, _>(op_id))?
     } else {
-        "WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets
-                                WHERE id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4
-                                FOR NO KEY UPDATE SKIP LOCKED))"
+        let mut locked: Vec<i64> = Vec::new();
+        let addressed = if layout.distributed() {
+            locked = layout.lock_per_shard(conn, ids, |conn, ids| {
+                use crate::schema::tickets;
+                use diesel::prelude::*;
+                tickets::table
+                    .select(tickets::id)
+                    .filter(tickets::id.eq_any(ids))
+                    .filter(tickets::deleted_at.eq(deleted_at))
+                    .filter(tickets::last_operation_id.eq(source_op))
+                    .for_no_key_update()
+                    .skip_locked()
+                    .load(conn)
+            })?;
+            format!("WHERE {its_own}")
+        } else {
+            format!("WHERE ctid = ANY(ARRAY(SELECT ctid FROM tickets WHERE {its_own} FOR NO KEY UPDATE SKIP LOCKED))")
+        };
+        diesel::sql_query(format!(
+            "UPDATE tickets SET {set} {addressed} RETURNING tickets.id AS id"
+        ))
+        .bind::<BigInt, _>(op_id)
+        .bind::<Array<BigInt>, _>(if layout.distributed() { &locked } else { ids })
+        .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
+        .bind::<BigInt, _>(source_op)
+        .load::<crate::db::Id>(conn)?
+        .into_iter()
+        .map(|row| row.id)
+        .collect()
     };
-    if layout.partitioned() {
-        crate::layout::by_key_plans(conn)?;
-    }
-    let mut restored: Vec<i64> = diesel::sql_query(format!(
-        "UPDATE tickets SET deleted_at = NULL, last_operation_id = $1{} {addressed} RETURNING tickets.id AS id",
-        restate.set_tail(&[])
-    ))
-    .bind::<BigInt, _>(op_id)
-    .bind::<Array<BigInt>, _>(if layout.distributed() { &locked } else { ids })
-    .bind::<diesel::sql_types::Timestamptz, _>(deleted_at)
-    .bind::<BigInt, _>(source_op)
-    .load::<crate::db::Id>(conn)?
-    .into_iter()
-    .map(|row| row.id)
-    .collect();
     restored.sort_unstable();
     if !restored.is_empty() {
         audit_restored(conn, op_id, &restored, vec![Some(deleted_at); restored.len()])?;
