@@ -192,6 +192,7 @@ pub fn run<K: ImportKind>(
             },
             None => CommittedState::default(),
         },
+        checkpoint_saved: std::time::Instant::now(),
     });
 
     let operator = operation::operator();

@@ -30,7 +30,7 @@ pub(super) fn index_paths_only(conn: &mut PgConnection) -> QueryResult<usize> {
 pub(super) struct StoredLookup {
     /// Where the next batch's tickets probably start.
     next_id: Option<i64>,
-    /// The layout, read on first use (this runs on the read-ahead's own connection).
+    /// The layout, read on first use.
     layout: Option<crate::layout::Layout>,
 }
 
@@ -56,14 +56,7 @@ impl StoredLookup {
         if stored.len() < wanted.len() {
             let found: StrSet<&str> = stored.iter().map(|t| t.external_id.as_str()).collect();
             let missing: Vec<&str> = wanted.iter().copied().filter(|k| !found.contains(k)).collect();
-            let layout = match self.layout {
-                Some(layout) => layout,
-                None => {
-                    let layout = crate::layout::Layout::of(conn)
-                        .map_err(|e| diesel::result::Error::QueryBuilderError(e.into()))?;
-                    *self.layout.insert(layout)
-                }
-            };
+            let layout = self.layout(conn)?;
             let probed: Vec<Ticket> = if layout.partitioned() {
                 // Through the keys, whose created_at names the one partition to look in.
                 tickets::table
@@ -97,7 +90,9 @@ impl StoredLookup {
         self.next_id = stored.last().map(|t| t.id + 1).filter(|_| worked || dense);
 
         let mut links: Vec<(i64, i64)> = Vec::new();
-        if with_tags && !stored.is_empty() {
+        if with_tags && !stored.is_empty() && self.layout(conn)?.distributed() {
+            links = aggregated_links(conn, &stored, dense)?;
+        } else if with_tags && !stored.is_empty() {
             let query = ticket_tags::table
                 .select((ticket_tags::ticket_id, ticket_tags::tag_id))
                 .order((ticket_tags::ticket_id, ticket_tags::tag_id));
@@ -124,6 +119,55 @@ impl StoredLookup {
         }
         Ok(by_external_id)
     }
+}
+
+impl StoredLookup {
+    /// The layout, read once (this runs on the read-ahead's own connection).
+    fn layout(&mut self, conn: &mut PgConnection) -> QueryResult<crate::layout::Layout> {
+        if let Some(layout) = self.layout {
+            return Ok(layout);
+        }
+        let layout = crate::layout::Layout::of(conn).map_err(|e| diesel::result::Error::QueryBuilderError(e.into()))?;
+        Ok(*self.layout.insert(layout))
+    }
+}
+
+/// The tag links of `stored` (sorted by id) as (ticket id, tag id), in that order, aggregated
+/// per ticket on the Citus workers, where the links live with their tickets: one row a ticket
+/// through the coordinator instead of one a link (the coordinator's CPU is what a distributed
+/// re-import waits for).
+fn aggregated_links(conn: &mut PgConnection, stored: &[Ticket], dense: bool) -> QueryResult<Vec<(i64, i64)>> {
+    #[derive(QueryableByName)]
+    struct TagSet {
+        #[diesel(sql_type = BigInt)]
+        ticket_id: i64,
+        #[diesel(sql_type = Array<BigInt>)]
+        tag_ids: Vec<i64>,
+    }
+    let (lo, hi) = (stored[0].id, stored[stored.len() - 1].id);
+    let ids: Vec<i64> = if dense {
+        Vec::new()
+    } else {
+        stored.iter().map(|t| t.id).collect()
+    };
+    // Both forms bind all three parameters; each uses those it needs.
+    let filter = if dense {
+        "ticket_id BETWEEN $1 AND $2"
+    } else {
+        "ticket_id = ANY($3)"
+    };
+    let sets: Vec<TagSet> = sql_query(format!(
+        "SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids FROM ticket_tags
+         WHERE {filter} GROUP BY ticket_id ORDER BY ticket_id"
+    ))
+    .bind::<BigInt, _>(lo)
+    .bind::<BigInt, _>(hi)
+    .bind::<Array<BigInt>, _>(&ids)
+    .load(conn)?;
+    Ok(sets
+        .into_iter()
+        .flat_map(|set| set.tag_ids.into_iter().map(move |tag| (set.ticket_id, tag)))
+        .collect())
 }
 
 /// The ids of the tickets with these external ids (those that exist).
