@@ -98,7 +98,7 @@ pub struct Scan {
 fn sha256_of(path: &Path) -> io::Result<String> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; super::bounded::INPUT_BUFFER];
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
