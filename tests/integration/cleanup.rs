@@ -216,17 +216,7 @@ fn soft_delete_changes_only_deleted_at_and_fires_no_column_trigger() {
 fn soft_delete_runs_with_update_rights_on_its_own_columns_only() {
     let (db, dir) = dataset();
     // A DBA may let the cleanup job update nothing of tickets but the columns it writes.
-    let role = format!("{}_cleaner", db.name);
-    db.execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
-         GRANT INSERT, UPDATE ON bulk_operations, audit_log TO {role};
-         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
-         GRANT UPDATE (deleted_at, last_operation_id) ON tickets TO {role};"
-    ));
-    let (scheme, rest) = db.url.split_once("://").unwrap();
-    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    let url = format!("{scheme}://{role}@{host}");
+    let (role, url) = db.cleaner_role("cleaner");
     let run = ticketops(
         Some(&db),
         &dir,

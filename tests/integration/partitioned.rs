@@ -97,22 +97,13 @@ fn a_soft_delete_by_partition_honours_what_is_declared_on_tickets_alone() {
 
     // UPDATE granted on tickets' columns reaches no partition named directly: the batch goes
     // through the parent for such a user, and changes exactly its own row.
-    let role = format!("{}_part_cleaner", db.name);
-    db.execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
-         GRANT INSERT, UPDATE ON bulk_operations, audit_log TO {role};
-         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
-         GRANT UPDATE (deleted_at, last_operation_id) ON tickets TO {role};"
-    ));
-    let (scheme, rest) = db.url.split_once("://").unwrap();
-    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let (role, url) = db.cleaner_role("part_cleaner");
     let run = ticketops(
         Some(&db),
         &dir,
         &["--json", "cleanup", "soft-delete", "--ids-file", "b.csv"],
     )
-    .env("DATABASE_URL", &format!("{scheme}://{role}@{host}"))
+    .env("DATABASE_URL", &url)
     .run();
     assert_eq!(run.expect_code(0).json()["soft_deleted"], 1, "{}", run.explain());
     assert_eq!(deleted(), set(&["A-1", "B-1"]));

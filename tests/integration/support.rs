@@ -208,6 +208,23 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A login role named after this database and `suffix` that may read everything but
+    /// update only tickets' `deleted_at` and `last_operation_id` — as a DBA may set up a cleanup
+    /// job — and the URL to connect as it. `DROP OWNED BY role; DROP ROLE role` removes it.
+    pub fn cleaner_role(&self, suffix: &str) -> (String, String) {
+        let role = format!("{}_{suffix}", self.name);
+        self.execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT INSERT, UPDATE ON bulk_operations, audit_log TO {role};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+             GRANT UPDATE (deleted_at, last_operation_id) ON tickets TO {role};"
+        ));
+        let (scheme, rest) = self.url.split_once("://").unwrap();
+        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+        let url = format!("{scheme}://{role}@{host}");
+        (role, url)
+    }
     /// A migrated database in the suite's layout.
     pub fn new() -> TestDb {
         Self::with_layout(layout())
