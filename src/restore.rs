@@ -118,6 +118,7 @@ fn undelete_its_own(
     let set = format!("deleted_at = NULL, last_operation_id = $1{}", restate.set_tail(&[]));
     let its_own = "id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4";
     let mut restored: Vec<i64> = if layout.partitioned() {
+        // The lock binds $1 too (unused there), so that `its_own` reads the same in both.
         let groups: Vec<PartitionRows> = diesel::sql_query(partition_rows::grouped_sql(
             &format!("SELECT {LOCKED_COLUMNS} FROM tickets WHERE {its_own} FOR NO KEY UPDATE SKIP LOCKED"),
             &restate.columns(&["deleted_at", "last_operation_id"]),

@@ -90,13 +90,13 @@ impl StoredLookup {
         self.next_id = stored.last().map(|t| t.id + 1).filter(|_| worked || dense);
 
         let mut links: Vec<(i64, i64)> = Vec::new();
-        if with_tags && !stored.is_empty() && self.layout(conn)?.distributed() {
-            links = aggregated_links(conn, &stored, dense)?;
-        } else if with_tags && !stored.is_empty() {
+        if with_tags && !stored.is_empty() {
             let query = ticket_tags::table
                 .select((ticket_tags::ticket_id, ticket_tags::tag_id))
                 .order((ticket_tags::ticket_id, ticket_tags::tag_id));
-            links = if dense {
+            links = if self.layout(conn)?.distributed() {
+                aggregated_links(conn, &stored, dense)?
+            } else if dense {
                 // One index range scan; links of tickets in the range but not in the batch are
                 // skipped below.
                 let (lo, hi) = (stored[0].id, stored[stored.len() - 1].id);
