@@ -167,7 +167,7 @@ impl ImportKind for CommentImport {
         let (rows, orphans): (Vec<_>, Vec<_>) = rows
             .iter()
             .partition(|r| tickets.contains_key(&r.row.ticket_external_id));
-        let mut rejects: Vec<WriterReject> = orphans
+        let rejects: Vec<WriterReject> = orphans
             .into_iter()
             .map(|r| {
                 reject(
@@ -210,9 +210,7 @@ impl ImportKind for CommentImport {
                     author_id: author_id(r),
                 })
                 .collect();
-            let (merged, refused) = distributed::merge(conn, op_id, &resolved, Utc::now())?;
-            rejects.extend(refused.into_iter().map(|(i, error)| reject(rows[i], error)));
-            merged
+            distributed::merge(conn, op_id, &resolved, Utc::now())?
         } else {
             let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.row.external_id.as_deref()).collect();
             let ticket_ids: Vec<i64> = rows.iter().map(|r| tickets[&r.row.ticket_external_id]).collect();

@@ -1041,6 +1041,113 @@ fn comments_import_rejects_orphans_and_is_idempotent() {
     assert_eq!(outcome(&s), [0, 0, 1, 0, 0, 0]);
 }
 
+/// A comment re-imported onto another ticket moves there keeping its id (on Citus from one
+/// shard to another, its key following), its history says from where, and an undo moves it back.
+#[test]
+fn a_comment_imported_onto_another_ticket_moves_there_and_an_undo_moves_it_back() {
+    let (db, dir) = dataset();
+    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
+    let first = dir.join("comments-1.csv");
+    std::fs::write(
+        &first,
+        format!(
+            "{header}K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+             K-2,C-2,bob@example.com,second,true,2024-01-01T00:00:00Z\n\
+             K-3,C-3,cid@example.com,third,true,2024-01-02T00:00:00Z\n"
+        ),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "comments", &first, &[]);
+    assert_eq!(outcome(&summary), [3, 0, 0, 0, 0, 0], "{}", run.explain());
+    let placed = "SELECT c.external_id || ' ' || c.id || ' ' || t.external_id || ' ' || c.body || ' ' || c.public
+                  FROM comments c JOIN tickets t ON t.id = c.ticket_id ORDER BY 1";
+    let original = db.strings(placed);
+    let original_rows = db.checksum("comments");
+    let id = |key: &str| db.scalar(&format!("SELECT id FROM comments WHERE external_id = '{key}'"));
+    let (k1, k3) = (id("K-1"), id("K-3"));
+
+    let second = dir.join("comments-2.csv");
+    std::fs::write(
+        &second,
+        format!(
+            "{header}K-1,C-4,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+             K-2,C-2,bob@example.com,second (edited),true,2024-01-01T00:00:00Z\n\
+             K-3,C-1,cid@example.com,third (edited),false,\n"
+        ),
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "comments", &second, &[]);
+    assert_eq!(outcome(&summary), [0, 3, 0, 0, 0, 0], "{}", run.explain());
+    let moved = db.strings(placed);
+    assert_eq!(
+        moved,
+        vec![
+            format!("K-1 {k1} C-4 first true"),
+            format!("K-2 {} C-2 second (edited) true", id("K-2")),
+            format!("K-3 {k3} C-1 third (edited) false"),
+        ]
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM comments WHERE external_id = 'K-3' AND created_at = '2024-01-02T00:00:00Z'"),
+        1,
+        "a row without created_at keeps the stored one"
+    );
+    assert_keys_follow_comments(&db);
+    let op = summary["operation_id"].as_i64().unwrap();
+    let ticket = |key: &str| db.scalar(&format!("SELECT id FROM tickets WHERE external_id = '{key}'"));
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT (before ->> 'ticket_id') || ' ' || (after ->> 'ticket_id') || ' ' || (after ->> 'body')
+             FROM audit_log WHERE operation_id = {op} AND table_name = 'comments' AND row_id IN ({k1}, {k3})
+             ORDER BY row_id"
+        )),
+        vec![
+            format!("{} {} first", ticket("C-1"), ticket("C-4")),
+            format!("{} {} third (edited)", ticket("C-3"), ticket("C-1")),
+        ],
+        "the history of a moved comment: the whole row before and after"
+    );
+    let (run, again) = import(&db, &dir, "comments", &second, &[]);
+    assert_eq!(outcome(&again), [0, 0, 3, 0, 0, 0], "{}", run.explain());
+
+    // Changed since: an undo leaves it where it is, --force moves it back too.
+    db.execute("UPDATE comments SET body = 'edited by hand' WHERE external_id = 'K-1'");
+    let undone = apply(&db, &dir, &["undo", &op.to_string()]);
+    assert_eq!(
+        (&undone["reverted"], &undone["conflicts"]),
+        (&2.into(), &1.into()),
+        "{undone}"
+    );
+    assert_eq!(
+        db.strings(placed)[0],
+        format!("K-1 {k1} C-4 edited by hand true"),
+        "a comment changed since stays"
+    );
+    let forced = apply(&db, &dir, &["undo", &op.to_string(), "--force"]);
+    assert_eq!(forced["reverted"], 1, "{forced}");
+    assert_eq!(db.checksum("comments"), original_rows, "{:?}", db.strings(placed));
+    assert_eq!(db.strings(placed), original);
+    assert_keys_follow_comments(&db);
+    // The forced undo's own history holds what it replaced: undoing it moves the comment again.
+    let redone = apply(&db, &dir, &["undo", &forced["operation_id"].to_string()]);
+    assert_eq!(redone["reverted"], 1, "{redone}");
+    assert_eq!(db.strings(placed)[0], format!("K-1 {k1} C-4 edited by hand true"));
+    assert_keys_follow_comments(&db);
+}
+
+/// On the distributed layout a comment's key names its ticket (the shard it lives on).
+fn assert_keys_follow_comments(db: &TestDb) {
+    if distributed() {
+        assert_eq!(
+            db.strings("SELECT external_id || ' ' || comment_id || ' ' || ticket_id FROM comment_keys ORDER BY 1"),
+            db.strings(
+                "SELECT external_id || ' ' || id || ' ' || ticket_id FROM comments
+                 WHERE external_id IS NOT NULL ORDER BY 1"
+            ),
+        );
+    }
+}
+
 #[test]
 fn progress_bar_is_off_without_a_terminal_and_quiet_is_quiet() {
     let db = TestDb::new();

@@ -77,8 +77,8 @@ fn images_sql(images: &ImageSet, undo_op: i64, force: bool, restate: RestateUnch
     let set: Vec<String> = images
         .columns
         .iter()
-        // A comment's ticket is its distribution column, which an UPDATE cannot change on Citus;
-        // nothing moves comments there (imports refuse it), so its images hold the same ticket.
+        // A comment's ticket is its distribution column, which an UPDATE cannot change on Citus:
+        // the comments whose ticket comes back are moved by `moved_back` instead.
         .filter(|(c, _)| !(table == "comments" && *c == "ticket_id"))
         .map(|(c, _)| format!("{c} = CASE WHEN v.b_has_{c} THEN v.b_{c} ELSE t.{c} END"))
         .collect();
@@ -175,6 +175,20 @@ fn images_sql(images: &ImageSet, undo_op: i64, force: bool, restate: RestateUnch
         ""
     };
     let returned_tags = if images.tags { "v.current_tags," } else { "" };
+    let moves = table == "comments" && images.columns.iter().any(|(c, _)| *c == "ticket_id");
+    let (ticket_now, stays, moved_back, reverted_rows) = if moves {
+        (
+            "t.ticket_id AS t_ticket_id,",
+            "AND NOT (v.b_has_ticket_id AND v.b_ticket_id IS DISTINCT FROM t.ticket_id)",
+            moved_back(images, &recheck),
+            "reverted_rows AS (
+                 SELECT id, before, after, before_row FROM changed
+                 UNION ALL SELECT id, before, after, before_row FROM moved_out
+             ),",
+        )
+    } else {
+        ("", "", String::new(), "reverted_rows AS (SELECT * FROM changed),")
+    };
     format!(
         "WITH a AS (
              SELECT id AS audit_id, row_id, before, after FROM audit_log
@@ -184,24 +198,56 @@ fn images_sql(images: &ImageSet, undo_op: i64, force: bool, restate: RestateUnch
          ), v AS MATERIALIZED (
              SELECT a.audit_id, a.row_id, a.before, a.after, {decoded} FROM a
          ), {stored_tags} target AS MATERIALIZED (
-             SELECT v.*, {current_tags} {to_revert} AND $4 = $4 AS to_revert, {before_t} AS already_reverted
+             SELECT v.*, {current_tags} {ticket_now} {to_revert} AND $4 = $4 AS to_revert,
+                    {before_t} AS already_reverted
              FROM v JOIN {table} t ON t.id = v.row_id {tags_join}
          ), changed AS (
              UPDATE {table} t SET {set}
              FROM target v, {table} b
              WHERE t.id = v.row_id AND {same_row} AND v.to_revert AND {recheck} -- re-checked on a row changed meanwhile
+               {stays}
              RETURNING t.id, {returned} {tag_columns} {returned_tags} v.before, v.after, b AS before_row
-         ), {tag_writes} {keys} old AS MATERIALIZED (
-             SELECT c.id, c.before, {old_values} AS old_values FROM changed c
+         ), {moved_back} {reverted_rows} {tag_writes} {keys} old AS MATERIALIZED (
+             SELECT c.id, c.before, {old_values} AS old_values FROM reverted_rows c
          ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
              SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM old
          )
-         SELECT (SELECT count(*) FROM changed) AS reverted,
+         SELECT (SELECT count(*) FROM reverted_rows) AS reverted,
                 coalesce((SELECT min(audit_id) FROM a), $2) AS next,
                 (SELECT count(*) FROM a) AS seen,
                 (SELECT count(*) FROM target WHERE already_reverted) AS already",
         decoded = decoded(images),
         before_t = holds(images, "b"),
+    )
+}
+
+/// The CTEs that move comments back to the ticket of their before-image: each is deleted from
+/// its ticket's shard (with the same re-check as the UPDATE) and inserted into the other with
+/// the image's values, its key following; `moved_out` returns what `changed` does.
+fn moved_back(images: &ImageSet, recheck: &str) -> String {
+    let values: Vec<String> = ["ticket_id", "author_id", "body", "public", "created_at"]
+        .iter()
+        .map(|c| {
+            if images.columns.iter().any(|(name, _)| name == c) {
+                format!("CASE WHEN v.b_has_{c} THEN v.b_{c} ELSE t.{c} END AS {c}")
+            } else {
+                format!("t.{c}")
+            }
+        })
+        .collect();
+    format!(
+        "moved_out AS (
+             DELETE FROM comments t USING target v
+             WHERE t.id = v.row_id AND t.ticket_id = v.t_ticket_id AND v.to_revert AND {recheck}
+               AND v.b_has_ticket_id AND v.b_ticket_id IS DISTINCT FROM t.ticket_id
+             RETURNING t.id, t.external_id, {values}, v.before, v.after, t AS before_row
+         ), moved_in AS (
+             INSERT INTO comments (id, external_id, ticket_id, author_id, body, public, created_at)
+             SELECT id, external_id, ticket_id, author_id, body, public, created_at FROM moved_out
+         ), moved_keys AS (
+             UPDATE comment_keys k SET ticket_id = m.ticket_id FROM moved_out m WHERE k.external_id = m.external_id
+         ),",
+        values = values.join(", ")
     )
 }

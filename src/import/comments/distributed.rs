@@ -4,7 +4,8 @@
 //! without external_id is a correlated subquery. So a batch is read, classified here, and
 //! written in a few set-based statements, each one distributed statement that the workers run
 //! in parallel: new comments with their keys, changed comments with their audit images (made on
-//! the coordinator from the rows the workers return, as for tickets).
+//! the coordinator from the rows the workers return, as for tickets), and comments that move to
+//! another ticket (so to another shard) deleted and inserted again with their ids.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,7 +17,6 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use super::{CommentRow, MergeCounts};
 use crate::audit::{INSERT_ACTION, UPDATE_ACTION};
 use crate::import::Numbered;
-use crate::import::source::RowError;
 
 /// A comment of the batch, resolved: its ticket and author ids.
 pub(super) struct Resolved<'a> {
@@ -66,15 +66,13 @@ struct Write<'a> {
     created_at: DateTime<Utc>,
 }
 
-/// Writes `rows` (their tickets exist, their authors are resolved); returns the counts and the
-/// rows refused: a comment whose ticket changed would have to move to another shard, which
-/// Citus does not do in an UPDATE (see docs/scaling.md).
+/// Writes `rows` (their tickets exist, their authors are resolved) and returns the counts.
 pub(super) fn merge(
     conn: &mut PgConnection,
     op_id: i64,
     rows: &[Resolved<'_>],
     now: DateTime<Utc>,
-) -> anyhow::Result<(MergeCounts, Vec<(usize, RowError)>)> {
+) -> anyhow::Result<MergeCounts> {
     let keyed: Vec<&str> = rows.iter().filter_map(|r| r.row.row.external_id.as_deref()).collect();
     let keys: HashMap<String, Key> =
         sql_query("SELECT external_id, comment_id, ticket_id FROM comment_keys WHERE external_id = ANY($1)")
@@ -97,9 +95,10 @@ pub(super) fn merge(
     .collect();
     let present = keyless_present(conn, rows)?;
 
-    let mut refused = Vec::new();
     let mut inserts: Vec<Write<'_>> = Vec::new();
     let mut updates: Vec<Write<'_>> = Vec::new();
+    // (the ticket it is on, the comment as it is to be)
+    let mut moves: Vec<(i64, Write<'_>)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let row = &r.row.row;
         let stored_key = row.external_id.as_deref().and_then(|k| keys.get(k));
@@ -113,18 +112,6 @@ pub(super) fn merge(
             created_at,
         };
         match stored_key {
-            Some(key) if key.ticket_id != r.ticket_id => refused.push((
-                i,
-                RowError::new(
-                    Some("ticket_external_id"),
-                    "comment moves to another ticket",
-                    format!(
-                        "comment {:?} is on another ticket; a comment cannot move between tickets on the \
-                         distributed layout (keep its ticket, or give it another external_id)",
-                        row.external_id.as_deref().unwrap_or_default()
-                    ),
-                ),
-            )),
             Some(key) => {
                 let Some(s) = stored.get(&key.comment_id) else {
                     anyhow::bail!(
@@ -136,7 +123,9 @@ pub(super) fn merge(
                 };
                 let created_at = row.created_at.unwrap_or(s.created_at);
                 // Compared as stored: to the microsecond.
-                if (s.author_id, s.body.as_str(), s.public, s.created_at.timestamp_micros())
+                if key.ticket_id != r.ticket_id {
+                    moves.push((key.ticket_id, write(s.id, created_at)));
+                } else if (s.author_id, s.body.as_str(), s.public, s.created_at.timestamp_micros())
                     != (
                         r.author_id,
                         row.body.as_str(),
@@ -152,8 +141,8 @@ pub(super) fn merge(
         }
     }
     let inserted = insert(conn, op_id, &mut inserts)?;
-    let updated = update(conn, op_id, &updates)?;
-    Ok((MergeCounts { inserted, updated }, refused))
+    let updated = update(conn, op_id, &updates)? + move_to_tickets(conn, op_id, &moves)?;
+    Ok(MergeCounts { inserted, updated })
 }
 
 /// The positions in `rows` of the comments without external_id that are stored already
@@ -291,5 +280,66 @@ fn update(conn: &mut PgConnection, op_id: i64, rows: &[Write<'_>]) -> anyhow::Re
     .bind::<Array<Timestamptz>, _>(&created)
     .get_result(conn)
     .context("cannot update comments")?;
+    Ok(count.n)
+}
+
+/// Moves comments to another ticket, keeping their ids: the ticket is the distribution column,
+/// which an UPDATE cannot change on Citus, so each is deleted from the shard of its old ticket
+/// and inserted into that of its new one, its key following; the audit images are the whole
+/// row before and after, as the other layouts' UPDATE writes them.
+fn move_to_tickets(conn: &mut PgConnection, op_id: i64, moves: &[(i64, Write<'_>)]) -> anyhow::Result<i64> {
+    if moves.is_empty() {
+        return Ok(0);
+    }
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let old_tickets: Vec<i64> = moves.iter().map(|(old, _)| *old).collect();
+    let ids: Vec<i64> = moves.iter().map(|(_, r)| r.id).collect();
+    let tickets: Vec<i64> = moves.iter().map(|(_, r)| r.ticket_id).collect();
+    let authors: Vec<i64> = moves.iter().map(|(_, r)| r.author_id).collect();
+    let bodies: Vec<&str> = moves.iter().map(|(_, r)| r.body).collect();
+    let public: Vec<bool> = moves.iter().map(|(_, r)| r.public).collect();
+    let created: Vec<DateTime<Utc>> = moves.iter().map(|(_, r)| r.created_at).collect();
+    let count: Count = sql_query(format!(
+        "WITH u AS (
+             SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bool[],
+                                  $8::timestamptz[])
+                 AS u(id, old_ticket_id, ticket_id, author_id, body, public, created_at)
+         ), removed AS (
+             DELETE FROM comments c USING u
+             WHERE c.ticket_id = u.old_ticket_id AND c.id = u.id
+             RETURNING c.id, c.external_id, u.ticket_id, u.author_id, u.body, u.public, u.created_at, c AS before_row
+         ), added AS (
+             INSERT INTO comments AS c (id, external_id, ticket_id, author_id, body, public, created_at)
+             SELECT id, external_id, ticket_id, author_id, body, public, created_at FROM removed
+             RETURNING c.* -- (a shard's row as a whole has the shard's type, which Citus cannot return)
+         ), keys AS (
+             UPDATE comment_keys k SET ticket_id = r.ticket_id FROM removed r WHERE k.external_id = r.external_id
+         ), audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT $1, 'comments', a.id, '{UPDATE_ACTION}', to_jsonb(r.before_row), to_jsonb(a)
+             FROM added a JOIN removed r ON r.id = a.id
+         )
+         SELECT count(*) AS n FROM added"
+    ))
+    .bind::<BigInt, _>(op_id)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&old_tickets)
+    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(&authors)
+    .bind::<Array<Text>, _>(&bodies)
+    .bind::<Array<Bool>, _>(&public)
+    .bind::<Array<Timestamptz>, _>(&created)
+    .get_result(conn)
+    .context("cannot move comments to their new tickets")?;
+    anyhow::ensure!(
+        count.n == moves.len() as i64,
+        "{} of {} comments to move were found on the tickets comment_keys names",
+        count.n,
+        moves.len()
+    );
     Ok(count.n)
 }
