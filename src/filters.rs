@@ -411,13 +411,12 @@ impl ResolvedFilters {
         };
         let mut deleted: Vec<i64> = if layout.partitioned() {
             crate::layout::by_key_plans(conn)?;
-            let columns = restate.columns(&["deleted_at", "last_operation_id"]);
+            let (set, columns) = restate.assignments(&[("deleted_at", "$1"), ("last_operation_id", "$2")]);
             let groups: Vec<PartitionRows> = LockedByPartition {
                 locking: locking(LOCKED_COLUMNS),
                 columns: &columns,
             }
             .load(conn)?;
-            let set = format!("deleted_at = $1, last_operation_id = $2{}", restate.set_tail(&[]));
             partition_rows::update_each(conn, &groups, &set, 2, |q| {
                 q.bind::<Timestamptz, _>(now).bind::<BigInt, _>(op_id)
             })?
@@ -622,13 +621,22 @@ impl RestateUnchanged {
         self.0
     }
 
-    /// The columns an UPDATE that sets `assigned` (and [`Self::set_tail`]) names.
-    pub fn columns<'c>(self, assigned: &[&'c str]) -> Vec<&'c str> {
-        let mut columns = assigned.to_vec();
+    /// The SET list of an UPDATE assigning `values` (column, SQL expression) with
+    /// [`Self::set_tail`], and every column it names (what a user must be allowed to update
+    /// where a partition is updated directly): one list makes both, so they cannot drift apart.
+    pub fn assignments<'c>(self, values: &[(&'c str, &str)]) -> (String, Vec<&'c str>) {
+        let assigned: Vec<&'c str> = values.iter().map(|(column, _)| *column).collect();
+        let set = values
+            .iter()
+            .map(|(column, value)| format!("{column} = {value}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+            + &self.set_tail(&assigned);
+        let mut columns = assigned.clone();
         if self.0 {
             columns.extend(UNCHANGED_INDEXED_COLUMNS.iter().filter(|c| !assigned.contains(c)));
         }
-        columns
+        (set, columns)
     }
 
     /// `, requester_id = requester_id, …` for the columns of [`UNCHANGED_INDEXED_COLUMNS`] that

@@ -115,13 +115,13 @@ fn undelete_its_own(
 ) -> anyhow::Result<Vec<i64>> {
     // By ctid on one table and in each partition (a ctid is unique only per partition); on
     // Citus locked shard by shard first (it locks rows only in one-shard statements).
-    let set = format!("deleted_at = NULL, last_operation_id = $1{}", restate.set_tail(&[]));
+    let (set, columns) = restate.assignments(&[("deleted_at", "NULL"), ("last_operation_id", "$1")]);
     let its_own = "id = ANY($2) AND deleted_at = $3 AND last_operation_id = $4";
     let mut restored: Vec<i64> = if layout.partitioned() {
         // The lock binds $1 too (unused there), so that `its_own` reads the same in both.
         let groups: Vec<PartitionRows> = diesel::sql_query(partition_rows::grouped_sql(
             &format!("SELECT {LOCKED_COLUMNS} FROM tickets WHERE {its_own} FOR NO KEY UPDATE SKIP LOCKED"),
-            &restate.columns(&["deleted_at", "last_operation_id"]),
+            &columns,
         ))
         .bind::<BigInt, _>(op_id)
         .bind::<Array<BigInt>, _>(ids)
