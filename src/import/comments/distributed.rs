@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
@@ -64,6 +66,49 @@ struct Write<'a> {
     body: &'a str,
     public: bool,
     created_at: DateTime<Utc>,
+}
+
+/// The values of comments to write as arrays, bound by [`Arrays::bind`] in this order: ids,
+/// tickets, authors, bodies, public, created_at (`unnest` turns them back into rows).
+struct Arrays<'a> {
+    ids: Vec<i64>,
+    tickets: Vec<i64>,
+    authors: Vec<i64>,
+    bodies: Vec<&'a str>,
+    public: Vec<bool>,
+    created: Vec<DateTime<Utc>>,
+}
+
+impl<'a> Arrays<'a> {
+    fn of<'w>(rows: impl Iterator<Item = &'w Write<'a>> + Clone) -> Arrays<'a>
+    where
+        'a: 'w,
+    {
+        Arrays {
+            ids: rows.clone().map(|r| r.id).collect(),
+            tickets: rows.clone().map(|r| r.ticket_id).collect(),
+            authors: rows.clone().map(|r| r.author_id).collect(),
+            bodies: rows.clone().map(|r| r.body).collect(),
+            public: rows.clone().map(|r| r.public).collect(),
+            created: rows.map(|r| r.created_at).collect(),
+        }
+    }
+
+    fn bind<'q>(&'q self, query: BoxedSqlQuery<'q, Pg, SqlQuery>) -> BoxedSqlQuery<'q, Pg, SqlQuery> {
+        query
+            .bind::<Array<BigInt>, _>(&self.ids)
+            .bind::<Array<BigInt>, _>(&self.tickets)
+            .bind::<Array<BigInt>, _>(&self.authors)
+            .bind::<Array<Text>, _>(&self.bodies)
+            .bind::<Array<Bool>, _>(&self.public)
+            .bind::<Array<Timestamptz>, _>(&self.created)
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 /// Writes `rows` (their tickets exist, their authors are resolved) and returns the counts.
@@ -199,34 +244,30 @@ fn insert(conn: &mut PgConnection, op_id: i64, rows: &mut [Write<'_>]) -> anyhow
     for (row, id) in rows.iter_mut().zip(ids) {
         row.id = id.id;
     }
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let arrays = Arrays::of(rows.iter());
     let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.external_id).collect();
-    let tickets: Vec<i64> = rows.iter().map(|r| r.ticket_id).collect();
-    let authors: Vec<i64> = rows.iter().map(|r| r.author_id).collect();
-    let bodies: Vec<&str> = rows.iter().map(|r| r.body).collect();
-    let public: Vec<bool> = rows.iter().map(|r| r.public).collect();
-    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
-    let inserted = sql_query(
-        "INSERT INTO comments (id, external_id, ticket_id, author_id, body, public, created_at)
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bool[], $7::timestamptz[])",
-    )
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<Nullable<Text>>, _>(&external_ids)
-    .bind::<Array<BigInt>, _>(&tickets)
-    .bind::<Array<BigInt>, _>(&authors)
-    .bind::<Array<Text>, _>(&bodies)
-    .bind::<Array<Bool>, _>(&public)
-    .bind::<Array<Timestamptz>, _>(&created)
-    .execute(conn)
-    .context("cannot insert comments")?;
+    let inserted = arrays
+        .bind(
+            sql_query(
+                "INSERT INTO comments (id, ticket_id, author_id, body, public, created_at, external_id)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[],
+                                      $6::timestamptz[], $7::text[])",
+            )
+            .into_boxed(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(&external_ids)
+        .execute(conn)
+        .context("cannot insert comments")?;
+    let ids = &arrays.ids;
+    let tickets = &arrays.tickets;
     sql_query(
         "INSERT INTO comment_keys (external_id, comment_id, ticket_id)
          SELECT k, id, ticket_id FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS i(k, id, ticket_id)
          WHERE k IS NOT NULL",
     )
     .bind::<Array<Nullable<Text>>, _>(&external_ids)
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&tickets)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<BigInt>, _>(tickets)
     .execute(conn)
     .context("cannot insert the comments' keys")?;
     sql_query(format!(
@@ -234,7 +275,7 @@ fn insert(conn: &mut PgConnection, op_id: i64, rows: &mut [Write<'_>]) -> anyhow
          SELECT $1, 'comments', id, '{INSERT_ACTION}', NULL, NULL FROM unnest($2::bigint[]) AS id"
     ))
     .bind::<BigInt, _>(op_id)
-    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<BigInt>, _>(ids)
     .execute(conn)
     .context("cannot record the inserted comments")?;
     Ok(inserted as i64)
@@ -245,18 +286,8 @@ fn update(conn: &mut PgConnection, op_id: i64, rows: &[Write<'_>]) -> anyhow::Re
     if rows.is_empty() {
         return Ok(0);
     }
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let tickets: Vec<i64> = rows.iter().map(|r| r.ticket_id).collect();
-    let authors: Vec<i64> = rows.iter().map(|r| r.author_id).collect();
-    let bodies: Vec<&str> = rows.iter().map(|r| r.body).collect();
-    let public: Vec<bool> = rows.iter().map(|r| r.public).collect();
-    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
-    let count: Count = sql_query(format!(
+    let arrays = Arrays::of(rows.iter());
+    let query = sql_query(format!(
         "WITH u AS (
              SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bool[], $7::timestamptz[])
                  AS u(id, ticket_id, author_id, body, public, created_at)
@@ -271,15 +302,9 @@ fn update(conn: &mut PgConnection, op_id: i64, rows: &[Write<'_>]) -> anyhow::Re
          )
          SELECT count(*) AS n FROM written"
     ))
-    .bind::<BigInt, _>(op_id)
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&tickets)
-    .bind::<Array<BigInt>, _>(&authors)
-    .bind::<Array<Text>, _>(&bodies)
-    .bind::<Array<Bool>, _>(&public)
-    .bind::<Array<Timestamptz>, _>(&created)
-    .get_result(conn)
-    .context("cannot update comments")?;
+    .into_boxed()
+    .bind::<BigInt, _>(op_id);
+    let count: Count = arrays.bind(query).get_result(conn).context("cannot update comments")?;
     Ok(count.n)
 }
 
@@ -291,23 +316,13 @@ fn move_to_tickets(conn: &mut PgConnection, op_id: i64, moves: &[(i64, Write<'_>
     if moves.is_empty() {
         return Ok(0);
     }
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
+    let arrays = Arrays::of(moves.iter().map(|(_, r)| r));
     let old_tickets: Vec<i64> = moves.iter().map(|(old, _)| *old).collect();
-    let ids: Vec<i64> = moves.iter().map(|(_, r)| r.id).collect();
-    let tickets: Vec<i64> = moves.iter().map(|(_, r)| r.ticket_id).collect();
-    let authors: Vec<i64> = moves.iter().map(|(_, r)| r.author_id).collect();
-    let bodies: Vec<&str> = moves.iter().map(|(_, r)| r.body).collect();
-    let public: Vec<bool> = moves.iter().map(|(_, r)| r.public).collect();
-    let created: Vec<DateTime<Utc>> = moves.iter().map(|(_, r)| r.created_at).collect();
-    let count: Count = sql_query(format!(
+    let query = sql_query(format!(
         "WITH u AS (
-             SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::bool[],
-                                  $8::timestamptz[])
-                 AS u(id, old_ticket_id, ticket_id, author_id, body, public, created_at)
+             SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bool[], $7::timestamptz[],
+                                  $8::bigint[])
+                 AS u(id, ticket_id, author_id, body, public, created_at, old_ticket_id)
          ), removed AS (
              DELETE FROM comments c USING u
              WHERE c.ticket_id = u.old_ticket_id AND c.id = u.id
@@ -325,16 +340,13 @@ fn move_to_tickets(conn: &mut PgConnection, op_id: i64, moves: &[(i64, Write<'_>
          )
          SELECT count(*) AS n FROM added"
     ))
-    .bind::<BigInt, _>(op_id)
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&old_tickets)
-    .bind::<Array<BigInt>, _>(&tickets)
-    .bind::<Array<BigInt>, _>(&authors)
-    .bind::<Array<Text>, _>(&bodies)
-    .bind::<Array<Bool>, _>(&public)
-    .bind::<Array<Timestamptz>, _>(&created)
-    .get_result(conn)
-    .context("cannot move comments to their new tickets")?;
+    .into_boxed()
+    .bind::<BigInt, _>(op_id);
+    let count: Count = arrays
+        .bind(query)
+        .bind::<Array<BigInt>, _>(&old_tickets)
+        .get_result(conn)
+        .context("cannot move comments to their new tickets")?;
     anyhow::ensure!(
         count.n == moves.len() as i64,
         "{} of {} comments to move were found on the tickets comment_keys names",
