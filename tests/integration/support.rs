@@ -124,6 +124,10 @@ fn make_distributed(admin: &str, name: &str) {
     }
     let mut conn = PgConnection::establish(&url).unwrap();
     conn.batch_execute("CREATE EXTENSION IF NOT EXISTS citus").unwrap();
+    // Registering a node makes Citus write the role on it (ALTER ROLE): two tests doing it at
+    // once failed with "tuple concurrently updated" on the shared catalog. One at a time.
+    static REGISTERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = REGISTERING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for node in &nodes {
         let sql = if node.groupid == 0 {
             format!("SELECT citus_set_coordinator_host('{}', {})", node.host, node.port)
