@@ -50,6 +50,12 @@ impl Context {
         self.json_printed.get()
     }
 
+    /// The command writes its JSON object itself, piece by piece, and closes it also when it
+    /// fails: no second object is printed after it.
+    pub fn json_streamed(&self) {
+        self.json_printed.set(true);
+    }
+
     /// The connection string: `--database-url` or `DATABASE_URL`; without either, libpq's own
     /// environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSERVICE`, and
     /// `~/.pgpass`) as psql would use it, when any of those variables is set.

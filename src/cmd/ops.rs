@@ -220,14 +220,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
 }
 
 /// `ops show ID --changes`: the operation's audit trail, a page of audit rows at a time, so that
-/// a table or CSV of a large operation streams (JSON is one object, held whole).
+/// a large operation streams in every format (JSON too: the array is written value by value).
 fn print_changes(
     ctx: &Context,
     conn: &mut diesel::PgConnection,
     id: i64,
     format: Option<Format>,
 ) -> anyhow::Result<i32> {
-    use anyhow::Context as _;
     use std::io::Write;
     let format = Format::chosen(format, ctx.global.json)?;
     crate::operation::find(conn, id)?
@@ -237,24 +236,43 @@ fn print_changes(
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
     };
-    let mut all = Vec::new();
-    let mut csv = (format == Format::Csv).then(|| csv::Writer::from_writer(std::io::stdout()));
-    let mut after = 0i64;
-    let mut printed_header = false;
-    loop {
-        // 20 audit rows a page: a batch's row can list thousands of ids.
-        let page = audit::changes(conn, id, after, 20).context("cannot read the operation's audit trail")?;
-        let Some(last) = page.last() else { break };
-        after = last.audit_id;
-        match format {
-            Format::Json => all.extend(page),
-            Format::Csv => {
-                let writer = csv.as_mut().expect("made for CSV");
+    let any = match format {
+        Format::Json => {
+            // One object as before ({"changes": [...], "operation_id": N}); a failure midway
+            // still closes it, with the error, so that what a script reads stays JSON.
+            let mut out = std::io::stdout().lock();
+            write!(out, "{{\"changes\":[")?;
+            ctx.json_streamed();
+            let mut first = true;
+            let result = for_each_page(conn, id, |page| {
+                for c in page {
+                    if !first {
+                        out.write_all(b",")?;
+                    }
+                    first = false;
+                    serde_json::to_writer(&mut out, c)?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(_) => writeln!(out, "],\"operation_id\":{id}}}")?,
+                Err(err) => {
+                    let error = serde_json::Value::String(format!("{err:#}"));
+                    writeln!(out, "],\"error\":{error},\"operation_id\":{id},\"status\":\"failed\"}}")?;
+                    return Err(err);
+                }
+            }
+            true
+        }
+        Format::Csv => {
+            let mut writer = csv::Writer::from_writer(std::io::stdout());
+            let mut printed_header = false;
+            for_each_page(conn, id, |page| {
                 if !printed_header {
                     writer.write_record(["table", "key", "field", "before", "after"])?;
                     printed_header = true;
                 }
-                for c in &page {
+                for c in page {
                     writer.write_record([
                         c.table.clone(),
                         c.key.clone(),
@@ -264,16 +282,20 @@ fn print_changes(
                     ])?;
                 }
                 writer.flush()?;
-            }
-            Format::Table => {
-                // Streamed line by line (an operation can change millions of values), so the
-                // columns are fixed-width rather than fitted.
+                Ok(())
+            })?
+        }
+        Format::Table => {
+            // Streamed line by line (an operation can change millions of values), so the
+            // columns are fixed-width rather than fitted.
+            let mut printed_header = false;
+            for_each_page(conn, id, |page| {
                 let mut out = std::io::stdout().lock();
                 if !printed_header {
                     writeln!(out, "{:<9} {:<20} {:<16} before → after", "table", "key", "field")?;
                     printed_header = true;
                 }
-                for c in &page {
+                for c in page {
                     writeln!(
                         out,
                         "{:<9} {:<20} {:<16} {} → {}",
@@ -284,13 +306,34 @@ fn print_changes(
                         crate::output::escape_controls(&shown(&c.after))
                     )?;
                 }
-            }
+                Ok(())
+            })?
         }
-    }
-    if format == Format::Json {
-        ctx.print_json(&json!({"operation_id": id, "changes": all}))?;
-    } else if !printed_header && format == Format::Table {
+    };
+    if !any && format == Format::Table {
         ctx.info(format!("operation {id} recorded no changed rows"));
     }
     Ok(exit::SUCCESS)
+}
+
+/// Calls `visit` with the operation's changed values a page at a time; returns whether there
+/// were any.
+fn for_each_page(
+    conn: &mut diesel::PgConnection,
+    id: i64,
+    mut visit: impl FnMut(&[audit::ChangedValue]) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let mut after = 0i64;
+    let mut any = false;
+    loop {
+        // 20 audit rows a page: a batch's row can list thousands of ids.
+        let page = audit::changes(conn, id, after, 20).context("cannot read the operation's audit trail")?;
+        let Some(last) = page.last() else {
+            return Ok(any);
+        };
+        after = last.audit_id;
+        any = true;
+        visit(&page)?;
+    }
 }

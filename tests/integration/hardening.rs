@@ -889,3 +889,43 @@ fn an_export_the_server_ends_midway_is_an_error_not_a_short_file() {
         .run()
         .expect_code(1);
 }
+
+/// `ops show --changes --json` of an operation that changed a great many rows streams its
+/// JSON a page at a time: its memory does not grow with the operation.
+#[test]
+fn ops_show_changes_of_a_large_operation_streams_its_json() {
+    let (db, dir) = dataset();
+    let op = db.scalar("SELECT max(operation_id) FROM audit_log");
+    // 240 batches of 250 inserted ids each (as an import records them): 60,000 changed rows,
+    // ids past the stored tickets (shown as `id N`).
+    db.execute(&format!(
+        "INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+         SELECT {op}, 'tickets', 1000000 + g, 'insert_ids', NULL,
+                jsonb_build_object('ids', jsonb_build_array(jsonb_build_array(1000000 + g * 250, 1000000 + g * 250 + 249)))
+         FROM generate_series(0, 239) g"
+    ));
+    let (base, base_kib) = run_measured(ticketops(Some(&db), &dir, &["--json", "ops", "show", &op.to_string()]));
+    base.expect_code(0);
+    let (run, peak_kib) = run_measured(ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "ops", "show", &op.to_string(), "--changes"],
+    ));
+    let shown = run.expect_code(0).json();
+    let changes = shown["changes"].as_array().unwrap();
+    assert_eq!(shown["operation_id"], op);
+    assert_eq!(
+        changes.len(),
+        6 + 60_000,
+        "the dataset's six tickets and the planted ids"
+    );
+    assert_eq!(changes[6]["key"], "id 1000000");
+    assert_eq!(changes[6]["field"], "(inserted)");
+    // Held whole, the 60,000 values took ~40 MiB more than the summary; a page of them, a few.
+    assert!(
+        peak_kib < base_kib + 12 * 1024,
+        "peak RSS {} MiB against {} MiB for the operation's summary",
+        peak_kib / 1024,
+        base_kib / 1024
+    );
+}
