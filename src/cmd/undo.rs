@@ -36,8 +36,8 @@ use crate::restore;
 Without --apply this is a dry run: it says how many rows would be reverted, how many are
 already as they were, and how many changed since (conflicts). Undoing twice does nothing the
 second time. Supported: every fix (set, tag, reassign, merge-users, apply), imports (updated
-rows get their before-image back, inserted tickets are soft-deleted; users, organizations and
-tags an import created stay), cleanup soft-delete runs, and undos.
+rows get their before-image back, inserted tickets are soft-deleted; users, organizations,
+tags and comments an import created stay), cleanup soft-delete runs, and undos.
 
 Examples:
   ticketops undo 42
