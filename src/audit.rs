@@ -13,6 +13,7 @@
 //! | `restore` | tickets | `{"ids": [...], "deleted_at": T}` as found | `{"deleted_at": null}` |
 //! | `purge` | tickets | `{"ids": [...], "archive": F, "archive_comments": F}` (the rows are in the archive) | NULL |
 //! | `purge` | users | `{"rows": [...]}`: the users removed, whole | NULL |
+//! | `delete` | comments | the row as it was (`to_jsonb`): what `undo` of an import removed | NULL |
 
 use diesel::prelude::*;
 use diesel::{PgConnection, QueryResult};
@@ -42,6 +43,9 @@ macro_rules! audit_action {
     (Purge) => {
         "purge"
     };
+    (Delete) => {
+        "delete"
+    };
 }
 
 /// What an audit row records.
@@ -54,10 +58,11 @@ pub enum Action {
     SoftDelete,
     Restore,
     Purge,
+    Delete,
 }
 
 impl Action {
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::Insert,
         Action::InsertIds,
         Action::Update,
@@ -65,6 +70,7 @@ impl Action {
         Action::SoftDelete,
         Action::Restore,
         Action::Purge,
+        Action::Delete,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -76,6 +82,7 @@ impl Action {
             Action::SoftDelete => audit_action!(SoftDelete),
             Action::Restore => audit_action!(Restore),
             Action::Purge => audit_action!(Purge),
+            Action::Delete => audit_action!(Delete),
         }
     }
 
@@ -98,6 +105,7 @@ pub const FIX_ACTION: &str = Action::Fix.as_str();
 pub const SOFT_DELETE_ACTION: &str = Action::SoftDelete.as_str();
 pub const RESTORE_ACTION: &str = Action::Restore.as_str();
 pub const PURGE_ACTION: &str = Action::Purge.as_str();
+pub const DELETE_ACTION: &str = Action::Delete.as_str();
 
 /// Records one audit row for a batch of rows changed the same way: `row_id` is the first
 /// of them, and `before`/`after` say what changed (listing the ids where needed).
@@ -164,6 +172,8 @@ pub fn changes(conn: &mut PgConnection, operation_id: i64, after: i64, limit: i6
              UNION ALL
              SELECT a.id, a.table_name, a.row_id, '(inserted)', NULL, NULL FROM a WHERE a.action = '{INSERT_ACTION}'
              UNION ALL
+             SELECT a.id, a.table_name, a.row_id, '(deleted)', NULL, NULL FROM a WHERE a.action = '{DELETE_ACTION}'
+             UNION ALL
              SELECT a.id, a.table_name, g.id, '(inserted)', NULL, NULL
              FROM a CROSS JOIN LATERAL jsonb_array_elements(a.after -> 'ids') r
                     CROSS JOIN LATERAL generate_series((r ->> 0)::bigint, (r ->> 1)::bigint) g(id)
@@ -210,7 +220,7 @@ mod tests {
             assert_eq!(Action::parse(action.as_str()), Some(action));
             assert!(action.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
         }
-        assert_eq!(Action::parse("delete"), None);
+        assert_eq!(Action::parse("remove"), None);
     }
 
     #[test]
@@ -222,5 +232,6 @@ mod tests {
         assert_eq!(SOFT_DELETE_ACTION, "soft_delete");
         assert_eq!(RESTORE_ACTION, "restore");
         assert_eq!(PURGE_ACTION, "purge");
+        assert_eq!(DELETE_ACTION, audit_action!(Delete));
     }
 }

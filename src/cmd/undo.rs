@@ -17,10 +17,11 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use serde_json::json;
 
+mod comments;
 mod distributed;
 
 use crate::args::{ApplyArgs, BatchArgs, confirm};
-use crate::audit::{FIX_ACTION, INSERT_ACTION, INSERT_IDS_ACTION, SOFT_DELETE_ACTION, UPDATE_ACTION};
+use crate::audit::{DELETE_ACTION, FIX_ACTION, INSERT_ACTION, INSERT_IDS_ACTION, SOFT_DELETE_ACTION, UPDATE_ACTION};
 use crate::context::Context;
 use crate::db::{self};
 use crate::exit::{self, UsageError};
@@ -36,8 +37,9 @@ use crate::restore;
 Without --apply this is a dry run: it says how many rows would be reverted, how many are
 already as they were, and how many changed since (conflicts). Undoing twice does nothing the
 second time. Supported: every fix (set, tag, reassign, merge-users, apply), imports (updated
-rows get their before-image back, inserted tickets are soft-deleted; users, organizations,
-tags and comments an import created stay), cleanup soft-delete runs, and undos.
+rows get their before-image back, inserted tickets are soft-deleted, inserted comments are
+deleted, each recorded whole so that undoing the undo puts it back; users, organizations and
+tags an import created stay), cleanup soft-delete runs, and undos.
 
 Examples:
   ticketops undo 42
@@ -248,6 +250,10 @@ enum Part {
     Images(ImageSet),
     /// Tickets the operation inserted, by id window.
     Inserted { low: i64, high: i64 },
+    /// Comments the operation inserted (deleted by the undo), newest first.
+    InsertedComments,
+    /// Comments an undo deleted (put back), newest first.
+    DeletedComments,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
@@ -286,7 +292,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 }
             }
             INSERT_ACTION | INSERT_IDS_ACTION if a.table_name == "tickets" => {}
-            INSERT_ACTION => {} // users and comments an import created stay (see --help)
+            INSERT_ACTION if a.table_name == "comments" => parts.push(Part::InsertedComments),
+            DELETE_ACTION if a.table_name == "comments" => parts.push(Part::DeletedComments),
+            INSERT_ACTION => {} // users an import created stay (see --help)
             other => unsupported.push(format!("{other} on {}", a.table_name)),
         }
     }
@@ -314,9 +322,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     if args.apply.apply && args.apply.yes {
         return revert(ctx, &pool, &mut conn, op.id, &parts, &args, None);
     }
+    let layout = Layout::of(&mut conn)?;
     let mut plan = Plan::default();
     for part in &parts {
-        plan += plan_part(&mut conn, op.id, part)?;
+        plan += plan_part(&mut conn, op.id, part, layout)?;
     }
     let would = (plan.revertible + if args.force { plan.conflicts } else { 0 }) as u64;
     if !args.apply.apply {
@@ -373,6 +382,7 @@ fn print_sample(conn: &mut PgConnection, op: i64, would: u64) -> anyhow::Result<
     for c in changes.iter().take(SAMPLE_VALUES) {
         let (now, restored) = match c.field.as_str() {
             "(inserted)" => ("(inserted)".to_string(), "(removed)".to_string()),
+            "(deleted)" => ("(deleted)".to_string(), "(put back)".to_string()),
             _ => (shown(&c.after), shown(&c.before)),
         };
         table.push(vec![
@@ -421,7 +431,7 @@ fn revert(
     let mut current = 0usize;
     // Images are walked by descending audit id, inserted tickets by ascending id window.
     let start_of = |p: &Part| match p {
-        Part::Images(_) => i64::MAX,
+        Part::Images(_) | Part::InsertedComments | Part::DeletedComments => i64::MAX,
         Part::Inserted { low, .. } => low - 1,
     };
     let mut cursor = parts.first().map(start_of).unwrap_or(0);
@@ -444,7 +454,7 @@ fn revert(
             .get_result(conn)
             .context("cannot revert the batch")?;
         let finished = match part {
-            Part::Images(_) => r.seen == 0,
+            Part::Images(_) | Part::InsertedComments | Part::DeletedComments => r.seen == 0,
             Part::Inserted { high, .. } => r.next >= *high,
         };
         cursor = r.next;
@@ -495,8 +505,28 @@ const INSERTED_IDS_WINDOW: &str = "
     SELECT row_id FROM audit_log
     WHERE operation_id = $1 AND action = 'insert' AND table_name = 'tickets' AND row_id > $2 AND row_id <= $2 + $3";
 
-fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Plan> {
+fn plan_part(conn: &mut PgConnection, op: i64, part: &Part, layout: Layout) -> anyhow::Result<Plan> {
     let sql = match part {
+        Part::InsertedComments => comments::plan_inserted_sql(),
+        Part::DeletedComments => comments::plan_deleted_sql(layout),
+        // On Citus comments are distributed by their ticket, so joining them to their audit rows
+        // (by row_id) is not co-located: the audit rows come to the coordinator first, and those
+        // whose comment is gone are the ones the inner join does not find.
+        Part::Images(images) if layout.distributed() && images.table == "comments" => format!(
+            "WITH a AS MATERIALIZED (
+                 SELECT row_id, before, after FROM audit_log
+                 WHERE operation_id = $1 AND table_name = 'comments' AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')
+             ), found AS MATERIALIZED (
+                 SELECT {after} AS holds_after, {before} AS holds_before
+                 FROM a JOIN comments t ON t.id = a.row_id
+             )
+             SELECT count(*) FILTER (WHERE holds_after AND NOT holds_before) AS revertible,
+                    count(*) FILTER (WHERE holds_before) AS already,
+                    (SELECT count(*) FROM a) - count(*) FILTER (WHERE holds_after OR holds_before) AS conflicts
+             FROM found",
+            after = images.holds("a.after"),
+            before = images.holds("a.before"),
+        ),
         Part::Images(images) => format!(
             "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before}) AS revertible,
                     count(*) FILTER (WHERE t.id IS NOT NULL AND {before}) AS already,
@@ -527,6 +557,8 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part) -> anyhow::Result<Pl
 /// (or ids) the batch looked at.
 fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged, layout: Layout) -> String {
     match part {
+        Part::InsertedComments => comments::revert_inserted_sql(undo_op, layout),
+        Part::DeletedComments => comments::revert_deleted_sql(undo_op, layout),
         Part::Images(images) => {
             let table = &images.table;
             // A ticket whose created_at comes back moves to its month; on partitions its key

@@ -1092,7 +1092,7 @@ fn a_comment_imported_onto_another_ticket_moves_there_and_an_undo_moves_it_back(
         1,
         "a row without created_at keeps the stored one"
     );
-    assert_keys_follow_comments(&db);
+    assert_comment_keys_match(&db);
     let op = summary["operation_id"].as_i64().unwrap();
     let ticket = |key: &str| db.scalar(&format!("SELECT id FROM tickets WHERE external_id = '{key}'"));
     assert_eq!(
@@ -1112,6 +1112,13 @@ fn a_comment_imported_onto_another_ticket_moves_there_and_an_undo_moves_it_back(
 
     // Changed since: an undo leaves it where it is, --force moves it back too.
     db.execute("UPDATE comments SET body = 'edited by hand' WHERE external_id = 'K-1'");
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op.to_string()]).run();
+    let dry = dry.expect_code(0).json();
+    assert_eq!(
+        (&dry["would_revert"], &dry["conflicts"]),
+        (&2.into(), &1.into()),
+        "{dry}"
+    );
     let undone = apply(&db, &dir, &["undo", &op.to_string()]);
     assert_eq!(
         (&undone["reverted"], &undone["conflicts"]),
@@ -1127,25 +1134,12 @@ fn a_comment_imported_onto_another_ticket_moves_there_and_an_undo_moves_it_back(
     assert_eq!(forced["reverted"], 1, "{forced}");
     assert_eq!(db.checksum("comments"), original_rows, "{:?}", db.strings(placed));
     assert_eq!(db.strings(placed), original);
-    assert_keys_follow_comments(&db);
+    assert_comment_keys_match(&db);
     // The forced undo's own history holds what it replaced: undoing it moves the comment again.
     let redone = apply(&db, &dir, &["undo", &forced["operation_id"].to_string()]);
     assert_eq!(redone["reverted"], 1, "{redone}");
     assert_eq!(db.strings(placed)[0], format!("K-1 {k1} C-4 edited by hand true"));
-    assert_keys_follow_comments(&db);
-}
-
-/// On the distributed layout a comment's key names its ticket (the shard it lives on).
-fn assert_keys_follow_comments(db: &TestDb) {
-    if distributed() {
-        assert_eq!(
-            db.strings("SELECT external_id || ' ' || comment_id || ' ' || ticket_id FROM comment_keys ORDER BY 1"),
-            db.strings(
-                "SELECT external_id || ' ' || id || ' ' || ticket_id FROM comments
-                 WHERE external_id IS NOT NULL ORDER BY 1"
-            ),
-        );
-    }
+    assert_comment_keys_match(&db);
 }
 
 #[test]

@@ -881,3 +881,17 @@ fn sql_statements(sql: &str) -> Vec<&str> {
     statements.retain(|s| !s.is_empty());
     statements
 }
+
+/// On the distributed layout every comment with an external_id has its key, and no key is left
+/// without its comment.
+pub fn assert_comment_keys_match(db: &TestDb) {
+    if distributed() {
+        assert_eq!(
+            db.strings("SELECT external_id || ' ' || comment_id || ' ' || ticket_id FROM comment_keys ORDER BY 1"),
+            db.strings(
+                "SELECT external_id || ' ' || id || ' ' || ticket_id FROM comments
+                 WHERE external_id IS NOT NULL ORDER BY 1"
+            ),
+        );
+    }
+}

@@ -163,3 +163,88 @@ fn undo_of_an_import_soft_deletes_its_inserts_and_restores_its_updates() {
     let (_, rerun) = import(&db, &dir, "tickets", &file, &["--batch-size", "40"]);
     assert_eq!(rerun["unchanged"], rerun["rows_read"], "{rerun}");
 }
+
+/// Comments have no soft-delete: undo of a comment import deletes the comments it inserted
+/// (recording each whole), restores those it updated, leaves one written since unless --force,
+/// and undoing the undo puts the deleted ones back with their ids.
+#[test]
+fn undo_of_a_comment_import_deletes_its_new_comments_and_its_undo_puts_them_back() {
+    let (db, dir) = dataset();
+    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
+    let comments = |name: &str, rows: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, format!("{header}{rows}")).unwrap();
+        let (run, summary) = import(&db, &dir, "comments", &file, &[]);
+        run.expect_code(0);
+        summary
+    };
+    comments(
+        "first.csv",
+        "K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+         K-2,C-2,bob@example.com,second,true,2024-01-01T00:00:00Z\n",
+    );
+    let after_first = db.checksum("comments");
+    // K-2 edited, K-3 and a comment without external_id new.
+    let second = comments(
+        "second.csv",
+        "K-2,C-2,bob@example.com,second (edited),true,2024-01-01T00:00:00Z\n\
+         K-3,C-3,cid@example.com,third,false,2024-01-02T00:00:00Z\n\
+         ,C-4,ann@example.com,no key,true,2024-01-03T00:00:00Z\n",
+    );
+    assert_eq!(outcome(&second), [2, 1, 0, 0, 0, 0], "{second}");
+    let after_second = db.checksum("comments");
+    let op = second["operation_id"].to_string();
+
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    assert_eq!(dry.expect_code(0).json()["would_revert"], 3);
+    let undone = apply(&db, &dir, &["undo", &op]);
+    assert_eq!(undone["reverted"], 3, "{undone}");
+    assert_eq!(
+        db.checksum("comments"),
+        after_first,
+        "the new comments gone, the edited one back"
+    );
+    assert_comment_keys_match(&db);
+    let listed = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "ops",
+            "show",
+            &undone["operation_id"].to_string(),
+            "--changes",
+        ],
+    )
+    .run();
+    let listed = listed.expect_code(0).json();
+    let deleted = listed["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["field"] == "(deleted)")
+        .count();
+    assert_eq!(deleted, 2, "{listed}");
+
+    // Undoing the undo puts them back, ids and all.
+    let redone = apply(&db, &dir, &["undo", &undone["operation_id"].to_string()]);
+    assert_eq!(redone["reverted"], 3, "{redone}");
+    assert_eq!(db.checksum("comments"), after_second);
+    assert_comment_keys_match(&db);
+
+    // The first import's comments: K-1 is as it inserted it, K-2 was written since.
+    let first_op = db.scalar("SELECT min(operation_id) FROM audit_log WHERE table_name = 'comments'");
+    let run = apply(&db, &dir, &["undo", &first_op.to_string()]);
+    assert_eq!((&run["reverted"], &run["conflicts"]), (&1.into(), &1.into()), "{run}");
+    assert_eq!(
+        db.strings("SELECT external_id FROM comments WHERE external_id IS NOT NULL ORDER BY 1"),
+        vec!["K-2", "K-3"]
+    );
+    let forced = apply(&db, &dir, &["undo", &first_op.to_string(), "--force"]);
+    assert_eq!(forced["reverted"], 1, "{forced}");
+    assert_eq!(
+        db.strings("SELECT external_id FROM comments WHERE external_id IS NOT NULL ORDER BY 1"),
+        vec!["K-3"]
+    );
+    assert_comment_keys_match(&db);
+}

@@ -11,10 +11,13 @@
 use super::{INSERTED_IDS_WINDOW, ImageSet, Part, all_of};
 use crate::audit::{FIX_ACTION, UPDATE_ACTION};
 use crate::filters::RestateUnchanged;
+use crate::layout::Layout;
 
 pub(super) fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged) -> String {
     match part {
         Part::Images(images) => images_sql(images, undo_op, force, restate),
+        Part::InsertedComments => super::comments::revert_inserted_sql(undo_op, Layout::Distributed),
+        Part::DeletedComments => super::comments::revert_deleted_sql(undo_op, Layout::Distributed),
         Part::Inserted { .. } => {
             let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
             format!(
