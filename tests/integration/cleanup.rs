@@ -374,11 +374,7 @@ fn a_comment_being_added_does_not_keep_its_ticket_from_a_soft_delete() {
 #[test]
 fn a_failing_batch_leaves_earlier_batches_committed() {
     let (db, dir) = dataset();
-    db.execute(
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.external_id = 'C-6' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-         CREATE TRIGGER boom BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION boom();",
-    );
+    inject_failure(&db, "UPDATE", "C-6");
     let run = ticketops(
         Some(&db),
         &dir,

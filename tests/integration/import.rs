@@ -555,20 +555,11 @@ fn soft_deleted_tickets_are_skipped_unless_undelete() {
     );
 }
 
-/// A trigger that fails the insert of one ticket: a failure injected mid-file.
-fn inject_failure(db: &TestDb, external_id: &str) {
-    db.execute(&format!(
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.external_id = '{external_id}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON tickets FOR EACH ROW EXECUTE FUNCTION boom();"
-    ));
-}
-
 #[test]
 fn atomic_import_rolls_everything_back_on_failure() {
     let db = TestDb::new();
     let dir = scratch("atomic");
-    inject_failure(&db, "T-000150");
+    inject_failure(&db, "INSERT", "T-000150");
     let file = fixture("tickets.csv");
     let run = ticketops(
         Some(&db),
@@ -609,7 +600,7 @@ fn batched_import_keeps_committed_batches_and_resumes_after_a_failure() {
         .expect_code(3);
 
     let db = TestDb::new();
-    inject_failure(&db, "T-000150");
+    inject_failure(&db, "INSERT", "T-000150");
     let args = ["--batch-size", "20", "--rejects", "r.csv"];
     let run = ticketops(
         Some(&db),
@@ -668,11 +659,7 @@ fn a_resumed_reimport_counts_every_row_once_whatever_its_batches_saved() {
     db.execute(&format!(
         "UPDATE tickets SET subject = 'edited' WHERE external_id = '{key}'"
     ));
-    db.execute(&format!(
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.external_id = '{key}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-         CREATE TRIGGER boom BEFORE UPDATE ON tickets FOR EACH ROW EXECUTE FUNCTION boom();"
-    ));
+    inject_failure(&db, "UPDATE", &key);
     let (run, _) = import(&db, &dir, "tickets", &file, &args);
     run.expect_code(1).stderr_has("injected failure");
     db.execute("DROP TRIGGER boom ON tickets");
@@ -957,7 +944,7 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     // A failure in the middle of an initial load (keys and indexes dropped at that point)
     // leaves the schema and the tables exactly as they were.
     let failing = TestDb::new();
-    inject_failure(&failing, "T-001500");
+    inject_failure(&failing, "INSERT", "T-001500");
     let run = initial_load(&failing, "d.csv");
     run.expect_code(1).stderr_has("injected failure");
     assert_eq!(failing.scalar("SELECT count(*) FROM tickets"), 0);

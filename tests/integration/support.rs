@@ -895,3 +895,13 @@ pub fn assert_comment_keys_match(db: &TestDb) {
         );
     }
 }
+
+/// A trigger `boom` that fails the `event` (INSERT or UPDATE) of one ticket with "injected
+/// failure": a failure injected mid-run (`DROP TRIGGER boom ON tickets` lifts it).
+pub fn inject_failure(db: &TestDb, event: &str, external_id: &str) {
+    db.execute(&format!(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.external_id = '{external_id}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER boom BEFORE {event} ON tickets FOR EACH ROW EXECUTE FUNCTION boom();"
+    ));
+}
