@@ -119,9 +119,7 @@ impl StoredLookup {
         }
         Ok(by_external_id)
     }
-}
 
-impl StoredLookup {
     /// The layout, read once (this runs on the read-ahead's own connection).
     fn layout(&mut self, conn: &mut PgConnection) -> QueryResult<crate::layout::Layout> {
         if let Some(layout) = self.layout {
