@@ -361,8 +361,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     revert(ctx, &pool, &mut conn, op.id, &parts, &args, Some(would))
 }
 
-/// The real run: every part in batches, counting what was reverted, what was already as
-/// before and what changed since.
 /// Whether `confirm` will ask at a terminal (and the sample should be shown first).
 fn asking(apply: &ApplyArgs) -> bool {
     !apply.yes && std::io::IsTerminal::is_terminal(&std::io::stdin())
@@ -398,6 +396,8 @@ fn print_sample(conn: &mut PgConnection, op: i64, would: u64) -> anyhow::Result<
     Ok(())
 }
 
+/// The real run: every part in batches, counting what was reverted, what was already as
+/// before and what changed since.
 fn revert(
     ctx: &Context,
     pool: &db::Pool,
