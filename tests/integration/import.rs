@@ -1028,6 +1028,54 @@ fn comments_import_rejects_orphans_and_is_idempotent() {
     assert_eq!(outcome(&s), [0, 0, 1, 0, 0, 0]);
 }
 
+/// A batch of comments is joined to the stored ones by probing their keys. The planner, left
+/// to itself, hashed the whole comments table for every batch (a sequential scan each time:
+/// an import got slower the more comments were stored). On Citus the comments are merged
+/// shard by shard by another statement (tests/distributed-skips.txt).
+#[test]
+fn comment_batches_probe_the_stored_comments_instead_of_reading_them_all() {
+    let db = TestDb::new();
+    let dir = scratch("comment-probes");
+    let tickets = generate(&dir, "tickets.csv", &["tickets", "--rows", "300"]);
+    import(&db, &dir, "tickets", &tickets, &[]).0.expect_code(0);
+    let comments = generate(
+        &dir,
+        "comments.csv",
+        &["comments", "--rows", "3000", "--tickets", "300"],
+    );
+    // (sequential scans, index scans) of comments, once the importing backends have exited
+    // and flushed their counts: the index scans reach at least one probe a row.
+    let settled = |probes_at_least: i64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let scans = (
+                db.scalar("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'comments'"),
+                db.scalar("SELECT coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'comments'"),
+            );
+            if scans.1 >= probes_at_least || Instant::now() > deadline {
+                return scans;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (run, first) = import(&db, &dir, "comments", &comments, &["--batch-size", "300"]);
+    run.expect_code(0);
+    let inserted = first["inserted"].as_i64().unwrap();
+    assert_eq!(inserted, 3000, "{}", run.explain());
+    let (seq_before, idx_before) = settled(inserted);
+
+    let (run, again) = import(&db, &dir, "comments", &comments, &["--batch-size", "300"]);
+    run.expect_code(0);
+    assert_eq!(outcome(&again), [0, 0, 3000, 0, 0, 0], "{}", run.explain());
+    let (seq_after, idx_after) = settled(idx_before + inserted);
+    assert!(
+        idx_after >= idx_before + inserted,
+        "the re-import probed the comments' index {} times for {inserted} rows",
+        idx_after - idx_before
+    );
+    assert_eq!(seq_after, seq_before, "the re-import read the comments table whole");
+}
+
 /// A comment re-imported onto another ticket moves there keeping its id (on Citus from one
 /// shard to another, its key following), its history says from where, and an undo moves it back.
 #[test]

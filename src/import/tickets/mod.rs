@@ -314,7 +314,11 @@ impl ImportKind for TicketImport {
     }
 
     fn end(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
-        sql_query("SET LOCAL enable_seqscan = on").execute(conn)?;
+        // What `index_paths_only` turned off, back for the rebuilds, validations and ANALYZE.
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "SET LOCAL enable_seqscan = on; SET LOCAL max_parallel_workers_per_gather TO DEFAULT",
+        )?;
         if self.initial_load {
             let started = std::time::Instant::now();
             self.cache
