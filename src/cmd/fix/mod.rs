@@ -21,6 +21,7 @@ use crate::db::{self};
 use crate::exit::{self};
 use crate::filters::{ResolvedFilters, TicketFilters};
 use crate::job::{Job, Step};
+pub use crate::layout::BatchTickets;
 use crate::operation;
 use crate::schema::tickets;
 
@@ -104,13 +105,18 @@ pub trait TicketFix {
     /// The fix as people read it, e.g. `status=closed priority=low` or `+vip -spam`.
     fn describe(&self) -> String;
 
-    /// Among `ids`, how many rows would change, and up to `sample` of them with their
-    /// before and after values. Writes nothing.
-    fn preview(&self, conn: &mut PgConnection, ids: &[i64], sample: usize) -> anyhow::Result<(u64, Vec<Sample>)>;
+    /// Among the batch's tickets, how many would change, and up to `sample` of them with
+    /// their before and after values. Writes nothing.
+    fn preview(
+        &self,
+        conn: &mut PgConnection,
+        batch: &BatchTickets<'_>,
+        sample: usize,
+    ) -> anyhow::Result<(u64, Vec<Sample>)>;
 
-    /// Changes the rows among `ids` that differ, with their before and after values in
+    /// Changes the batch's tickets that differ, with their before and after values in
     /// `audit_log` under operation `op_id`, and returns how many changed.
-    fn apply(&self, conn: &mut PgConnection, ids: &[i64], op_id: i64) -> anyhow::Result<u64>;
+    fn apply(&self, conn: &mut PgConnection, batch: &BatchTickets<'_>, op_id: i64) -> anyhow::Result<u64>;
 
     /// Runs once before the first batch of a real run (e.g. creates tags to add).
     fn prepare(&mut self, _conn: &mut PgConnection) -> anyhow::Result<()> {
@@ -141,6 +147,7 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     }
     let scope = run.filters.deleted_scope();
     let batch_size = run.batching.batch_size as i64;
+    let layout = crate::layout::Layout::of(&mut conn)?;
 
     // The dry run: every matching ticket, in the batches of the real run, compared the same
     // way. With --apply --yes nobody reads its count, so the real run goes straight ahead.
@@ -159,7 +166,8 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
                 .limit(batch_size)
                 .load(&mut conn)?;
             let Some(&max) = ids.last() else { break };
-            let (changed, rows) = fix.preview(&mut conn, &ids, SAMPLE_SIZE - sample.len())?;
+            let batch = BatchTickets::read(&mut conn, layout, &ids)?;
+            let (changed, rows) = fix.preview(&mut conn, &batch, SAMPLE_SIZE - sample.len())?;
             would_change += changed;
             sample.extend(rows);
             last_id = max;
@@ -186,7 +194,6 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
     let job = Job::start(pool, ctx.database_url()?, &mut conn, run.kind, run.args)?;
     let op_id = job.operation_id;
     fix.prepare(&mut conn)?;
-    let layout = crate::layout::Layout::of(&mut conn)?;
     let mut last_id = 0i64;
     let mut unchanged = 0u64;
     let stats = job.run(
@@ -201,7 +208,8 @@ pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -
             let changed = if ids.is_empty() {
                 0
             } else {
-                fix.apply(conn, &ids, op_id)?
+                let batch = BatchTickets::read(conn, layout, &ids)?;
+                fix.apply(conn, &batch, op_id)?
             };
             unchanged += ids.len() as u64 - changed;
             operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({}))?;

@@ -7,7 +7,7 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::{Value, json};
 
-use super::{Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::args::{ApplyArgs, BatchArgs};
 use crate::audit::FIX_ACTION;
 use crate::context::Context;
@@ -365,29 +365,36 @@ impl TicketFix for FieldFix {
         self.shown().join(" ")
     }
 
-    fn preview(&self, conn: &mut PgConnection, ids: &[i64], sample: usize) -> anyhow::Result<(u64, Vec<Sample>)> {
+    fn preview(
+        &self,
+        conn: &mut PgConnection,
+        batch: &BatchTickets<'_>,
+        sample: usize,
+    ) -> anyhow::Result<(u64, Vec<Sample>)> {
+        // $1 the ids, then one parameter an assignment, then the batch's months.
+        let in_batch = batch.condition("t", self.assignments.len() + 2);
         let count = format!(
-            "SELECT count(*) AS changed FROM tickets t WHERE t.id = ANY($1) AND {}",
+            "SELECT count(*) AS changed FROM tickets t WHERE {in_batch} AND {}",
             self.differs
         );
-        let q = bind_values(
-            sql_query(count).into_boxed().bind::<Array<BigInt>, _>(ids),
+        let q = batch.bind_created(bind_values(
+            sql_query(count).into_boxed().bind::<Array<BigInt>, _>(batch.ids),
             &self.assignments,
-        );
+        ));
         let changed: Changed = q.get_result(conn).context("cannot compare the tickets with the fix")?;
         if sample == 0 || changed.changed == 0 {
             return Ok((changed.changed as u64, Vec::new()));
         }
         let rows = format!(
-            "SELECT t.external_id, {shown} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
+            "SELECT t.external_id, {shown} AS before FROM tickets t WHERE {in_batch} AND {differs}
              ORDER BY t.id LIMIT {sample}",
             shown = self.shown_before,
             differs = self.differs
         );
-        let q = bind_values(
-            sql_query(rows).into_boxed().bind::<Array<BigInt>, _>(ids),
+        let q = batch.bind_created(bind_values(
+            sql_query(rows).into_boxed().bind::<Array<BigInt>, _>(batch.ids),
             &self.assignments,
-        );
+        ));
         let rows: Vec<SampleRow> = q.load(conn)?;
         let after = self.shown_after();
         let sample = rows
@@ -401,16 +408,17 @@ impl TicketFix for FieldFix {
         Ok((changed.changed as u64, sample))
     }
 
-    fn apply(&self, conn: &mut PgConnection, ids: &[i64], op: i64) -> anyhow::Result<u64> {
+    fn apply(&self, conn: &mut PgConnection, batch: &BatchTickets<'_>, op: i64) -> anyhow::Result<u64> {
         // The after-image is made from the returned row, not in RETURNING, where Citus takes
         // no non-immutable function.
         let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
+        let in_batch = batch.condition("t", self.assignments.len() + 2);
         let query = format!(
             "WITH target AS (
-                 SELECT t.id, {image_t} AS before FROM tickets t WHERE t.id = ANY($1) AND {differs}
+                 SELECT t.id, {image_t} AS before FROM tickets t WHERE {in_batch} AND {differs}
              ), changed AS (
                  UPDATE tickets t SET {set}, updated_at = {now}, last_operation_id = {op}{restated}
-                 FROM target WHERE t.id = target.id AND t.id = ANY($1) -- (each shard probes the batch's ids)
+                 FROM target WHERE t.id = target.id AND {in_batch} -- (each shard, each partition probes the batch)
                  RETURNING t.id, target.before, t AS after_row
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
@@ -423,10 +431,10 @@ impl TicketFix for FieldFix {
             set = self.set.replace(BATCH_TIME, &now),
             restated = self.restated,
         );
-        let q = bind_values(
-            sql_query(query).into_boxed().bind::<Array<BigInt>, _>(ids),
+        let q = batch.bind_created(bind_values(
+            sql_query(query).into_boxed().bind::<Array<BigInt>, _>(batch.ids),
             &self.assignments,
-        );
+        ));
         let changed: Changed = q.get_result(conn).context("cannot apply the fix")?;
         Ok(changed.changed as u64)
     }

@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
 use crate::audit::FIX_ACTION;
 use crate::context::Context;
 use crate::db;
@@ -137,30 +137,44 @@ impl TicketFix for TagFix {
         add.chain(remove).collect::<Vec<_>>().join(" ")
     }
 
-    fn preview(&self, conn: &mut PgConnection, ids: &[i64], sample: usize) -> anyhow::Result<(u64, Vec<Sample>)> {
-        let changed: Changed = sql_query(format!(
-            "SELECT count(*) AS changed FROM tickets t {STORED_TAGS} WHERE t.id = ANY($1) AND {DIFFERS}"
-        ))
-        .bind::<Array<BigInt>, _>(ids)
-        .bind::<Array<BigInt>, _>(&self.add_ids)
-        .bind::<Array<BigInt>, _>(&self.remove_ids)
-        .get_result(conn)
-        .context("cannot compare the tickets' tags")?;
+    fn preview(
+        &self,
+        conn: &mut PgConnection,
+        batch: &BatchTickets<'_>,
+        sample: usize,
+    ) -> anyhow::Result<(u64, Vec<Sample>)> {
+        let in_batch = batch.condition("t", 4);
+        let changed: Changed = batch
+            .bind_created(
+                sql_query(format!(
+                    "SELECT count(*) AS changed FROM tickets t {STORED_TAGS} WHERE {in_batch} AND {DIFFERS}"
+                ))
+                .into_boxed()
+                .bind::<Array<BigInt>, _>(batch.ids)
+                .bind::<Array<BigInt>, _>(&self.add_ids)
+                .bind::<Array<BigInt>, _>(&self.remove_ids),
+            )
+            .get_result(conn)
+            .context("cannot compare the tickets' tags")?;
         if sample == 0 || changed.changed == 0 {
             return Ok((changed.changed as u64, Vec::new()));
         }
-        let rows: Vec<SampleRow> = sql_query(format!(
-            "SELECT t.external_id, coalesce(sn.names, '{{}}') AS tags
-             FROM tickets t {STORED_TAGS}
-             LEFT JOIN (SELECT x.ticket_id, array_agg(g.name::text ORDER BY g.name) AS names
-                        FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
-                        WHERE x.ticket_id = ANY($1) GROUP BY x.ticket_id) sn ON sn.ticket_id = t.id
-             WHERE t.id = ANY($1) AND {DIFFERS} ORDER BY t.id LIMIT {sample}"
-        ))
-        .bind::<Array<BigInt>, _>(ids)
-        .bind::<Array<BigInt>, _>(&self.add_ids)
-        .bind::<Array<BigInt>, _>(&self.remove_ids)
-        .load(conn)?;
+        let rows: Vec<SampleRow> = batch
+            .bind_created(
+                sql_query(format!(
+                    "SELECT t.external_id, coalesce(sn.names, '{{}}') AS tags
+                     FROM tickets t {STORED_TAGS}
+                     LEFT JOIN (SELECT x.ticket_id, array_agg(g.name::text ORDER BY g.name) AS names
+                                FROM ticket_tags x JOIN tags g ON g.id = x.tag_id
+                                WHERE x.ticket_id = ANY($1) GROUP BY x.ticket_id) sn ON sn.ticket_id = t.id
+                     WHERE {in_batch} AND {DIFFERS} ORDER BY t.id LIMIT {sample}"
+                ))
+                .into_boxed()
+                .bind::<Array<BigInt>, _>(batch.ids)
+                .bind::<Array<BigInt>, _>(&self.add_ids)
+                .bind::<Array<BigInt>, _>(&self.remove_ids),
+            )
+            .load(conn)?;
         let sample = rows
             .into_iter()
             .map(|r| Sample {
@@ -185,13 +199,14 @@ impl TicketFix for TagFix {
         Ok(())
     }
 
-    fn apply(&self, conn: &mut PgConnection, ids: &[i64], op: i64) -> anyhow::Result<u64> {
-        let changed: Changed = sql_query(format!(
+    fn apply(&self, conn: &mut PgConnection, batch: &BatchTickets<'_>, op: i64) -> anyhow::Result<u64> {
+        let in_batch = batch.condition("t", 5);
+        let query = sql_query(format!(
             "WITH target AS (
                  SELECT t.id, t.updated_at, t.last_operation_id, coalesce(st.tag_ids, '{{}}') AS tag_ids,
                         ARRAY(SELECT DISTINCT u FROM unnest(coalesce(st.tag_ids, '{{}}') || $2::bigint[]) u
                               WHERE u <> ALL($3::bigint[]) ORDER BY u) AS new_tag_ids
-                 FROM tickets t {STORED_TAGS} WHERE t.id = ANY($1) AND {DIFFERS}
+                 FROM tickets t {STORED_TAGS} WHERE {in_batch} AND {DIFFERS}
              ), removed AS (
                  DELETE FROM ticket_tags x USING target g WHERE x.ticket_id = g.id AND x.tag_id = ANY($3::bigint[])
              ), added AS (
@@ -200,7 +215,7 @@ impl TicketFix for TagFix {
                  ON CONFLICT DO NOTHING
              ), changed AS (
                  UPDATE tickets t SET updated_at = $4, last_operation_id = {op}
-                 FROM target g WHERE t.id = g.id
+                 FROM target g WHERE t.id = g.id AND {in_batch}
                  RETURNING t.id
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
@@ -213,12 +228,15 @@ impl TicketFix for TagFix {
              )
              SELECT count(*) AS changed FROM changed"
         ))
-        .bind::<Array<BigInt>, _>(ids)
+        .into_boxed()
+        .bind::<Array<BigInt>, _>(batch.ids)
         .bind::<Array<BigInt>, _>(&self.add_ids)
         .bind::<Array<BigInt>, _>(&self.remove_ids)
-        .bind::<Timestamptz, _>(chrono::Utc::now())
-        .get_result(conn)
-        .context("cannot apply the tag fix")?;
+        .bind::<Timestamptz, _>(chrono::Utc::now());
+        let changed: Changed = batch
+            .bind_created(query)
+            .get_result(conn)
+            .context("cannot apply the tag fix")?;
         Ok(changed.changed as u64)
     }
 }
