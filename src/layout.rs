@@ -155,35 +155,43 @@ impl Layout {
 }
 
 /// The tickets of one batch as a statement addresses them. By id everywhere; on the partitioned
-/// layout also by the batch's `created_at` values (read from the keys), so that PostgreSQL reads
-/// only the partitions that hold them: by id alone, which is not the partition key, each batch
-/// read or hashed every partition (a `fix tag` batch of 5,000 at 1M tickets: ~320 ms to hash
-/// the whole table in its UPDATE, growing with the table).
+/// layout also by each ticket's `created_at` (read from the keys), so that PostgreSQL reads only
+/// the partitions that hold them: by id alone, which is not the partition key, each batch read
+/// or hashed every partition (a `fix tag` batch of 5,000 at 1M tickets: ~320 ms to hash the
+/// whole table in its UPDATE, growing with the table).
 pub struct BatchTickets<'a> {
     pub ids: &'a [i64],
+    /// Partitioned layout: the created_at of each of `ids`, in the same order.
     created: Option<Vec<chrono::DateTime<chrono::Utc>>>,
 }
 
 impl<'a> BatchTickets<'a> {
+    /// `ids` in ascending order, as batches are taken.
     pub fn read(conn: &mut PgConnection, layout: Layout, ids: &'a [i64]) -> diesel::QueryResult<BatchTickets<'a>> {
         #[derive(QueryableByName)]
-        struct Created {
+        struct Key {
+            #[diesel(sql_type = BigInt)]
+            ticket_id: i64,
             #[diesel(sql_type = diesel::sql_types::Timestamptz)]
             created_at: chrono::DateTime<chrono::Utc>,
         }
-        let created = if layout.partitioned() && !ids.is_empty() {
-            let rows: Vec<Created> = sql_query("SELECT DISTINCT created_at FROM ticket_keys WHERE ticket_id = ANY($1)")
-                .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
-                .load(conn)?;
-            Some(rows.into_iter().map(|r| r.created_at).collect())
-        } else {
-            None
-        };
+        let mut created = None;
+        if layout.partitioned() && !ids.is_empty() && ids.windows(2).all(|w| w[0] < w[1]) {
+            let keys: Vec<Key> =
+                sql_query("SELECT ticket_id, created_at FROM ticket_keys WHERE ticket_id = ANY($1) ORDER BY ticket_id")
+                    .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+                    .load(conn)?;
+            // A ticket without its key (written by hand) leaves the batch addressed by id alone.
+            if keys.len() == ids.len() && keys.iter().zip(ids).all(|(k, id)| k.ticket_id == *id) {
+                created = Some(keys.into_iter().map(|k| k.created_at).collect());
+            }
+        }
         Ok(BatchTickets { ids, created })
     }
 
-    /// The condition on `alias` (ids in `$1`); on partitions with the created_at values in
-    /// `$created`, the statement's next free parameter, bound by [`BatchTickets::bind_created`].
+    /// The condition on `alias` (ids in `$1`); on partitions also its created_at among the
+    /// batch's, in `$created`, the statement's next free parameter (bound by
+    /// [`BatchTickets::bind_created`]): PostgreSQL then plans for those partitions alone.
     pub fn condition(&self, alias: &str, created: usize) -> String {
         match self.created {
             Some(_) => format!("{alias}.id = ANY($1) AND {alias}.created_at = ANY(${created})"),
@@ -191,7 +199,35 @@ impl<'a> BatchTickets<'a> {
         }
     }
 
-    /// Binds the created_at values when [`BatchTickets::condition`] named them.
+    /// For a statement run after [`BatchTickets::row_by_row`]: on partitions each ticket as
+    /// the pair (id, created_at), looked up in its one partition (pruned at run time, ticket by
+    /// ticket); elsewhere as [`BatchTickets::condition`].
+    pub fn each_row(&self, alias: &str, created: usize) -> String {
+        match self.created {
+            Some(_) => format!(
+                "({alias}.id, {alias}.created_at) IN (SELECT * FROM unnest($1::bigint[], ${created}::timestamptz[]))"
+            ),
+            None => self.condition(alias, created),
+        }
+    }
+
+    /// Whether the statements address each ticket by (id, created_at).
+    pub fn by_partition(&self) -> bool {
+        self.created.is_some()
+    }
+
+    /// On partitions, joins as nested loops for the rest of the transaction ([`by_key_plans`]),
+    /// so that [`BatchTickets::each_row`] probes one partition a ticket: even pruned to the
+    /// batch's months, a batch spread over every month otherwise read every partition.
+    pub fn row_by_row(&self, conn: &mut PgConnection) -> diesel::QueryResult<()> {
+        if self.created.is_some() {
+            by_key_plans(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Binds the created_at values when [`BatchTickets::condition`] or
+    /// [`BatchTickets::each_row`] named them.
     pub fn bind_created<'q>(
         &'q self,
         query: diesel::query_builder::BoxedSqlQuery<'q, diesel::pg::Pg, diesel::query_builder::SqlQuery>,

@@ -412,13 +412,21 @@ impl TicketFix for FieldFix {
         // The after-image is made from the returned row, not in RETURNING, where Citus takes
         // no non-immutable function.
         let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
-        let in_batch = batch.condition("t", self.assignments.len() + 2);
+        batch.row_by_row(conn)?;
+        let in_batch = batch.each_row("t", self.assignments.len() + 2);
+        // Each ticket updated where the target found it: on partitions by (id, created_at), one
+        // partition a ticket; elsewhere each shard probes the batch's ids.
+        let same_ticket = if batch.by_partition() {
+            "t.id = target.id AND t.created_at = target.partition_key"
+        } else {
+            "t.id = target.id AND t.id = ANY($1)"
+        };
         let query = format!(
             "WITH target AS (
-                 SELECT t.id, {image_t} AS before FROM tickets t WHERE {in_batch} AND {differs}
+                 SELECT t.id, t.created_at AS partition_key, {image_t} AS before FROM tickets t WHERE {in_batch} AND {differs}
              ), changed AS (
                  UPDATE tickets t SET {set}, updated_at = {now}, last_operation_id = {op}{restated}
-                 FROM target WHERE t.id = target.id AND {in_batch} -- (each shard, each partition probes the batch)
+                 FROM target WHERE {same_ticket}
                  RETURNING t.id, target.before, t AS after_row
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
