@@ -371,7 +371,7 @@ impl TicketFix for FieldFix {
         batch: &BatchTickets<'_>,
         sample: usize,
     ) -> anyhow::Result<(u64, Vec<Sample>)> {
-        // $1 the ids, then one parameter an assignment, then the batch's months.
+        // $1 the ids, then one parameter an assignment, then the batch's created_at values.
         let in_batch = batch.condition("t", self.assignments.len() + 2);
         let count = format!(
             "SELECT count(*) AS changed FROM tickets t WHERE {in_batch} AND {}",
