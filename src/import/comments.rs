@@ -218,7 +218,9 @@ impl ImportKind for CommentImport {
             let bodies: Vec<&str> = rows.iter().map(|r| r.row.body.as_str()).collect();
             let public: Vec<bool> = rows.iter().map(|r| r.row.public).collect();
             let created: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.row.created_at).collect();
-            probe_plans(conn)?;
+            // Joined to the stored comments by key, an index probe a row; left to itself the
+            // planner hashed the whole comments table for every batch.
+            crate::layout::by_key_plans(conn)?;
             sql_query(MERGE_COMMENTS_SQL)
                 .bind::<Array<Nullable<Text>>, _>(&external_ids)
                 .bind::<Array<BigInt>, _>(&ticket_ids)
@@ -237,19 +239,6 @@ impl ImportKind for CommentImport {
         counts.unchanged += kept - merged.inserted as u64 - merged.updated as u64;
         Ok(rejects)
     }
-}
-
-/// The merge joins a batch's rows to the stored comments by their unique keys: an index probe
-/// a row is always right. The planner, weighing 2,000 probes against hashing the table, hashed
-/// every stored comment for every batch until the table was many times the batch (measured at
-/// 300,000 comments: 96 ms a batch of unchanged comments against 3 ms, and growing with the
-/// table). For the rest of the batch's transaction.
-fn probe_plans(conn: &mut PgConnection) -> diesel::QueryResult<()> {
-    diesel::connection::SimpleConnection::batch_execute(
-        conn,
-        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-         SET LOCAL max_parallel_workers_per_gather = 0",
-    )
 }
 
 fn reject(r: &Numbered<CommentRow>, error: RowError) -> WriterReject {
