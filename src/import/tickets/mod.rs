@@ -25,11 +25,14 @@ use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
 use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 use crate::layout::{Layout, Partitions};
-use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
 mod merge_sql;
+mod row;
 mod stored;
 mod write;
+
+use row::RowValues;
+pub use row::TicketRow;
 
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
 pub(crate) use stored::ticket_ids_by_external_id;
@@ -70,25 +73,6 @@ pub const FIELDS: &[FieldSpec] = &[
 ];
 
 pub const MAX_SUBJECT_CHARS: usize = 500;
-
-/// One valid ticket row, normalised.
-#[derive(Debug, Clone)]
-pub struct TicketRow {
-    pub external_id: String,
-    pub subject: String,
-    pub description: Option<String>,
-    pub status: TicketStatus,
-    pub priority: TicketPriority,
-    pub channel: TicketChannel,
-    pub requester_email: String,
-    pub requester_name: Option<String>,
-    pub assignee_email: Option<String>,
-    pub organization: Option<String>,
-    pub tags: Vec<String>,
-    pub created_at: Option<DateTime<Utc>>,
-    pub updated_at: Option<DateTime<Utc>>,
-    pub solved_at: Option<DateTime<Utc>>,
-}
 
 /// Which optional columns the file has: a column the file lacks leaves stored values alone.
 #[derive(Debug, Clone, Copy, Default)]
@@ -227,10 +211,6 @@ fn parse_time(
     })
 }
 
-fn optional_text(fields: &RecordFields<'_>, index: usize) -> Result<Option<String>, RowError> {
-    Ok(fields.non_empty(index)?.map(|v| v.into_owned()))
-}
-
 impl ImportKind for TicketImport {
     type Row = TicketRow;
     type Prefetched = StoredByKey;
@@ -238,8 +218,8 @@ impl ImportKind for TicketImport {
     const FIELDS: &'static [FieldSpec] = FIELDS;
 
     fn parse(fields: &RecordFields<'_>, options: &ParseOptions) -> Result<TicketRow, RowError> {
-        let external_id = fields.required(EXTERNAL_ID)?.into_owned();
-        let subject = fields.required(SUBJECT)?.into_owned();
+        let external_id = fields.required(EXTERNAL_ID)?;
+        let subject = fields.required(SUBJECT)?;
         let subject_chars = subject.chars().count();
         if subject_chars > MAX_SUBJECT_CHARS {
             return Err(RowError::new(
@@ -259,31 +239,37 @@ impl ImportKind for TicketImport {
             )
         })?;
         let tags = fields.parse(TAGS, "invalid tags", |v| normalize::tags(v, options.tag_separator))?;
+        // The order of the checks decides which column a row with several errors is rejected for.
         let created_at = parse_time(fields, CREATED_AT, options)?;
         let updated_at = parse_time(fields, UPDATED_AT, options)?;
         let solved_at = parse_time(fields, SOLVED_AT, options)?;
-        Ok(TicketRow {
-            external_id,
-            subject,
-            description: optional_text(fields, DESCRIPTION)?,
+        let description = fields.non_empty(DESCRIPTION)?;
+        let requester_name = fields.non_empty(REQUESTER_NAME)?;
+        let assignee_email = parse_email(fields, ASSIGNEE_EMAIL)?;
+        let organization = fields.non_empty(ORGANIZATION)?;
+        TicketRow::new(RowValues {
+            external_id: &external_id,
+            subject: &subject,
+            description: description.as_deref(),
+            requester_email: &requester_email,
+            requester_name: requester_name.as_deref(),
+            assignee_email: assignee_email.as_deref(),
+            organization: organization.as_deref(),
+            tags: &tags,
             status,
             priority,
             channel,
-            requester_email,
-            requester_name: optional_text(fields, REQUESTER_NAME)?,
-            assignee_email: parse_email(fields, ASSIGNEE_EMAIL)?,
-            organization: optional_text(fields, ORGANIZATION)?,
-            tags,
             created_at,
             updated_at,
             solved_at,
         })
+        .map_err(|message| RowError::new(None, "row too long", message))
     }
 
     const KEY_COLUMN: Option<(&'static str, &'static str)> = Some(("tickets", "external_id"));
 
     fn key(row: &TicketRow) -> Option<&str> {
-        Some(&row.external_id)
+        Some(row.external_id())
     }
 
     fn configure(&mut self, columns: &ColumnMap) -> anyhow::Result<()> {
@@ -462,7 +448,7 @@ impl ImportKind for TicketImport {
         let mut new = Vec::new();
         let mut old = Vec::new();
         for r in rows {
-            match stored.get(&r.row.external_id) {
+            match stored.get(r.row.external_id()) {
                 None => new.push(r),
                 // Rows equal to the stored ticket need neither staging nor the SQL comparison.
                 Some(s) if self.certainly_unchanged(&r.row, s, op_id) => counts.unchanged += 1,

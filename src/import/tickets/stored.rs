@@ -48,7 +48,7 @@ impl StoredLookup {
         rows: &[Numbered<TicketRow>],
         with_tags: bool,
     ) -> QueryResult<StoredByKey> {
-        let wanted: StrSet<&str> = rows.iter().map(|r| r.row.external_id.as_str()).collect();
+        let wanted: StrSet<&str> = rows.iter().map(|r| r.row.external_id()).collect();
         let mut stored: Vec<Ticket> = Vec::with_capacity(wanted.len());
         if let Some(first) = self.next_id {
             let in_range: Vec<Ticket> = tickets::table

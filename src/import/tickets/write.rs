@@ -124,20 +124,16 @@ impl TicketImport {
         rows: &[Numbered<TicketRow>],
     ) -> QueryResult<()> {
         self.cache
-            .ensure_organizations(conn, rows.iter().filter_map(|r| r.row.organization.as_deref()))?;
+            .ensure_organizations(conn, rows.iter().filter_map(|r| r.row.organization()))?;
         let mut users = Vec::with_capacity(rows.len() * 2);
         for r in rows {
             users.push(UserRef {
-                email: &r.row.requester_email,
-                name: r.row.requester_name.as_deref(),
+                email: r.row.requester_email(),
+                name: r.row.requester_name(),
                 role: UserRole::Customer,
-                organization_id: r
-                    .row
-                    .organization
-                    .as_deref()
-                    .and_then(|o| self.cache.organization_id(o)),
+                organization_id: r.row.organization().and_then(|o| self.cache.organization_id(o)),
             });
-            if let Some(assignee) = &r.row.assignee_email {
+            if let Some(assignee) = r.row.assignee_email() {
                 users.push(UserRef {
                     email: assignee,
                     name: None,
@@ -148,8 +144,7 @@ impl TicketImport {
         }
         self.cache.ensure_users(conn, &users)?;
         if self.present.tags {
-            self.cache
-                .ensure_tags(conn, rows.iter().flat_map(|r| r.row.tags.iter().map(String::as_str)))?;
+            self.cache.ensure_tags(conn, rows.iter().flat_map(|r| r.row.tags()))?;
         }
         Ok(())
     }
@@ -168,8 +163,8 @@ impl TicketImport {
             Some(t) => Some(t) == kept,
             None => true,
         };
-        row.subject == stored.subject
-            && (!p.description || row.description == stored.description)
+        row.subject() == stored.subject
+            && (!p.description || row.description() == stored.description.as_deref())
             && row.status == stored.status
             && (!p.priority || row.priority == stored.priority)
             && (!p.channel || row.channel == stored.channel)
@@ -183,10 +178,10 @@ impl TicketImport {
     }
 
     fn ids_of(&self, row: &TicketRow) -> (i64, Option<i64>, Option<i64>, Vec<i64>) {
-        let requester = self.cache.user_id(&row.requester_email).expect("resolved before");
-        let assignee = row.assignee_email.as_deref().and_then(|e| self.cache.user_id(e));
-        let organization = row.organization.as_deref().and_then(|o| self.cache.organization_id(o));
-        let mut tag_ids: Vec<i64> = row.tags.iter().filter_map(|t| self.cache.tag_id(t)).collect();
+        let requester = self.cache.user_id(row.requester_email()).expect("resolved before");
+        let assignee = row.assignee_email().and_then(|e| self.cache.user_id(e));
+        let organization = row.organization().and_then(|o| self.cache.organization_id(o));
+        let mut tag_ids: Vec<i64> = row.tags().filter_map(|t| self.cache.tag_id(t)).collect();
         tag_ids.sort_unstable();
         (requester, assignee, organization, tag_ids)
     }
@@ -239,7 +234,7 @@ impl TicketImport {
                 conn,
                 rows.iter()
                     .zip(&ids)
-                    .map(|(r, &id)| (id, r.row.external_id.as_str(), r.row.created_at.unwrap_or(import_time))),
+                    .map(|(r, &id)| (id, r.row.external_id(), r.row.created_at.unwrap_or(import_time))),
             )?;
             self.phases.add("COPY ticket keys", started);
         }
@@ -281,9 +276,9 @@ impl TicketImport {
                         (|| -> std::io::Result<()> {
                             copy.row(14)?;
                             copy.int8(id)?;
-                            copy.text(&row.external_id)?;
-                            copy.text(&row.subject)?;
-                            copy.opt_text(row.description.as_deref())?;
+                            copy.text(row.external_id())?;
+                            copy.text(row.subject())?;
+                            copy.opt_text(row.description())?;
                             copy.text(row.status.as_str())?;
                             copy.text(row.priority.as_str())?;
                             copy.text(row.channel.as_str())?;
@@ -374,10 +369,10 @@ impl TicketImport {
                 let row = &r.row;
                 StageRow {
                     rec: r.record as i64,
-                    ticket_id: existing[&row.external_id].0.id,
-                    external_id: &row.external_id,
-                    subject: &row.subject,
-                    description: row.description.as_deref(),
+                    ticket_id: existing[row.external_id()].0.id,
+                    external_id: row.external_id(),
+                    subject: row.subject(),
+                    description: row.description(),
                     status: row.status,
                     priority: row.priority,
                     channel: row.channel,
