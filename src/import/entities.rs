@@ -85,7 +85,8 @@ pub struct EntityCache {
     user_changes: HashMap<i64, UserChange>,
     /// What `lock_users_for_load` dropped from an empty users table, to recreate.
     users_rebuild: Rebuild,
-    /// Each cache is cleared, before a batch is resolved, once it holds more than this.
+    /// The organizations and tags caches are cleared, before a batch is resolved, once they
+    /// hold more than this; the users cache is sized for it.
     limit: usize,
 }
 
@@ -96,7 +97,7 @@ impl Default for EntityCache {
 }
 
 impl EntityCache {
-    /// A cache whose maps are cleared past `limit` entries (`default()`: 100,000).
+    /// A cache for about `limit` users, organizations and tags each (`default()`: 100,000).
     pub fn with_limit(limit: usize) -> EntityCache {
         EntityCache {
             organizations: KeyMap::default(),
@@ -182,9 +183,13 @@ impl EntityCache {
     /// wins and is never overwritten, so the result does not depend on batch boundaries, a
     /// resume, or how often the file is imported.
     pub fn ensure_users(&mut self, conn: &mut PgConnection, refs: &[UserRef<'_>]) -> QueryResult<()> {
-        // Bounded before the batch is resolved, never during: the users it finds cached are
-        // not read again, and its rows are written with their cached ids.
-        if self.users.len() > self.limit {
+        // Room for the batch's users is made before it is resolved, never during: the users
+        // it finds cached are not read again, and its rows are written with their cached ids.
+        // The map's capacity is what the table allocated once holds without growing; growing
+        // would hold the old table and the new one at once (see `with_limit`). Forgetting only
+        // some users would leave tombstones that make the next insert grow it all the same.
+        if self.users.len() + refs.len() > self.users.capacity() {
+            // A lookup by e-mail of the users forgotten needs the unique index again.
             self.rebuild_users(conn)?;
             self.users.clear();
             self.users_complete = false;
