@@ -239,6 +239,18 @@ impl<'a> BatchTickets<'a> {
     }
 }
 
+/// On the partitioned layout, `tickets` as `alias`, each row of `pairs` (a FROM item with
+/// columns `id` and `created_at`) looked up in its one partition: a LATERAL subquery, which
+/// PostgreSQL runs once a pair with the partition pruned at run time. `OFFSET 0` keeps it from
+/// being flattened into a join, which the planner, pricing a probe as one of every partition,
+/// would run as a hash of the whole table (`fix apply`: 480 ms a batch at 1M tickets).
+pub fn probe_tickets(pairs: &str, alias: &str) -> String {
+    format!(
+        "CROSS JOIN LATERAL (SELECT * FROM tickets {alias} \
+         WHERE {alias}.id = {pairs}.id AND {alias}.created_at = {pairs}.created_at OFFSET 0) {alias}"
+    )
+}
+
 /// For the rest of the transaction, joins of a batch's keys to a large table as nested loops:
 /// an index probe a row. The planner, weighing a batch's probes against reading the whole
 /// table, would rather hash the batch and scan the table, at a cost growing with the table: on

@@ -409,3 +409,49 @@ fn retention_with_a_filter_goes_row_by_row_even_on_partitions() {
         "the month stays for its other tickets"
     );
 }
+
+#[test]
+fn fix_apply_reads_each_ticket_in_its_month_and_one_without_a_key_through_the_parent() {
+    let (db, dir) = partitioned_db("fix-apply");
+    let file = dir.join("three.csv");
+    std::fs::write(
+        &file,
+        "external_id,subject,status,requester_email,created_at
+A-1,March,open,ann@example.com,2023-03-05T10:00:00Z
+B-1,July,open,bob@example.com,2024-07-09T10:00:00Z
+C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
+",
+    )
+    .unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    // As if an application had written C-1 without its key: fix apply finds it all the same.
+    db.execute("DELETE FROM ticket_keys WHERE external_id = 'C-1'");
+    std::fs::write(
+        dir.join("fixes.csv"),
+        "external_id,priority,subject\nA-1,high,\nB-1,,July (edited)\nC-1,urgent,\n",
+    )
+    .unwrap();
+    let dry = ticketops(Some(&db), &dir, &["--json", "fix", "apply", "fixes.csv"])
+        .run()
+        .expect_code(0)
+        .json();
+    assert_eq!(dry["would_change"], 3, "{dry}");
+    let applied = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "apply", "fixes.csv", "--apply", "--yes"],
+    )
+    .run()
+    .expect_code(0)
+    .json();
+    assert_eq!(applied["changed"], 3, "{applied}");
+    assert_eq!(
+        db.strings("SELECT external_id || ' ' || priority || ' ' || subject FROM tickets ORDER BY 1"),
+        set(&["A-1 high March", "B-1 normal July (edited)", "C-1 urgent Also July"])
+    );
+    let op = applied["operation_id"].as_i64().unwrap();
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
+        3
+    );
+}

@@ -1,40 +1,67 @@
 //! The SQL that compares a batch of corrections with the stored tickets and applies them.
 
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, RunQueryDsl, sql_query};
 
 use super::super::{Changed, SAMPLE_SIZE, Sample};
 use super::{Change, Corrections, Found, Work};
 use crate::audit::FIX_ACTION;
+use crate::layout::probe_tickets;
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 
-/// The corrections of one batch as arrays ($1…$14, the batch's time $15), compared with the
-/// stored tickets as JSON objects of the correctable values (tag sets as sorted tag ids);
-/// `target` holds the tickets whose values differ, with both objects. The stored tag sets come
-/// as one aggregate per ticket, and `want` is made on the coordinator (MATERIALIZED) from the
-/// rows read: on Citus a correlated subquery next to a distributed table is refused.
-const TARGET_SQL: &str = "
+/// The corrections of one batch as arrays ($1…$14, the batch's time $15, on partitions the
+/// tickets' created_at $16), compared with the stored tickets as JSON objects of the
+/// correctable values (tag sets as sorted tag ids); `target` holds the tickets whose values
+/// differ, with both objects. The stored tag sets come as one aggregate per ticket, and `want`
+/// is made on the coordinator (MATERIALIZED) from the rows read: on Citus a correlated
+/// subquery next to a distributed table is refused. On partitions each ticket and its tag set
+/// are read where they are, one probe each (`probe_tickets`); joined by id, a batch hashed
+/// every partition.
+fn target_sql(by_partition: bool) -> String {
+    let (created, created_column, tickets_and_tags) = if by_partition {
+        (
+            ", $16::timestamptz[]",
+            ", created_at",
+            format!(
+                "FROM i {}
+                 LEFT JOIN LATERAL (SELECT array_agg(tag_id ORDER BY tag_id) AS tag_ids
+                                    FROM ticket_tags WHERE ticket_id = t.id) st ON true",
+                probe_tickets("i", "t")
+            ),
+        )
+    } else {
+        (
+            "",
+            "",
+            "FROM i JOIN tickets t ON t.id = i.id
+             LEFT JOIN (SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids
+                        FROM ticket_tags WHERE ticket_id = ANY($1) GROUP BY ticket_id) st ON st.ticket_id = t.id"
+                .to_string(),
+        )
+    };
+    format!(
+        "
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bigint[], $6::bool[],
                          $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bool[],
-                         $13::text[], $14::text[])
+                         $13::text[], $14::text[]{created})
         AS i(id, status, priority, set_assignee, assignee_id, set_organization, organization_id, subject,
-             tags_add, tags_remove, channel, set_tags, tags, description)
+             tags_add, tags_remove, channel, set_tags, tags, description{created_column})
 ), cur AS (
-    SELECT t.id, t.external_id, t.updated_at AS old_updated_at, t.last_operation_id AS old_operation_id,
+    SELECT t.id, t.created_at AS partition_key, t.external_id, t.updated_at AS old_updated_at,
+           t.last_operation_id AS old_operation_id,
            jsonb_build_object('status', t.status, 'priority', t.priority, 'channel', t.channel,
                               'assignee_id', t.assignee_id,
                               'organization_id', t.organization_id, 'subject', t.subject,
                               'description', t.description, 'solved_at', t.solved_at,
-                              'tag_ids', to_jsonb(coalesce(st.tag_ids, '{}'))) AS old,
+                              'tag_ids', to_jsonb(coalesce(st.tag_ids, '{{}}'))) AS old,
            i.status, i.priority, i.channel, i.set_assignee, i.assignee_id, i.set_organization, i.organization_id,
            i.subject, i.tags_add, i.tags_remove, i.set_tags, i.tags, i.description
-    FROM i JOIN tickets t ON t.id = i.id
-    LEFT JOIN (SELECT ticket_id, array_agg(tag_id ORDER BY tag_id) AS tag_ids
-               FROM ticket_tags WHERE ticket_id = ANY($1) GROUP BY ticket_id) st ON st.ticket_id = t.id
+    {tickets_and_tags}
 ), want AS MATERIALIZED (
-    SELECT c.id, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
+    SELECT c.id, c.partition_key, c.external_id, c.old_updated_at, c.old_operation_id, c.old,
            jsonb_build_object(
                'status', coalesce(c.status, c.old ->> 'status'),
                -- the importer's rule: solved or closed without solved_at gets one, an open
@@ -52,17 +79,19 @@ WITH i AS (
                'description', coalesce(c.description, c.old ->> 'description'),
                'tag_ids', CASE WHEN c.set_tags
                    THEN to_jsonb(ARRAY(SELECT DISTINCT u FROM unnest(
-                            coalesce(string_to_array(nullif(c.tags, ''), ',')::bigint[], '{}')) u ORDER BY u))
+                            coalesce(string_to_array(nullif(c.tags, ''), ',')::bigint[], '{{}}')) u ORDER BY u))
                    ELSE to_jsonb(ARRAY(
                    SELECT DISTINCT u FROM unnest(
                        ARRAY(SELECT jsonb_array_elements_text(c.old -> 'tag_ids')::bigint)
-                       || coalesce(string_to_array(c.tags_add, ',')::bigint[], '{}')) u
-                   WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{}'))
+                       || coalesce(string_to_array(c.tags_add, ',')::bigint[], '{{}}')) u
+                   WHERE u <> ALL(coalesce(string_to_array(c.tags_remove, ',')::bigint[], '{{}}'))
                    ORDER BY u)) END) AS new
     FROM cur c
 ), target AS MATERIALIZED (
     SELECT * FROM want WHERE old <> new
-)";
+)"
+    )
+}
 
 /// The keys of `a` whose value differs in `b`, as an object of `a`'s values.
 fn changed_keys(a: &str, b: &str) -> String {
@@ -141,9 +170,13 @@ impl Corrections {
             .map(|w| id_list(&w.3.tags_remove, &|n| find(removable, n).map(|f| f.0)))
             .collect();
 
+        // On partitions, each ticket's created_at (from its key), when every ticket has one.
+        let created: Option<Vec<DateTime<Utc>>> = work.iter().map(|w| w.4).collect();
+        let by_partition = created.is_some() && !work.is_empty();
+        let target = target_sql(by_partition);
         let now = chrono::Utc::now();
         let bind = |sql: String| {
-            sql_query(sql)
+            let query = sql_query(sql)
                 .into_boxed()
                 .bind::<Array<BigInt>, _>(ids.clone())
                 .bind::<Array<Nullable<Text>>, _>(statuses.clone())
@@ -159,12 +192,16 @@ impl Corrections {
                 .bind::<Array<Bool>, _>(set_tags.clone())
                 .bind::<Array<Nullable<Text>>, _>(whole_tags.clone())
                 .bind::<Array<Nullable<Text>>, _>(descriptions.clone())
-                .bind::<Timestamptz, _>(now)
+                .bind::<Timestamptz, _>(now);
+            match created.clone().filter(|_| by_partition) {
+                Some(created) => query.bind::<Array<Timestamptz>, _>(created),
+                None => query,
+            }
         };
         let changed: Changed = if self.dry_run {
             if self.sample.len() < SAMPLE_SIZE {
                 let rows: Vec<Sample> = bind(format!(
-                    "{TARGET_SQL} SELECT external_id, {before} AS before, {after} AS after FROM target ORDER BY id LIMIT {}",
+                    "{target} SELECT external_id, {before} AS before, {after} AS after FROM target ORDER BY id LIMIT {}",
                     SAMPLE_SIZE - self.sample.len(),
                     before = shown_keys("old", "new"),
                     after = shown_keys("new", "old"),
@@ -173,15 +210,28 @@ impl Corrections {
                 .context("cannot compare the corrections with the tickets")?;
                 self.sample.extend(rows);
             }
-            bind(format!("{TARGET_SQL} SELECT count(*) AS changed FROM target"))
+            bind(format!("{target} SELECT count(*) AS changed FROM target"))
                 .get_result(conn)
                 .context("cannot compare the corrections with the tickets")?
         } else {
+            // On partitions each ticket is updated in its one partition, by nested loops (a
+            // probe a ticket); and the audit rows take the images the UPDATE returns, since a
+            // nested loop joining the batch's rows to themselves would be quadratic.
+            let (same_partition, returned, audited_from) = if by_partition {
+                crate::layout::by_key_plans(conn)?;
+                (
+                    " AND t.created_at = d.partition_key",
+                    "t.id, d.before, d.after",
+                    "changed d",
+                )
+            } else {
+                ("", "t.id", "changed c JOIN decoded d ON d.id = c.id")
+            };
             bind(format!(
-                "{TARGET_SQL}, decoded AS MATERIALIZED (
+                "{target}, decoded AS MATERIALIZED (
                      -- typed here, so that the UPDATE assigns plain values (Citus refuses the
                      -- casts, STABLE functions, in an UPDATE of a distributed table)
-                     SELECT g.id, (g.new ->> 'status')::ticket_status AS status,
+                     SELECT g.id, g.partition_key, (g.new ->> 'status')::ticket_status AS status,
                             (g.new ->> 'priority')::ticket_priority AS priority,
                             (g.new ->> 'channel')::ticket_channel AS channel,
                             (g.new ->> 'assignee_id')::bigint AS assignee_id,
@@ -199,8 +249,8 @@ impl Corrections {
                      SET status = d.status, priority = d.priority, channel = d.channel, assignee_id = d.assignee_id,
                          organization_id = d.organization_id, subject = d.subject, description = d.description,
                          solved_at = d.solved_at, updated_at = $15, last_operation_id = {op_id}
-                     FROM decoded d WHERE t.id = d.id
-                     RETURNING t.id
+                     FROM decoded d WHERE t.id = d.id{same_partition}
+                     RETURNING {returned}
                  ), tags_removed AS (
                      DELETE FROM ticket_tags x USING decoded d
                      WHERE x.ticket_id = d.id AND NOT x.tag_id = ANY(d.tag_ids)
@@ -211,7 +261,7 @@ impl Corrections {
                  ), audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                      SELECT {op_id}, 'tickets', d.id, '{FIX_ACTION}', d.before, d.after
-                     FROM changed c JOIN decoded d ON d.id = c.id
+                     FROM {audited_from}
                  )
                  SELECT count(*) AS changed FROM changed",
                 before = changed_keys("g.old", "g.new"),

@@ -9,8 +9,9 @@ use anyhow::Context as _;
 
 use std::collections::HashMap;
 
-use super::Correction;
+use super::{Correction, TicketRef};
 use crate::import::Numbered;
+use crate::layout::{Layout, probe_tickets};
 
 /// The export's columns that fix apply does not change, as the file has them (`None` when
 /// the file lacks the column; for the timestamps, `Some(None)` is a blank cell).
@@ -81,23 +82,38 @@ pub(super) struct Stored {
 /// that have any of them (none when the file lacks those columns).
 pub(super) fn stored_unchangeable(
     conn: &mut PgConnection,
+    layout: Layout,
     rows: &[Numbered<Correction>],
-    tickets: &HashMap<String, (i64, bool)>,
+    tickets: &HashMap<String, TicketRef>,
 ) -> anyhow::Result<HashMap<i64, Stored>> {
-    let ids: Vec<i64> = rows
+    let wanted: Vec<TicketRef> = rows
         .iter()
         .filter(|r| !r.row.unchangeable.is_empty())
-        .filter_map(|r| tickets.get(&r.row.external_id).map(|t| t.0))
+        .filter_map(|r| tickets.get(&r.row.external_id).copied())
         .collect();
-    if ids.is_empty() {
+    if wanted.is_empty() {
         return Ok(HashMap::new());
     }
-    let stored: Vec<Stored> = sql_query(
-        "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
-         FROM tickets t JOIN users r ON r.id = t.requester_id WHERE t.id = ANY($1)",
-    )
-    .bind::<Array<BigInt>, _>(ids)
-    .load(conn)
+    let ids: Vec<i64> = wanted.iter().map(|t| t.id).collect();
+    let created: Option<Vec<DateTime<Utc>>> = wanted.iter().map(|t| t.created_at).collect();
+    let stored: Vec<Stored> = match created.filter(|_| layout.partitioned()) {
+        // Each ticket in its one partition (see `probe_tickets`).
+        Some(created) => sql_query(format!(
+            "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
+             FROM unnest($1::bigint[], $2::timestamptz[]) k(id, created_at) {}
+             JOIN users r ON r.id = t.requester_id",
+            probe_tickets("k", "t")
+        ))
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Timestamptz>, _>(created)
+        .load(conn),
+        None => sql_query(
+            "SELECT t.id, r.email AS requester_email, r.name AS requester_name, t.created_at, t.solved_at
+             FROM tickets t JOIN users r ON r.id = t.requester_id WHERE t.id = ANY($1)",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .load(conn),
+    }
     .context("cannot read the tickets' stored values")?;
     Ok(stored.into_iter().map(|s| (s.id, s)).collect())
 }
