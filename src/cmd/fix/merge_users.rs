@@ -172,6 +172,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let merge = Merge { layout, op, from, into };
     let mut phase = 0;
     let (mut tickets, mut comments, mut users_deleted) = (0i64, 0i64, 0i64);
+    // The tickets are taken in id order, each batch after the last one's: from the start every
+    // time, the scan in id order passed again over all the tickets moved before (a batch
+    // of an agent's 60,000 tickets took 20 ms at first and 240 ms at the end). One more
+    // pass from the start picks up a ticket a batch could not move (its row changed meanwhile).
+    let (mut after_ticket, mut passed_over, mut second_pass) = (0i64, false, false);
     let stats = job.run(
         &mut conn,
         &args.batching.settings(),
@@ -185,9 +190,20 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             let limit = limit as i64;
             let (moved, candidates) = match phase {
                 0 => {
-                    let moved = merge.move_tickets(conn, limit).context("cannot move the tickets")?;
-                    tickets += moved.0;
-                    moved
+                    let (moved, candidates, last) = merge
+                        .move_tickets(conn, limit, after_ticket)
+                        .context("cannot move the tickets")?;
+                    tickets += moved;
+                    after_ticket = last;
+                    passed_over |= moved < candidates;
+                    if candidates < limit && passed_over && !second_pass {
+                        (after_ticket, second_pass) = (0, true);
+                        return Ok(Step {
+                            rows: moved as u64,
+                            done: false,
+                        });
+                    }
+                    (moved, candidates)
                 }
                 1 => {
                     let moved = merge.move_comments(conn, limit).context("cannot move the comments")?;
@@ -248,46 +264,107 @@ struct Merge {
 }
 
 impl Merge {
-    /// Moves the next `limit` tickets of `from` (as requester or assignee) to `into`, audited;
-    /// returns how many moved and how many were candidates.
-    fn move_tickets(&self, conn: &mut PgConnection, limit: i64) -> anyhow::Result<(i64, i64)> {
+    /// Moves the next `limit` tickets of `from` (as requester or assignee) after id `after` to
+    /// `into`, audited; returns how many moved, how many were candidates, and the last
+    /// candidate's id (0 without candidates). On the partitioned layout each
+    /// ticket is locked, read and updated by (id, created_at) in its one partition: by id alone,
+    /// every partition was probed for each id (a batch of 3,000 at 1M tickets: 0.8 s against
+    /// 0.35).
+    fn move_tickets(&self, conn: &mut PgConnection, limit: i64, after: i64) -> anyhow::Result<(i64, i64, i64)> {
         let Merge { layout, op, from, into } = *self;
-        let candidates: Vec<i64> =
-            sql_query("SELECT id FROM tickets WHERE requester_id = $1 OR assignee_id = $1 ORDER BY id LIMIT $2")
-                .bind::<BigInt, _>(from)
-                .bind::<BigInt, _>(limit)
-                .load::<db::Id>(conn)?
-                .into_iter()
-                .map(|r| r.id)
-                .collect();
-        let locked = layout.lock_tickets(conn, &candidates, "FOR UPDATE")?;
-        let moved: Changed = sql_query(format!(
+        #[derive(QueryableByName)]
+        struct Candidate {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+            #[diesel(sql_type = Timestamptz)]
+            created_at: chrono::DateTime<chrono::Utc>,
+        }
+        let candidates: Vec<Candidate> = sql_query(
+            "SELECT id, created_at FROM tickets WHERE (requester_id = $1 OR assignee_id = $1) AND id > $3
+             ORDER BY id LIMIT $2",
+        )
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(limit)
+        .bind::<BigInt, _>(after)
+        .load(conn)?;
+        let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
+        let by_partition = layout.partitioned();
+        let (locked, created): (Vec<i64>, Vec<chrono::DateTime<chrono::Utc>>) = if by_partition {
+            let created: Vec<_> = candidates.iter().map(|c| c.created_at).collect();
+            sql_query(
+                "SELECT t.id, t.created_at FROM unnest($1::bigint[], $2::timestamptz[]) k(id, created_at)
+                 CROSS JOIN LATERAL (SELECT t.id, t.created_at FROM tickets t
+                                     WHERE t.id = k.id AND t.created_at = k.created_at OFFSET 0 FOR UPDATE) t",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Timestamptz>, _>(&created)
+            .load::<Candidate>(conn)?
+            .into_iter()
+            .map(|c| (c.id, c.created_at))
+            .unzip()
+        } else {
+            (layout.lock_tickets(conn, &ids, "FOR UPDATE")?, Vec::new())
+        };
+        // Audit images: the old values from the target, the new ones as the UPDATE returns
+        // them. On partitions the UPDATE runs as nested loops (a probe a ticket) and returns the
+        // old values too, since a nested loop joining the batch to itself would be quadratic.
+        let (target_from, in_batch, same_ticket, returned_old, audited_from, old) = if by_partition {
+            crate::layout::by_key_plans(conn)?;
+            (
+                format!(
+                    "unnest($3::bigint[], $4::timestamptz[]) k(id, created_at) {}",
+                    crate::layout::probe_tickets("k", "t")
+                ),
+                "",
+                "t.id = g.id AND t.created_at = g.created_at",
+                ", g.requester_id, g.assignee_id, g.last_operation_id",
+                "changed c",
+                "c",
+            )
+        } else {
+            (
+                "tickets t".to_string(),
+                "t.id = ANY($3) AND ",
+                "t.id = g.id",
+                "",
+                "changed c JOIN target g ON g.id = c.id",
+                "g",
+            )
+        };
+        let query = sql_query(format!(
             "WITH target AS (
-             SELECT t.id, t.requester_id, t.assignee_id, t.last_operation_id
-             FROM tickets t WHERE t.id = ANY($3) AND (t.requester_id = $1 OR t.assignee_id = $1)
+             SELECT t.id, t.created_at, t.requester_id, t.assignee_id, t.last_operation_id
+             FROM {target_from} WHERE {in_batch}(t.requester_id = $1 OR t.assignee_id = $1)
          ), changed AS (
              UPDATE tickets t
              SET requester_id = CASE WHEN t.requester_id = $1 THEN $2 ELSE t.requester_id END,
                  assignee_id = CASE WHEN t.assignee_id = $1 THEN $2 ELSE t.assignee_id END,
                  last_operation_id = {op}
-             FROM target g WHERE t.id = g.id
-             RETURNING t.id, t.requester_id, t.assignee_id, t.last_operation_id
+             FROM target g WHERE {same_ticket}
+             RETURNING t.id, t.requester_id AS new_requester_id, t.assignee_id AS new_assignee_id,
+                       t.last_operation_id AS new_operation_id{returned_old}
          ), audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
              SELECT {op}, 'tickets', c.id, '{FIX_ACTION}',
-                    jsonb_build_object('requester_id', g.requester_id, 'assignee_id', g.assignee_id,
-                                       'last_operation_id', g.last_operation_id),
-                    jsonb_build_object('requester_id', c.requester_id, 'assignee_id', c.assignee_id,
-                                       'last_operation_id', c.last_operation_id)
-             FROM changed c JOIN target g ON g.id = c.id
+                    jsonb_build_object('requester_id', {old}.requester_id, 'assignee_id', {old}.assignee_id,
+                                       'last_operation_id', {old}.last_operation_id),
+                    jsonb_build_object('requester_id', c.new_requester_id, 'assignee_id', c.new_assignee_id,
+                                       'last_operation_id', c.new_operation_id)
+             FROM {audited_from}
          )
          SELECT count(*) AS changed FROM changed"
         ))
+        .into_boxed()
         .bind::<BigInt, _>(from)
         .bind::<BigInt, _>(into)
-        .bind::<Array<BigInt>, _>(&locked)
-        .get_result(conn)?;
-        Ok((moved.changed, candidates.len() as i64))
+        .bind::<Array<BigInt>, _>(&locked);
+        let query = if by_partition {
+            query.bind::<Array<Timestamptz>, _>(&created)
+        } else {
+            query
+        };
+        let moved: Changed = query.get_result(conn)?;
+        Ok((moved.changed, candidates.len() as i64, ids.last().copied().unwrap_or(0)))
     }
 
     /// Moves the next `limit` comments of `from` to `into`, audited; returns how many moved and
