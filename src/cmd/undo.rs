@@ -446,6 +446,9 @@ fn revert(
             // to) after reading the audit rows in parallel: one connection per worker.
             sql_query("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'").execute(conn)?;
         }
+        if by_partition(part, layout, args.force) {
+            crate::layout::by_key_plans(conn)?;
+        }
         let r: Reverted = sql_query(&sql[current])
             .bind::<BigInt, _>(source_op)
             .bind::<BigInt, _>(cursor)
@@ -552,6 +555,14 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part, layout: Layout) -> a
         .context("cannot compare the operation's rows with their current values")
 }
 
+/// Whether a part's batches address tickets by (id, created_at), each in its one partition:
+/// the images of tickets on the partitioned layout. By id alone, every partition was probed
+/// for each ticket (19,000 reverted rows at 1M tickets: 3.0 s against plain's 1.65). With
+/// `--force`, whose rows are read and locked first, by id as elsewhere.
+fn by_partition(part: &Part, layout: Layout, force: bool) -> bool {
+    layout.partitioned() && !force && matches!(part, Part::Images(images) if images.table == "tickets")
+}
+
 /// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
 /// $4 --force. Returns how many rows were reverted, the next cursor and how many audit rows
 /// (or ids) the batch looked at.
@@ -607,18 +618,53 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                     format!("{} AND NOT {}", images.holds("a.after"), images.holds("a.before")),
                 )
             };
+            let window = format!(
+                "SELECT id AS audit_id, row_id, before, after FROM audit_log
+                 WHERE operation_id = $1 AND table_name = '{table}'
+                   AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
+                 ORDER BY id DESC LIMIT $3"
+            );
+            let set = images.restore("a.before", restate);
+            let returning = format!("RETURNING t.id, t.created_at, a.before, {old_values} AS old_values");
+            // On partitions each ticket is updated where its key says it is (nested loops: a
+            // probe a ticket); a ticket without a key (written by hand) by id alone.
+            let (window, changed) = if by_partition(part, layout, force) {
+                (
+                    format!(
+                        "SELECT w.*, k.created_at AS partition_key FROM ({window}) w
+                         LEFT JOIN ticket_keys k ON k.ticket_id = w.row_id"
+                    ),
+                    format!(
+                        "changed_in_month AS (
+                             UPDATE tickets t SET {set} FROM a
+                             WHERE a.partition_key IS NOT NULL AND t.id = a.row_id AND t.created_at = a.partition_key
+                               AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
+                             {returning}
+                         ), changed_without_key AS (
+                             UPDATE tickets t SET {set} FROM a
+                             WHERE a.partition_key IS NULL AND t.id = a.row_id AND {condition}
+                             {returning}
+                         ), changed AS (
+                             SELECT * FROM changed_in_month UNION ALL SELECT * FROM changed_without_key
+                         )"
+                    ),
+                )
+            } else {
+                (
+                    window,
+                    format!(
+                        "changed AS (
+                             UPDATE {table} t SET {set}
+                             FROM {source}
+                             WHERE t.id = a.row_id AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
+                             {returning}
+                         )"
+                    ),
+                )
+            };
             format!(
-                "WITH a AS (
-                     SELECT id AS audit_id, row_id, before, after FROM audit_log
-                     WHERE operation_id = $1 AND table_name = '{table}'
-                       AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
-                     ORDER BY id DESC LIMIT $3
-                 ), changed AS (
-                     UPDATE {table} t SET {set}
-                     FROM {source}
-                     WHERE t.id = a.row_id AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
-                     RETURNING t.id, t.created_at, a.before, {old_values} AS old_values
-                 ), {tags} {keys} audited AS (
+                "WITH a AS ({window}
+                 ), {changed}, {tags} {keys} audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                      SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM changed
                  ), left_alone AS MATERIALIZED (
@@ -628,7 +674,6 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                         coalesce((SELECT min(audit_id) FROM a), $2) AS next,
                         (SELECT count(*) FROM a) AS seen,
                         (SELECT count(*) FROM left_alone a JOIN {table} t ON t.id = a.row_id WHERE {before}) AS already",
-                set = images.restore("a.before", restate),
                 before = images.holds("a.before"),
             )
         }

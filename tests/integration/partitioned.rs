@@ -411,7 +411,7 @@ fn retention_with_a_filter_goes_row_by_row_even_on_partitions() {
 }
 
 #[test]
-fn fix_apply_reads_each_ticket_in_its_month_and_one_without_a_key_through_the_parent() {
+fn fix_apply_and_its_undo_read_each_ticket_in_its_month_and_one_without_a_key_by_id() {
     let (db, dir) = partitioned_db("fix-apply");
     let file = dir.join("three.csv");
     std::fs::write(
@@ -453,5 +453,19 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
     assert_eq!(
         db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
         3
+    );
+    // The undo, too, finds each ticket in its month, and the one without a key by id.
+    let undone = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "undo", &op.to_string(), "--apply", "--yes"],
+    )
+    .run()
+    .expect_code(0)
+    .json();
+    assert_eq!(undone["reverted"], 3, "{undone}");
+    assert_eq!(
+        db.strings("SELECT external_id || ' ' || priority || ' ' || subject FROM tickets ORDER BY 1"),
+        set(&["A-1 normal March", "B-1 normal July", "C-1 normal Also July"])
     );
 }
