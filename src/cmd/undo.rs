@@ -695,8 +695,12 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                  FROM changed
              )
              SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
-                    (SELECT count(*) FROM ids LEFT JOIN tickets t ON t.id = ids.id
-                     WHERE t.id IS NULL OR t.deleted_at IS NOT NULL) AS already"
+                    -- A probe an id (a subquery in an aggregate's FILTER is never made a join): as a
+                    -- join, planned for generate_series' guess of 1,000 ids a range, it hashed the
+                    -- whole table every batch (330 ms at 1M tickets).
+                    (SELECT count(*) FILTER (WHERE NOT EXISTS (
+                                SELECT 1 FROM tickets t WHERE t.id = ids.id AND t.deleted_at IS NULL))
+                     FROM ids) AS already"
         ),
     }
 }
