@@ -324,11 +324,12 @@ fn for_each_page(
     mut visit: impl FnMut(&[audit::ChangedValue]) -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
     use anyhow::Context as _;
+    let layout = crate::layout::Layout::of(conn)?;
     let mut after = 0i64;
     let mut any = false;
     loop {
         // 20 audit rows a page: a batch's row can list thousands of ids.
-        let page = audit::changes(conn, id, after, 20).context("cannot read the operation's audit trail")?;
+        let page = audit::changes(conn, layout, id, after, 20).context("cannot read the operation's audit trail")?;
         let Some(last) = page.last() else {
             return Ok(any);
         };

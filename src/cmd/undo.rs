@@ -375,7 +375,8 @@ fn print_sample(conn: &mut PgConnection, op: i64, would: u64) -> anyhow::Result<
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
     };
-    let changes = crate::audit::changes(conn, op, 0, 3).context("cannot read the operation's audit trail")?;
+    let layout = Layout::of(conn)?;
+    let changes = crate::audit::changes(conn, layout, op, 0, 3).context("cannot read the operation's audit trail")?;
     let mut table = Table::new(["key", "field", "now", "after undo"]);
     for c in changes.iter().take(SAMPLE_VALUES) {
         let (now, restored) = match c.field.as_str() {
