@@ -297,7 +297,7 @@ struct Found {
 
 /// Ids by name (or e-mail) in `table`, live rows only where the table soft-deletes.
 fn ids_by(conn: &mut PgConnection, table: &str, column: &str, keys: Vec<&str>) -> anyhow::Result<Vec<Found>> {
-    let deleted = if table == "tickets" || table == "users" {
+    let deleted = if table == "users" {
         "deleted_at IS NOT NULL"
     } else {
         "false"
@@ -313,12 +313,8 @@ fn ids_by(conn: &mut PgConnection, table: &str, column: &str, keys: Vec<&str>) -
 /// A ticket a correction names.
 #[derive(QueryableByName)]
 struct FoundTicket {
-    #[diesel(sql_type = Text)]
-    key: String,
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = Bool)]
-    deleted: bool,
+    #[diesel(embed)]
+    found: Found,
     /// On the partitioned layout, from the ticket's key: the partition it is in.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     created_at: Option<DateTime<Utc>>,
@@ -356,7 +352,7 @@ fn tickets_by_external_id(
         .bind::<Array<Text>, _>(&missing)
         .load(conn)
         .context("cannot look up tickets")?;
-        let keyed: std::collections::HashSet<&str> = found.iter().map(|f| f.key.as_str()).collect();
+        let keyed: std::collections::HashSet<&str> = found.iter().map(|f| f.found.key.as_str()).collect();
         missing.retain(|k| !keyed.contains(k));
     }
     if !missing.is_empty() {
@@ -368,13 +364,13 @@ fn tickets_by_external_id(
     }
     Ok(found
         .into_iter()
-        .map(|f| {
+        .map(|FoundTicket { found, created_at }| {
             let ticket = TicketRef {
-                id: f.id,
-                deleted: f.deleted,
-                created_at: f.created_at,
+                id: found.id,
+                deleted: found.deleted,
+                created_at,
             };
-            (f.key, ticket)
+            (found.key, ticket)
         })
         .collect())
 }
