@@ -251,6 +251,17 @@ pub fn probe_tickets(pairs: &str, alias: &str) -> String {
     )
 }
 
+/// Like [`probe_tickets`], for a ticket named by the expressions `id` and `created_at` (its
+/// key's, NULL when the ticket has none — written by hand): a ticket without a key is looked
+/// up by id in every partition, a branch PostgreSQL skips for the others.
+pub fn probe_ticket_at(alias: &str, id: &str, created_at: &str) -> String {
+    format!(
+        "CROSS JOIN LATERAL (SELECT * FROM tickets {alias} \
+         WHERE {alias}.id = {id} AND {alias}.created_at = {created_at} \
+         UNION ALL SELECT * FROM tickets {alias} WHERE {created_at} IS NULL AND {alias}.id = {id} OFFSET 0) {alias}"
+    )
+}
+
 /// For the rest of the transaction, joins of a batch's keys to a large table as nested loops:
 /// an index probe a row. The planner, weighing a batch's probes against reading the whole
 /// table, would rather hash the batch and scan the table, at a cost growing with the table: on
@@ -260,6 +271,14 @@ pub fn probe_tickets(pairs: &str, alias: &str) -> String {
 pub fn by_key_plans(conn: &mut PgConnection) -> diesel::QueryResult<()> {
     use diesel::connection::SimpleConnection as _;
     conn.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+}
+
+/// Undoes [`by_key_plans`] for the rest of the transaction: a statement that joins a batch to
+/// itself or to another batch-sized set needs hash joins (as nested loops, a batch of 2,000
+/// tag links compared every row with every other: 0.76 s a batch).
+pub fn any_plans(conn: &mut PgConnection) -> diesel::QueryResult<()> {
+    use diesel::connection::SimpleConnection as _;
+    conn.batch_execute("SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT")
 }
 
 /// Turns the freshly migrated, empty plain schema into `to`. Refuses when tickets, comments

@@ -469,3 +469,56 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
         set(&["A-1 normal March", "B-1 normal July", "C-1 normal Also July"])
     );
 }
+
+/// A changed import reads, compares and updates each changed ticket in its one month, found
+/// through its key: by id through the parent, every partition was probed for each row (a
+/// changed import of 20,000 tickets spread over 1M took 148 s against plain's 3.4).
+#[test]
+fn a_changed_import_reads_and_updates_each_ticket_in_its_month_alone() {
+    let (db, dir) = partitioned_db("changed-month");
+    let file = dir.join("three.csv");
+    std::fs::write(
+        &file,
+        format!("{TWO_MONTHS}C-1,First of January,open,cid@example.com,,2024-01-15T10:00:00Z\n"),
+    )
+    .unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let month = partition_of(&db, "A-1");
+    // Scans of a month's partition, or of every other (each backend counts its own and adds
+    // them to the server's when it exits: read until two readings agree).
+    let scans = |of_month: bool| {
+        let sql = format!(
+            "SELECT coalesce(sum(seq_scan + coalesce(idx_scan, 0)), 0)::bigint FROM pg_stat_user_tables
+             WHERE relname LIKE 'tickets\\_%' AND (relname = '{month}') = {of_month}"
+        );
+        let mut last = db.scalar(&sql);
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let now = db.scalar(&sql);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
+    let (month_before, others_before) = (scans(true), scans(false));
+
+    let changed = dir.join("changed.csv");
+    std::fs::write(
+        &changed,
+        "external_id,subject,status,requester_email,tags,created_at\n\
+         A-1,First of March (changed),pending,ann@example.com,vip,2023-03-05T10:00:00Z\n",
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &changed, &[]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 1, 0, 0, 0, 0], "{}", run.explain());
+    assert!(scans(true) > month_before, "the ticket's month was read");
+    assert_eq!(scans(false), others_before, "no other month was read");
+    // (Read after the counts: by external_id, this reads every month.)
+    assert_eq!(
+        db.strings("SELECT subject || ' ' || status FROM tickets WHERE external_id = 'A-1'"),
+        set(&["First of March (changed) pending"])
+    );
+}

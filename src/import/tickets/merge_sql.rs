@@ -85,6 +85,7 @@ impl TicketImport {
         } else {
             (String::new(), "false")
         };
+        let (stored_ticket, stored_ids) = self.stored_ticket_join("$1");
         format!(
             "SELECT rec, id, deleted, mine, (fields_differ OR tags_differ) AS differs, tags_differ FROM (
                  SELECT s.rec, e.id, e.deleted_at IS NOT NULL AS deleted,
@@ -92,12 +93,12 @@ impl TicketImport {
                         ({}) IS DISTINCT FROM ({}) AS fields_differ,
                         {tags_differ} AS tags_differ
                  FROM ticketops_stage_tickets s
-                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id
+                 {stored_ticket}
                  {tags_join}
-                 WHERE e.id = ANY($1)
+                 WHERE {stored_ids}
              ) c",
             stored.join(", "),
-            target.join(", ")
+            target.join(", "),
         )
     }
 
@@ -130,36 +131,60 @@ impl TicketImport {
             stored,
             incoming,
         } = self.lists("g");
+        let (stored_ticket, stored_ids) = self.stored_ticket_join("$4");
+        // The before-image comes with the target and the after-image from the UPDATE, which
+        // returns both: joined back to the batch, each written row would be looked up again
+        // in every partition and compared with every target row (nested loops, which the
+        // UPDATE needs): 14 s a 2,000-row batch at 1M tickets.
         format!(
             "WITH target AS (
-                 SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids
+                 SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids,
+                        to_jsonb(e) || jsonb_build_object('tag_ids', to_jsonb({STORED_TAGS_OF_E})) AS before_image
                  FROM ticketops_stage_tickets s
-                 JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
-                 WHERE s.rec = ANY($1)
+                 {stored_ticket}
+                 WHERE s.rec = ANY($1) AND {stored_ids}
              ), written AS (
                  UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
                  FROM target g
                  WHERE t.id = g.id AND t.created_at = g.stored_created_at
                    AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
-                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, to_jsonb(t) AS after_image
+                 RETURNING t.id, t.external_id, t.created_at, false AS inserted, g.before_image,
+                           to_jsonb(t) || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids)) AS after_image
              ), moved AS (
                  UPDATE ticket_keys k SET created_at = w.created_at
                  FROM written w WHERE k.ticket_id = w.id AND k.created_at <> w.created_at
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                 SELECT {op_id}, 'tickets', w.id, '{update}',
-                        to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
-                            SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id))),
-                        w.after_image || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                 SELECT {op_id}, 'tickets', w.id, '{update}', w.before_image, w.after_image
                  FROM written w
-                 JOIN tickets b ON b.id = w.id AND b.id = ANY($4)
-                 JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
              )
              SELECT id, external_id, inserted, NULL::timestamptz AS moved_to FROM written",
             tags = self.tags_target(),
             update = crate::audit::UPDATE_ACTION,
         )
+    }
+
+    /// The stored ticket `e` of each staged row `s` whose stored id is in parameter `ids`: the
+    /// joins, and the condition for the WHERE clause. On the partitioned layout each is read in
+    /// its one partition through its key (by id through the parent, every partition was probed
+    /// for each row: a changed import of 20,000 tickets spread over 1M took 148 s against
+    /// plain's 3.4); elsewhere by id.
+    fn stored_ticket_join(&self, ids: &str) -> (String, String) {
+        if self.layout.partitioned() {
+            (
+                format!(
+                    "LEFT JOIN ticket_keys k ON k.ticket_id = s.ticket_id {}",
+                    crate::layout::probe_ticket_at("e", "s.ticket_id", "k.created_at")
+                ),
+                format!("s.ticket_id = ANY({ids}) AND e.external_id = s.external_id"),
+            )
+        } else {
+            (
+                "JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id".to_string(),
+                format!("e.id = ANY({ids})"),
+            )
+        }
     }
 
     /// The distributed layout's merge: the partitioned one's UPDATE, with what Citus needs.

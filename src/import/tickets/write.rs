@@ -356,10 +356,6 @@ impl TicketImport {
         if rows.is_empty() {
             return Ok(());
         }
-        if self.layout.partitioned() {
-            // (The months the rows move to were made by `resolve`.)
-            crate::layout::by_key_plans(conn)?;
-        }
         let by_rec: HashMap<i64, &Numbered<TicketRow>> = rows.iter().map(|r| (r.record as i64, *r)).collect();
         sql_query("TRUNCATE ticketops_stage_tickets").execute(conn)?;
         let stage: Vec<StageRow> = rows
@@ -397,6 +393,11 @@ impl TicketImport {
 
         self.phases.add("stage existing", started);
         let started = std::time::Instant::now();
+        if self.layout.partitioned() {
+            // Each stored ticket read and updated in its one partition, until the merge is
+            // done (the months the rows move to were made by `resolve`).
+            crate::layout::by_key_plans(conn)?;
+        }
         let classified: Vec<Classified> = sql_query(self.classify_sql(op_id))
             .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
@@ -440,6 +441,9 @@ impl TicketImport {
             to_write.extend(vanished);
         }
         if to_write.is_empty() {
+            if self.layout.partitioned() {
+                crate::layout::any_plans(conn)?;
+            }
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -457,6 +461,9 @@ impl TicketImport {
             .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
             .context("cannot merge changed tickets")?;
+        if self.layout.partitioned() {
+            crate::layout::any_plans(conn)?;
+        }
         let (moved_keys, moved_to): (Vec<&str>, Vec<chrono::DateTime<chrono::Utc>>) = written
             .iter()
             .filter_map(|w| w.moved_to.map(|at| (w.external_id.as_str(), at)))
