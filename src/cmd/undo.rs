@@ -191,7 +191,10 @@ fn values_of(table: &str, img: &str) -> String {
     } else {
         String::new()
     };
-    format!("(SELECT jsonb_object_agg(k, j -> k) FROM (SELECT to_jsonb(t){tags} AS j) c, jsonb_object_keys({img}) k)")
+    // OFFSET 0: flattened, the row's JSON was built again for each key (60 µs a row, not 15).
+    format!(
+        "(SELECT jsonb_object_agg(k, j -> k) FROM (SELECT to_jsonb(t){tags} AS j OFFSET 0) c, jsonb_object_keys({img}) k)"
+    )
 }
 
 #[derive(QueryableByName)]
@@ -447,7 +450,10 @@ fn revert(
             // to) after reading the audit rows in parallel: one connection per worker.
             sql_query("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'").execute(conn)?;
         }
-        if by_partition(part, layout, args.force) {
+        // `--force` reads and locks each row of a batch first: joined by id as a hash, the
+        // whole table was read for every batch (640 ms a batch at 1M tickets).
+        let forced_images = args.force && !layout.distributed() && matches!(part, Part::Images(_));
+        if by_partition(part, layout) || forced_images {
             crate::layout::by_key_plans(conn)?;
         }
         let r: Reverted = sql_query(&sql[current])
@@ -557,11 +563,16 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part, layout: Layout) -> a
 }
 
 /// Whether a part's batches address tickets by (id, created_at), each in its one partition:
-/// the images of tickets on the partitioned layout. By id alone, every partition was probed
-/// for each ticket (19,000 reverted rows at 1M tickets: 3.0 s against plain's 1.65). With
-/// `--force`, whose rows are read and locked first, by id as elsewhere.
-fn by_partition(part: &Part, layout: Layout, force: bool) -> bool {
-    layout.partitioned() && !force && matches!(part, Part::Images(images) if images.table == "tickets")
+/// the images of tickets and an import's inserted tickets on the partitioned layout. By id
+/// alone, every partition was probed for each ticket (19,000 reverted rows at 1M tickets:
+/// 3.0 s against plain's 1.65).
+fn by_partition(part: &Part, layout: Layout) -> bool {
+    layout.partitioned()
+        && match part {
+            Part::Images(images) => images.table == "tickets",
+            Part::Inserted { .. } => true,
+            Part::InsertedComments | Part::DeletedComments => false,
+        }
 }
 
 /// One batch of a part. Binds: $1 the operation undone, $2 the cursor, $3 the batch size,
@@ -603,18 +614,19 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
             // undo are that image; the comparison sits in the UPDATE's own WHERE, which
             // PostgreSQL re-checks on the newest version of a row changed concurrently. With
             // --force the old values are read from the locked row instead.
-            let (source, old_values, condition) = if force {
-                (
-                    format!(
-                        "(SELECT a.*, {values} AS old_values FROM a JOIN {table} t ON t.id = a.row_id FOR UPDATE OF t) a",
-                        values = values_of(table, "a.before")
-                    ),
-                    "a.old_values",
-                    format!("NOT {}", images.holds("a.before")),
+            // `--force`: each row read and locked first, its old values kept for the audit row;
+            // a row that holds the before-image already is neither (nothing to revert).
+            let values = values_of(table, "a.before");
+            let locked = |join: &str, condition: &str, lock: &str| {
+                format!(
+                    "(SELECT a.*, {values} AS old_values FROM a {join} WHERE {condition} AND NOT {before} {lock}) a",
+                    before = images.holds("a.before")
                 )
+            };
+            let (old_values, condition) = if force {
+                ("a.old_values", format!("NOT {}", images.holds("a.before")))
             } else {
                 (
-                    "a".to_string(),
                     "a.after",
                     format!("{} AND NOT {}", images.holds("a.after"), images.holds("a.before")),
                 )
@@ -627,9 +639,27 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
             );
             let set = images.restore("a.before", restate);
             let returning = format!("RETURNING t.id, t.created_at, a.before, {old_values} AS old_values");
-            // On partitions each ticket is updated where its key says it is (nested loops: a
-            // probe a ticket); a ticket without a key (written by hand) by id alone.
-            let (window, changed) = if by_partition(part, layout, force) {
+            let before = images.holds("a.before");
+            // On partitions each ticket is read, updated and counted where its key says it is
+            // (nested loops: a probe a ticket); a ticket without a key (written by hand) by id.
+            let (window, changed, already) = if by_partition(part, layout) {
+                let (in_month, without_key) = if force {
+                    (
+                        locked(
+                            "CROSS JOIN LATERAL (SELECT * FROM tickets t
+                             WHERE t.id = a.row_id AND t.created_at = a.partition_key OFFSET 0 FOR UPDATE) t",
+                            "true",
+                            "",
+                        ),
+                        locked(
+                            "JOIN tickets t ON t.id = a.row_id",
+                            "a.partition_key IS NULL",
+                            "FOR UPDATE OF t",
+                        ),
+                    )
+                } else {
+                    ("a".to_string(), "a".to_string())
+                };
                 (
                     format!(
                         "SELECT w.*, k.created_at AS partition_key FROM ({window}) w
@@ -637,20 +667,32 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                     ),
                     format!(
                         "changed_in_month AS (
-                             UPDATE tickets t SET {set} FROM a
+                             UPDATE tickets t SET {set} FROM {in_month}
                              WHERE a.partition_key IS NOT NULL AND t.id = a.row_id AND t.created_at = a.partition_key
                                AND {condition} AND $4 = $4 -- every batch statement takes $1…$4
                              {returning}
                          ), changed_without_key AS (
-                             UPDATE tickets t SET {set} FROM a
+                             UPDATE tickets t SET {set} FROM {without_key}
                              WHERE a.partition_key IS NULL AND t.id = a.row_id AND {condition}
                              {returning}
                          ), changed AS (
                              SELECT * FROM changed_in_month UNION ALL SELECT * FROM changed_without_key
                          )"
                     ),
+                    format!(
+                        "(SELECT count(*) FROM (SELECT row_id AS id, partition_key AS created_at, before FROM left_alone) a
+                          {probe} WHERE {before})
+                         + (SELECT count(*) FROM left_alone a JOIN tickets t ON t.id = a.row_id
+                            WHERE a.partition_key IS NULL AND {before})",
+                        probe = crate::layout::probe_tickets("a", "t"),
+                    ),
                 )
             } else {
+                let source = if force {
+                    locked(&format!("JOIN {table} t ON t.id = a.row_id"), "true", "FOR UPDATE OF t")
+                } else {
+                    "a".to_string()
+                };
                 (
                     window,
                     format!(
@@ -661,6 +703,7 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                              {returning}
                          )"
                     ),
+                    format!("(SELECT count(*) FROM left_alone a JOIN {table} t ON t.id = a.row_id WHERE {before})"),
                 )
             };
             format!(
@@ -669,15 +712,15 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                      SELECT {undo_op}, '{table}', id, '{FIX_ACTION}', old_values, before FROM changed
                  ), left_alone AS MATERIALIZED (
-                     SELECT row_id, before FROM a WHERE row_id NOT IN (SELECT id FROM changed)
+                     SELECT * FROM a WHERE row_id NOT IN (SELECT id FROM changed)
                  )
                  SELECT (SELECT count(*) FROM changed) AS reverted,
                         coalesce((SELECT min(audit_id) FROM a), $2) AS next,
                         (SELECT count(*) FROM a) AS seen,
-                        (SELECT count(*) FROM left_alone a JOIN {table} t ON t.id = a.row_id WHERE {before}) AS already",
-                before = images.holds("a.before"),
+                        {already} AS already"
             )
         }
+        Part::Inserted { .. } if layout.partitioned() => inserted_by_partition_sql(undo_op),
         Part::Inserted { .. } => format!(
             "WITH ids AS ({INSERTED_IDS_WINDOW}
              ), work AS (
@@ -688,22 +731,65 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                  UPDATE tickets t SET deleted_at = now(), last_operation_id = {undo_op}
                  FROM work w WHERE t.id = w.id
                  RETURNING t.id, w.last_operation_id AS old_operation_id, t.deleted_at
-             ), audited AS (
-                 INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
-                 SELECT {undo_op}, 'tickets', id, '{FIX_ACTION}',
-                        jsonb_build_object('deleted_at', NULL, 'last_operation_id', old_operation_id),
-                        jsonb_build_object('deleted_at', deleted_at, 'last_operation_id', {undo_op})
-                 FROM changed
-             )
+             ), {INSERTED_AUDITED}
              SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
                     -- A probe an id (a subquery in an aggregate's FILTER is never made a join): as a
                     -- join, planned for generate_series' guess of 1,000 ids a range, it hashed the
                     -- whole table every batch (330 ms at 1M tickets).
                     (SELECT count(*) FILTER (WHERE NOT EXISTS (
                                 SELECT 1 FROM tickets t WHERE t.id = ids.id AND t.deleted_at IS NULL))
-                     FROM ids) AS already"
+                     FROM ids) AS already",
+            INSERTED_AUDITED = inserted_audited(undo_op),
         ),
     }
+}
+
+/// The audit rows of a batch of inserted tickets soft-deleted by undo `undo_op` (`changed`).
+fn inserted_audited(undo_op: i64) -> String {
+    format!(
+        "audited AS (
+             INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
+             SELECT {undo_op}, 'tickets', id, '{FIX_ACTION}',
+                    jsonb_build_object('deleted_at', NULL, 'last_operation_id', old_operation_id),
+                    jsonb_build_object('deleted_at', deleted_at, 'last_operation_id', {undo_op})
+             FROM changed
+         )"
+    )
+}
+
+/// A batch of an import's inserted tickets on the partitioned layout: each id's created_at read
+/// from its key, and the ticket locked, counted and soft-deleted in its one partition (nested
+/// loops, run-time pruning); by id alone, every partition was probed for each ticket (20,000
+/// tickets at 1M: 2.1 s against plain's 0.7). A ticket without a key (written by hand, or
+/// purged since) by id. Needs `layout::by_key_plans`.
+fn inserted_by_partition_sql(undo_op: i64) -> String {
+    format!(
+        "WITH ids AS ({INSERTED_IDS_WINDOW}
+         ), keyed AS MATERIALIZED (
+             SELECT ids.id, k.created_at FROM ids LEFT JOIN ticket_keys k ON k.ticket_id = ids.id
+         ), work AS (
+             SELECT t.id, t.created_at, t.last_operation_id FROM keyed k
+             CROSS JOIN LATERAL (SELECT t.id, t.created_at, t.last_operation_id FROM tickets t
+                                 WHERE t.id = k.id AND t.created_at = k.created_at
+                                   AND t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
+                                 OFFSET 0 FOR UPDATE) t
+             UNION ALL
+             SELECT * FROM (SELECT t.id, t.created_at, t.last_operation_id FROM keyed k JOIN tickets t ON t.id = k.id
+                            WHERE k.created_at IS NULL AND t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
+                            FOR UPDATE OF t) without_key
+         ), changed AS (
+             UPDATE tickets t SET deleted_at = now(), last_operation_id = {undo_op}
+             FROM work w WHERE t.id = w.id AND t.created_at = w.created_at
+             RETURNING t.id, w.last_operation_id AS old_operation_id, t.deleted_at
+         ), {audited}
+         SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM keyed) AS seen,
+                (SELECT count(*) FILTER (WHERE CASE WHEN k.created_at IS NULL
+                            THEN NOT EXISTS (SELECT 1 FROM tickets t WHERE t.id = k.id AND t.deleted_at IS NULL)
+                            ELSE NOT EXISTS (SELECT 1 FROM tickets t WHERE t.id = k.id AND t.created_at = k.created_at
+                                                                     AND t.deleted_at IS NULL) END)
+                 FROM keyed k) AS already",
+        audited = inserted_audited(undo_op),
+    )
 }
 
 /// An undo of a soft-delete run is a `restore --operation` of it, through the restore engine.

@@ -46,7 +46,11 @@ fn undo_reports_rows_changed_since_and_force_reverts_them() {
         vec!["urgent"]
     );
     let forced = ticketops(Some(&db), &dir, &["--json", "undo", &op, "--apply", "--yes", "--force"]).run();
-    assert_eq!(forced.expect_code(0).json()["reverted"], 1);
+    let f = forced.expect_code(0).json();
+    assert_eq!(f["reverted"], 1);
+    // The rest were reverted by the first undo: neither changed again nor conflicts.
+    assert_eq!(f["already_reverted"].as_i64().unwrap(), changed - 1, "{f}");
+    assert_eq!(f["conflicts"], 0, "{f}");
     let original = db.strings(&format!(
         "SELECT a.before->>'priority' FROM audit_log a JOIN tickets t ON t.id = a.row_id
          WHERE a.operation_id = {op} AND t.external_id = '{touched}'"
