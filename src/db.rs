@@ -109,7 +109,12 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 
 /// Every pooled session runs in UTC: timestamps that SQL turns into text or JSON (audit
 /// images, which `undo` compares with current values) then read the same whatever the
-/// server's or the role's default time zone.
+/// server's or the role's default time zone. And without JIT: ticketops' statements are
+/// batches and one-off counts whose run time is milliseconds to a second, and the planner's
+/// guesses for bound arrays and set-returning functions price many of them past
+/// `jit_above_cost` — compiling then took longer than running (the dry run of an undo of
+/// 20,000 rows: 1.37 s of JIT in a 1.66 s statement; a page of `ops show --changes`: 450 ms
+/// against 1). Reports measured the same or faster without it. `export` turns it back on.
 #[derive(Debug)]
 struct UtcSession;
 
@@ -118,7 +123,7 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
         use diesel::connection::SimpleConnection;
         // On Citus, SET LOCAL (the batch timeouts) reaches the workers' sessions too; elsewhere
         // the setting is an unused placeholder.
-        conn.batch_execute("SET TIME ZONE 'UTC'; SET citus.propagate_set_commands TO 'local'")
+        conn.batch_execute("SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local'")
             .map_err(diesel::r2d2::Error::QueryError)
     }
 }
@@ -198,13 +203,11 @@ impl Default for BatchTimeouts {
     }
 }
 
-/// Sets the timeouts for the rest of the current transaction only. JIT is turned off too:
-/// batch statements are short, and compiling them (the planner's cost estimates for
-/// array-bound batches easily pass jit_above_cost) takes longer than running them.
+/// Sets the timeouts for the rest of the current transaction only.
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;
     conn.batch_execute(&format!(
-        "SET LOCAL jit = off; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
         timeouts.lock_timeout.as_millis(),
         timeouts.statement_timeout.as_millis()
     ))
