@@ -731,7 +731,7 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                  UPDATE tickets t SET deleted_at = now(), last_operation_id = {undo_op}
                  FROM work w WHERE t.id = w.id
                  RETURNING t.id, w.last_operation_id AS old_operation_id, t.deleted_at
-             ), {INSERTED_AUDITED}
+             ), {audited}
              SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
                     -- A probe an id (a subquery in an aggregate's FILTER is never made a join): as a
                     -- join, planned for generate_series' guess of 1,000 ids a range, it hashed the
@@ -739,7 +739,7 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                     (SELECT count(*) FILTER (WHERE NOT EXISTS (
                                 SELECT 1 FROM tickets t WHERE t.id = ids.id AND t.deleted_at IS NULL))
                      FROM ids) AS already",
-            INSERTED_AUDITED = inserted_audited(undo_op),
+            audited = inserted_audited(undo_op),
         ),
     }
 }
