@@ -454,16 +454,35 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
         db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
         3
     );
-    // The undo, too, finds each ticket in its month, and the one without a key by id.
-    let undone = ticketops(
-        Some(&db),
-        &dir,
-        &["--json", "undo", &op.to_string(), "--apply", "--yes"],
+    // The undo, too, finds each ticket in its month, and the one without a key by id; two
+    // tickets edited since, one of them C-1, are left alone, and reverted with --force (read
+    // and locked in their month first, the one without a key by id).
+    // (Straight through a connection: `db.execute` would give C-1 its key back.)
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut db.conn(),
+        "UPDATE tickets SET priority = 'low' WHERE external_id IN ('A-1', 'C-1')",
     )
-    .run()
-    .expect_code(0)
-    .json();
-    assert_eq!(undone["reverted"], 3, "{undone}");
+    .unwrap();
+    let undo = |force: bool| {
+        let op = op.to_string();
+        let mut args = vec!["--json", "undo", &op, "--apply", "--yes"];
+        if force {
+            args.push("--force");
+        }
+        ticketops(Some(&db), &dir, &args).run().expect_code(0).json()
+    };
+    let undone = undo(false);
+    assert_eq!(
+        (&undone["reverted"], &undone["conflicts"]),
+        (&1.into(), &2.into()),
+        "{undone}"
+    );
+    let forced = undo(true);
+    assert_eq!(
+        (&forced["reverted"], &forced["already_reverted"], &forced["conflicts"]),
+        (&2.into(), &1.into(), &0.into()),
+        "{forced}"
+    );
     assert_eq!(
         db.strings("SELECT external_id || ' ' || priority || ' ' || subject FROM tickets ORDER BY 1"),
         set(&["A-1 normal March", "B-1 normal July", "C-1 normal Also July"])
