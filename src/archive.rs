@@ -8,8 +8,11 @@ use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+
+use crate::layout::Layout;
 
 /// An archive CSV that batches are appended to, flushed and synced before their delete
 /// commits, and cut back if the batch fails.
@@ -89,20 +92,44 @@ struct Fields {
     fields: Vec<Option<String>>,
 }
 
-/// The rows of `select` (an export query) for the given ids, each as text fields.
+/// A batch of tickets to archive: their ids, and on the partitioned layout their created_at.
+pub struct BatchTickets<'a> {
+    pub ids: &'a [i64],
+    pub created_at: &'a [DateTime<Utc>],
+    pub layout: Layout,
+}
+
+/// The rows of `select` (an export query that names the tickets `t`) for the batch's
+/// tickets, each as text fields. On partitions each ticket is read in its one partition
+/// (nested loops over the batch's (id, created_at) pairs): by id, every partition was read
+/// for each ticket (a purge of 20,000 scattered tickets at 1M: 250-330 ms a 5,000-row batch
+/// for this read alone).
 fn archive_rows(
     conn: &mut PgConnection,
     select: &str,
     columns: &[&str],
-    filter: &str,
-    ids: &[i64],
+    batch: &BatchTickets<'_>,
 ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
     let fields: Vec<String> = columns.iter().map(|c| format!("q.{c}::text")).collect();
-    let sql = format!(
-        "SELECT ARRAY[{}] AS fields FROM ({select} WHERE {filter} = ANY($1)) q",
-        fields.join(", ")
-    );
-    let rows: Vec<Fields> = sql_query(sql).bind::<Array<BigInt>, _>(ids).load(conn)?;
+    let fields = fields.join(", ");
+    let rows: Vec<Fields> = if batch.layout.partitioned() {
+        crate::layout::by_key_plans(conn)?;
+        let rows = sql_query(format!(
+            "SELECT ARRAY[{fields}] AS fields FROM ({select}
+             WHERE (t.id, t.created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))) q"
+        ))
+        .bind::<Array<BigInt>, _>(batch.ids)
+        .bind::<Array<Timestamptz>, _>(batch.created_at)
+        .load(conn)?;
+        crate::layout::any_plans(conn)?;
+        rows
+    } else {
+        sql_query(format!(
+            "SELECT ARRAY[{fields}] AS fields FROM ({select} WHERE t.id = ANY($1)) q"
+        ))
+        .bind::<Array<BigInt>, _>(batch.ids)
+        .load(conn)?
+    };
     Ok(rows.into_iter().map(|r| r.fields).collect())
 }
 
@@ -138,27 +165,21 @@ pub struct Marks {
     comments: Option<u64>,
 }
 
-/// Appends the tickets `ids` to `tickets` and their comments to `comments` (each when given),
-/// synced; records in `marks` where each archive stood before.
+/// Appends the tickets of `batch` to `tickets` and their comments to `comments` (each when
+/// given), synced; records in `marks` where each archive stood before.
 pub fn archive_batch(
     conn: &mut PgConnection,
-    ids: &[i64],
+    batch: &BatchTickets<'_>,
     tickets: Option<&mut Archive>,
     comments: Option<&mut Archive>,
     marks: &mut Marks,
 ) -> anyhow::Result<()> {
     if let Some(a) = tickets {
-        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, "t.id", ids)?;
+        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, batch)?;
         marks.tickets = Some(a.append(&rows)?);
     }
     if let Some(a) = comments {
-        let rows = archive_rows(
-            conn,
-            crate::export::COMMENTS_SELECT,
-            COMMENT_COLUMNS,
-            "c.ticket_id",
-            ids,
-        )?;
+        let rows = archive_rows(conn, crate::export::COMMENTS_SELECT, COMMENT_COLUMNS, batch)?;
         marks.comments = Some(a.append(&rows)?);
     }
     Ok(())
