@@ -175,7 +175,8 @@ pub fn changes(
     let (key, joins) = if layout.distributed() {
         (
             "CASE c.table_name WHEN 'tickets' THEN t.external_id WHEN 'users' THEN u.email
-                               WHEN 'comments' THEN m.external_id END",
+                               WHEN 'comments' THEN m.external_id END"
+                .to_string(),
             "LEFT JOIN (SELECT id, external_id FROM tickets
                         WHERE id IN (SELECT row_id FROM changed WHERE table_name = 'tickets')) t
                    ON c.table_name = 'tickets' AND t.id = c.row_id
@@ -185,11 +186,22 @@ pub fn changes(
                    ON c.table_name = 'comments' AND m.id = c.row_id",
         )
     } else {
+        // On partitions a ticket's key comes from `ticket_keys` (by id through tickets, every
+        // partition was probed for each row: 2.7 s for 20,000 rows against plain's 1.2); a
+        // ticket without a key from tickets, which COALESCE only then reads.
+        let ticket_key = if layout.partitioned() {
+            "coalesce((SELECT k.external_id FROM ticket_keys k WHERE k.ticket_id = c.row_id),
+                      (SELECT t.external_id FROM tickets t WHERE t.id = c.row_id LIMIT 1))"
+        } else {
+            "(SELECT t.external_id FROM tickets t WHERE t.id = c.row_id LIMIT 1)"
+        };
         (
-            "CASE c.table_name
-                 WHEN 'tickets' THEN (SELECT t.external_id FROM tickets t WHERE t.id = c.row_id LIMIT 1)
-                 WHEN 'users' THEN (SELECT u.email FROM users u WHERE u.id = c.row_id)
-                 WHEN 'comments' THEN (SELECT m.external_id FROM comments m WHERE m.id = c.row_id) END",
+            format!(
+                "CASE c.table_name
+                     WHEN 'tickets' THEN {ticket_key}
+                     WHEN 'users' THEN (SELECT u.email FROM users u WHERE u.id = c.row_id)
+                     WHEN 'comments' THEN (SELECT m.external_id FROM comments m WHERE m.id = c.row_id) END"
+            ),
             "",
         )
     };
