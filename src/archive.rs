@@ -8,11 +8,10 @@ use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
-use crate::layout::Layout;
+use crate::layout::BatchTickets;
 
 /// An archive CSV that batches are appended to, flushed and synced before their delete
 /// commits, and cut back if the batch fails.
@@ -92,18 +91,10 @@ struct Fields {
     fields: Vec<Option<String>>,
 }
 
-/// A batch of tickets to archive: their ids, and on the partitioned layout their created_at.
-pub struct BatchTickets<'a> {
-    pub ids: &'a [i64],
-    pub created_at: &'a [DateTime<Utc>],
-    pub layout: Layout,
-}
-
 /// The rows of `select` (an export query that names the tickets `t`) for the batch's
-/// tickets, each as text fields. On partitions each ticket is read in its one partition
-/// (nested loops over the batch's (id, created_at) pairs): by id, every partition was read
-/// for each ticket (a purge of 20,000 scattered tickets at 1M: 250-330 ms a 5,000-row batch
-/// for this read alone).
+/// tickets, each as text fields. On partitions each ticket is read in its one partition: by
+/// id, every partition was read for each ticket (a purge of 20,000 scattered tickets at 1M:
+/// 250-330 ms a 5,000-row batch for this read alone).
 fn archive_rows(
     conn: &mut PgConnection,
     select: &str,
@@ -111,25 +102,18 @@ fn archive_rows(
     batch: &BatchTickets<'_>,
 ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
     let fields: Vec<String> = columns.iter().map(|c| format!("q.{c}::text")).collect();
-    let fields = fields.join(", ");
-    let rows: Vec<Fields> = if batch.layout.partitioned() {
-        crate::layout::by_key_plans(conn)?;
-        let rows = sql_query(format!(
-            "SELECT ARRAY[{fields}] AS fields FROM ({select}
-             WHERE (t.id, t.created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))) q"
-        ))
-        .bind::<Array<BigInt>, _>(batch.ids)
-        .bind::<Array<Timestamptz>, _>(batch.created_at)
-        .load(conn)?;
+    batch.row_by_row(conn)?;
+    let query = sql_query(format!(
+        "SELECT ARRAY[{}] AS fields FROM ({select} WHERE {}) q",
+        fields.join(", "),
+        batch.each_row("t", 2)
+    ))
+    .into_boxed()
+    .bind::<Array<BigInt>, _>(batch.ids);
+    let rows: Vec<Fields> = batch.bind_created(query).load(conn)?;
+    if batch.by_partition() {
         crate::layout::any_plans(conn)?;
-        rows
-    } else {
-        sql_query(format!(
-            "SELECT ARRAY[{fields}] AS fields FROM ({select} WHERE t.id = ANY($1)) q"
-        ))
-        .bind::<Array<BigInt>, _>(batch.ids)
-        .load(conn)?
-    };
+    }
     Ok(rows.into_iter().map(|r| r.fields).collect())
 }
 

@@ -189,6 +189,19 @@ impl<'a> BatchTickets<'a> {
         Ok(BatchTickets { ids, created })
     }
 
+    /// A batch whose tickets' created_at values are known already: the batches that remove
+    /// tickets lock them with it.
+    pub fn with_created(
+        layout: Layout,
+        ids: &'a [i64],
+        created_at: &[chrono::DateTime<chrono::Utc>],
+    ) -> BatchTickets<'a> {
+        BatchTickets {
+            ids,
+            created: layout.partitioned().then(|| created_at.to_vec()),
+        }
+    }
+
     /// The condition on `alias` (ids in `$1`); on partitions also its created_at among the
     /// batch's, in `$created`, the statement's next free parameter (bound by
     /// [`BatchTickets::bind_created`]): PostgreSQL then plans for those partitions alone.

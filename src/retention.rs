@@ -15,7 +15,7 @@ use diesel::sql_types::{BigInt, Text};
 use diesel::{PgConnection, QueryableByName, sql_query};
 use serde_json::json;
 
-use crate::archive::{Archive, BatchTickets, Marks, archive_batch, archive_staged, cut_back};
+use crate::archive::{Archive, Marks, archive_batch, archive_staged, cut_back};
 use crate::audit::{self, Action};
 use crate::db::{self, BatchTimeouts};
 use crate::export;
@@ -263,11 +263,7 @@ pub fn remove_batch(
     let mut marks = Marks::default();
     let mut comments_archive = comments_archive;
     let result = (|| -> anyhow::Result<Removed> {
-        let batch = BatchTickets {
-            ids: &ids,
-            created_at: &created_at,
-            layout,
-        };
+        let batch = crate::layout::BatchTickets::with_created(layout, &ids, &created_at);
         archive_batch(
             conn,
             &batch,

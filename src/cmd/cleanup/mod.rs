@@ -14,7 +14,7 @@ use serde_json::json;
 
 mod retention;
 
-use crate::archive::{Archive, BatchTickets, COMMENT_COLUMNS, Marks, TICKET_COLUMNS, archive_batch, cut_back};
+use crate::archive::{Archive, COMMENT_COLUMNS, Marks, TICKET_COLUMNS, archive_batch, cut_back};
 use crate::args::BatchArgs;
 use crate::audit::{self, Action};
 use crate::context::Context;
@@ -332,11 +332,7 @@ fn purge(
         // cuts the archive back to where it was.
         let mut marks = Marks::default();
         let result = (|| -> anyhow::Result<(usize, u64)> {
-            let batch = BatchTickets {
-                ids: &ids,
-                created_at: &created_at,
-                layout,
-            };
+            let batch = crate::layout::BatchTickets::with_created(layout, &ids, &created_at);
             archive_batch(
                 conn,
                 &batch,
