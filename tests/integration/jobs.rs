@@ -274,6 +274,20 @@ fn a_killed_import_with_batches_committed_out_of_order_resumes_to_the_result_of_
     let checkpoint = &checkpoint["j"];
     assert!(!checkpoint["done"].as_array().unwrap().is_empty(), "{checkpoint}");
     assert_eq!(checkpoint["batch_size"], 200, "{checkpoint}");
+    // The killed writers' sessions end when they next answer their client, one of them after
+    // the trigger's sleep: dropped while they still run, the trigger (on every partition of
+    // the partitioned layout) could deadlock with a statement they were still planning.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'ticketops'",
+    ) > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the killed import's sessions did not end within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     db.execute("DROP TRIGGER slow ON tickets");
 
     // Resumed with another batch size and one writer: it reads in the batches it was written in.
