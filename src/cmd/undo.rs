@@ -680,11 +680,8 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                          )"
                     ),
                     format!(
-                        "(SELECT count(*) FROM (SELECT row_id AS id, partition_key AS created_at, before FROM left_alone) a
-                          {probe} WHERE {before})
-                         + (SELECT count(*) FROM left_alone a JOIN tickets t ON t.id = a.row_id
-                            WHERE a.partition_key IS NULL AND {before})",
-                        probe = crate::layout::probe_tickets("a", "t"),
+                        "(SELECT count(*) FROM left_alone a {probe} WHERE {before})",
+                        probe = crate::layout::probe_ticket_at("t", "a.row_id", "a.partition_key"),
                     ),
                 )
             } else {

@@ -483,6 +483,13 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
         (&2.into(), &1.into(), &0.into()),
         "{forced}"
     );
+    // Once more: all three are as before, the one without a key counted too.
+    let again = undo(false);
+    assert_eq!(
+        (&again["reverted"], &again["already_reverted"], &again["conflicts"]),
+        (&0.into(), &3.into(), &0.into()),
+        "{again}"
+    );
     assert_eq!(
         db.strings("SELECT external_id || ' ' || priority || ' ' || subject FROM tickets ORDER BY 1"),
         set(&["A-1 normal March", "B-1 normal July", "C-1 normal Also July"])
