@@ -76,7 +76,7 @@ const USERS_SELECT: &str = "SELECT u.email, u.name, u.role, o.name AS organizati
      FROM users u LEFT JOIN organizations o ON o.id = u.organization_id";
 
 pub const COMMENTS_SELECT: &str = concat!(
-    "SELECT c.external_id, t.external_id AS ticket_external_id, u.email AS author_email, c.body, c.public, ",
+    "SELECT c.external_id, t.external_id AS ticket_external_id, u.email AS author_email, c.body, c.public::text AS public, ",
     utc!("c.created_at"),
     " AS created_at
      FROM comments c JOIN tickets t ON t.id = c.ticket_id JOIN users u ON u.id = c.author_id"
