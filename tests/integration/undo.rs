@@ -175,6 +175,68 @@ fn undo_of_an_import_soft_deletes_its_inserts_and_restores_its_updates() {
     assert_eq!(rerun["unchanged"], rerun["rows_read"], "{rerun}");
 }
 
+/// A new ticket and an updated one that a fix changed after the import are conflicts of its
+/// undo, in the dry run and in the run alike (on Citus the count once read the tickets after
+/// the batch's own update and called the new tickets it had just soft-deleted "already
+/// reverted"); both keep the fix's values.
+#[test]
+fn undo_of_an_import_counts_its_tickets_changed_since_as_conflicts() {
+    let (db, dir) = sample_db("undo-import-conflicts");
+    let max_id = db.scalar("SELECT max(id) FROM tickets");
+    let file = generate(&dir, "second.csv", &["tickets", "--rows", "300", "--seed", "9"]);
+    let (_, summary) = import(&db, &dir, "tickets", &file, &["--batch-size", "40"]);
+    let op = summary["operation_id"].as_i64().unwrap();
+    let rows = summary["inserted"].as_i64().unwrap() + summary["updated"].as_i64().unwrap();
+    let changed_since = [
+        db.strings(&format!(
+            "SELECT external_id FROM tickets WHERE id > {max_id} ORDER BY id LIMIT 1"
+        )),
+        db.strings(&format!(
+            "SELECT external_id FROM tickets WHERE id <= {max_id} AND last_operation_id = {op} ORDER BY id LIMIT 1"
+        )),
+    ]
+    .concat();
+    assert_eq!(changed_since.len(), 2);
+    let mut changed_since = changed_since;
+    changed_since.sort();
+    std::fs::write(
+        dir.join("ids.csv"),
+        format!("external_id\n{}\n", changed_since.join("\n")),
+    )
+    .unwrap();
+    let fix = apply(
+        &db,
+        &dir,
+        &["fix", "set", "subject=changed since", "--ids-file", "ids.csv"],
+    );
+    assert_eq!(fix["changed"], 2, "{fix}");
+
+    let op = op.to_string();
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    let dry = dry.expect_code(0).json();
+    assert_eq!(
+        (
+            dry["would_revert"].as_i64(),
+            &dry["conflicts"],
+            &dry["already_reverted"]
+        ),
+        (Some(rows - 2), &2.into(), &0.into()),
+        "{dry}"
+    );
+    let u = apply(&db, &dir, &["undo", &op, "--batch-size", "30"]);
+    assert_eq!(
+        (u["reverted"].as_i64(), &u["conflicts"], &u["already_reverted"]),
+        (Some(rows - 2), &2.into(), &0.into()),
+        "{u}"
+    );
+    assert_eq!(
+        db.strings(
+            "SELECT external_id FROM tickets WHERE subject = 'changed since' AND deleted_at IS NULL ORDER BY id"
+        ),
+        changed_since
+    );
+}
+
 /// Comments have no soft-delete: undo of a comment import deletes the comments it inserted
 /// (recording each whole), restores those it updated, leaves one written since unless --force,
 /// and undoing the undo puts the deleted ones back with their ids.

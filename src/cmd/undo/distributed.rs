@@ -22,9 +22,15 @@ pub(super) fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: Restat
             let now = format!("'{}'::timestamptz", chrono::Utc::now().to_rfc3339());
             format!(
                 "WITH ids AS ({INSERTED_IDS_WINDOW}
+                 ), live AS MATERIALIZED (
+                     -- Read before the UPDATE: Citus runs the statement's parts one after the
+                     -- other, and a count in the final SELECT would see the rows it soft-deleted.
+                     -- A semi-join goes to the shards with the ids (as an outer join of the ids
+                     -- to tickets, Citus pulled the whole table to the coordinator every batch).
+                     SELECT t.id FROM tickets t WHERE t.id IN (SELECT id FROM ids) AND t.deleted_at IS NULL
                  ), changed AS (
                      UPDATE tickets t SET deleted_at = {now}, last_operation_id = {undo_op}
-                     FROM ids WHERE t.id = ids.id AND t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
+                     FROM live WHERE t.id = live.id AND t.deleted_at IS NULL AND (t.last_operation_id = $1 OR $4)
                      RETURNING t.id, t.deleted_at
                  ), audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
@@ -34,12 +40,7 @@ pub(super) fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: Restat
                      FROM changed
                  )
                  SELECT (SELECT count(*) FROM changed) AS reverted, $2 + $3 AS next, (SELECT count(*) FROM ids) AS seen,
-                        -- The ids less those of live tickets: as an outer join of the ids to
-                        -- tickets, Citus pulled the whole table to the coordinator every batch
-                        -- (810 ms at 1M tickets); a semi-join goes to the shards with the ids.
-                        (SELECT count(*) FROM ids)
-                          - (SELECT count(*) FROM tickets t WHERE t.id IN (SELECT id FROM ids) AND t.deleted_at IS NULL)
-                          AS already"
+                        (SELECT count(*) FROM ids) - (SELECT count(*) FROM live) AS already"
             )
         }
     }
