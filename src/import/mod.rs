@@ -552,8 +552,9 @@ fn spawn_pipeline<K: ImportKind>(
             let (reader_sender, reader_receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
             let prefetch_conn = db::get(pool)?;
             let timeouts = options.timeouts;
+            let one_transaction = options.mode != Mode::Batched;
             let thread = std::thread::spawn(move || {
-                prefetch_batches::<K>(fetch, prefetch_conn, timeouts, reader_receiver, sender)
+                prefetch_batches::<K>(fetch, prefetch_conn, timeouts, one_transaction, reader_receiver, sender)
             });
             (reader_sender, Some(thread))
         }

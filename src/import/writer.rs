@@ -592,16 +592,29 @@ pub(super) fn dedupe<K: ImportKind>(
     rows.into_iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| r).collect()
 }
 
+/// The longest a read-ahead waits for a lock before it leaves the batch's lookup to the writer.
+const PREFETCH_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The prefetch thread: runs the kind's read-ahead for each batch on its own connection,
 /// each in a short read-only transaction, and passes the batch on. A failed read-ahead only
-/// leaves the lookup to the writer. Returns the time spent reading.
+/// leaves the lookup to the writer, so it never waits long for a lock
+/// ([`PREFETCH_LOCK_TIMEOUT`]). When the import runs in one transaction (`one_transaction`), a
+/// lock that stops it is likely the import's own, held to the end — a month the partitioned
+/// layout made keeps the default partition locked, and every read through the parent waits
+/// for it — so after one failure the writer does every lookup. Returns the time spent reading.
 pub(super) fn prefetch_batches<K: ImportKind>(
     mut fetch: Prefetcher<K::Row, K::Prefetched>,
     mut conn: db::PooledConn,
     timeouts: BatchTimeouts,
+    one_transaction: bool,
     input: mpsc::Receiver<BatchResult<K>>,
     output: mpsc::SyncSender<BatchResult<K>>,
 ) -> std::time::Duration {
+    let timeouts = BatchTimeouts {
+        lock_timeout: timeouts.lock_timeout.min(PREFETCH_LOCK_TIMEOUT),
+        ..timeouts
+    };
+    let mut failed = false;
     let mut busy = std::time::Duration::ZERO;
     // On Citus, a batch's read reaches several shards of each worker over several connections;
     // Citus keeps one a worker between transactions and opened and closed the others at every
@@ -611,6 +624,9 @@ pub(super) fn prefetch_batches<K: ImportKind>(
         diesel::connection::SimpleConnection::batch_execute(&mut *conn, "SET citus.max_cached_conns_per_worker TO 4");
     for batch in input {
         let batch = batch.map(|mut batch| {
+            if failed && one_transaction {
+                return batch;
+            }
             let started = Instant::now();
             batch.prefetched = conn
                 .build_transaction()
@@ -621,6 +637,7 @@ pub(super) fn prefetch_batches<K: ImportKind>(
                     fetch(conn, &batch.rows)
                 })
                 .ok();
+            failed |= batch.prefetched.is_none();
             busy += started.elapsed();
             batch
         });
