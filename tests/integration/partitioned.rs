@@ -341,15 +341,35 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
         serde_json::json!(["tickets_p2023_01", "tickets_p2023_02"])
     );
     db.execute("DROP VIEW blocker");
+    // Up to the month's start: whole months only, no batch.
     let v = apply(
         &db,
         &dir,
-        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
+        &[
+            "cleanup",
+            "retention",
+            "--created-before",
+            "2023-06-01",
+            "--archive",
+            "a.csv",
+        ],
     );
     assert_eq!(
         v["partitions_dropped"],
         serde_json::json!(["tickets_p2023_03", "tickets_p2023_04", "tickets_p2023_05"])
     );
+    // The run's duration covers its partitions (it once counted only the batches after them).
+    assert!(
+        v["duration_ms"].as_i64().unwrap() >= v["longest_batch_ms"].as_i64().unwrap(),
+        "{v}"
+    );
+    let v = apply(
+        &db,
+        &dir,
+        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
+    );
+    assert_eq!(v["partitions_dropped"], serde_json::json!([]));
+    assert_eq!(v["removed"].as_i64(), Some(boundary), "{v}");
     assert_eq!(
         db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'")),
         0

@@ -13,7 +13,7 @@ use crate::context::Context;
 use crate::db;
 use crate::exit::{self, UsageError};
 use crate::filters::TicketFilters;
-use crate::job::{self, RunStats, Step, StopReason};
+use crate::job::{self, BatchSettings, RunStats, Step, StopReason};
 use crate::layout::Layout;
 use crate::retention::{self, KIND, Removed};
 
@@ -158,6 +158,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             stopped = Some(StopReason::MaxRuntime);
             break;
         }
+        // A month goes whole or not at all: --max-rows stops before the one that reaches it.
+        if settings.max_rows.is_some_and(|max| whole.tickets >= max) {
+            stopped = Some(StopReason::MaxRows);
+            break;
+        }
         let step_started = Instant::now();
         let result = match whole_month {
             None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
@@ -210,7 +215,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         }
     } else {
         let mut last_id = 0i64;
-        job.run(&mut conn, &settings, &watch, |conn, limit| {
+        // The limits hold for the whole run, the partitions included.
+        let rest = BatchSettings {
+            max_runtime: settings.max_runtime.map(|max| max.saturating_sub(started.elapsed())),
+            max_rows: settings.max_rows.map(|max| max.saturating_sub(whole.tickets)),
+            ..settings.clone()
+        };
+        job.run(&mut conn, &rest, &watch, |conn, limit| {
             let (removed, last) = retention::remove_batch(
                 conn,
                 layout,
@@ -234,6 +245,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     };
     stats.rows += whole.tickets;
     stats.batches += dropped.len() as u64;
+    stats.elapsed = started.elapsed();
     stats.longest_batch = stats.longest_batch.max(longest);
     let removed = stats.rows;
     ctx.finish_job(job.finish(
