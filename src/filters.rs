@@ -54,7 +54,8 @@ pub struct TicketFilters {
     /// Updated at or after: a date/time or an age
     #[arg(long, value_name = "WHEN", value_parser = parse_when, help_heading = "Filters")]
     pub updated_after: Option<DateTime<Utc>>,
-    /// Only the tickets listed in a CSV file with an `external_id` or `id` column
+    /// Only the tickets listed in a CSV file with an `external_id` or `id` column (with both, a
+    /// row's id counts where its external_id is blank)
     #[arg(long, value_name = "FILE", help_heading = "Filters")]
     pub ids_file: Option<PathBuf>,
     /// Include soft-deleted tickets
@@ -149,21 +150,25 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
         .with_context(|| format!("cannot read {}", path.display()))?
         .clone();
     let position = |name: &str| header.iter().position(|h| crate::import::source::header_key(h) == name);
-    let (column, numeric) = match (position("externalid"), position("id")) {
-        (Some(c), _) => (c, false),
-        (None, Some(c)) => (c, true),
-        (None, None) => {
-            return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
-        }
+    let (external_column, id_column) = (position("externalid"), position("id"));
+    if external_column.is_none() && id_column.is_none() {
+        return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
+    }
+    let field = |record: &csv::StringRecord, column: Option<usize>| {
+        column
+            .and_then(|c| record.get(c))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
     };
+    // A row names its ticket by external_id; with both columns, a row whose external_id is
+    // blank by its id (a spreadsheet mixing both must not lose those rows).
     let mut list = IdList::default();
     for (n, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("cannot read {}", path.display()))?;
-        let value = record.get(column).unwrap_or("").trim();
-        if value.is_empty() {
-            continue;
-        }
-        if numeric {
+        if let Some(external_id) = field(&record, external_column) {
+            list.external_ids.push(external_id);
+        } else if let Some(value) = field(&record, id_column) {
             let id = value.parse().map_err(|_| {
                 UsageError(format!(
                     "{} record {}: id {value:?} is not a number",
@@ -172,8 +177,6 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
                 ))
             })?;
             list.ids.push(id);
-        } else {
-            list.external_ids.push(value.to_string());
         }
     }
     Ok(list)
@@ -269,27 +272,34 @@ impl ResolvedFilters {
         let Some(list) = &self.ids else {
             return Ok(None);
         };
-        let mut listed: Vec<String> = if list.external_ids.is_empty() {
-            list.ids.iter().map(i64::to_string).collect()
-        } else {
-            list.external_ids.clone()
+        // Ids as they are in a file of ids, as "id N" beside external ids.
+        let id_label = |id: &i64| {
+            if list.external_ids.is_empty() {
+                id.to_string()
+            } else {
+                format!("id {id}")
+            }
         };
+        let mut listed: Vec<String> = list.external_ids.clone();
+        listed.extend(list.ids.iter().map(id_label));
         listed.sort_unstable();
         listed.dedup();
-        let known: std::collections::HashSet<String> = if list.external_ids.is_empty() {
+        let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+        if !list.ids.is_empty() {
             let ids: Vec<i64> = tickets::table
                 .select(tickets::id)
                 .filter(tickets::id.eq_any(&list.ids))
                 .load(conn)?;
-            ids.iter().map(i64::to_string).collect()
-        } else {
-            tickets::table
-                .select(tickets::external_id)
-                .filter(tickets::external_id.eq_any(&list.external_ids))
-                .load::<String>(conn)?
-                .into_iter()
-                .collect()
-        };
+            known.extend(ids.iter().map(id_label));
+        }
+        if !list.external_ids.is_empty() {
+            known.extend(
+                tickets::table
+                    .select(tickets::external_id)
+                    .filter(tickets::external_id.eq_any(&list.external_ids))
+                    .load::<String>(conn)?,
+            );
+        }
         let unmatched: Vec<String> = listed.iter().filter(|v| !known.contains(*v)).cloned().collect();
         Ok(Some(UnmatchedIds {
             listed: listed.len(),

@@ -102,6 +102,17 @@ fn each_filter_selects_exactly_the_right_rows() {
         "{}",
         run.explain()
     );
+    // Both columns: a row names its ticket by external_id, or by id where that is blank (such
+    // rows were once skipped without a word); an unknown id is named as one.
+    let mixed = dir.join("mixed.csv");
+    std::fs::write(&mixed, format!("id,external_id\n,C-2\n{id_of_c4},\n999999,\n")).unwrap();
+    assert_eq!(
+        selected(&db, &dir, &["--ids-file", mixed.to_str().unwrap()]),
+        set(&["C-2", "C-4"])
+    );
+    dry_run_of(&mixed)
+        .expect_code(0)
+        .stderr_has("1 of the 3 values in the ids file match no ticket: id 999999");
     // Soft-deleted rows are out of scope unless asked for.
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");
     assert_eq!(selected(&db, &dir, &["--status", "closed"]), set(&["C-1", "C-2"]));
