@@ -92,6 +92,19 @@ fn restorable_columns(table: &str) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// The rows an image's column names that may be removed for good (tickets by purge and
+/// retention, users by `purge-users`), as the table and key its foreign key refers to;
+/// `None` for a column that names nothing removable (organizations, tags and operations stay).
+fn referenced(table: &str, column: &str, layout: Layout) -> Option<(&'static str, &'static str)> {
+    match (table, column) {
+        ("tickets", "requester_id" | "assignee_id") | ("comments", "author_id") => Some(("users", "id")),
+        // On partitions a comment's foreign key goes to the ticket's key.
+        ("comments", "ticket_id") if layout.partitioned() => Some(("ticket_keys", "ticket_id")),
+        ("comments", "ticket_id") => Some(("tickets", "id")),
+        _ => None,
+    }
+}
+
 /// The image rows of one table in an operation, and which columns (and whether the tag set)
 /// its images hold: the SQL compares and restores just those.
 #[derive(Debug, Clone)]
@@ -144,6 +157,24 @@ impl ImageSet {
                      SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = t.id ORDER BY tag_id)))"
             ));
         }
+        all_of(&checks)
+    }
+
+    /// Whether the tickets and users image `img` names still exist. One removed since (a purge,
+    /// retention, `purge-users`) cannot be named again — the foreign key refuses it — so such a
+    /// row is left alone and counted with the conflicts, with or without --force. Plain and
+    /// partitioned layouts (a probe a row); Citus checks the same in `distributed`.
+    fn references_kept(&self, img: &str, layout: Layout) -> String {
+        let checks: Vec<String> = self
+            .columns
+            .iter()
+            .filter_map(|(c, _)| {
+                let (table, key) = referenced(&self.table, c, layout)?;
+                Some(format!(
+                    "({img} ->> '{c}' IS NULL OR EXISTS (SELECT 1 FROM {table} r WHERE r.{key} = ({img} ->> '{c}')::bigint))"
+                ))
+            })
+            .collect();
         all_of(&checks)
     }
 
@@ -526,26 +557,29 @@ fn plan_part(conn: &mut PgConnection, op: i64, part: &Part, layout: Layout) -> a
             "WITH a AS MATERIALIZED (
                  SELECT row_id, before, after FROM audit_log
                  WHERE operation_id = $1 AND table_name = 'comments' AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')
-             ), found AS MATERIALIZED (
-                 SELECT {after} AS holds_after, {before} AS holds_before
+             ), {gone}, found AS MATERIALIZED (
+                 SELECT {after} AS holds_after, {before} AS holds_before, a.row_id IN (SELECT row_id FROM gone) AS gone
                  FROM a JOIN comments t ON t.id = a.row_id
              )
-             SELECT count(*) FILTER (WHERE holds_after AND NOT holds_before) AS revertible,
+             SELECT count(*) FILTER (WHERE holds_after AND NOT holds_before AND NOT gone) AS revertible,
                     count(*) FILTER (WHERE holds_before) AS already,
-                    (SELECT count(*) FROM a) - count(*) FILTER (WHERE holds_after OR holds_before) AS conflicts
+                    (SELECT count(*) FROM a) - count(*) FILTER (WHERE (holds_after AND NOT gone) OR holds_before) AS conflicts
              FROM found",
             after = images.holds("a.after"),
             before = images.holds("a.before"),
+            gone = distributed::gone_references(images),
         ),
         Part::Images(images) => format!(
-            "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before}) AS revertible,
+            "SELECT count(*) FILTER (WHERE t.id IS NOT NULL AND {after} AND NOT {before} AND {refs}) AS revertible,
                     count(*) FILTER (WHERE t.id IS NOT NULL AND {before}) AS already,
-                    count(*) FILTER (WHERE t.id IS NULL OR NOT ({after} OR {before})) AS conflicts
+                    count(*) FILTER (WHERE t.id IS NULL OR NOT (({after} AND {refs}) OR {before})) AS conflicts
              FROM audit_log a LEFT JOIN {table} t ON t.id = a.row_id
              WHERE a.operation_id = $1 AND a.table_name = '{table}' AND a.action IN ('{FIX_ACTION}', '{UPDATE_ACTION}')",
             table = images.table,
             after = images.holds("a.after"),
             before = images.holds("a.before"),
+            // On Citus only ticket images come here, whose references (users) every node holds.
+            refs = images.references_kept("a.before", layout),
         ),
         // An inserted ticket is revertible while this operation wrote it last; one that is
         // deleted (or purged) is already as before.
@@ -623,12 +657,17 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                     before = images.holds("a.before")
                 )
             };
+            let refs = images.references_kept("a.before", layout);
             let (old_values, condition) = if force {
-                ("a.old_values", format!("NOT {}", images.holds("a.before")))
+                ("a.old_values", format!("NOT {} AND {refs}", images.holds("a.before")))
             } else {
                 (
                     "a.after",
-                    format!("{} AND NOT {}", images.holds("a.after"), images.holds("a.before")),
+                    format!(
+                        "{} AND NOT {} AND {refs}",
+                        images.holds("a.after"),
+                        images.holds("a.before")
+                    ),
                 )
             };
             let window = format!(

@@ -321,3 +321,90 @@ fn undo_of_a_comment_import_deletes_its_new_comments_and_its_undo_puts_them_back
     );
     assert_comment_keys_match(&db);
 }
+
+/// A row whose before-image names a ticket or a user that is gone since (purged) cannot be
+/// put back: the undo leaves it alone as a conflict and finishes the rest (it once failed on
+/// the foreign key, batch after batch).
+#[test]
+fn undo_leaves_alone_the_rows_whose_ticket_or_user_is_gone() {
+    let (db, dir) = dataset();
+    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
+    let comments = |name: &str, rows: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, format!("{header}{rows}")).unwrap();
+        let (run, summary) = import(&db, &dir, "comments", &file, &[]);
+        run.expect_code(0);
+        summary
+    };
+    comments(
+        "first.csv",
+        "K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+         K-2,C-2,dan@example.com,second,true,2024-01-01T00:00:00Z\n\
+         K-3,C-5,ann@example.com,third,true,2024-01-01T00:00:00Z\n",
+    );
+    // K-1 moves to another ticket, K-2 to another author, K-3 only changes.
+    let second = comments(
+        "second.csv",
+        "K-1,C-3,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
+         K-2,C-2,ann@example.com,second,true,2024-01-01T00:00:00Z\n\
+         K-3,C-5,ann@example.com,third (edited),true,2024-01-01T00:00:00Z\n",
+    );
+    assert_eq!(second["updated"], 3, "{second}");
+    // K-1's old ticket and K-2's old author are removed for good.
+    std::fs::write(dir.join("c1.csv"), "external_id\nC-1\n").unwrap();
+    let cleanup = |args: &[&str]| {
+        ticketops(Some(&db), &dir, &[&["--json", "cleanup"], args].concat())
+            .run()
+            .expect_code(0)
+            .json()
+    };
+    cleanup(&["soft-delete", "--ids-file", "c1.csv"]);
+    cleanup(&["purge", "--deleted-before", "0d"]);
+    apply(
+        &db,
+        &dir,
+        &[
+            "fix",
+            "merge-users",
+            "--from",
+            "dan@example.com",
+            "--into",
+            "bob@example.com",
+        ],
+    );
+    let purged = cleanup(&["purge-users", "--deleted-before", "0d"]);
+    assert_eq!(purged["rows"], 1, "{purged}");
+
+    let op = second["operation_id"].to_string();
+    let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
+    let dry = dry.expect_code(0).json();
+    assert_eq!(
+        (&dry["would_revert"], &dry["conflicts"]),
+        (&1.into(), &2.into()),
+        "{dry}"
+    );
+    for force in [false, true] {
+        let mut args = vec!["undo", op.as_str()];
+        if force {
+            args.push("--force");
+        }
+        let run = apply(&db, &dir, &args);
+        let expected_reverted = if force { 0 } else { 1 };
+        assert_eq!(
+            (&run["reverted"], &run["conflicts"], &run["status"]),
+            (&expected_reverted.into(), &2.into(), &"succeeded".into()),
+            "force {force}: {run}"
+        );
+    }
+    assert_eq!(
+        db.strings(
+            "SELECT c.external_id || ' ' || t.external_id || ' ' || u.email || ' ' || c.body
+             FROM comments c JOIN tickets t ON t.id = c.ticket_id JOIN users u ON u.id = c.author_id ORDER BY 1"
+        ),
+        [
+            "K-1 C-3 ann@example.com first",
+            "K-2 C-2 ann@example.com second",
+            "K-3 C-5 ann@example.com third"
+        ]
+    );
+}
