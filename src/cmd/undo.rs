@@ -548,7 +548,7 @@ const INSERTED_IDS_WINDOW: &str = "
 
 fn plan_part(conn: &mut PgConnection, op: i64, part: &Part, layout: Layout) -> anyhow::Result<Plan> {
     let sql = match part {
-        Part::InsertedComments => comments::plan_inserted_sql(),
+        Part::InsertedComments => comments::plan_inserted_sql(layout),
         Part::DeletedComments => comments::plan_deleted_sql(layout),
         // On Citus comments are distributed by their ticket, so joining them to their audit rows
         // (by row_id) is not co-located: the audit rows come to the coordinator first, and those

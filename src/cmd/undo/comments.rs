@@ -11,8 +11,20 @@ use crate::audit::{DELETE_ACTION, INSERT_ACTION};
 use crate::layout::Layout;
 
 /// The import's `insert` rows of comments in the batch window (`a`), which of their comments
-/// exist (`present`) and which were written since (`later`).
-fn inserted_ctes(window: &str) -> String {
+/// exist (`present`) and which were written since (`later`). Off Citus `later` probes the
+/// audit rows of each comment of `a` (a LATERAL subquery with a LIMIT is never turned into a
+/// join): as a join, with audit_log's statistics from before an import (one comment row), the
+/// planner scanned every comment audit row against the whole batch — 4 s for 5,000 rows.
+/// Citus runs no correlated subquery against its shards; there the join stays.
+fn inserted_ctes(window: &str, layout: Layout) -> String {
+    let later = if layout.distributed() {
+        "SELECT DISTINCT a.row_id FROM a
+             JOIN audit_log l ON l.table_name = 'comments' AND l.row_id = a.row_id AND l.id > a.audit_id"
+    } else {
+        "SELECT a.row_id FROM a CROSS JOIN LATERAL (
+                 SELECT 1 FROM audit_log l
+                 WHERE l.table_name = 'comments' AND l.row_id = a.row_id AND l.id > a.audit_id LIMIT 1) l"
+    };
     format!(
         "a AS MATERIALIZED (
              SELECT id AS audit_id, row_id FROM audit_log
@@ -20,8 +32,7 @@ fn inserted_ctes(window: &str) -> String {
          ), present AS MATERIALIZED (
              SELECT c.id FROM a JOIN comments c ON c.id = a.row_id
          ), later AS MATERIALIZED (
-             SELECT DISTINCT a.row_id FROM a
-             JOIN audit_log l ON l.table_name = 'comments' AND l.row_id = a.row_id AND l.id > a.audit_id
+             {later}
          ), target AS MATERIALIZED (
              SELECT a.audit_id, a.row_id, a.row_id IN (SELECT id FROM present) AS present,
                     a.row_id IN (SELECT row_id FROM later) AS changed_since
@@ -54,19 +65,19 @@ pub(super) fn revert_inserted_sql(undo_op: i64, layout: Layout) -> String {
                 coalesce((SELECT min(audit_id) FROM target), $2) AS next,
                 (SELECT count(*) FROM target) AS seen,
                 (SELECT count(*) FROM target WHERE NOT present) AS already",
-        ctes = inserted_ctes(WINDOW),
+        ctes = inserted_ctes(WINDOW, layout),
     )
 }
 
 /// The dry run's counts of the inserted comments ($1 only).
-pub(super) fn plan_inserted_sql() -> String {
+pub(super) fn plan_inserted_sql(layout: Layout) -> String {
     format!(
         "WITH {ctes}
          SELECT count(*) FILTER (WHERE present AND NOT changed_since) AS revertible,
                 count(*) FILTER (WHERE NOT present) AS already,
                 count(*) FILTER (WHERE present AND changed_since) AS conflicts
          FROM target",
-        ctes = inserted_ctes("")
+        ctes = inserted_ctes("", layout)
     )
 }
 
