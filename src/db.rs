@@ -114,8 +114,8 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// guesses for bound arrays and set-returning functions price many of them past
 /// `jit_above_cost` — compiling then took longer than running (the dry run of an undo of
 /// 20,000 rows: 1.37 s of JIT in a 1.66 s statement; a page of `ops show --changes`: 450 ms
-/// against 1). Reports measured the same or faster without it. `export` goes back to the
-/// server's setting.
+/// against 1). Reports and exports measured the same or faster without it (an export on the
+/// partitioned layout compiled every partition's scan: 1.36 s against 0.18).
 #[derive(Debug)]
 struct UtcSession;
 

@@ -173,25 +173,17 @@ pub fn export_all(
     out: &mut dyn Write,
 ) -> anyhow::Result<u64> {
     // In a transaction, so that an error ending the COPY is seen (see `end_of_copy`).
-    conn.build_transaction().read_only().repeatable_read().run(|conn| {
-        whole_table_plans(conn)?;
-        match (dataset, include_deleted) {
+    conn.build_transaction()
+        .read_only()
+        .repeatable_read()
+        .run(|conn| match (dataset, include_deleted) {
             (Dataset::Tickets, false) => copy_out(TicketsExport::<false>, conn, out),
             (Dataset::Tickets, true) => copy_out(TicketsExport::<true>, conn, out),
             (Dataset::Users, false) => copy_out(UsersExport::<false>, conn, out),
             (Dataset::Users, true) => copy_out(UsersExport::<true>, conn, out),
             (Dataset::Comments, false) => copy_out(CommentsExport::<false>, conn, out),
             (Dataset::Comments, true) => copy_out(CommentsExport::<true>, conn, out),
-        }
-    })
-}
-
-/// An export reads whole tables in one statement, the one kind of statement JIT (off in
-/// ticketops' sessions) is made for: the server's setting again for the export's transaction,
-/// as `psql \copy` has it (1M tickets: within the noise either way, 4.4-4.6 s).
-fn whole_table_plans(conn: &mut diesel::PgConnection) -> anyhow::Result<()> {
-    diesel::connection::SimpleConnection::batch_execute(conn, "SET LOCAL jit TO DEFAULT")
-        .context("cannot set up the export's session")
+        })
 }
 
 // The tickets a filtered export selects, staged on the server: COPY cannot take bound
@@ -243,7 +235,6 @@ pub fn export_selected(
             .context("cannot select the tickets to export")?;
         // Temporary tables are never analyzed by autovacuum; the planner needs their size.
         diesel::sql_query("ANALYZE export_selection").execute(conn)?;
-        whole_table_plans(conn)?;
         match dataset {
             Dataset::Tickets => copy_out(SelectedTicketsExport::<true>, conn, out),
             Dataset::Comments => copy_out(SelectedCommentsExport::<true>, conn, out),
