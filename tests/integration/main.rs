@@ -11,6 +11,7 @@ mod hardening;
 mod import;
 mod jobs;
 mod layers;
+mod layouts;
 mod partitioned;
 mod report;
 mod restore;
