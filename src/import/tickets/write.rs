@@ -397,6 +397,8 @@ impl TicketImport {
             // Each stored ticket read and updated in its one partition, until the merge is
             // done (the months the rows move to were made by `resolve`).
             crate::layout::by_key_plans(conn)?;
+        } else if self.layout.distributed() {
+            crate::layout::shard_batch_plans(conn)?;
         }
         let classified: Vec<Classified> = sql_query(self.classify_sql(op_id))
             .bind::<Array<BigInt>, _>(&staged_ids)
@@ -441,7 +443,7 @@ impl TicketImport {
             to_write.extend(vanished);
         }
         if to_write.is_empty() {
-            if self.layout.partitioned() {
+            if self.layout.keyed() {
                 crate::layout::any_plans(conn)?;
             }
             return Ok(());
@@ -461,7 +463,7 @@ impl TicketImport {
             .bind::<Array<BigInt>, _>(&staged_ids)
             .load(conn)
             .context("cannot merge changed tickets")?;
-        if self.layout.partitioned() {
+        if self.layout.keyed() {
             crate::layout::any_plans(conn)?;
         }
         let (moved_keys, moved_to): (Vec<&str>, Vec<chrono::DateTime<chrono::Utc>>) = written
