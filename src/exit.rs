@@ -58,11 +58,14 @@ pub fn report(err: &anyhow::Error) -> i32 {
 pub fn code_of(err: &anyhow::Error) -> i32 {
     // `ticketops export | head` closes our stdout early; that is the reader's choice, not a
     // failure, so it exits 0 quietly (as ripgrep and xsv do).
-    if err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<io::Error>())
-        .any(|io_err| io_err.kind() == io::ErrorKind::BrokenPipe)
-    {
+    let broken_pipe = err.chain().any(|cause| {
+        cause.downcast_ref::<io::Error>().map(io::Error::kind).or_else(|| {
+            cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+        }) == Some(io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
         return SUCCESS;
     }
     if err.downcast_ref::<UsageError>().is_some() {

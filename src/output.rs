@@ -348,6 +348,31 @@ fn open_private(path: &std::path::Path, append: bool) -> std::io::Result<std::fs
     }
 }
 
+/// `println!` for the commands' output: a reader that closed the pipe early (`ticketops ops
+/// list | head`) is not an error — the rest of the output is dropped and the command goes on
+/// to finish its work and its exit code (`println!` panicked there). Any other failure to write
+/// is reported on stderr.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::stdout_line(format_args!($($arg)*))
+    };
+}
+
+/// What [`outln!`] does: one line to stdout.
+pub fn stdout_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(err) = out.write_fmt(line).and_then(|()| out.write_all(b"\n"))
+        && err.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("warning: cannot write to stdout: {err}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

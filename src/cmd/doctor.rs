@@ -165,22 +165,22 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
             "problems": problems,
         }))?;
     } else {
-        println!("database       {masked}");
-        println!("server         PostgreSQL {}", version.version);
-        println!(
+        crate::outln!("database       {masked}");
+        crate::outln!("server         PostgreSQL {}", version.version);
+        crate::outln!(
             "migrations     {} applied, {} pending",
             migrations.len() - pending.len(),
             pending.len()
         );
         if let Some(layout) = layout {
-            println!("layout         {}", layout.as_str());
+            crate::outln!("layout         {}", layout.as_str());
         }
         if let Some(p) = &partitions {
             let day = |t: Option<chrono::DateTime<chrono::Utc>>| {
                 t.map(|t| t.format("%Y-%m-%d").to_string())
                     .unwrap_or_else(|| "-".into())
             };
-            println!(
+            crate::outln!(
                 "partitions     {} monthly, {} to {} (pg_partman premake {}), {} row(s) in tickets_default",
                 p.partitions,
                 day(p.first_from),
@@ -191,7 +191,7 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
         }
         if let Some(c) = &cluster {
             for n in &c.nodes {
-                println!(
+                crate::outln!(
                     "node           {}:{} {}{}, {} shard placement(s)",
                     n.name,
                     n.port,
@@ -211,22 +211,25 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 } else {
                     format!(" (the layout has it {})", t.expected)
                 };
-                println!("table kind     {:<17} {}{by}{differs}", t.table, t.kind);
+                crate::outln!("table kind     {:<17} {}{by}{differs}", t.table, t.kind);
             }
         }
-        println!(
+        crate::outln!(
             "pool           max {} connections, {} open, checkout timeout {} s, checked on checkout",
             pool.max_size(),
             pool_state.connections,
             db::CONNECTION_TIMEOUT.as_secs()
         );
-        println!();
-        println!(
+        crate::outln!();
+        crate::outln!(
             "{:<20} {:>12} {:>12} {:>12}",
-            "table", "est. rows", "size", "dead tuples"
+            "table",
+            "est. rows",
+            "size",
+            "dead tuples"
         );
         for t in &tables {
-            println!(
+            crate::outln!(
                 "{:<20} {:>12} {:>12} {:>12}",
                 t.table_name,
                 t.estimated_rows as i64,
@@ -234,15 +237,15 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 t.dead_tuples
             );
         }
-        println!();
+        crate::outln!();
         if unindexed.is_empty() {
-            println!("foreign keys   every foreign key has a supporting index");
+            crate::outln!("foreign keys   every foreign key has a supporting index");
         }
         if problems.is_empty() {
-            println!("status         healthy");
+            crate::outln!("status         healthy");
         } else {
             for p in &problems {
-                println!("problem        {p}");
+                crate::outln!("problem        {p}");
             }
         }
     }

@@ -115,7 +115,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 ctx.print_json(&json!({ "migrations": list }))?;
             } else {
                 for (v, applied) in &statuses {
-                    println!("{} {v}", if *applied { "applied" } else { "pending" });
+                    crate::outln!("{} {v}", if *applied { "applied" } else { "pending" });
                 }
             }
         }

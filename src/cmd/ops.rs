@@ -156,12 +156,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             if ctx.global.json {
                 ctx.print_json(&json!({"operations": ops.iter().map(to_json).collect::<Vec<_>>()}))?;
             } else {
-                println!(
+                crate::outln!(
                     "{:>6}  {:<20} {:<12} {:<20} {:>9}  {:<10} counts",
-                    "id", "kind", "status", "started (UTC)", "duration", "operator"
+                    "id",
+                    "kind",
+                    "status",
+                    "started (UTC)",
+                    "duration",
+                    "operator"
                 );
                 for op in &ops {
-                    println!(
+                    crate::outln!(
                         "{:>6}  {:<20} {:<12} {:<20} {:>9}  {:<10} {}",
                         op.id,
                         op.kind,
@@ -211,7 +216,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                         serde_json::Value::Null => "-".into(),
                         other => other.to_string(),
                     };
-                    println!("{key:<14} {text}");
+                    crate::outln!("{key:<14} {text}");
                 }
             }
         }

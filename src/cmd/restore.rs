@@ -102,7 +102,7 @@ fn dry_run_report(ctx: &Context, count: i64) -> anyhow::Result<i32> {
     if ctx.global.json {
         ctx.print_json(&json!({"kind": "restore", "dry_run": true, "would_affect": count}))?;
     } else {
-        println!("dry run: restore would bring back {count} ticket(s); nothing was written");
+        crate::outln!("dry run: restore would bring back {count} ticket(s); nothing was written");
     }
     Ok(exit::SUCCESS)
 }

@@ -88,7 +88,7 @@ fn list(ctx: &Context, conn: &mut diesel::PgConnection, args: ListArgs) -> anyho
         let n = tickets::count(conn, &filters)?;
         match format {
             Format::Json => ctx.print_json(&json!({"count": n}))?,
-            _ => println!("{n}"),
+            _ => crate::outln!("{n}"),
         }
         return Ok(exit::SUCCESS);
     }
@@ -179,30 +179,30 @@ fn show(ctx: &Context, conn: &mut diesel::PgConnection, args: ShowArgs) -> anyho
         ("deleted_at", time(t.deleted_at)),
     ];
     for (name, value) in fields {
-        println!("{name:<14} {}", escape_controls(&value));
+        crate::outln!("{name:<14} {}", escape_controls(&value));
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "{}",
         escape_controls(detail.description.as_deref().unwrap_or("(no description)"))
     );
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "comments: {} (newest {} shown)",
         detail.comment_count,
         detail.comments.len()
     );
     for c in &detail.comments {
         let visibility = if c.public { "" } else { " (internal)" };
-        println!("  {} {}{visibility}:", time(Some(c.created_at)), c.author);
+        crate::outln!("  {} {}{visibility}:", time(Some(c.created_at)), c.author);
         for line in c.body.lines() {
-            println!("    {}", escape_controls(line));
+            crate::outln!("    {}", escape_controls(line));
         }
     }
-    println!();
-    println!("history:");
+    crate::outln!();
+    crate::outln!("history:");
     for op in &detail.operations {
-        println!(
+        crate::outln!(
             "  operation {:>5}  {:<20} {:<12} {}  by {}  ({})",
             op.id,
             op.kind,

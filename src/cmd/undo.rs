@@ -370,7 +370,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                                    "force": args.force}),
             )?;
         } else {
-            println!(
+            crate::outln!(
                 "dry run: undo of operation {} ({}) would revert {would} row(s); {} already as before; {} changed since{}",
                 op.id,
                 op.kind,
@@ -844,7 +844,7 @@ fn undo_soft_delete(
             ctx.print_json(&json!({"kind": "undo", "dry_run": true, "of_operation": op,
                                    "would_revert": preview.restorable, "would_affect": preview.restorable}))?;
         } else {
-            println!(
+            crate::outln!(
                 "dry run: undo of operation {op} would restore {} ticket(s); nothing was written",
                 preview.restorable
             );

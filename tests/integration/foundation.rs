@@ -312,21 +312,37 @@ fn broken_pipe_on_stdout_exits_0() {
     let dir = scratch("pipe");
     let data = generate(&dir, "t.csv", &["tickets", "--rows", "3000", "--seed", "5"]);
     import(&db, &dir, "tickets", &data, &[]).0.expect_code(0);
-    // `head` closes the pipe after 100 bytes; PIPESTATUS tells ticketops' own exit code.
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "'{BIN}' export tickets | head -c 100 >/dev/null; echo ${{PIPESTATUS[0]}}"
-        ))
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        stdout.trim(),
-        "0",
-        "export into a closed pipe should exit 0; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked") && !stderr.contains("error"), "{stderr}");
+    // `head` closes the pipe after a few bytes; PIPESTATUS tells ticketops' own exit code. The
+    // commands that print with `println!` once panicked there, and `--json` lines ended in an
+    // error.
+    for command in [
+        "export tickets",
+        "ops list",
+        "ops list --json",
+        "ops show 1",
+        "doctor",
+        "tickets list",
+        "report summary",
+        "--json report agents",
+    ] {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "'{BIN}' {command} | head -c 5 >/dev/null; echo ${{PIPESTATUS[0]}}"
+            ))
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stdout.trim(),
+            "0",
+            "{command} into a closed pipe should exit 0; stderr: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("error"),
+            "{command}: {stderr}"
+        );
+    }
 }

@@ -147,17 +147,23 @@ fn print_dry_run(ctx: &Context, kind: &str, count: i64, sample: &[SampleRow]) ->
             .collect();
         ctx.print_json(&json!({"kind": kind, "dry_run": true, "would_affect": count, "sample": rows}))?;
     } else {
-        println!("dry run: {kind} would affect {count} ticket(s); nothing was written");
+        crate::outln!("dry run: {kind} would affect {count} ticket(s); nothing was written");
         if !sample.is_empty() {
-            println!(
+            crate::outln!(
                 "{:>10}  {:<14} {:<8} {:<20} subject",
-                "id", "external_id", "status", "updated_at"
+                "id",
+                "external_id",
+                "status",
+                "updated_at"
             );
             for r in sample {
                 let subject: String = r.subject.chars().take(60).collect();
-                println!(
+                crate::outln!(
                     "{:>10}  {:<14} {:<8} {:<20} {subject}",
-                    r.id, r.external_id, r.status, r.updated_at
+                    r.id,
+                    r.external_id,
+                    r.status,
+                    r.updated_at
                 );
             }
         }
@@ -394,7 +400,7 @@ fn purge_users(
         if ctx.global.json {
             ctx.print_json(&json!({"kind": kind, "dry_run": true, "would_affect": count}))?;
         } else {
-            println!("dry run: {kind} would purge {count} user(s); nothing was written");
+            crate::outln!("dry run: {kind} would purge {count} user(s); nothing was written");
         }
         return Ok(exit::SUCCESS);
     }

@@ -79,30 +79,30 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 "sample": sample.iter().map(|(id, at)| json!({"external_id": id, "created_at": at})).collect::<Vec<_>>(),
             }))?;
         } else {
-            println!(
+            crate::outln!(
                 "dry run: {KIND} would remove {} ticket(s) created before {} and {} comment(s); nothing was written",
                 plan.tickets,
                 cutoff.format("%Y-%m-%d %H:%M:%S UTC"),
                 plan.comments
             );
             if !plan.partitions.is_empty() {
-                println!(
+                crate::outln!(
                     "  {} whole partition(s) archived and dropped: {}",
                     plan.partitions.len(),
                     partition_names.join(", ")
                 );
             }
-            println!("  {} ticket(s) in batches", plan.batched);
+            crate::outln!("  {} ticket(s) in batches", plan.batched);
             if !plan.leftover.is_empty() {
-                println!(
+                crate::outln!(
                     "  detached and archived by an earlier run, to be dropped: {}",
                     plan.leftover.join(", ")
                 );
             }
             for (external_id, created_at) in &sample {
-                println!("  {external_id}  created {}", created_at.format("%Y-%m-%d"));
+                crate::outln!("  {external_id}  created {}", created_at.format("%Y-%m-%d"));
             }
-            println!(
+            crate::outln!(
                 "run again with --apply to remove them (archived to {} first)",
                 args.archive.display()
             );

@@ -245,14 +245,14 @@ pub fn print_dry_run(
         }
         return ctx.print_json(&out);
     }
-    println!("dry run: {would_change} row(s) would change ({described}); nothing was written");
+    crate::outln!("dry run: {would_change} row(s) would change ({described}); nothing was written");
     print_dry_run_table(would_change, sample)
 }
 
 /// The sample of a dry run as a table, before → after, and how to go on.
 pub fn print_dry_run_table(would_change: u64, sample: &[Sample]) -> anyhow::Result<()> {
     sample_table(sample, would_change, &mut std::io::stdout().lock())?;
-    println!("run again with --apply to write");
+    crate::outln!("run again with --apply to write");
     Ok(())
 }
 
