@@ -243,14 +243,7 @@ fn undo_of_an_import_counts_its_tickets_changed_since_as_conflicts() {
 #[test]
 fn undo_of_a_comment_import_deletes_its_new_comments_and_its_undo_puts_them_back() {
     let (db, dir) = dataset();
-    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
-    let comments = |name: &str, rows: &str| {
-        let file = dir.join(name);
-        std::fs::write(&file, format!("{header}{rows}")).unwrap();
-        let (run, summary) = import(&db, &dir, "comments", &file, &[]);
-        run.expect_code(0);
-        summary
-    };
+    let comments = |name: &str, rows: &str| import_comments(&db, &dir, name, rows);
     comments(
         "first.csv",
         "K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
@@ -328,14 +321,7 @@ fn undo_of_a_comment_import_deletes_its_new_comments_and_its_undo_puts_them_back
 #[test]
 fn undo_leaves_alone_the_rows_whose_ticket_or_user_is_gone() {
     let (db, dir) = dataset();
-    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
-    let comments = |name: &str, rows: &str| {
-        let file = dir.join(name);
-        std::fs::write(&file, format!("{header}{rows}")).unwrap();
-        let (run, summary) = import(&db, &dir, "comments", &file, &[]);
-        run.expect_code(0);
-        summary
-    };
+    let comments = |name: &str, rows: &str| import_comments(&db, &dir, name, rows);
     comments(
         "first.csv",
         "K-1,C-1,ann@example.com,first,true,2024-01-01T00:00:00Z\n\
@@ -407,4 +393,14 @@ fn undo_leaves_alone_the_rows_whose_ticket_or_user_is_gone() {
             "K-3 C-5 ann@example.com third"
         ]
     );
+}
+
+/// Imports comment rows (without the header) written to `name`; the run must succeed.
+fn import_comments(db: &TestDb, dir: &std::path::Path, name: &str, rows: &str) -> serde_json::Value {
+    let file = dir.join(name);
+    let header = "external_id,ticket_external_id,author_email,body,public,created_at\n";
+    std::fs::write(&file, format!("{header}{rows}")).unwrap();
+    let (run, summary) = import(db, dir, "comments", &file, &[]);
+    run.expect_code(0);
+    summary
 }
