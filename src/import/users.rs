@@ -67,13 +67,17 @@ const MERGE_USERS_SQL: &str = concat!(
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
         AS i(email, name, role, organization_id)
-), target AS (
+), target AS MATERIALIZED (
     SELECT i.email,
            coalesce(i.name, e.name) AS name,
            coalesce(i.role::user_role, e.role, 'customer') AS role,
            coalesce(i.organization_id, e.organization_id) AS organization_id,
            CASE WHEN $5 THEN NULL ELSE e.deleted_at END AS deleted_at,
-           e.id IS NULL AS is_new
+           e.id IS NULL AS is_new,
+           -- The before-image is read here, with the row it decides on: read again after the
+           -- write, on Citus (which runs a statement's parts one after the other) it held the
+           -- new values, and an undo found nothing to put back.
+           to_jsonb(e) AS before_image
     FROM input i LEFT JOIN users e ON e.email = i.email
     WHERE e.id IS NULL
        OR ((e.deleted_at IS NULL OR $5)
@@ -90,12 +94,12 @@ WITH input AS (
         deleted_at = excluded.deleted_at, updated_at = excluded.updated_at
     WHERE (u.name, u.role, u.organization_id, u.deleted_at) IS DISTINCT FROM
           (excluded.name, excluded.role, excluded.organization_id, excluded.deleted_at)
-    RETURNING u.id, (u.xmax = 0) AS inserted, CASE WHEN u.xmax = 0 THEN NULL ELSE to_jsonb(u) END AS after_image
+    RETURNING u.id, u.email, (u.xmax = 0) AS inserted, CASE WHEN u.xmax = 0 THEN NULL ELSE to_jsonb(u) END AS after_image
 ), audited AS (
     INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
     SELECT $6, 'users', w.id, CASE WHEN w.inserted THEN '", crate::audit_action!(Insert), "' ELSE '", crate::audit_action!(Update), "' END,
-           CASE WHEN w.inserted THEN NULL ELSE to_jsonb(b) END, w.after_image
-    FROM written w LEFT JOIN users b ON b.id = w.id
+           CASE WHEN w.inserted THEN NULL ELSE t.before_image END, w.after_image
+    FROM written w LEFT JOIN target t ON t.email = w.email
 )
 SELECT (SELECT count(*) FROM written WHERE inserted) AS inserted,
        (SELECT count(*) FROM written WHERE NOT inserted) AS updated,
