@@ -94,9 +94,16 @@ impl CommittedState {
 /// `halted`, so that no one waits for a batch that will not come.
 #[derive(Default)]
 struct Turns {
-    next: Mutex<u64>,
+    next: Mutex<Next>,
     changed: Condvar,
     halted: AtomicBool,
+}
+
+/// The batch whose turn it is, and the later ones that already passed out of turn.
+#[derive(Default)]
+struct Next {
+    seq: u64,
+    passed_early: std::collections::BTreeSet<u64>,
 }
 
 impl Turns {
@@ -105,16 +112,26 @@ impl Turns {
         let next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let next = self
             .changed
-            .wait_while(next, |next| *next < seq && !self.halted.load(Ordering::SeqCst))
+            .wait_while(next, |next| next.seq < seq && !self.halted.load(Ordering::SeqCst))
             .unwrap_or_else(|e| e.into_inner());
-        *next >= seq
+        next.seq >= seq
     }
 
-    /// Batch `seq` has resolved (or will not): the next may.
+    /// Batch `seq` has resolved (or will not): the next may. A batch may pass before its turn
+    /// — one that a resumed import skips, committed by the run it resumes, passes as soon as a
+    /// writer takes it — and is remembered until its turn comes: forgotten, the turn stopped
+    /// there and every writer waited for ever (seen once, a `--resume --jobs 2` after a kill).
     fn pass(&self, seq: u64) {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        if *next == seq {
-            *next = seq + 1;
+        if seq >= next.seq {
+            next.passed_early.insert(seq);
+        }
+        loop {
+            let seq = next.seq;
+            if !next.passed_early.remove(&seq) {
+                break;
+            }
+            next.seq = seq + 1;
         }
         self.changed.notify_all();
     }
@@ -646,4 +663,26 @@ pub(super) fn prefetch_batches<K: ImportKind>(
         }
     }
     busy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Turns;
+
+    /// A batch that passes before its turn (a resumed import's committed batch, skipped) still
+    /// counts when its turn comes: the batches after it are not kept waiting.
+    #[test]
+    fn a_batch_passed_before_its_turn_lets_the_next_ones_through() {
+        let turns = Turns::default();
+        turns.pass(1);
+        turns.pass(2);
+        assert!(!turns.halted());
+        assert_eq!(turns.next.lock().unwrap().seq, 0, "batch 0 has not passed yet");
+        turns.pass(0);
+        assert_eq!(turns.next.lock().unwrap().seq, 3);
+        assert!(turns.wait(3));
+        // Passing again, or a batch already behind, changes nothing.
+        turns.pass(1);
+        assert_eq!(turns.next.lock().unwrap().seq, 3);
+    }
 }
