@@ -3,9 +3,11 @@
 //! (ticket, author, body, created_at), so importing the same file twice adds nothing. A batch
 //! is one merge statement, or on the distributed layout the steps of `comments/distributed.rs`.
 
+use std::collections::{HashMap, HashSet};
+
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
 use super::entities::{EntityCache, UserRef};
@@ -49,6 +51,8 @@ pub struct CommentImport {
     cache: EntityCache,
     /// The layout, read by the first batch.
     layout: Option<Layout>,
+    /// One of several writers (`--jobs`): comments without external_id are matched under locks.
+    parallel: bool,
 }
 
 #[derive(QueryableByName)]
@@ -141,6 +145,7 @@ impl ImportKind for CommentImport {
 
     fn share_caches(&mut self, writers: usize) {
         self.cache.share_limit(writers);
+        self.parallel = writers > 1;
     }
 
     fn write_batch(
@@ -184,8 +189,16 @@ impl ImportKind for CommentImport {
             })
             .collect();
         let orphan_count = rejects.len() as u64;
+        // A comment without external_id that an earlier row of the batch already makes is
+        // unchanged, as it is when that row came in an earlier batch: the same file gives the
+        // same comments whatever the batch size.
+        let (rows, made_earlier) = without_made_earlier(rows);
+        counts.unchanged += made_earlier;
         if rows.is_empty() {
             return Ok(rejects);
+        }
+        if self.parallel {
+            lock_keyless_tickets(conn, &rows, &tickets)?;
         }
         let authors: Vec<UserRef<'_>> = rows
             .iter()
@@ -240,6 +253,69 @@ impl ImportKind for CommentImport {
         Ok(rejects)
     }
 }
+
+/// The rows less the comments without external_id that an earlier row makes (same ticket,
+/// author and body, and time when the row has one), and how many those were.
+fn without_made_earlier(rows: Vec<&Numbered<CommentRow>>) -> (Vec<&Numbered<CommentRow>>, u64) {
+    type Made<'r> = (&'r str, &'r str, &'r str);
+    let mut made: HashSet<(Made<'_>, Option<DateTime<Utc>>)> = HashSet::new();
+    let mut made_any_time: HashSet<Made<'_>> = HashSet::new();
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut dropped = 0;
+    for r in rows {
+        let row = &r.row;
+        let comment = (
+            row.ticket_external_id.as_str(),
+            row.author_email.as_str(),
+            row.body.as_str(),
+        );
+        let made_before = row.external_id.is_none()
+            && match row.created_at {
+                None => made_any_time.contains(&comment),
+                Some(at) => made.contains(&(comment, Some(at))),
+            };
+        if !made_before {
+            made.insert((comment, row.created_at));
+            made_any_time.insert(comment);
+            kept.push(r);
+        } else {
+            dropped += 1;
+        }
+    }
+    (kept, dropped)
+}
+
+/// With several writers, two batches holding the same comment without external_id would each
+/// find it missing and both insert it: a batch with such comments first locks their tickets
+/// (hashed into 1,024 transaction-level advisory locks, taken in order, so that writers cannot
+/// deadlock on them), and the second batch looks after the first one committed.
+fn lock_keyless_tickets(
+    conn: &mut PgConnection,
+    rows: &[&Numbered<CommentRow>],
+    tickets: &HashMap<String, i64>,
+) -> anyhow::Result<()> {
+    let mut buckets: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.row.external_id.is_none())
+        .map(|r| (tickets[&r.row.ticket_external_id].rem_euclid(KEYLESS_LOCK_BUCKETS)) as i32)
+        .collect();
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    buckets.sort_unstable();
+    buckets.dedup();
+    sql_query("SELECT count(pg_advisory_xact_lock($1, b)) AS n FROM unnest($2::int[]) AS b")
+        .bind::<Integer, _>(KEYLESS_LOCK_CLASS)
+        .bind::<Array<Integer>, _>(&buckets)
+        .execute(conn)
+        .context("cannot lock the tickets of the comments without external_id")?;
+    Ok(())
+}
+
+/// The advisory locks of [`lock_keyless_tickets`]: their class (the two-number key space,
+/// apart from the jobs' one-number locks) and how many tickets' hashes they spread over.
+const KEYLESS_LOCK_CLASS: i32 = 0x7469_636b; // "tick"
+const KEYLESS_LOCK_BUCKETS: i64 = 1024;
 
 fn reject(r: &Numbered<CommentRow>, error: RowError) -> WriterReject {
     // Rejects are rare: their fields are copied for the rejects file.

@@ -393,3 +393,56 @@ fn users_and_comments_imports_with_three_writers_end_as_with_one() {
     assert!(!results[0].2.is_empty() && !results[0].3.is_empty(), "rows rejected");
     assert!(results[1] == results[0], "three writers: other results than one");
 }
+
+#[test]
+fn comments_without_external_id_repeated_in_a_file_are_made_once_whatever_the_batches_and_writers() {
+    let dir = scratch("jobs-keyless");
+    let tickets = generate(&dir, "tickets.csv", &["tickets", "--rows", "50", "--seed", "38"]);
+    // 150 comments without external_id, each three times over the file (some without a time,
+    // which matches the comment at any time), and one that repeats a comment with a key.
+    let mut csv = String::from("external_id,ticket_external_id,author_email,body,created_at\n");
+    csv.push_str("K-1,T-000001,kim@example.com,same as a keyed one,2024-01-01 10:00:00\n");
+    for i in 0..450 {
+        let c = (i * 7) % 150;
+        let at = if c % 5 == 0 {
+            String::new()
+        } else {
+            format!("2024-02-{:02} 10:00:00", 1 + c % 28)
+        };
+        csv.push_str(&format!(
+            ",T-{:06},author{}@example.com,comment {c},{at}\n",
+            1 + c % 50,
+            c % 3
+        ));
+    }
+    csv.push_str(",T-000001,kim@example.com,same as a keyed one,2024-01-01 10:00:00\n");
+    let comments = dir.join("comments.csv");
+    std::fs::write(&comments, csv).unwrap();
+
+    let mut results = Vec::new();
+    for (jobs, batch) in [("1", "1000"), ("1", "7"), ("2", "7"), ("4", "5")] {
+        let db = TestDb::new();
+        import(&db, &dir, "tickets", &tickets, &[]).0.expect_code(0);
+        let args = ["--jobs", jobs, "--batch-size", batch, "--rejects", "rc.csv"];
+        let (run, summary) = import(&db, &dir, "comments", &comments, &args);
+        run.expect_code(0);
+        let stored = db.strings(
+            "SELECT coalesce(c.external_id, '') || ' ' || t.external_id || ' ' || u.email || ' ' || c.body
+             FROM comments c JOIN tickets t ON t.id = c.ticket_id JOIN users u ON u.id = c.author_id ORDER BY 1",
+        );
+        let (again, again_summary) = import(&db, &dir, "comments", &comments, &args);
+        again.expect_code(0);
+        results.push((jobs, batch, outcome(&summary), stored, outcome(&again_summary)));
+    }
+    let (_, _, counts, stored, again) = &results[0];
+    assert_eq!(counts[0], 151, "each comment made once: {counts:?}");
+    assert_eq!(counts[2], 301, "the repeats unchanged: {counts:?}");
+    assert_eq!(stored.len(), 151);
+    assert_eq!(again[0] + again[1], 0, "a re-run changes nothing: {again:?}");
+    for (jobs, batch, other_counts, other_stored, other_again) in &results[1..] {
+        let what = format!("--jobs {jobs} --batch-size {batch} against one batch");
+        assert_eq!(other_counts, counts, "{what}");
+        assert_same_rows(other_stored, stored, &what);
+        assert_eq!(other_again, again, "{what}: the re-run");
+    }
+}
