@@ -92,6 +92,8 @@ impl ColumnMap {
                     name,
                     fields[field].name
                 ),
+                // A column without a header (a spreadsheet's trailing commas) is named by place.
+                None if name.trim().is_empty() => ignored.push(format!("(column {}, no header)", column + 1)),
                 None if ignored.contains(name) => {}
                 None => ignored.push(name.clone()),
             }
@@ -181,13 +183,16 @@ mod tests {
 
     #[test]
     fn header_names_are_forgiving() {
-        let header: Vec<String> = ["External ID", " SUBJECT ", "Extra", "_error"]
+        let header: Vec<String> = ["External ID", " SUBJECT ", "Extra", "_error", " "]
             .iter()
             .map(|s| s.to_string())
             .collect();
         let map = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ';').unwrap();
         assert_eq!(map.positions, vec![Some(0), Some(1), None]);
-        assert_eq!(map.ignored, vec!["Extra".to_string()]);
+        assert_eq!(
+            map.ignored,
+            vec!["Extra".to_string(), "(column 5, no header)".to_string()]
+        );
     }
 
     #[test]

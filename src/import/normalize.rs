@@ -299,7 +299,8 @@ fn parse_timestamp_formats(v: &str, zone: InputZone) -> Result<Option<DateTime<U
         return zone.to_utc(midnight).map(Some);
     }
     Err(format!(
-        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM:SS[.frac] or YYYY-MM-DD)"
+        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM:SS[.frac] or YYYY-MM-DD; \
+         another format can be named with --date-format)"
     ))
 }
 
