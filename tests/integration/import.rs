@@ -237,6 +237,37 @@ fn crlf_line_ends() {
 }
 
 #[test]
+fn rejected_rows_of_a_windows_file_name_their_own_lines() {
+    let dir = scratch("crlf-lines");
+    let db = TestDb::new();
+    // Line ends CRLF, a quoted field over two lines, an empty line: each bad row's line is
+    // the one it starts on, as an editor numbers them.
+    let file = dir.join("windows.csv");
+    std::fs::write(
+        &file,
+        "external_id,subject,description,status,requester_email\r\n\
+         W-1,bad status,,bogus,a@example.com\r\n\
+         W-2,ok,\"two\r\nlines\",open,a@example.com\r\n\
+         W-3,bad e-mail,,open,not-an-email\r\n\
+         \r\n\
+         W-4,bad status again,,bogus,a@example.com\r\n",
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--rejects", "rejects.csv"]);
+    run.expect_code(3);
+    let lines: Vec<(String, u64)> = read_rejects(&dir.join("rejects.csv"))
+        .into_iter()
+        .map(|(key, line, _)| (key, line))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![("W-1".to_string(), 2), ("W-3".to_string(), 5), ("W-4".to_string(), 7)],
+        "{summary}"
+    );
+    assert_eq!(summary["errors"]["invalid status"]["first_lines"], serde_json::json!([2, 7]));
+}
+
+#[test]
 fn header_only_and_empty_files() {
     for name in ["header_only.csv", "empty.csv"] {
         let db = TestDb::new();
