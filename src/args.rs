@@ -115,7 +115,7 @@ pub struct CsvArgs {
     /// Separator between tags in a list of tags
     #[arg(long, default_value_t = ';')]
     pub tag_separator: char,
-    /// Input encoding: utf-8 or latin1 (transcoded to UTF-8)
+    /// Input encoding: utf-8, windows-1252 (a Windows program's "ANSI" export: € “ ” – …) or latin1 (ISO-8859-1); transcoded to UTF-8
     #[arg(long, default_value = "utf-8", value_parser = Encoding::parse)]
     pub encoding: Encoding,
     /// Where rejected rows go [default: FILE's name with .rejects.csv; required for stdin]

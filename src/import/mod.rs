@@ -515,7 +515,8 @@ impl<K: ImportKind> Pipeline<K> {
             .filter(|_| options.encoding == Encoding::Utf8)
         {
             warnings.push(format!(
-                "{} rows are not valid UTF-8: if the file is Latin-1 (ISO-8859-1), try --encoding latin1",
+                "{} rows are not valid UTF-8: if the file comes from a Windows program, try --encoding windows-1252 \
+                 (or latin1 for ISO-8859-1)",
                 t.count
             ));
         }

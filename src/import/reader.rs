@@ -75,7 +75,7 @@ pub(super) fn read_batches<K: ImportKind>(
         let (line, after) = (read.line, read.after);
         batch.rows_read += 1;
         batch.end = after;
-        if encoding == Encoding::Latin1 {
+        if encoding.single_byte() {
             latin1_check.look_at(&record);
         }
         let parsed = if let Some(cut) = read.oversized {
@@ -202,7 +202,7 @@ impl Latin1Check {
         (self.utf8_fields > 0 && self.other_fields == 0).then(|| {
             format!(
                 "the input looks like UTF-8, not Latin-1: all {} fields with non-ASCII bytes are valid UTF-8 \
-                 (e.g. {:?}); --encoding latin1 stores them garbled (Café as CafÃ©) — import without it",
+                 (e.g. {:?}); read with a single-byte --encoding they are stored garbled (Café as CafÃ©) — import without it",
                 self.utf8_fields,
                 output::escape_controls(self.sample.as_deref().unwrap_or(""))
             )

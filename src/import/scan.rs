@@ -176,7 +176,7 @@ fn scan_keys<K: ImportKind>(
     let mut seen = SeenKeys::for_keys(expected_records);
     let mut repeated = Repeated::default();
     let mut record_no = 0u64;
-    let mut latin1 = (encoding == Encoding::Latin1).then(Latin1Check::default);
+    let mut latin1 = encoding.single_byte().then(Latin1Check::default);
     while let Some(end) = reader.read_record(&mut record).with_context(read_error)? {
         record_no += 1;
         if let Some(check) = latin1.as_mut() {
@@ -221,7 +221,7 @@ fn scan_keys<K: ImportKind>(
 fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, str> {
     match encoding {
         Encoding::Utf8 => String::from_utf8_lossy(bytes),
-        Encoding::Latin1 => Cow::Owned(bytes.iter().map(|&b| b as char).collect()),
+        single_byte => Cow::Owned(single_byte.decode_single_byte(bytes)),
     }
 }
 

@@ -64,14 +64,49 @@ pub const MAX_INDEXED_BYTES: usize = 1000;
 pub enum Encoding {
     Utf8,
     Latin1,
+    /// Windows' Western code page: Latin-1 but for 0x80-0x9F, where Latin-1 has control
+    /// characters and Windows has € ‚ „ … “ ” ‘ ’ – — ™ and the like — what a Windows
+    /// program's "ANSI" CSV export holds.
+    Windows1252,
 }
+
+/// What Windows-1252 has at 0x80-0x9F (its five unassigned bytes stay the Latin-1 control
+/// characters, as WHATWG's decoder keeps them).
+const WINDOWS_1252_HIGH: [char; 32] = [
+    '\u{20AC}', '\u{81}', '\u{201A}', '\u{192}', '\u{201E}', '\u{2026}', '\u{2020}', '\u{2021}', '\u{2C6}', '\u{2030}',
+    '\u{160}', '\u{2039}', '\u{152}', '\u{8D}', '\u{17D}', '\u{8F}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201C}',
+    '\u{201D}', '\u{2022}', '\u{2013}', '\u{2014}', '\u{2DC}', '\u{2122}', '\u{161}', '\u{203A}', '\u{153}', '\u{9D}',
+    '\u{17E}', '\u{178}',
+];
 
 impl Encoding {
     pub fn parse(name: &str) -> Result<Encoding, String> {
-        match name.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+        match name.to_ascii_lowercase().replace(['-', '_', ' '], "").as_str() {
             "utf8" => Ok(Encoding::Utf8),
             "latin1" | "iso88591" | "l1" => Ok(Encoding::Latin1),
-            _ => Err(format!("unsupported encoding {name:?} (use utf-8 or latin1)")),
+            "windows1252" | "cp1252" | "win1252" => Ok(Encoding::Windows1252),
+            _ => Err(format!(
+                "unsupported encoding {name:?} (use utf-8, latin1 or windows-1252)"
+            )),
+        }
+    }
+
+    /// Whether each byte is one character (every encoding but UTF-8).
+    pub fn single_byte(self) -> bool {
+        self != Encoding::Utf8
+    }
+
+    /// The text of `bytes` in a single-byte encoding (UTF-8 is checked by the caller).
+    pub fn decode_single_byte(self, bytes: &[u8]) -> String {
+        match self {
+            Encoding::Windows1252 => bytes
+                .iter()
+                .map(|&b| match b {
+                    0x80..=0x9F => WINDOWS_1252_HIGH[usize::from(b - 0x80)],
+                    _ => char::from(b),
+                })
+                .collect(),
+            Encoding::Utf8 | Encoding::Latin1 => bytes.iter().map(|&b| char::from(b)).collect(),
         }
     }
 }
@@ -192,13 +227,13 @@ impl<'a> RecordFields<'a> {
                         Some(name),
                         "invalid UTF-8",
                         format!(
-                            "invalid UTF-8 at byte {} of the field (use --encoding latin1 for Latin-1 files)",
+                            "invalid UTF-8 at byte {} of the field (use --encoding windows-1252 or latin1 for such files)",
                             e.valid_up_to() + 1
                         ),
                     ));
                 }
             },
-            Encoding::Latin1 => Cow::Owned(bytes.iter().map(|&b| b as char).collect::<String>().trim().to_string()),
+            single_byte => Cow::Owned(single_byte.decode_single_byte(bytes).trim().to_string()),
         };
         let text = self.value_map.apply(name, text);
         if self.fields[index].indexed && text.len() > MAX_INDEXED_BYTES {
@@ -325,7 +360,7 @@ impl CsvSource {
             .iter()
             .map(|h| match encoding {
                 Encoding::Utf8 => String::from_utf8_lossy(h).trim().to_string(),
-                Encoding::Latin1 => h.iter().map(|&b| b as char).collect::<String>().trim().to_string(),
+                single_byte => single_byte.decode_single_byte(h).trim().to_string(),
             })
             .collect();
         let mut base = Position {

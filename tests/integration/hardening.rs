@@ -780,10 +780,22 @@ fn the_wrong_encoding_is_refused_or_hinted_not_silently_garbled() {
     bytes.extend_from_slice(b"\xe9,open,b@example.com\n");
     std::fs::write(&latin1, bytes).unwrap();
     let (run, summary) = import(&db, &dir, "tickets", &latin1, &[]);
-    run.expect_code(3).stderr_has("try --encoding latin1");
+    run.expect_code(3).stderr_has("try --encoding windows-1252");
     assert!(
-        summary["warnings"].to_string().contains("try --encoding latin1"),
+        summary["warnings"].to_string().contains("try --encoding windows-1252"),
         "{summary}"
+    );
+    // A Windows program's "ANSI" export: typographic quotes, dashes and the euro sign are at
+    // 0x80-0x9F, where Latin-1 has control characters.
+    let windows = dir.join("windows-1252.csv");
+    let mut bytes = b"external_id,subject,status,requester_email\nT-3,\x93Quoted\x94 \x96 costs \x80".to_vec();
+    bytes.extend_from_slice(b"5 \x85 M\xfcller\x92s,open,c@example.com\n");
+    std::fs::write(&windows, bytes).unwrap();
+    let (run, _) = import(&db, &dir, "tickets", &windows, &["--encoding", "windows-1252"]);
+    run.expect_code(0);
+    assert_eq!(
+        db.strings("SELECT subject FROM tickets WHERE external_id = 'T-3'"),
+        vec!["\u{201c}Quoted\u{201d} \u{2013} costs \u{20ac}5 \u{2026} M\u{fc}ller\u{2019}s"]
     );
 }
 

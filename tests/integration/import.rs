@@ -264,7 +264,10 @@ fn rejected_rows_of_a_windows_file_name_their_own_lines() {
         vec![("W-1".to_string(), 2), ("W-3".to_string(), 5), ("W-4".to_string(), 7)],
         "{summary}"
     );
-    assert_eq!(summary["errors"]["invalid status"]["first_lines"], serde_json::json!([2, 7]));
+    assert_eq!(
+        summary["errors"]["invalid status"]["first_lines"],
+        serde_json::json!([2, 7])
+    );
 }
 
 #[test]
