@@ -278,7 +278,12 @@ fn parse_timestamp_formats(v: &str, zone: InputZone) -> Result<Option<DateTime<U
         }
     }
     if let Some(stripped) = v.strip_suffix(" UTC").or_else(|| v.strip_suffix('Z')) {
-        for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+        for format in [
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%d %H:%M",
+            "%Y-%m-%dT%H:%M",
+        ] {
             if let Ok(naive) = NaiveDateTime::parse_from_str(stripped.trim_end(), format) {
                 return Ok(Some(naive.and_utc()));
             }
@@ -289,17 +294,23 @@ fn parse_timestamp_formats(v: &str, zone: InputZone) -> Result<Option<DateTime<U
         "%Y-%m-%dT%H:%M:%S%.f",
         "%Y-%m-%d %H:%M",
         "%Y-%m-%dT%H:%M",
+        // Year first with slashes (some spreadsheets' ISO-like form): unambiguous, unlike
+        // 01/02/2024, which is left to --date-format.
+        "%Y/%m/%d %H:%M:%S%.f",
+        "%Y/%m/%d %H:%M",
     ] {
         if let Ok(naive) = NaiveDateTime::parse_from_str(v, format) {
             return zone.to_utc(naive).map(Some);
         }
     }
-    if let Ok(date) = NaiveDate::parse_from_str(v, "%Y-%m-%d") {
-        let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
-        return zone.to_utc(midnight).map(Some);
+    for format in ["%Y-%m-%d", "%Y/%m/%d"] {
+        if let Ok(date) = NaiveDate::parse_from_str(v, format) {
+            let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
+            return zone.to_utc(midnight).map(Some);
+        }
     }
     Err(format!(
-        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM:SS[.frac] or YYYY-MM-DD; \
+        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM[:SS[.frac]], YYYY/MM/DD … or YYYY-MM-DD; \
          another format can be named with --date-format)"
     ))
 }
@@ -391,6 +402,10 @@ mod tests {
         assert_eq!(expect("2024-03-01 12:00:00.250"), "2024-03-01T12:00:00.250+00:00");
         assert_eq!(expect("2024-03-01 12:00:00+01"), "2024-03-01T11:00:00+00:00");
         assert_eq!(expect("2024-03-01"), "2024-03-01T00:00:00+00:00");
+        assert_eq!(expect("2024-03-01T12:00Z"), "2024-03-01T12:00:00+00:00");
+        assert_eq!(expect("2024/03/01 12:00:00"), "2024-03-01T12:00:00+00:00");
+        assert_eq!(expect("2024/03/01"), "2024-03-01T00:00:00+00:00");
+        assert!(timestamp("01/03/2024", utc).is_err(), "day or month first: ambiguous");
         assert_eq!(timestamp("  ", utc), Ok(None));
         assert!(timestamp("2024-13-01", utc).is_err());
         assert!(timestamp("yesterday", utc).is_err());
