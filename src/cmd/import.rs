@@ -42,6 +42,7 @@ pub enum What {
         initial_load: bool,
     },
     /// Import users (upsert by e-mail): email, name, role, organization
+    #[command(after_help = USERS_HELP)]
     Users {
         #[command(flatten)]
         common: CommonArgs,
@@ -50,6 +51,7 @@ pub enum What {
         undelete: bool,
     },
     /// Import comments: ticket_external_id, author_email, body, public, created_at, external_id
+    #[command(after_help = COMMENTS_HELP)]
     Comments {
         #[command(flatten)]
         common: CommonArgs,
@@ -71,6 +73,33 @@ Examples:
       --value-map 'status:Pending Customer Response=pending'
   zcat dump.csv.gz | ticketops import tickets - --rejects rejects.csv --json
   ticketops import tickets dump.csv --resume        # continue after a crash or Ctrl-C";
+
+const USERS_HELP: &str = "\
+Columns (by header name, case- and space-insensitive): email (required), name, role (customer,
+agent, admin), organization. E-mails are matched lower-cased; a blank name, role or organization
+never erases a stored one.
+
+Every row is accounted for: rows_read = inserted + updated + unchanged + duplicate + skipped_deleted
++ rejected. Rejected rows go to the rejects file with _record, _line and _error columns.
+
+Examples:
+  ticketops import users people.csv
+  ticketops import users agents.csv --value-map 'role:Support Agent=agent' --json";
+
+const COMMENTS_HELP: &str = "\
+Columns (by header name, case- and space-insensitive): ticket_external_id and author_email
+(required), body, public (true/false, default true), created_at, external_id. With external_id a
+comment is upserted by it (and moves to another ticket if the file says so); without, it is matched
+on ticket, author, body and time (a blank time matches any) against the stored comments and the
+rows before it in the file, so importing a file again adds nothing. A comment on a ticket that does
+not exist is rejected (import the tickets first); unknown authors are created as customers.
+
+Every row is accounted for: rows_read = inserted + updated + unchanged + duplicate + skipped_deleted
++ rejected. Rejected rows go to the rejects file with _record, _line and _error columns.
+
+Examples:
+  ticketops import comments comments.csv
+  ticketops import comments export.csv --map 'Ticket ID=ticket_external_id' --map 'Author=author_email'";
 
 /// Options every import shares.
 #[derive(Debug, clap::Args)]
