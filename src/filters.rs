@@ -344,26 +344,24 @@ impl ResolvedFilters {
             locked.sort_unstable();
             return Ok((locked, candidates.last().copied()));
         }
+        // The candidates are read first and locked by their ids, given as values. As one
+        // statement, with the candidates a subquery, the planner — its statistics from before a
+        // large soft-delete, guessing one deleted ticket — ran the subquery again for every
+        // ticket it locked: a `restore --only-deleted` right after soft-deleting 100,000 of 1M
+        // tickets hit the statement timeout in its first batch.
+        let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
+        let Some(&last) = candidates.last() else {
+            return Ok((Vec::new(), None));
+        };
         let locked: Vec<i64> = tickets::table
             .select(tickets::id)
-            .filter(tickets::id.eq_any(self.candidates(scope, after_id, limit)))
+            .filter(tickets::id.eq_any(&candidates))
             .filter(self.condition(scope))
             .order(tickets::id)
             .for_no_key_update()
             .skip_locked()
             .load(conn)?;
-        // A full batch is exactly the candidates; otherwise some were skipped, no longer
-        // match, or the end is near, and the last candidate is looked up.
-        if locked.len() as i64 == limit {
-            let last = locked.last().copied();
-            return Ok((locked, last));
-        }
-        let last = self
-            .candidates(scope, after_id, limit)
-            .load::<i64>(conn)?
-            .last()
-            .copied();
-        Ok((locked, last))
+        Ok((locked, Some(last)))
     }
 
     /// The soft-delete of the next batch after `after_id`, in one statement: the first
