@@ -107,14 +107,24 @@ struct Next {
 }
 
 impl Turns {
-    /// Waits for batch `seq`'s turn; false when the import is stopping.
-    fn wait(&self, seq: u64) -> bool {
-        let next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let next = self
-            .changed
-            .wait_while(next, |next| next.seq < seq && !self.halted.load(Ordering::SeqCst))
-            .unwrap_or_else(|e| e.into_inner());
-        next.seq >= seq
+    /// Waits for batch `seq`'s turn; false when the import is stopping: another writer halted
+    /// it, or `stopping` (a signal) says so — looked at every 100 ms, so that a turn that does
+    /// not come (as one once did not, see `pass`) cannot keep SIGTERM from ending the import.
+    fn wait(&self, seq: u64, stopping: impl Fn() -> bool) -> bool {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if next.seq >= seq {
+                return true;
+            }
+            if self.halted.load(Ordering::SeqCst) || stopping() {
+                return false;
+            }
+            next = self
+                .changed
+                .wait_timeout(next, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Batch `seq` has resolved (or will not): the next may. A batch may pass before its turn
@@ -261,7 +271,12 @@ fn write_batches<K: ImportKind>(
             let written = write_batch(conn, batch, kind, shared, turns, writers > 1);
             turns.pass(seq);
             if !written? {
-                return Ok(LoopEnd::default());
+                // Stopped before the batch's turn: by a signal (reported like any other stop
+                // between batches), or by another writer, whose reason is the one reported.
+                return Ok(LoopEnd {
+                    abort: None,
+                    signal: shared.stop.requested(),
+                });
             }
             let counts = lock(shared.committed).state.counts;
             shared.progress.set_message(format!(
@@ -341,7 +356,7 @@ fn write_batch<K: ImportKind>(
     // writer makes them inside the batch's transaction, in turn by construction.
     let mut resolved = false;
     if parallel && batched {
-        if !turns.wait(batch.seq) {
+        if !turns.wait(batch.seq, || shared.stop.requested().is_some()) {
             return Ok(false);
         }
         let result = conn.transaction(|conn| {
@@ -680,9 +695,23 @@ mod tests {
         assert_eq!(turns.next.lock().unwrap().seq, 0, "batch 0 has not passed yet");
         turns.pass(0);
         assert_eq!(turns.next.lock().unwrap().seq, 3);
-        assert!(turns.wait(3));
+        assert!(turns.wait(3, || false));
         // Passing again, or a batch already behind, changes nothing.
         turns.pass(1);
         assert_eq!(turns.next.lock().unwrap().seq, 3);
+    }
+
+    /// A writer waiting for a turn that does not come stops when asked to.
+    #[test]
+    fn a_writer_waiting_for_its_turn_stops_on_a_signal() {
+        let turns = Turns::default();
+        let asked = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| turns.wait(5, || asked.load(std::sync::atomic::Ordering::SeqCst)));
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            assert!(!waiter.is_finished(), "batch 5's turn has not come");
+            asked.store(true, std::sync::atomic::Ordering::SeqCst);
+            assert!(!waiter.join().unwrap(), "stopped, not its turn");
+        });
     }
 }
