@@ -187,6 +187,9 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
 pub struct ResolvedFilters {
     pub filters: TicketFilters,
     pub ids: Option<IdList>,
+    /// The ids of the tickets `ids` names, in order: read once by the first batch (see
+    /// `lock_batch`).
+    listed_tickets: std::sync::OnceLock<Vec<i64>>,
 }
 
 impl TicketFilters {
@@ -222,6 +225,7 @@ impl TicketFilters {
         Ok(ResolvedFilters {
             filters: self.clone(),
             ids,
+            listed_tickets: std::sync::OnceLock::new(),
         })
     }
 
@@ -320,10 +324,10 @@ impl ResolvedFilters {
     /// The next batch after `after_id`: up to `limit` matching tickets, locked FOR NO KEY
     /// UPDATE SKIP LOCKED so that rows a live application holds are skipped rather than waited
     /// on (NO KEY: inserts of comments and tag links that reference a ticket are not blocked).
-    /// One statement picks the candidates by primary key and locks those that still match
+    /// The candidates are read in primary-key order, then those that still match are locked
     /// (PostgreSQL re-checks the filters on the newest version of a row changed meanwhile).
     /// Returns the locked ids and the highest candidate id (to continue after, past rows that
-    /// were skipped). On Citus the candidates are read first and locked shard by shard.
+    /// were skipped). On Citus the candidates are locked shard by shard.
     pub fn lock_batch(
         &self,
         conn: &mut PgConnection,
@@ -349,19 +353,71 @@ impl ResolvedFilters {
         // large soft-delete, guessing one deleted ticket — ran the subquery again for every
         // ticket it locked: a `restore --only-deleted` right after soft-deleting 100,000 of 1M
         // tickets hit the statement timeout in its first batch.
-        let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
-        let Some(&last) = candidates.last() else {
-            return Ok((Vec::new(), None));
+        let (candidates, last, condition) = match self.listed_window(conn, after_id, limit)? {
+            // An ids file: the batch's candidates are the next `limit` of the tickets it lists
+            // (read once), checked against the other filters. With the whole list in each
+            // batch's statements, every batch looked up every value of the file again, in
+            // every partition on that layout (a `fix set` of 25,000 of 100,000 listed
+            // tickets on 41 partitions: 26.5 s, the longest batch 4.9 s).
+            Some(window) => {
+                let Some(&last) = window.last() else {
+                    return Ok((Vec::new(), None));
+                };
+                let candidates: Vec<i64> = tickets::table
+                    .select(tickets::id)
+                    .filter(tickets::id.eq_any(window))
+                    .filter(self.condition_of(scope, false))
+                    .order(tickets::id)
+                    .load(conn)?;
+                (candidates, last, self.condition_of(scope, false))
+            }
+            None => {
+                let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
+                let Some(&last) = candidates.last() else {
+                    return Ok((Vec::new(), None));
+                };
+                (candidates, last, self.condition(scope))
+            }
         };
+        if candidates.is_empty() {
+            return Ok((Vec::new(), Some(last)));
+        }
         let locked: Vec<i64> = tickets::table
             .select(tickets::id)
             .filter(tickets::id.eq_any(&candidates))
-            .filter(self.condition(scope))
+            .filter(condition)
             .order(tickets::id)
             .for_no_key_update()
             .skip_locked()
             .load(conn)?;
         Ok((locked, Some(last)))
+    }
+
+    /// With an ids file: the next `limit` ids after `after_id` among the tickets it lists
+    /// (deleted or not, whatever the other filters say), read from the database on first use.
+    fn listed_window(&self, conn: &mut PgConnection, after_id: i64, limit: i64) -> QueryResult<Option<&[i64]>> {
+        let Some(list) = &self.ids else {
+            return Ok(None);
+        };
+        if self.listed_tickets.get().is_none() {
+            let mut ids: Vec<i64> = tickets::table
+                .select(tickets::id)
+                .filter(
+                    tickets::id
+                        .eq_any(&list.ids)
+                        .or(tickets::external_id.eq_any(&list.external_ids)),
+                )
+                .load(conn)?;
+            ids.sort_unstable();
+            ids.dedup();
+            let _ = self.listed_tickets.set(ids);
+        }
+        let ids = self.listed_tickets.get().map(Vec::as_slice).unwrap_or_default();
+        let from = ids.partition_point(|&id| id <= after_id);
+        let to = ids
+            .len()
+            .min(from.saturating_add(usize::try_from(limit).unwrap_or(usize::MAX)));
+        Ok(Some(&ids[from..to]))
     }
 
     /// The soft-delete of the next batch after `after_id`, in one statement: the first
@@ -458,6 +514,12 @@ impl ResolvedFilters {
     /// The filters as one boolean expression on `tickets`, for queries a boxed query cannot
     /// express (GROUP BY in the reports). Unset filters add nothing; no filter at all is TRUE.
     pub fn condition(&self, scope: DeletedScope) -> TicketCondition {
+        self.condition_of(scope, true)
+    }
+
+    /// `condition`, with or without the ids file's part (left out where the ids are given
+    /// otherwise).
+    fn condition_of(&self, scope: DeletedScope, with_ids: bool) -> TicketCondition {
         let f = &self.filters;
         let mut parts: Vec<TicketCondition> = Vec::new();
         if !f.status.is_empty() {
@@ -514,7 +576,7 @@ impl ResolvedFilters {
         if let Some(t) = f.updated_after {
             parts.push(Box::new(tickets::updated_at.ge(t)));
         }
-        if let Some(list) = &self.ids {
+        if let Some(list) = self.ids.as_ref().filter(|_| with_ids) {
             parts.push(Box::new(
                 tickets::id
                     .eq_any(list.ids.clone())

@@ -638,3 +638,87 @@ fn an_export_edited_in_a_spreadsheet_applies_as_it_is_and_undoes() {
         .stderr_has("both a tags column");
     assert_eq!(tickets_and_tags(&db, "true"), before);
 }
+
+#[test]
+fn an_ids_file_over_many_batches_selects_exactly_its_tickets_with_the_other_filters() {
+    // Batches take the listed tickets a window at a time (read once); the other filters and the
+    // deleted scope still apply to each.
+    let dir = scratch("fix-ids-batches");
+    let db = TestDb::new();
+    let file = generate(&dir, "tickets.csv", &["tickets", "--rows", "300", "--seed", "43"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let rows = db.json("SELECT id, external_id FROM tickets ORDER BY id");
+    // Every third ticket by external_id, every seventh by id alone, and values that match nothing.
+    let mut list = String::from("external_id,id\n");
+    for (n, row) in rows.iter().enumerate() {
+        if n % 3 == 0 {
+            list.push_str(&format!("{},\n", row["external_id"].as_str().unwrap()));
+        } else if n % 7 == 0 {
+            list.push_str(&format!(",{}\n", row["id"]));
+        }
+    }
+    list.push_str("NO-SUCH-TICKET,\n,999999999\n");
+    std::fs::write(dir.join("ids.csv"), list).unwrap();
+    let listed = "(SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) - 1 AS n FROM tickets) o
+                   WHERE n % 3 = 0 OR n % 7 = 0)";
+    db.execute(&format!(
+        "UPDATE tickets SET deleted_at = now() WHERE id IN {listed} AND id % 5 = 0;
+         UPDATE tickets SET deleted_at = now() WHERE id NOT IN {listed} AND id % 11 = 0"
+    ));
+    let expected = db.strings(&format!(
+        "SELECT external_id FROM tickets WHERE id IN {listed} AND status = 'open' AND deleted_at IS NULL
+         AND priority <> 'urgent' ORDER BY 1"
+    ));
+    assert!(expected.len() > 10, "{expected:?}");
+    let before = db.strings("SELECT external_id || ' ' || priority FROM tickets ORDER BY 1");
+    let summary = apply(
+        &db,
+        &dir,
+        &[
+            "fix",
+            "set",
+            "priority=urgent",
+            "--ids-file",
+            "ids.csv",
+            "--status",
+            "open",
+            "--batch-size",
+            "7",
+        ],
+    );
+    assert_eq!(summary["changed"].as_u64(), Some(expected.len() as u64), "{summary}");
+    let after = db.strings("SELECT external_id || ' ' || priority FROM tickets ORDER BY 1");
+    let changed: Vec<String> = after
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(changed, expected);
+    // Restoring by the same file brings back exactly its deleted tickets, a few per batch.
+    let deleted = db.scalar(&format!(
+        "SELECT count(*) FROM tickets WHERE id IN {listed} AND deleted_at IS NOT NULL"
+    ));
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "restore",
+            "--ids-file",
+            "ids.csv",
+            "--only-deleted",
+            "--batch-size",
+            "4",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["restored"].as_i64(), Some(deleted));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM tickets WHERE id NOT IN {listed} AND deleted_at IS NOT NULL"
+        )),
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        "the unlisted deleted tickets stay deleted"
+    );
+}
