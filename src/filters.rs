@@ -353,7 +353,7 @@ impl ResolvedFilters {
         // large soft-delete, guessing one deleted ticket — ran the subquery again for every
         // ticket it locked: a `restore --only-deleted` right after soft-deleting 100,000 of 1M
         // tickets hit the statement timeout in its first batch.
-        let (candidates, last, condition) = match self.listed_window(conn, after_id, limit)? {
+        let (candidates, last, condition) = match self.listed_window(conn, layout, after_id, limit)? {
             // An ids file: the batch's candidates are the next `limit` of the tickets it lists
             // (read once), checked against the other filters. With the whole list in each
             // batch's statements, every batch looked up every value of the file again, in
@@ -395,19 +395,46 @@ impl ResolvedFilters {
 
     /// With an ids file: the next `limit` ids after `after_id` among the tickets it lists
     /// (deleted or not, whatever the other filters say), read from the database on first use.
-    fn listed_window(&self, conn: &mut PgConnection, after_id: i64, limit: i64) -> QueryResult<Option<&[i64]>> {
+    fn listed_window(
+        &self,
+        conn: &mut PgConnection,
+        layout: Layout,
+        after_id: i64,
+        limit: i64,
+    ) -> QueryResult<Option<&[i64]>> {
         let Some(list) = &self.ids else {
             return Ok(None);
         };
         if self.listed_tickets.get().is_none() {
-            let mut ids: Vec<i64> = tickets::table
-                .select(tickets::id)
-                .filter(
-                    tickets::id
-                        .eq_any(&list.ids)
-                        .or(tickets::external_id.eq_any(&list.external_ids)),
-                )
-                .load(conn)?;
+            // Listed ids need no lookup: one that names no ticket selects nothing.
+            let mut ids = list.ids.clone();
+            let mut external_ids: Vec<&str> = list.external_ids.iter().map(String::as_str).collect();
+            if layout.partitioned() {
+                // Through the keys, one index; a ticket without a key (written by hand) is
+                // looked for through the parent, which probes every partition.
+                #[derive(diesel::QueryableByName)]
+                struct Key {
+                    #[diesel(sql_type = BigInt)]
+                    ticket_id: i64,
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    external_id: String,
+                }
+                let keys: Vec<Key> =
+                    diesel::sql_query("SELECT ticket_id, external_id FROM ticket_keys WHERE external_id = ANY($1)")
+                        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&external_ids)
+                        .load(conn)?;
+                let found: std::collections::HashSet<&str> = keys.iter().map(|k| k.external_id.as_str()).collect();
+                external_ids.retain(|e| !found.contains(e));
+                ids.extend(keys.iter().map(|k| k.ticket_id));
+            }
+            if !external_ids.is_empty() {
+                ids.extend(
+                    tickets::table
+                        .select(tickets::id)
+                        .filter(tickets::external_id.eq_any(&external_ids))
+                        .load::<i64>(conn)?,
+                );
+            }
             ids.sort_unstable();
             ids.dedup();
             let _ = self.listed_tickets.set(ids);
@@ -462,11 +489,26 @@ impl ResolvedFilters {
             deleted.sort_unstable();
             return Ok((deleted, last));
         }
+        // With an ids file, the next of the tickets it lists (see `lock_batch`).
+        let window = self.listed_window(conn, layout, after_id, limit)?;
+        if window.is_some_and(<[i64]>::is_empty) {
+            return Ok((Vec::new(), None));
+        }
+        let condition = || -> TicketCondition {
+            match window {
+                Some(ids) => Box::new(
+                    tickets::id
+                        .eq_any(ids.to_vec())
+                        .and(self.condition_of(DeletedScope::Exclude, false)),
+                ),
+                None => self.condition(DeletedScope::Exclude),
+            }
+        };
         let locking = |address: &str| {
             tickets::table
                 // Rendered into the UPDATE, never loaded itself: the SQL type is only a label.
                 .select(diesel::dsl::sql::<Tid>(address))
-                .filter(self.condition(DeletedScope::Exclude))
+                .filter(condition())
                 .filter(tickets::id.gt(after_id))
                 .order(tickets::id)
                 .limit(limit)
@@ -494,7 +536,8 @@ impl ResolvedFilters {
             .load(conn)?
         };
         deleted.sort_unstable();
-        let last = deleted.last().copied();
+        // Past the whole window, also when none of it was left to soft-delete.
+        let last = window.and_then(<[i64]>::last).or(deleted.last()).copied();
         Ok((deleted, last))
     }
 

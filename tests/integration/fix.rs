@@ -721,4 +721,31 @@ fn an_ids_file_over_many_batches_selects_exactly_its_tickets_with_the_other_filt
         db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
         "the unlisted deleted tickets stay deleted"
     );
+    // And a soft-delete by it, with another filter, a few per batch.
+    let open_listed = db.scalar(&format!(
+        "SELECT count(*) FROM tickets WHERE id IN {listed} AND status = 'open' AND deleted_at IS NULL"
+    ));
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--ids-file",
+            "ids.csv",
+            "--status",
+            "open",
+            "--batch-size",
+            "5",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"].as_i64(), Some(open_listed));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL AND id IN {listed} AND status = 'open'"
+        )),
+        open_listed
+    );
 }
