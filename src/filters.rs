@@ -13,6 +13,7 @@ use diesel::sql_types::{BigInt, Bool, Timestamptz};
 
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
+use crate::import::tickets::ticket_ids_by_external_id;
 use crate::layout::Layout;
 use crate::layout::partition_rows::{self, LOCKED_COLUMNS, LockedByPartition, PartitionRows};
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
@@ -353,38 +354,26 @@ impl ResolvedFilters {
         // large soft-delete, guessing one deleted ticket — ran the subquery again for every
         // ticket it locked: a `restore --only-deleted` right after soft-deleting 100,000 of 1M
         // tickets hit the statement timeout in its first batch.
-        let (candidates, last, condition) = match self.listed_window(conn, layout, after_id, limit)? {
+        let listed = self.listed_window(conn, layout, after_id, limit)?;
+        let read;
+        let (candidates, condition) = match listed {
             // An ids file: the batch's candidates are the next `limit` of the tickets it lists
-            // (read once), checked against the other filters. With the whole list in each
-            // batch's statements, every batch looked up every value of the file again, in
-            // every partition on that layout (a `fix set` of 25,000 of 100,000 listed
-            // tickets on 41 partitions: 26.5 s, the longest batch 4.9 s).
-            Some(window) => {
-                let Some(&last) = window.last() else {
-                    return Ok((Vec::new(), None));
-                };
-                let candidates: Vec<i64> = tickets::table
-                    .select(tickets::id)
-                    .filter(tickets::id.eq_any(window))
-                    .filter(self.condition_of(scope, false))
-                    .order(tickets::id)
-                    .load(conn)?;
-                (candidates, last, self.condition_of(scope, false))
-            }
+            // (read once), checked against the other filters as they are locked. With the
+            // whole list in each batch's statements, every batch looked up every value of the
+            // file again, in every partition on that layout (a `fix set` of 25,000 of 100,000
+            // listed tickets on 41 partitions: 26.5 s, the longest batch 4.9 s).
+            Some(window) => (window, self.condition_of(scope, false)),
             None => {
-                let candidates: Vec<i64> = self.candidates(scope, after_id, limit).load(conn)?;
-                let Some(&last) = candidates.last() else {
-                    return Ok((Vec::new(), None));
-                };
-                (candidates, last, self.condition(scope))
+                read = self.candidates(scope, after_id, limit).load::<i64>(conn)?;
+                (read.as_slice(), self.condition(scope))
             }
         };
-        if candidates.is_empty() {
-            return Ok((Vec::new(), Some(last)));
-        }
+        let Some(&last) = candidates.last() else {
+            return Ok((Vec::new(), None));
+        };
         let locked: Vec<i64> = tickets::table
             .select(tickets::id)
-            .filter(tickets::id.eq_any(&candidates))
+            .filter(tickets::id.eq_any(candidates))
             .filter(condition)
             .order(tickets::id)
             .for_no_key_update()
@@ -409,24 +398,11 @@ impl ResolvedFilters {
             // Listed ids need no lookup: one that names no ticket selects nothing.
             let mut ids = list.ids.clone();
             let mut external_ids: Vec<&str> = list.external_ids.iter().map(String::as_str).collect();
-            if layout.partitioned() {
-                // Through the keys, one index; a ticket without a key (written by hand) is
-                // looked for through the parent, which probes every partition.
-                #[derive(diesel::QueryableByName)]
-                struct Key {
-                    #[diesel(sql_type = BigInt)]
-                    ticket_id: i64,
-                    #[diesel(sql_type = diesel::sql_types::Text)]
-                    external_id: String,
-                }
-                let keys: Vec<Key> =
-                    diesel::sql_query("SELECT ticket_id, external_id FROM ticket_keys WHERE external_id = ANY($1)")
-                        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&external_ids)
-                        .load(conn)?;
-                let found: std::collections::HashSet<&str> = keys.iter().map(|k| k.external_id.as_str()).collect();
-                external_ids.retain(|e| !found.contains(e));
-                ids.extend(keys.iter().map(|k| k.ticket_id));
-            }
+            let found = ticket_ids_by_external_id(conn, layout, &external_ids)?;
+            ids.extend(found.values());
+            // On partitions those are found through the keys; a ticket without a key (written
+            // by hand) is looked for through the parent, which probes every partition.
+            external_ids.retain(|e| layout.partitioned() && !found.contains_key(*e));
             if !external_ids.is_empty() {
                 ids.extend(
                     tickets::table
