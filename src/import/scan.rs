@@ -11,7 +11,6 @@
 //! only one, which makes no row a duplicate, and neither can a hash collision, since the map
 //! holds the keys.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::hash::BuildHasherDefault;
@@ -25,7 +24,7 @@ use sha2::{Digest, Sha256};
 use super::Latin1Check;
 use super::bounded::BoundedReader;
 use super::entities::PreHashed;
-use super::source::{ColumnMap, Encoding};
+use super::source::ColumnMap;
 use super::{ImportKind, ImportOptions};
 use crate::exit::UsageError;
 
@@ -159,7 +158,7 @@ fn scan_keys<K: ImportKind>(
                 } else {
                     h
                 };
-                decode(h, encoding).trim().trim_matches('"').to_string()
+                encoding.decode_lossy(h).trim().trim_matches('"').to_string()
             })
             .collect();
         if let (Some(field), Ok(columns)) = (
@@ -192,7 +191,7 @@ fn scan_keys<K: ImportKind>(
             continue; // rejected on import; it has no reliable key
         }
         // Borrowed all the way for the common case: the scan is on the import's critical path.
-        let decoded = decode(record.get(column).unwrap_or(b""), encoding);
+        let decoded = encoding.decode_lossy(record.get(column).unwrap_or(b""));
         let key = K::normalize_key(&decoded);
         if key.is_empty() {
             continue;
@@ -216,13 +215,6 @@ fn scan_keys<K: ImportKind>(
     }
     let tracked = untracked_reason.is_none();
     Ok((tracked.then_some(repeated), untracked_reason))
-}
-
-fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, str> {
-    match encoding {
-        Encoding::Utf8 => String::from_utf8_lossy(bytes),
-        single_byte => Cow::Owned(single_byte.decode_single_byte(bytes)),
-    }
 }
 
 #[cfg(test)]

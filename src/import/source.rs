@@ -96,6 +96,14 @@ impl Encoding {
         self != Encoding::Utf8
     }
 
+    /// The text of `bytes`, invalid UTF-8 replaced (for headers and keys; fields are checked).
+    pub fn decode_lossy(self, bytes: &[u8]) -> Cow<'_, str> {
+        match self {
+            Encoding::Utf8 => String::from_utf8_lossy(bytes),
+            single_byte => Cow::Owned(single_byte.decode_single_byte(bytes)),
+        }
+    }
+
     /// The text of `bytes` in a single-byte encoding (UTF-8 is checked by the caller).
     pub fn decode_single_byte(self, bytes: &[u8]) -> String {
         match self {
@@ -358,10 +366,7 @@ impl CsvSource {
         }
         let header: Vec<String> = raw_header
             .iter()
-            .map(|h| match encoding {
-                Encoding::Utf8 => String::from_utf8_lossy(h).trim().to_string(),
-                single_byte => single_byte.decode_single_byte(h).trim().to_string(),
-            })
+            .map(|h| encoding.decode_lossy(h).trim().to_string())
             .collect();
         let mut base = Position {
             record: 0,
