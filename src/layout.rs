@@ -5,6 +5,7 @@
 //! [`Layout::of`] at its start.
 
 pub mod cluster;
+pub mod partition_copy;
 pub mod partition_rows;
 
 use anyhow::{Context as _, bail};
@@ -487,13 +488,16 @@ pub struct MonthlyPartition {
     pub from: chrono::DateTime<chrono::Utc>,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
     pub until: chrono::DateTime<chrono::Utc>,
+    /// Whether this user may write the partition itself (not only through the parent).
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub insertable: bool,
 }
 
 /// The monthly partitions of tickets (the default partition left out), oldest first.
 pub fn monthly_partitions(conn: &mut PgConnection) -> anyhow::Result<Vec<MonthlyPartition>> {
     sql_query(
-        "SELECT name, lo AS \"from\", hi AS until FROM (
-             SELECT c.oid::regclass::text AS name,
+        "SELECT name, lo AS \"from\", hi AS until, insertable FROM (
+             SELECT c.oid::regclass::text AS name, has_table_privilege(c.oid, 'INSERT') AS insertable,
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -568,4 +572,59 @@ impl PartitionHealth {
         }
         problems
     }
+}
+
+/// `ANALYZE tickets, ticket_tags` on the partitioned layout after a large write, with its rows
+/// committed. `ANALYZE tickets` samples the parent and then analyzes every partition,
+/// one after another (no `ANALYZE ONLY` before PostgreSQL 18): 3 s for 1M tickets over 24
+/// months, against 0.3 s for one table. There a second connection from `pool` shares the
+/// partitions: each side analyzes in a transaction, so it holds what it analyzed, skips what
+/// the other holds (`SKIP_LOCKED`), and commits only when both are done — each partition is
+/// analyzed once, by whichever side came to it first. A partition autovacuum is analyzing
+/// at that moment is left to it.
+pub fn analyze_partitioned_tickets(conn: &mut PgConnection, pool: &crate::db::Pool) -> anyhow::Result<()> {
+    use diesel::Connection as _;
+    #[derive(QueryableByName)]
+    struct Leaf {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    // The parent's ANALYZE takes its partitions in the order of their OIDs: the helper starts
+    // from the other end.
+    let leaves: Vec<Leaf> = sql_query(
+        "SELECT relid::regclass::text AS name FROM pg_partition_tree('tickets') WHERE isleaf ORDER BY relid DESC",
+    )
+    .load(conn)
+    .context("cannot list the partitions of tickets")?;
+    let mut helper_conn = crate::db::get(pool)?;
+    let (main_done, main_done_rx) = std::sync::mpsc::channel::<()>();
+    let (helper_done, helper_done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(move || {
+            helper_conn.transaction(move |c| -> anyhow::Result<()> {
+                for table in std::iter::once("ticket_tags").chain(leaves.iter().map(|l| l.name.as_str())) {
+                    sql_query(format!("ANALYZE (SKIP_LOCKED) {table}"))
+                        .execute(c)
+                        .with_context(|| format!("cannot ANALYZE {table}"))?;
+                }
+                let _ = helper_done.send(());
+                // Until the parent's side is done too (or gone): committing earlier would let it
+                // take this side's partitions again.
+                let _ = main_done_rx.recv();
+                Ok(())
+            })
+        });
+        let main = conn.transaction(move |c| -> anyhow::Result<()> {
+            sql_query("ANALYZE (SKIP_LOCKED) tickets")
+                .execute(c)
+                .context("cannot ANALYZE tickets")?;
+            let _ = main_done.send(());
+            let _ = helper_done_rx.recv();
+            Ok(())
+        });
+        let helper = helper
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the ANALYZE helper thread panicked")));
+        main.and(helper).context("cannot ANALYZE tickets after the import")
+    })
 }

@@ -129,6 +129,13 @@ pub trait ImportKind: Send {
         Ok(())
     }
 
+    /// Called once after the import succeeded and its rows are committed (not on a dry run),
+    /// with a connection and the pool: work that needs to see the rows from other sessions,
+    /// such as statistics gathered on several connections. An error is reported as a warning.
+    fn after_commit(&mut self, _conn: &mut PgConnection, _pool: &crate::db::Pool) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Forgets cached state after a rolled-back batch.
     fn reset(&mut self) {}
 

@@ -271,6 +271,14 @@ pub fn run<K: ImportKind>(
             counts.accounted()
         );
     }
+    // Part of the import's time, so before its end is recorded.
+    let after_commit_warning = if end.status == OperationStatus::Succeeded && options.mode != Mode::DryRun {
+        kind.after_commit(&mut conn, pool).err().map(|err| {
+            format!("warning: the import is committed, but {err:#}; autovacuum gathers the statistics later")
+        })
+    } else {
+        None
+    };
     // If even a fresh connection cannot record the end, the import's own error stays the one
     // reported.
     let end_not_recorded = match op_id {
@@ -302,7 +310,8 @@ pub fn run<K: ImportKind>(
         inserts: K::INSERTS,
         updated_label: K::UPDATED_LABEL,
     };
-    let (notes, result) = conclude(result, &report, options.mode, op_id, exit_code, end_not_recorded);
+    let (mut notes, result) = conclude(result, &report, options.mode, op_id, exit_code, end_not_recorded);
+    notes.extend(after_commit_warning);
     Ok(ImportOutcome {
         report,
         extra: kind.summary_extra(),

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use diesel::pg::CopyFormat;
+use diesel::pg::{CopyFormat, CopyTarget};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Text};
 use diesel::{PgConnection, QueryableByName, sql_query};
@@ -20,6 +20,47 @@ use crate::schema::{ticket_tags, tickets};
 use super::*;
 use crate::db::Id;
 use crate::import::initial_load::reserve_id_block;
+use crate::layout::partition_copy::NamedCopyTarget;
+
+/// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them.
+const TICKET_COPY_COLUMNS: &str = "id, external_id, subject, description, status, priority, channel, requester_id, \
+     assignee_id, organization_id, created_at, updated_at, solved_at, last_operation_id";
+
+/// TICKET_COPY_COLUMNS as Diesel's COPY target (tickets itself).
+#[allow(clippy::type_complexity)]
+fn ticket_copy_columns() -> (
+    tickets::id,
+    tickets::external_id,
+    tickets::subject,
+    tickets::description,
+    tickets::status,
+    tickets::priority,
+    tickets::channel,
+    tickets::requester_id,
+    tickets::assignee_id,
+    tickets::organization_id,
+    tickets::created_at,
+    tickets::updated_at,
+    tickets::solved_at,
+    tickets::last_operation_id,
+) {
+    (
+        tickets::id,
+        tickets::external_id,
+        tickets::subject,
+        tickets::description,
+        tickets::status,
+        tickets::priority,
+        tickets::channel,
+        tickets::requester_id,
+        tickets::assignee_id,
+        tickets::organization_id,
+        tickets::created_at,
+        tickets::updated_at,
+        tickets::solved_at,
+        tickets::last_operation_id,
+    )
+}
 
 #[derive(QueryableByName)]
 struct Classified {
@@ -232,76 +273,56 @@ impl TicketImport {
             let started = std::time::Instant::now();
             copy_keys(
                 conn,
+                // Citus's own COPY of ticket_keys takes no FREEZE across its placements.
+                self.initial_load && self.layout.partitioned(),
                 rows.iter()
                     .zip(&ids)
                     .map(|(r, &id)| (id, r.row.external_id(), r.row.created_at.unwrap_or(import_time))),
             )?;
             self.phases.add("COPY ticket keys", started);
         }
-        // Each row is encoded as the COPY streams, so the lookups and the freeing of the
-        // parsed rows overlap with the server ingesting the rows before.
-        let pending = RefCell::new(Some(rows));
+        let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)).collect();
+        let rows: Vec<(&TicketRow, i64, DateTime<Utc>)> = rows
+            .iter()
+            .zip(&ids)
+            .zip(&created)
+            .map(|((r, &id), &at)| (&r.row, id, at))
+            .collect();
         let links = RefCell::new(Vec::new());
-        let this = &*self;
-        // COPY … FREEZE is refused on a partitioned table.
-        let freeze = self.initial_load && !self.layout.partitioned();
-        let inserted = diesel::copy_from(tickets::table)
-            .from_raw_data(
-                // In the order the rows below are written.
-                (
-                    tickets::id,
-                    tickets::external_id,
-                    tickets::subject,
-                    tickets::description,
-                    tickets::status,
-                    tickets::priority,
-                    tickets::channel,
-                    tickets::requester_id,
-                    tickets::assignee_id,
-                    tickets::organization_id,
-                    tickets::created_at,
-                    tickets::updated_at,
-                    tickets::solved_at,
-                    tickets::last_operation_id,
-                ),
-                |out| -> Result<(), diesel::result::Error> {
-                    let rows = pending.take().expect("the COPY callback runs once");
-                    let mut links = links.borrow_mut();
-                    let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                    for (r, &id) in rows.into_iter().zip(&ids) {
-                        let (requester_id, assignee_id, organization_id, tag_ids) = this.ids_of(&r.row);
-                        links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
-                        let row = &r.row;
-                        let created_at = row.created_at.unwrap_or(import_time);
-                        (|| -> std::io::Result<()> {
-                            copy.row(14)?;
-                            copy.int8(id)?;
-                            copy.text(row.external_id())?;
-                            copy.text(row.subject())?;
-                            copy.opt_text(row.description())?;
-                            copy.text(row.status.as_str())?;
-                            copy.text(row.priority.as_str())?;
-                            copy.text(row.channel.as_str())?;
-                            copy.int8(requester_id)?;
-                            copy.opt_int8(assignee_id)?;
-                            copy.opt_int8(organization_id)?;
-                            copy.timestamptz(created_at)?;
-                            copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
-                            copy.opt_timestamptz(row.solved_at)?;
-                            copy.int8(op_id)
-                        })()
-                        .map_err(write_error)?;
-                    }
-                    copy.finish().map_err(write_error)
-                },
-            )
-            .with_format(CopyFormat::Binary)
+        let mut inserted = 0;
+        if self.initial_load && self.layout.partitioned() {
+            // COPY … FREEZE is refused on a partitioned table, so the rows go straight into
+            // their months (truncated or made in this transaction), a COPY for each month of the
+            // batch; rows of no month of their own (the default partition) through the parent.
+            let routes = self
+                .months
+                .route(conn, &created)
+                .context("cannot route the rows to their months")?;
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by_key(|&i| routes[i]);
+            for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
+                let group_rows = group.iter().map(|&i| rows[i]);
+                inserted += match routes[group[0]] {
+                    Some(month) => NamedCopyTarget::<tickets::table>::with(
+                        &format!("{} ({})", self.months.name(month), TICKET_COPY_COLUMNS),
+                        |target| self.copy_tickets(conn, target, true, group_rows, op_id, &links),
+                    )?,
+                    None => self.copy_tickets(conn, ticket_copy_columns(), false, group_rows, op_id, &links)?,
+                };
+            }
+        } else {
             // The initial load truncated the tables in its transaction: its rows can be
             // written frozen and their pages marked all-visible, so the index builds and key
             // validations after it need not check each row's visibility (0.5-0.8 s per 1M).
-            .with_freeze(freeze)
-            .execute(conn)
-            .context("cannot COPY new tickets")?;
+            inserted = self.copy_tickets(
+                conn,
+                ticket_copy_columns(),
+                self.initial_load,
+                rows.iter().copied(),
+                op_id,
+                &links,
+            )?;
+        }
         let links = links.into_inner();
         if !links.is_empty() {
             diesel::copy_from(ticket_tags::table)
@@ -342,6 +363,55 @@ impl TicketImport {
         counts.inserted += inserted as u64;
         self.inserted_here += inserted as u64;
         Ok(())
+    }
+
+    /// One binary COPY of `rows` (each with its id and created_at) into `target`, tickets or
+    /// one of its partitions; their tag links are added to `links`. Each row is encoded as the
+    /// COPY streams, so the cache lookups overlap with the server ingesting the rows before.
+    fn copy_tickets<'r, C: CopyTarget<Table = tickets::table>>(
+        &self,
+        conn: &mut PgConnection,
+        target: C,
+        freeze: bool,
+        rows: impl Iterator<Item = (&'r TicketRow, i64, DateTime<Utc>)>,
+        op_id: i64,
+        links: &RefCell<Vec<TicketTag>>,
+    ) -> anyhow::Result<usize> {
+        let pending = RefCell::new(Some(rows));
+        diesel::copy_from(tickets::table)
+            .from_raw_data(target, |out| -> Result<(), diesel::result::Error> {
+                let rows = pending.take().expect("the COPY callback runs once");
+                let mut links = links.borrow_mut();
+                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                for (row, id, created_at) in rows {
+                    let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(row);
+                    links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
+                    // In the order of TICKET_COPY_COLUMNS.
+                    (|| -> std::io::Result<()> {
+                        copy.row(14)?;
+                        copy.int8(id)?;
+                        copy.text(row.external_id())?;
+                        copy.text(row.subject())?;
+                        copy.opt_text(row.description())?;
+                        copy.text(row.status.as_str())?;
+                        copy.text(row.priority.as_str())?;
+                        copy.text(row.channel.as_str())?;
+                        copy.int8(requester_id)?;
+                        copy.opt_int8(assignee_id)?;
+                        copy.opt_int8(organization_id)?;
+                        copy.timestamptz(created_at)?;
+                        copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
+                        copy.opt_timestamptz(row.solved_at)?;
+                        copy.int8(op_id)
+                    })()
+                    .map_err(write_error)?;
+                }
+                copy.finish().map_err(write_error)
+            })
+            .with_format(CopyFormat::Binary)
+            .with_freeze(freeze)
+            .execute(conn)
+            .context("cannot COPY new tickets")
     }
 
     /// Rows whose external_id exists: stage, compare, merge only what differs.
@@ -535,9 +605,11 @@ impl TicketImport {
     }
 }
 
-/// The key rows of new tickets (partitioned layout), by binary COPY.
+/// The key rows of new tickets (partitioned layout), by binary COPY; `freeze` when ticket_keys
+/// was truncated in this transaction (the initial load).
 fn copy_keys<'a>(
     conn: &mut PgConnection,
+    freeze: bool,
     keys: impl Iterator<Item = (i64, &'a str, DateTime<Utc>)>,
 ) -> anyhow::Result<()> {
     use crate::layout::ticket_keys;
@@ -565,6 +637,7 @@ fn copy_keys<'a>(
             },
         )
         .with_format(CopyFormat::Binary)
+        .with_freeze(freeze)
         .execute(conn)
         .context("cannot COPY the keys of new tickets")?;
     Ok(())
