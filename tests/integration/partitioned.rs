@@ -599,3 +599,46 @@ fn an_import_in_one_transaction_that_makes_months_does_not_wait_for_its_own_lock
         300
     );
 }
+
+#[test]
+fn a_reimport_in_batches_finds_tickets_whose_created_at_moved_out_of_their_batch() {
+    let (db, dir) = partitioned_db("moved-in-batches");
+    // 40 tickets over 2023, in file order = id order, so that a re-import's read-ahead reads
+    // each batch as the id range after the previous one, bounded by the batch's created_at.
+    let rows = |moved: &dyn Fn(usize) -> Option<&'static str>| {
+        let mut csv = String::from("external_id,subject,status,requester_email,created_at\n");
+        for i in 0..40 {
+            let created = moved(i)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("2023-{:02}-10T10:00:00Z", 1 + i % 12));
+            csv.push_str(&format!("M-{i},Subject {i},open,user{i}@example.com,{created}\n"));
+        }
+        csv
+    };
+    let file = dir.join("first.csv");
+    std::fs::write(&file, rows(&|_| None)).unwrap();
+    import(&db, &dir, "tickets", &file, &["--batch-size", "10"])
+        .0
+        .expect_code(0);
+    // One ticket of each batch of 10 moves to a year no other row of its batch has.
+    let moved_to = |i: usize| match i % 10 {
+        3 => Some(if i < 20 {
+            "2021-06-01T00:00:00Z"
+        } else {
+            "2025-02-01T00:00:00Z"
+        }),
+        _ => None,
+    };
+    let second = dir.join("second.csv");
+    std::fs::write(&second, rows(&moved_to)).unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &second, &["--batch-size", "10"]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 4, 36, 0, 0, 0], "{}", run.explain());
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 40);
+    assert_eq!(partition_of(&db, "M-3"), "tickets_p2021_06");
+    assert_eq!(partition_of(&db, "M-33"), "tickets_p2025_02");
+    // And again: nothing changes, whichever way each ticket is found.
+    let (run, summary) = import(&db, &dir, "tickets", &second, &["--batch-size", "10"]);
+    run.expect_code(0);
+    assert_eq!(outcome(&summary), [0, 0, 40, 0, 0, 0], "{}", run.explain());
+}

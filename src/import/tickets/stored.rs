@@ -39,6 +39,13 @@ pub(super) struct StoredLookup {
     layout: Option<crate::layout::Layout>,
 }
 
+/// The earliest and latest created_at of `rows`, when every row has one.
+fn created_at_bounds(rows: &[Numbered<TicketRow>]) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let mut times = rows.iter().map(|r| r.row.created_at);
+    let first = times.next()??;
+    times.try_fold((first, first), |(lo, hi), t| t.map(|t| (lo.min(t), hi.max(t))))
+}
+
 impl StoredLookup {
     /// The stored tickets with the external ids of `rows`, each with its sorted tag ids
     /// (when the file has tags), by external id (moved out of the ticket into the key).
@@ -51,10 +58,20 @@ impl StoredLookup {
         let wanted: StrSet<&str> = rows.iter().map(|r| r.row.external_id()).collect();
         let mut stored: Vec<Ticket> = Vec::with_capacity(wanted.len());
         if let Some(first) = self.next_id {
-            let in_range: Vec<Ticket> = tickets::table
+            let mut query = tickets::table
                 .filter(tickets::id.between(first, first + wanted.len() as i64 - 1))
                 .select(Ticket::as_select())
-                .load(conn)?;
+                .into_boxed();
+            // On partitions id prunes nothing: the range is looked for in every month, each
+            // adding to the planning (2.8 ms against 0.1 on plain, for 41 partitions). The
+            // file's created_at values of the batch bound the months to look in; a ticket
+            // stored under another created_at is missed here and probed through its key below.
+            if self.layout(conn)?.partitioned()
+                && let Some((earliest, latest)) = created_at_bounds(rows)
+            {
+                query = query.filter(tickets::created_at.between(earliest, latest));
+            }
+            let in_range: Vec<Ticket> = query.load(conn)?;
             stored.extend(in_range.into_iter().filter(|t| wanted.contains(t.external_id.as_str())));
         }
         let guessed = stored.len();
