@@ -22,45 +22,10 @@ use crate::db::Id;
 use crate::import::initial_load::reserve_id_block;
 use crate::layout::partition_copy::NamedCopyTarget;
 
-/// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them.
+/// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them (and
+/// `insert_new` names them for tickets itself).
 const TICKET_COPY_COLUMNS: &str = "id, external_id, subject, description, status, priority, channel, requester_id, \
      assignee_id, organization_id, created_at, updated_at, solved_at, last_operation_id";
-
-/// TICKET_COPY_COLUMNS as Diesel's COPY target (tickets itself).
-#[allow(clippy::type_complexity)]
-fn ticket_copy_columns() -> (
-    tickets::id,
-    tickets::external_id,
-    tickets::subject,
-    tickets::description,
-    tickets::status,
-    tickets::priority,
-    tickets::channel,
-    tickets::requester_id,
-    tickets::assignee_id,
-    tickets::organization_id,
-    tickets::created_at,
-    tickets::updated_at,
-    tickets::solved_at,
-    tickets::last_operation_id,
-) {
-    (
-        tickets::id,
-        tickets::external_id,
-        tickets::subject,
-        tickets::description,
-        tickets::status,
-        tickets::priority,
-        tickets::channel,
-        tickets::requester_id,
-        tickets::assignee_id,
-        tickets::organization_id,
-        tickets::created_at,
-        tickets::updated_at,
-        tickets::solved_at,
-        tickets::last_operation_id,
-    )
-}
 
 #[derive(QueryableByName)]
 struct Classified {
@@ -289,39 +254,57 @@ impl TicketImport {
             .map(|((r, &id), &at)| (&r.row, id, at))
             .collect();
         let links = RefCell::new(Vec::new());
-        let mut inserted = 0;
-        if self.initial_load && self.layout.partitioned() {
-            // COPY … FREEZE is refused on a partitioned table, so the rows go straight into
-            // their months (truncated or made in this transaction), a COPY for each month of the
-            // batch; rows of no month of their own (the default partition) through the parent.
-            let routes = self
-                .months
+        // Rows go into tickets itself, but on the initial load of the partitioned layout
+        // straight into their months: PostgreSQL refuses COPY … FREEZE on a partitioned table
+        // but takes it on a partition truncated or made in this transaction. A COPY for each
+        // month of the batch; rows of no month of their own (the default partition) through
+        // the parent, unfrozen.
+        let into_months = self.initial_load && self.layout.partitioned();
+        let routes = if into_months {
+            self.months
                 .route(conn, &created)
-                .context("cannot route the rows to their months")?;
-            let mut order: Vec<usize> = (0..rows.len()).collect();
-            order.sort_by_key(|&i| routes[i]);
-            for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
-                let group_rows = group.iter().map(|&i| rows[i]);
-                inserted += match routes[group[0]] {
-                    Some(month) => NamedCopyTarget::<tickets::table>::with(
-                        &format!("{} ({})", self.months.name(month), TICKET_COPY_COLUMNS),
-                        |target| self.copy_tickets(conn, target, true, group_rows, op_id, &links),
-                    )?,
-                    None => self.copy_tickets(conn, ticket_copy_columns(), false, group_rows, op_id, &links)?,
-                };
-            }
+                .context("cannot route the rows to their months")?
         } else {
-            // The initial load truncated the tables in its transaction: its rows can be
-            // written frozen and their pages marked all-visible, so the index builds and key
-            // validations after it need not check each row's visibility (0.5-0.8 s per 1M).
-            inserted = self.copy_tickets(
-                conn,
-                ticket_copy_columns(),
-                self.initial_load,
-                rows.iter().copied(),
-                op_id,
-                &links,
-            )?;
+            vec![None; rows.len()]
+        };
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| routes[i]);
+        let mut inserted = 0;
+        for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
+            let group_rows = group.iter().map(|&i| rows[i]);
+            inserted += match routes[group[0]] {
+                Some(month) => NamedCopyTarget::<tickets::table>::with(
+                    &format!("{} ({})", self.months.name(month), TICKET_COPY_COLUMNS),
+                    |target| self.copy_tickets(conn, target, true, group_rows, op_id, &links),
+                )?,
+                // The initial load truncated the tables in its transaction: its rows can be
+                // written frozen and their pages marked all-visible, so the index builds and
+                // key validations after it need not check each row's visibility (0.5-0.8 s
+                // per 1M).
+                None => self.copy_tickets(
+                    conn,
+                    (
+                        tickets::id,
+                        tickets::external_id,
+                        tickets::subject,
+                        tickets::description,
+                        tickets::status,
+                        tickets::priority,
+                        tickets::channel,
+                        tickets::requester_id,
+                        tickets::assignee_id,
+                        tickets::organization_id,
+                        tickets::created_at,
+                        tickets::updated_at,
+                        tickets::solved_at,
+                        tickets::last_operation_id,
+                    ),
+                    self.initial_load && !into_months,
+                    group_rows,
+                    op_id,
+                    &links,
+                )?,
+            };
         }
         let links = links.into_inner();
         if !links.is_empty() {
