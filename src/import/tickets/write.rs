@@ -238,7 +238,8 @@ impl TicketImport {
             let started = std::time::Instant::now();
             copy_keys(
                 conn,
-                // Citus's own COPY of ticket_keys takes no FREEZE across its placements.
+                // Only where it was measured: on Citus the keys are a distributed table, and
+                // FREEZE there is not relied on.
                 self.initial_load && self.layout.partitioned(),
                 rows.iter()
                     .zip(&ids)
