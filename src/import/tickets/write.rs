@@ -231,6 +231,11 @@ impl TicketImport {
             ids.into_iter().map(|i| i.id).collect()
         };
         let import_time = self.import_time;
+        let rows: Vec<(&TicketRow, i64, DateTime<Utc>)> = rows
+            .iter()
+            .zip(&ids)
+            .map(|(r, &id)| (&r.row, id, r.row.created_at.unwrap_or(import_time)))
+            .collect();
         if self.layout.keyed() {
             // The keys first (the months were made by `resolve`), which the tickets reference:
             // a key that exists already (a concurrent insert) fails the batch like the unique
@@ -242,18 +247,10 @@ impl TicketImport {
                 // FREEZE there is not relied on.
                 self.initial_load && self.layout.partitioned(),
                 rows.iter()
-                    .zip(&ids)
-                    .map(|(r, &id)| (id, r.row.external_id(), r.row.created_at.unwrap_or(import_time))),
+                    .map(|&(row, id, created_at)| (id, row.external_id(), created_at)),
             )?;
             self.phases.add("COPY ticket keys", started);
         }
-        let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)).collect();
-        let rows: Vec<(&TicketRow, i64, DateTime<Utc>)> = rows
-            .iter()
-            .zip(&ids)
-            .zip(&created)
-            .map(|((r, &id), &at)| (&r.row, id, at))
-            .collect();
         let links = RefCell::new(Vec::new());
         // Rows go into tickets itself, but on the initial load of the partitioned layout
         // straight into their months: PostgreSQL refuses COPY … FREEZE on a partitioned table
@@ -262,6 +259,7 @@ impl TicketImport {
         // the parent, unfrozen.
         let into_months = self.initial_load && self.layout.partitioned();
         let routes = if into_months {
+            let created: Vec<DateTime<Utc>> = rows.iter().map(|&(_, _, created_at)| created_at).collect();
             self.months
                 .route(conn, &created)
                 .context("cannot route the rows to their months")?
