@@ -112,6 +112,7 @@ diesel::table! {
         solved_at -> Nullable<Timestamptz>,
         deleted_at -> Nullable<Timestamptz>,
         last_operation_id -> Nullable<Int8>,
+        import_fingerprint -> Nullable<Bytea>,
     }
 }
 

@@ -67,6 +67,11 @@ Every row is accounted for: rows_read = inserted + updated + unchanged + duplica
 + rejected. Rejected rows go to the rejects file with _record, _line and _error columns; fix them
 there and import that file again.
 
+A ticket keeps the fingerprint of the record that wrote it: importing the same record again (same
+columns and options) counts it unchanged without parsing it (unchanged_by_fingerprint in --json).
+Anything that changes the ticket, its tags or the users, organization and tags it names forgets
+the fingerprint, and the record is compared in full. Not on the distributed layout.
+
 Examples:
   ticketops import tickets dump.csv
   ticketops import tickets export.csv --map 'Ticket ID=external_id' --map 'Title=subject' \\

@@ -55,6 +55,9 @@ pub struct Counts {
     pub duplicate: u64,
     pub skipped_deleted: u64,
     pub rejected: u64,
+    /// Of the unchanged, those skipped by their fingerprint, unparsed (see `fingerprint`).
+    #[serde(default)]
+    pub unchanged_by_fingerprint: u64,
 }
 
 impl Counts {
@@ -71,6 +74,7 @@ impl Counts {
         self.duplicate += batch.duplicate;
         self.skipped_deleted += batch.skipped_deleted;
         self.rejected += batch.rejected;
+        self.unchanged_by_fingerprint += batch.unchanged_by_fingerprint;
     }
 }
 
@@ -126,6 +130,7 @@ impl ImportReport {
             "inserted": c.inserted,
             "updated": c.updated,
             "unchanged": c.unchanged,
+            "unchanged_by_fingerprint": c.unchanged_by_fingerprint,
             "duplicate": c.duplicate,
             "skipped_deleted": c.skipped_deleted,
             "rejected": c.rejected,
@@ -162,6 +167,12 @@ impl ImportReport {
             "  read {}  = {inserted}{verb}{} {} + unchanged {} + duplicate {} + skipped (deleted) {} + rejected {}",
             c.rows_read, self.updated_label, c.updated, c.unchanged, c.duplicate, c.skipped_deleted, c.rejected
         );
+        if c.unchanged_by_fingerprint > 0 {
+            eprintln!(
+                "  of the unchanged, {} were known by their fingerprint (not parsed or compared again)",
+                c.unchanged_by_fingerprint
+            );
+        }
         for (reason, t) in &self.tally.0 {
             let lines: Vec<String> = t.first_lines.iter().map(|l| l.to_string()).collect();
             let more = if t.count as usize > t.first_lines.len() {
@@ -202,6 +213,7 @@ mod tests {
             duplicate: 4,
             skipped_deleted: 5,
             rejected: 6,
+            unchanged_by_fingerprint: 2,
         };
         assert_eq!(counts.accounted(), counts.rows_read);
         let mut off = counts;

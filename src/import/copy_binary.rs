@@ -64,6 +64,18 @@ impl<W: Write> BinaryCopy<W> {
         }
     }
 
+    /// `bytea`: the bytes as they are.
+    pub fn opt_bytea(&mut self, value: Option<&[u8]>) -> io::Result<()> {
+        match value {
+            Some(v) => {
+                let len = i32::try_from(v.len()).map_err(|_| io::Error::other("a bytea field over 2 GiB"))?;
+                self.out.write_all(&len.to_be_bytes())?;
+                self.out.write_all(v)
+            }
+            None => self.null(),
+        }
+    }
+
     /// `timestamptz`: microseconds since PostgreSQL's epoch.
     pub fn timestamptz(&mut self, value: DateTime<Utc>) -> io::Result<()> {
         self.int8(value.timestamp_micros() - PG_EPOCH_MICROS)

@@ -10,6 +10,8 @@ use normalize::InputZone;
 use source::{ColumnMap, FieldSpec, RecordFields, RowError};
 
 use super::*;
+use entities::StrMap;
+use fingerprint::Fingerprint;
 
 /// Parse-time settings an import kind needs.
 pub struct ParseOptions {
@@ -28,6 +30,8 @@ pub struct Numbered<R> {
     /// The original fields, kept only for kinds that reject rows in the writer (an empty
     /// record would still be an allocation per row).
     pub raw: Option<ByteRecord>,
+    /// The record's fingerprint, for kinds that store one (see `fingerprint`).
+    pub fingerprint: Option<Fingerprint>,
     pub row: R,
 }
 
@@ -89,6 +93,14 @@ pub trait ImportKind: Send {
     /// the lookup for another batch read. It reads state committed just before the batch's
     /// own transaction, so a concurrent change in between is seen as one made just after.
     fn prefetcher(&self) -> Option<Prefetcher<Self::Row, Self::Prefetched>> {
+        None
+    }
+
+    /// For kinds that store the fingerprint of the record that wrote each row: what decides,
+    /// besides a record's own fields, what it becomes (the column mapping and options are
+    /// added by the pipeline), and how the stored fingerprints of a batch's keys are read.
+    /// The reader then skips the records whose fingerprint is stored already, as unchanged.
+    fn fingerprints(&self) -> Option<Fingerprints> {
         None
     }
 
@@ -154,6 +166,17 @@ pub trait ImportKind: Send {
         json!({})
     }
 }
+
+/// What a kind that stores record fingerprints gives the reader (`ImportKind::fingerprints`).
+pub struct Fingerprints {
+    pub settings: String,
+    pub lookup: FingerprintLookup,
+}
+
+/// Reads the fingerprints stored for some keys (keys without one are left out); `None` when
+/// this database keeps none that can be trusted (the distributed layout).
+pub type FingerprintLookup =
+    Box<dyn FnMut(&mut PgConnection, &[&str]) -> anyhow::Result<Option<StrMap<String, Fingerprint>>> + Send>;
 
 /// A kind's read-ahead for one batch's rows (see `ImportKind::prefetcher`).
 pub type Prefetcher<R, P> = Box<dyn FnMut(&mut PgConnection, &[Numbered<R>]) -> anyhow::Result<P> + Send>;

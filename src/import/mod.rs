@@ -13,6 +13,7 @@ mod columns;
 pub mod comments;
 mod copy_binary;
 pub mod entities;
+pub mod fingerprint;
 mod initial_load;
 mod kind;
 pub mod mapping;
@@ -44,9 +45,10 @@ use source::{ColumnMap, CsvSource, Encoding, Input, Position, ValueMap};
 
 use accounting::Checkpoint;
 pub use accounting::{Counts, ImportReport, MaxRejects};
-pub use kind::{ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
+use fingerprint::Fingerprinter;
+pub use kind::{FingerprintLookup, Fingerprints, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 pub(crate) use reader::Latin1Check;
-use reader::{BatchResult, ReadSettings, read_batches};
+use reader::{BatchResult, ReadSettings, UnchangedSkip, read_batches};
 use writer::{Committed, CommittedState, LoopEnd, WriterShared, prefetch_batches, process_batches};
 
 /// How rows are committed.
@@ -107,9 +109,9 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
     }
 }
 
-/// How many connections an import with one writer uses: the writer, the advisory lock and
-/// the read-ahead.
-pub const CONNECTIONS: u32 = 3;
+/// How many connections an import with one writer uses: the writer, the advisory lock, the
+/// read-ahead and the reader's lookup of stored fingerprints.
+pub const CONNECTIONS: u32 = 4;
 
 /// How many connections an import with `jobs` writers uses.
 pub fn connections(jobs: usize) -> u32 {
@@ -143,6 +145,7 @@ pub fn run<K: ImportKind>(
 
     let progress = output::byte_progress(options.progress, options.input.size());
     let (source_sha, repeated) = scan_input::<K>(&options, kind, &progress, log)?;
+    let repeated = repeated.map(std::sync::Arc::new);
     // One import of the same file at a time: a second one would race the first's checkpoints.
     let _lock = match &source_sha {
         Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(pool, &format!("import:{sha}"))?),
@@ -226,7 +229,7 @@ pub fn run<K: ImportKind>(
         source,
         columns,
         value_map,
-        repeated.is_some(),
+        repeated.clone(),
         resume_at.unwrap_or_default(),
         &progress,
     )?;
@@ -241,7 +244,7 @@ pub fn run<K: ImportKind>(
             op_id: id,
             receiver: &pipeline.receiver,
             options: &options,
-            repeated: repeated.as_ref(),
+            repeated: repeated.as_deref(),
             committed: &committed,
             stop: &stop,
             progress: &progress,
@@ -551,10 +554,11 @@ fn spawn_pipeline<K: ImportKind>(
     mut source: CsvSource,
     columns: Option<ColumnMap>,
     value_map: ValueMap,
-    keys_tracked: bool,
+    repeated: Option<std::sync::Arc<scan::Repeated>>,
     start: Position,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Pipeline<K>> {
+    let keys_tracked = repeated.is_some();
     let (sender, receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
     let prefetcher = kind.prefetcher().filter(|_| keys_tracked && columns.is_some());
     let (sender, prefetch) = match prefetcher {
@@ -575,12 +579,43 @@ fn spawn_pipeline<K: ImportKind>(
         tag_separator: options.tag_separator,
         date_formats: options.mapping.date_formats.clone(),
     };
+    let fingerprints = kind.fingerprints().zip(columns.as_ref());
+    let fingerprinter = fingerprints.as_ref().map(|(f, columns)| {
+        // Everything besides a record's fields that decides what it becomes.
+        Fingerprinter::new(&format!(
+            "{}\n{}\n{columns:?}\n{value_map:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            K::NAME,
+            f.settings,
+            options.mapping,
+            options.encoding,
+            options.zone,
+            options.tag_separator
+        ))
+    });
+    // Records are skipped by their fingerprint only where each key comes once (see
+    // `UnchangedSkip`), and not on an initial load, which starts from an empty table.
+    let skip = match (fingerprints, repeated, K::KEY_FIELD) {
+        (Some((f, columns)), Some(repeated), Some(key_field)) if !options.initial_load => {
+            match columns.positions[key_field] {
+                Some(key_column) => Some(UnchangedSkip::new(
+                    f.lookup,
+                    db::get(pool)?,
+                    key_column,
+                    repeated,
+                    options.mode != Mode::Batched,
+                )),
+                None => None,
+            }
+        }
+        _ => None,
+    };
     let settings = ReadSettings {
         encoding: options.encoding,
         batch_size: options.batch_size.max(1),
         max_field_size: options.max_field_size,
         from_stdin: matches!(options.input, Input::Stdin),
         start,
+        fingerprinter,
     };
     let reader_progress = progress.clone();
     let reader = columns.map(|columns| {
@@ -591,6 +626,7 @@ fn spawn_pipeline<K: ImportKind>(
                 &value_map,
                 &settings,
                 &parse_options,
+                skip,
                 &sender,
                 &reader_progress,
             )

@@ -1,9 +1,11 @@
 //! The reader thread: records parsed and validated into batches while the writer works on the
 //! previous one.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use csv::ByteRecord;
+
+use super::fingerprint::{Fingerprint, Fingerprinter};
 
 use crate::output::{self};
 use source::{ColumnMap, CsvSource, Encoding, Position, RecordFields, RowError, ValueMap};
@@ -20,7 +22,24 @@ pub(super) struct Batch<R, P> {
     pub(super) rejects: Vec<(u64, u64, ByteRecord, RowError)>,
     pub(super) end: Position,
     pub(super) rows_read: u64,
+    /// Records skipped because their fingerprint is the stored one: unchanged.
+    pub(super) unchanged: u64,
     pub(super) prefetched: Option<P>,
+}
+
+impl<R, P> Batch<R, P> {
+    fn new(seq: u64, start: Position, batch_size: usize) -> Batch<R, P> {
+        Batch {
+            seq,
+            start,
+            rows: Vec::with_capacity(batch_size),
+            rejects: Vec::new(),
+            end: start,
+            rows_read: 0,
+            unchanged: 0,
+            prefetched: None,
+        }
+    }
 }
 
 pub(super) type BatchResult<K> = anyhow::Result<Batch<<K as ImportKind>::Row, <K as ImportKind>::Prefetched>>;
@@ -35,6 +54,117 @@ pub(super) struct ReadSettings {
     pub(super) from_stdin: bool,
     /// Where reading starts (a resume's checkpoint).
     pub(super) start: Position,
+    /// Each record's fingerprint, for kinds that store one.
+    pub(super) fingerprinter: Option<Fingerprinter>,
+}
+
+/// Skipping the records whose fingerprint is stored already (see `fingerprint`): a batch's
+/// records are split and hashed, the stored fingerprints of their keys read in one query, and
+/// only the others parsed. Only where every key comes once in the file (the scan saw them all):
+/// an earlier occurrence of a key is a duplicate, whatever its fingerprint.
+pub(super) struct UnchangedSkip {
+    pub(super) lookup: FingerprintLookup,
+    pub(super) conn: db::PooledConn,
+    /// The key's column in the file.
+    pub(super) key_column: usize,
+    pub(super) repeated: Arc<scan::Repeated>,
+    /// The import runs in one transaction: a lock that stops a lookup is likely the import's
+    /// own, held to its end, so the first failure ends the lookups (as for the read-ahead).
+    one_transaction: bool,
+    /// The next batch whose fingerprints are looked up, and the gap after it.
+    next_lookup: u64,
+    gap: u64,
+}
+
+/// The longest run of batches read without looking up fingerprints after lookups that found
+/// few (a first import, a dump where most rows changed): the lookups cost almost nothing then.
+const MAX_LOOKUP_GAP: u64 = 32;
+
+impl UnchangedSkip {
+    pub(super) fn new(
+        lookup: FingerprintLookup,
+        conn: db::PooledConn,
+        key_column: usize,
+        repeated: Arc<scan::Repeated>,
+        one_transaction: bool,
+    ) -> UnchangedSkip {
+        UnchangedSkip {
+            lookup,
+            conn,
+            key_column,
+            repeated,
+            one_transaction,
+            next_lookup: 0,
+            gap: 1,
+        }
+    }
+
+    fn due(&self, seq: u64) -> bool {
+        seq >= self.next_lookup
+    }
+
+    /// After a lookup for batch `seq`: look again at the next batch while most records were
+    /// skipped, else after twice the gap.
+    fn schedule(&mut self, seq: u64, looked_for: usize, skipped: usize) {
+        self.gap = if looked_for > 0 && skipped * 2 >= looked_for {
+            1
+        } else {
+            (self.gap * 2).min(MAX_LOOKUP_GAP)
+        };
+        self.next_lookup = seq + self.gap;
+    }
+
+    /// Which of `pending` can be skipped: those whose key comes once in the file and has their
+    /// fingerprint stored. A failed lookup (a lock it would not wait for) skips none and is
+    /// tried again after a gap, as one that found few (in one transaction, never): the
+    /// writer's comparison finds the same rows unchanged.
+    fn unchanged(
+        &mut self,
+        seq: u64,
+        pending: &[Pending],
+        encoding: Encoding,
+        key_of: impl Fn(&str) -> String,
+    ) -> Vec<bool> {
+        let keys: Vec<Option<String>> = pending
+            .iter()
+            .map(|p| {
+                let key = key_of(&encoding.decode_lossy(p.record.get(self.key_column).unwrap_or(b"")));
+                let once = !key.is_empty() && !self.repeated.contains_key(&scan::key_hash(&key));
+                once.then_some(key)
+            })
+            .collect();
+        let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+        let stored = match (self.lookup)(&mut self.conn, &wanted) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                self.next_lookup = u64::MAX;
+                return vec![false; pending.len()];
+            }
+            Err(_) if self.one_transaction => {
+                self.next_lookup = u64::MAX;
+                return vec![false; pending.len()];
+            }
+            Err(_) => {
+                self.schedule(seq, 0, 0);
+                return vec![false; pending.len()];
+            }
+        };
+        let skip: Vec<bool> = pending
+            .iter()
+            .zip(&keys)
+            .map(|(p, key)| key.as_deref().and_then(|k| stored.get(k)) == Some(&p.fingerprint))
+            .collect();
+        self.schedule(seq, wanted.len(), skip.iter().filter(|s| **s).count());
+        skip
+    }
+}
+
+/// A record of the right shape kept unparsed until the batch's fingerprints are looked up.
+struct Pending {
+    record: ByteRecord,
+    number: u64,
+    line: u64,
+    fingerprint: Fingerprint,
 }
 
 /// Parses and validates records into batches for the writer; returns the warnings about the
@@ -46,6 +176,7 @@ pub(super) fn read_batches<K: ImportKind>(
     value_map: &ValueMap,
     settings: &ReadSettings,
     options: &ParseOptions,
+    mut skip: Option<UnchangedSkip>,
     sender: &mpsc::SyncSender<BatchResult<K>>,
     progress: &indicatif::ProgressBar,
 ) -> Vec<String> {
@@ -54,15 +185,37 @@ pub(super) fn read_batches<K: ImportKind>(
     let mut warnings = Vec::new();
     let mut latin1_check = Latin1Check::default();
     let mut record = ByteRecord::new();
-    let mut batch = Batch {
-        seq: 0,
-        start: settings.start,
-        rows: Vec::with_capacity(batch_size),
-        rejects: Vec::new(),
-        end: Position::default(),
-        rows_read: 0,
-        prefetched: None,
+    let mut batch = Batch::new(0, settings.start, batch_size);
+    let mut pending: Vec<Pending> = Vec::new();
+    let parse = |record: &ByteRecord| {
+        let fields = RecordFields {
+            record,
+            columns,
+            fields: K::FIELDS,
+            encoding,
+            value_map,
+        };
+        K::parse(&fields, options)
     };
+    let fingerprint = |record: &ByteRecord| settings.fingerprinter.as_ref().map(|f| f.of(record));
+    // A parsed record goes into the batch's rows or rejects.
+    let add = |batch: &mut Batch<K::Row, K::Prefetched>,
+               record: &ByteRecord,
+               number: u64,
+               line: u64,
+               fingerprint: Option<Fingerprint>| {
+        match parse(record) {
+            Ok(row) => batch.rows.push(Numbered {
+                record: number,
+                line,
+                raw: K::REJECTS_IN_WRITER.then(|| record.clone()),
+                fingerprint,
+                row,
+            }),
+            Err(error) => batch.rejects.push((number, line, record.clone(), error)),
+        }
+    };
+    let mut deferring = skip.as_ref().is_some_and(|s| s.due(0));
     loop {
         let next = match source.next(&mut record) {
             Ok(next) => next,
@@ -78,9 +231,9 @@ pub(super) fn read_batches<K: ImportKind>(
         if encoding.single_byte() {
             latin1_check.look_at(&record);
         }
-        let parsed = if let Some(cut) = read.oversized {
+        let shape_error = if let Some(cut) = read.oversized {
             let column = source.header.get(cut.field).map(String::as_str).unwrap_or("?");
-            Err(RowError::new(
+            Some(RowError::new(
                 None,
                 "field too large",
                 if cut.whole_record {
@@ -100,13 +253,13 @@ pub(super) fn read_batches<K: ImportKind>(
                 },
             ))
         } else if read.unterminated && settings.from_stdin {
-            Err(RowError::new(
+            Some(RowError::new(
                 None,
                 "truncated record",
                 "the input ended inside this record, with no line end after it: was the stream cut off?",
             ))
         } else if record.len() != columns.header_len {
-            Err(RowError::new(
+            Some(RowError::new(
                 None,
                 "wrong number of fields",
                 format!(
@@ -116,55 +269,45 @@ pub(super) fn read_batches<K: ImportKind>(
                 ),
             ))
         } else {
-            let fields = RecordFields {
-                record: &record,
-                columns,
-                fields: K::FIELDS,
-                encoding,
-                value_map,
-            };
-            K::parse(&fields, options)
+            None
         };
         if read.unterminated && !settings.from_stdin {
             warnings.push(format!(
                 "the input does not end with a line end: check that its last record (line {line}) is complete"
             ));
         }
-        match parsed {
-            Ok(row) => batch.rows.push(Numbered {
-                record: after.record,
-                line,
-                raw: K::REJECTS_IN_WRITER.then(|| record.clone()),
-                row,
-            }),
+        match shape_error {
             // An oversized record's buffer moves into the reject instead of being copied, and
             // the reader starts again with a small one.
-            Err(error) if read.oversized.is_some() => {
+            Some(error) if read.oversized.is_some() => {
                 batch
                     .rejects
                     .push((after.record, line, std::mem::take(&mut record), error))
             }
-            Err(error) => batch.rejects.push((after.record, line, record.clone(), error)),
+            Some(error) => batch.rejects.push((after.record, line, record.clone(), error)),
+            None if deferring => pending.push(Pending {
+                fingerprint: fingerprint(&record).expect("deferred only with fingerprints"),
+                record: record.clone(),
+                number: after.record,
+                line,
+            }),
+            None => add(&mut batch, &record, after.record, line, fingerprint(&record)),
         }
-        if batch.rows.len() + batch.rejects.len() >= batch_size {
+        if batch.rows.len() + batch.rejects.len() + pending.len() >= batch_size {
+            if let Some(skip) = skip.as_mut().filter(|_| !pending.is_empty()) {
+                finish_deferred::<K>(&mut batch, std::mem::take(&mut pending), skip, encoding, &add);
+            }
             progress.set_position(source.progress_position(after));
             let seq = batch.seq + 1;
-            let full = std::mem::replace(
-                &mut batch,
-                Batch {
-                    seq,
-                    start: after,
-                    rows: Vec::with_capacity(batch_size),
-                    rejects: Vec::new(),
-                    end: after,
-                    rows_read: 0,
-                    prefetched: None,
-                },
-            );
+            let full = std::mem::replace(&mut batch, Batch::new(seq, after, batch_size));
+            deferring = skip.as_ref().is_some_and(|s| s.due(seq));
             if sender.send(Ok(full)).is_err() {
                 return warnings; // the writer stopped (error or signal)
             }
         }
+    }
+    if let Some(skip) = skip.as_mut().filter(|_| !pending.is_empty()) {
+        finish_deferred::<K>(&mut batch, std::mem::take(&mut pending), skip, encoding, &add);
     }
     if batch.rows_read > 0 {
         progress.set_position(source.progress_position(batch.end));
@@ -172,6 +315,29 @@ pub(super) fn read_batches<K: ImportKind>(
     }
     warnings.extend(latin1_check.warning());
     warnings
+}
+
+/// The records of `batch` kept back for the lookup: counted unchanged or parsed. The batch's
+/// rejects stay in record order.
+fn finish_deferred<K: ImportKind>(
+    batch: &mut Batch<K::Row, K::Prefetched>,
+    pending: Vec<Pending>,
+    skip: &mut UnchangedSkip,
+    encoding: Encoding,
+    add: &impl Fn(&mut Batch<K::Row, K::Prefetched>, &ByteRecord, u64, u64, Option<Fingerprint>),
+) {
+    let unchanged = skip.unchanged(batch.seq, &pending, encoding, |raw| K::normalize_key(raw).into_owned());
+    let had_rejects = !batch.rejects.is_empty();
+    for (p, unchanged) in pending.into_iter().zip(unchanged) {
+        if unchanged {
+            batch.unchanged += 1;
+        } else {
+            add(batch, &p.record, p.number, p.line, Some(p.fingerprint));
+        }
+    }
+    if had_rejects {
+        batch.rejects.sort_by_key(|r| r.0);
+    }
 }
 
 /// Whether a file read as Latin-1 is in fact UTF-8: then every field with bytes over 127 is

@@ -346,6 +346,8 @@ fn write_batch<K: ImportKind>(
     // This batch's own counts, added to the committed ones when it commits.
     let mut base_counts = Counts {
         rows_read: batch.rows_read,
+        unchanged: batch.unchanged,
+        unchanged_by_fingerprint: batch.unchanged,
         ..Counts::default()
     };
     // Within a file the last occurrence of a key wins; earlier ones are duplicates.

@@ -43,6 +43,7 @@ CREATE TABLE tickets (
     solved_at timestamptz,
     deleted_at timestamptz,
     last_operation_id bigint REFERENCES bulk_operations (id),
+    import_fingerprint bytea,
     PRIMARY KEY (id, created_at)
 ) PARTITION BY RANGE (created_at);
 -- The plain layout's indexes, on every partition. external_id is not unique here (ticket_keys
@@ -57,6 +58,9 @@ CREATE INDEX tickets_updated_at_idx ON tickets (updated_at);
 CREATE INDEX tickets_deleted_at_idx ON tickets (deleted_at) WHERE deleted_at IS NOT NULL;
 CREATE INDEX tickets_created_at_idx ON tickets (created_at);
 CREATE INDEX tickets_solved_at_idx ON tickets (solved_at) WHERE solved_at IS NOT NULL;
+
+-- The trigger that forgets a changed ticket's import fingerprint went with the old table.
+SELECT ticketops_fingerprint_triggers();
 
 ALTER TABLE comments ADD CONSTRAINT comments_ticket_id_fkey
     FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE CASCADE;

@@ -5,6 +5,7 @@ mod cleanup;
 mod distributed;
 mod everyday;
 mod export;
+mod fingerprint;
 mod fix;
 mod foundation;
 mod hardening;

@@ -139,17 +139,18 @@ impl TicketImport {
         format!(
             "WITH target AS (
                  SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids,
-                        to_jsonb(e) || jsonb_build_object('tag_ids', to_jsonb({STORED_TAGS_OF_E})) AS before_image
+                        s.fingerprint,
+                        {image_of_e} || jsonb_build_object('tag_ids', to_jsonb({STORED_TAGS_OF_E})) AS before_image
                  FROM ticketops_stage_tickets s
                  {stored_ticket}
                  WHERE s.rec = ANY($1) AND {stored_ids}
              ), written AS (
-                 UPDATE tickets AS t SET {set}, last_operation_id = {op_id}
+                 UPDATE tickets AS t SET {set}, last_operation_id = {op_id}, import_fingerprint = g.fingerprint
                  FROM target g
                  WHERE t.id = g.id AND t.created_at = g.stored_created_at
                    AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
                  RETURNING t.id, t.external_id, t.created_at, false AS inserted, g.before_image,
-                           to_jsonb(t) || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids)) AS after_image
+                           {image_of_t} || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids)) AS after_image
              ), moved AS (
                  UPDATE ticket_keys k SET created_at = w.created_at
                  FROM written w WHERE k.ticket_id = w.id AND k.created_at <> w.created_at
@@ -162,6 +163,8 @@ impl TicketImport {
              SELECT id, external_id, inserted, NULL::timestamptz AS moved_to FROM written",
             tags = self.tags_target(),
             update = crate::audit::UPDATE_ACTION,
+            image_of_e = image_of("e"),
+            image_of_t = image_of("t"),
         )
     }
 
@@ -218,8 +221,8 @@ impl TicketImport {
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id, '{update}',
-                        to_jsonb(w.before_row) || jsonb_build_object('tag_ids', to_jsonb(g.stored_tag_ids)),
-                        to_jsonb(w.after_row) || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
+                        {before} || jsonb_build_object('tag_ids', to_jsonb(g.stored_tag_ids)),
+                        {after} || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids))
                  FROM written w
                  JOIN target g ON g.external_id = w.external_id
                  WHERE NOT (w.id = ANY($3))
@@ -228,6 +231,8 @@ impl TicketImport {
             tags = self.tags_target(),
             update = crate::audit::UPDATE_ACTION,
             stored_tags = stored_tags_join("$4"),
+            before = image_of("w.before_row"),
+            after = image_of("w.after_row"),
         )
     }
 
@@ -241,23 +246,24 @@ impl TicketImport {
         let cols = COLUMNS.join(", ");
         format!(
             "WITH target AS (
-                 SELECT s.external_id, {target}, {tags} AS tag_ids
+                 SELECT s.external_id, {target}, {tags} AS tag_ids, s.fingerprint
                  FROM ticketops_stage_tickets s
                  LEFT JOIN tickets e ON e.id = s.ticket_id AND e.external_id = s.external_id AND e.id = ANY($4)
                  WHERE s.rec = ANY($1)
              ), written AS (
-                 INSERT INTO tickets AS t (external_id, {cols}, last_operation_id)
-                 SELECT external_id, {cols}, {op_id} FROM target
-                 ON CONFLICT (external_id) DO UPDATE SET {set}, last_operation_id = excluded.last_operation_id
+                 INSERT INTO tickets AS t (external_id, {cols}, last_operation_id, import_fingerprint)
+                 SELECT external_id, {cols}, {op_id}, fingerprint FROM target
+                 ON CONFLICT (external_id) DO UPDATE SET {set}, last_operation_id = excluded.last_operation_id,
+                     import_fingerprint = excluded.import_fingerprint
                  WHERE ({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2)
                  RETURNING t.id, t.external_id, (t.xmax = 0) AS inserted,
-                           CASE WHEN t.xmax = 0 THEN NULL ELSE to_jsonb(t) END AS after_image
+                           CASE WHEN t.xmax = 0 THEN NULL ELSE {image_of_t} END AS after_image
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id,
                         CASE WHEN w.inserted THEN '{insert}' ELSE '{update}' END,
                         CASE WHEN w.inserted THEN NULL ELSE
-                            to_jsonb(b) || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
+                            {image_of_b} || jsonb_build_object('tag_ids', to_jsonb(ARRAY(
                                 SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = b.id ORDER BY tag_id)))
                         END,
                         CASE WHEN w.inserted THEN NULL ELSE
@@ -272,8 +278,16 @@ impl TicketImport {
             tags = self.tags_target(),
             insert = crate::audit::INSERT_ACTION,
             update = crate::audit::UPDATE_ACTION,
+            image_of_t = image_of("t"),
+            image_of_b = image_of("b"),
         )
     }
+}
+
+/// The audit image of ticket row `row`: its columns but the import fingerprint, which is the
+/// import's own bookkeeping (undo leaves it to the trigger that forgets it).
+fn image_of(row: &str) -> String {
+    format!("(to_jsonb({row}) - 'import_fingerprint')")
 }
 
 /// See [`TicketImport::lists`].

@@ -23,7 +23,7 @@ use diesel::{PgConnection, sql_query};
 use super::entities::EntityCache;
 use super::normalize;
 use super::source::{ColumnMap, FieldSpec, RecordFields, RowError};
-use super::{Counts, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
+use super::{Counts, Fingerprints, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 use crate::layout::partition_copy::MonthRouter;
 use crate::layout::{Layout, Partitions};
 
@@ -37,7 +37,7 @@ pub use row::TicketRow;
 
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
 pub(crate) use stored::ticket_ids_by_external_id;
-use stored::{Stored, StoredByKey, StoredLookup, index_paths_only};
+use stored::{Stored, StoredByKey, StoredFingerprints, StoredLookup, index_paths_only};
 use write::STAGE_TABLE_SQL;
 
 const EXTERNAL_ID: usize = 0;
@@ -398,6 +398,16 @@ impl ImportKind for TicketImport {
         }))
     }
 
+    /// A ticket remembers the record that wrote it; only `--undelete` changes what a record
+    /// does besides the column mapping and parse options.
+    fn fingerprints(&self) -> Option<Fingerprints> {
+        let mut stored = StoredFingerprints::default();
+        Some(Fingerprints {
+            settings: format!("undelete={}", self.undelete),
+            lookup: Box::new(move |conn, keys| stored.read(conn, keys)),
+        })
+    }
+
     fn resolve(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -455,6 +465,9 @@ impl ImportKind for TicketImport {
             );
         }
         index_paths_only(conn)?;
+        // The tag links this batch writes come with the fingerprints it writes: the trigger
+        // that forgets a ticket's fingerprint when its links change leaves them alone.
+        diesel::connection::SimpleConnection::batch_execute(conn, "SET LOCAL ticketops.fingerprints_kept = on")?;
         let started = std::time::Instant::now();
 
         // An initial load starts from an empty, locked table: when every key comes once, none

@@ -25,7 +25,7 @@ use crate::layout::partition_copy::NamedCopyTarget;
 /// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them (and
 /// `insert_new` names them for tickets itself).
 const TICKET_COPY_COLUMNS: &str = "id, external_id, subject, description, status, priority, channel, requester_id, \
-     assignee_id, organization_id, created_at, updated_at, solved_at, last_operation_id";
+     assignee_id, organization_id, created_at, updated_at, solved_at, last_operation_id, import_fingerprint";
 
 #[derive(QueryableByName)]
 struct Classified {
@@ -79,6 +79,7 @@ diesel::table! {
         updated_at -> Nullable<Timestamptz>,
         solved_at -> Nullable<Timestamptz>,
         tag_ids -> Array<Int8>,
+        fingerprint -> Nullable<Binary>,
     }
 }
 
@@ -98,7 +99,8 @@ CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
     created_at timestamptz,
     updated_at timestamptz,
     solved_at timestamptz,
-    tag_ids bigint[] NOT NULL
+    tag_ids bigint[] NOT NULL,
+    fingerprint bytea
 )";
 
 #[derive(Insertable)]
@@ -121,9 +123,19 @@ struct StageRow<'a> {
     updated_at: Option<DateTime<Utc>>,
     solved_at: Option<DateTime<Utc>>,
     tag_ids: Vec<i64>,
+    fingerprint: Option<&'a [u8]>,
 }
 
 impl TicketImport {
+    /// The fingerprint a row's ticket is written with: none on the distributed layout, which
+    /// has no triggers to forget one (see the migration `import_fingerprint`).
+    fn fingerprint_of<'r>(&self, row: &'r Numbered<TicketRow>) -> Option<&'r [u8]> {
+        row.fingerprint
+            .as_ref()
+            .map(|f| &f[..])
+            .filter(|_| !self.layout.distributed())
+    }
+
     pub(super) fn resolve_entities(
         &mut self,
         conn: &mut PgConnection,
@@ -231,10 +243,17 @@ impl TicketImport {
             ids.into_iter().map(|i| i.id).collect()
         };
         let import_time = self.import_time;
-        let rows: Vec<(&TicketRow, i64, DateTime<Utc>)> = rows
+        let rows: Vec<NewTicket> = rows
             .iter()
             .zip(&ids)
-            .map(|(r, &id)| (&r.row, id, r.row.created_at.unwrap_or(import_time)))
+            .map(|(r, &id)| {
+                (
+                    &r.row,
+                    id,
+                    r.row.created_at.unwrap_or(import_time),
+                    self.fingerprint_of(r),
+                )
+            })
             .collect();
         if self.layout.keyed() {
             // The keys first (the months were made by `resolve`), which the tickets reference:
@@ -247,7 +266,7 @@ impl TicketImport {
                 // FREEZE there is not relied on.
                 self.initial_load && self.layout.partitioned(),
                 rows.iter()
-                    .map(|&(row, id, created_at)| (id, row.external_id(), created_at)),
+                    .map(|&(row, id, created_at, _)| (id, row.external_id(), created_at)),
             )?;
             self.phases.add("COPY ticket keys", started);
         }
@@ -259,7 +278,7 @@ impl TicketImport {
         // the parent, unfrozen.
         let into_months = self.initial_load && self.layout.partitioned();
         let routes = if into_months {
-            let created: Vec<DateTime<Utc>> = rows.iter().map(|&(_, _, created_at)| created_at).collect();
+            let created: Vec<DateTime<Utc>> = rows.iter().map(|&(_, _, created_at, _)| created_at).collect();
             self.months
                 .route(conn, &created)
                 .context("cannot route the rows to their months")?
@@ -297,6 +316,7 @@ impl TicketImport {
                         tickets::updated_at,
                         tickets::solved_at,
                         tickets::last_operation_id,
+                        tickets::import_fingerprint,
                     ),
                     self.initial_load && !into_months,
                     group_rows,
@@ -355,7 +375,7 @@ impl TicketImport {
         conn: &mut PgConnection,
         target: C,
         freeze: bool,
-        rows: impl Iterator<Item = (&'r TicketRow, i64, DateTime<Utc>)>,
+        rows: impl Iterator<Item = NewTicket<'r>>,
         op_id: i64,
         links: &RefCell<Vec<TicketTag>>,
     ) -> anyhow::Result<usize> {
@@ -365,12 +385,12 @@ impl TicketImport {
                 let rows = pending.take().expect("the COPY callback runs once");
                 let mut links = links.borrow_mut();
                 let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                for (row, id, created_at) in rows {
+                for (row, id, created_at, fingerprint) in rows {
                     let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(row);
                     links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
                     // In the order of TICKET_COPY_COLUMNS.
                     (|| -> std::io::Result<()> {
-                        copy.row(14)?;
+                        copy.row(15)?;
                         copy.int8(id)?;
                         copy.text(row.external_id())?;
                         copy.text(row.subject())?;
@@ -384,7 +404,8 @@ impl TicketImport {
                         copy.timestamptz(created_at)?;
                         copy.timestamptz(row.updated_at.unwrap_or(created_at))?;
                         copy.opt_timestamptz(row.solved_at)?;
-                        copy.int8(op_id)
+                        copy.int8(op_id)?;
+                        copy.opt_bytea(fingerprint)
                     })()
                     .map_err(write_error)?;
                 }
@@ -431,6 +452,7 @@ impl TicketImport {
                     updated_at: row.updated_at,
                     solved_at: row.solved_at,
                     tag_ids,
+                    fingerprint: self.fingerprint_of(r),
                 }
             })
             .collect();
@@ -586,6 +608,9 @@ impl TicketImport {
         Ok(())
     }
 }
+
+/// A new ticket as its COPY writes it: the row, its id, its created_at and its fingerprint.
+type NewTicket<'r> = (&'r TicketRow, i64, DateTime<Utc>, Option<&'r [u8]>);
 
 /// The key rows of new tickets (partitioned layout), by binary COPY; `freeze` when ticket_keys
 /// was truncated in this transaction (the initial load).
