@@ -63,11 +63,11 @@ pub(super) struct ReadSettings {
 /// only the others parsed. Only where every key comes once in the file (the scan saw them all):
 /// an earlier occurrence of a key is a duplicate, whatever its fingerprint.
 pub(super) struct UnchangedSkip {
-    pub(super) lookup: FingerprintLookup,
-    pub(super) conn: db::PooledConn,
+    lookup: FingerprintLookup,
+    conn: db::PooledConn,
     /// The key's column in the file.
-    pub(super) key_column: usize,
-    pub(super) repeated: Arc<scan::Repeated>,
+    key_column: usize,
+    repeated: Arc<scan::Repeated>,
     /// The import runs in one transaction: a lock that stops a lookup is likely the import's
     /// own, held to its end, so the first failure ends the lookups (as for the read-ahead).
     one_transaction: bool,
@@ -136,16 +136,12 @@ impl UnchangedSkip {
         let wanted: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
         let stored = match (self.lookup)(&mut self.conn, &wanted) {
             Ok(Some(stored)) => stored,
-            Ok(None) => {
-                self.next_lookup = u64::MAX;
-                return vec![false; pending.len()];
-            }
-            Err(_) if self.one_transaction => {
-                self.next_lookup = u64::MAX;
-                return vec![false; pending.len()];
-            }
-            Err(_) => {
-                self.schedule(seq, 0, 0);
+            failed => {
+                if matches!(failed, Ok(None)) || self.one_transaction {
+                    self.next_lookup = u64::MAX;
+                } else {
+                    self.schedule(seq, 0, 0);
+                }
                 return vec![false; pending.len()];
             }
         };
