@@ -19,7 +19,9 @@
 -- Citus distributes no table with triggers (but as "unsafe"): the ones that forget import
 -- fingerprints go, and an import on this layout never skips a record by its fingerprint.
 DROP TRIGGER tickets_forget_fingerprint ON tickets;
-DROP TRIGGER ticket_tags_forget_fingerprints ON ticket_tags;
+DROP TRIGGER ticket_tags_inserted_forget_fingerprints ON ticket_tags;
+DROP TRIGGER ticket_tags_updated_forget_fingerprints ON ticket_tags;
+DROP TRIGGER ticket_tags_deleted_forget_fingerprints ON ticket_tags;
 DROP TRIGGER users_forget_fingerprints ON users;
 DROP TRIGGER organizations_forget_fingerprints ON organizations;
 DROP TRIGGER tags_forget_fingerprints ON tags;
