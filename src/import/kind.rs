@@ -10,7 +10,6 @@ use normalize::InputZone;
 use source::{ColumnMap, FieldSpec, RecordFields, RowError};
 
 use super::*;
-use entities::StrMap;
 use fingerprint::Fingerprint;
 
 /// Parse-time settings an import kind needs.
@@ -173,10 +172,11 @@ pub struct Fingerprints {
     pub lookup: FingerprintLookup,
 }
 
-/// Reads the fingerprints stored for some keys (keys without one are left out); `None` when
-/// this database keeps none that can be trusted (the distributed layout).
+/// Reads the fingerprints stored for some keys, one for each key in their order (`None` for a
+/// key stored without one, or not stored); `None` when this database keeps none that can be
+/// trusted (the distributed layout).
 pub type FingerprintLookup =
-    Box<dyn FnMut(&mut PgConnection, &[&str]) -> anyhow::Result<Option<StrMap<String, Fingerprint>>> + Send>;
+    Box<dyn FnMut(&mut PgConnection, &[&str]) -> anyhow::Result<Option<Vec<Option<Fingerprint>>>> + Send>;
 
 /// A kind's read-ahead for one batch's rows (see `ImportKind::prefetcher`).
 pub type Prefetcher<R, P> = Box<dyn FnMut(&mut PgConnection, &[Numbered<R>]) -> anyhow::Result<P> + Send>;

@@ -58,6 +58,55 @@ fn a_reimport_skips_unchanged_records_by_fingerprint_but_not_an_earlier_duplicat
     assert_eq!(db.ticket_snapshot(), imported);
 }
 
+/// The lookups guess that a batch's tickets are the id range after the previous batch's and
+/// read ahead for several batches: a file in another order (every guess wrong), with some
+/// records changed, still skips exactly the unchanged ones.
+#[test]
+fn a_reimport_in_another_order_skips_exactly_the_unchanged_records() {
+    let db = TestDb::new();
+    let dir = scratch("fingerprint-order");
+    let rows: Vec<String> = (0..40).map(row).collect();
+    let batches = ["--batch-size", "7"];
+    let (run, first) = import(&db, &dir, "tickets", &write(&dir, "tickets.csv", &rows), &batches);
+    assert_eq!(outcome(&first), [40, 0, 0, 0, 0, 0], "{}", run.explain());
+    // Reversed, and every third record with another subject (14 of 40).
+    let mut reordered: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if i % 3 == 0 {
+                r.replace("Subject", "Changed subject")
+            } else {
+                r.clone()
+            }
+        })
+        .collect();
+    reordered.reverse();
+    let (run, again) = import(
+        &db,
+        &dir,
+        "tickets",
+        &write(&dir, "reordered.csv", &reordered),
+        &batches,
+    );
+    assert_eq!(outcome(&again), [0, 14, 26, 0, 0, 0], "{}", run.explain());
+    let (skipped, expected) = by_fingerprint(&again, 26);
+    assert_eq!(skipped, expected, "{again}");
+    let changed = db.scalar("SELECT count(*) FROM tickets WHERE subject LIKE 'Changed subject %'");
+    assert_eq!(changed, 14);
+    // And the same file again: now all 40 as stored.
+    let (run, third) = import(
+        &db,
+        &dir,
+        "tickets",
+        &write(&dir, "reordered.csv", &reordered),
+        &batches,
+    );
+    assert_eq!(outcome(&third), [0, 0, 40, 0, 0, 0], "{}", run.explain());
+    let (skipped, expected) = by_fingerprint(&third, 40);
+    assert_eq!(skipped, expected, "{third}");
+}
+
 #[test]
 fn whatever_changes_what_a_fingerprint_vouches_for_makes_the_record_compared_in_full() {
     let db = TestDb::new();
