@@ -48,7 +48,7 @@ pub use accounting::{Counts, ImportReport, MaxRejects};
 use fingerprint::Fingerprinter;
 pub use kind::{FingerprintLookup, Fingerprints, ImportKind, Numbered, ParseOptions, Prefetcher, WriterReject};
 pub(crate) use reader::Latin1Check;
-use reader::{BatchResult, ReadSettings, RecordParser, UnchangedSkip, read_batches, skip_unchanged};
+use reader::{BatchResult, ReadSettings, UnchangedSkip, read_batches};
 use writer::{Committed, CommittedState, LoopEnd, WriterShared, prefetch_batches, process_batches};
 
 /// How rows are committed.
@@ -502,12 +502,10 @@ fn read_header<K: ImportKind>(
     Ok((columns, value_map))
 }
 
-/// The threads that feed the writer: the reader, the fingerprint lookup when records are
-/// skipped by theirs, and the kind's read-ahead when it has one.
+/// The threads that feed the writer: the reader, and the kind's read-ahead when it has one.
 struct Pipeline<K: ImportKind> {
     receiver: Mutex<mpsc::Receiver<BatchResult<K>>>,
     reader: Option<std::thread::JoinHandle<Vec<String>>>,
-    lookup: Option<std::thread::JoinHandle<std::time::Duration>>,
     prefetch: Option<std::thread::JoinHandle<std::time::Duration>>,
     verbose: bool,
 }
@@ -518,7 +516,6 @@ impl<K: ImportKind> Pipeline<K> {
     fn join(self, options: &ImportOptions, tally: &RejectTally) -> Vec<String> {
         drop(self.receiver);
         let prefetch_time = self.prefetch.and_then(|handle| handle.join().ok());
-        let lookup_time = self.lookup.and_then(|handle| handle.join().ok());
         let mut warnings = match self.reader {
             Some(handle) => handle.join().unwrap_or_default(),
             None => Vec::new(),
@@ -534,12 +531,6 @@ impl<K: ImportKind> Pipeline<K> {
                  (or latin1 for ISO-8859-1)",
                 t.count
             ));
-        }
-        if let Some(busy) = lookup_time.filter(|_| self.verbose) {
-            eprintln!(
-                "looked up stored fingerprints (and parsed the records they did not skip) on a thread of its own: {:.2} s",
-                busy.as_secs_f64()
-            );
         }
         if let Some(busy) = prefetch_time.filter(|_| self.verbose) {
             eprintln!(
@@ -583,6 +574,11 @@ fn spawn_pipeline<K: ImportKind>(
         }
         None => (sender, None),
     };
+    let parse_options = ParseOptions {
+        zone: options.zone,
+        tag_separator: options.tag_separator,
+        date_formats: options.mapping.date_formats.clone(),
+    };
     let fingerprints = kind.fingerprints().zip(columns.as_ref());
     let fingerprinter = fingerprints.as_ref().map(|(f, columns)| {
         // Everything besides a record's fields that decides what it becomes.
@@ -614,6 +610,7 @@ fn spawn_pipeline<K: ImportKind>(
         _ => None,
     };
     let settings = ReadSettings {
+        encoding: options.encoding,
         batch_size: options.batch_size.max(1),
         max_field_size: options.max_field_size,
         from_stdin: matches!(options.input, Input::Stdin),
@@ -621,39 +618,23 @@ fn spawn_pipeline<K: ImportKind>(
         fingerprinter,
     };
     let reader_progress = progress.clone();
-    let mut lookup = None;
     let reader = columns.map(|columns| {
-        let parser = std::sync::Arc::new(RecordParser {
-            columns,
-            value_map,
-            options: ParseOptions {
-                zone: options.zone,
-                tag_separator: options.tag_separator,
-                date_formats: options.mapping.date_formats.clone(),
-            },
-            encoding: options.encoding,
-        });
-        // With fingerprints, the lookup thread between the reader and the rest.
-        let (sender, lookups) = match skip {
-            Some(skip) => {
-                let (reader_sender, reader_receiver) = mpsc::sync_channel::<BatchResult<K>>(0);
-                let schedule = skip.schedule();
-                let parser = std::sync::Arc::clone(&parser);
-                lookup = Some(std::thread::spawn(move || {
-                    skip_unchanged::<K>(skip, parser, reader_receiver, sender)
-                }));
-                (reader_sender, Some(schedule))
-            }
-            None => (sender, None),
-        };
         std::thread::spawn(move || {
-            read_batches::<K>(&mut source, &parser, &settings, lookups, &sender, &reader_progress)
+            read_batches::<K>(
+                &mut source,
+                &columns,
+                &value_map,
+                &settings,
+                &parse_options,
+                skip,
+                &sender,
+                &reader_progress,
+            )
         })
     });
     Ok(Pipeline {
         receiver: Mutex::new(receiver),
         reader,
-        lookup,
         prefetch,
         verbose: options.verbose,
     })

@@ -1,7 +1,6 @@
 //! The reader thread: records parsed and validated into batches while the writer works on the
 //! previous one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use csv::ByteRecord;
@@ -25,9 +24,6 @@ pub(super) struct Batch<R, P> {
     pub(super) rows_read: u64,
     /// Records skipped because their fingerprint is the stored one: unchanged.
     pub(super) unchanged: u64,
-    /// Records kept back unparsed for the fingerprint lookup (see [`UnchangedSkip`]); none
-    /// once the batch leaves the lookup thread.
-    pending: Vec<Pending>,
     pub(super) prefetched: Option<P>,
 }
 
@@ -41,7 +37,6 @@ impl<R, P> Batch<R, P> {
             end: start,
             rows_read: 0,
             unchanged: 0,
-            pending: Vec::new(),
             prefetched: None,
         }
     }
@@ -51,6 +46,7 @@ pub(super) type BatchResult<K> = anyhow::Result<Batch<<K as ImportKind>::Row, <K
 
 /// What the reader thread needs to know besides the rows' own fields.
 pub(super) struct ReadSettings {
+    pub(super) encoding: Encoding,
     pub(super) batch_size: usize,
     pub(super) max_field_size: usize,
     /// A stream can end mid-record (a broken pipe, a cut download): its last record is then
@@ -62,63 +58,10 @@ pub(super) struct ReadSettings {
     pub(super) fingerprinter: Option<Fingerprinter>,
 }
 
-/// How a record becomes a batch's row or reject: on the reader thread, and on the lookup
-/// thread for the records kept back for their fingerprint.
-pub(super) struct RecordParser {
-    pub(super) columns: ColumnMap,
-    pub(super) value_map: ValueMap,
-    pub(super) options: ParseOptions,
-    pub(super) encoding: Encoding,
-}
-
-impl RecordParser {
-    /// Parses `record` into the batch's rows, or its rejects.
-    fn add<K: ImportKind>(
-        &self,
-        batch: &mut Batch<K::Row, K::Prefetched>,
-        record: &ByteRecord,
-        number: u64,
-        line: u64,
-        fingerprint: Option<Fingerprint>,
-    ) {
-        let fields = RecordFields {
-            record,
-            columns: &self.columns,
-            fields: K::FIELDS,
-            encoding: self.encoding,
-            value_map: &self.value_map,
-        };
-        match K::parse(&fields, &self.options) {
-            Ok(row) => batch.rows.push(Numbered {
-                record: number,
-                line,
-                raw: K::REJECTS_IN_WRITER.then(|| record.clone()),
-                fingerprint,
-                row,
-            }),
-            Err(error) => batch.rejects.push((number, line, record.clone(), error)),
-        }
-    }
-}
-
-/// Which batch's fingerprints are looked up next: set by the lookup thread, read by the reader
-/// to know which batches' records to keep back unparsed. The reader may read it a batch or two
-/// late; the lookup thread decides again for each batch it gets (see [`skip_unchanged`]).
-#[derive(Clone, Default)]
-pub(super) struct LookupSchedule(Arc<AtomicU64>);
-
-impl LookupSchedule {
-    fn due(&self, seq: u64) -> bool {
-        seq >= self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Skipping the records whose fingerprint is stored already (see `fingerprint`): the reader
-/// splits and hashes a batch's records and keeps them back unparsed; on a thread of its own
-/// (so that a lookup overlaps with the reading of the next batch), the stored fingerprints of
-/// their keys are read in one query, and only the others parsed. Only where every key comes
-/// once in the file (the scan saw them all): an earlier occurrence of a key is a duplicate,
-/// whatever its fingerprint.
+/// Skipping the records whose fingerprint is stored already (see `fingerprint`): a batch's
+/// records are split and hashed, the stored fingerprints of their keys read in one query, and
+/// only the others parsed. Only where every key comes once in the file (the scan saw them all):
+/// an earlier occurrence of a key is a duplicate, whatever its fingerprint.
 pub(super) struct UnchangedSkip {
     lookup: FingerprintLookup,
     conn: db::PooledConn,
@@ -129,7 +72,7 @@ pub(super) struct UnchangedSkip {
     /// own, held to its end, so the first failure ends the lookups (as for the read-ahead).
     one_transaction: bool,
     /// The next batch whose fingerprints are looked up, and the gap after it.
-    schedule: LookupSchedule,
+    next_lookup: u64,
     gap: u64,
 }
 
@@ -151,29 +94,24 @@ impl UnchangedSkip {
             key_column,
             repeated,
             one_transaction,
-            schedule: LookupSchedule::default(),
+            next_lookup: 0,
             gap: 1,
         }
     }
 
-    /// What the reader reads to know which batches to keep back.
-    pub(super) fn schedule(&self) -> LookupSchedule {
-        self.schedule.clone()
-    }
-
-    fn look_next_at(&self, seq: u64) {
-        self.schedule.0.store(seq, Ordering::Relaxed);
+    fn due(&self, seq: u64) -> bool {
+        seq >= self.next_lookup
     }
 
     /// After a lookup for batch `seq`: look again at the next batch while most records were
     /// skipped, else after twice the gap.
-    fn reschedule(&mut self, seq: u64, looked_for: usize, skipped: usize) {
+    fn schedule(&mut self, seq: u64, looked_for: usize, skipped: usize) {
         self.gap = if looked_for > 0 && skipped * 2 >= looked_for {
             1
         } else {
             (self.gap * 2).min(MAX_LOOKUP_GAP)
         };
-        self.look_next_at(seq + self.gap);
+        self.next_lookup = seq + self.gap;
     }
 
     /// Which of `pending` can be skipped: those whose key comes once in the file and has their
@@ -187,10 +125,6 @@ impl UnchangedSkip {
         encoding: Encoding,
         key_of: impl Fn(&str) -> String,
     ) -> Vec<bool> {
-        if !self.schedule.due(seq) {
-            // Kept back by a reader that had not yet seen the last lookup's schedule.
-            return vec![false; pending.len()];
-        }
         let keys: Vec<Option<String>> = pending
             .iter()
             .map(|p| {
@@ -204,9 +138,9 @@ impl UnchangedSkip {
             Ok(Some(stored)) => stored,
             failed => {
                 if matches!(failed, Ok(None)) || self.one_transaction {
-                    self.look_next_at(u64::MAX);
+                    self.next_lookup = u64::MAX;
                 } else {
-                    self.reschedule(seq, 0, 0);
+                    self.schedule(seq, 0, 0);
                 }
                 return vec![false; pending.len()];
             }
@@ -218,7 +152,7 @@ impl UnchangedSkip {
             .zip(&keys)
             .map(|(p, key)| key.is_some() && stored.next().flatten() == Some(p.fingerprint))
             .collect();
-        self.reschedule(seq, wanted.len(), skip.iter().filter(|s| **s).count());
+        self.schedule(seq, wanted.len(), skip.iter().filter(|s| **s).count());
         skip
     }
 }
@@ -231,26 +165,55 @@ struct Pending {
     fingerprint: Fingerprint,
 }
 
-/// Parses and validates records into batches for the writer (through the lookup thread when
-/// records are kept back for their fingerprints, `lookups`); returns the warnings about the
+/// Parses and validates records into batches for the writer; returns the warnings about the
 /// input as a whole (it does not end with a line end, it looks like UTF-8 read as Latin-1).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn read_batches<K: ImportKind>(
     source: &mut CsvSource,
-    parser: &RecordParser,
+    columns: &ColumnMap,
+    value_map: &ValueMap,
     settings: &ReadSettings,
-    lookups: Option<LookupSchedule>,
+    options: &ParseOptions,
+    mut skip: Option<UnchangedSkip>,
     sender: &mpsc::SyncSender<BatchResult<K>>,
     progress: &indicatif::ProgressBar,
 ) -> Vec<String> {
     let batch_size = settings.batch_size;
-    let encoding = parser.encoding;
-    let columns = &parser.columns;
+    let encoding = settings.encoding;
     let mut warnings = Vec::new();
     let mut latin1_check = Latin1Check::default();
     let mut record = ByteRecord::new();
     let mut batch = Batch::new(0, settings.start, batch_size);
+    let mut pending: Vec<Pending> = Vec::new();
+    let parse = |record: &ByteRecord| {
+        let fields = RecordFields {
+            record,
+            columns,
+            fields: K::FIELDS,
+            encoding,
+            value_map,
+        };
+        K::parse(&fields, options)
+    };
     let fingerprint = |record: &ByteRecord| settings.fingerprinter.as_ref().map(|f| f.of(record));
-    let mut deferring = lookups.as_ref().is_some_and(|l| l.due(0));
+    // A parsed record goes into the batch's rows or rejects.
+    let add = |batch: &mut Batch<K::Row, K::Prefetched>,
+               record: &ByteRecord,
+               number: u64,
+               line: u64,
+               fingerprint: Option<Fingerprint>| {
+        match parse(record) {
+            Ok(row) => batch.rows.push(Numbered {
+                record: number,
+                line,
+                raw: K::REJECTS_IN_WRITER.then(|| record.clone()),
+                fingerprint,
+                row,
+            }),
+            Err(error) => batch.rejects.push((number, line, record.clone(), error)),
+        }
+    };
+    let mut deferring = skip.as_ref().is_some_and(|s| s.due(0));
     loop {
         let next = match source.next(&mut record) {
             Ok(next) => next,
@@ -320,23 +283,29 @@ pub(super) fn read_batches<K: ImportKind>(
                     .push((after.record, line, std::mem::take(&mut record), error))
             }
             Some(error) => batch.rejects.push((after.record, line, record.clone(), error)),
-            None if deferring => batch.pending.push(Pending {
+            None if deferring => pending.push(Pending {
                 fingerprint: fingerprint(&record).expect("deferred only with fingerprints"),
                 record: record.clone(),
                 number: after.record,
                 line,
             }),
-            None => parser.add::<K>(&mut batch, &record, after.record, line, fingerprint(&record)),
+            None => add(&mut batch, &record, after.record, line, fingerprint(&record)),
         }
-        if batch.rows.len() + batch.rejects.len() + batch.pending.len() >= batch_size {
+        if batch.rows.len() + batch.rejects.len() + pending.len() >= batch_size {
+            if let Some(skip) = skip.as_mut().filter(|_| !pending.is_empty()) {
+                finish_deferred::<K>(&mut batch, std::mem::take(&mut pending), skip, encoding, &add);
+            }
             progress.set_position(source.progress_position(after));
             let seq = batch.seq + 1;
             let full = std::mem::replace(&mut batch, Batch::new(seq, after, batch_size));
-            deferring = lookups.as_ref().is_some_and(|l| l.due(seq));
+            deferring = skip.as_ref().is_some_and(|s| s.due(seq));
             if sender.send(Ok(full)).is_err() {
                 return warnings; // the writer stopped (error or signal)
             }
         }
+    }
+    if let Some(skip) = skip.as_mut().filter(|_| !pending.is_empty()) {
+        finish_deferred::<K>(&mut batch, std::mem::take(&mut pending), skip, encoding, &add);
     }
     if batch.rows_read > 0 {
         progress.set_position(source.progress_position(batch.end));
@@ -346,45 +315,27 @@ pub(super) fn read_batches<K: ImportKind>(
     warnings
 }
 
-/// The lookup thread, between the reader and the writer: for each batch with records kept
-/// back, counts those whose fingerprint is stored unchanged and parses the others (the
-/// batch's rejects stay in record order).
-pub(super) fn skip_unchanged<K: ImportKind>(
-    mut skip: UnchangedSkip,
-    parser: Arc<RecordParser>,
-    input: mpsc::Receiver<BatchResult<K>>,
-    output: mpsc::SyncSender<BatchResult<K>>,
-) -> std::time::Duration {
-    let mut busy = std::time::Duration::ZERO;
-    for batch in input {
-        let batch = batch.map(|mut batch| {
-            let pending = std::mem::take(&mut batch.pending);
-            if pending.is_empty() {
-                return batch;
-            }
-            let started = std::time::Instant::now();
-            let unchanged = skip.unchanged(batch.seq, &pending, parser.encoding, |raw| {
-                K::normalize_key(raw).into_owned()
-            });
-            let had_rejects = !batch.rejects.is_empty();
-            for (p, unchanged) in pending.into_iter().zip(unchanged) {
-                if unchanged {
-                    batch.unchanged += 1;
-                } else {
-                    parser.add::<K>(&mut batch, &p.record, p.number, p.line, Some(p.fingerprint));
-                }
-            }
-            if had_rejects {
-                batch.rejects.sort_by_key(|r| r.0);
-            }
-            busy += started.elapsed();
-            batch
-        });
-        if output.send(batch).is_err() {
-            break; // the writer stopped (error or signal)
+/// The records of `batch` kept back for the lookup: counted unchanged or parsed. The batch's
+/// rejects stay in record order.
+fn finish_deferred<K: ImportKind>(
+    batch: &mut Batch<K::Row, K::Prefetched>,
+    pending: Vec<Pending>,
+    skip: &mut UnchangedSkip,
+    encoding: Encoding,
+    add: &impl Fn(&mut Batch<K::Row, K::Prefetched>, &ByteRecord, u64, u64, Option<Fingerprint>),
+) {
+    let unchanged = skip.unchanged(batch.seq, &pending, encoding, |raw| K::normalize_key(raw).into_owned());
+    let had_rejects = !batch.rejects.is_empty();
+    for (p, unchanged) in pending.into_iter().zip(unchanged) {
+        if unchanged {
+            batch.unchanged += 1;
+        } else {
+            add(batch, &p.record, p.number, p.line, Some(p.fingerprint));
         }
     }
-    busy
+    if had_rejects {
+        batch.rejects.sort_by_key(|r| r.0);
+    }
 }
 
 /// Whether a file read as Latin-1 is in fact UTF-8: then every field with bytes over 127 is

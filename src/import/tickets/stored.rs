@@ -231,9 +231,12 @@ pub(crate) fn ticket_ids_by_external_id(
 pub(super) struct StoredFingerprints {
     next_id: Option<i64>,
     layout: Option<crate::layout::Layout>,
-    /// The tickets of the last id range read (`range`, both ends included), by external id:
-    /// their ids and stored fingerprints.
-    window: StrMap<String, (i64, Option<Fingerprint>)>,
+    /// The tickets of the last id range read (`range`, both ends included), by the hash of
+    /// their external id (`scan::key_hash`; a quarter of the memory of the keys themselves):
+    /// their ids and stored fingerprints. Two keys with one hash cannot make a record skipped
+    /// that should not be: the other ticket's fingerprint would have to be the record's own,
+    /// whose fields hold its key (at worst a miss: the record is compared in full).
+    window: StrMap<u64, (i64, Option<Fingerprint>)>,
     range: Option<(i64, i64)>,
 }
 
@@ -241,7 +244,7 @@ pub(super) struct StoredFingerprints {
 /// statement's fixed part besides its rows — on the partitioned layout a lock and an index
 /// scan on every month, 2.5 ms a read at 41 months against 0.2 on plain, which made a
 /// re-import there 0.7 of plain's speed when it was paid for every batch of 2,000.
-const RANGE_READ: usize = 8_000;
+const RANGE_READ: usize = 4_000;
 
 impl StoredFingerprints {
     /// The fingerprints stored for `keys`, in their order (see `FingerprintLookup`), or
@@ -281,9 +284,9 @@ impl StoredFingerprints {
             (!covered).then(|| (first, first + (keys.len() * batches) as i64 - 1))
         });
         let mut found: Vec<Option<(i64, Option<Fingerprint>)>> = vec![None; keys.len()];
-        let from_window = |window: &StrMap<String, (i64, Option<Fingerprint>)>, found: &mut [Option<_>]| {
+        let from_window = |window: &StrMap<u64, (i64, Option<Fingerprint>)>, found: &mut [Option<_>]| {
             for (slot, key) in found.iter_mut().zip(keys) {
-                *slot = window.get(*key).copied();
+                *slot = window.get(&crate::import::scan::key_hash(key)).copied();
             }
             found.iter().flatten().count()
         };
@@ -307,16 +310,16 @@ impl StoredFingerprints {
                     // connection: on partitions PostgreSQL then keeps a generic plan instead
                     // of planning the range for every month at every read (the range prunes
                     // none).
-                    let in_range: Vec<(i64, String, Option<Vec<u8>>)> = tickets::table
+                    window.clear();
+                    let in_range = tickets::table
                         .filter(tickets::id.between(low, high))
                         .select((tickets::id, tickets::external_id, tickets::import_fingerprint))
-                        .load(conn)?;
-                    window.clear();
-                    window.extend(
-                        in_range
-                            .into_iter()
-                            .map(|(id, key, stored)| (key, (id, stored.and_then(|f| Fingerprint::try_from(f).ok())))),
-                    );
+                        .load_iter::<(i64, String, Option<Vec<u8>>), diesel::connection::DefaultLoadingMode>(conn)?;
+                    for row in in_range {
+                        let (id, key, stored) = row?;
+                        let stored = stored.and_then(|f| Fingerprint::try_from(f).ok());
+                        window.insert(crate::import::scan::key_hash(&key), (id, stored));
+                    }
                     guessed = from_window(window, &mut found);
                 }
                 let missing: Vec<&str> = keys
@@ -363,6 +366,11 @@ impl StoredFingerprints {
             ids.max(),
             found.iter().flatten().count(),
         );
+        if self.next_id.is_none() {
+            // No guess for the next batch, so no use for the range read: its memory goes.
+            self.window = StrMap::default();
+            self.range = None;
+        }
         Ok(Some(
             found
                 .into_iter()
