@@ -212,6 +212,15 @@ impl Default for BatchTimeouts {
     }
 }
 
+/// For the rest of the current transaction, changes to tag links leave the tickets' import
+/// fingerprints alone (the triggers of the migrations `import_fingerprint` and
+/// `fingerprint_links_per_statement`): for a writer that writes the fingerprints itself, or
+/// whose tickets go in the same transaction.
+pub fn keep_fingerprints(conn: &mut PgConnection) -> QueryResult<()> {
+    use diesel::connection::SimpleConnection as _;
+    conn.batch_execute("SET LOCAL ticketops.fingerprints_kept = on")
+}
+
 /// Sets the timeouts for the rest of the current transaction only.
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;

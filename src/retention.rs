@@ -253,7 +253,7 @@ fn remove_hanging(conn: &mut PgConnection) -> anyhow::Result<u64> {
     // Their tickets go in this transaction: no fingerprint to forget (see the migration
     // `import_fingerprint`). Without this, on partitions, each link's trigger probed every
     // month for a ticket whose month was already dropped: 48 s a month of 120,000 links.
-    sql_query("SET LOCAL ticketops.fingerprints_kept = on").execute(conn)?;
+    db::keep_fingerprints(conn)?;
     sql_query(format!("DELETE FROM ticket_tags WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
     Ok(comments as u64)
 }

@@ -467,7 +467,7 @@ impl ImportKind for TicketImport {
         index_paths_only(conn)?;
         // The tag links this batch writes come with the fingerprints it writes: the trigger
         // that forgets a ticket's fingerprint when its links change leaves them alone.
-        diesel::connection::SimpleConnection::batch_execute(conn, "SET LOCAL ticketops.fingerprints_kept = on")?;
+        crate::db::keep_fingerprints(conn)?;
         let started = std::time::Instant::now();
 
         // An initial load starts from an empty, locked table: when every key comes once, none
