@@ -493,9 +493,7 @@ impl ImportKind for TicketImport {
             }
         }
         self.phases.add("compare with stored", started);
-        let started = std::time::Instant::now();
         self.insert_new(conn, op_id, new, counts)?;
-        self.phases.add("COPY new tickets", started);
         self.merge_existing(conn, op_id, old, &stored, counts)?;
         Ok(Vec::new())
     }

@@ -217,6 +217,8 @@ impl TicketImport {
         if rows.is_empty() {
             return Ok(());
         }
+        // "COPY new tickets" is the time of this call but the keys' COPY, a phase of its own.
+        let started = std::time::Instant::now();
         if self.id_sequence.is_none() {
             #[derive(QueryableByName)]
             struct Sequence {
@@ -255,11 +257,12 @@ impl TicketImport {
                 )
             })
             .collect();
-        if self.layout.keyed() {
+        let started = if self.layout.keyed() {
+            self.phases.add("COPY new tickets", started);
             // The keys first (the months were made by `resolve`), which the tickets reference:
             // a key that exists already (a concurrent insert) fails the batch like the unique
             // index does on the plain layout.
-            let started = std::time::Instant::now();
+            let keys_started = std::time::Instant::now();
             copy_keys(
                 conn,
                 // Only where it was measured: on Citus the keys are a distributed table, and
@@ -268,8 +271,11 @@ impl TicketImport {
                 rows.iter()
                     .map(|&(row, id, created_at, _)| (id, row.external_id(), created_at)),
             )?;
-            self.phases.add("COPY ticket keys", started);
-        }
+            self.phases.add("COPY ticket keys", keys_started);
+            std::time::Instant::now()
+        } else {
+            started
+        };
         let links = RefCell::new(Vec::new());
         // Rows go into tickets itself, but on the initial load of the partitioned layout
         // straight into their months: PostgreSQL refuses COPY … FREEZE on a partitioned table
@@ -362,6 +368,7 @@ impl TicketImport {
             Some(serde_json::json!({ "ids": ranges })),
         )
         .context("cannot record the audit trail")?;
+        self.phases.add("COPY new tickets", started);
         counts.inserted += inserted as u64;
         self.inserted_here += inserted as u64;
         Ok(())
