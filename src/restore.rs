@@ -33,26 +33,26 @@ struct AuditBatch {
 /// into chunks of at most `chunk` ids, each with the deleted_at that batch set.
 pub struct DeletedBatches {
     source_op: i64,
-    chunk: usize,
     /// The last audit row read.
     after_audit_id: i64,
-    pending: std::collections::VecDeque<(DateTime<Utc>, Vec<i64>)>,
+    /// The ids of the audit row being worked through, those not done yet.
+    pending: Option<(DateTime<Utc>, Vec<i64>)>,
 }
 
 impl DeletedBatches {
-    fn new(source_op: i64, chunk: usize) -> DeletedBatches {
+    fn new(source_op: i64) -> DeletedBatches {
         DeletedBatches {
             source_op,
-            chunk: chunk.max(1),
             after_audit_id: 0,
-            pending: Default::default(),
+            pending: None,
         }
     }
 
-    /// The next chunk, left in place until [`DeletedBatches::done_with_front`] (a batch that
-    /// is rolled back and retried gets it again); `None` at the end.
-    fn front(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<&(DateTime<Utc>, Vec<i64>)>> {
-        while self.pending.is_empty() {
+    /// The next at most `limit` ids (from one audit row: one soft-delete time), left in place
+    /// until [`DeletedBatches::done_with`] (a batch that is rolled back and retried gets them
+    /// again); `None` at the end.
+    fn front(&mut self, conn: &mut PgConnection, limit: usize) -> anyhow::Result<Option<(DateTime<Utc>, &[i64])>> {
+        while self.pending.as_ref().is_none_or(|(_, ids)| ids.is_empty()) {
             let row: Option<AuditBatch> = diesel::sql_query(
                 "SELECT id, after FROM audit_log
                  WHERE operation_id = $1 AND action = $2 AND after IS NOT NULL AND id > $3
@@ -68,15 +68,20 @@ impl DeletedBatches {
                 .with_context(|| format!("unreadable deleted_at in audit row {}", row.id))?;
             let ids: Vec<i64> = serde_json::from_value(row.after["ids"].clone())
                 .with_context(|| format!("unreadable ids in audit row {}", row.id))?;
-            self.pending
-                .extend(ids.chunks(self.chunk).map(|chunk| (when, chunk.to_vec())));
+            self.pending = Some((when, ids));
             self.after_audit_id = row.id;
         }
-        Ok(self.pending.front())
+        Ok(self
+            .pending
+            .as_ref()
+            .map(|(when, ids)| (*when, &ids[..ids.len().min(limit.max(1))])))
     }
 
-    fn done_with_front(&mut self) {
-        self.pending.pop_front();
+    /// The first `n` ids [`DeletedBatches::front`] gave are done.
+    fn done_with(&mut self, n: usize) {
+        if let Some((_, ids)) = &mut self.pending {
+            ids.drain(..n.min(ids.len()));
+        }
     }
 }
 
@@ -209,24 +214,25 @@ impl OperationPreview {
 pub fn preview_operation(conn: &mut PgConnection, source_op: i64, chunk: usize) -> anyhow::Result<OperationPreview> {
     let op = operation::find(conn, source_op)?
         .ok_or_else(|| UsageError(format!("there is no operation {source_op} (see `ticketops ops list`)")))?;
-    if DeletedBatches::new(source_op, chunk).front(conn)?.is_none() {
+    if DeletedBatches::new(source_op).front(conn, chunk)?.is_none() {
         return Err(UsageError(format!(
             "operation {source_op} ({}) soft-deleted no tickets; nothing to restore",
             op.kind
         ))
         .into());
     }
-    let mut batches = DeletedBatches::new(source_op, chunk);
+    let mut batches = DeletedBatches::new(source_op);
     let (mut deleted, mut restorable) = (0usize, 0i64);
-    while let Some((when, ids)) = batches.front(conn)? {
+    while let Some((when, ids)) = batches.front(conn, chunk)? {
+        let ids = ids.to_vec();
         deleted += ids.len();
         restorable += tickets::table
-            .filter(tickets::id.eq_any(ids))
+            .filter(tickets::id.eq_any(&ids))
             .filter(tickets::deleted_at.eq(when))
             .filter(tickets::last_operation_id.eq(source_op))
             .count()
             .get_result::<i64>(conn)?;
-        batches.done_with_front();
+        batches.done_with(ids.len());
     }
     Ok(OperationPreview {
         source_op,
@@ -266,16 +272,18 @@ pub fn restore_operation(
     settings: &BatchSettings,
     watch: &crate::output::Watch,
 ) -> anyhow::Result<OperationRestored> {
-    let chunk = settings.batch_size as usize;
     let job = Job::start(pool, url, conn, KIND, json!({"operation": source_op}))?;
     let op_id = job.operation_id;
     let restate = RestateUnchanged::check(conn)?;
     let layout = crate::layout::Layout::of(conn)?;
-    let mut batches = DeletedBatches::new(source_op, chunk);
+    let mut batches = DeletedBatches::new(source_op);
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
-    let stats = job.run(conn, settings, watch, |conn, _limit| {
-        let Some((when, ids)) = batches.front(conn)?.cloned() else {
+    let stats = job.run(conn, settings, watch, |conn, limit| {
+        let Some((when, ids)) = batches
+            .front(conn, limit as usize)?
+            .map(|(when, ids)| (when, ids.to_vec()))
+        else {
             return Ok(Step { rows: 0, done: true });
         };
         let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate, layout)?;
@@ -287,7 +295,7 @@ pub fn restore_operation(
             .collect();
         skipped += left.len() as u64;
         skipped_sample.extend(left.iter().take(10usize.saturating_sub(skipped_sample.len())));
-        batches.done_with_front();
+        batches.done_with(ids.len());
         Ok(Step {
             rows: restored,
             done: false,

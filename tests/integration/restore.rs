@@ -64,6 +64,42 @@ fn soft_delete_then_restore_brings_back_exactly_that_operations_rows() {
 }
 
 #[test]
+fn restore_of_an_operation_stops_at_max_rows_inside_one_of_its_batches() {
+    let (db, dir) = dataset();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "cleanup", "soft-delete", "--status", "closed"],
+    )
+    .run();
+    let summary = run.expect_code(0).json();
+    assert_eq!(
+        (summary["soft_deleted"].as_i64(), summary["batches"].as_i64()),
+        (Some(3), Some(1))
+    );
+    let op = summary["operation_id"].to_string();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "restore", "--operation", &op, "--max-rows", "2"],
+    )
+    .run();
+    let restore = run.expect_code(0).json();
+    assert_eq!(restore["restored"], 2, "{}", run.explain());
+    assert_eq!(restore["stopped"], "max-rows");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        1
+    );
+    let run = ticketops(Some(&db), &dir, &["--json", "restore", "--operation", &op]).run();
+    assert_eq!(run.expect_code(0).json()["restored"], 1, "{}", run.explain());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL"),
+        0
+    );
+}
+
+#[test]
 fn restore_by_filters_needs_only_deleted() {
     let (db, dir) = dataset();
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id IN ('C-1', 'C-2')");
