@@ -22,6 +22,11 @@ pub struct BatchArgs {
     /// Rows per batch transaction
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=100_000), help_heading = "Batching")]
     pub batch_size: u64,
+    /// Resize the batches so that each transaction takes about this long (e.g. 250ms): the
+    /// first has --batch-size rows, the next shrink when slower and grow again when faster, never
+    /// past --batch-size (nor under 100 rows)
+    #[arg(long, value_name = "DURATION", value_parser = parse_batch_time, help_heading = "Batching")]
+    pub batch_time: Option<Duration>,
     /// Pause between batches (e.g. 200ms, 1s) to leave room for the live application
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s", help_heading = "Batching")]
     pub sleep: Duration,
@@ -46,6 +51,7 @@ impl BatchArgs {
     pub fn settings(&self) -> BatchSettings {
         BatchSettings {
             batch_size: self.batch_size,
+            batch_time: self.batch_time,
             sleep: self.sleep,
             max_runtime: self.max_runtime,
             max_rows: self.max_rows,
@@ -251,6 +257,17 @@ pub fn parse_timeout(value: &str) -> Result<Duration, String> {
     }
     if duration.as_millis() > i32::MAX as u128 {
         return Err(format!("{value:?} is longer than PostgreSQL allows (24 days)"));
+    }
+    Ok(duration)
+}
+
+/// `--batch-time`: a positive duration (a batch cannot take no time).
+pub fn parse_batch_time(value: &str) -> Result<Duration, String> {
+    let duration = parse_duration(value)?;
+    if duration < Duration::from_millis(1) {
+        return Err(format!(
+            "{value:?}: a batch takes some time; give at least 1ms (e.g. 250ms)"
+        ));
     }
     Ok(duration)
 }

@@ -18,7 +18,10 @@ use crate::signals::StopFlags;
 /// How a job's batches run, as plain values (the command line's `BatchArgs` give them).
 #[derive(Debug, Clone)]
 pub struct BatchSettings {
+    /// Rows per batch; with `batch_time`, the first batch's and the largest.
     pub batch_size: u64,
+    /// Resize the batches so that each takes about this long (`--batch-time`).
+    pub batch_time: Option<Duration>,
     pub sleep: Duration,
     pub max_runtime: Option<Duration>,
     pub max_rows: Option<u64>,
@@ -31,6 +34,7 @@ impl BatchSettings {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "batch_size": self.batch_size,
+            "batch_time_ms": self.batch_time.map(|d| d.as_millis() as u64),
             "sleep_ms": self.sleep.as_millis() as u64,
             "max_runtime_s": self.max_runtime.map(|d| d.as_secs()),
             "max_rows": self.max_rows,
@@ -97,6 +101,19 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100 * (1 << attempt.min(6)))
 }
 
+/// The fewest rows a batch is shrunk to by `--batch-time`: below that, a batch's time is
+/// mostly its transaction's fixed cost, and smaller batches would not be shorter.
+const MIN_ADAPTED_BATCH: u64 = 100;
+
+/// The size of the next batch under `--batch-time`: the last one's scaled by how far its time
+/// was from the target — shrunk at once (to a tenth at most), grown at most twofold (one quick
+/// batch is no proof) — within [`MIN_ADAPTED_BATCH`] and `max`, like pt-online-schema-change's
+/// `--chunk-time`.
+pub fn next_batch_size(last: u64, took: Duration, target: Duration, max: u64) -> u64 {
+    let factor = (target.as_secs_f64() / took.as_secs_f64().max(1e-6)).clamp(0.1, 2.0);
+    ((last as f64 * factor).round() as u64).clamp(MIN_ADAPTED_BATCH.min(max), max)
+}
+
 /// Runs `step` in batches until it reports done or a limit or signal stops the run. `step`
 /// gets the row limit for this batch and runs inside the batch's transaction; it must be
 /// safe to call again after a rolled-back attempt.
@@ -117,6 +134,7 @@ pub fn run_batches(
         stopped: StopReason::Done,
         error: None,
     };
+    let mut batch_size = args.batch_size;
     loop {
         if let Some(code) = stop.requested() {
             stats.stopped = StopReason::Signal(code);
@@ -131,8 +149,8 @@ pub fn run_batches(
                 stats.stopped = StopReason::MaxRows;
                 break;
             }
-            Some(max) => args.batch_size.min(max - stats.rows),
-            None => args.batch_size,
+            Some(max) => batch_size.min(max - stats.rows),
+            None => batch_size,
         };
         let mut attempt = 0;
         let outcome = loop {
@@ -174,6 +192,13 @@ pub fn run_batches(
                 if s.done {
                     stats.stopped = StopReason::Done;
                     break;
+                }
+                // Measured by the rows asked for: the work a batch does (rows locked, compared,
+                // skipped) follows its limit more closely than the rows it changed.
+                if let Some(target) = args.batch_time
+                    && limit == batch_size
+                {
+                    batch_size = next_batch_size(limit, took, target, args.batch_size);
                 }
             }
             Err(err) => {
@@ -340,5 +365,37 @@ impl JobSummary {
             anyhow::bail!("{} finished, but {note}", self.kind);
         }
         Ok(self.exit_code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_slow_batch_shrinks_the_next_at_once_and_a_quick_one_grows_it_at_most_twofold() {
+        assert_eq!(next_batch_size(5000, MS(500), MS(250), 5000), 2500);
+        assert_eq!(
+            next_batch_size(5000, MS(100_000), MS(250), 5000),
+            500,
+            "a tenth at most"
+        );
+        assert_eq!(next_batch_size(1000, MS(125), MS(250), 5000), 2000);
+        assert_eq!(next_batch_size(1000, MS(1), MS(250), 5000), 2000, "twofold at most");
+        assert_eq!(next_batch_size(1000, MS(250), MS(250), 5000), 1000);
+    }
+
+    #[test]
+    fn an_adapted_batch_stays_within_100_rows_and_the_batch_size() {
+        assert_eq!(next_batch_size(4000, MS(10), MS(250), 5000), 5000);
+        assert_eq!(next_batch_size(150, MS(1000), MS(250), 5000), 100);
+        assert_eq!(
+            next_batch_size(30, MS(1000), MS(250), 30),
+            30,
+            "a batch size under 100 is kept"
+        );
+        assert_eq!(next_batch_size(100, Duration::ZERO, MS(250), 5000), 200);
     }
 }

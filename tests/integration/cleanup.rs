@@ -493,6 +493,44 @@ fn max_rows_and_max_runtime_stop_cleanly() {
 }
 
 #[test]
+fn batch_time_shrinks_slow_batches_and_never_grows_them_past_the_batch_size() {
+    let db = TestDb::new();
+    let dir = scratch("batch-time");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "1500", "--seed", "9"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let total = db.scalar("SELECT count(*) FROM tickets");
+    assert!(total > 1300, "{total} tickets");
+    let soft_delete = |extra: &[&str]| {
+        let mut args = vec!["--json", "cleanup", "soft-delete", "--all"];
+        args.extend_from_slice(extra);
+        let run = ticketops(Some(&db), &dir, &args).run();
+        run.expect_code(0).json()
+    };
+    // Every batch far quicker than an hour: none grows past --batch-size.
+    let s = soft_delete(&["--batch-size", "200", "--batch-time", "1h", "--max-rows", "600"]);
+    assert_eq!(
+        (s["soft_deleted"].as_i64(), s["batches"].as_i64()),
+        (Some(600), Some(3)),
+        "{s}"
+    );
+    // No batch of 400 rows (nor of 100) takes a millisecond: after the first, batches of 100.
+    let s = soft_delete(&["--batch-size", "400", "--batch-time", "1ms"]);
+    let rest = total - 600;
+    assert_eq!(s["soft_deleted"].as_i64(), Some(rest), "{s}");
+    let batches = s["batches"].as_i64().unwrap();
+    let unshrunk = (rest + 399) / 400;
+    assert!(
+        batches > unshrunk + 1,
+        "{batches} batches for {rest} rows: not shrunk ({s})"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NULL"), 0);
+    assert_eq!(
+        db.strings("SELECT args->'batching'->>'batch_time_ms' FROM bulk_operations WHERE kind = 'cleanup soft-delete' ORDER BY id"),
+        vec!["3600000", "1"]
+    );
+}
+
+#[test]
 fn purge_with_archive_then_import_brings_the_tickets_back() {
     let db = TestDb::new();
     let dir = scratch("purge");
