@@ -574,29 +574,133 @@ impl PartitionHealth {
     }
 }
 
-/// `ANALYZE tickets, ticket_tags` on the partitioned layout after a large write, with its rows
-/// committed. `ANALYZE tickets` samples the parent and then analyzes every partition,
-/// one after another (no `ANALYZE ONLY` before PostgreSQL 18): 3 s for 1M tickets over 24
-/// months, against 0.3 s for one table. There a second connection from `pool` shares the
-/// partitions: each side analyzes in a transaction, so it holds what it analyzed, skips what
-/// the other holds (`SKIP_LOCKED`), and commits only when both are done — each partition is
-/// analyzed once, by whichever side came to it first. A partition autovacuum is analyzing
-/// at that moment is left to it.
-pub fn analyze_partitioned_tickets(conn: &mut PgConnection, pool: &crate::db::Pool) -> anyhow::Result<()> {
+/// Rows an import added to tickets, by partition (as the catalog names it), and those that
+/// went to no monthly partition it knew (the default partition, or one it may not write).
+#[derive(Debug, Default)]
+pub struct RowsByPartition {
+    by_name: std::collections::BTreeMap<String, u64>,
+    elsewhere: u64,
+}
+
+impl RowsByPartition {
+    pub fn add(&mut self, partition: Option<&str>, rows: u64) {
+        match partition {
+            Some(name) => match self.by_name.get_mut(name) {
+                Some(n) => *n += rows,
+                None => {
+                    self.by_name.insert(name.to_owned(), rows);
+                }
+            },
+            None => self.elsewhere += rows,
+        }
+    }
+
+    pub fn merge(&mut self, other: RowsByPartition) {
+        for (name, rows) in other.by_name {
+            self.add(Some(&name), rows);
+        }
+        self.elsewhere += other.elsewhere;
+    }
+
+    fn total(&self) -> u64 {
+        self.by_name.values().sum::<u64>() + self.elsewhere
+    }
+
+    /// Of the partitions (name, rows before), those whose statistics these rows made stale:
+    /// more than 50 rows and a tenth of theirs, autovacuum's rule. None when the whole table
+    /// is due (only if `whole_table_allowed`): the rows are a tenth of it, or some went where
+    /// they cannot be told apart.
+    pub fn partitions_due<'p>(&self, partitions: &[(&'p str, f64)], whole_table_allowed: bool) -> Option<Vec<&'p str>> {
+        let table_rows: f64 = partitions.iter().map(|&(_, rows)| rows).sum();
+        if whole_table_allowed && (self.elsewhere > 0 || self.total() as f64 >= 0.1 * table_rows) {
+            return None;
+        }
+        Some(
+            partitions
+                .iter()
+                .filter(|&&(name, rows)| self.by_name.get(name).is_some_and(|&n| n as f64 > 50.0 + 0.1 * rows))
+                .map(|&(name, _)| name)
+                .collect(),
+        )
+    }
+}
+
+/// Fresh statistics for tickets (and ticket_tags) on the partitioned layout after an import,
+/// with its rows committed; returns what was analyzed, for `-v` (None: nothing was due).
+///
+/// `ANALYZE tickets` samples the parent and then analyzes every partition, one after another
+/// (no `ANALYZE ONLY` before PostgreSQL 18): 3 s for 1M tickets over 24 months, against 0.3 s
+/// for one table, and on a table of years of large months minutes of reading. So it runs
+/// only when `changed` is None (the initial load) or, `whole_table_allowed`, the import added
+/// a tenth of the table (the parent's own statistics, which autovacuum never refreshes, then
+/// drift); otherwise only the months that gained more than autovacuum's threshold (50 rows
+/// and a tenth of theirs) are analyzed, what autovacuum would do a minute later.
+///
+/// Two connections share the work. For the whole table each side analyzes in a transaction,
+/// so it holds what it analyzed, skips what the other holds (`SKIP_LOCKED`), and commits only
+/// when both are done — each partition is analyzed once, by whichever side came to it first.
+/// A partition autovacuum is analyzing at that moment is left to it.
+pub fn analyze_partitioned_tickets(
+    conn: &mut PgConnection,
+    pool: &crate::db::Pool,
+    changed: Option<&RowsByPartition>,
+    whole_table_allowed: bool,
+) -> anyhow::Result<Option<String>> {
     use diesel::Connection as _;
     #[derive(QueryableByName)]
     struct Leaf {
         #[diesel(sql_type = Text)]
         name: String,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        rows: f64,
     }
     // The parent's ANALYZE takes its partitions in the order of their OIDs: the helper starts
     // from the other end.
     let leaves: Vec<Leaf> = sql_query(
-        "SELECT relid::regclass::text AS name FROM pg_partition_tree('tickets') WHERE isleaf ORDER BY relid DESC",
+        "SELECT t.relid::regclass::text AS name, greatest(c.reltuples, 0)::float8 AS rows
+         FROM pg_partition_tree('tickets') t JOIN pg_class c ON c.oid = t.relid
+         WHERE t.isleaf ORDER BY t.relid DESC",
     )
     .load(conn)
     .context("cannot list the partitions of tickets")?;
+    let months_due = changed.and_then(|changed| {
+        let sizes: Vec<(&str, f64)> = leaves.iter().map(|l| (l.name.as_str(), l.rows)).collect();
+        changed.partitions_due(&sizes, whole_table_allowed)
+    });
+    if months_due.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(None);
+    }
     let mut helper_conn = crate::db::get(pool)?;
+    if let Some(months) = months_due {
+        // Every other month on each side, each ANALYZE committed on its own.
+        let analyze = |c: &mut PgConnection, tables: &mut dyn Iterator<Item = &str>| -> anyhow::Result<()> {
+            for table in tables {
+                sql_query(format!("ANALYZE (SKIP_LOCKED) {table}"))
+                    .execute(c)
+                    .with_context(|| format!("cannot ANALYZE {table}"))?;
+            }
+            Ok(())
+        };
+        return std::thread::scope(|scope| {
+            let helper = scope.spawn(|| {
+                analyze(
+                    &mut helper_conn,
+                    &mut std::iter::once("ticket_tags").chain(months.iter().copied().step_by(2)),
+                )
+            });
+            let main = analyze(conn, &mut months.iter().copied().skip(1).step_by(2));
+            let helper = helper
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the ANALYZE helper thread panicked")));
+            main.and(helper).context("cannot ANALYZE tickets after the import")?;
+            Ok(Some(format!(
+                "ticket_tags and {} month(s) of {}",
+                months.len(),
+                leaves.len()
+            )))
+        });
+    }
+    let partitions = leaves.len();
     let (main_done, main_done_rx) = std::sync::mpsc::channel::<()>();
     let (helper_done, helper_done_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
@@ -625,6 +729,60 @@ pub fn analyze_partitioned_tickets(conn: &mut PgConnection, pool: &crate::db::Po
         let helper = helper
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the ANALYZE helper thread panicked")));
-        main.and(helper).context("cannot ANALYZE tickets after the import")
+        main.and(helper).context("cannot ANALYZE tickets after the import")?;
+        Ok(Some(format!("ticket_tags, tickets and its {partitions} partitions")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn added(rows: &[(Option<&str>, u64)]) -> RowsByPartition {
+        let mut added = RowsByPartition::default();
+        for &(partition, n) in rows {
+            added.add(partition, n);
+        }
+        added
+    }
+
+    const MONTHS: [(&str, f64); 4] = [("p1", 400_000.0), ("p2", 400_000.0), ("p3", 100_000.0), ("p4", 0.0)];
+
+    #[test]
+    fn an_import_of_less_than_a_tenth_of_the_table_refreshes_the_months_it_changed_enough() {
+        let rows = added(&[
+            (Some("p1"), 30_000),
+            (Some("p3"), 10_051),
+            (Some("p4"), 51),
+            (Some("p2"), 40_000),
+        ]);
+        assert_eq!(rows.partitions_due(&MONTHS, true), Some(vec!["p3", "p4"]));
+        let few = added(&[(Some("p4"), 50)]);
+        assert_eq!(
+            few.partitions_due(&MONTHS, true),
+            Some(vec![]),
+            "50 rows into an empty month"
+        );
+    }
+
+    #[test]
+    fn a_tenth_of_the_table_or_rows_of_no_known_month_refresh_everything() {
+        let mut rows = added(&[(Some("p1"), 60_000), (Some("p3"), 20_000)]);
+        assert!(rows.partitions_due(&MONTHS, true).is_some());
+        rows.merge(added(&[(Some("p3"), 10_000)]));
+        assert_eq!(rows.partitions_due(&MONTHS, true), None, "90,000 of 900,000");
+        let elsewhere = added(&[(Some("p3"), 20_000), (None, 1)]);
+        assert_eq!(elsewhere.partitions_due(&MONTHS, true), None);
+        assert_eq!(
+            elsewhere.partitions_due(&MONTHS, false),
+            Some(vec!["p3"]),
+            "a small import: its months only"
+        );
+        assert_eq!(rows.partitions_due(&MONTHS, false), Some(vec!["p1", "p3"]));
+        assert_eq!(
+            added(&[(Some("p4"), 100)]).partitions_due(&[("p4", 0.0)], true),
+            None,
+            "an empty table"
+        );
+    }
 }

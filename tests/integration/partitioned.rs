@@ -642,3 +642,34 @@ fn a_reimport_in_batches_finds_tickets_whose_created_at_moved_out_of_their_batch
     run.expect_code(0);
     assert_eq!(outcome(&summary), [0, 0, 40, 0, 0, 0], "{}", run.explain());
 }
+
+#[test]
+fn an_import_refreshes_the_statistics_of_the_months_it_changed_enough_and_no_others() {
+    let (db, dir) = partitioned_db("analyze-months");
+    let analyzed = |db: &TestDb| {
+        db.strings(
+            "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_partition_tree('tickets') t ON t.relid = s.relid
+             WHERE s.last_analyze IS NOT NULL",
+        )
+    };
+    // 2 tickets a month over two years: no month gains more than autovacuum's 50 rows.
+    let spread = generate(&dir, "spread.csv", &["tickets", "--rows", "48", "--seed", "5"]);
+    import(&db, &dir, "tickets", &spread, &[]).0.expect_code(0);
+    assert_eq!(analyzed(&db), Vec::<String>::new());
+    // 120 tickets in June 2025, 20 in July: June's statistics are stale, July's not yet.
+    let mut csv = String::from("external_id,subject,status,requester_email,created_at\n");
+    for i in 0..140 {
+        let when = if i < 120 {
+            format!("2025-06-{:02}T12:00:00Z", 1 + i % 30)
+        } else {
+            format!("2025-07-{:02}T12:00:00Z", 1 + i % 30)
+        };
+        csv.push_str(&format!("J-{i},June {i},open,ann@example.com,{when}\n"));
+    }
+    let file = dir.join("june.csv");
+    std::fs::write(&file, csv).unwrap();
+    let (run, _) = import(&db, &dir, "tickets", &file, &["-v"]);
+    run.expect_code(0).stderr_has("ticket_tags and 1 month(s) of");
+    assert_eq!(analyzed(&db), vec![partition_of(&db, "J-0")]);
+    assert_ne!(partition_of(&db, "J-0"), partition_of(&db, "J-139"));
+}

@@ -283,11 +283,21 @@ impl TicketImport {
         // month of the batch; rows of no month of their own (the default partition) through
         // the parent, unfrozen.
         let into_months = self.initial_load && self.layout.partitioned();
-        let routes = if into_months {
+        let routes = if self.layout.partitioned() {
             let created: Vec<DateTime<Utc>> = rows.iter().map(|&(_, _, created_at, _)| created_at).collect();
-            self.months
+            let months = self
+                .months
                 .route(conn, &created)
-                .context("cannot route the rows to their months")?
+                .context("cannot route the rows to their months")?;
+            // Which months gained rows: the statistics refreshed after the import are theirs.
+            let mut per_month: HashMap<Option<usize>, u64> = HashMap::new();
+            for &month in &months {
+                *per_month.entry(month).or_default() += 1;
+            }
+            for (month, n) in per_month {
+                self.inserted_into.add(month.map(|m| self.months.name(m)), n);
+            }
+            if into_months { months } else { vec![None; rows.len()] }
         } else {
             vec![None; rows.len()]
         };
