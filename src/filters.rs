@@ -692,8 +692,16 @@ pub const UNCHANGED_INDEXED_COLUMNS: &[&str] = &[
     "solved_at",
 ];
 
-/// Whether the UPDATEs of a run may name [`UNCHANGED_INDEXED_COLUMNS`] in their SET lists:
-/// decided once per run by [`RestateUnchanged::check`], used by every statement of the run.
+/// What every such UPDATE also clears itself, where it may: the fingerprint of the record that
+/// imported the ticket, which the tickets' trigger `ticketops_forget_fingerprint` would clear
+/// row by row anyway (an UPDATE that leaves it as it was cannot keep it). Cleared in the SET
+/// list, the trigger's `WHEN` is false and its PL/pgSQL call is saved: a soft-delete of 521,563
+/// rows of the partitioned 1M copy took 16.4-17.3 s with the call and 15.5 s without it.
+const CLEARED_FINGERPRINT: &str = "import_fingerprint";
+
+/// Whether the UPDATEs of a run may name [`UNCHANGED_INDEXED_COLUMNS`] (and
+/// [`CLEARED_FINGERPRINT`]) in their SET lists: decided once per run by
+/// [`RestateUnchanged::check`], used by every statement of the run.
 #[derive(Debug, Clone, Copy)]
 pub struct RestateUnchanged(bool);
 
@@ -701,7 +709,12 @@ impl RestateUnchanged {
     /// Naming is safe unless tickets has a trigger limited to columns, or the user may not
     /// update one of them (see [`crate::db::can_restate_columns`]).
     pub fn check(conn: &mut PgConnection) -> anyhow::Result<RestateUnchanged> {
-        let safe = crate::db::can_restate_columns(conn, "tickets", UNCHANGED_INDEXED_COLUMNS)
+        let columns: Vec<&str> = UNCHANGED_INDEXED_COLUMNS
+            .iter()
+            .copied()
+            .chain([CLEARED_FINGERPRINT])
+            .collect();
+        let safe = crate::db::can_restate_columns(conn, "tickets", &columns)
             .context("cannot read the triggers and column privileges of tickets")?;
         Ok(RestateUnchanged(safe))
     }
@@ -723,14 +736,20 @@ impl RestateUnchanged {
             + &self.set_tail(&assigned);
         let mut columns = assigned.clone();
         if self.0 {
-            columns.extend(UNCHANGED_INDEXED_COLUMNS.iter().filter(|c| !assigned.contains(c)));
+            columns.extend(
+                UNCHANGED_INDEXED_COLUMNS
+                    .iter()
+                    .chain([&CLEARED_FINGERPRINT])
+                    .filter(|c| !assigned.contains(c)),
+            );
         }
         (set, columns)
     }
 
-    /// `, requester_id = requester_id, …` for the columns of [`UNCHANGED_INDEXED_COLUMNS`] that
-    /// are not in `assigned` (the statement sets those itself): the tail of an UPDATE's SET list,
-    /// empty when naming them is not safe.
+    /// `, requester_id = requester_id, …, import_fingerprint = NULL` for the columns of
+    /// [`UNCHANGED_INDEXED_COLUMNS`] and [`CLEARED_FINGERPRINT`] that are not in `assigned` (the
+    /// statement sets those itself): the tail of an UPDATE's SET list, empty when naming them is
+    /// not safe.
     pub fn set_tail(self, assigned: &[&str]) -> String {
         self.set_tail_of(assigned, "")
     }
@@ -746,11 +765,15 @@ impl RestateUnchanged {
         } else {
             format!("{row}.")
         };
-        UNCHANGED_INDEXED_COLUMNS
+        let mut tail: String = UNCHANGED_INDEXED_COLUMNS
             .iter()
             .filter(|column| !assigned.contains(column))
             .map(|column| format!(", {column} = {prefix}{column}"))
-            .collect()
+            .collect();
+        if !assigned.contains(&CLEARED_FINGERPRINT) {
+            tail += &format!(", {CLEARED_FINGERPRINT} = NULL");
+        }
+        tail
     }
 }
 

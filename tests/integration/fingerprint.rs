@@ -180,3 +180,42 @@ fn a_fingerprint_holds_only_for_the_same_column_mapping_and_options() {
     let (run, plain) = import(&db, &dir, "tickets", &file, &[]);
     assert_eq!(outcome(&plain), [0, 12, 0, 0, 0, 0], "{}", run.explain());
 }
+
+#[test]
+fn a_soft_delete_and_its_restore_forget_the_fingerprints_of_their_tickets_alone() {
+    let db = TestDb::new();
+    let dir = scratch("fingerprint-soft-delete");
+    let rows: Vec<String> = (0..30).map(row).collect();
+    let file = write(&dir, "tickets.csv", &rows);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let with_fingerprint = "SELECT count(*) FROM tickets WHERE import_fingerprint IS NOT NULL";
+    let expected = if distributed() { 0 } else { 30 };
+    assert_eq!(db.scalar(with_fingerprint), expected);
+    std::fs::write(dir.join("ids.csv"), "external_id\nT-01\nT-02\nT-03\nT-04\nT-05\n").unwrap();
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--ids-file",
+            "ids.csv",
+            "--batch-size",
+            "2",
+        ],
+    )
+    .run();
+    let op = run.expect_code(0).json()["operation_id"].to_string();
+    assert_eq!(db.scalar(with_fingerprint), expected.min(25));
+    ticketops(Some(&db), &dir, &["restore", "--operation", &op])
+        .run()
+        .expect_code(0);
+    let (run, again) = import(&db, &dir, "tickets", &file, &[]);
+    assert_eq!(outcome(&again), [0, 0, 30, 0, 0, 0], "{}", run.explain());
+    let (skipped, expected) = by_fingerprint(&again, 25);
+    assert_eq!(
+        skipped, expected,
+        "the five soft-deleted and restored compared in full: {again}"
+    );
+}
