@@ -709,14 +709,16 @@ impl RestateUnchanged {
     /// Naming is safe unless tickets has a trigger limited to columns, or the user may not
     /// update one of them (see [`crate::db::can_restate_columns`]).
     pub fn check(conn: &mut PgConnection) -> anyhow::Result<RestateUnchanged> {
-        let columns: Vec<&str> = UNCHANGED_INDEXED_COLUMNS
-            .iter()
-            .copied()
-            .chain([CLEARED_FINGERPRINT])
-            .collect();
+        let columns: Vec<&str> = Self::named_columns().collect();
         let safe = crate::db::can_restate_columns(conn, "tickets", &columns)
             .context("cannot read the triggers and column privileges of tickets")?;
         Ok(RestateUnchanged(safe))
+    }
+
+    /// Every column the SET lists name besides the statement's own: what the user must be
+    /// allowed to update.
+    fn named_columns() -> impl Iterator<Item = &'static str> {
+        UNCHANGED_INDEXED_COLUMNS.iter().copied().chain([CLEARED_FINGERPRINT])
     }
 
     pub fn allowed(self) -> bool {
@@ -736,12 +738,11 @@ impl RestateUnchanged {
             + &self.set_tail(&assigned);
         let mut columns = assigned.clone();
         if self.0 {
-            columns.extend(
-                UNCHANGED_INDEXED_COLUMNS
-                    .iter()
-                    .chain([&CLEARED_FINGERPRINT])
-                    .filter(|c| !assigned.contains(c)),
-            );
+            for column in Self::named_columns() {
+                if !assigned.contains(&column) {
+                    columns.push(column);
+                }
+            }
         }
         (set, columns)
     }

@@ -673,22 +673,14 @@ pub fn analyze_partitioned_tickets(
     let mut helper_conn = crate::db::get(pool)?;
     if let Some(months) = months_due {
         // Every other month on each side, each ANALYZE committed on its own.
-        let analyze = |c: &mut PgConnection, tables: &mut dyn Iterator<Item = &str>| -> anyhow::Result<()> {
-            for table in tables {
-                sql_query(format!("ANALYZE (SKIP_LOCKED) {table}"))
-                    .execute(c)
-                    .with_context(|| format!("cannot ANALYZE {table}"))?;
-            }
-            Ok(())
-        };
         return std::thread::scope(|scope| {
             let helper = scope.spawn(|| {
-                analyze(
+                analyze_each(
                     &mut helper_conn,
-                    &mut std::iter::once("ticket_tags").chain(months.iter().copied().step_by(2)),
+                    std::iter::once("ticket_tags").chain(months.iter().copied().step_by(2)),
                 )
             });
-            let main = analyze(conn, &mut months.iter().copied().skip(1).step_by(2));
+            let main = analyze_each(conn, months.iter().copied().skip(1).step_by(2));
             let helper = helper
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the ANALYZE helper thread panicked")));
@@ -706,11 +698,10 @@ pub fn analyze_partitioned_tickets(
     std::thread::scope(|scope| {
         let helper = scope.spawn(move || {
             helper_conn.transaction(move |c| -> anyhow::Result<()> {
-                for table in std::iter::once("ticket_tags").chain(leaves.iter().map(|l| l.name.as_str())) {
-                    sql_query(format!("ANALYZE (SKIP_LOCKED) {table}"))
-                        .execute(c)
-                        .with_context(|| format!("cannot ANALYZE {table}"))?;
-                }
+                analyze_each(
+                    c,
+                    std::iter::once("ticket_tags").chain(leaves.iter().map(|l| l.name.as_str())),
+                )?;
                 let _ = helper_done.send(());
                 // Until the parent's side is done too (or gone): committing earlier would let it
                 // take this side's partitions again.
@@ -732,6 +723,16 @@ pub fn analyze_partitioned_tickets(
         main.and(helper).context("cannot ANALYZE tickets after the import")?;
         Ok(Some(format!("ticket_tags, tickets and its {partitions} partitions")))
     })
+}
+
+/// `ANALYZE (SKIP_LOCKED)` of each table in turn (one a partition autovacuum holds is left to it).
+fn analyze_each<'t>(conn: &mut PgConnection, tables: impl Iterator<Item = &'t str>) -> anyhow::Result<()> {
+    for table in tables {
+        sql_query(format!("ANALYZE (SKIP_LOCKED) {table}"))
+            .execute(conn)
+            .with_context(|| format!("cannot ANALYZE {table}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

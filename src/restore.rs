@@ -29,8 +29,9 @@ struct AuditBatch {
 }
 
 /// The tickets a soft-delete operation deleted, read from its audit trail one audit row (one
-/// of its batches) at a time, so that memory does not grow with the operation's size, and cut
-/// into chunks of at most `chunk` ids, each with the deleted_at that batch set.
+/// of its batches) at a time, so that memory does not grow with the operation's size, and
+/// handed out as many at a time as each caller's batch takes, with the deleted_at that batch
+/// set.
 pub struct DeletedBatches {
     source_op: i64,
     /// The last audit row read.
@@ -224,15 +225,15 @@ pub fn preview_operation(conn: &mut PgConnection, source_op: i64, chunk: usize) 
     let mut batches = DeletedBatches::new(source_op);
     let (mut deleted, mut restorable) = (0usize, 0i64);
     while let Some((when, ids)) = batches.front(conn, chunk)? {
-        let ids = ids.to_vec();
-        deleted += ids.len();
+        let taken = ids.len();
+        deleted += taken;
         restorable += tickets::table
-            .filter(tickets::id.eq_any(&ids))
+            .filter(tickets::id.eq_any(ids))
             .filter(tickets::deleted_at.eq(when))
             .filter(tickets::last_operation_id.eq(source_op))
             .count()
             .get_result::<i64>(conn)?;
-        batches.done_with(ids.len());
+        batches.done_with(taken);
     }
     Ok(OperationPreview {
         source_op,
@@ -280,13 +281,10 @@ pub fn restore_operation(
     let mut skipped = 0u64;
     let mut skipped_sample: Vec<i64> = Vec::new();
     let stats = job.run(conn, settings, watch, |conn, limit| {
-        let Some((when, ids)) = batches
-            .front(conn, limit as usize)?
-            .map(|(when, ids)| (when, ids.to_vec()))
-        else {
+        let Some((when, ids)) = batches.front(conn, limit as usize)? else {
             return Ok(Step { rows: 0, done: true });
         };
-        let restorable = undelete_its_own(conn, op_id, source_op, when, &ids, restate, layout)?;
+        let restorable = undelete_its_own(conn, op_id, source_op, when, ids, restate, layout)?;
         let restored = restorable.len() as u64;
         let left: Vec<i64> = ids
             .iter()
@@ -295,7 +293,8 @@ pub fn restore_operation(
             .collect();
         skipped += left.len() as u64;
         skipped_sample.extend(left.iter().take(10usize.saturating_sub(skipped_sample.len())));
-        batches.done_with(ids.len());
+        let taken = ids.len();
+        batches.done_with(taken);
         Ok(Step {
             rows: restored,
             done: false,

@@ -130,9 +130,6 @@ struct Writers {
     ended: AtomicUsize,
     inserted: AtomicU64,
     inserted_into: std::sync::Mutex<RowsByPartition>,
-    /// The import added enough rows for the whole of a partitioned table's statistics to be
-    /// refreshed, not only its months'.
-    whole_table_due: AtomicBool,
     warned_missing_created_at: AtomicBool,
     /// Statistics are due once the rows are committed (`after_commit`).
     analyze_after_commit: AtomicBool,
@@ -362,13 +359,8 @@ impl ImportKind for TicketImport {
                 .merge(std::mem::take(&mut self.inserted_into));
             let last =
                 self.writers.ended.fetch_add(1, Ordering::SeqCst) + 1 == self.writers.count.load(Ordering::SeqCst);
-            if last && self.layout.partitioned() {
-                // The months it changed enough, whatever its size (see `after_commit`).
-                self.writers
-                    .whole_table_due
-                    .store(inserted > ANALYZE_AFTER_ROWS, Ordering::SeqCst);
-                self.analyze(conn)?;
-            } else if last && inserted > ANALYZE_AFTER_ROWS {
+            // On partitions the months it changed enough, whatever its size (see `after_commit`).
+            if last && (self.layout.partitioned() || inserted > ANALYZE_AFTER_ROWS) {
                 self.analyze(conn)?;
             }
         }
@@ -390,7 +382,7 @@ impl ImportKind for TicketImport {
                     &mut *self.writers.inserted_into.lock().expect("no writer panics holding it"),
                 ))
             };
-            let whole_table_due = self.writers.whole_table_due.load(Ordering::SeqCst);
+            let whole_table_due = self.writers.inserted.load(Ordering::SeqCst) > ANALYZE_AFTER_ROWS;
             let Some(analyzed) =
                 crate::layout::analyze_partitioned_tickets(conn, pool, changed.as_ref(), whole_table_due)?
             else {
