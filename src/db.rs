@@ -115,25 +115,28 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// `jit_above_cost` — compiling then took longer than running (the dry run of an undo of
 /// 20,000 rows: 1.37 s of JIT in a 1.66 s statement; a page of `ops show --changes`: 450 ms
 /// against 1). Reports and exports measured the same or faster without it (an export on the
-/// partitioned layout compiled every partition's scan: 1.36 s against 0.18). And with a plan
-/// made for each execution's values: Diesel prepares its query-builder statements once and
-/// PostgreSQL then switches to a generic plan, which prices a bound array as ten values — a
-/// `--ids-file` of 100,000 tickets was searched linearly for every row of every batch (3.7 s
-/// a `fix set` batch of 5,000; 0.7 s planned for its values, where the array is hashed).
-/// Statements written as SQL text are not prepared and were planned for their values already.
+/// partitioned layout compiled every partition's scan: 1.36 s against 0.18).
+///
+/// And without Diesel's cache of prepared statements: a cached statement is planned
+/// generically after five runs, which prices a bound array as ten values — a `--ids-file` of
+/// 100,000 tickets was searched linearly for every row of every batch (3.7 s a `fix set`
+/// batch of 5,000; 0.7 s planned for its values, where the array is hashed). Uncached, each
+/// statement goes out unnamed with its values and is planned for them, as statements written
+/// as SQL text always were. (`plan_cache_mode = force_custom_plan` did the same for a while,
+/// but it also replanned every foreign-key check and cascade the server runs for each row
+/// and every statement of the PL/pgSQL triggers: an import's inserts and a retention's key
+/// deletes cost twice their time.)
 #[derive(Debug)]
 struct UtcSession;
 
 impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for UtcSession {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
         use diesel::connection::SimpleConnection;
+        conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
         // On Citus, SET LOCAL (the batch timeouts) reaches the workers' sessions too; elsewhere
         // the setting is an unused placeholder.
-        conn.batch_execute(
-            "SET TIME ZONE 'UTC'; SET jit = off; SET plan_cache_mode = force_custom_plan; \
-             SET citus.propagate_set_commands TO 'local'",
-        )
-        .map_err(diesel::r2d2::Error::QueryError)
+        conn.batch_execute("SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local'")
+            .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
