@@ -302,6 +302,11 @@ pub fn remove_batch(
             .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
             .execute(conn)?;
         sql_query(format!("ANALYZE {GONE}")).execute(conn)?;
+        if !layout.distributed() {
+            // As for a whole month (see drop_detached): a batch's links by index probes, not a
+            // scan of every link for each batch (plain, 1M tickets: 42 ms a batch against ~12).
+            crate::layout::by_key_plans(conn)?;
+        }
         let removed = Removed {
             comments: remove_hanging(conn)?,
             tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,
