@@ -304,7 +304,7 @@ pub fn remove_batch(
         sql_query(format!("ANALYZE {GONE}")).execute(conn)?;
         if !layout.distributed() {
             // As for a whole month (see drop_detached): a batch's links by index probes, not a
-            // scan of every link for each batch (plain, 1M tickets: 42 ms a batch against ~12).
+            // scan of every link for each batch (plain, 1M tickets: 42 ms a batch against ~7).
             crate::layout::by_key_plans(conn)?;
         }
         let removed = Removed {
