@@ -306,10 +306,9 @@ impl StoredFingerprints {
                 // import keeps the default partition locked to its end).
                 diesel::connection::SimpleConnection::batch_execute(conn, LOOKUP_LOCK_TIMEOUT)?;
                 if let Some((low, high)) = to_read {
-                    // Through Diesel's query builder, whose statements are prepared once per
-                    // connection: on partitions PostgreSQL then keeps a generic plan instead
-                    // of planning the range for every month at every read (the range prunes
-                    // none).
+                    // Planned at every read, for every month (the range prunes none): a
+                    // generic plan kept for the connection measured the same (a re-import of
+                    // 1M on partitions 2.49-2.60 s against 2.52-2.57, 2026-12-04).
                     window.clear();
                     let in_range = tickets::table
                         .filter(tickets::id.between(low, high))
