@@ -188,7 +188,10 @@ impl EntityCache {
         // The map's capacity is what the table allocated once holds without growing; growing
         // would hold the old table and the new one at once (see `with_limit`). Forgetting only
         // some users would leave tombstones that make the next insert grow it all the same.
-        if self.users.len() + refs.len() > self.users.capacity() {
+        // Only the batch's users the cache lacks take room: a batch of users it holds already
+        // (a re-import, larger batches) must not empty it.
+        let uncached = refs.iter().filter(|r| !self.users.contains_key(&key(r.email))).count();
+        if self.users.len() + uncached > self.users.capacity() {
             // A lookup by e-mail of the users forgotten needs the unique index again.
             self.rebuild_users(conn)?;
             self.users.clear();

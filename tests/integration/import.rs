@@ -1569,6 +1569,15 @@ fn an_overflowing_entity_cache_keeps_what_the_batch_needs() {
     }
     assert_eq!(db.scalar("SELECT count(*) FROM users"), 10);
     assert_eq!(db.scalar("SELECT count(*) FROM organizations"), 10);
+
+    // A batch of users the cache holds already, however many rows name them, takes no room:
+    // the others stay cached (counting the batch's references, u0 was forgotten).
+    let mut cache = EntityCache::with_limit(3);
+    cache.ensure_users(&mut conn, &refs(0..2)).unwrap();
+    let again: Vec<UserRef<'_>> = (0..4).flat_map(|_| refs(1..2)).collect();
+    cache.ensure_users(&mut conn, &again).unwrap();
+    assert!(cache.user_id("u0@example.com").is_some(), "u0 forgotten");
+    assert!(cache.user_id("u1@example.com").is_some());
 }
 
 /// Without --batch-size an import runs 2,000-row batches and an initial load 5,000-row ones;
