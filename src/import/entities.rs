@@ -190,7 +190,8 @@ impl EntityCache {
         // some users would leave tombstones that make the next insert grow it all the same.
         // Only the batch's users the cache lacks take room: a batch of users it holds already
         // (a re-import, larger batches) must not empty it.
-        let uncached = refs.iter().filter(|r| !self.users.contains_key(&key(r.email))).count();
+        let keys: Vec<NameKey> = refs.iter().map(|r| key(r.email)).collect();
+        let uncached = keys.iter().filter(|k| !self.users.contains_key(k)).count();
         if self.users.len() + uncached > self.users.capacity() {
             // A lookup by e-mail of the users forgotten needs the unique index again.
             self.rebuild_users(conn)?;
@@ -199,8 +200,7 @@ impl EntityCache {
         }
         // One entry per e-mail: the strongest role, the first non-empty name and organization.
         let mut wanted: KeyMap<UserRef<'_>> = KeyMap::default();
-        for r in refs {
-            let k = key(r.email);
+        for (r, k) in refs.iter().zip(keys) {
             if self.users.get(&k).is_some_and(|cached| !cached.could_change(r)) {
                 continue;
             }
