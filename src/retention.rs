@@ -194,11 +194,7 @@ pub fn drop_detached(
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
         stage_gone(conn)?;
         sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)?;
-        sql_query(format!("ANALYZE {GONE}")).execute(conn)?;
-        // A month's tickets against every ticket's links and keys: probed by key, not hashed
-        // against a scan of the whole tables (at 1M tickets 78 ms against 150 for a month's
-        // links, and the scans grow with the table, the probes only with the month).
-        crate::layout::by_key_plans(conn)?;
+        analyze_gone(conn, true)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
         // The tickets went with their table: what hangs off them, and their keys.
         let removed = Removed {
@@ -236,6 +232,19 @@ fn stage_gone(conn: &mut PgConnection) -> anyhow::Result<()> {
     ))
     .execute(conn)
     .context("cannot stage the ids of the tickets to remove")?;
+    Ok(())
+}
+
+/// Statistics for the filled [`GONE`] and, with `by_key` (not on Citus, where the setting would
+/// reach the workers' plans), joins to it as index probes for the rest of the transaction: a
+/// month's or a batch's tickets against every ticket's links and keys, not hashed against a scan
+/// of the whole tables (at 1M tickets, a month's links 78 ms against 150, a plain batch's 7 ms
+/// against 42; the scans grow with the table, the probes only with what goes).
+fn analyze_gone(conn: &mut PgConnection, by_key: bool) -> anyhow::Result<()> {
+    sql_query(format!("ANALYZE {GONE}")).execute(conn)?;
+    if by_key {
+        crate::layout::by_key_plans(conn)?;
+    }
     Ok(())
 }
 
@@ -301,12 +310,7 @@ pub fn remove_batch(
         sql_query(format!("INSERT INTO {GONE} SELECT unnest($1::bigint[])"))
             .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
             .execute(conn)?;
-        sql_query(format!("ANALYZE {GONE}")).execute(conn)?;
-        if !layout.distributed() {
-            // As for a whole month (see drop_detached): a batch's links by index probes, not a
-            // scan of every link for each batch (plain, 1M tickets: 42 ms a batch against ~7).
-            crate::layout::by_key_plans(conn)?;
-        }
+        analyze_gone(conn, !layout.distributed())?;
         let removed = Removed {
             comments: remove_hanging(conn)?,
             tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,
