@@ -105,32 +105,45 @@ pub fn parse_age(value: &str) -> Option<Duration> {
     }
 }
 
-/// What `ResolvedFilters::unmatched_ids` found: distinct values listed, and those that match
-/// no ticket.
-#[derive(Debug)]
+/// What `ResolvedFilters::unmatched_ids` found: how many distinct values are listed, how many
+/// of them match no ticket, and the first few of those (in sorted order).
+#[derive(Debug, Clone, Default)]
 pub struct UnmatchedIds {
     pub listed: usize,
-    pub unmatched: Vec<String>,
+    pub unmatched: usize,
+    pub first_unmatched: Vec<String>,
 }
+
+/// How many of the values that match no ticket the warning names.
+const UNMATCHED_SHOWN: usize = 5;
 
 impl UnmatchedIds {
     /// A warning line, or `None` when every value matched.
     pub fn warning(&self) -> Option<String> {
-        if self.unmatched.is_empty() {
+        if self.unmatched == 0 {
             return None;
         }
-        let sample: Vec<&str> = self.unmatched.iter().take(5).map(String::as_str).collect();
-        let more = if self.unmatched.len() > sample.len() {
+        let more = if self.unmatched > self.first_unmatched.len() {
             ", …"
         } else {
             ""
         };
         Some(format!(
             "warning: {} of the {} values in the ids file match no ticket: {}{more}",
-            self.unmatched.len(),
+            self.unmatched,
             self.listed,
-            sample.join(", ")
+            self.first_unmatched.join(", ")
         ))
+    }
+
+    /// Counts one more value that matches no ticket, keeping the first few in sorted order.
+    fn add(&mut self, value: String) {
+        self.unmatched += 1;
+        let at = self.first_unmatched.partition_point(|v| *v < value);
+        if at < UNMATCHED_SHOWN {
+            self.first_unmatched.insert(at, value);
+            self.first_unmatched.truncate(UNMATCHED_SHOWN);
+        }
     }
 }
 
@@ -180,6 +193,11 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
             list.ids.push(id);
         }
     }
+    // A value listed twice is one ticket (and one value in the warning's count).
+    list.external_ids.sort_unstable();
+    list.external_ids.dedup();
+    list.ids.sort_unstable();
+    list.ids.dedup();
     Ok(list)
 }
 
@@ -188,9 +206,75 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
 pub struct ResolvedFilters {
     pub filters: TicketFilters,
     pub ids: Option<IdList>,
-    /// The ids of the tickets `ids` names, in order: read once by the first batch (see
-    /// `lock_batch`).
-    listed_tickets: std::sync::OnceLock<Vec<i64>>,
+    /// The tickets `ids` names, looked up once (see `ResolvedFilters::listed`).
+    listed_tickets: std::sync::OnceLock<ListedTickets>,
+}
+
+/// The tickets an ids file names, and the values that name none.
+#[derive(Debug, Clone)]
+struct ListedTickets {
+    /// Their ids, ascending, each once.
+    ids: Vec<i64>,
+    unmatched: UnmatchedIds,
+}
+
+/// Values of an ids file looked up per statement: the lookups' memory does not grow with the
+/// file, nor does one statement's array.
+const LOOKUP_CHUNK: usize = 10_000;
+
+/// Looks up the tickets `list` names, deleted or not: external ids through
+/// `ticket_ids_by_external_id` (on partitions the keys; a ticket without a key, written by
+/// hand, through the parent, which probes every partition), ids by themselves.
+fn look_up_listed(conn: &mut PgConnection, layout: Layout, list: &IdList) -> QueryResult<ListedTickets> {
+    let mut ids = Vec::new();
+    let mut unmatched = UnmatchedIds {
+        listed: list.external_ids.len() + list.ids.len(),
+        ..UnmatchedIds::default()
+    };
+    for chunk in list.external_ids.chunks(LOOKUP_CHUNK) {
+        let values: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let mut found = ticket_ids_by_external_id(conn, layout, &values)?;
+        if layout.partitioned() && found.len() < values.len() {
+            let keyless: Vec<&str> = values.iter().copied().filter(|e| !found.contains_key(*e)).collect();
+            found.extend(
+                tickets::table
+                    .select((tickets::external_id, tickets::id))
+                    .filter(tickets::external_id.eq_any(&keyless))
+                    .load::<(String, i64)>(conn)?,
+            );
+        }
+        for value in chunk {
+            match found.get(value) {
+                Some(&id) => ids.push(id),
+                None => unmatched.add(value.clone()),
+            }
+        }
+    }
+    // Ids as they are in a file of ids, as "id N" beside external ids.
+    let label = |id: i64| {
+        if list.external_ids.is_empty() {
+            id.to_string()
+        } else {
+            format!("id {id}")
+        }
+    };
+    for chunk in list.ids.chunks(LOOKUP_CHUNK) {
+        let found: Vec<i64> = tickets::table
+            .select(tickets::id)
+            .filter(tickets::id.eq_any(chunk))
+            .order(tickets::id)
+            .load(conn)?;
+        for &id in chunk {
+            if found.binary_search(&id).is_ok() {
+                ids.push(id);
+            } else {
+                unmatched.add(label(id));
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ListedTickets { ids, unmatched })
 }
 
 impl TicketFilters {
@@ -266,50 +350,32 @@ impl ResolvedFilters {
     /// A warning naming the `--ids-file` values that match no ticket (a typo in a spreadsheet
     /// of ids would otherwise only select less), or `None`.
     pub fn unmatched_ids_warning(&self, conn: &mut PgConnection) -> anyhow::Result<Option<String>> {
-        use anyhow::Context as _;
         let unmatched = self
             .unmatched_ids(conn)
             .context("cannot check the ids file against the tickets")?;
         Ok(unmatched.as_ref().and_then(|u| u.warning()))
     }
 
-    pub fn unmatched_ids(&self, conn: &mut PgConnection) -> QueryResult<Option<UnmatchedIds>> {
+    /// The values of `--ids-file` that match no ticket, deleted or not (`None` without an
+    /// ids file). Looks the file's tickets up for the batches too (`listed`), before the first.
+    pub fn unmatched_ids(&self, conn: &mut PgConnection) -> anyhow::Result<Option<UnmatchedIds>> {
+        if self.ids.is_none() {
+            return Ok(None);
+        }
+        let layout = Layout::of(conn)?;
+        Ok(self.listed(conn, layout)?.map(|listed| listed.unmatched.clone()))
+    }
+
+    /// The tickets the ids file names (`None` without one), looked up on first use.
+    fn listed(&self, conn: &mut PgConnection, layout: Layout) -> QueryResult<Option<&ListedTickets>> {
         let Some(list) = &self.ids else {
             return Ok(None);
         };
-        // Ids as they are in a file of ids, as "id N" beside external ids.
-        let id_label = |id: &i64| {
-            if list.external_ids.is_empty() {
-                id.to_string()
-            } else {
-                format!("id {id}")
-            }
-        };
-        let mut listed: Vec<String> = list.external_ids.clone();
-        listed.extend(list.ids.iter().map(id_label));
-        listed.sort_unstable();
-        listed.dedup();
-        let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
-        if !list.ids.is_empty() {
-            let ids: Vec<i64> = tickets::table
-                .select(tickets::id)
-                .filter(tickets::id.eq_any(&list.ids))
-                .load(conn)?;
-            known.extend(ids.iter().map(id_label));
+        if self.listed_tickets.get().is_none() {
+            let listed = look_up_listed(conn, layout, list)?;
+            let _ = self.listed_tickets.set(listed);
         }
-        if !list.external_ids.is_empty() {
-            known.extend(
-                tickets::table
-                    .select(tickets::external_id)
-                    .filter(tickets::external_id.eq_any(&list.external_ids))
-                    .load::<String>(conn)?,
-            );
-        }
-        let unmatched: Vec<String> = listed.iter().filter(|v| !known.contains(*v)).cloned().collect();
-        Ok(Some(UnmatchedIds {
-            listed: listed.len(),
-            unmatched,
-        }))
+        Ok(self.listed_tickets.get())
     }
 
     pub fn deleted_scope(&self) -> DeletedScope {
@@ -383,7 +449,7 @@ impl ResolvedFilters {
     }
 
     /// With an ids file: the next `limit` ids after `after_id` among the tickets it lists
-    /// (deleted or not, whatever the other filters say), read from the database on first use.
+    /// (deleted or not, whatever the other filters say), looked up on first use.
     fn listed_window(
         &self,
         conn: &mut PgConnection,
@@ -391,31 +457,10 @@ impl ResolvedFilters {
         after_id: i64,
         limit: i64,
     ) -> QueryResult<Option<&[i64]>> {
-        let Some(list) = &self.ids else {
+        let Some(listed) = self.listed(conn, layout)? else {
             return Ok(None);
         };
-        if self.listed_tickets.get().is_none() {
-            // Listed ids need no lookup: one that names no ticket selects nothing.
-            let mut ids = list.ids.clone();
-            let mut external_ids: Vec<&str> = list.external_ids.iter().map(String::as_str).collect();
-            let found = ticket_ids_by_external_id(conn, layout, &external_ids)?;
-            ids.extend(found.values());
-            // On partitions those are found through the keys; a ticket without a key (written
-            // by hand) is looked for through the parent, which probes every partition.
-            external_ids.retain(|e| layout.partitioned() && !found.contains_key(*e));
-            if !external_ids.is_empty() {
-                ids.extend(
-                    tickets::table
-                        .select(tickets::id)
-                        .filter(tickets::external_id.eq_any(&external_ids))
-                        .load::<i64>(conn)?,
-                );
-            }
-            ids.sort_unstable();
-            ids.dedup();
-            let _ = self.listed_tickets.set(ids);
-        }
-        let ids = self.listed_tickets.get().map(Vec::as_slice).unwrap_or_default();
+        let ids = listed.ids.as_slice();
         let from = ids.partition_point(|&id| id <= after_id);
         let to = ids
             .len()
@@ -596,11 +641,15 @@ impl ResolvedFilters {
             parts.push(Box::new(tickets::updated_at.ge(t)));
         }
         if let Some(list) = self.ids.as_ref().filter(|_| with_ids) {
-            parts.push(Box::new(
-                tickets::id
-                    .eq_any(list.ids.clone())
-                    .or(tickets::external_id.eq_any(list.external_ids.clone())),
-            ));
+            // The tickets once looked up (`listed`): by id alone, as the batches take them.
+            match self.listed_tickets.get() {
+                Some(listed) => parts.push(Box::new(tickets::id.eq_any(listed.ids.clone()))),
+                None => parts.push(Box::new(
+                    tickets::id
+                        .eq_any(list.ids.clone())
+                        .or(tickets::external_id.eq_any(list.external_ids.clone())),
+                )),
+            }
         }
         match scope {
             DeletedScope::Exclude => parts.push(Box::new(tickets::deleted_at.is_null())),
@@ -840,5 +889,23 @@ mod tests {
         let expected = Utc::now() - Duration::try_days(90).unwrap();
         assert!((ninety - expected).num_seconds().abs() < 5);
         assert!(parse_when("last tuesday").is_err());
+    }
+
+    #[test]
+    fn unmatched_values_keep_the_first_few_in_order_and_count_all() {
+        let mut unmatched = UnmatchedIds {
+            listed: 9,
+            ..UnmatchedIds::default()
+        };
+        assert_eq!(unmatched.warning(), None);
+        for value in ["g", "c", "h", "a", "f", "b", "e"] {
+            unmatched.add(value.to_string());
+        }
+        assert_eq!(unmatched.unmatched, 7);
+        assert_eq!(unmatched.first_unmatched, ["a", "b", "c", "e", "f"]);
+        assert_eq!(
+            unmatched.warning().unwrap(),
+            "warning: 7 of the 9 values in the ids file match no ticket: a, b, c, e, f, …"
+        );
     }
 }

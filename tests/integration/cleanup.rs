@@ -113,6 +113,22 @@ fn each_filter_selects_exactly_the_right_rows() {
     dry_run_of(&mixed)
         .expect_code(0)
         .stderr_has("1 of the 3 values in the ids file match no ticket: id 999999");
+    // A file longer than one lookup (10,000 values), unsorted, with a value twice: the
+    // warning counts distinct values and names the first unknown ones in sorted order.
+    let long = dir.join("long.csv");
+    let mut text = String::from("external_id\nC-5\n");
+    for n in (0..12_000).rev() {
+        text.push_str(&format!("Z-{n:05}\n"));
+    }
+    text.push_str("C-5\n");
+    std::fs::write(&long, text).unwrap();
+    assert_eq!(
+        selected(&db, &dir, &["--ids-file", long.to_str().unwrap()]),
+        set(&["C-5"])
+    );
+    dry_run_of(&long).expect_code(0).stderr_has(
+        "12000 of the 12001 values in the ids file match no ticket: Z-00000, Z-00001, Z-00002, Z-00003, Z-00004, …",
+    );
     // Soft-deleted rows are out of scope unless asked for.
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");
     assert_eq!(selected(&db, &dir, &["--status", "closed"]), set(&["C-1", "C-2"]));
