@@ -87,12 +87,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             );
             if !plan.partitions.is_empty() {
                 crate::outln!(
-                    "  {} whole partition(s) archived and dropped: {}",
+                    "  {} whole partition(s) to archive and drop: {}",
                     plan.partitions.len(),
                     partition_names.join(", ")
                 );
             }
-            crate::outln!("  {} ticket(s) in batches", plan.batched);
+            crate::outln!("  {} ticket(s) to remove in batches", plan.batched);
             if !plan.leftover.is_empty() {
                 crate::outln!(
                     "  detached and archived by an earlier run, to be dropped: {}",
