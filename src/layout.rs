@@ -69,8 +69,8 @@ impl Layout {
     }
 
     /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
-    /// (cascading from tickets on plain and distributed, from their keys on partitions);
-    /// returns how many tickets went.
+    /// (cascading from tickets on plain and distributed; on partitions deleted here before the
+    /// keys, which they reference ON DELETE RESTRICT); returns how many tickets went.
     pub fn delete_tickets(
         self,
         conn: &mut PgConnection,
@@ -91,9 +91,13 @@ impl Layout {
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn);
         }
-        sql_query("DELETE FROM ticket_keys WHERE ticket_id = ANY($1)")
-            .bind::<Array<BigInt>, _>(ids)
-            .execute(conn)?;
+        // The tickets go in this transaction: no fingerprint to forget for their links.
+        crate::db::keep_fingerprints(conn)?;
+        for table in ["comments", "ticket_tags", "ticket_keys"] {
+            sql_query(format!("DELETE FROM {table} WHERE ticket_id = ANY($1)"))
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn)?;
+        }
         by_key_plans(conn)?;
         sql_query(
             "DELETE FROM tickets t USING unnest($1::bigint[], $2::timestamptz[]) AS b(id, created_at)

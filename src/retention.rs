@@ -150,8 +150,8 @@ pub struct Removed {
 
 /// Removes one whole partition: (1) in one transaction, locks it against writes, appends its
 /// tickets and their comments to the archives (`COPY … TO`, synced), detaches it from tickets
-/// and marks it; (2) in a second, drops it and deletes its keys (cascading to comments and tag
-/// links) and the per-row audit rows of both. A failure in (1) rolls back and cuts the
+/// and marks it; (2) in a second, drops it and deletes its comments, tag links and keys (which
+/// those reference ON DELETE RESTRICT) and the per-row audit rows of both. A failure in (1) rolls back and cuts the
 /// archives back; after (1), a failure leaves a marked, detached table the next run finishes.
 pub fn remove_partition(
     conn: &mut PgConnection,
@@ -248,9 +248,10 @@ fn analyze_gone(conn: &mut PgConnection, by_key: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes the comments of the tickets in [`GONE`], and the per-row audit rows of both;
-/// returns the comments deleted. Set-based, before the tickets or keys go (their cascades
-/// then find nothing to do).
+/// Deletes the comments and tag links of the tickets in [`GONE`], and the per-row audit rows of
+/// tickets and comments; returns the comments deleted. Set-based, before the tickets or keys go
+/// (on plain and Citus their cascades then find nothing to do; on partitions the keys could not
+/// go before).
 fn remove_hanging(conn: &mut PgConnection) -> anyhow::Result<u64> {
     let ids_sql = format!("SELECT id FROM {GONE}");
     sql_query(format!(

@@ -9,7 +9,9 @@
 -- writes keys — written in the same transaction as the ticket (ticketops always does; an
 -- application writing tickets directly must too, as on the distributed layout).
 -- comments and ticket_tags reference ticket_keys (ticket_id), which does not move when a ticket
--- changes partition, ON DELETE CASCADE. ticket_keys.created_at routes a lookup by external_id
+-- changes partition, ON DELETE RESTRICT: whoever deletes a key deletes its comments and tag links
+-- first (ticketops does, set-based; a cascade cost a statement per key, see the migration
+-- partitioned_keys_restrict). ticket_keys.created_at routes a lookup by external_id
 -- to one partition. No foreign key goes from tickets to ticket_keys: its check on every key
 -- deleted (a query over the partitioned table per row) made dropping a month of keys cost
 -- seconds; see docs/scaling.md.
@@ -63,9 +65,9 @@ CREATE INDEX tickets_solved_at_idx ON tickets (solved_at) WHERE solved_at IS NOT
 SELECT ticketops_fingerprint_triggers();
 
 ALTER TABLE comments ADD CONSTRAINT comments_ticket_id_fkey
-    FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE CASCADE;
+    FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE RESTRICT;
 ALTER TABLE ticket_tags ADD CONSTRAINT ticket_tags_ticket_id_fkey
-    FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE CASCADE;
+    FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE RESTRICT;
 
 -- Monthly partitions from a year back to four months ahead, and tickets_default.
 -- Imports create the months their rows need (older dumps) before writing them.

@@ -144,6 +144,39 @@ fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
 }
 
 #[test]
+fn a_key_goes_only_after_its_comments_and_tag_links_and_the_migration_made_it_so() {
+    let (db, dir) = partitioned_db("restrict");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let delete_key = || {
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut db.conn(),
+            "DELETE FROM ticket_keys WHERE external_id = 'A-1'",
+        )
+    };
+    let err = delete_key().unwrap_err().to_string();
+    assert!(err.contains("ticket_tags_ticket_id_fkey"), "{err}");
+    let actions = "SELECT string_agg(conname || '=' || confdeltype::text, ',' ORDER BY conname) FROM pg_constraint
+                   WHERE conname IN ('comments_ticket_id_fkey', 'ticket_tags_ticket_id_fkey')";
+    let restrict = "comments_ticket_id_fkey=r,ticket_tags_ticket_id_fkey=r";
+    assert_eq!(db.strings(actions), [restrict]);
+    // A database made before: its cascades, which the migration replaces.
+    ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
+    assert_eq!(
+        db.strings(actions),
+        ["comments_ticket_id_fkey=c,ticket_tags_ticket_id_fkey=c"]
+    );
+    ticketops(Some(&db), &dir, &["migrate", "run"]).run().expect_code(0);
+    assert_eq!(db.strings(actions), [restrict]);
+    // Once its tag links are gone (it has no comments), the key goes.
+    db.execute(
+        "DELETE FROM ticket_tags WHERE ticket_id = (SELECT ticket_id FROM ticket_keys WHERE external_id = 'A-1')",
+    );
+    delete_key().unwrap();
+}
+
+#[test]
 fn a_reimport_that_changes_created_at_moves_the_ticket_with_its_tags_comments_and_history() {
     let (db, dir) = partitioned_db("move");
     let file = dir.join("two.csv");
