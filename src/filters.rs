@@ -140,21 +140,37 @@ impl UnmatchedIds {
     fn add(&mut self, value: String) {
         self.unmatched += 1;
         let at = self.first_unmatched.partition_point(|v| *v < value);
-        if at < UNMATCHED_SHOWN {
+        if at < UNMATCHED_SHOWN && self.first_unmatched.get(at) != Some(&value) {
             self.first_unmatched.insert(at, value);
             self.first_unmatched.truncate(UNMATCHED_SHOWN);
         }
     }
 }
 
-/// The ids or external ids listed in an `--ids-file`.
-#[derive(Debug, Clone, Default)]
-pub struct IdList {
-    pub ids: Vec<i64>,
-    pub external_ids: Vec<String>,
+/// Filters with everything from files already read, ready to apply to queries.
+#[derive(Debug, Clone)]
+pub struct ResolvedFilters {
+    pub filters: TicketFilters,
+    /// The tickets `--ids-file` names, looked up as it was read.
+    listed: Option<ListedTickets>,
 }
 
-fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
+/// The tickets an ids file names, and the values that name none.
+#[derive(Debug, Clone, Default)]
+struct ListedTickets {
+    /// Their ids, ascending, each once.
+    ids: Vec<i64>,
+    unmatched: UnmatchedIds,
+}
+
+/// Values of an ids file looked up per statement, as the file is read: what stays in memory
+/// is the ids of the tickets found (8 bytes each), not the file's values.
+const LOOKUP_CHUNK: usize = 10_000;
+
+/// Reads an ids file, looking its values up `LOOKUP_CHUNK` at a time: a row names its ticket
+/// by external_id or, with both columns, by id where its external_id is blank (a spreadsheet
+/// mixing both must not lose those rows). Tickets count deleted or not.
+fn read_ids_file(conn: &mut PgConnection, path: &PathBuf) -> anyhow::Result<ListedTickets> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
@@ -168,113 +184,101 @@ fn read_ids_file(path: &PathBuf) -> anyhow::Result<IdList> {
     if external_column.is_none() && id_column.is_none() {
         return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
     }
-    let field = |record: &csv::StringRecord, column: Option<usize>| {
-        column
-            .and_then(|c| record.get(c))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(String::from)
+    let layout = Layout::of(conn)?;
+    let mut lookup = ListedLookup {
+        layout,
+        // Ids as they are in a file of ids, as "id N" beside external ids.
+        label_ids: external_column.is_some(),
+        external_ids: Vec::new(),
+        ids: Vec::new(),
+        listed: ListedTickets::default(),
     };
-    // A row names its ticket by external_id; with both columns, a row whose external_id is
-    // blank by its id (a spreadsheet mixing both must not lose those rows).
-    let mut list = IdList::default();
-    for (n, record) in reader.records().enumerate() {
-        let record = record.with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some(external_id) = field(&record, external_column) {
-            list.external_ids.push(external_id);
-        } else if let Some(value) = field(&record, id_column) {
-            let id = value.parse().map_err(|_| {
-                UsageError(format!(
-                    "{} record {}: id {value:?} is not a number",
-                    path.display(),
-                    n + 1
-                ))
-            })?;
-            list.ids.push(id);
+    let mut record = csv::StringRecord::new();
+    let mut n = 0usize;
+    while reader
+        .read_record(&mut record)
+        .with_context(|| format!("cannot read {}", path.display()))?
+    {
+        n += 1;
+        let field = |column: Option<usize>| {
+            column
+                .and_then(|c| record.get(c))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(external_id) = field(external_column) {
+            lookup.external_ids.push(external_id.to_string());
+        } else if let Some(value) = field(id_column) {
+            let id = value
+                .parse()
+                .map_err(|_| UsageError(format!("{} record {n}: id {value:?} is not a number", path.display())))?;
+            lookup.ids.push(id);
         }
+        lookup.flush(conn, LOOKUP_CHUNK)?;
     }
-    // A value listed twice is one ticket (and one value in the warning's count).
-    list.external_ids.sort_unstable();
-    list.external_ids.dedup();
-    list.ids.sort_unstable();
-    list.ids.dedup();
-    Ok(list)
+    lookup.flush(conn, 1)?;
+    let mut listed = lookup.listed;
+    listed.ids.sort_unstable();
+    listed.ids.dedup();
+    Ok(listed)
 }
 
-/// Filters with everything from files already read, ready to apply to queries.
-#[derive(Debug, Clone)]
-pub struct ResolvedFilters {
-    pub filters: TicketFilters,
-    pub ids: Option<IdList>,
-    /// The tickets `ids` names, looked up once (see `ResolvedFilters::listed`).
-    listed_tickets: std::sync::OnceLock<ListedTickets>,
-}
-
-/// The tickets an ids file names, and the values that name none.
-#[derive(Debug, Clone)]
-struct ListedTickets {
-    /// Their ids, ascending, each once.
+/// The values of an ids file read but not yet looked up, and what the lookups found.
+struct ListedLookup {
+    layout: Layout,
+    label_ids: bool,
+    external_ids: Vec<String>,
     ids: Vec<i64>,
-    unmatched: UnmatchedIds,
+    listed: ListedTickets,
 }
 
-/// Values of an ids file looked up per statement: the lookups' memory does not grow with the
-/// file, nor does one statement's array.
-const LOOKUP_CHUNK: usize = 10_000;
-
-/// Looks up the tickets `list` names, deleted or not: external ids through
-/// `ticket_ids_by_external_id` (on partitions the keys; a ticket without a key, written by
-/// hand, through the parent, which probes every partition), ids by themselves.
-fn look_up_listed(conn: &mut PgConnection, layout: Layout, list: &IdList) -> QueryResult<ListedTickets> {
-    let mut ids = Vec::new();
-    let mut unmatched = UnmatchedIds {
-        listed: list.external_ids.len() + list.ids.len(),
-        ..UnmatchedIds::default()
-    };
-    for chunk in list.external_ids.chunks(LOOKUP_CHUNK) {
-        let values: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let mut found = ticket_ids_by_external_id(conn, layout, &values)?;
-        if layout.partitioned() && found.len() < values.len() {
-            let keyless: Vec<&str> = values.iter().copied().filter(|e| !found.contains_key(*e)).collect();
-            found.extend(
-                tickets::table
-                    .select((tickets::external_id, tickets::id))
-                    .filter(tickets::external_id.eq_any(&keyless))
-                    .load::<(String, i64)>(conn)?,
-            );
-        }
-        for value in chunk {
-            match found.get(value) {
-                Some(&id) => ids.push(id),
-                None => unmatched.add(value.clone()),
+impl ListedLookup {
+    /// Looks up the pending values of each kind once there are `at_least` of them: external ids
+    /// through `ticket_ids_by_external_id` (on partitions the keys; a ticket without a key,
+    /// written by hand, through the parent, which probes every partition), ids by themselves.
+    fn flush(&mut self, conn: &mut PgConnection, at_least: usize) -> QueryResult<()> {
+        let listed = &mut self.listed;
+        if !self.external_ids.is_empty() && self.external_ids.len() >= at_least {
+            let values: Vec<&str> = self.external_ids.iter().map(String::as_str).collect();
+            let mut found = ticket_ids_by_external_id(conn, self.layout, &values)?;
+            if self.layout.partitioned() && found.len() < values.len() {
+                let keyless: Vec<&str> = values.iter().copied().filter(|e| !found.contains_key(*e)).collect();
+                found.extend(
+                    tickets::table
+                        .select((tickets::external_id, tickets::id))
+                        .filter(tickets::external_id.eq_any(&keyless))
+                        .load::<(String, i64)>(conn)?,
+                );
+            }
+            for value in self.external_ids.drain(..) {
+                listed.unmatched.listed += 1;
+                match found.get(&value) {
+                    Some(&id) => listed.ids.push(id),
+                    None => listed.unmatched.add(value),
+                }
             }
         }
-    }
-    // Ids as they are in a file of ids, as "id N" beside external ids.
-    let label = |id: i64| {
-        if list.external_ids.is_empty() {
-            id.to_string()
-        } else {
-            format!("id {id}")
-        }
-    };
-    for chunk in list.ids.chunks(LOOKUP_CHUNK) {
-        let found: Vec<i64> = tickets::table
-            .select(tickets::id)
-            .filter(tickets::id.eq_any(chunk))
-            .order(tickets::id)
-            .load(conn)?;
-        for &id in chunk {
-            if found.binary_search(&id).is_ok() {
-                ids.push(id);
-            } else {
-                unmatched.add(label(id));
+        if !self.ids.is_empty() && self.ids.len() >= at_least {
+            let found: Vec<i64> = tickets::table
+                .select(tickets::id)
+                .filter(tickets::id.eq_any(&self.ids))
+                .order(tickets::id)
+                .load(conn)?;
+            for id in self.ids.drain(..) {
+                listed.unmatched.listed += 1;
+                if found.binary_search(&id).is_ok() {
+                    listed.ids.push(id);
+                } else {
+                    listed.unmatched.add(if self.label_ids {
+                        format!("id {id}")
+                    } else {
+                        id.to_string()
+                    });
+                }
             }
         }
+        Ok(())
     }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ListedTickets { ids, unmatched })
 }
 
 impl TicketFilters {
@@ -305,12 +309,15 @@ impl TicketFilters {
         Ok(())
     }
 
-    pub fn resolve(&self) -> anyhow::Result<ResolvedFilters> {
-        let ids = self.ids_file.as_ref().map(read_ids_file).transpose()?;
+    /// The filters with `--ids-file` read and its tickets looked up.
+    pub fn resolve(&self, conn: &mut PgConnection) -> anyhow::Result<ResolvedFilters> {
+        let listed = match &self.ids_file {
+            Some(path) => Some(read_ids_file(conn, path)?),
+            None => None,
+        };
         Ok(ResolvedFilters {
             filters: self.clone(),
-            ids,
-            listed_tickets: std::sync::OnceLock::new(),
+            listed,
         })
     }
 
@@ -345,37 +352,10 @@ pub enum DeletedScope {
 }
 
 impl ResolvedFilters {
-    /// The values of `--ids-file` that match no ticket, deleted or not (`None` without an
-    /// ids file): a typo in a spreadsheet of ids would otherwise just select less.
-    /// A warning naming the `--ids-file` values that match no ticket (a typo in a spreadsheet
-    /// of ids would otherwise only select less), or `None`.
-    pub fn unmatched_ids_warning(&self, conn: &mut PgConnection) -> anyhow::Result<Option<String>> {
-        let unmatched = self
-            .unmatched_ids(conn)
-            .context("cannot check the ids file against the tickets")?;
-        Ok(unmatched.as_ref().and_then(|u| u.warning()))
-    }
-
-    /// The values of `--ids-file` that match no ticket, deleted or not (`None` without an
-    /// ids file). Looks the file's tickets up for the batches too (`listed`), before the first.
-    pub fn unmatched_ids(&self, conn: &mut PgConnection) -> anyhow::Result<Option<UnmatchedIds>> {
-        if self.ids.is_none() {
-            return Ok(None);
-        }
-        let layout = Layout::of(conn)?;
-        Ok(self.listed(conn, layout)?.map(|listed| listed.unmatched.clone()))
-    }
-
-    /// The tickets the ids file names (`None` without one), looked up on first use.
-    fn listed(&self, conn: &mut PgConnection, layout: Layout) -> QueryResult<Option<&ListedTickets>> {
-        let Some(list) = &self.ids else {
-            return Ok(None);
-        };
-        if self.listed_tickets.get().is_none() {
-            let listed = look_up_listed(conn, layout, list)?;
-            let _ = self.listed_tickets.set(listed);
-        }
-        Ok(self.listed_tickets.get())
+    /// A warning naming the `--ids-file` values that match no ticket, deleted or not (a typo in
+    /// a spreadsheet of ids would otherwise only select less), or `None`.
+    pub fn unmatched_ids_warning(&self) -> Option<String> {
+        self.listed.as_ref().and_then(|listed| listed.unmatched.warning())
     }
 
     pub fn deleted_scope(&self) -> DeletedScope {
@@ -420,7 +400,7 @@ impl ResolvedFilters {
         // large soft-delete, guessing one deleted ticket — ran the subquery again for every
         // ticket it locked: a `restore --only-deleted` right after soft-deleting 100,000 of 1M
         // tickets hit the statement timeout in its first batch.
-        let listed = self.listed_window(conn, layout, after_id, limit)?;
+        let listed = self.listed_window(after_id, limit);
         let read;
         let (candidates, condition) = match listed {
             // An ids file: the batch's candidates are the next `limit` of the tickets it lists
@@ -449,23 +429,14 @@ impl ResolvedFilters {
     }
 
     /// With an ids file: the next `limit` ids after `after_id` among the tickets it lists
-    /// (deleted or not, whatever the other filters say), looked up on first use.
-    fn listed_window(
-        &self,
-        conn: &mut PgConnection,
-        layout: Layout,
-        after_id: i64,
-        limit: i64,
-    ) -> QueryResult<Option<&[i64]>> {
-        let Some(listed) = self.listed(conn, layout)? else {
-            return Ok(None);
-        };
-        let ids = listed.ids.as_slice();
+    /// (deleted or not, whatever the other filters say).
+    fn listed_window(&self, after_id: i64, limit: i64) -> Option<&[i64]> {
+        let ids = self.listed.as_ref()?.ids.as_slice();
         let from = ids.partition_point(|&id| id <= after_id);
         let to = ids
             .len()
             .min(from.saturating_add(usize::try_from(limit).unwrap_or(usize::MAX)));
-        Ok(Some(&ids[from..to]))
+        Some(&ids[from..to])
     }
 
     /// The soft-delete of the next batch after `after_id`, in one statement: the first
@@ -511,7 +482,7 @@ impl ResolvedFilters {
             return Ok((deleted, last));
         }
         // With an ids file, the next of the tickets it lists (see `lock_batch`).
-        let window = self.listed_window(conn, layout, after_id, limit)?;
+        let window = self.listed_window(after_id, limit);
         if window.is_some_and(<[i64]>::is_empty) {
             return Ok((Vec::new(), None));
         }
@@ -640,16 +611,8 @@ impl ResolvedFilters {
         if let Some(t) = f.updated_after {
             parts.push(Box::new(tickets::updated_at.ge(t)));
         }
-        if let Some(list) = self.ids.as_ref().filter(|_| with_ids) {
-            // The tickets once looked up (`listed`): by id alone, as the batches take them.
-            match self.listed_tickets.get() {
-                Some(listed) => parts.push(Box::new(tickets::id.eq_any(listed.ids.clone()))),
-                None => parts.push(Box::new(
-                    tickets::id
-                        .eq_any(list.ids.clone())
-                        .or(tickets::external_id.eq_any(list.external_ids.clone())),
-                )),
-            }
+        if let Some(listed) = self.listed.as_ref().filter(|_| with_ids) {
+            parts.push(Box::new(tickets::id.eq_any(listed.ids.clone())));
         }
         match scope {
             DeletedScope::Exclude => parts.push(Box::new(tickets::deleted_at.is_null())),
@@ -898,14 +861,15 @@ mod tests {
             ..UnmatchedIds::default()
         };
         assert_eq!(unmatched.warning(), None);
-        for value in ["g", "c", "h", "a", "f", "b", "e"] {
+        // A value listed twice counts twice but is named once.
+        for value in ["g", "c", "h", "a", "f", "b", "a", "e"] {
             unmatched.add(value.to_string());
         }
-        assert_eq!(unmatched.unmatched, 7);
+        assert_eq!(unmatched.unmatched, 8);
         assert_eq!(unmatched.first_unmatched, ["a", "b", "c", "e", "f"]);
         assert_eq!(
             unmatched.warning().unwrap(),
-            "warning: 7 of the 9 values in the ids file match no ticket: a, b, c, e, f, …"
+            "warning: 8 of the 9 values in the ids file match no ticket: a, b, c, e, f, …"
         );
     }
 }

@@ -61,9 +61,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         )
         .into());
     }
-    let filters = args.filters.resolve()?;
     let pool = ctx.pool(1)?;
     let mut conn = db::get(&pool)?;
+    let filters = args.filters.resolve(&mut conn)?;
     let (mut out, target_name): (Box<dyn Write>, String) = match &args.output {
         Some(path) => (
             Box::new(BufWriter::with_capacity(
@@ -78,7 +78,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         ),
     };
     let started = std::time::Instant::now();
-    if filtered && let Some(warning) = filters.unmatched_ids_warning(&mut conn)? {
+    if filtered && let Some(warning) = filters.unmatched_ids_warning() {
         ctx.info(warning);
     }
     let progress = crate::output::byte_progress(ctx.progress(), None);

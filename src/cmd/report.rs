@@ -110,10 +110,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         Report::Flow { days, common } | Report::Agents { days, common } => (common, *days),
     };
     let format = Format::chosen(common.format, ctx.global.json)?;
-    let filters = common.filters.resolve()?;
     let explain = common.explain;
     let pool = ctx.pool(1)?;
     let mut conn = db::get(&pool)?;
+    let filters = common.filters.resolve(&mut conn)?;
     let output = conn
         .build_transaction()
         .read_only()

@@ -49,8 +49,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 return Err(UsageError("restore needs --operation ID, or filters with --only-deleted".into()).into());
             }
             args.filters.require_filter_or_all(args.all, "restore")?;
-            let resolved = args.filters.resolve()?;
-            if let Some(warning) = resolved.unmatched_ids_warning(&mut conn)? {
+            let resolved = args.filters.resolve(&mut conn)?;
+            if let Some(warning) = resolved.unmatched_ids_warning() {
                 ctx.info(warning);
             }
             if args.dry_run {

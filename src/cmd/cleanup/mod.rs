@@ -216,10 +216,10 @@ fn soft_delete(
         )
         .into());
     }
-    let resolved = filters.resolve()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
-    if let Some(warning) = resolved.unmatched_ids_warning(&mut conn)? {
+    let resolved = filters.resolve(&mut conn)?;
+    if let Some(warning) = resolved.unmatched_ids_warning() {
         ctx.info(warning);
     }
     if dry_run {

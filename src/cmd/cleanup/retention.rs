@@ -60,10 +60,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             UsageError("cleanup retention needs --created-before AGE (a date, or an age like 2555d)".into()).into(),
         );
     };
-    let filters = args.filters.resolve()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
-    if let Some(warning) = filters.unmatched_ids_warning(&mut conn)? {
+    let filters = args.filters.resolve(&mut conn)?;
+    if let Some(warning) = filters.unmatched_ids_warning() {
         ctx.info(warning);
     }
     let layout = Layout::of(&mut conn)?;

@@ -142,7 +142,7 @@ pub struct FixRun<'a> {
 pub fn run_ticket_fix(ctx: &Context, run: FixRun<'_>, fix: &mut dyn TicketFix) -> anyhow::Result<i32> {
     let pool = run.pool;
     let mut conn = db::get(pool)?;
-    if let Some(warning) = run.filters.unmatched_ids_warning(&mut conn)? {
+    if let Some(warning) = run.filters.unmatched_ids_warning() {
         ctx.info(warning);
     }
     let scope = run.filters.deleted_scope();
@@ -297,10 +297,4 @@ fn flat(image: &Value) -> String {
             .join(" "),
         None => image.to_string(),
     }
-}
-
-/// The filters with everything read, after the `--all` guard.
-pub fn resolve_filters(filters: &TicketFilters, all: bool, kind: &str) -> anyhow::Result<ResolvedFilters> {
-    filters.require_filter_or_all(all, kind)?;
-    filters.resolve()
 }

@@ -7,7 +7,7 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Text};
 use diesel::{PgConnection, sql_query};
 use serde_json::{Value, json};
 
-use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, run_ticket_fix};
 use crate::args::{ApplyArgs, BatchArgs};
 use crate::audit::FIX_ACTION;
 use crate::context::Context;
@@ -101,9 +101,10 @@ fn set(
     apply: ApplyArgs,
     batching: BatchArgs,
 ) -> anyhow::Result<i32> {
-    let resolved = resolve_filters(&filters, all, kind)?;
+    filters.require_filter_or_all(all, kind)?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
+    let resolved = filters.resolve(&mut conn)?;
     let assignments = parse_assignments(&mut conn, &raw)?;
     let restate = RestateUnchanged::check(&mut conn)?;
     drop(conn);

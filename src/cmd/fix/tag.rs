@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
 use diesel::{PgConnection, sql_query};
 use serde_json::json;
 
-use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, resolve_filters, run_ticket_fix};
+use super::{BatchTickets, Changed, FixRun, FixScope, Sample, TicketFix, run_ticket_fix};
 use crate::audit::FIX_ACTION;
 use crate::context::Context;
 use crate::db;
@@ -52,9 +52,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         apply,
         batching,
     } = &args.scope;
-    let resolved = resolve_filters(filters, *all, "fix tag")?;
+    filters.require_filter_or_all(*all, "fix tag")?;
     let pool = ctx.pool(2)?;
-    let mut fix = TagFix::new(&mut *db::get(&pool)?, add.clone(), remove.clone())?;
+    let mut conn = db::get(&pool)?;
+    let resolved = filters.resolve(&mut conn)?;
+    let mut fix = TagFix::new(&mut conn, add.clone(), remove.clone())?;
+    drop(conn);
     let run = FixRun {
         pool: &pool,
         kind: "fix tag",
