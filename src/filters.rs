@@ -105,8 +105,9 @@ pub fn parse_age(value: &str) -> Option<Duration> {
     }
 }
 
-/// What `ResolvedFilters::unmatched_ids` found: how many distinct values are listed, how many
-/// of them match no ticket, and the first few of those (in sorted order).
+/// What reading an ids file found: how many values it lists (as read, a value listed twice
+/// counting twice), how many of them match no ticket, and the first few of those (in sorted
+/// order, each once).
 #[derive(Debug, Clone, Default)]
 pub struct UnmatchedIds {
     pub listed: usize,

@@ -151,8 +151,9 @@ pub struct Removed {
 /// Removes one whole partition: (1) in one transaction, locks it against writes, appends its
 /// tickets and their comments to the archives (`COPY … TO`, synced), detaches it from tickets
 /// and marks it; (2) in a second, drops it and deletes its comments, tag links and keys (which
-/// those reference ON DELETE RESTRICT) and the per-row audit rows of both. A failure in (1) rolls back and cuts the
-/// archives back; after (1), a failure leaves a marked, detached table the next run finishes.
+/// those reference ON DELETE RESTRICT) and the per-row audit rows of both. A failure in (1)
+/// rolls back and cuts the archives back; after (1), a failure leaves a marked, detached table
+/// the next run finishes.
 pub fn remove_partition(
     conn: &mut PgConnection,
     op_id: i64,
