@@ -347,6 +347,19 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
         .collect();
     assert_eq!(planned, whole);
     assert_eq!(plan["batched"].as_i64(), Some(boundary));
+    // The dry run's text says what would be done, not that it was.
+    let text = ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
+    )
+    .run();
+    let shown = &text.expect_code(0).stdout;
+    assert!(shown.contains("5 whole partition(s) to archive and drop: "), "{shown}");
+    assert!(
+        shown.contains(&format!("{boundary} ticket(s) to remove in batches")),
+        "{shown}"
+    );
 
     // A partition that cannot be dropped yet (something depends on it) stays detached and
     // archived; the next run finishes it without archiving it twice.
