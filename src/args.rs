@@ -42,7 +42,7 @@ pub struct BatchArgs {
     /// Cancel a statement that runs longer than this
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "60s", help_heading = "Batching")]
     pub statement_timeout: Duration,
-    /// How often a batch that hit a lock timeout, deadlock or serialization failure is retried
+    /// How often a batch (or a month of `cleanup retention`) that hit a lock timeout, deadlock or serialization failure, or found its rows changed meanwhile, is retried
     #[arg(long, default_value_t = 5, help_heading = "Batching")]
     pub retries: u32,
 }

@@ -643,7 +643,9 @@ pub type TicketKey = (i64, DateTime<Utc>);
 /// other transaction holds, locked FOR UPDATE SKIP LOCKED, with their created_at; and the
 /// highest candidate id, to continue after (`None`: nothing was left). For the batches that
 /// remove tickets (purge, retention). On Citus, which locks rows only in one-shard statements,
-/// the candidates are read first and then locked shard by shard.
+/// the candidates are read first and then locked shard by shard. On partitions their keys are
+/// held too, and a ticket whose key another transaction holds is left out like a locked one
+/// (see [`crate::layout::hold_keys_for_removal`]).
 pub fn lock_next_for_removal(
     conn: &mut PgConnection,
     layout: Layout,
@@ -672,7 +674,7 @@ pub fn lock_next_for_removal(
         locked.sort_unstable_by_key(|&(id, _)| id);
         return Ok((locked, candidates.last().copied()));
     }
-    let batch: Vec<TicketKey> = tickets::table
+    let mut batch: Vec<TicketKey> = tickets::table
         .select((tickets::id, tickets::created_at))
         .filter(condition())
         .filter(tickets::id.gt(after_id))
@@ -682,6 +684,10 @@ pub fn lock_next_for_removal(
         .skip_locked()
         .load(conn)?;
     let last = batch.last().map(|&(id, _)| id);
+    if layout.partitioned() && !batch.is_empty() {
+        let busy = crate::layout::hold_keys_for_removal(conn, &batch)?;
+        batch.retain(|(id, _)| busy.binary_search(id).is_err());
+    }
     Ok((batch, last))
 }
 

@@ -86,11 +86,16 @@ pub struct RunStats {
     pub error: Option<anyhow::Error>,
 }
 
+/// Begins an error that is not PostgreSQL's own but means the same as its serialization
+/// failures: another transaction changed what the batch had read, and trying again will do.
+pub const CONCURRENT_CHANGE: &str = "changed concurrently";
+
 /// Whether a database error is worth retrying: the batch lost a race with another
 /// transaction, and a moment later it will likely win.
 pub fn is_transient(err: &anyhow::Error) -> bool {
     let text = format!("{err:#}");
     text.contains("lock timeout")
+        || text.contains(CONCURRENT_CHANGE)
         || text.contains("deadlock detected")
         || text.contains("could not serialize access")
         || text.contains("could not obtain lock")

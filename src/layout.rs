@@ -109,6 +109,45 @@ impl Layout {
     }
 }
 
+/// Locks the keys of a batch of tickets about to be archived and removed (partitioned layout),
+/// FOR UPDATE SKIP LOCKED; returns, sorted, the ids of those whose key another transaction
+/// holds. Comments and tag links reference the keys there, not the tickets: a comment being
+/// added takes its ticket's key (the foreign-key check's KEY SHARE), and the ticket's own lock
+/// does not stop it. Without this, one committed between the batch's archive and its delete
+/// was deleted unarchived. Held, a key makes such a check wait until the batch has gone (and
+/// then fail, as on plain); a key already held means a comment on its way, and that ticket is
+/// left for a later run, as plain's SKIP LOCKED leaves a ticket whose comment is being added.
+pub fn hold_keys_for_removal(
+    conn: &mut PgConnection,
+    batch: &[(i64, chrono::DateTime<chrono::Utc>)],
+) -> diesel::QueryResult<Vec<i64>> {
+    use diesel::sql_types::Array;
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        ticket_id: i64,
+    }
+    let ids: Vec<i64> = batch.iter().map(|&(id, _)| id).collect();
+    let held: Vec<Id> = sql_query(
+        "SELECT ticket_id FROM ticket_keys WHERE ticket_id = ANY($1) ORDER BY ticket_id FOR UPDATE SKIP LOCKED",
+    )
+    .bind::<Array<BigInt>, _>(&ids)
+    .load(conn)?;
+    if held.len() == ids.len() {
+        return Ok(Vec::new());
+    }
+    // The rest: keys held elsewhere, or tickets without one (nothing can reference those).
+    let keyed: Vec<Id> = sql_query("SELECT ticket_id FROM ticket_keys WHERE ticket_id = ANY($1) ORDER BY ticket_id")
+        .bind::<Array<BigInt>, _>(&ids)
+        .load(conn)?;
+    let held: Vec<i64> = held.into_iter().map(|k| k.ticket_id).collect();
+    Ok(keyed
+        .into_iter()
+        .map(|k| k.ticket_id)
+        .filter(|id| held.binary_search(id).is_err())
+        .collect())
+}
+
 impl Layout {
     /// Runs `lock` (a `… WHERE id = ANY(ids) … FOR UPDATE SKIP LOCKED`) on `ids` and returns
     /// what it returned. On Citus, which takes row locks only in a statement that reaches one

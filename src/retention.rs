@@ -25,8 +25,8 @@ use crate::schema::tickets;
 
 pub const KIND: &str = "cleanup retention";
 
-/// Marks a partition detached by a retention run whose drop has not committed yet: the next
-/// run finishes it (its archive is written).
+/// How runs of earlier versions, which detached a partition and dropped it in two transactions,
+/// marked one detached and archived whose drop had not committed: the next run finishes it.
 const DETACHED_MARK: &str = "ticketops retention: detached and archived by operation ";
 
 /// A monthly partition that lies wholly before the cut-off.
@@ -148,12 +148,16 @@ pub struct Removed {
     pub comments: u64,
 }
 
-/// Removes one whole partition: (1) in one transaction, locks it against writes, appends its
-/// tickets and their comments to the archives (`COPY … TO`, synced), detaches it from tickets
-/// and marks it; (2) in a second, drops it and deletes its comments, tag links and keys (which
-/// those reference ON DELETE RESTRICT) and the per-row audit rows of both. A failure in (1)
-/// rolls back and cuts the archives back; after (1), a failure leaves a marked, detached table
-/// the next run finishes.
+/// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it against writes,
+/// appends its tickets and their comments to the archives (`COPY … TO`, synced), deletes their
+/// comments, tag links and per-row audit rows and their keys, then detaches and drops it (tickets
+/// itself is locked only for those last two). A failure rolls back and cuts the archives back.
+///
+/// Why one snapshot: comments and tag links reference `ticket_keys`, not the partition, so its
+/// lock does not keep an application from adding one to its tickets meanwhile. Read committed,
+/// such a comment, committed after the archive was written, would be deleted with the rest
+/// and never archived. Here the deletes see what the archive saw, and the keys' `ON DELETE
+/// RESTRICT` check (which looks past the snapshot) fails the step instead: it is tried again.
 pub fn remove_partition(
     conn: &mut PgConnection,
     op_id: i64,
@@ -165,27 +169,72 @@ pub fn remove_partition(
     let name = &partition.name;
     let mut marks = Marks::default();
     let mut comments_archive = comments_archive;
-    let detached = db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<()> {
-        sql_query(format!("LOCK TABLE {name} IN SHARE MODE"))
-            .execute(conn)
-            .with_context(|| format!("cannot lock {name} against writes while it is archived"))?;
-        export::stage_partition(conn, name)?;
-        archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
-        export::unstage(conn)?;
-        sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
-            .execute(conn)
-            .with_context(|| format!("cannot detach {name} from tickets"))?;
-        sql_query(format!("COMMENT ON TABLE {name} IS '{DETACHED_MARK}{op_id}'")).execute(conn)?;
-        Ok(())
-    });
-    if let Err(err) = detached {
+    let removed = conn
+        .build_transaction()
+        .repeatable_read()
+        .run(|conn| -> anyhow::Result<Removed> {
+            db::set_local_timeouts(conn, timeouts)?;
+            // Before the snapshot, which LOCK does not take: it then holds every write to the
+            // month.
+            sql_query(format!("LOCK TABLE {name} IN SHARE MODE"))
+                .execute(conn)
+                .with_context(|| format!("cannot lock {name} against writes while it is archived"))?;
+            export::stage_partition(conn, name)?;
+            archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
+            export::unstage(conn)?;
+            stage_gone(conn)?;
+            sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)?;
+            analyze_gone(conn, true)?;
+            let removed = Removed {
+                comments: remove_hanging(conn)?,
+                tickets: delete_gone_keys(conn, name)?,
+            };
+            sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
+                .execute(conn)
+                .with_context(|| format!("cannot detach {name} from tickets"))?;
+            sql_query(format!("DROP TABLE {name}"))
+                .execute(conn)
+                .with_context(|| format!("cannot drop {name} (nothing of it was removed)"))?;
+            audit::record_batch(
+                conn,
+                op_id,
+                "tickets",
+                Action::Purge,
+                0,
+                Some(json!({"partition": name, "tickets": removed.tickets})),
+                None,
+            )?;
+            Ok(removed)
+        });
+    if removed.is_err() {
         cut_back(Some(archive), comments_archive, marks);
-        return Err(err);
     }
-    drop_detached(conn, op_id, name, timeouts)
+    removed
 }
 
-/// Drops a detached, archived partition and everything that hangs off its tickets.
+/// Deletes the keys of the tickets in [`GONE`] (after what references them); returns how many.
+/// A comment or tag link that a foreign-key check finds still pointing at one was added after
+/// the archive's snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
+fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<u64> {
+    match sql_query(format!(
+        "DELETE FROM ticket_keys WHERE ticket_id IN (SELECT id FROM {GONE})"
+    ))
+    .execute(conn)
+    {
+        Ok(n) => Ok(n as u64),
+        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, info)) => {
+            Err(anyhow::anyhow!("{}", info.message()).context(format!(
+                "{}: a comment or tag link was added to a ticket of {name} while it was archived; \
+                 nothing of {name} was removed",
+                crate::job::CONCURRENT_CHANGE
+            )))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Drops a partition that a run of an earlier version detached and archived but did not get to
+/// drop (it went in two transactions then), and everything that hangs off its tickets.
 pub fn drop_detached(
     conn: &mut PgConnection,
     op_id: i64,
@@ -200,10 +249,7 @@ pub fn drop_detached(
         // The tickets went with their table: what hangs off them, and their keys.
         let removed = Removed {
             comments: remove_hanging(conn)?,
-            tickets: sql_query(format!(
-                "DELETE FROM ticket_keys WHERE ticket_id IN (SELECT id FROM {GONE})"
-            ))
-            .execute(conn)? as u64,
+            tickets: delete_gone_keys(conn, name)?,
         };
         audit::record_batch(
             conn,

@@ -594,6 +594,78 @@ fn purge_with_archive_then_import_brings_the_tickets_back() {
     assert_eq!(db.scalar("SELECT count(*) FROM comments"), comments_before);
 }
 
+/// A comment added by an application to a ticket that a purge batch holds must wait for the
+/// batch (and then fail, its ticket gone), or it could commit between the batch's archive and
+/// its delete and go unarchived. On plain the batch's row lock stops it (the foreign-key check
+/// locks the ticket); on partitions comments reference the ticket's key, which the batch holds
+/// too (before, the comment went in at once).
+#[test]
+fn a_comment_added_to_a_ticket_a_purge_batch_holds_waits_for_the_batch() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = dataset();
+    db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days' WHERE external_id = 'C-2'");
+    let ticket = db.scalar("SELECT id FROM tickets WHERE external_id = 'C-2'");
+    let author = db.scalar("SELECT requester_id FROM tickets WHERE external_id = 'C-2'");
+    db.execute(&format!(
+        "INSERT INTO comments (ticket_id, author_id, body) VALUES ({ticket}, {author}, 'early')"
+    ));
+    let early = db.scalar("SELECT id FROM comments WHERE body = 'early'");
+    // Holds the purge inside its batch, after the archive: its delete of the ticket's comments
+    // waits for this row.
+    let mut blocker = db.conn();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM comments WHERE ticket_id = {ticket} AND id = {early} FOR UPDATE"
+        ))
+        .unwrap();
+    let archive = dir.join("held-archive.csv");
+    let archive_comments = dir.join("held-archive-comments.csv");
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "purge",
+            "--deleted-before",
+            "90d",
+            "--archive",
+            archive.to_str().unwrap(),
+            "--archive-comments",
+            archive_comments.to_str().unwrap(),
+            "--lock-timeout",
+            "60s",
+        ],
+    )
+    .spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&archive_comments).map_or(true, |a| !a.contains("early")) {
+        assert!(Instant::now() < deadline, "the batch wrote no archive");
+        assert!(child.try_wait().unwrap().is_none(), "the purge ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut app = db.conn();
+    let late = std::thread::spawn(move || {
+        app.batch_execute(&format!(
+            "INSERT INTO comments (ticket_id, author_id, body) VALUES ({ticket}, {author}, 'late')"
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !late.is_finished(),
+        "the comment went in while the batch held its ticket"
+    );
+    blocker.batch_execute("COMMIT").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = late.join().unwrap().expect_err("a comment on a purged ticket");
+    assert!(err.to_string().contains("foreign key"), "{err}");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'C-2'"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM comments"), 0);
+    let archived = std::fs::read_to_string(&archive_comments).unwrap();
+    assert!(archived.contains("early") && !archived.contains("late"), "{archived}");
+}
+
 #[test]
 fn a_failing_archive_write_rolls_the_batch_back() {
     let (db, dir) = dataset();

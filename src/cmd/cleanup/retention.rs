@@ -146,6 +146,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut longest = Duration::ZERO;
     let mut stopped = None;
     let mut error = None;
+    let mut partition_retries = 0u64;
     // A leftover is a name (its archive is written); a planned month, the partition itself.
     let leftover = plan.leftover.iter().map(|name| (name.clone(), None));
     let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
@@ -163,17 +164,34 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             stopped = Some(StopReason::MaxRows);
             break;
         }
-        let step_started = Instant::now();
-        let result = match whole_month {
-            None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
-            Some(partition) => retention::remove_partition(
-                &mut conn,
-                op_id,
-                partition,
-                &mut archive,
-                comments_archive.as_mut(),
-                settings.timeouts,
-            ),
+        let mut attempt = 0;
+        let (result, step_started) = loop {
+            let step_started = Instant::now();
+            let result = match whole_month {
+                None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
+                Some(partition) => retention::remove_partition(
+                    &mut conn,
+                    op_id,
+                    partition,
+                    &mut archive,
+                    comments_archive.as_mut(),
+                    settings.timeouts,
+                ),
+            };
+            match result {
+                // As a batch is: a lock held elsewhere, or a comment added meanwhile.
+                Err(err) if job::is_transient(&err) && attempt < settings.retries => {
+                    attempt += 1;
+                    partition_retries += 1;
+                    let backoff = job::backoff(attempt);
+                    watch.line(format!(
+                        "partition {name}: {err:#}; retry {attempt} in {} ms",
+                        backoff.as_millis()
+                    ));
+                    std::thread::sleep(backoff);
+                }
+                other => break (other, step_started),
+            }
         };
         match result {
             Ok(removed) => {
@@ -245,6 +263,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     };
     stats.rows += whole.tickets;
     stats.batches += dropped.len() as u64;
+    stats.retries += partition_retries;
     stats.elapsed = started.elapsed();
     stats.longest_batch = stats.longest_batch.max(longest);
     let removed = stats.rows;
