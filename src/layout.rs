@@ -563,6 +563,13 @@ pub struct PartitionHealth {
     pub default_rows: i64,
     /// Months pg_partman keeps ahead.
     pub premake: Option<i32>,
+    /// Where the months from the current one on, without a gap, end (`None`: the current month
+    /// has no partition). A month made further out (an import of future-dated rows) is not
+    /// "ahead" if a month before it is missing.
+    pub ahead_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The month pg_partman's maintenance (or the set-up) last ran in, at the earliest: each run
+    /// makes the months up to `premake` after its own, and no table records when that was.
+    pub maintenance_ran_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl PartitionHealth {
@@ -584,27 +591,57 @@ impl PartitionHealth {
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;
+        let now = chrono::Utc::now();
+        let spans: Vec<_> = months.iter().map(|m| (m.from, m.until)).collect();
+        let ahead_until = contiguous_until(&spans, now);
         Ok(PartitionHealth {
             partitions: months.len() as i64,
             first_from: months.iter().map(|m| m.from).min(),
             last_until: months.iter().map(|m| m.until).max(),
             default_rows: row.default_rows,
             premake: row.premake,
+            ahead_until,
+            maintenance_ran_since: ahead_until
+                .zip(row.premake)
+                .and_then(|(until, premake)| until.checked_sub_months(chrono::Months::new(premake.max(0) as u32 + 1))),
         })
     }
 
     /// What needs doing, if anything.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let soon = chrono::Utc::now() + chrono::Duration::days(31);
-        match self.last_until {
-            Some(until) if until >= soon => {}
+        let now = chrono::Utc::now();
+        let schedule = "run `SELECT partman.run_maintenance()` from cron, or pg_partman_bgw";
+        match self.ahead_until {
+            _ if self.partitions == 0 => problems.push("tickets has no monthly partitions".into()),
+            Some(until) if until >= now + chrono::Duration::days(31) => {}
             Some(until) => problems.push(format!(
                 "the partitions of tickets end on {}: pg_partman's maintenance has not run lately \
-                 (run `SELECT partman.run_maintenance()` from cron, or pg_partman_bgw); newer rows go to the default partition",
+                 ({schedule}); newer rows go to the default partition",
                 until.format("%Y-%m-%d")
             )),
-            None => problems.push("tickets has no monthly partitions".into()),
+            None => problems.push(format!(
+                "the current month has no partition of tickets: pg_partman's maintenance has not run lately \
+                 ({schedule}); its rows go to the default partition"
+            )),
+        }
+        // Before the months run out: a month with no run at all (each run makes the month
+        // `premake` after its own).
+        if let Some(since) = self.maintenance_ran_since
+            && self
+                .ahead_until
+                .is_some_and(|until| until >= now + chrono::Duration::days(31))
+            && since
+                .checked_add_months(chrono::Months::new(2))
+                .is_some_and(|t| t <= now)
+        {
+            problems.push(format!(
+                "pg_partman's maintenance has not run since {} ({schedule}): the months made ahead end on {}",
+                since.format("%Y-%m"),
+                self.ahead_until
+                    .map(|t| t.format("%Y-%m-%d").to_string())
+                    .unwrap_or_default()
+            ));
         }
         if self.default_rows > 0 {
             problems.push(format!(
@@ -615,6 +652,23 @@ impl PartitionHealth {
         }
         problems
     }
+}
+
+/// Where the spans (each `[from, until)`, sorted by `from`) cover time without a gap from the
+/// one that holds `now` on; `None` when none holds it.
+fn contiguous_until(
+    spans: &[(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let start = spans.iter().position(|&(from, until)| from <= now && now < until)?;
+    let mut until = spans[start].1;
+    for &(from, next_until) in &spans[start + 1..] {
+        if from != until {
+            break;
+        }
+        until = next_until;
+    }
+    Some(until)
 }
 
 /// Rows an import added to tickets, by partition (as the catalog names it), and those that
@@ -788,6 +842,30 @@ mod tests {
             added.add(partition, n);
         }
         added
+    }
+
+    #[test]
+    fn the_months_ahead_end_at_the_first_gap_after_the_current_one() {
+        let day = |s: &str| {
+            format!("{s}T00:00:00Z")
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+        };
+        let spans = [
+            (day("2026-10-01"), day("2026-11-01")),
+            (day("2026-11-01"), day("2026-12-01")),
+            (day("2026-12-01"), day("2027-01-01")),
+            (day("2027-01-01"), day("2027-02-01")),
+            (day("2030-01-01"), day("2030-02-01")),
+        ];
+        assert_eq!(contiguous_until(&spans, day("2026-11-15")), Some(day("2027-02-01")));
+        assert_eq!(contiguous_until(&spans, day("2027-01-31")), Some(day("2027-02-01")));
+        assert_eq!(
+            contiguous_until(&spans, day("2027-03-01")),
+            None,
+            "the current month is missing"
+        );
+        assert_eq!(contiguous_until(&spans[..0], day("2026-11-15")), None);
     }
 
     const MONTHS: [(&str, f64); 4] = [("p1", 400_000.0), ("p2", 400_000.0), ("p3", 100_000.0), ("p4", 0.0)];

@@ -12,7 +12,7 @@ use crate::layout::{Layout, PartitionHealth};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition). Exits 1 when the database is unreachable, migrations are pending, a foreign key\nlacks an index, or the partitions end within a month or rows sit in the default partition."
+    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Exits 1 when the database is unreachable, migrations are\npending, a foreign key lacks an index, the months ahead end within a month, the maintenance has\nnot run for a whole month, or rows sit in the default partition."
 )]
 pub struct Args {}
 
@@ -181,12 +181,20 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                     .unwrap_or_else(|| "-".into())
             };
             crate::outln!(
-                "partitions     {} monthly, {} to {} (pg_partman premake {}), {} row(s) in tickets_default",
+                "partitions     {} monthly, {} to {}, {} row(s) in tickets_default",
                 p.partitions,
                 day(p.first_from),
                 day(p.last_until),
-                p.premake.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
                 p.default_rows
+            );
+            let ran = match p.maintenance_ran_since {
+                Some(since) => format!("so its maintenance last ran in {} or later", since.format("%Y-%m")),
+                None => "when its maintenance last ran cannot be told".into(),
+            };
+            crate::outln!(
+                "maintenance    pg_partman premake {}: months made ahead to {}, {ran}",
+                p.premake.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                day(p.ahead_until),
             );
         }
         if let Some(c) = &cluster {

@@ -277,6 +277,30 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
         .stderr_has("partman.run_maintenance()");
     db.execute("SELECT partman.run_maintenance('public.tickets')");
     ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+    let this_month = db
+        .strings("SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T00:00:00Z\"')")
+        .remove(0);
+    let v = ticketops(Some(&db), &dir, &["--json", "doctor"])
+        .run()
+        .expect_code(0)
+        .json();
+    assert_eq!(v["partitions"]["maintenance_ran_since"], this_month.as_str(), "{v}");
+    // Maintenance that stopped two months ago is reported while months ahead remain: as if
+    // its last runs had not made the two newest.
+    db.execute(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT c.oid::regclass AS p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                    WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+                    ORDER BY (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz DESC
+                    LIMIT 2
+           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$",
+    );
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("pg_partman's maintenance has not run since");
+    db.execute("SELECT partman.run_maintenance('public.tickets')");
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
     // A stray row in the default partition (an application writing a month nobody made).
     db.execute(
         "INSERT INTO tickets (external_id, subject, status, requester_id, created_at)
