@@ -183,12 +183,13 @@ pub fn remove_partition(
             archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
             export::unstage(conn)?;
             stage_gone(conn)?;
-            sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)?;
+            let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
             analyze_gone(conn, true)?;
             let removed = Removed {
                 comments: remove_hanging(conn)?,
-                tickets: delete_gone_keys(conn, name)?,
+                tickets,
             };
+            delete_gone_keys(conn, name)?;
             sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot detach {name} from tickets"))?;
@@ -212,7 +213,8 @@ pub fn remove_partition(
     removed
 }
 
-/// Deletes the keys of the tickets in [`GONE`] (after what references them); returns how many.
+/// Deletes the keys of the tickets in [`GONE`] (after what references them); returns how many
+/// (fewer than the tickets when an application wrote some without one).
 /// A comment or tag link that a foreign-key check finds still pointing at one was added after
 /// the archive's snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
 fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<u64> {
@@ -243,14 +245,15 @@ pub fn drop_detached(
 ) -> anyhow::Result<Removed> {
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
         stage_gone(conn)?;
-        sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)?;
+        let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
         analyze_gone(conn, true)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
         // The tickets went with their table: what hangs off them, and their keys.
         let removed = Removed {
             comments: remove_hanging(conn)?,
-            tickets: delete_gone_keys(conn, name)?,
+            tickets,
         };
+        delete_gone_keys(conn, name)?;
         audit::record_batch(
             conn,
             op_id,
