@@ -193,6 +193,7 @@ fn read_ids_file(conn: &mut PgConnection, path: &PathBuf) -> anyhow::Result<List
         external_ids: Vec::new(),
         ids: Vec::new(),
         listed: ListedTickets::default(),
+        deduplicated: 0,
     };
     let mut record = csv::StringRecord::new();
     let mut n = 0usize;
@@ -231,6 +232,8 @@ struct ListedLookup {
     external_ids: Vec<String>,
     ids: Vec<i64>,
     listed: ListedTickets,
+    /// How many ids `listed` held when last deduplicated.
+    deduplicated: usize,
 }
 
 impl ListedLookup {
@@ -277,6 +280,13 @@ impl ListedLookup {
                     });
                 }
             }
+        }
+        // A file that names the same tickets over and over holds 8 bytes per distinct ticket
+        // found, not per line: deduplicated whenever the list doubled since the last time.
+        if listed.ids.len() >= 2 * self.deduplicated.max(LOOKUP_CHUNK) {
+            listed.ids.sort_unstable();
+            listed.ids.dedup();
+            self.deduplicated = listed.ids.len();
         }
         Ok(())
     }
