@@ -182,35 +182,45 @@ pub fn remove_partition(
             export::stage_partition(conn, name)?;
             archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
             export::unstage(conn)?;
-            stage_gone(conn)?;
-            let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
-            analyze_gone(conn, true)?;
-            let removed = Removed {
-                comments: remove_hanging(conn)?,
-                tickets,
-            };
-            delete_gone_keys(conn, name)?;
+            let removed = remove_month_rows(conn, name)?;
             sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot detach {name} from tickets"))?;
             sql_query(format!("DROP TABLE {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot drop {name} (nothing of it was removed)"))?;
-            audit::record_batch(
-                conn,
-                op_id,
-                "tickets",
-                Action::Purge,
-                0,
-                Some(json!({"partition": name, "tickets": removed.tickets})),
-                None,
-            )?;
+            record_month(conn, op_id, name, removed)?;
             Ok(removed)
         });
     if removed.is_err() {
         cut_back(Some(archive), comments_archive, marks);
     }
     removed
+}
+
+/// Stages the ids of the tickets of the month `name` in [`GONE`] and deletes what hangs off them:
+/// their comments, tag links and per-row audit rows, then their keys.
+fn remove_month_rows(conn: &mut PgConnection, name: &str) -> anyhow::Result<Removed> {
+    stage_gone(conn)?;
+    let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
+    analyze_gone(conn, true)?;
+    let comments = remove_hanging(conn)?;
+    delete_gone_keys(conn, name)?;
+    Ok(Removed { tickets, comments })
+}
+
+/// The operation's audit row for a month that went whole.
+fn record_month(conn: &mut PgConnection, op_id: i64, name: &str, removed: Removed) -> anyhow::Result<()> {
+    audit::record_batch(
+        conn,
+        op_id,
+        "tickets",
+        Action::Purge,
+        0,
+        Some(json!({"partition": name, "tickets": removed.tickets})),
+        None,
+    )?;
+    Ok(())
 }
 
 /// Deletes the keys of the tickets in [`GONE`] (after what references them); returns how many
@@ -244,25 +254,9 @@ pub fn drop_detached(
     timeouts: BatchTimeouts,
 ) -> anyhow::Result<Removed> {
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
-        stage_gone(conn)?;
-        let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
-        analyze_gone(conn, true)?;
+        let removed = remove_month_rows(conn, name)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
-        // The tickets went with their table: what hangs off them, and their keys.
-        let removed = Removed {
-            comments: remove_hanging(conn)?,
-            tickets,
-        };
-        delete_gone_keys(conn, name)?;
-        audit::record_batch(
-            conn,
-            op_id,
-            "tickets",
-            Action::Purge,
-            0,
-            Some(json!({"partition": name, "tickets": removed.tickets})),
-            None,
-        )?;
+        record_month(conn, op_id, name, removed)?;
         Ok(removed)
     })
     .with_context(|| format!("cannot drop the detached partition {name} (archived; the next run finishes it)"))
