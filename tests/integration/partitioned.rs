@@ -16,6 +16,14 @@ fn partition_of(db: &TestDb, external_id: &str) -> String {
     .remove(0)
 }
 
+fn assert_no_key_outlives_its_ticket(db: &TestDb) {
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
+        0,
+        "no key outlives its ticket"
+    );
+}
+
 const TWO_MONTHS: &str = "\
 external_id,subject,status,requester_email,tags,created_at
 A-1,First of March,open,ann@example.com,vip,2023-03-05T10:00:00Z
@@ -469,11 +477,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
         0,
         "the months are gone, not emptied"
     );
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
-        0,
-        "no key outlives its ticket"
-    );
+    assert_no_key_outlives_its_ticket(&db);
     // The archive holds every removed ticket once, whole months and boundary alike.
     let mut archived: Vec<String> = csv::Reader::from_path(dir.join("a.csv"))
         .unwrap()
@@ -544,11 +548,7 @@ fn retention_finishes_a_month_an_earlier_version_left_detached_and_archived() {
         db.scalar(&format!("SELECT count(*) FROM pg_class WHERE relname = '{month}'")),
         0
     );
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
-        0,
-        "no key outlives its ticket"
-    );
+    assert_no_key_outlives_its_ticket(&db);
     let archived = std::fs::read_to_string(dir.join("b.csv")).unwrap_or_default();
     assert_eq!(archived.lines().count(), 0, "archived again: {archived}");
 }
