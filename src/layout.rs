@@ -516,9 +516,48 @@ impl Partitions {
         sql_query("SELECT partman.create_partition_time('public.tickets', $1::timestamptz[], p_analyze := false)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(&bounds)
             .execute(conn)
-            .context("cannot create the monthly partitions of tickets the rows need")?;
+            .map_err(|err| {
+                use diesel::result::{DatabaseErrorKind, Error};
+                match err {
+                    // Kept as they are, for the callers that tell a lost connection apart.
+                    Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) | Error::BrokenTransactionManager => {
+                        anyhow::Error::from(err)
+                            .context("cannot create the monthly partitions of tickets the rows need")
+                    }
+                    other => months_error(&other.to_string(), &bounds),
+                }
+            })?;
         Ok(())
     }
+}
+
+/// What `create_partition_time` failed with, on one line: pg_partman re-raises the error with
+/// its CONTEXT, DETAIL and HINT on lines of their own, empty ones included. A permission error
+/// (a role that may write tickets but does not own it: pg_partman attaches the new month) gets
+/// the months the rows need and what the owner can do.
+fn months_error(message: &str, bounds: &[chrono::DateTime<chrono::Utc>]) -> anyhow::Error {
+    let parts: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|part| !part.is_empty() && !part.starts_with("CONTEXT:") && !matches!(*part, "DETAIL:" | "HINT:"))
+        .collect();
+    let reason = parts.join("; ");
+    let mut months: Vec<String> = bounds.iter().map(|t| t.format("%Y-%m").to_string()).collect();
+    months.dedup();
+    let next = if reason.contains("permission denied") || reason.contains("must be owner") {
+        let first_days: Vec<String> = months.iter().map(|m| format!("'{m}-01'")).collect();
+        format!(
+            " — the owner of tickets makes them: run the import as the owner, or have the owner run \
+             SELECT partman.create_partition_time('public.tickets', ARRAY[{}]::timestamptz[]) first",
+            first_days.join(", ")
+        )
+    } else {
+        String::new()
+    };
+    anyhow::anyhow!(
+        "cannot create the monthly partitions of tickets the rows need ({}): {reason}{next}",
+        months.join(", ")
+    )
 }
 
 /// A monthly partition of tickets, as the catalog bounds it.
@@ -842,6 +881,33 @@ mod tests {
             added.add(partition, n);
         }
         added
+    }
+
+    #[test]
+    fn pg_partmans_error_reads_as_one_line_with_the_months_and_the_next_step() {
+        let day = |s: &str| {
+            format!("{s}T00:00:00Z")
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+        };
+        let bounds = [
+            day("2019-05-01"),
+            day("2019-05-31"),
+            day("2019-07-01"),
+            day("2019-07-31"),
+        ];
+        let message = "permission denied for schema public\nCONTEXT: PL/pgSQL function partman.create_partition_time(text) line 230 at EXECUTE\nDETAIL: \nHINT: ";
+        assert_eq!(
+            months_error(message, &bounds).to_string(),
+            "cannot create the monthly partitions of tickets the rows need (2019-05, 2019-07): permission denied for \
+             schema public — the owner of tickets makes them: run the import as the owner, or have the owner run \
+             SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01', '2019-07-01']::timestamptz[]) first"
+        );
+        let other = months_error("lock timeout\nDETAIL: something held it\nHINT: ", &bounds[..2]).to_string();
+        assert_eq!(
+            other,
+            "cannot create the monthly partitions of tickets the rows need (2019-05): lock timeout; DETAIL: something held it"
+        );
     }
 
     #[test]

@@ -118,6 +118,76 @@ fn a_soft_delete_by_partition_honours_what_is_declared_on_tickets_alone() {
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
 
+/// An import by a role that may write the tables but does not own them (as a DBA may set up an
+/// import job): its rows go through the parent into the months that exist, which it may not
+/// write directly. A month it would have to make it cannot (pg_partman attaches it, which takes
+/// the owner): the error names the months and the statement the owner can run, after which the
+/// import goes through.
+#[test]
+fn an_import_by_a_role_that_does_not_own_tickets_writes_through_the_parent_and_asks_for_months() {
+    let (db, dir) = partitioned_db("importer");
+    let role = format!("{}_importer", db.name);
+    db.execute(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA partman TO {role};
+         GRANT SELECT ON ALL TABLES IN SCHEMA partman TO {role};
+         GRANT INSERT, UPDATE, DELETE ON tickets, ticket_tags, ticket_keys, users, organizations, tags,
+               audit_log, bulk_operations TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+         GRANT SELECT ON tickets, ticket_tags, ticket_keys, users, organizations, tags, audit_log,
+               bulk_operations, ticketops_layout, __diesel_schema_migrations TO {role};"
+    ));
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let url = format!("{scheme}://{role}@{host}");
+    let today = db.strings("SELECT to_char(now(), 'YYYY-MM-DD')").remove(0);
+    let file = dir.join("now.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "external_id,subject,status,requester_email,tags,created_at\nN-1,Now,open,ann@example.com,vip,{today}\n"
+        ),
+    )
+    .unwrap();
+    let as_role = |file: &std::path::Path| {
+        ticketops(
+            Some(&db),
+            &dir,
+            &[
+                "--json",
+                "import",
+                "tickets",
+                file.to_str().unwrap(),
+                "--rejects",
+                "r.csv",
+            ],
+        )
+        .env("DATABASE_URL", &url)
+        .run()
+    };
+    let run = as_role(&file);
+    assert_eq!(run.expect_code(0).json()["inserted"], 1, "{}", run.explain());
+    assert!(
+        partition_of(&db, "N-1").starts_with("tickets_p"),
+        "in its month, not the default partition"
+    );
+    let old = dir.join("old.csv");
+    std::fs::write(
+        &old,
+        "external_id,subject,status,requester_email,created_at\nO-1,Old,closed,bob@example.com,2019-05-05\n",
+    )
+    .unwrap();
+    as_role(&old).expect_code(1).stderr_has(
+        "(2019-05): permission denied for schema public — the owner of tickets makes them: run the import as the \
+         owner, or have the owner run SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01']::timestamptz[]) first",
+    );
+    db.execute("SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01']::timestamptz[])");
+    let run = as_role(&old);
+    assert_eq!(run.expect_code(0).json()["inserted"], 1, "{}", run.explain());
+    assert_eq!(partition_of(&db, "O-1"), "tickets_p2019_05");
+    db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
+}
+
 #[test]
 fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
     let (db, dir) = partitioned_db("unique");
