@@ -573,13 +573,19 @@ pub struct MonthlyPartition {
     /// Whether this user may write the partition itself (not only through the parent).
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub insertable: bool,
+    /// Whether this user owns (is a member of the owner of) both the partition and tickets, as
+    /// detaching and dropping it takes.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub owned: bool,
 }
 
 /// The monthly partitions of tickets (the default partition left out), oldest first.
 pub fn monthly_partitions(conn: &mut PgConnection) -> anyhow::Result<Vec<MonthlyPartition>> {
     sql_query(
-        "SELECT name, lo AS \"from\", hi AS until, insertable FROM (
+        "SELECT name, lo AS \"from\", hi AS until, insertable, owned FROM (
              SELECT c.oid::regclass::text AS name, has_table_privilege(c.oid, 'INSERT') AS insertable,
+                    pg_has_role(c.relowner, 'USAGE')
+                      AND pg_has_role((SELECT relowner FROM pg_class WHERE oid = 'tickets'::regclass), 'USAGE') AS owned,
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

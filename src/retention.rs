@@ -49,6 +49,9 @@ pub struct Plan {
     pub batched: i64,
     /// Partitions an earlier run detached and archived but did not drop.
     pub leftover: Vec<String>,
+    /// Months wholly before the cut-off that this role may not detach and drop (that takes the
+    /// owner of the month and of tickets): removed in batches instead.
+    pub months_not_owned: Vec<String>,
 }
 
 /// The scope retention works in: every ticket, soft-deleted or not, unless `--only-deleted`.
@@ -81,10 +84,10 @@ pub fn plan(
         .filter(crate::schema::comments::ticket_id.eq_any(filters.query(scope).select(tickets::id)))
         .count()
         .get_result(conn)?;
-    let partitions = if by_partition(layout, filters) {
+    let (partitions, months_not_owned) = if by_partition(layout, filters) {
         whole_partitions(conn, cutoff)?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let whole: i64 = partitions.iter().map(|p| p.tickets).sum();
     let leftover = if layout.partitioned() {
@@ -98,30 +101,43 @@ pub fn plan(
         batched: tickets - whole,
         partitions,
         leftover,
+        months_not_owned,
     })
 }
 
 /// The monthly partitions of tickets that end at or before `cutoff`, oldest first, with their
-/// row counts.
-fn whole_partitions(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<WholePartition>> {
+/// row counts (read through tickets, as the role may read no partition by name), and apart the
+/// names of those this role does not own with tickets: detaching and dropping one takes that.
+fn whole_partitions(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+) -> anyhow::Result<(Vec<WholePartition>, Vec<String>)> {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
     let mut partitions = Vec::new();
+    let mut not_owned = Vec::new();
     for month in crate::layout::monthly_partitions(conn)?
         .into_iter()
         .filter(|m| m.until <= cutoff)
     {
-        let count: Count = sql_query(format!("SELECT count(*) AS n FROM {}", month.name)).get_result(conn)?;
+        if !month.owned {
+            not_owned.push(month.name);
+            continue;
+        }
+        let count: Count = sql_query("SELECT count(*) AS n FROM tickets WHERE created_at >= $1 AND created_at < $2")
+            .bind::<diesel::sql_types::Timestamptz, _>(month.from)
+            .bind::<diesel::sql_types::Timestamptz, _>(month.until)
+            .get_result(conn)?;
         partitions.push(WholePartition {
             name: month.name,
             until: month.until,
             tickets: count.n,
         });
     }
-    Ok(partitions)
+    Ok((partitions, not_owned))
 }
 
 /// Tables an earlier run detached and archived but did not get to drop.

@@ -116,6 +116,7 @@ mod tests {
             from,
             until,
             insertable: true,
+            owned: true,
         }
     }
 

@@ -16,6 +16,25 @@ fn partition_of(db: &TestDb, external_id: &str) -> String {
     .remove(0)
 }
 
+/// A login role named after the database and `suffix` that may read and write the tables
+/// through tickets but owns nothing (as a DBA may set up an import or cleanup job), and the URL
+/// to connect as it. `DROP OWNED BY role; DROP ROLE role` removes it.
+fn writer_role(db: &TestDb, suffix: &str) -> (String, String) {
+    let role = format!("{}_{suffix}", db.name);
+    db.execute(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA partman TO {role};
+         GRANT SELECT ON ALL TABLES IN SCHEMA partman TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON tickets, ticket_tags, ticket_keys, users, organizations, tags,
+               comments, audit_log, bulk_operations TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+         GRANT SELECT ON ticketops_layout, __diesel_schema_migrations TO {role};"
+    ));
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    (role.clone(), format!("{scheme}://{role}@{host}"))
+}
+
 fn assert_no_key_outlives_its_ticket(db: &TestDb) {
     assert_eq!(
         db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
@@ -126,20 +145,7 @@ fn a_soft_delete_by_partition_honours_what_is_declared_on_tickets_alone() {
 #[test]
 fn an_import_by_a_role_that_does_not_own_tickets_writes_through_the_parent_and_asks_for_months() {
     let (db, dir) = partitioned_db("importer");
-    let role = format!("{}_importer", db.name);
-    db.execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT USAGE ON SCHEMA partman TO {role};
-         GRANT SELECT ON ALL TABLES IN SCHEMA partman TO {role};
-         GRANT INSERT, UPDATE, DELETE ON tickets, ticket_tags, ticket_keys, users, organizations, tags,
-               audit_log, bulk_operations TO {role};
-         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
-         GRANT SELECT ON tickets, ticket_tags, ticket_keys, users, organizations, tags, audit_log,
-               bulk_operations, ticketops_layout, __diesel_schema_migrations TO {role};"
-    ));
-    let (scheme, rest) = db.url.split_once("://").unwrap();
-    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    let url = format!("{scheme}://{role}@{host}");
+    let (role, url) = writer_role(&db, "importer");
     let today = db.strings("SELECT to_char(now(), 'YYYY-MM-DD')").remove(0);
     let file = dir.join("now.csv");
     std::fs::write(
@@ -700,6 +706,61 @@ fn a_comment_added_while_retention_archives_its_month_is_archived_not_lost() {
         (1, 1),
         "{archived}"
     );
+}
+
+/// Detaching and dropping a month takes the owner of the month and of tickets: a role that
+/// may only read and write the tables removes the same tickets in batches, and says so.
+#[test]
+fn retention_by_a_role_that_does_not_own_the_months_goes_in_batches() {
+    let (db, dir) = partitioned_db("retention-role");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let (role, url) = writer_role(&db, "retainer");
+    let cutoff = "2023-06-01";
+    let old = db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'"));
+    let months = db.strings(&format!(
+        "SELECT DISTINCT tableoid::regclass::text FROM tickets WHERE created_at < '{cutoff}' ORDER BY 1"
+    ));
+    let as_role = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "r.csv",
+        ];
+        args.extend_from_slice(extra);
+        ticketops(Some(&db), &dir, &args).env("DATABASE_URL", &url).run()
+    };
+    let plan = as_role(&[]).expect_code(0).json();
+    assert_eq!(plan["partitions"], serde_json::json!([]), "{plan}");
+    assert_eq!(plan["months_not_owned"], serde_json::json!(months), "{plan}");
+    assert_eq!(plan["batched"].as_i64(), Some(old), "{plan}");
+    let run = as_role(&["--apply", "--yes"]);
+    let v = run.expect_code(0).json();
+    assert_eq!(
+        (v["removed"].as_i64(), &v["partitions_dropped"]),
+        (Some(old), &serde_json::json!([])),
+        "{v}"
+    );
+    assert_eq!(
+        db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'")),
+        0
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM pg_class WHERE relname = '{}'",
+            months[0]
+        )),
+        1,
+        "the months stay, emptied"
+    );
+    assert_no_key_outlives_its_ticket(&db);
+    let archived = csv::Reader::from_path(dir.join("r.csv")).unwrap().records().count();
+    assert_eq!(archived as i64, old);
+    db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
 
 #[test]

@@ -75,7 +75,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             ctx.print_json(&json!({
                 "kind": KIND, "dry_run": true, "created_before": cutoff, "would_remove": plan.tickets,
                 "comments": plan.comments, "partitions": plan.partitions, "batched": plan.batched,
-                "leftover_detached": plan.leftover,
+                "leftover_detached": plan.leftover, "months_not_owned": plan.months_not_owned,
                 "sample": sample.iter().map(|(id, at)| json!({"external_id": id, "created_at": at})).collect::<Vec<_>>(),
             }))?;
         } else {
@@ -93,6 +93,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 );
             }
             crate::outln!("  {} ticket(s) to remove in batches", plan.batched);
+            if !plan.months_not_owned.is_empty() {
+                crate::outln!(
+                    "  in batches too, as this role does not own them and tickets (detaching and dropping takes the owner): {}",
+                    plan.months_not_owned.join(", ")
+                );
+            }
             if !plan.leftover.is_empty() {
                 crate::outln!(
                     "  detached and archived by an earlier run, to be dropped: {}",
