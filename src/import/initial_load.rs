@@ -41,6 +41,31 @@ pub(super) fn drop_indexes_and_keys(
     } else {
         &["tickets", "ticket_tags"]
     };
+    let tables_sql = tables
+        .iter()
+        .map(|t| format!("'{t}'::regclass"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Said before anything is locked, with what to do instead of PostgreSQL's "must be owner".
+    #[derive(QueryableByName)]
+    struct NotOwned {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let not_owned: Vec<NotOwned> = sql_query(format!(
+        "SELECT c.oid::regclass::text AS name FROM pg_class c
+         WHERE c.oid IN ({tables_sql}) AND NOT pg_has_role(c.relowner, 'USAGE') ORDER BY 1"
+    ))
+    .load(conn)?;
+    if !not_owned.is_empty() {
+        let names: Vec<String> = not_owned.into_iter().map(|t| t.name).collect();
+        anyhow::bail!(
+            "--initial-load drops and rebuilds the indexes, keys and foreign keys of {}, which takes their owner, \
+             and this role does not own {}: run it as the owner, or import without --initial-load",
+            tables.join(", "),
+            names.join(", ")
+        );
+    }
     crate::db::lock_tables(conn, tables, "ACCESS EXCLUSIVE")
         .context("the initial load needs tickets and ticket_tags to itself")?;
     let empty: Empty =
@@ -52,11 +77,6 @@ pub(super) fn drop_indexes_and_keys(
         );
     }
     // Constraints of the tables themselves (conparentid = 0: not a partition's copy of one).
-    let tables_sql = tables
-        .iter()
-        .map(|t| format!("'{t}'::regclass"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let mut definitions: Vec<Definition> = sql_query(format!(
         "SELECT c.conname::text AS name, c.conrelid::regclass::text AS table_name,
                 pg_get_constraintdef(c.oid) AS definition, c.contype::text AS kind

@@ -194,6 +194,37 @@ fn an_import_by_a_role_that_does_not_own_tickets_writes_through_the_parent_and_a
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
 
+/// `--initial-load` drops and rebuilds indexes and keys, which takes the tables' owner: a role
+/// that may only write them is told so, and what to do, before anything is locked or written.
+#[test]
+fn an_initial_load_by_a_role_that_does_not_own_the_tables_says_what_to_do() {
+    let (db, dir) = partitioned_db("initial-load-role");
+    let (role, url) = writer_role(&db, "loader");
+    // Of this month and the last: months that exist (the role could not make others).
+    let days = db.strings("SELECT to_char(d, 'YYYY-MM-DD') FROM unnest(ARRAY[now(), now() - interval '1 month']) d");
+    let file = dir.join("recent.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "external_id,subject,status,requester_email,created_at\nR-1,One,open,ann@example.com,{}\nR-2,Two,open,bob@example.com,{}\n",
+            days[0], days[1]
+        ),
+    )
+    .unwrap();
+    let as_role = |extra: &[&str]| {
+        let mut args = vec!["--json", "import", "tickets", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ticketops(Some(&db), &dir, &args).env("DATABASE_URL", &url).run()
+    };
+    as_role(&["--initial-load"]).expect_code(1).stderr_has(
+        "this role does not own ticket_keys, ticket_tags, tickets: run it as the owner, or import without --initial-load",
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    let run = as_role(&[]);
+    assert_eq!(run.expect_code(0).json()["inserted"], 2, "{}", run.explain());
+    db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
+}
+
 #[test]
 fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
     let (db, dir) = partitioned_db("unique");
