@@ -106,6 +106,35 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100 * (1 << attempt.min(6)))
 }
 
+/// Runs `step` again after each transient failure ([`is_transient`]), at most `retries` times,
+/// waiting [`backoff`] between and naming each retry on `watch` (`what`: "batch 3"). Returns
+/// the last result, how long the attempt that gave it took, and how many retries there were.
+pub fn retry_transient<T>(
+    retries: u32,
+    watch: &Watch,
+    what: &str,
+    mut step: impl FnMut() -> anyhow::Result<T>,
+) -> (anyhow::Result<T>, Duration, u32) {
+    let mut attempt = 0;
+    loop {
+        let started = Instant::now();
+        let result = step();
+        let took = started.elapsed();
+        match result {
+            Err(err) if is_transient(&err) && attempt < retries => {
+                attempt += 1;
+                let backoff = backoff(attempt);
+                watch.line(format!(
+                    "{what}: {err:#}; retry {attempt} in {} ms",
+                    backoff.as_millis()
+                ));
+                std::thread::sleep(backoff);
+            }
+            other => return (other, took, attempt),
+        }
+    }
+}
+
 /// The fewest rows a batch is shrunk to by `--batch-time`: below that, a batch's time is
 /// mostly its transaction's fixed cost, and smaller batches would not be shorter.
 const MIN_ADAPTED_BATCH: u64 = 100;
@@ -157,28 +186,13 @@ pub fn run_batches(
             Some(max) => batch_size.min(max - stats.rows),
             None => batch_size,
         };
-        let mut attempt = 0;
-        let outcome = loop {
-            let batch_started = Instant::now();
-            let result = db::in_batch_transaction(conn, args.timeouts, |c| step(c, limit));
-            let took = batch_started.elapsed();
-            match result {
-                Err(err) if is_transient(&err) && attempt < args.retries => {
-                    attempt += 1;
-                    stats.retries += 1;
-                    let backoff = backoff(attempt);
-                    watch.line(format!(
-                        "batch {}: {err:#}; retry {attempt} in {} ms",
-                        stats.batches + 1,
-                        backoff.as_millis()
-                    ));
-                    std::thread::sleep(backoff);
-                }
-                other => break other.map(|s| (s, took)),
-            }
-        };
+        let (outcome, took, attempt) =
+            retry_transient(args.retries, watch, &format!("batch {}", stats.batches + 1), || {
+                db::in_batch_transaction(conn, args.timeouts, |c| step(c, limit))
+            });
+        stats.retries += u64::from(attempt);
         match outcome {
-            Ok((s, took)) => {
+            Ok(s) => {
                 if s.rows > 0 || !s.done {
                     stats.batches += 1;
                     stats.rows += s.rows;

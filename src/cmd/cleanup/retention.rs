@@ -172,10 +172,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             stopped = Some(StopReason::MaxRows);
             break;
         }
-        let mut attempt = 0;
-        let (result, step_started) = loop {
-            let step_started = Instant::now();
-            let result = match whole_month {
+        // Retried as a batch is: a lock held elsewhere, or a comment added meanwhile.
+        let (result, took, attempts) = job::retry_transient(
+            settings.retries,
+            &watch,
+            &format!("partition {name}"),
+            || match whole_month {
                 None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
                 Some(partition) => retention::remove_partition(
                     &mut conn,
@@ -185,25 +187,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                     comments_archive.as_mut(),
                     settings.timeouts,
                 ),
-            };
-            match result {
-                // As a batch is: a lock held elsewhere, or a comment added meanwhile.
-                Err(err) if job::is_transient(&err) && attempt < settings.retries => {
-                    attempt += 1;
-                    partition_retries += 1;
-                    let backoff = job::backoff(attempt);
-                    watch.line(format!(
-                        "partition {name}: {err:#}; retry {attempt} in {} ms",
-                        backoff.as_millis()
-                    ));
-                    std::thread::sleep(backoff);
-                }
-                other => break (other, step_started),
-            }
-        };
+            },
+        );
+        partition_retries += u64::from(attempts);
         match result {
             Ok(removed) => {
-                longest = longest.max(step_started.elapsed());
+                longest = longest.max(took);
                 whole.tickets += removed.tickets;
                 whole.comments += removed.comments;
                 watch.advance(removed.tickets, whole.tickets, started);
@@ -211,7 +200,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                     "partition {name}: {} tickets and {} comments archived and dropped in {} ms",
                     removed.tickets,
                     removed.comments,
-                    step_started.elapsed().as_millis()
+                    took.as_millis()
                 ));
                 dropped.push(name);
             }
