@@ -220,9 +220,16 @@ fn read_ids_file(conn: &mut PgConnection, path: &PathBuf) -> anyhow::Result<List
     }
     lookup.flush(conn, 1)?;
     let mut listed = lookup.listed;
-    listed.ids.sort_unstable();
-    listed.ids.dedup();
+    listed.deduplicate();
     Ok(listed)
+}
+
+impl ListedTickets {
+    /// Sorts the ids found and drops repeats.
+    fn deduplicate(&mut self) {
+        self.ids.sort_unstable();
+        self.ids.dedup();
+    }
 }
 
 /// The values of an ids file read but not yet looked up, and what the lookups found.
@@ -284,8 +291,7 @@ impl ListedLookup {
         // A file that names the same tickets over and over holds 8 bytes per distinct ticket
         // found, not per line: deduplicated whenever the list doubled since the last time.
         if listed.ids.len() >= 2 * self.deduplicated.max(LOOKUP_CHUNK) {
-            listed.ids.sort_unstable();
-            listed.ids.dedup();
+            listed.deduplicate();
             self.deduplicated = listed.ids.len();
         }
         Ok(())

@@ -889,13 +889,13 @@ mod tests {
         added
     }
 
+    /// Midnight UTC of a `YYYY-MM-DD`.
+    fn day(date: &str) -> chrono::DateTime<chrono::Utc> {
+        format!("{date}T00:00:00Z").parse().unwrap()
+    }
+
     #[test]
     fn pg_partmans_error_reads_as_one_line_with_the_months_and_the_next_step() {
-        let day = |s: &str| {
-            format!("{s}T00:00:00Z")
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap()
-        };
         let bounds = [
             day("2019-05-01"),
             day("2019-05-31"),
@@ -918,11 +918,6 @@ mod tests {
 
     #[test]
     fn the_months_ahead_end_at_the_first_gap_after_the_current_one() {
-        let day = |s: &str| {
-            format!("{s}T00:00:00Z")
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap()
-        };
         let spans = [
             (day("2026-10-01"), day("2026-11-01")),
             (day("2026-11-01"), day("2026-12-01")),

@@ -239,17 +239,16 @@ fn record_month(conn: &mut PgConnection, op_id: i64, name: &str, removed: Remove
     Ok(())
 }
 
-/// Deletes the keys of the tickets in [`GONE`] (after what references them); returns how many
-/// (fewer than the tickets when an application wrote some without one).
-/// A comment or tag link that a foreign-key check finds still pointing at one was added after
-/// the archive's snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
-fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<u64> {
+/// Deletes the keys of the tickets in [`GONE`] (after what references them). A comment or tag
+/// link that a foreign-key check finds still pointing at one was added after the archive's
+/// snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
+fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<()> {
     match sql_query(format!(
         "DELETE FROM ticket_keys WHERE ticket_id IN (SELECT id FROM {GONE})"
     ))
     .execute(conn)
     {
-        Ok(n) => Ok(n as u64),
+        Ok(_) => Ok(()),
         Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, info)) => {
             Err(anyhow::anyhow!("{}", info.message()).context(format!(
                 "{}: a comment or tag link was added to a ticket of {name} while it was archived; \
