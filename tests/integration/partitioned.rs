@@ -35,6 +35,21 @@ fn writer_role(db: &TestDb, suffix: &str) -> (String, String) {
     (role.clone(), format!("{scheme}://{role}@{host}"))
 }
 
+/// Drops the monthly partitions of tickets that `which` selects (a clause over `starts`, when
+/// each month begins), as if pg_partman's maintenance had not made them.
+fn drop_months(db: &TestDb, which: &str) {
+    db.execute(&format!(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT p FROM (
+                      SELECT c.oid::regclass AS p,
+                             (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS starts
+                      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                      WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+                    ) m {which}
+           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$"
+    ));
+}
+
 fn assert_no_key_outlives_its_ticket(db: &TestDb) {
     assert_eq!(
         db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
@@ -379,13 +394,7 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
     assert!(v["partitions"]["partitions"].as_i64().unwrap() >= 17 + 2, "{v}");
     // Partitions that run out (pg_partman's maintenance not scheduled) are reported with what
     // to do, and its maintenance makes the months ahead again.
-    db.execute(
-        "DO $$ DECLARE r record; BEGIN
-           FOR r IN SELECT c.oid::regclass AS p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                    WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
-                      AND (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz > now()
-           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$",
-    );
+    drop_months(&db, "WHERE starts > now()");
     ticketops(Some(&db), &dir, &["doctor"])
         .run()
         .expect_code(1)
@@ -402,14 +411,7 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
     assert_eq!(v["partitions"]["maintenance_ran_since"], this_month.as_str(), "{v}");
     // Maintenance that stopped two months ago is reported while months ahead remain: as if
     // its last runs had not made the two newest.
-    db.execute(
-        "DO $$ DECLARE r record; BEGIN
-           FOR r IN SELECT c.oid::regclass AS p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                    WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
-                    ORDER BY (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz DESC
-                    LIMIT 2
-           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$",
-    );
+    drop_months(&db, "ORDER BY starts DESC LIMIT 2");
     ticketops(Some(&db), &dir, &["doctor"])
         .run()
         .expect_code(1)
