@@ -2,7 +2,7 @@
 //! fix, export and report). Built with Diesel's query builder: every value the user gives is
 //! a bound parameter, never SQL text.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Duration, Utc};
@@ -57,7 +57,7 @@ pub struct TicketFilters {
     pub updated_after: Option<DateTime<Utc>>,
     /// Only the tickets listed in a CSV file with an `external_id` or `id` column (with both, a
     /// row's id counts where its external_id is blank)
-    #[arg(long, value_name = "FILE", help_heading = "Filters")]
+    #[arg(long, value_name = "FILE", value_parser = readable_ids_file, help_heading = "Filters")]
     pub ids_file: Option<PathBuf>,
     /// Include soft-deleted tickets
     #[arg(long, help_heading = "Filters", conflicts_with = "only_deleted")]
@@ -84,6 +84,16 @@ pub fn parse_when(value: &str) -> Result<DateTime<Utc>, String> {
         return Err(out_of_range());
     }
     Ok(when)
+}
+
+/// `--ids-file`: opened and its header checked when the arguments are parsed, so that a missing
+/// file or one without an id column is said at once, before any connection is made (the file
+/// is read again, and looked up, when the command runs).
+fn readable_ids_file(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    let mut reader = open_ids_file(&path).map_err(|e| format!("{e:#}"))?;
+    id_columns(&mut reader, &path).map_err(|e| format!("{e:#}"))?;
+    Ok(path)
 }
 
 /// `90d`, `12h`, `2w`, `30m`, `45s`, `7y` (365 days a year) as a duration.
@@ -171,20 +181,9 @@ const LOOKUP_CHUNK: usize = 10_000;
 /// Reads an ids file, looking its values up `LOOKUP_CHUNK` at a time: a row names its ticket
 /// by external_id or, with both columns, by id where its external_id is blank (a spreadsheet
 /// mixing both must not lose those rows). Tickets count deleted or not.
-fn read_ids_file(conn: &mut PgConnection, path: &PathBuf) -> anyhow::Result<ListedTickets> {
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .with_context(|| format!("cannot open the ids file {}", path.display()))?;
-    let header = reader
-        .headers()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .clone();
-    let position = |name: &str| header.iter().position(|h| crate::import::source::header_key(h) == name);
-    let (external_column, id_column) = (position("externalid"), position("id"));
-    if external_column.is_none() && id_column.is_none() {
-        return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
-    }
+fn read_ids_file(conn: &mut PgConnection, path: &Path) -> anyhow::Result<ListedTickets> {
+    let mut reader = open_ids_file(path)?;
+    let (external_column, id_column) = id_columns(&mut reader, path)?;
     let layout = Layout::of(conn)?;
     let mut lookup = ListedLookup {
         layout,
@@ -222,6 +221,26 @@ fn read_ids_file(conn: &mut PgConnection, path: &PathBuf) -> anyhow::Result<List
     let mut listed = lookup.listed;
     listed.deduplicate();
     Ok(listed)
+}
+
+fn open_ids_file(path: &Path) -> anyhow::Result<csv::Reader<std::fs::File>> {
+    csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot open the ids file {}", path.display()))
+}
+
+/// The positions of an ids file's `external_id` and `id` columns; at least one is there.
+fn id_columns(reader: &mut csv::Reader<std::fs::File>, path: &Path) -> anyhow::Result<(Option<usize>, Option<usize>)> {
+    let header = reader
+        .headers()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let position = |name: &str| header.iter().position(|h| crate::import::source::header_key(h) == name);
+    let columns = (position("externalid"), position("id"));
+    if columns == (None, None) {
+        return Err(UsageError(format!("{} has no external_id or id column", path.display())).into());
+    }
+    Ok(columns)
 }
 
 impl ListedTickets {
