@@ -34,6 +34,8 @@ pub mod restore;
 pub mod retention;
 /// Reading tickets for people: a page of a filtered list, one ticket in full with its history.
 pub mod tickets;
+/// Undo of an operation from its audit trail (`undo`): images put back, inserted rows removed.
+pub mod undo;
 
 // The plumbing.
 /// Connection strings: masking, scrubbing passwords from errors, ticketops' parameters.
