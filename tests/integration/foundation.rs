@@ -206,38 +206,27 @@ fn doctor_reports_a_healthy_schema() {
 fn an_ids_file_that_cannot_serve_is_said_before_connecting() {
     // The server named is unreachable: the file's problem must come first, as a usage error.
     let dir = scratch("ids-file-checked-first");
-    let url = "postgres://u@127.0.0.1:1/nowhere";
-    let missing = dir.join("missing.csv");
-    let run = ticketops(
-        None,
-        &dir,
-        &["cleanup", "soft-delete", "--ids-file", missing.to_str().unwrap()],
-    )
-    .env("DATABASE_URL", url)
-    .run();
+    let with_ids_file = |command: &[&str], file: &std::path::Path| {
+        let mut args = command.to_vec();
+        args.extend(["--ids-file", file.to_str().unwrap()]);
+        ticketops(None, &dir, &args)
+            .env("DATABASE_URL", "postgres://u@127.0.0.1:1/nowhere")
+            .run()
+    };
+    let run = with_ids_file(&["cleanup", "soft-delete"], &dir.join("missing.csv"));
     run.expect_code(2).stderr_has("cannot open the ids file");
     assert!(!run.stderr.contains("cannot connect"), "{}", run.explain());
     let no_id_column = dir.join("emails.csv");
     std::fs::write(&no_id_column, "email\na@example.com\n").unwrap();
-    let run = ticketops(
-        None,
-        &dir,
-        &["export", "tickets", "--ids-file", no_id_column.to_str().unwrap()],
-    )
-    .env("DATABASE_URL", url)
-    .run();
-    run.expect_code(2).stderr_has("has no external_id or id column");
+    with_ids_file(&["export", "tickets"], &no_id_column)
+        .expect_code(2)
+        .stderr_has("has no external_id or id column");
     // A readable file gets as far as the connection.
     let listed = dir.join("ids.csv");
     std::fs::write(&listed, "id\n7\n").unwrap();
-    let run = ticketops(
-        None,
-        &dir,
-        &["export", "tickets", "--ids-file", listed.to_str().unwrap()],
-    )
-    .env("DATABASE_URL", url)
-    .run();
-    run.expect_code(1).stderr_has("cannot connect");
+    with_ids_file(&["export", "tickets"], &listed)
+        .expect_code(1)
+        .stderr_has("cannot connect");
 }
 
 #[test]
