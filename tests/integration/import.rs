@@ -1778,3 +1778,47 @@ fn a_jira_export_imports_with_its_map_file_and_reimports_unchanged() {
     run.expect_code(0);
     assert_eq!(summary["inserted"], 6, "{}", run.explain());
 }
+
+/// `-v` tells where an import's time went, by phase (per writer with --jobs): the phases a
+/// run went through are named, and the ones it did not are not.
+#[test]
+fn verbose_import_names_the_phases_it_went_through() {
+    let db = TestDb::new();
+    let dir = scratch("verbose-phases");
+    let file = fixture("tickets.csv");
+    // Each "…time by phase: name 0.01 s, …" line on stderr, as the names of its phases.
+    let phases = |run: &Run| -> Vec<Vec<String>> {
+        run.stderr
+            .lines()
+            .filter_map(|l| l.split_once("time by phase: ").map(|(_, list)| list))
+            .map(|list| {
+                list.split(", ")
+                    .map(|p| p.rsplitn(3, ' ').nth(2).unwrap_or_default().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let (first, _) = import(&db, &dir, "tickets", &file, &["-v"]);
+    let lines = phases(&first);
+    assert_eq!(lines.len(), 1, "{}", first.explain());
+    assert!(lines[0].iter().any(|p| p == "COPY new tickets"), "{lines:?}");
+    assert!(!lines[0].iter().any(|p| p.starts_with("rebuild")), "{lines:?}");
+    let (again, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &["-v", "--jobs", "2", "--batch-size", "50"],
+    );
+    assert_eq!(summary["inserted"], 0, "{}", again.explain());
+    let lines = phases(&again);
+    assert!(
+        !lines.is_empty() && again.stderr.contains("writer "),
+        "{}",
+        again.explain()
+    );
+    for named in &lines {
+        assert!(!named.is_empty() && named.iter().all(|p| !p.is_empty()), "{lines:?}");
+        assert!(!named.iter().any(|p| p == "COPY new tickets"), "{lines:?}");
+    }
+}

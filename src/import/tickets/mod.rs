@@ -154,9 +154,10 @@ impl PhaseTimes {
         }
     }
 
-    /// Prints the times with -v; `writer` names the writer when there are several.
+    /// Prints the times with -v; `writer` names the writer when there are several (one that
+    /// wrote no batch says nothing).
     fn report(&self, writer: Option<usize>) {
-        if self.verbose {
+        if self.verbose && !self.totals.is_empty() {
             let parts: Vec<String> = self
                 .totals
                 .iter()
