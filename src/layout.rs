@@ -615,6 +615,9 @@ pub struct PartitionHealth {
     /// The month pg_partman's maintenance (or the set-up) last ran in, at the earliest: each run
     /// makes the months up to `premake` after its own, and no table records when that was.
     pub maintenance_ran_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// pg_partman's own retention for tickets, if set: its maintenance then drops old months
+    /// without their keys, comments and tag links.
+    pub partman_retention: Option<String>,
 }
 
 impl PartitionHealth {
@@ -625,6 +628,8 @@ impl PartitionHealth {
             default_rows: i64,
             #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
             premake: Option<i32>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            retention: Option<String>,
         }
         let months = monthly_partitions(conn)?;
         let row: Row = sql_query(
@@ -632,7 +637,8 @@ impl PartitionHealth {
                       WHERE t.tableoid IN (SELECT c.oid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                                            WHERE i.inhparent = 'tickets'::regclass
                                              AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT')) AS default_rows,
-                    (SELECT premake FROM partman.part_config WHERE parent_table = 'public.tickets') AS premake",
+                    (SELECT premake FROM partman.part_config WHERE parent_table = 'public.tickets') AS premake,
+                    (SELECT retention FROM partman.part_config WHERE parent_table = 'public.tickets') AS retention",
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;
@@ -649,6 +655,7 @@ impl PartitionHealth {
             maintenance_ran_since: ahead_until
                 .zip(row.premake)
                 .and_then(|(until, premake)| until.checked_sub_months(chrono::Months::new(premake.max(0) as u32 + 1))),
+            partman_retention: row.retention,
         })
     }
 
@@ -686,6 +693,14 @@ impl PartitionHealth {
                 self.ahead_until
                     .map(|t| t.format("%Y-%m-%d").to_string())
                     .unwrap_or_default()
+            ));
+        }
+        if let Some(retention) = &self.partman_retention {
+            problems.push(format!(
+                "pg_partman's retention is set for tickets ({retention}): its maintenance drops old months without \
+                 their keys, comments and tag links, and an import of such a ticket then fails on its key; unset it \
+                 (UPDATE partman.part_config SET retention = NULL WHERE parent_table = 'public.tickets') and remove \
+                 old months with `ticketops cleanup retention`"
             ));
         }
         if self.default_rows > 0 {

@@ -12,7 +12,7 @@ use crate::layout::{Layout, PartitionHealth};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Exits 1 when the database is unreachable, migrations are\npending, a foreign key lacks an index, the months ahead end within a month, the maintenance has\nnot run for a whole month, or rows sit in the default partition."
+    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Exits 1 when the database is unreachable, migrations are\npending, a foreign key lacks an index, the months ahead end within a month, the maintenance has\nnot run for a whole month, rows sit in the default partition, or pg_partman has a retention of its own\nfor tickets (it would drop months without their keys, comments and tag links)."
 )]
 pub struct Args {}
 

@@ -1068,3 +1068,61 @@ fn an_import_refreshes_the_statistics_of_the_months_it_changed_enough_and_no_oth
     assert_eq!(analyzed(&db), vec![partition_of(&db, "J-0")]);
     assert_ne!(partition_of(&db, "J-0"), partition_of(&db, "J-139"));
 }
+
+/// A month removed outside ticketops (pg_partman's retention, a DROP by hand) leaves its
+/// tickets' keys, comments and tag links: doctor flags a pg_partman retention on tickets, an
+/// import of such a ticket fails naming the key and the cause, and the clean-up of
+/// docs/scaling.md ("Removing old months") lets it through again.
+#[test]
+fn a_month_dropped_outside_ticketops_is_named_and_its_leftovers_can_be_cleaned_up() {
+    let (db, dir) = partitioned_db("dropped-outside");
+    let file = dir.join("two-months.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    import(&db, &dir, "tickets", &file, &[]);
+    let comments = dir.join("comments.csv");
+    std::fs::write(
+        &comments,
+        "external_id,ticket_external_id,author_email,body,created_at\n\
+         C-1,A-1,ann@example.com,On the March ticket,2023-03-06T10:00:00Z\n\
+         C-2,B-1,bob@example.com,On the July ticket,2024-07-10T10:00:00Z\n",
+    )
+    .unwrap();
+    import(&db, &dir, "comments", &comments, &[]);
+
+    db.execute("UPDATE partman.part_config SET retention = '12 months' WHERE parent_table = 'public.tickets'");
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("pg_partman's retention is set for tickets (12 months)");
+    db.execute("UPDATE partman.part_config SET retention = NULL WHERE parent_table = 'public.tickets'");
+
+    // March 2023 goes as pg_partman's retention would take it: detached and dropped.
+    let march = partition_of(&db, "A-1");
+    db.execute(&format!(
+        "ALTER TABLE tickets DETACH PARTITION {march}; DROP TABLE {march}"
+    ));
+    let run = ticketops(Some(&db), &dir, &["import", "tickets", file.to_str().unwrap()]).run();
+    run.expect_code(1)
+        .stderr_has("Key (external_id)=(A-1) already exists in ticket_keys")
+        .stderr_has("month was dropped outside ticketops");
+
+    // The clean-up as the docs give it (its \copy of the comments is psql's, left out here).
+    let scaling = std::fs::read_to_string(project_dir().join("docs/scaling.md")).unwrap();
+    let section = &scaling[scaling.find("### Removing old months").unwrap()..];
+    let sql = &section[section.find("```sql\n").unwrap() + 7..];
+    let sql: String = sql[..sql.find("```").unwrap()]
+        .lines()
+        .filter(|l| !l.starts_with("\\copy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    db.execute(&sql);
+    assert_no_key_outlives_its_ticket(&db);
+    assert_eq!(db.strings("SELECT body FROM comments"), ["On the July ticket"]);
+
+    let (_, summary) = import(&db, &dir, "tickets", &file, &[]);
+    assert_eq!(
+        (summary["inserted"].as_u64(), summary["unchanged"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'A-1'"), 1);
+}

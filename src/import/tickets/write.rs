@@ -20,6 +20,7 @@ use crate::schema::{ticket_tags, tickets};
 use super::*;
 use crate::db::Id;
 use crate::import::initial_load::reserve_id_block;
+use crate::layout::Layout;
 use crate::layout::partition_copy::NamedCopyTarget;
 
 /// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them (and
@@ -265,6 +266,7 @@ impl TicketImport {
             let keys_started = std::time::Instant::now();
             copy_keys(
                 conn,
+                self.layout,
                 // Only where it was measured: on Citus the keys are a distributed table, and
                 // FREEZE there is not relied on.
                 self.initial_load && self.layout.partitioned(),
@@ -633,6 +635,7 @@ type NewTicket<'r> = (&'r TicketRow, i64, DateTime<Utc>, Option<&'r [u8]>);
 /// was truncated in this transaction (the initial load).
 fn copy_keys<'a>(
     conn: &mut PgConnection,
+    layout: Layout,
     freeze: bool,
     keys: impl Iterator<Item = (i64, &'a str, DateTime<Utc>)>,
 ) -> anyhow::Result<()> {
@@ -663,8 +666,36 @@ fn copy_keys<'a>(
         .with_format(CopyFormat::Binary)
         .with_freeze(freeze)
         .execute(conn)
-        .context("cannot COPY the keys of new tickets")?;
+        .map_err(|e| keys_error(e, layout))?;
     Ok(())
+}
+
+/// The keys' COPY failed. A key that exists although the lookup found no ticket for it is
+/// named (PostgreSQL's detail) with its two causes: another session inserted the ticket
+/// meanwhile (a run again merges it), or, on partitions, a key left behind by a ticket whose
+/// month was dropped outside ticketops — which fails every run until it is cleaned up.
+fn keys_error(err: diesel::result::Error, layout: Layout) -> anyhow::Error {
+    use diesel::result::{DatabaseErrorKind, Error};
+    if let Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) = &err
+        && info.constraint_name() == Some("ticket_keys_external_id_key")
+    {
+        let which = info
+            .details()
+            .unwrap_or("a key of the batch exists already")
+            .trim_end_matches('.');
+        let left_behind = if layout.partitioned() {
+            ", or the key was left behind by a ticket whose month was dropped outside ticketops \
+             (pg_partman's retention, DROP TABLE), which fails every run: see \"Removing old months\" in \
+             docs/scaling.md"
+        } else {
+            ""
+        };
+        return anyhow::anyhow!(
+            "cannot COPY the keys of new tickets: {which} in ticket_keys, but no ticket was found for it: \
+             another session inserted that ticket meanwhile (run the import again: it is then merged){left_behind}"
+        );
+    }
+    anyhow::Error::new(err).context("cannot COPY the keys of new tickets")
 }
 
 /// Inclusive ranges of consecutive ids, in order.
