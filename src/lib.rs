@@ -28,6 +28,8 @@ pub mod import;
 pub mod job;
 /// The operation record (`bulk_operations`): start, checkpoint, end, abandoned runs.
 pub mod operation;
+/// The reports (`report`): counts by status, age, day and assignee, in one consistent snapshot.
+pub mod report;
 /// Bringing soft-deleted tickets back (`restore`, and `undo` of a soft-delete).
 pub mod restore;
 /// `cleanup retention`: tickets older than a cut-off removed for good, by partition or batch.
