@@ -1126,3 +1126,60 @@ fn a_month_dropped_outside_ticketops_is_named_and_its_leftovers_can_be_cleaned_u
     );
     assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'A-1'"), 1);
 }
+
+/// Whole months are batches to `--sleep` and to the signals: a pause between two months, and
+/// SIGTERM during the pause stops the run before the next month (exit 143, the months done
+/// recorded, the rest still there for the next run).
+#[test]
+fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
+    let (db, dir) = partitioned_db("retention-sleep-term");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    let cutoff = "2023-06-01";
+    let months = db.scalar(&format!(
+        "SELECT count(DISTINCT tableoid) FROM tickets WHERE created_at < '{cutoff}'"
+    ));
+    assert_eq!(months, 5);
+    let mut child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            cutoff,
+            "--archive",
+            "a.csv",
+            "--apply",
+            "--yes",
+            "--sleep",
+            "3s",
+        ],
+    )
+    .spawn();
+    let remaining = || {
+        db.scalar(&format!(
+            "SELECT count(DISTINCT tableoid) FROM tickets WHERE created_at < '{cutoff}'"
+        ))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while remaining() == months {
+        assert!(std::time::Instant::now() < deadline, "no month went");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The first month is gone and the run is pausing before the second.
+    kill(&child, "-TERM");
+    let _ = child.wait();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "interrupted", "{summary}");
+    assert_eq!(remaining(), months - 1, "{summary}");
+    assert_eq!(
+        summary["partitions_dropped"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    assert!(summary["duration_ms"].as_u64().unwrap() < 3000 + 2500, "{summary}");
+    assert_no_key_outlives_its_ticket(&db);
+}

@@ -158,7 +158,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     // A leftover is a name (its archive is written); a planned month, the partition itself.
     let leftover = plan.leftover.iter().map(|name| (name.clone(), None));
     let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
-    for (name, whole_month) in leftover.chain(partitions) {
+    for (i, (name, whole_month)) in leftover.chain(partitions).enumerate() {
+        // --sleep between months as between batches: room for the application.
+        if i > 0 && !settings.sleep.is_zero() {
+            std::thread::sleep(settings.sleep);
+        }
         if let Some(code) = job.stop.requested() {
             stopped = Some(StopReason::Signal(code));
             break;
