@@ -229,7 +229,7 @@ pub fn run_batches(
             }
         }
         if !args.sleep.is_zero() {
-            std::thread::sleep(args.sleep);
+            stop.sleep(args.sleep);
         }
     }
     watch.progress.finish_and_clear();

@@ -47,6 +47,19 @@ impl StopFlags {
         }
     }
 
+    /// Pauses for `pause` (`--sleep` between batches), ending early when a stop is requested:
+    /// a cron job's long pause does not hold up its SIGTERM.
+    pub fn sleep(&self, pause: std::time::Duration) {
+        let until = std::time::Instant::now() + pause;
+        while self.requested().is_none() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+        }
+    }
+
     pub fn signal_name(code: i32) -> &'static str {
         if code == exit::INTERRUPTED_SIGTERM {
             "SIGTERM"

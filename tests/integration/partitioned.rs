@@ -1180,6 +1180,7 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
         Some(1),
         "{summary}"
     );
-    assert!(summary["duration_ms"].as_u64().unwrap() < 3000 + 2500, "{summary}");
+    // The pause ends with the signal, not after its 3 s.
+    assert!(summary["duration_ms"].as_u64().unwrap() < 2500, "{summary}");
     assert_no_key_outlives_its_ticket(&db);
 }

@@ -161,7 +161,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     for (i, (name, whole_month)) in leftover.chain(partitions).enumerate() {
         // --sleep between months as between batches: room for the application.
         if i > 0 && !settings.sleep.is_zero() {
-            std::thread::sleep(settings.sleep);
+            job.stop.sleep(settings.sleep);
         }
         if let Some(code) = job.stop.requested() {
             stopped = Some(StopReason::Signal(code));
