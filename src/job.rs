@@ -228,9 +228,7 @@ pub fn run_batches(
                 break;
             }
         }
-        if !args.sleep.is_zero() {
-            stop.sleep(args.sleep);
-        }
+        stop.sleep(args.sleep);
     }
     watch.progress.finish_and_clear();
     stats.elapsed = started.elapsed();

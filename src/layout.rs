@@ -637,8 +637,9 @@ impl PartitionHealth {
                       WHERE t.tableoid IN (SELECT c.oid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                                            WHERE i.inhparent = 'tickets'::regclass
                                              AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT')) AS default_rows,
-                    (SELECT premake FROM partman.part_config WHERE parent_table = 'public.tickets') AS premake,
-                    (SELECT retention FROM partman.part_config WHERE parent_table = 'public.tickets') AS retention",
+                    c.premake, c.retention
+             FROM (SELECT 1) one
+             LEFT JOIN partman.part_config c ON c.parent_table = 'public.tickets'",
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;

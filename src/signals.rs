@@ -47,8 +47,8 @@ impl StopFlags {
         }
     }
 
-    /// Pauses for `pause` (`--sleep` between batches), ending early when a stop is requested:
-    /// a cron job's long pause does not hold up its SIGTERM.
+    /// Pauses for `pause` (`--sleep` between batches; zero: not at all), ending early when a
+    /// stop is requested: a cron job's long pause does not hold up its SIGTERM.
     pub fn sleep(&self, pause: std::time::Duration) {
         let until = std::time::Instant::now() + pause;
         while self.requested().is_none() {

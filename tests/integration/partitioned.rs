@@ -1135,11 +1135,14 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
     let (db, dir) = partitioned_db("retention-sleep-term");
     import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
     let cutoff = "2023-06-01";
-    let months = db.scalar(&format!(
-        "SELECT count(DISTINCT tableoid) FROM tickets WHERE created_at < '{cutoff}'"
-    ));
+    let remaining = || {
+        db.scalar(&format!(
+            "SELECT count(DISTINCT tableoid) FROM tickets WHERE created_at < '{cutoff}'"
+        ))
+    };
+    let months = remaining();
     assert_eq!(months, 5);
-    let mut child = ticketops(
+    let child = ticketops(
         Some(&db),
         &dir,
         &[
@@ -1157,11 +1160,6 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
         ],
     )
     .spawn();
-    let remaining = || {
-        db.scalar(&format!(
-            "SELECT count(DISTINCT tableoid) FROM tickets WHERE created_at < '{cutoff}'"
-        ))
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while remaining() == months {
         assert!(std::time::Instant::now() < deadline, "no month went");
@@ -1169,10 +1167,8 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
     }
     // The first month is gone and the run is pausing before the second.
     kill(&child, "-TERM");
-    let _ = child.wait();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = Run::from_output("cleanup retention --sleep 3s".into(), child.wait_with_output().unwrap());
+    let summary = run.expect_code(143).json();
     assert_eq!(summary["status"], "interrupted", "{summary}");
     assert_eq!(remaining(), months - 1, "{summary}");
     assert_eq!(

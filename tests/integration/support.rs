@@ -475,7 +475,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_output(command: String, out: Output) -> Run {
+    pub fn from_output(command: String, out: Output) -> Run {
         Run {
             command,
             code: out.status.code().unwrap_or(-1),

@@ -160,7 +160,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
     for (i, (name, whole_month)) in leftover.chain(partitions).enumerate() {
         // --sleep between months as between batches: room for the application.
-        if i > 0 && !settings.sleep.is_zero() {
+        if i > 0 {
             job.stop.sleep(settings.sleep);
         }
         if let Some(code) = job.stop.requested() {
