@@ -430,7 +430,7 @@ fn sigterm_stops_between_batches_and_marks_the_operation_interrupted() {
     let dir = scratch("cleanup-sigterm");
     let file = generate(&dir, "t.csv", &["tickets", "--rows", "300", "--seed", "4"]);
     import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
-    let mut child = ticketops(
+    let child = ticketops(
         Some(&db),
         &dir,
         &[
@@ -457,11 +457,12 @@ fn sigterm_stops_between_batches_and_marks_the_operation_interrupted() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let _ = child.wait();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["status"], "interrupted");
+    let run = Run::from_output(
+        "cleanup soft-delete (SIGTERM)".into(),
+        child.wait_with_output().unwrap(),
+    );
+    let summary = run.expect_code(143).json();
+    assert_eq!(summary["status"], "interrupted", "{summary}");
     let deleted = db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL");
     assert!(deleted > 0 && deleted < 300, "{deleted}");
     assert_eq!(deleted % 10, 0, "whole batches only");
@@ -656,8 +657,7 @@ fn a_comment_added_to_a_ticket_a_purge_batch_holds_waits_for_the_batch() {
         "the comment went in while the batch held its ticket"
     );
     blocker.batch_execute("COMMIT").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    Run::from_output("cleanup purge".into(), child.wait_with_output().unwrap()).expect_code(0);
     let err = late.join().unwrap().expect_err("a comment on a purged ticket");
     assert!(err.to_string().contains("foreign key"), "{err}");
     assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE external_id = 'C-2'"), 0);

@@ -259,16 +259,18 @@ fn a_lost_connection_mid_import_is_named_recorded_as_failed_and_resumed() {
     .spawn();
     wait_for_checkpoint(&db, &mut child);
     assert!(terminate_ticketops_sessions(&db) > 0);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("connection to the database was lost"), "{stderr}");
-    assert!(
-        !stderr.contains("type oid"),
-        "a follow-up error hid the real one: {stderr}"
+    let run = Run::from_output(
+        "import tickets (connection lost)".into(),
+        child.wait_with_output().unwrap(),
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    assert_eq!(summary["status"], "failed");
+    run.expect_code(1).stderr_has("connection to the database was lost");
+    assert!(
+        !run.stderr.contains("type oid"),
+        "a follow-up error hid the real one{}",
+        run.explain()
+    );
+    let summary = run.json();
+    assert_eq!(summary["status"], "failed", "{summary}");
     assert!(summary["error"].as_str().unwrap().contains("lost"), "{summary}");
     let committed = db.scalar("SELECT count(*) FROM tickets");
     assert_eq!(summary["inserted"].as_i64().unwrap(), committed);
@@ -342,12 +344,15 @@ fn a_lost_connection_mid_cleanup_records_what_was_committed() {
     .spawn();
     wait_for_checkpoint_of(&db, &mut child, "cleanup%");
     assert!(terminate_ticketops_sessions(&db) > 0);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("connection to the database was lost"), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    assert_eq!(summary["status"], "failed");
+    let run = Run::from_output(
+        "cleanup soft-delete (connection lost)".into(),
+        child.wait_with_output().unwrap(),
+    );
+    let summary = run
+        .expect_code(1)
+        .stderr_has("connection to the database was lost")
+        .json();
+    assert_eq!(summary["status"], "failed", "{summary}");
     let deleted = db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NOT NULL");
     assert!(deleted > 0 && deleted < 3000, "{deleted}");
     assert_eq!(summary["soft_deleted"].as_i64().unwrap(), deleted);
@@ -403,18 +408,14 @@ fn initial_load_gives_up_on_its_table_lock_after_the_lock_timeout_and_names_the_
         "a reader queued {:?} behind the load's lock request",
         reader_started.elapsed()
     );
-    let out = load.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let run = Run::from_output("import tickets --initial-load".into(), load.join().unwrap());
+    run.expect_code(1)
+        .stderr_has("cannot lock tickets, ticket_tags")
+        .stderr_has(&format!("pid {app_pid} (support-app, idle in transaction"));
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
         started.elapsed()
-    );
-    assert!(stderr.contains("cannot lock tickets, ticket_tags"), "{stderr}");
-    assert!(
-        stderr.contains(&format!("pid {app_pid} (support-app, idle in transaction")),
-        "{stderr}"
     );
     app.batch_execute("ROLLBACK").unwrap();
     // Nothing was changed: the keys and indexes are all there, and a load now works.

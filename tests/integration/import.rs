@@ -801,11 +801,12 @@ fn sigterm_stops_after_the_batch_and_marks_the_operation_interrupted() {
         .spawn();
         wait_for_checkpoint(&db, &mut child);
         kill(&child, "-TERM");
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(143), "--jobs {jobs}: {stderr}");
-        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
-        assert_eq!(summary["status"], "interrupted");
+        let run = Run::from_output(
+            format!("import tickets --jobs {jobs} (SIGTERM)"),
+            child.wait_with_output().unwrap(),
+        );
+        let summary = run.expect_code(143).json();
+        assert_eq!(summary["status"], "interrupted", "{summary}");
         assert_eq!(summary["stopped"], "signal");
         let committed = db.scalar("SELECT count(*) FROM tickets");
         assert_eq!(

@@ -725,13 +725,10 @@ fn a_comment_added_while_retention_archives_its_month_is_archived_not_lost() {
         "INSERT INTO comments (ticket_id, author_id, body) VALUES ({ticket}, {author}, 'late')"
     ));
     blocker.batch_execute("COMMIT").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = Run::from_output("cleanup retention".into(), child.wait_with_output().unwrap());
+    let v = run.expect_code(0).stderr_has("was added to a ticket of").json();
     assert_eq!(v["partitions_dropped"], serde_json::json!([month]), "{v}");
     assert!(v["retries"].as_i64().unwrap() >= 1, "{v}");
-    assert!(stderr.contains("was added to a ticket of"), "{stderr}");
     assert_eq!(db.scalar("SELECT count(*) FROM comments"), 0);
     let archived = std::fs::read_to_string(&archive_comments).unwrap();
     assert_eq!(
