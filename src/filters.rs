@@ -210,9 +210,15 @@ fn read_ids_file(conn: &mut PgConnection, path: &Path) -> anyhow::Result<ListedT
         if let Some(external_id) = field(external_column) {
             lookup.external_ids.push(external_id.to_string());
         } else if let Some(value) = field(id_column) {
-            let id = value
-                .parse()
-                .map_err(|_| UsageError(format!("{} record {n}: id {value:?} is not a number", path.display())))?;
+            let id = value.parse().map_err(|_| {
+                let line = record
+                    .position()
+                    .map_or(String::new(), |p| format!(" (line {})", p.line()));
+                UsageError(format!(
+                    "{} record {n}{line}, column id: {value:?} is not a number",
+                    path.display()
+                ))
+            })?;
             lookup.ids.push(id);
         }
         lookup.flush(conn, LOOKUP_CHUNK)?;

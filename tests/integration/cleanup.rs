@@ -113,6 +113,12 @@ fn each_filter_selects_exactly_the_right_rows() {
     dry_run_of(&mixed)
         .expect_code(0)
         .stderr_has("1 of the 3 values in the ids file match no ticket: id 999999");
+    // An id that is not a number is named by record, line and column, as a usage error.
+    let bad_id = dir.join("bad-id.csv");
+    std::fs::write(&bad_id, format!("id,note\n{id_of_c4},\"two\nlines\"\nC-2,x\n")).unwrap();
+    dry_run_of(&bad_id)
+        .expect_code(2)
+        .stderr_has("bad-id.csv record 2 (line 4), column id: \"C-2\" is not a number");
     // A file longer than one lookup (10,000 values), unsorted, with a value twice: the
     // warning counts the values read and names the first unknown ones in sorted order.
     let long = dir.join("long.csv");
