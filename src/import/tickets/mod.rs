@@ -34,6 +34,7 @@ mod write;
 
 use row::RowValues;
 pub use row::TicketRow;
+use write::{GATHERED_BATCHES, Gathered};
 
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
 pub(crate) use stored::ticket_ids_by_external_id;
@@ -119,6 +120,8 @@ pub struct TicketImport {
     partitions: Partitions,
     /// Where the initial load's rows go on the partitioned layout: straight into their month.
     months: MonthRouter,
+    /// The initial load's keys and tag links not yet written, when every key comes once.
+    gathered: Option<Gathered>,
 }
 
 /// What the writers of one import share: how many there are, how many have ended, and the
@@ -207,6 +210,7 @@ impl TicketImport {
             layout: Layout::Plain,
             partitions: Partitions::default(),
             months: MonthRouter::default(),
+            gathered: None,
             phases: PhaseTimes {
                 verbose,
                 totals: Vec::new(),
@@ -310,6 +314,9 @@ impl ImportKind for TicketImport {
             .context("cannot create the staging table")?;
         if self.initial_load {
             self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once, self.layout)?;
+            // Nothing reads a key or a tag link back before the load ends when no key comes
+            // twice: they can wait for larger COPYs.
+            self.gathered = self.keys_seen_once.then(Gathered::default);
             self.cache
                 .lock_users_for_load(conn)
                 .context("cannot lock users for the initial load")?;
@@ -324,6 +331,7 @@ impl ImportKind for TicketImport {
             "SET LOCAL enable_seqscan = on; SET LOCAL max_parallel_workers_per_gather TO DEFAULT",
         )?;
         if self.initial_load {
+            self.write_gathered(conn, 0)?;
             let started = std::time::Instant::now();
             self.cache
                 .flush_held_users(conn)
@@ -520,6 +528,7 @@ impl ImportKind for TicketImport {
         }
         self.phases.add("compare with stored", started);
         self.insert_new(conn, op_id, new, counts)?;
+        self.write_gathered(conn, GATHERED_BATCHES * rows.len())?;
         self.merge_existing(conn, op_id, old, &stored, counts)?;
         Ok(Vec::new())
     }
