@@ -20,7 +20,7 @@ use crate::job::BatchSettings;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BatchArgs {
     /// Rows per batch transaction
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=100_000), help_heading = "Batching")]
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=100_000), help_heading = "Batching")]
     pub batch_size: u64,
     /// Resize the batches so that each transaction takes about this long (e.g. 250ms): the
     /// first has --batch-size rows, the next shrink when slower and grow again when faster, never
