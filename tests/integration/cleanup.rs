@@ -553,6 +553,25 @@ fn batch_time_shrinks_slow_batches_and_never_grows_them_past_the_batch_size() {
     );
 }
 
+/// Without --batch-size the cleanup commands run 4,000-row batches (a fifth less lock time
+/// than the 5,000 they once ran, issue 16's longest-batch bound); the operation records it.
+#[test]
+fn the_cleanup_commands_default_to_batches_of_4000_rows() {
+    let db = TestDb::new();
+    let dir = scratch("cleanup-batch-size");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "r.csv"]);
+    for args in [
+        &["cleanup", "soft-delete", "--status", "closed"][..],
+        &["cleanup", "purge", "--deleted-before", "2100-01-01"],
+    ] {
+        ticketops(Some(&db), &dir, args).run().expect_code(0);
+    }
+    assert_eq!(
+        db.strings("SELECT kind || ' ' || (args->'batching'->>'batch_size') FROM bulk_operations WHERE kind LIKE 'cleanup%' ORDER BY id"),
+        vec!["cleanup soft-delete 4000", "cleanup purge 4000"]
+    );
+}
+
 #[test]
 fn purge_with_archive_then_import_brings_the_tickets_back() {
     let db = TestDb::new();
