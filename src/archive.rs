@@ -159,7 +159,8 @@ pub fn archive_batch(
     marks: &mut Marks,
 ) -> anyhow::Result<()> {
     if let Some(a) = tickets {
-        let rows = archive_rows(conn, crate::export::TICKETS_SELECT, TICKET_COLUMNS, batch)?;
+        let select = crate::export::tickets_select(batch.layout);
+        let rows = archive_rows(conn, &select, TICKET_COLUMNS, batch)?;
         marks.tickets = Some(a.append(&rows)?);
     }
     if let Some(a) = comments {

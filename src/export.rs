@@ -63,6 +63,20 @@ pub const TICKETS_SELECT: &str = tickets_select!(
     ""
 );
 
+/// [`TICKETS_SELECT`] for `layout`: on partitions each ticket's tags are read in its month of
+/// links alone.
+pub fn tickets_select(layout: crate::layout::Layout) -> String {
+    if layout.partitioned() {
+        TICKETS_SELECT.replacen(
+            "WHERE tt.ticket_id = t.id)",
+            "WHERE tt.ticket_id = t.id AND tt.ticket_created_at = t.created_at)",
+            1,
+        )
+    } else {
+        TICKETS_SELECT.to_owned()
+    }
+}
+
 /// Every ticket (the unfiltered export): the tag lists aggregated in one pass over the tag
 /// links and joined, about a third faster than a lookup per ticket (docs/performance.md).
 const ALL_TICKETS_SELECT: &str = tickets_select!(
@@ -269,7 +283,11 @@ export_query!(
 /// show, for [`copy_staged`]. Dropped by [`unstage`] (temporary views outlive a transaction).
 pub fn stage_partition(conn: &mut diesel::PgConnection, partition: &str) -> anyhow::Result<()> {
     use diesel::RunQueryDsl;
-    let tickets = TICKETS_SELECT.replacen("FROM tickets t", &format!("FROM {partition} t"), 1);
+    let tickets = tickets_select(crate::layout::Layout::Partitioned).replacen(
+        "FROM tickets t",
+        &format!("FROM {partition} t"),
+        1,
+    );
     let comments = COMMENTS_SELECT.replacen("JOIN tickets t", &format!("JOIN {partition} t"), 1);
     let ticket_rows = format!("SELECT t.id FROM {partition} t");
     let comment_rows = format!("SELECT c.id FROM comments c JOIN {partition} t ON t.id = c.ticket_id");

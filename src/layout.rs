@@ -10,7 +10,7 @@ pub mod partition_rows;
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Text};
-use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
+use diesel::{OptionalExtension as _, PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +68,39 @@ impl Layout {
         self == Layout::Distributed
     }
 
+    /// The columns an `INSERT INTO ticket_tags` names: on partitions also the ticket's
+    /// created_at, by which the links are partitioned.
+    pub fn link_columns(self) -> &'static str {
+        if self.partitioned() {
+            "ticket_id, tag_id, ticket_created_at"
+        } else {
+            "ticket_id, tag_id"
+        }
+    }
+
+    /// After the ticket id and tag id a link's `SELECT` yields for [`Layout::link_columns`]:
+    /// on partitions `, created_at` (the expression of its ticket's created_at), elsewhere
+    /// nothing.
+    pub fn link_created_at(self, created_at: &str) -> String {
+        if self.partitioned() {
+            format!(", {created_at}")
+        } else {
+            String::new()
+        }
+    }
+
+    /// A condition on the links `alias` of a ticket whose created_at is `created_at`, for
+    /// PostgreSQL to read that ticket's month of links alone: on partitions ` AND
+    /// alias.ticket_created_at = created_at`, elsewhere nothing (the links of a ticket are
+    /// found by its id alone; on partitions that reads every month).
+    pub fn links_month(self, alias: &str, created_at: &str) -> String {
+        if self.partitioned() {
+            format!(" AND {alias}.ticket_created_at = {created_at}")
+        } else {
+            String::new()
+        }
+    }
+
     /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
     /// (cascading from tickets on plain and distributed; on partitions deleted here before the
     /// keys, which they reference ON DELETE RESTRICT); returns how many tickets went.
@@ -93,11 +126,16 @@ impl Layout {
         }
         // The tickets go in this transaction: no fingerprint to forget for their links.
         crate::db::keep_fingerprints(conn)?;
-        for table in ["comments", "ticket_tags", "ticket_keys"] {
+        for table in ["comments", "ticket_keys"] {
             sql_query(format!("DELETE FROM {table} WHERE ticket_id = ANY($1)"))
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn)?;
         }
+        // In the tickets' months of links alone.
+        sql_query("DELETE FROM ticket_tags WHERE ticket_id = ANY($1) AND ticket_created_at = ANY($2)")
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<Timestamptz>, _>(created_at)
+            .execute(conn)?;
         by_key_plans(conn)?;
         sql_query(
             "DELETE FROM tickets t USING unnest($1::bigint[], $2::timestamptz[]) AS b(id, created_at)
@@ -205,6 +243,7 @@ impl Layout {
 /// whole table in its UPDATE, growing with the table).
 pub struct BatchTickets<'a> {
     pub ids: &'a [i64],
+    pub layout: Layout,
     /// Partitioned layout: the created_at of each of `ids`, in the same order.
     created: Option<Vec<chrono::DateTime<chrono::Utc>>>,
 }
@@ -230,7 +269,7 @@ impl<'a> BatchTickets<'a> {
                 created = Some(keys.into_iter().map(|k| k.created_at).collect());
             }
         }
-        Ok(BatchTickets { ids, created })
+        Ok(BatchTickets { ids, layout, created })
     }
 
     /// A batch whose tickets' created_at values are known already: the batches that remove
@@ -242,6 +281,7 @@ impl<'a> BatchTickets<'a> {
     ) -> BatchTickets<'a> {
         BatchTickets {
             ids,
+            layout,
             created: layout.partitioned().then(|| created_at.to_vec()),
         }
     }
@@ -480,13 +520,27 @@ diesel::table! {
 #[derive(Debug, Default)]
 pub struct Partitions {
     known: std::collections::HashSet<(i32, u32)>,
+    /// The initial load: the months' foreign keys from links to tickets come after it (the
+    /// tickets' keys are dropped meanwhile).
+    month_keys_later: bool,
 }
 
 impl Partitions {
-    /// Makes sure each month of `times` has its partition (`partman.create_partition_time`,
-    /// which skips those that exist and attaches the others: a SHARE UPDATE EXCLUSIVE lock on
-    /// tickets, and an exclusive one on the default partition while it checks that none of its
-    /// rows belong to the month — held to the end of the caller's transaction). Asked once per
+    /// For an import; `initial_load`: without the months' foreign keys, which the load adds at
+    /// its end.
+    pub fn for_import(initial_load: bool) -> Partitions {
+        Partitions {
+            known: Default::default(),
+            month_keys_later: initial_load,
+        }
+    }
+
+    /// Makes sure each month of `times` has its partition of tickets and of ticket_tags, with
+    /// the foreign key between them (`ticketops_create_months`: pg_partman's
+    /// `create_partition_time`, which skips those that exist and attaches the others — a SHARE
+    /// UPDATE EXCLUSIVE lock on the parent, and an exclusive one on the default partition while
+    /// it checks that none of its rows belong to the month, held to the end of the caller's
+    /// transaction). Asked once per
     /// month per process, for the month's first and last instant in UTC, so that the months
     /// are right whatever the server's time zone.
     pub fn ensure(
@@ -513,8 +567,10 @@ impl Partitions {
         if bounds.is_empty() {
             return Ok(());
         }
-        sql_query("SELECT partman.create_partition_time('public.tickets', $1::timestamptz[], p_analyze := false)")
+        // The same months of tag links, and the foreign keys between them.
+        sql_query("SELECT ticketops_create_months($1::timestamptz[], $2)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(&bounds)
+            .bind::<diesel::sql_types::Bool, _>(!self.month_keys_later)
             .execute(conn)
             .map_err(|err| {
                 use diesel::result::{DatabaseErrorKind, Error};
@@ -539,7 +595,14 @@ fn months_error(message: &str, bounds: &[chrono::DateTime<chrono::Utc>]) -> anyh
     let parts: Vec<&str> = message
         .lines()
         .map(str::trim)
-        .filter(|part| !part.is_empty() && !part.starts_with("CONTEXT:") && !matches!(*part, "DETAIL:" | "HINT:"))
+        .filter(|part| {
+            !part.is_empty()
+                && !part.starts_with("CONTEXT:")
+                // (the context of ticketops_create_months, which called pg_partman)
+                && !part.starts_with("SQL statement \"")
+                && !part.starts_with("PL/pgSQL function ")
+                && !matches!(*part, "DETAIL:" | "HINT:")
+        })
         .collect();
     let reason = parts.join("; ");
     let mut months: Vec<String> = bounds.iter().map(|t| t.format("%Y-%m").to_string()).collect();
@@ -548,7 +611,7 @@ fn months_error(message: &str, bounds: &[chrono::DateTime<chrono::Utc>]) -> anyh
         let first_days: Vec<String> = months.iter().map(|m| format!("'{m}-01'")).collect();
         format!(
             " — the owner of tickets makes them: run the import as the owner, or have the owner run \
-             SELECT partman.create_partition_time('public.tickets', ARRAY[{}]::timestamptz[]) first",
+             SELECT ticketops_create_months(ARRAY[{}]::timestamptz[]) first",
             first_days.join(", ")
         )
     } else {
@@ -581,7 +644,13 @@ pub struct MonthlyPartition {
 
 /// The monthly partitions of tickets (the default partition left out), oldest first.
 pub fn monthly_partitions(conn: &mut PgConnection) -> anyhow::Result<Vec<MonthlyPartition>> {
-    sql_query(
+    monthly_partitions_of(conn, "tickets")
+}
+
+/// The monthly partitions of `table` (tickets or ticket_tags), oldest first; `owned` as for
+/// tickets.
+pub fn monthly_partitions_of(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<MonthlyPartition>> {
+    sql_query(format!(
         "SELECT name, lo AS \"from\", hi AS until, insertable, owned FROM (
              SELECT c.oid::regclass::text AS name, has_table_privilege(c.oid, 'INSERT') AS insertable,
                     pg_has_role(c.relowner, 'USAGE')
@@ -589,11 +658,33 @@ pub fn monthly_partitions(conn: &mut PgConnection) -> anyhow::Result<Vec<Monthly
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lo,
                     (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS hi
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+             WHERE i.inhparent = '{table}'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
          ) p ORDER BY lo",
-    )
+    ))
     .load(conn)
-    .context("cannot list the partitions of tickets")
+    .with_context(|| format!("cannot list the partitions of {table}"))
+}
+
+/// The month of ticket_tags with the bounds of `tickets_month` (a partition of tickets, as the
+/// catalog names it), if there is one.
+pub fn links_month_of(conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<Option<String>> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let links: Option<Name> = sql_query(
+        "SELECT l.oid::regclass::text AS name
+         FROM pg_inherits i JOIN pg_class l ON l.oid = i.inhrelid
+         WHERE i.inhparent = 'ticket_tags'::regclass
+           AND pg_get_expr(l.relpartbound, l.oid)
+               = (SELECT pg_get_expr(t.relpartbound, t.oid) FROM pg_class t WHERE t.oid = $1::regclass)",
+    )
+    .bind::<Text, _>(tickets_month)
+    .get_result(conn)
+    .optional()
+    .with_context(|| format!("cannot find the month of tag links of {tickets_month}"))?;
+    Ok(links.map(|l| l.name))
 }
 
 /// How the partitions of tickets stand (partitioned layout), for `doctor`.
@@ -923,7 +1014,7 @@ mod tests {
             months_error(message, &bounds).to_string(),
             "cannot create the monthly partitions of tickets the rows need (2019-05, 2019-07): permission denied for \
              schema public — the owner of tickets makes them: run the import as the owner, or have the owner run \
-             SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01', '2019-07-01']::timestamptz[]) first"
+             SELECT ticketops_create_months(ARRAY['2019-05-01', '2019-07-01']::timestamptz[]) first"
         );
         let other = months_error("lock timeout\nDETAIL: something held it\nHINT: ", &bounds[..2]).to_string();
         assert_eq!(

@@ -192,13 +192,27 @@ pub fn remove_partition(
             db::set_local_timeouts(conn, timeouts)?;
             // Before the snapshot, which LOCK does not take: it then holds every write to the
             // month.
-            sql_query(format!("LOCK TABLE {name} IN SHARE MODE"))
+            // Its tag links, in their own month, with it.
+            let links = crate::layout::links_month_of(conn, name)?;
+            let locked = match &links {
+                Some(links) => format!("{name}, {links}"),
+                None => name.clone(),
+            };
+            sql_query(format!("LOCK TABLE {locked} IN SHARE MODE"))
                 .execute(conn)
-                .with_context(|| format!("cannot lock {name} against writes while it is archived"))?;
+                .with_context(|| format!("cannot lock {locked} against writes while it is archived"))?;
             export::stage_partition(conn, name)?;
             archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
             export::unstage(conn)?;
-            let removed = remove_month_rows(conn, name)?;
+            let removed = remove_month_rows(conn, name, links.is_none())?;
+            if let Some(links) = &links {
+                sql_query(format!("ALTER TABLE ticket_tags DETACH PARTITION {links}"))
+                    .execute(conn)
+                    .with_context(|| format!("cannot detach {links} from ticket_tags"))?;
+                sql_query(format!("DROP TABLE {links}"))
+                    .execute(conn)
+                    .with_context(|| format!("cannot drop {links} (nothing of {name} was removed)"))?;
+            }
             sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot detach {name} from tickets"))?;
@@ -215,12 +229,13 @@ pub fn remove_partition(
 }
 
 /// Stages the ids of the tickets of the month `name` in [`GONE`] and deletes what hangs off them:
-/// their comments, tag links and per-row audit rows, then their keys.
-fn remove_month_rows(conn: &mut PgConnection, name: &str) -> anyhow::Result<Removed> {
+/// their comments, tag links (with `links`: their month of links goes whole otherwise) and
+/// per-row audit rows, then their keys.
+fn remove_month_rows(conn: &mut PgConnection, name: &str, links: bool) -> anyhow::Result<Removed> {
     stage_gone(conn)?;
     let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
     analyze_gone(conn, true)?;
-    let comments = remove_hanging(conn)?;
+    let comments = remove_hanging(conn, links)?;
     delete_gone_keys(conn, name)?;
     Ok(Removed { tickets, comments })
 }
@@ -269,7 +284,24 @@ pub fn drop_detached(
     timeouts: BatchTimeouts,
 ) -> anyhow::Result<Removed> {
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
-        let removed = remove_month_rows(conn, name)?;
+        // Its month of tag links (archived with it), which references it.
+        #[derive(QueryableByName)]
+        struct Links {
+            #[diesel(sql_type = Text)]
+            name: String,
+        }
+        let links: Vec<Links> = sql_query(
+            "SELECT c.conrelid::regclass::text AS name FROM pg_constraint c
+             JOIN pg_inherits i ON i.inhrelid = c.conrelid AND i.inhparent = 'ticket_tags'::regclass
+             WHERE c.contype = 'f' AND c.confrelid = $1::regclass",
+        )
+        .bind::<Text, _>(name)
+        .load(conn)?;
+        let removed = remove_month_rows(conn, name, links.is_empty())?;
+        for links in &links {
+            sql_query(format!("ALTER TABLE ticket_tags DETACH PARTITION {}", links.name)).execute(conn)?;
+            sql_query(format!("DROP TABLE {}", links.name)).execute(conn)?;
+        }
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
         record_month(conn, op_id, name, removed)?;
         Ok(removed)
@@ -307,11 +339,11 @@ fn analyze_gone(conn: &mut PgConnection, by_key: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes the comments and tag links of the tickets in [`GONE`], and the per-row audit rows of
-/// tickets and comments; returns the comments deleted. Set-based, before the tickets or keys go
-/// (on plain and Citus their cascades then find nothing to do; on partitions the keys could not
-/// go before).
-fn remove_hanging(conn: &mut PgConnection) -> anyhow::Result<u64> {
+/// Deletes the comments and (with `links`) tag links of the tickets in [`GONE`], and the per-row
+/// audit rows of tickets and comments; returns the comments deleted. Set-based, before the
+/// tickets or keys go (on plain and Citus their cascades then find nothing to do; on partitions
+/// the keys and tickets could not go before).
+fn remove_hanging(conn: &mut PgConnection, links: bool) -> anyhow::Result<u64> {
     let ids_sql = format!("SELECT id FROM {GONE}");
     sql_query(format!(
         "DELETE FROM audit_log WHERE table_name = 'comments'
@@ -326,8 +358,10 @@ fn remove_hanging(conn: &mut PgConnection) -> anyhow::Result<u64> {
     // Their tickets go in this transaction: no fingerprint to forget (see the migration
     // `import_fingerprint`). Without this, on partitions, each link's trigger probed every
     // month for a ticket whose month was already dropped: 48 s a month of 120,000 links.
-    db::keep_fingerprints(conn)?;
-    sql_query(format!("DELETE FROM ticket_tags WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
+    if links {
+        db::keep_fingerprints(conn)?;
+        sql_query(format!("DELETE FROM ticket_tags WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
+    }
     Ok(comments as u64)
 }
 
@@ -372,7 +406,7 @@ pub fn remove_batch(
             .execute(conn)?;
         analyze_gone(conn, !layout.distributed())?;
         let removed = Removed {
-            comments: remove_hanging(conn)?,
+            comments: remove_hanging(conn, true)?,
             tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,
         };
         audit::record_batch(

@@ -97,13 +97,43 @@ pub(super) fn drop_indexes_and_keys(
         // it would be an invalid index on the parent alone.
         d.definition = d.definition.replacen(" ON ONLY ", " ON ", 1);
     }
-    let rebuild = drop_for_rebuild(conn, definitions)?;
+    if layout.partitioned() {
+        // The foreign keys from each month of tag links to its month of tickets, which need
+        // the tickets' primary key: back, every month's, after the load.
+        drop_month_keys(conn)?;
+    }
+    let mut rebuild = drop_for_rebuild(conn, definitions)?;
+    if layout.partitioned() {
+        rebuild.foreign_keys.push("SELECT ticketops_month_keys()".into());
+    }
     // Empty, and no foreign key points at them any more: COPY FREEZE needs the tables
     // created or truncated in the current transaction.
     sql_query(format!("TRUNCATE {}", tables.join(", ")))
         .execute(conn)
         .context("cannot truncate the empty tickets and ticket_tags for the initial load")?;
     Ok(rebuild)
+}
+
+/// Drops the foreign keys of the months of ticket_tags (partitioned layout).
+fn drop_month_keys(conn: &mut PgConnection) -> QueryResult<()> {
+    #[derive(QueryableByName)]
+    struct MonthKey {
+        #[diesel(sql_type = Text)]
+        table_name: String,
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let keys: Vec<MonthKey> = sql_query(
+        "SELECT c.conrelid::regclass::text AS table_name, quote_ident(c.conname) AS name
+         FROM pg_constraint c JOIN pg_inherits i ON i.inhrelid = c.conrelid
+         WHERE i.inhparent = 'ticket_tags'::regclass AND c.contype = 'f' AND c.conparentid = 0
+           AND c.confrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'tickets'::regclass)",
+    )
+    .load(conn)?;
+    for key in keys {
+        sql_query(format!("ALTER TABLE {} DROP CONSTRAINT {}", key.table_name, key.name)).execute(conn)?;
+    }
+    Ok(())
 }
 
 /// Reserves `n` consecutive ids of `table`'s id sequence in one call, for a table this

@@ -13,7 +13,7 @@ use diesel::PgConnection;
 use diesel::pg::{CopyTarget, Pg};
 use diesel::query_builder::AstPass;
 
-use super::{MonthlyPartition, monthly_partitions};
+use super::{MonthlyPartition, monthly_partitions_of};
 
 thread_local! {
     static TARGET_SQL: RefCell<String> = const { RefCell::new(String::new()) };
@@ -56,14 +56,31 @@ impl<T: diesel::Table> CopyTarget for NamedCopyTarget<T> {
 /// Which monthly partition each row of a batch goes into, from the catalog's bounds: read on
 /// first use, and again when a row falls outside every month known (a month the load made
 /// since).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MonthRouter {
+    /// tickets or ticket_tags.
+    table: &'static str,
     /// Sorted by `from`; only those this user may insert into.
     months: Vec<MonthlyPartition>,
     loaded: bool,
 }
 
+impl Default for MonthRouter {
+    fn default() -> MonthRouter {
+        MonthRouter::of("tickets")
+    }
+}
+
 impl MonthRouter {
+    /// For the months of `table`.
+    pub fn of(table: &'static str) -> MonthRouter {
+        MonthRouter {
+            table,
+            months: Vec::new(),
+            loaded: false,
+        }
+    }
+
     /// For each time, the index of its partition (`name`), or None: no monthly partition holds
     /// it (the default partition) or this user may not write one directly — such rows go
     /// through the parent.
@@ -85,7 +102,7 @@ impl MonthRouter {
     }
 
     fn load(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
-        let mut months = monthly_partitions(conn)?;
+        let mut months = monthly_partitions_of(conn, self.table)?;
         months.retain(|m| m.insertable);
         self.months = months;
         self.loaded = true;
@@ -123,6 +140,7 @@ mod tests {
     #[test]
     fn a_time_goes_to_the_month_that_holds_it_and_a_gap_to_none() {
         let router = MonthRouter {
+            table: "tickets",
             months: vec![month("jan", 2024, 1), month("feb", 2024, 2), month("apr", 2024, 4)],
             loaded: true,
         };

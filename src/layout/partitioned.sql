@@ -8,10 +8,12 @@
 -- ticket's id, its unique key the external_id, which PostgreSQL enforces for every writer that
 -- writes keys — written in the same transaction as the ticket (ticketops always does; an
 -- application writing tickets directly must too, as on the distributed layout).
--- comments and ticket_tags reference ticket_keys (ticket_id), which does not move when a ticket
--- changes partition, ON DELETE RESTRICT: whoever deletes a key deletes its comments and tag links
--- first (ticketops does, set-based; a cascade cost a statement per key, see the migration
--- partitioned_keys_restrict). ticket_keys.created_at routes a lookup by external_id
+-- comments reference ticket_keys (ticket_id), which does not move when a ticket changes
+-- partition, ON DELETE RESTRICT: whoever deletes a key deletes its comments first (ticketops
+-- does, set-based; a cascade cost a statement per key, see the migration
+-- partitioned_keys_restrict). ticket_tags is partitioned like tickets, by its ticket's
+-- created_at, each month of links referencing its month of tickets (see below and the migration
+-- partitioned_links_by_month). ticket_keys.created_at routes a lookup by external_id
 -- to one partition. No foreign key goes from tickets to ticket_keys: its check on every key
 -- deleted (a query over the partitioned table per row) made dropping a month of keys cost
 -- seconds; see docs/scaling.md.
@@ -26,7 +28,7 @@ CREATE TABLE ticket_keys (
 );
 
 ALTER TABLE comments DROP CONSTRAINT comments_ticket_id_fkey;
-ALTER TABLE ticket_tags DROP CONSTRAINT ticket_tags_ticket_id_fkey;
+DROP TABLE ticket_tags;
 DROP TABLE tickets;
 
 CREATE TABLE tickets (
@@ -61,13 +63,54 @@ CREATE INDEX tickets_deleted_at_idx ON tickets (deleted_at) WHERE deleted_at IS 
 CREATE INDEX tickets_created_at_idx ON tickets (created_at);
 CREATE INDEX tickets_solved_at_idx ON tickets (solved_at) WHERE solved_at IS NOT NULL;
 
--- The trigger that forgets a changed ticket's import fingerprint went with the old table.
+-- Tag links carry their ticket's created_at and are partitioned by it, month for month with
+-- tickets: a month of links goes with its month of tickets (dropped, not deleted row by row),
+-- and each month of links has a foreign key to its month of tickets (ticketops_month_keys).
+CREATE TABLE ticket_tags (
+    ticket_id bigint NOT NULL,
+    tag_id bigint NOT NULL REFERENCES tags (id),
+    ticket_created_at timestamptz NOT NULL,
+    PRIMARY KEY (ticket_id, ticket_created_at, tag_id)
+) PARTITION BY RANGE (ticket_created_at);
+CREATE INDEX ticket_tags_tag_id_idx ON ticket_tags (tag_id);
+
+-- The triggers that forget import fingerprints went with the old tables.
 SELECT ticketops_fingerprint_triggers();
 
 ALTER TABLE comments ADD CONSTRAINT comments_ticket_id_fkey
     FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE RESTRICT;
-ALTER TABLE ticket_tags ADD CONSTRAINT ticket_tags_ticket_id_fkey
-    FOREIGN KEY (ticket_id) REFERENCES ticket_keys (ticket_id) ON DELETE RESTRICT;
+
+-- The foreign key of each month of tag links to the same month of tickets (the default
+-- partitions' too), for the months that lack it; returns how many it added. A foreign key to
+-- the partitioned tickets would make detaching a month check every month of links left; to the
+-- month itself, nothing is left to check. NO ACTION: a ticket moved to another month is
+-- deleted from its old one, which a cascade would take its links with; ticketops moves the
+-- links in the same statement. ticketops calls it whenever it makes months; months made by
+-- pg_partman's maintenance get it from the next import, or by hand (`ticketops doctor` names
+-- them).
+CREATE FUNCTION ticketops_month_keys() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    added integer := 0;
+BEGIN
+    FOR m IN
+        SELECT l.oid::regclass AS links, t.oid::regclass AS tickets
+        FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
+        JOIN pg_inherits ti ON ti.inhparent = 'tickets'::regclass
+        JOIN pg_class t ON t.oid = ti.inhrelid
+        WHERE li.inhparent = 'ticket_tags'::regclass
+          AND pg_get_expr(l.relpartbound, l.oid) = pg_get_expr(t.relpartbound, t.oid)
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                          WHERE c.conrelid = l.oid AND c.contype = 'f' AND c.confrelid = t.oid)
+        ORDER BY 1
+    LOOP
+        EXECUTE format('ALTER TABLE %s ADD FOREIGN KEY (ticket_id, ticket_created_at) REFERENCES %s (id, created_at)',
+                       m.links, m.tickets);
+        added := added + 1;
+    END LOOP;
+    RETURN added;
+END
+$$;
 
 -- Monthly partitions from a year back to four months ahead, and tickets_default.
 -- Imports create the months their rows need (older dumps) before writing them.
@@ -80,8 +123,34 @@ SELECT partman.create_parent(
     p_start_partition := to_char(date_trunc('month', now()) - interval '12 months', 'YYYY-MM-DD HH24:MI:SS')
 );
 
+-- The months of tickets and of tag links that hold the times `months` (those missing, attached
+-- by pg_partman), and (with `month_keys`) the months' foreign keys. ticketops makes the months
+-- an import needs with it; the owner of the tables can for another role.
+CREATE FUNCTION ticketops_create_months(months timestamptz[], month_keys boolean DEFAULT true)
+    RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM partman.create_partition_time('public.tickets', months, p_analyze := false);
+    PERFORM partman.create_partition_time('public.ticket_tags', months, p_analyze := false);
+    IF month_keys THEN
+        PERFORM ticketops_month_keys();
+    END IF;
+END
+$$;
+
+-- The same months of tag links, made by pg_partman with those of tickets.
+SELECT partman.create_parent(
+    p_parent_table := 'public.ticket_tags',
+    p_control := 'ticket_created_at',
+    p_type := 'native',
+    p_interval := 'monthly',
+    p_premake := 4,
+    p_start_partition := to_char(date_trunc('month', now()) - interval '12 months', 'YYYY-MM-DD HH24:MI:SS')
+);
+SELECT ticketops_month_keys();
+
 -- Months ahead of now() whether or not the newest months hold rows yet (pg_partman's default
 -- waits for data, and a database loaded with old dumps would then get no new months).
-UPDATE partman.part_config SET infinite_time_partitions = true WHERE parent_table = 'public.tickets';
+UPDATE partman.part_config SET infinite_time_partitions = true
+WHERE parent_table IN ('public.tickets', 'public.ticket_tags');
 
 UPDATE ticketops_layout SET layout = 'partitioned', chosen_at = now();

@@ -562,21 +562,43 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                 ""
             };
             // Tag sets are put back as a whole: links not in the image go, missing ones come.
-            let tags = if images.tags {
-                "tags_removed AS (
-                     DELETE FROM ticket_tags x USING changed c
-                     WHERE c.before ? 'tag_ids' AND x.ticket_id = c.id
-                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(c.before -> 'tag_ids')::bigint)
-                 ), tags_added AS (
-                     INSERT INTO ticket_tags (ticket_id, tag_id)
-                     SELECT c.id, e::bigint FROM changed c
-                     CROSS JOIN LATERAL jsonb_array_elements_text(c.before -> 'tag_ids') e
-                     WHERE c.before ? 'tag_ids'
-                     ON CONFLICT DO NOTHING
-                 ),"
-            } else {
-                ""
-            };
+            // On partitions the links of a ticket whose created_at comes back go to its month
+            // with it, in this statement (each month of links references its month of
+            // tickets); those that go are left where they are, those that come are made there
+            // (unless the ticket has them in its old month: they move).
+            let removed_link = "c.before ? 'tag_ids'
+                       AND NOT x.tag_id IN (SELECT jsonb_array_elements_text(c.before -> 'tag_ids')::bigint)";
+            let mut tags = String::new();
+            if images.tags {
+                tags += &format!(
+                    "tags_removed AS (
+                         DELETE FROM ticket_tags x USING changed c
+                         WHERE x.ticket_id = c.id AND {removed_link}
+                     ), tags_added AS (
+                         INSERT INTO ticket_tags ({link_columns})
+                         SELECT c.id, e::bigint{created_at} FROM changed c
+                         CROSS JOIN LATERAL jsonb_array_elements_text(c.before -> 'tag_ids') e
+                         WHERE c.before ? 'tag_ids'
+                           AND NOT EXISTS (SELECT 1 FROM ticket_tags y WHERE y.ticket_id = c.id AND y.tag_id = e::bigint)
+                         ON CONFLICT DO NOTHING
+                     ),",
+                    link_columns = layout.link_columns(),
+                    created_at = layout.link_created_at("c.created_at"),
+                );
+            }
+            if layout.partitioned() && table == "tickets" {
+                let kept = if images.tags {
+                    format!(" AND NOT coalesce(({removed_link}), false)")
+                } else {
+                    String::new()
+                };
+                tags += &format!(
+                    "links_moved AS (
+                         UPDATE ticket_tags x SET ticket_created_at = c.created_at FROM changed c
+                         WHERE x.ticket_id = c.id AND x.ticket_created_at <> c.created_at{kept}
+                     ),"
+                );
+            }
             // Without --force a reverted row held the after-image, so its values before this
             // undo are that image; the comparison sits in the UPDATE's own WHERE, which
             // PostgreSQL re-checks on the newest version of a row changed concurrently. With

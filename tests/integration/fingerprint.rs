@@ -128,9 +128,9 @@ fn whatever_changes_what_a_fingerprint_vouches_for_makes_the_record_compared_in_
         id("T-02")
     ));
     db.execute("INSERT INTO tags (name) VALUES ('extra')");
-    db.execute(&format!(
-        "INSERT INTO ticket_tags (ticket_id, tag_id) SELECT {}, id FROM tags WHERE name = 'extra'",
-        id("T-03")
+    db.execute(&insert_links_sql(
+        &id("T-03"),
+        "SELECT id FROM tags WHERE name = 'extra'",
     ));
     // A link changed in place (another application's UPDATE: the trigger on updated links).
     db.execute(&format!(

@@ -285,8 +285,8 @@ fn fix_tag_adds_and_removes_and_undo_gives_back_the_same_tag_sets() {
         ))
         .remove(0);
     db.execute(&format!(
-        "INSERT INTO ticket_tags (ticket_id, tag_id) SELECT {touched}, id FROM tags WHERE name = 'billing'
-         ON CONFLICT DO NOTHING"
+        "{} ON CONFLICT DO NOTHING",
+        insert_links_sql(&touched, "SELECT id FROM tags WHERE name = 'billing'")
     ));
     let dry = ticketops(Some(&db), &dir, &["--json", "undo", &op]).run();
     assert_eq!(dry.expect_code(0).json()["conflicts"], 1);

@@ -907,12 +907,14 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
     assert_eq!(
         fast.strings(&format!(
             "SELECT name || ' ' || (sum(relpages) > 0 AND sum(relallvisible) = sum(relpages)) FROM (
-                 SELECT CASE WHEN c.relispartition THEN 'tickets' ELSE c.relname::text END AS name,
+                 SELECT coalesce((SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = c.oid),
+                                 c.relname::text) AS name,
                         c.relpages, c.relallvisible
                  FROM pg_class c
                  WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace
                    AND (c.relname IN ('tickets', 'ticket_tags', 'ticket_keys')
-                        OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'tickets'::regclass))
+                        OR c.oid IN (SELECT inhrelid FROM pg_inherits
+                                     WHERE inhparent IN ('tickets'::regclass, 'ticket_tags'::regclass)))
              ) r WHERE {} GROUP BY name ORDER BY 1",
             !distributed()
         )),

@@ -35,18 +35,24 @@ fn writer_role(db: &TestDb, suffix: &str) -> (String, String) {
     (role.clone(), format!("{scheme}://{role}@{host}"))
 }
 
-/// Drops the monthly partitions of tickets that `which` selects (a clause over `starts`, when
-/// each month begins), as if pg_partman's maintenance had not made them.
+/// Drops the monthly partitions of tickets (and of their tag links) that `which` selects (a
+/// clause over `starts`, when each month begins), as if pg_partman's maintenance had not made
+/// them.
 fn drop_months(db: &TestDb, which: &str) {
     db.execute(&format!(
-        "DO $$ DECLARE r record; BEGIN
-           FOR r IN SELECT p FROM (
-                      SELECT c.oid::regclass AS p,
+        "DO $$ DECLARE r record; l record; BEGIN
+           FOR r IN SELECT p, bound FROM (
+                      SELECT c.oid::regclass AS p, pg_get_expr(c.relpartbound, c.oid) AS bound,
                              (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS starts
                       FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                       WHERE i.inhparent = 'tickets'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
                     ) m {which}
-           LOOP EXECUTE format('DROP TABLE %s', r.p); END LOOP; END $$"
+           LOOP
+             FOR l IN SELECT c.oid::regclass AS p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                      WHERE i.inhparent = 'ticket_tags'::regclass AND pg_get_expr(c.relpartbound, c.oid) = r.bound
+             LOOP EXECUTE format('DROP TABLE %s', l.p); END LOOP;
+             EXECUTE format('DROP TABLE %s', r.p);
+           END LOOP; END $$"
     ));
 }
 
@@ -200,9 +206,9 @@ fn an_import_by_a_role_that_does_not_own_tickets_writes_through_the_parent_and_a
     .unwrap();
     as_role(&old).expect_code(1).stderr_has(
         "(2019-05): permission denied for schema public — the owner of tickets makes them: run the import as the \
-         owner, or have the owner run SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01']::timestamptz[]) first",
+         owner, or have the owner run SELECT ticketops_create_months(ARRAY['2019-05-01']::timestamptz[]) first",
     );
-    db.execute("SELECT partman.create_partition_time('public.tickets', ARRAY['2019-05-01']::timestamptz[])");
+    db.execute("SELECT ticketops_create_months(ARRAY['2019-05-01']::timestamptz[])");
     let run = as_role(&old);
     assert_eq!(run.expect_code(0).json()["inserted"], 1, "{}", run.explain());
     assert_eq!(partition_of(&db, "O-1"), "tickets_p2019_05");
@@ -273,12 +279,22 @@ fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
     assert_eq!(partition_of(&db, "B-1"), "tickets_p2022_02");
 }
 
+/// Comments reference the keys ON DELETE RESTRICT; tag links are partitioned like tickets, each
+/// month of them referencing its month of tickets. A database made before gets both from the
+/// migrations, its links kept in their tickets' months.
 #[test]
-fn a_key_goes_only_after_its_comments_and_tag_links_and_the_migration_made_it_so() {
+fn a_key_goes_only_after_its_comments_and_the_migrations_put_links_in_their_tickets_months() {
     let (db, dir) = partitioned_db("restrict");
     let file = dir.join("two.csv");
     std::fs::write(&file, TWO_MONTHS).unwrap();
     import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    let comments = dir.join("comments.csv");
+    std::fs::write(
+        &comments,
+        "external_id,ticket_external_id,author_email,body,created_at\nK-1,A-1,ann@example.com,hello,2023-03-06\n",
+    )
+    .unwrap();
+    import(&db, &dir, "comments", &comments, &[]).0.expect_code(0);
     let delete_key = || {
         diesel::connection::SimpleConnection::batch_execute(
             &mut db.conn(),
@@ -286,23 +302,44 @@ fn a_key_goes_only_after_its_comments_and_tag_links_and_the_migration_made_it_so
         )
     };
     let err = delete_key().unwrap_err().to_string();
-    assert!(err.contains("ticket_tags_ticket_id_fkey"), "{err}");
+    assert!(err.contains("comments_ticket_id_fkey"), "{err}");
     let actions = "SELECT string_agg(conname || '=' || confdeltype::text, ',' ORDER BY conname) FROM pg_constraint
                    WHERE conname IN ('comments_ticket_id_fkey', 'ticket_tags_ticket_id_fkey')";
-    let restrict = "comments_ticket_id_fkey=r,ticket_tags_ticket_id_fkey=r";
-    assert_eq!(db.strings(actions), [restrict]);
-    // A database made before: its cascades, which the migration replaces.
+    let links = "SELECT string_agg(k.external_id || ' ' || g.name || ' ' || tt.tableoid::regclass::text, ', '
+                                   ORDER BY k.external_id)
+                 FROM ticket_tags tt JOIN ticket_keys k ON k.ticket_id = tt.ticket_id JOIN tags g ON g.id = tt.tag_id";
+    // Every month of links (the default one too) references its month of tickets.
+    let months_unkeyed = "SELECT count(*) FROM pg_inherits i
+                          WHERE i.inhparent = 'ticket_tags'::regclass
+                            AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = i.inhrelid AND c.contype = 'f'
+                                              AND c.confrelid IN (SELECT inhrelid FROM pg_inherits
+                                                                  WHERE inhparent = 'tickets'::regclass))";
+    let in_months = ["A-1 vip ticket_tags_p2023_03, B-1 vip ticket_tags_p2024_07"];
+    assert_eq!(db.strings(actions), ["comments_ticket_id_fkey=r"]);
+    assert_eq!(db.strings(links), in_months);
+    assert_eq!(db.scalar(months_unkeyed), 0);
+
+    // A database made before: one table of links referencing the keys, RESTRICT, and before
+    // that with cascades.
+    ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
+    assert_eq!(
+        db.strings(actions),
+        ["comments_ticket_id_fkey=r,ticket_tags_ticket_id_fkey=r"]
+    );
+    assert_eq!(db.strings(links), ["A-1 vip ticket_tags, B-1 vip ticket_tags"]);
     ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
     assert_eq!(
         db.strings(actions),
         ["comments_ticket_id_fkey=c,ticket_tags_ticket_id_fkey=c"]
     );
     ticketops(Some(&db), &dir, &["migrate", "run"]).run().expect_code(0);
-    assert_eq!(db.strings(actions), [restrict]);
-    // Once its tag links are gone (it has no comments), the key goes.
-    db.execute(
-        "DELETE FROM ticket_tags WHERE ticket_id = (SELECT ticket_id FROM ticket_keys WHERE external_id = 'A-1')",
-    );
+    assert_eq!(db.strings(actions), ["comments_ticket_id_fkey=r"]);
+    assert_eq!(db.strings(links), in_months);
+    assert_eq!(db.scalar(months_unkeyed), 0);
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+
+    // Once its comments are gone, the key goes.
+    db.execute("DELETE FROM comments WHERE external_id = 'K-1'");
     delete_key().unwrap();
 }
 
@@ -1093,10 +1130,20 @@ fn a_month_dropped_outside_ticketops_is_named_and_its_leftovers_can_be_cleaned_u
         .stderr_has("pg_partman's retention is set for tickets (12 months)");
     db.execute("UPDATE partman.part_config SET retention = NULL WHERE parent_table = 'public.tickets'");
 
-    // March 2023 goes as pg_partman's retention would take it: detached and dropped.
+    // March 2023 goes as pg_partman's retention would take it, detached and dropped — which
+    // its month of tag links, referencing it, refuses — and then with that month.
     let march = partition_of(&db, "A-1");
+    let err = diesel::connection::SimpleConnection::batch_execute(
+        &mut db.conn(),
+        &format!("ALTER TABLE tickets DETACH PARTITION {march}; DROP TABLE {march}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("other objects depend on it"), "{err}");
+    let links = march.replace("tickets_", "ticket_tags_");
     db.execute(&format!(
-        "ALTER TABLE tickets DETACH PARTITION {march}; DROP TABLE {march}"
+        "ALTER TABLE ticket_tags DETACH PARTITION {links}; DROP TABLE {links};
+         ALTER TABLE tickets DETACH PARTITION {march}; DROP TABLE {march}"
     ));
     let run = ticketops(Some(&db), &dir, &["import", "tickets", file.to_str().unwrap()]).run();
     run.expect_code(1)

@@ -76,6 +76,24 @@ pub fn partitioned() -> bool {
     layout() == "partitioned"
 }
 
+/// An application's `INSERT INTO ticket_tags` of the ticket `ticket_id` (an SQL expression)
+/// and the tags `tags` selects (`SELECT id FROM tags …`): on the partitioned layout a link
+/// carries its ticket's created_at.
+pub fn insert_links_sql(ticket_id: &str, tags: &str) -> String {
+    let tags = tags
+        .trim_start()
+        .strip_prefix("SELECT id")
+        .expect("SELECT id FROM tags …");
+    if partitioned() {
+        format!(
+            "INSERT INTO ticket_tags (ticket_id, tag_id, ticket_created_at)
+             SELECT {ticket_id}, id, (SELECT created_at FROM tickets WHERE id = {ticket_id}){tags}"
+        )
+    } else {
+        format!("INSERT INTO ticket_tags (ticket_id, tag_id) SELECT {ticket_id}, id{tags}")
+    }
+}
+
 pub fn distributed() -> bool {
     layout() == "distributed"
 }

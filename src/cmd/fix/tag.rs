@@ -204,17 +204,21 @@ impl TicketFix for TagFix {
 
     fn apply(&self, conn: &mut PgConnection, batch: &BatchTickets<'_>, op: i64) -> anyhow::Result<u64> {
         let in_batch = batch.condition("t", 5);
+        let links_month = batch.layout.links_month("x", "g.created_at");
+        let link_columns = batch.layout.link_columns();
+        let created_at = batch.layout.link_created_at("g.created_at");
         let query = sql_query(format!(
             "WITH target AS (
-                 SELECT t.id, t.updated_at, t.last_operation_id, coalesce(st.tag_ids, '{{}}') AS tag_ids,
+                 SELECT t.id, t.created_at, t.updated_at, t.last_operation_id, coalesce(st.tag_ids, '{{}}') AS tag_ids,
                         ARRAY(SELECT DISTINCT u FROM unnest(coalesce(st.tag_ids, '{{}}') || $2::bigint[]) u
                               WHERE u <> ALL($3::bigint[]) ORDER BY u) AS new_tag_ids
                  FROM tickets t {STORED_TAGS} WHERE {in_batch} AND {DIFFERS}
              ), removed AS (
-                 DELETE FROM ticket_tags x USING target g WHERE x.ticket_id = g.id AND x.tag_id = ANY($3::bigint[])
+                 DELETE FROM ticket_tags x USING target g
+                 WHERE x.ticket_id = g.id{links_month} AND x.tag_id = ANY($3::bigint[])
              ), added AS (
-                 INSERT INTO ticket_tags (ticket_id, tag_id)
-                 SELECT g.id, a.tag_id FROM target g CROSS JOIN unnest($2::bigint[]) a(tag_id)
+                 INSERT INTO ticket_tags ({link_columns})
+                 SELECT g.id, a.tag_id{created_at} FROM target g CROSS JOIN unnest($2::bigint[]) a(tag_id)
                  ON CONFLICT DO NOTHING
              ), changed AS (
                  UPDATE tickets t SET updated_at = $4, last_operation_id = {op}

@@ -56,13 +56,13 @@ impl TicketImport {
         ]
     }
 
-    pub(super) fn tags_target(&self) -> &'static str {
+    pub(super) fn tags_target(&self) -> String {
         if self.present.tags {
-            "s.tag_ids"
+            "s.tag_ids".into()
         } else if self.layout.distributed() {
-            STORED_TAGS_OF_ST
+            STORED_TAGS_OF_ST.into()
         } else {
-            STORED_TAGS_OF_E
+            stored_tags_of_e(self.layout)
         }
     }
 
@@ -79,7 +79,10 @@ impl TicketImport {
         } else if self.present.tags {
             (
                 // OFFSET 0 keeps the planner from inlining the subquery into each use.
-                format!("CROSS JOIN LATERAL (SELECT {STORED_TAGS_OF_E} AS tag_ids OFFSET 0) st"),
+                format!(
+                    "CROSS JOIN LATERAL (SELECT {} AS tag_ids OFFSET 0) st",
+                    stored_tags_of_e(self.layout)
+                ),
                 "st.tag_ids IS DISTINCT FROM s.tag_ids",
             )
         } else {
@@ -140,7 +143,7 @@ impl TicketImport {
             "WITH target AS (
                  SELECT s.external_id, e.id, e.created_at AS stored_created_at, {target}, {tags} AS tag_ids,
                         s.fingerprint,
-                        {image_of_e} || jsonb_build_object('tag_ids', to_jsonb({STORED_TAGS_OF_E})) AS before_image
+                        {image_of_e} || jsonb_build_object('tag_ids', to_jsonb({stored_tags})) AS before_image
                  FROM ticketops_stage_tickets s
                  {stored_ticket}
                  WHERE s.rec = ANY($1) AND {stored_ids}
@@ -150,10 +153,17 @@ impl TicketImport {
                  WHERE t.id = g.id AND t.created_at = g.stored_created_at
                    AND (({stored}) IS DISTINCT FROM ({incoming}) OR t.id = ANY($2))
                  RETURNING t.id, t.external_id, t.created_at, false AS inserted, g.before_image,
-                           {image_of_t} || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids)) AS after_image
+                           {image_of_t} || jsonb_build_object('tag_ids', to_jsonb(g.tag_ids)) AS after_image,
+                           g.stored_created_at
              ), moved AS (
                  UPDATE ticket_keys k SET created_at = w.created_at
                  FROM written w WHERE k.ticket_id = w.id AND k.created_at <> w.created_at
+             ), links_moved AS (
+                 -- (each month of links references its month of tickets: the links go with it)
+                 UPDATE ticket_tags x SET ticket_created_at = w.created_at
+                 FROM written w
+                 WHERE x.ticket_id = w.id AND x.ticket_created_at = w.stored_created_at
+                   AND w.created_at <> w.stored_created_at
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id, '{update}', w.before_image, w.after_image
@@ -162,6 +172,7 @@ impl TicketImport {
              )
              SELECT id, external_id, inserted, NULL::timestamptz AS moved_to FROM written",
             tags = self.tags_target(),
+            stored_tags = stored_tags_of_e(self.layout),
             update = crate::audit::UPDATE_ACTION,
             image_of_e = image_of("e"),
             image_of_t = image_of("t"),
@@ -311,4 +322,10 @@ fn stored_tags_join(ids: &str) -> String {
 const STORED_TAGS_OF_ST: &str = "coalesce(st.tag_ids, '{}'::bigint[])";
 
 /// The stored tag set of ticket `e`, sorted like the staged one.
-const STORED_TAGS_OF_E: &str = "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id ORDER BY tag_id)";
+/// (On partitions, in the ticket's month of links.)
+fn stored_tags_of_e(layout: crate::layout::Layout) -> String {
+    format!(
+        "ARRAY(SELECT tag_id FROM ticket_tags x WHERE x.ticket_id = e.id{} ORDER BY tag_id)",
+        layout.links_month("x", "e.created_at")
+    )
+}

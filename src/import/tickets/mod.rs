@@ -120,6 +120,8 @@ pub struct TicketImport {
     partitions: Partitions,
     /// Where the initial load's rows go on the partitioned layout: straight into their month.
     months: MonthRouter,
+    /// The same for their tag links.
+    link_months: MonthRouter,
     /// The initial load's keys and tag links not yet written, when every key comes once.
     gathered: Option<Gathered>,
 }
@@ -208,8 +210,9 @@ impl TicketImport {
             keys_seen_once: false,
             stored: StoredLookup::default(),
             layout: Layout::Plain,
-            partitions: Partitions::default(),
+            partitions: Partitions::for_import(initial_load),
             months: MonthRouter::default(),
+            link_months: MonthRouter::of("ticket_tags"),
             gathered: None,
             phases: PhaseTimes {
                 verbose,
@@ -410,8 +413,9 @@ impl ImportKind for TicketImport {
     fn reset(&mut self) {
         self.cache.clear();
         // Months made by a rolled-back batch are gone with it.
-        self.partitions = Partitions::default();
+        self.partitions = Partitions::for_import(self.initial_load);
         self.months = MonthRouter::default();
+        self.link_months = MonthRouter::of("ticket_tags");
     }
 
     fn keys_seen_once(&mut self) {

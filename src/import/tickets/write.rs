@@ -14,14 +14,14 @@ use diesel::{PgConnection, QueryableByName, sql_query};
 use crate::import::copy_binary::{BinaryCopy, write_error};
 use crate::import::entities::UserRef;
 use crate::import::{Counts, Numbered};
-use crate::models::{TicketChannel, TicketPriority, TicketStatus, TicketTag, UserRole};
+use crate::models::{TicketChannel, TicketPriority, TicketStatus, UserRole};
 use crate::schema::{ticket_tags, tickets};
 
 use super::*;
 use crate::db::Id;
 use crate::import::initial_load::reserve_id_block;
 use crate::layout::Layout;
-use crate::layout::partition_copy::NamedCopyTarget;
+use crate::layout::partition_copy::{MonthRouter, NamedCopyTarget};
 
 /// The columns a new ticket's COPY writes, in the order `copy_tickets` writes them (and
 /// `insert_new` names them for tickets itself).
@@ -347,7 +347,7 @@ impl TicketImport {
         let links = links.into_inner();
         match &mut self.gathered {
             Some(gathered) => gathered.links.extend(links),
-            None => copy_links(conn, &links, self.initial_load)?,
+            None => copy_links(conn, self.layout, &mut self.link_months, &links, self.initial_load)?,
         }
         // The audit trail of inserts is one row per batch listing the new ids as ranges (they
         // come from one sequence call, so usually one range): a row per ticket would cost as
@@ -388,7 +388,7 @@ impl TicketImport {
         }
         if !gathered.links.is_empty() && gathered.links.len() >= at_least {
             let started = std::time::Instant::now();
-            copy_links(conn, &gathered.links, true)?;
+            copy_links(conn, self.layout, &mut self.link_months, &gathered.links, true)?;
             gathered.links.clear();
             self.phases.add("COPY new tickets", started);
         }
@@ -412,7 +412,7 @@ impl TicketImport {
         freeze: bool,
         rows: impl Iterator<Item = NewTicket<'r>>,
         op_id: i64,
-        links: &RefCell<Vec<TicketTag>>,
+        links: &RefCell<Vec<NewLink>>,
     ) -> anyhow::Result<usize> {
         let pending = RefCell::new(Some(rows));
         diesel::copy_from(tickets::table)
@@ -422,7 +422,11 @@ impl TicketImport {
                 let mut copy = BinaryCopy::start(out).map_err(write_error)?;
                 for (row, id, created_at, fingerprint) in rows {
                     let (requester_id, assignee_id, organization_id, tag_ids) = self.ids_of(row);
-                    links.extend(tag_ids.into_iter().map(|tag_id| TicketTag { ticket_id: id, tag_id }));
+                    links.extend(tag_ids.into_iter().map(|tag_id| NewLink {
+                        ticket_id: id,
+                        tag_id,
+                        created_at,
+                    }));
                     // In the order of TICKET_COPY_COLUMNS.
                     (|| -> std::io::Result<()> {
                         copy.row(15)?;
@@ -616,24 +620,36 @@ impl TicketImport {
         if self.present.tags && !written_ids.is_empty() {
             // The written tickets' (id, external_id) pairs come from RETURNING; ticket_tags is
             // restricted to those ids so only their links are read.
-            sql_query(
+            // On partitions a ticket's links are in its month, which its key gives (moved with
+            // the ticket by the merge).
+            let (keys, links_month) = if self.layout.partitioned() {
+                (
+                    "JOIN ticket_keys k ON k.ticket_id = w.id",
+                    self.layout.links_month("tt", "k.created_at"),
+                )
+            } else {
+                ("", String::new())
+            };
+            sql_query(format!(
                 "DELETE FROM ticket_tags tt
-                 USING unnest($1::bigint[], $2::text[]) AS w(id, external_id), ticketops_stage_tickets s
-                 WHERE tt.ticket_id = w.id AND s.external_id = w.external_id AND tt.ticket_id = ANY($1)
+                 USING unnest($1::bigint[], $2::text[]) AS w(id, external_id) {keys}, ticketops_stage_tickets s
+                 WHERE tt.ticket_id = w.id AND s.external_id = w.external_id AND tt.ticket_id = ANY($1){links_month}
                    AND NOT (tt.tag_id = ANY (s.tag_ids))",
-            )
+            ))
             .bind::<Array<BigInt>, _>(&written_ids)
             .bind::<Array<Text>, _>(&written_keys)
             .execute(conn)
             .context("cannot remove tag links")?;
-            sql_query(
-                "INSERT INTO ticket_tags (ticket_id, tag_id)
-                 SELECT w.id, u.tag_id
-                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id)
+            sql_query(format!(
+                "INSERT INTO ticket_tags ({columns})
+                 SELECT w.id, u.tag_id{created_at}
+                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id) {keys}
                  JOIN ticketops_stage_tickets s ON s.external_id = w.external_id
                  CROSS JOIN LATERAL unnest(s.tag_ids) AS u(tag_id)
                  ON CONFLICT DO NOTHING",
-            )
+                columns = self.layout.link_columns(),
+                created_at = self.layout.link_created_at("k.created_at"),
+            ))
             .bind::<Array<BigInt>, _>(&written_ids)
             .bind::<Array<Text>, _>(&written_keys)
             .execute(conn)
@@ -657,35 +673,95 @@ type NewTicket<'r> = (&'r TicketRow, i64, DateTime<Utc>, Option<&'r [u8]>);
 #[derive(Default)]
 pub(super) struct Gathered {
     keys: Vec<(i64, String, DateTime<Utc>)>,
-    links: Vec<TicketTag>,
+    links: Vec<NewLink>,
 }
 
 /// How many batches' worth of keys (or tag links) wait for their COPY at most: with the
 /// initial load's 5,000-row batches, 20,000 keys, ~1.5 MiB.
 pub(super) const GATHERED_BATCHES: usize = 4;
 
+/// A new ticket's tag link, with the ticket's created_at (by which the links are partitioned on
+/// the partitioned layout).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NewLink {
+    ticket_id: i64,
+    tag_id: i64,
+    created_at: DateTime<Utc>,
+}
+
 /// The tag links of new tickets, by binary COPY; `freeze` when ticket_tags was truncated in
-/// this transaction (the initial load).
-fn copy_links(conn: &mut PgConnection, links: &[TicketTag], freeze: bool) -> anyhow::Result<()> {
+/// this transaction (the initial load). On partitions with their tickets' created_at, and
+/// frozen straight into their months (`months`), as the tickets.
+fn copy_links(
+    conn: &mut PgConnection,
+    layout: Layout,
+    months: &mut MonthRouter,
+    links: &[NewLink],
+    freeze: bool,
+) -> anyhow::Result<()> {
     if links.is_empty() {
         return Ok(());
     }
+    if !layout.partitioned() {
+        return NamedCopyTarget::<ticket_tags::table>::with("ticket_tags (ticket_id, tag_id)", |target| {
+            copy_links_into(conn, target, links.iter(), false, freeze)
+        });
+    }
+    if !freeze {
+        return NamedCopyTarget::<ticket_tags::table>::with(
+            "ticket_tags (ticket_id, tag_id, ticket_created_at)",
+            |target| copy_links_into(conn, target, links.iter(), true, false),
+        );
+    }
+    let created: Vec<DateTime<Utc>> = links.iter().map(|l| l.created_at).collect();
+    let routes = months
+        .route(conn, &created)
+        .context("cannot route the tag links to their months")?;
+    let mut order: Vec<usize> = (0..links.len()).collect();
+    order.sort_by_key(|&i| routes[i]);
+    for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
+        let group_links = group.iter().map(|&i| &links[i]);
+        // Links of no month of their own (the default partition) through the parent, unfrozen.
+        let (target, freeze) = match routes[group[0]] {
+            Some(month) => (months.name(month).to_owned(), true),
+            None => ("ticket_tags".to_owned(), false),
+        };
+        NamedCopyTarget::<ticket_tags::table>::with(
+            &format!("{target} (ticket_id, tag_id, ticket_created_at)"),
+            |copy_target| copy_links_into(conn, copy_target, group_links, true, freeze),
+        )?;
+    }
+    Ok(())
+}
+
+/// One binary COPY of `links` into `target` (ticket_tags or one of its months), with their
+/// tickets' created_at when `with_created_at`.
+fn copy_links_into<'l, C: CopyTarget<Table = ticket_tags::table>>(
+    conn: &mut PgConnection,
+    target: C,
+    links: impl Iterator<Item = &'l NewLink>,
+    with_created_at: bool,
+    freeze: bool,
+) -> anyhow::Result<()> {
+    let pending = RefCell::new(Some(links));
     diesel::copy_from(ticket_tags::table)
-        .from_raw_data(
-            (ticket_tags::ticket_id, ticket_tags::tag_id),
-            |out| -> Result<(), diesel::result::Error> {
-                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                for link in links {
-                    (|| -> std::io::Result<()> {
-                        copy.row(2)?;
-                        copy.int8(link.ticket_id)?;
-                        copy.int8(link.tag_id)
-                    })()
-                    .map_err(write_error)?;
-                }
-                copy.finish().map_err(write_error)
-            },
-        )
+        .from_raw_data(target, |out| -> Result<(), diesel::result::Error> {
+            let links = pending.take().expect("the COPY callback runs once");
+            let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+            for link in links {
+                (|| -> std::io::Result<()> {
+                    copy.row(if with_created_at { 3 } else { 2 })?;
+                    copy.int8(link.ticket_id)?;
+                    copy.int8(link.tag_id)?;
+                    if with_created_at {
+                        copy.timestamptz(link.created_at)?;
+                    }
+                    Ok(())
+                })()
+                .map_err(write_error)?;
+            }
+            copy.finish().map_err(write_error)
+        })
         .with_format(CopyFormat::Binary)
         .with_freeze(freeze)
         .execute(conn)

@@ -27,7 +27,8 @@ fn target_sql(by_partition: bool) -> String {
             format!(
                 "FROM i {}
                  LEFT JOIN LATERAL (SELECT array_agg(tag_id ORDER BY tag_id) AS tag_ids
-                                    FROM ticket_tags WHERE ticket_id = t.id) st ON true",
+                                    FROM ticket_tags WHERE ticket_id = t.id AND ticket_created_at = t.created_at) st
+                           ON true",
                 probe_tickets("i", "t")
             ),
         )
@@ -253,10 +254,10 @@ impl Corrections {
                      RETURNING {returned}
                  ), tags_removed AS (
                      DELETE FROM ticket_tags x USING decoded d
-                     WHERE x.ticket_id = d.id AND NOT x.tag_id = ANY(d.tag_ids)
+                     WHERE x.ticket_id = d.id{links_month} AND NOT x.tag_id = ANY(d.tag_ids)
                  ), tags_added AS (
-                     INSERT INTO ticket_tags (ticket_id, tag_id)
-                     SELECT d.id, u FROM decoded d CROSS JOIN LATERAL unnest(d.tag_ids) u
+                     INSERT INTO ticket_tags ({link_columns})
+                     SELECT d.id, u{created_at} FROM decoded d CROSS JOIN LATERAL unnest(d.tag_ids) u
                      ON CONFLICT DO NOTHING
                  ), audited AS (
                      INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
@@ -264,6 +265,9 @@ impl Corrections {
                      FROM {audited_from}
                  )
                  SELECT count(*) AS changed FROM changed",
+                links_month = self.layout.links_month("x", "d.partition_key"),
+                link_columns = self.layout.link_columns(),
+                created_at = self.layout.link_created_at("d.partition_key"),
                 before = changed_keys("g.old", "g.new"),
                 after = changed_keys("g.new", "g.old"),
             ))
