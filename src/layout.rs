@@ -10,7 +10,7 @@ pub mod partition_rows;
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{BigInt, Text};
-use diesel::{OptionalExtension as _, PgConnection, QueryableByName, RunQueryDsl, sql_query};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,8 +102,9 @@ impl Layout {
     }
 
     /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
-    /// (cascading from tickets on plain and distributed; on partitions deleted here before the
-    /// keys, which they reference ON DELETE RESTRICT); returns how many tickets went.
+    /// (cascading from tickets on plain and distributed; on partitions deleted here first: the
+    /// comments reference the keys ON DELETE RESTRICT, the links their month of tickets, NO
+    /// ACTION); returns how many tickets went.
     pub fn delete_tickets(
         self,
         conn: &mut PgConnection,
@@ -149,9 +150,9 @@ impl Layout {
 
 /// Locks the keys of a batch of tickets about to be archived and removed (partitioned layout),
 /// FOR UPDATE SKIP LOCKED; returns, sorted, the ids of those whose key another transaction
-/// holds. Comments and tag links reference the keys there, not the tickets: a comment being
-/// added takes its ticket's key (the foreign-key check's KEY SHARE), and the ticket's own lock
-/// does not stop it. Without this, one committed between the batch's archive and its delete
+/// holds. Comments reference the keys there, not the tickets: a comment being added takes its
+/// ticket's key (the foreign-key check's KEY SHARE), and the ticket's own lock does not stop it
+/// (a tag link takes the ticket's row itself, which the batch holds). Without this, one committed between the batch's archive and its delete
 /// was deleted unarchived. Held, a key makes such a check wait until the batch has gone (and
 /// then fail, as on plain); a key already held means a comment on its way, and that ticket is
 /// left for a later run, as plain's SKIP LOCKED leaves a ticket whose comment is being added.
@@ -668,23 +669,29 @@ pub fn monthly_partitions_of(conn: &mut PgConnection, table: &str) -> anyhow::Re
 /// The month of ticket_tags with the bounds of `tickets_month` (a partition of tickets, as the
 /// catalog names it), if there is one.
 pub fn links_month_of(conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<Option<String>> {
+    Ok(links_months_of(conn, &[tickets_month])?.pop())
+}
+
+/// The months of ticket_tags with the bounds of `tickets_months` (partitions of tickets), those
+/// that exist.
+pub fn links_months_of(conn: &mut PgConnection, tickets_months: &[&str]) -> anyhow::Result<Vec<String>> {
     #[derive(QueryableByName)]
     struct Name {
         #[diesel(sql_type = Text)]
         name: String,
     }
-    let links: Option<Name> = sql_query(
+    let links: Vec<Name> = sql_query(
         "SELECT l.oid::regclass::text AS name
-         FROM pg_inherits i JOIN pg_class l ON l.oid = i.inhrelid
-         WHERE i.inhparent = 'ticket_tags'::regclass
-           AND pg_get_expr(l.relpartbound, l.oid)
-               = (SELECT pg_get_expr(t.relpartbound, t.oid) FROM pg_class t WHERE t.oid = $1::regclass)",
+         FROM unnest($1::text[]) AS m(name)
+         JOIN pg_class t ON t.oid = m.name::regclass
+         JOIN pg_inherits i ON i.inhparent = 'ticket_tags'::regclass
+         JOIN pg_class l ON l.oid = i.inhrelid
+         WHERE pg_get_expr(l.relpartbound, l.oid) = pg_get_expr(t.relpartbound, t.oid)",
     )
-    .bind::<Text, _>(tickets_month)
-    .get_result(conn)
-    .optional()
-    .with_context(|| format!("cannot find the month of tag links of {tickets_month}"))?;
-    Ok(links.map(|l| l.name))
+    .bind::<diesel::sql_types::Array<Text>, _>(tickets_months)
+    .load(conn)
+    .with_context(|| format!("cannot find the months of tag links of {}", tickets_months.join(", ")))?;
+    Ok(links.into_iter().map(|l| l.name).collect())
 }
 
 /// How the partitions of tickets stand (partitioned layout), for `doctor`.
@@ -709,6 +716,12 @@ pub struct PartitionHealth {
     /// pg_partman's own retention for tickets, if set: its maintenance then drops old months
     /// without their keys, comments and tag links.
     pub partman_retention: Option<String>,
+    /// Months of tickets (the default partition too) without their month of tag links, by the
+    /// first day (`default` for the default partition).
+    pub months_without_links: Vec<String>,
+    /// Months of tag links without their foreign key to their month of tickets (made by
+    /// pg_partman's maintenance since ticketops last made months).
+    pub links_months_without_key: Vec<String>,
 }
 
 impl PartitionHealth {
@@ -734,6 +747,37 @@ impl PartitionHealth {
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;
+        #[derive(QueryableByName)]
+        struct Month {
+            #[diesel(sql_type = Text)]
+            name: String,
+        }
+        let months_without_links: Vec<Month> = sql_query(
+            "SELECT coalesce(to_char(m.starts, 'YYYY-MM-DD'), 'default') AS name FROM (
+                 SELECT pg_get_expr(c.relpartbound, c.oid) AS bound,
+                        (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz
+                          AS starts
+                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'tickets'::regclass
+             ) m
+             WHERE NOT EXISTS (SELECT 1 FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
+                               WHERE li.inhparent = 'ticket_tags'::regclass
+                                 AND pg_get_expr(l.relpartbound, l.oid) = m.bound)
+             ORDER BY m.starts NULLS LAST",
+        )
+        .load(conn)
+        .context("cannot compare the months of tickets and of tag links")?;
+        let links_months_without_key: Vec<Month> = sql_query(
+            "SELECT l.oid::regclass::text AS name
+             FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
+             WHERE li.inhparent = 'ticket_tags'::regclass
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                               JOIN pg_inherits ti ON ti.inhrelid = c.confrelid AND ti.inhparent = 'tickets'::regclass
+                               WHERE c.conrelid = l.oid AND c.contype = 'f')
+             ORDER BY 1",
+        )
+        .load(conn)
+        .context("cannot read the foreign keys of the months of tag links")?;
         let now = chrono::Utc::now();
         let spans: Vec<_> = months.iter().map(|m| (m.from, m.until)).collect();
         let ahead_until = contiguous_until(&spans, now);
@@ -748,6 +792,8 @@ impl PartitionHealth {
                 .zip(row.premake)
                 .and_then(|(until, premake)| until.checked_sub_months(chrono::Months::new(premake.max(0) as u32 + 1))),
             partman_retention: row.retention,
+            months_without_links: months_without_links.into_iter().map(|m| m.name).collect(),
+            links_months_without_key: links_months_without_key.into_iter().map(|m| m.name).collect(),
         })
     }
 
@@ -793,6 +839,30 @@ impl PartitionHealth {
                  their keys, comments and tag links, and an import of such a ticket then fails on its key; unset it \
                  (UPDATE partman.part_config SET retention = NULL WHERE parent_table = 'public.tickets') and remove \
                  old months with `ticketops cleanup retention`"
+            ));
+        }
+        if !self.months_without_links.is_empty() {
+            let firsts: Vec<String> = self
+                .months_without_links
+                .iter()
+                .filter(|m| *m != "default")
+                .map(|m| format!("'{m}'"))
+                .collect();
+            problems.push(format!(
+                "{} month(s) of tickets have no month of tag links ({}), which pg_partman makes with them: \
+                 a link of their tickets cannot be written; make them with \
+                 SELECT ticketops_create_months(ARRAY[{}]::timestamptz[])",
+                self.months_without_links.len(),
+                self.months_without_links.join(", "),
+                firsts.join(", ")
+            ));
+        }
+        if !self.links_months_without_key.is_empty() {
+            problems.push(format!(
+                "{} month(s) of tag links lack the foreign key to their month of tickets ({}; made by pg_partman's \
+                 maintenance since ticketops last made months): SELECT ticketops_month_keys() adds them (an import does too)",
+                self.links_months_without_key.len(),
+                self.links_months_without_key.join(", ")
             ));
         }
         if self.default_rows > 0 {
@@ -921,21 +991,19 @@ pub fn analyze_partitioned_tickets(
     }
     let mut helper_conn = crate::db::get(pool)?;
     if let Some(months) = months_due {
-        // Every other month on each side, each ANALYZE committed on its own.
+        // Their months of tag links too (`ANALYZE ticket_tags` would analyze every month of
+        // them). Every other month on each side, each ANALYZE committed on its own.
+        let links = links_months_of(conn, &months)?;
+        let all: Vec<&str> = months.iter().copied().chain(links.iter().map(String::as_str)).collect();
         return std::thread::scope(|scope| {
-            let helper = scope.spawn(|| {
-                analyze_each(
-                    &mut helper_conn,
-                    std::iter::once("ticket_tags").chain(months.iter().copied().step_by(2)),
-                )
-            });
-            let main = analyze_each(conn, months.iter().copied().skip(1).step_by(2));
+            let helper = scope.spawn(|| analyze_each(&mut helper_conn, all.iter().copied().step_by(2)));
+            let main = analyze_each(conn, all.iter().copied().skip(1).step_by(2));
             let helper = helper
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the ANALYZE helper thread panicked")));
             main.and(helper).context("cannot ANALYZE tickets after the import")?;
             Ok(Some(format!(
-                "ticket_tags and {} month(s) of {}",
+                "{} month(s) of {} of tickets and of their tag links",
                 months.len(),
                 leaves.len()
             )))

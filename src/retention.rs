@@ -166,11 +166,12 @@ pub struct Removed {
 
 /// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it against writes,
 /// appends its tickets and their comments to the archives (`COPY … TO`, synced), deletes their
-/// comments, tag links and per-row audit rows and their keys, then detaches and drops it (tickets
-/// itself is locked only for those last two). A failure rolls back and cuts the archives back.
+/// comments and per-row audit rows and their keys, then detaches and drops its month of tag links
+/// (locked with it) and itself (tickets and ticket_tags are locked only for those last steps). A
+/// failure rolls back and cuts the archives back.
 ///
-/// Why one snapshot: comments and tag links reference `ticket_keys`, not the partition, so its
-/// lock does not keep an application from adding one to its tickets meanwhile. Read committed,
+/// Why one snapshot: comments reference `ticket_keys`, not the partition, so its lock does not
+/// keep an application from adding one to its tickets meanwhile. Read committed,
 /// such a comment, committed after the archive was written, would be deleted with the rest
 /// and never archived. Here the deletes see what the archive saw, and the keys' `ON DELETE
 /// RESTRICT` check (which looks past the snapshot) fails the step instead: it is tried again.

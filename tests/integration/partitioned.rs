@@ -436,7 +436,15 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
         .run()
         .expect_code(1)
         .stderr_has("partman.run_maintenance()");
-    db.execute("SELECT partman.run_maintenance('public.tickets')");
+    // It makes the months of tickets and of tag links; the foreign keys between them come from
+    // ticketops (an import, or the function doctor names).
+    db.execute("SELECT partman.run_maintenance()");
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("lack the foreign key to their month of tickets")
+        .stderr_has("SELECT ticketops_month_keys()");
+    db.execute("SELECT ticketops_month_keys()");
     ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
     let this_month = db
         .strings("SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T00:00:00Z\"')")
@@ -453,7 +461,14 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
         .run()
         .expect_code(1)
         .stderr_has("pg_partman's maintenance has not run since");
+    // Maintained for tickets alone, their newest months have no months of tag links.
     db.execute("SELECT partman.run_maintenance('public.tickets')");
+    ticketops(Some(&db), &dir, &["doctor"])
+        .run()
+        .expect_code(1)
+        .stderr_has("month(s) of tickets have no month of tag links")
+        .stderr_has("SELECT ticketops_create_months(ARRAY[");
+    db.execute("SELECT partman.run_maintenance(), ticketops_month_keys()");
     ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
     // A stray row in the default partition (an application writing a month nobody made).
     db.execute(
@@ -1098,8 +1113,18 @@ fn an_import_refreshes_the_statistics_of_the_months_it_changed_enough_and_no_oth
     let file = dir.join("june.csv");
     std::fs::write(&file, csv).unwrap();
     let (run, _) = import(&db, &dir, "tickets", &file, &["-v"]);
-    run.expect_code(0).stderr_has("ticket_tags and 1 month(s) of");
+    run.expect_code(0)
+        .stderr_has("1 month(s) of")
+        .stderr_has("of tickets and of their tag links");
     assert_eq!(analyzed(&db), vec![partition_of(&db, "J-0")]);
+    // Its month of tag links with it, and no other month of them.
+    assert_eq!(
+        db.strings(
+            "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_partition_tree('ticket_tags') t ON t.relid = s.relid
+             WHERE s.last_analyze IS NOT NULL"
+        ),
+        vec![partition_of(&db, "J-0").replace("tickets_", "ticket_tags_")]
+    );
     assert_ne!(partition_of(&db, "J-0"), partition_of(&db, "J-139"));
 }
 

@@ -39,7 +39,7 @@ use write::{GATHERED_BATCHES, Gathered};
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
 pub(crate) use stored::ticket_ids_by_external_id;
 use stored::{Stored, StoredByKey, StoredFingerprints, StoredLookup, index_paths_only};
-use write::STAGE_TABLE_SQL;
+use write::{STAGE_INDEX_SQL, STAGE_TABLE_SQL};
 
 const EXTERNAL_ID: usize = 0;
 const SUBJECT: usize = 1;
@@ -315,6 +315,11 @@ impl ImportKind for TicketImport {
         sql_query(STAGE_TABLE_SQL)
             .execute(conn)
             .context("cannot create the staging table")?;
+        if self.layout.partitioned() {
+            sql_query(STAGE_INDEX_SQL)
+                .execute(conn)
+                .context("cannot create the staging table")?;
+        }
         if self.initial_load {
             self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once, self.layout)?;
             // Nothing reads a key or a tag link back before the load ends when no key comes

@@ -133,6 +133,8 @@ impl StoredLookup {
                 // skipped below.
                 let (lo, hi) = (stored[0].id, stored[stored.len() - 1].id);
                 query.filter(ticket_tags::ticket_id.between(lo, hi)).load(conn)?
+            } else if self.layout(conn)?.partitioned() {
+                links_in_months(conn, &stored)?
             } else {
                 let ids: Vec<i64> = stored.iter().map(|t| t.id).collect();
                 query.filter(ticket_tags::ticket_id.eq_any(&ids)).load(conn)?
@@ -160,6 +162,32 @@ impl StoredLookup {
         let layout = crate::layout::Layout::of(conn).map_err(|e| diesel::result::Error::QueryBuilderError(e.into()))?;
         Ok(*self.layout.insert(layout))
     }
+}
+
+/// The tag links of `stored` (sorted by id) as (ticket id, tag id), in that order, on the
+/// partitioned layout: each ticket's probed in its month of links (nested loops). By id alone,
+/// every month was read for the batch's ids (~90 ms a batch of 2,000 at 1M tickets).
+fn links_in_months(conn: &mut PgConnection, stored: &[Ticket]) -> QueryResult<Vec<(i64, i64)>> {
+    #[derive(QueryableByName)]
+    struct Link {
+        #[diesel(sql_type = BigInt)]
+        ticket_id: i64,
+        #[diesel(sql_type = BigInt)]
+        tag_id: i64,
+    }
+    let ids: Vec<i64> = stored.iter().map(|t| t.id).collect();
+    let created: Vec<chrono::DateTime<chrono::Utc>> = stored.iter().map(|t| t.created_at).collect();
+    crate::layout::by_key_plans(conn)?;
+    let links: Vec<Link> = sql_query(
+        "SELECT x.ticket_id, x.tag_id FROM unnest($1::bigint[], $2::timestamptz[]) AS p(id, created_at)
+         JOIN ticket_tags x ON x.ticket_id = p.id AND x.ticket_created_at = p.created_at
+         ORDER BY x.ticket_id, x.tag_id",
+    )
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<diesel::sql_types::Timestamptz>, _>(&created)
+    .load(conn)?;
+    crate::layout::any_plans(conn)?;
+    Ok(links.into_iter().map(|l| (l.ticket_id, l.tag_id)).collect())
 }
 
 /// The tag links of `stored` (sorted by id) as (ticket id, tag id), in that order, aggregated
