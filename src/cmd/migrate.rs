@@ -23,9 +23,10 @@ Layouts (chosen once, on an empty database; recorded in ticketops_layout, read b
   plain        one tickets table (the default)
   partitioned  tickets range-partitioned by created_at, a partition a month, made ahead and
                maintained by pg_partman (package postgresql-15-partman), a default partition
-               for stray rows, and ticket_keys keeping external_id unique across partitions.
-               Run `SELECT partman.run_maintenance()` from cron (or pg_partman_bgw) so that
-               months are made ahead; imports make the months their rows need.
+               for stray rows, and ticket_keys keeping external_id unique across partitions;
+               tag links partitioned the same way, each month referencing its month of tickets.
+               Run `SELECT partman.run_maintenance(), ticketops_month_keys()` from cron so that
+               months are made ahead with their keys; imports make the months their rows need.
 
 Examples:
   ticketops migrate run

@@ -318,6 +318,15 @@ fn a_key_goes_only_after_its_comments_and_the_migrations_put_links_in_their_tick
     assert_eq!(db.strings(actions), ["comments_ticket_id_fkey=r"]);
     assert_eq!(db.strings(links), in_months);
     assert_eq!(db.scalar(months_unkeyed), 0);
+    // A link in another month than its ticket's points at no ticket there.
+    let err = diesel::connection::SimpleConnection::batch_execute(
+        &mut db.conn(),
+        "INSERT INTO ticket_tags (ticket_id, tag_id, ticket_created_at)
+         SELECT k.ticket_id, g.id, '2024-07-09T10:00:00Z' FROM ticket_keys k, tags g WHERE k.external_id = 'A-1'",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("violates foreign key constraint"), "{err}");
 
     // A database made before: one table of links referencing the keys, RESTRICT, and before
     // that with cascades.
@@ -388,6 +397,17 @@ fn a_reimport_that_changes_created_at_moves_the_ticket_with_its_tags_comments_an
         set(&["hello vip"]),
         "comments and tag links stay with the ticket"
     );
+    let links_month = |db: &TestDb| {
+        db.strings(
+            "SELECT DISTINCT x.tableoid::regclass::text FROM ticket_tags x JOIN ticket_keys k ON k.ticket_id = x.ticket_id
+             WHERE k.external_id = 'A-1'",
+        )
+    };
+    assert_eq!(
+        links_month(&db),
+        ["ticket_tags_p2021_11"],
+        "its links moved to its month"
+    );
     assert_eq!(
         db.scalar("SELECT count(*) FROM tickets_default"),
         0,
@@ -397,6 +417,7 @@ fn a_reimport_that_changes_created_at_moves_the_ticket_with_its_tags_comments_an
     let op = db.scalar("SELECT max(id) FROM bulk_operations WHERE kind = 'import tickets'");
     apply(&db, &dir, &["undo", &op.to_string()]);
     assert_eq!(partition_of(&db, "A-1"), before);
+    assert_eq!(links_month(&db), [before.replace("tickets_", "ticket_tags_")]);
     assert_eq!(
         db.scalar(
             "SELECT count(*) FROM ticket_keys k JOIN tickets t ON t.id = k.ticket_id AND t.created_at = k.created_at"

@@ -105,7 +105,8 @@ CREATE TEMP TABLE IF NOT EXISTS ticketops_stage_tickets (
 )";
 
 /// The staged rows by external_id: on partitions a changed ticket's tag links are compared with
-/// its staged row by nested loops (each ticket's links probed in its month).
+/// its staged row by nested loops (each ticket's links probed in its month), which find the
+/// staged row by this index (compared in its collation, "C").
 pub(super) const STAGE_INDEX_SQL: &str =
     "CREATE INDEX IF NOT EXISTS ticketops_stage_tickets_external_id ON ticketops_stage_tickets (external_id)";
 
@@ -631,46 +632,46 @@ impl TicketImport {
         counts.unchanged += (not_written - not_written_mine) as u64;
 
         if self.present.tags && !written_ids.is_empty() {
-            // The written tickets' (id, external_id) pairs come from RETURNING; ticket_tags is
-            // restricted to those ids so only their links are read.
-            // On partitions a ticket's links are in its month, which its key gives (moved with
-            // the ticket by the merge).
-            let (keys, links_month) = if self.layout.partitioned() {
-                (
-                    "JOIN ticket_keys k ON k.ticket_id = w.id",
-                    self.layout.links_month("tt", "k.created_at"),
-                )
-            } else {
-                ("", String::new())
-            };
-            // On partitions each ticket's links are probed in its month (nested loops): the
-            // planner, pricing a probe as one of every month, read every month whole (95 ms a
-            // batch of 2,000 at 1M tickets).
-            let ids_condition = if self.layout.partitioned() {
+            // The written tickets' (id, external_id) pairs come from RETURNING: each written
+            // ticket with its staged tag set; on partitions also the ticket's
+            // created_at, from its key (moved with the ticket by the merge): its links are in
+            // that month, probed there ticket by ticket (nested loops, the batch joined first).
+            // The planner, pricing a probe as one of every month, read every month whole
+            // (95 ms a batch of 2,000 at 1M tickets).
+            let written = if self.layout.partitioned() {
                 crate::layout::by_key_plans(conn)?;
+                "SELECT w.id, k.created_at, s.tag_ids
+                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id)
+                 JOIN ticket_keys k ON k.ticket_id = w.id
+                 JOIN ticketops_stage_tickets s ON s.external_id = w.external_id COLLATE \"C\""
+            } else {
+                "SELECT w.id, NULL::timestamptz AS created_at, s.tag_ids
+                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id)
+                 JOIN ticketops_stage_tickets s ON s.external_id = w.external_id"
+            };
+            // (Elsewhere restricted to the written ids, so that only their links are read.)
+            let ids_condition = if self.layout.partitioned() {
                 ""
             } else {
                 " AND tt.ticket_id = ANY($1)"
             };
             sql_query(format!(
-                "DELETE FROM ticket_tags tt
-                 USING unnest($1::bigint[], $2::text[]) AS w(id, external_id) {keys}, ticketops_stage_tickets s
-                 WHERE tt.ticket_id = w.id AND s.external_id = w.external_id{ids_condition}{links_month}
-                   AND NOT (tt.tag_id = ANY (s.tag_ids))",
+                "WITH w AS MATERIALIZED ({written})
+                 DELETE FROM ticket_tags tt USING w
+                 WHERE tt.ticket_id = w.id{ids_condition}{links_month} AND NOT (tt.tag_id = ANY (w.tag_ids))",
+                links_month = self.layout.links_month("tt", "w.created_at"),
             ))
             .bind::<Array<BigInt>, _>(&written_ids)
             .bind::<Array<Text>, _>(&written_keys)
             .execute(conn)
             .context("cannot remove tag links")?;
             sql_query(format!(
-                "INSERT INTO ticket_tags ({columns})
-                 SELECT w.id, u.tag_id{created_at}
-                 FROM unnest($1::bigint[], $2::text[]) AS w(id, external_id) {keys}
-                 JOIN ticketops_stage_tickets s ON s.external_id = w.external_id
-                 CROSS JOIN LATERAL unnest(s.tag_ids) AS u(tag_id)
+                "WITH w AS MATERIALIZED ({written})
+                 INSERT INTO ticket_tags ({columns})
+                 SELECT w.id, u.tag_id{created_at} FROM w CROSS JOIN LATERAL unnest(w.tag_ids) AS u(tag_id)
                  ON CONFLICT DO NOTHING",
                 columns = self.layout.link_columns(),
-                created_at = self.layout.link_created_at("k.created_at"),
+                created_at = self.layout.link_created_at("w.created_at"),
             ))
             .bind::<Array<BigInt>, _>(&written_ids)
             .bind::<Array<Text>, _>(&written_keys)
