@@ -255,8 +255,8 @@ fn record_month(conn: &mut PgConnection, op_id: i64, name: &str, removed: Remove
     Ok(())
 }
 
-/// Deletes the keys of the tickets in [`GONE`] (after what references them). A comment or tag
-/// link that a foreign-key check finds still pointing at one was added after the archive's
+/// Deletes the keys of the tickets in [`GONE`] (after the comments, which reference them). A
+/// comment that a foreign-key check finds still pointing at one was added after the archive's
 /// snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
 fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<()> {
     match sql_query(format!(
@@ -267,7 +267,7 @@ fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<()> {
         Ok(_) => Ok(()),
         Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, info)) => {
             Err(anyhow::anyhow!("{}", info.message()).context(format!(
-                "{}: a comment or tag link was added to a ticket of {name} while it was archived; \
+                "{}: a comment was added to a ticket of {name} while it was archived; \
                  nothing of {name} was removed",
                 crate::job::CONCURRENT_CHANGE
             )))
