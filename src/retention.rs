@@ -206,6 +206,15 @@ pub fn remove_partition(
             archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
             export::unstage(conn)?;
             let removed = remove_month_rows(conn, name, links.is_none())?;
+            if links.is_some() {
+                // Both parents first, in the order readers lock them (a parent, then its
+                // partitions): dropping the links' month takes the tickets' month exclusively
+                // (its foreign key's triggers live there), and holding that while waiting for
+                // tickets itself deadlocked with a reader of tickets.
+                sql_query("LOCK TABLE tickets, ticket_tags IN ACCESS EXCLUSIVE MODE")
+                    .execute(conn)
+                    .context("cannot lock tickets and ticket_tags to detach the month")?;
+            }
             if let Some(links) = &links {
                 sql_query(format!("ALTER TABLE ticket_tags DETACH PARTITION {links}"))
                     .execute(conn)

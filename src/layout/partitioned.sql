@@ -102,6 +102,8 @@ BEGIN
           AND pg_get_expr(l.relpartbound, l.oid) = pg_get_expr(t.relpartbound, t.oid)
           AND NOT EXISTS (SELECT 1 FROM pg_constraint c
                           WHERE c.conrelid = l.oid AND c.contype = 'f' AND c.confrelid = t.oid)
+          -- (adding one takes the owner: a role that may only write the tables leaves them)
+          AND pg_has_role(l.relowner, 'USAGE') AND pg_has_role(t.relowner, 'USAGE')
         ORDER BY 1
     LOOP
         EXECUTE format('ALTER TABLE %s ADD FOREIGN KEY (ticket_id, ticket_created_at) REFERENCES %s (id, created_at)',
