@@ -395,6 +395,13 @@ impl Drop for AdvisoryLock {
     }
 }
 
+/// One `name` column of a raw query's rows (a table's, as the catalog gives it).
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub name: String,
+}
+
 /// One `id` column of a raw query's rows.
 #[derive(Debug, diesel::QueryableByName)]
 pub struct Id {

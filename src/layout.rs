@@ -675,12 +675,7 @@ pub fn links_month_of(conn: &mut PgConnection, tickets_month: &str) -> anyhow::R
 /// The months of ticket_tags with the bounds of `tickets_months` (partitions of tickets), those
 /// that exist.
 pub fn links_months_of(conn: &mut PgConnection, tickets_months: &[&str]) -> anyhow::Result<Vec<String>> {
-    #[derive(QueryableByName)]
-    struct Name {
-        #[diesel(sql_type = Text)]
-        name: String,
-    }
-    let links: Vec<Name> = sql_query(
+    let links: Vec<crate::db::Name> = sql_query(
         "SELECT l.oid::regclass::text AS name
          FROM unnest($1::text[]) AS m(name)
          JOIN pg_class t ON t.oid = m.name::regclass
@@ -747,12 +742,7 @@ impl PartitionHealth {
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;
-        #[derive(QueryableByName)]
-        struct Month {
-            #[diesel(sql_type = Text)]
-            name: String,
-        }
-        let months_without_links: Vec<Month> = sql_query(
+        let months_without_links: Vec<crate::db::Name> = sql_query(
             "SELECT coalesce(to_char(m.starts, 'YYYY-MM-DD'), 'default') AS name FROM (
                  SELECT pg_get_expr(c.relpartbound, c.oid) AS bound,
                         (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz
@@ -767,7 +757,7 @@ impl PartitionHealth {
         )
         .load(conn)
         .context("cannot compare the months of tickets and of tag links")?;
-        let links_months_without_key: Vec<Month> = sql_query(
+        let links_months_without_key: Vec<crate::db::Name> = sql_query(
             "SELECT l.oid::regclass::text AS name
              FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
              WHERE li.inhparent = 'ticket_tags'::regclass

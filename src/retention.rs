@@ -142,12 +142,7 @@ fn whole_partitions(
 
 /// Tables an earlier run detached and archived but did not get to drop.
 fn detached_leftovers(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
-    #[derive(QueryableByName)]
-    struct Name {
-        #[diesel(sql_type = Text)]
-        name: String,
-    }
-    let names: Vec<Name> = sql_query(
+    let names: Vec<db::Name> = sql_query(
         "SELECT c.oid::regclass::text AS name FROM pg_class c
          WHERE c.relkind = 'r' AND NOT c.relispartition AND obj_description(c.oid, 'pg_class') LIKE $1 || '%'
          ORDER BY 1",
@@ -295,12 +290,7 @@ pub fn drop_detached(
 ) -> anyhow::Result<Removed> {
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
         // Its month of tag links (archived with it), which references it.
-        #[derive(QueryableByName)]
-        struct Links {
-            #[diesel(sql_type = Text)]
-            name: String,
-        }
-        let links: Vec<Links> = sql_query(
+        let links: Vec<db::Name> = sql_query(
             "SELECT c.conrelid::regclass::text AS name FROM pg_constraint c
              JOIN pg_inherits i ON i.inhrelid = c.conrelid AND i.inhparent = 'ticket_tags'::regclass
              WHERE c.contype = 'f' AND c.confrelid = $1::regclass",
