@@ -152,8 +152,9 @@ impl Layout {
 /// FOR UPDATE SKIP LOCKED; returns, sorted, the ids of those whose key another transaction
 /// holds. Comments reference the keys there, not the tickets: a comment being added takes its
 /// ticket's key (the foreign-key check's KEY SHARE), and the ticket's own lock does not stop it
-/// (a tag link takes the ticket's row itself, which the batch holds). Without this, one committed between the batch's archive and its delete
-/// was deleted unarchived. Held, a key makes such a check wait until the batch has gone (and
+/// (a tag link takes the ticket's row itself, which the batch holds). Without this, one
+/// committed between the batch's archive and its delete was deleted unarchived. Held, a key
+/// makes such a check wait until the batch has gone (and
 /// then fail, as on plain); a key already held means a comment on its way, and that ticket is
 /// left for a later run, as plain's SKIP LOCKED leaves a ticket whose comment is being added.
 pub fn hold_keys_for_removal(

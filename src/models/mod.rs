@@ -5,10 +5,8 @@ pub mod audit_log;
 pub mod bulk_operation;
 pub mod enums;
 pub mod ticket;
-pub mod ticket_tag;
 
 pub use audit_log::NewAuditEntry;
 pub use bulk_operation::{BulkOperation, NewBulkOperation};
 pub use enums::{OperationStatus, TicketChannel, TicketPriority, TicketStatus, UserRole};
 pub use ticket::Ticket;
-pub use ticket_tag::TicketTag;
