@@ -234,6 +234,43 @@ pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> Q
     ))
 }
 
+/// Runs `lock` (a `LOCK TABLE … IN ACCESS EXCLUSIVE MODE` of tables others read) in the
+/// caller's transaction in short tries — each waiting at most [`LOCK_TRY`], in a savepoint, with
+/// a pause between — until `patience` is spent, then fails as a lock timeout. While such a lock
+/// waits, every query on those tables queues behind it: waiting `patience` in one go held up
+/// every reader of tickets for as long as a transaction held any of them.
+pub fn lock_in_short_tries(conn: &mut PgConnection, lock: &str, patience: Duration) -> anyhow::Result<()> {
+    use diesel::Connection as _;
+    use diesel::sql_types::Text;
+    let started = std::time::Instant::now();
+    let set_lock_timeout = |conn: &mut PgConnection, timeout: Duration| {
+        sql_query("SELECT set_config('lock_timeout', $1, true)")
+            .bind::<Text, _>(format!("{}ms", timeout.as_millis()))
+            .execute(conn)
+    };
+    loop {
+        let tried = conn.transaction(|conn| {
+            set_lock_timeout(conn, LOCK_TRY.min(patience))?;
+            sql_query(lock).execute(conn)
+        });
+        // (a setting made in a savepoint that is released lasts to the end of the transaction)
+        set_lock_timeout(conn, patience)?;
+        match tried {
+            Ok(_) => return Ok(()),
+            Err(err) if err.to_string().contains("lock timeout") && started.elapsed() < patience => {
+                std::thread::sleep(LOCK_PAUSE);
+            }
+            Err(err) => {
+                return Err(anyhow::Error::from(err).context(format!("{lock}: lock timeout after {patience:?}")));
+            }
+        }
+    }
+}
+
+/// How long one try of [`lock_in_short_tries`] waits, and the pause after a try that failed.
+pub const LOCK_TRY: Duration = Duration::from_millis(100);
+pub const LOCK_PAUSE: Duration = Duration::from_millis(100);
+
 /// How long a count for a progress bar may take before the bar is a spinner instead.
 pub const COUNT_BUDGET: Duration = Duration::from_secs(2);
 
@@ -407,4 +444,11 @@ pub struct Name {
 pub struct Id {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub id: i64,
+}
+
+/// A row of one count, `… AS n`.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub n: i64,
 }

@@ -279,18 +279,31 @@ export_query!(
 );
 
 /// Makes the temporary views that show the tickets of `partition` (a partition of tickets, as
-/// the catalog names it) and their comments in the export format, and the rows they must
-/// show, for [`copy_staged`]. Dropped by [`unstage`] (temporary views outlive a transaction).
-pub fn stage_partition(conn: &mut diesel::PgConnection, partition: &str) -> anyhow::Result<()> {
+/// the catalog names it) and their comments (read from `comments_month`, their month of
+/// comments, when it exists) in the export format, and the rows they must show, for
+/// [`copy_staged`]. Dropped by [`unstage`] (temporary views outlive a transaction).
+pub fn stage_partition(
+    conn: &mut diesel::PgConnection,
+    partition: &str,
+    comments_month: Option<&str>,
+) -> anyhow::Result<()> {
     use diesel::RunQueryDsl;
     let tickets = tickets_select(crate::layout::Layout::Partitioned).replacen(
         "FROM tickets t",
         &format!("FROM {partition} t"),
         1,
     );
-    let comments = COMMENTS_SELECT.replacen("JOIN tickets t", &format!("JOIN {partition} t"), 1);
+    let comments_of = comments_month.unwrap_or("comments");
+    let comments = COMMENTS_SELECT.replacen(
+        "FROM comments c JOIN tickets t",
+        &format!("FROM {comments_of} c JOIN {partition} t"),
+        1,
+    );
     let ticket_rows = format!("SELECT t.id FROM {partition} t");
-    let comment_rows = format!("SELECT c.id FROM comments c JOIN {partition} t ON t.id = c.ticket_id");
+    let comment_rows = match comments_month {
+        Some(month) => format!("SELECT c.id FROM {month} c"),
+        None => format!("SELECT c.id FROM comments c JOIN {partition} t ON t.id = c.ticket_id"),
+    };
     for (view, select) in [
         (STAGED_TICKETS, tickets),
         (STAGED_COMMENTS, comments),

@@ -684,9 +684,9 @@ pub type TicketKey = (i64, DateTime<Utc>);
 /// other transaction holds, locked FOR UPDATE SKIP LOCKED, with their created_at; and the
 /// highest candidate id, to continue after (`None`: nothing was left). For the batches that
 /// remove tickets (purge, retention). On Citus, which locks rows only in one-shard statements,
-/// the candidates are read first and then locked shard by shard. On partitions their keys are
-/// held too, and a ticket whose key another transaction holds is left out like a locked one
-/// (see [`crate::layout::hold_keys_for_removal`]).
+/// the candidates are read first and then locked shard by shard. (A comment or tag link being
+/// added to a locked ticket waits: its foreign-key check takes the ticket's row, on partitions
+/// in the ticket's month.)
 pub fn lock_next_for_removal(
     conn: &mut PgConnection,
     layout: Layout,
@@ -715,7 +715,7 @@ pub fn lock_next_for_removal(
         locked.sort_unstable_by_key(|&(id, _)| id);
         return Ok((locked, candidates.last().copied()));
     }
-    let mut batch: Vec<TicketKey> = tickets::table
+    let batch: Vec<TicketKey> = tickets::table
         .select((tickets::id, tickets::created_at))
         .filter(condition())
         .filter(tickets::id.gt(after_id))
@@ -725,10 +725,6 @@ pub fn lock_next_for_removal(
         .skip_locked()
         .load(conn)?;
     let last = batch.last().map(|&(id, _)| id);
-    if layout.partitioned() && !batch.is_empty() {
-        let busy = crate::layout::hold_keys_for_removal(conn, &batch)?;
-        batch.retain(|(id, _)| busy.binary_search(id).is_err());
-    }
     Ok((batch, last))
 }
 
@@ -763,26 +759,39 @@ const CLEARED_FINGERPRINT: &str = "import_fingerprint";
 /// [`CLEARED_FINGERPRINT`]) in their SET lists: decided once per run by
 /// [`RestateUnchanged::check`], used by every statement of the run.
 #[derive(Debug, Clone, Copy)]
-pub struct RestateUnchanged(bool);
+pub struct RestateUnchanged {
+    allowed: bool,
+    /// Whether `created_at` is among them: not on the partitioned layout, where it is part of
+    /// the tickets' primary key, which the months of tag links and comments reference. Named in
+    /// the SET list, a key column makes PostgreSQL lock each row FOR UPDATE before the tickets'
+    /// BEFORE trigger runs (it decides from the SET list, not the values), and a comment being
+    /// added (its foreign-key check holds the ticket FOR KEY SHARE) kept a soft-delete waiting.
+    created_at: bool,
+}
 
 impl RestateUnchanged {
     /// Naming is safe unless tickets has a trigger limited to columns, or the user may not
     /// update one of them (see [`crate::db::can_restate_columns`]).
     pub fn check(conn: &mut PgConnection) -> anyhow::Result<RestateUnchanged> {
-        let columns: Vec<&str> = Self::named_columns().collect();
-        let safe = crate::db::can_restate_columns(conn, "tickets", &columns)
+        let created_at = !crate::layout::Layout::of(conn)?.partitioned();
+        let columns: Vec<&str> = Self::named_columns(created_at).collect();
+        let allowed = crate::db::can_restate_columns(conn, "tickets", &columns)
             .context("cannot read the triggers and column privileges of tickets")?;
-        Ok(RestateUnchanged(safe))
+        Ok(RestateUnchanged { allowed, created_at })
     }
 
     /// Every column the SET lists name besides the statement's own: what the user must be
     /// allowed to update.
-    fn named_columns() -> impl Iterator<Item = &'static str> {
-        UNCHANGED_INDEXED_COLUMNS.iter().copied().chain([CLEARED_FINGERPRINT])
+    fn named_columns(created_at: bool) -> impl Iterator<Item = &'static str> {
+        UNCHANGED_INDEXED_COLUMNS
+            .iter()
+            .copied()
+            .filter(move |column| created_at || *column != "created_at")
+            .chain([CLEARED_FINGERPRINT])
     }
 
     pub fn allowed(self) -> bool {
-        self.0
+        self.allowed
     }
 
     /// The SET list of an UPDATE assigning `values` (column, SQL expression) with
@@ -797,8 +806,8 @@ impl RestateUnchanged {
             .join(", ")
             + &self.set_tail(&assigned);
         let mut columns = assigned.clone();
-        if self.0 {
-            for column in Self::named_columns() {
+        if self.allowed {
+            for column in Self::named_columns(self.created_at) {
                 if !assigned.contains(&column) {
                     columns.push(column);
                 }
@@ -818,7 +827,7 @@ impl RestateUnchanged {
     /// [`Self::set_tail`] with the values named as columns of `row` (`, requester_id =
     /// t.requester_id, …`), for an UPDATE that joins another copy of its table.
     pub fn set_tail_of(self, assigned: &[&str], row: &str) -> String {
-        if !self.0 {
+        if !self.allowed {
             return String::new();
         }
         let prefix = if row.is_empty() {
@@ -826,8 +835,8 @@ impl RestateUnchanged {
         } else {
             format!("{row}.")
         };
-        let mut tail: String = UNCHANGED_INDEXED_COLUMNS
-            .iter()
+        let mut tail: String = Self::named_columns(self.created_at)
+            .filter(|column| *column != CLEARED_FINGERPRINT)
             .filter(|column| !assigned.contains(column))
             .map(|column| format!(", {column} = {prefix}{column}"))
             .collect();

@@ -1,5 +1,6 @@
-//! The schema's layout: `plain` (one tickets table), `partitioned` (tickets range-partitioned
-//! by month with pg_partman, external_id kept unique by `ticket_keys`), and `distributed`
+//! The schema's layout: `plain` (one tickets table), `partitioned` (tickets, their tag links
+//! and comments range-partitioned by the ticket's month with pg_partman, external_id kept
+//! unique by `ticket_keys` and `comment_keys`), and `distributed`
 //! (Citus: tickets hash-distributed by id over the workers, keys in `ticket_keys`). Chosen once, on an empty database, by `migrate run --layout`; recorded in
 //! `ticketops_layout`; every engine whose SQL differs between layouts reads it with
 //! [`Layout::of`] at its start.
@@ -102,9 +103,9 @@ impl Layout {
     }
 
     /// Deletes the tickets `ids` (with their `created_at`) with their comments and tag links
-    /// (cascading from tickets on plain and distributed; on partitions deleted here first: the
-    /// comments reference the keys ON DELETE RESTRICT, the links their month of tickets, NO
-    /// ACTION); returns how many tickets went.
+    /// (cascading from tickets on plain and distributed; on partitions deleted here first, in
+    /// the tickets' months: each month of them references its month of tickets, NO ACTION), and
+    /// their keys where keys are kept; returns how many tickets went.
     pub fn delete_tickets(
         self,
         conn: &mut PgConnection,
@@ -112,13 +113,12 @@ impl Layout {
         created_at: &[chrono::DateTime<chrono::Utc>],
     ) -> diesel::QueryResult<usize> {
         use diesel::sql_types::{Array, Timestamptz};
-        if self.distributed() {
-            sql_query("DELETE FROM ticket_keys WHERE ticket_id = ANY($1)")
-                .bind::<Array<BigInt>, _>(ids)
-                .execute(conn)?;
-            sql_query("DELETE FROM comment_keys WHERE ticket_id = ANY($1)")
-                .bind::<Array<BigInt>, _>(ids)
-                .execute(conn)?;
+        if self.keyed() {
+            for keys in ["ticket_keys", "comment_keys"] {
+                sql_query(format!("DELETE FROM {keys} WHERE ticket_id = ANY($1)"))
+                    .bind::<Array<BigInt>, _>(ids)
+                    .execute(conn)?;
+            }
         }
         if !self.partitioned() {
             return sql_query("DELETE FROM tickets WHERE id = ANY($1)")
@@ -127,16 +127,14 @@ impl Layout {
         }
         // The tickets go in this transaction: no fingerprint to forget for their links.
         crate::db::keep_fingerprints(conn)?;
-        for table in ["comments", "ticket_keys"] {
-            sql_query(format!("DELETE FROM {table} WHERE ticket_id = ANY($1)"))
-                .bind::<Array<BigInt>, _>(ids)
-                .execute(conn)?;
-        }
-        // In the tickets' months of links alone.
-        sql_query("DELETE FROM ticket_tags WHERE ticket_id = ANY($1) AND ticket_created_at = ANY($2)")
+        for table in ["comments", "ticket_tags"] {
+            sql_query(format!(
+                "DELETE FROM {table} WHERE ticket_id = ANY($1) AND ticket_created_at = ANY($2)"
+            ))
             .bind::<Array<BigInt>, _>(ids)
             .bind::<Array<Timestamptz>, _>(created_at)
             .execute(conn)?;
+        }
         by_key_plans(conn)?;
         sql_query(
             "DELETE FROM tickets t USING unnest($1::bigint[], $2::timestamptz[]) AS b(id, created_at)
@@ -146,46 +144,6 @@ impl Layout {
         .bind::<Array<Timestamptz>, _>(created_at)
         .execute(conn)
     }
-}
-
-/// Locks the keys of a batch of tickets about to be archived and removed (partitioned layout),
-/// FOR UPDATE SKIP LOCKED; returns, sorted, the ids of those whose key another transaction
-/// holds. Comments reference the keys there, not the tickets: a comment being added takes its
-/// ticket's key (the foreign-key check's KEY SHARE), and the ticket's own lock does not stop it
-/// (a tag link takes the ticket's row itself, which the batch holds). Without this, one
-/// committed between the batch's archive and its delete was deleted unarchived. Held, a key
-/// makes such a check wait until the batch has gone (and
-/// then fail, as on plain); a key already held means a comment on its way, and that ticket is
-/// left for a later run, as plain's SKIP LOCKED leaves a ticket whose comment is being added.
-pub fn hold_keys_for_removal(
-    conn: &mut PgConnection,
-    batch: &[(i64, chrono::DateTime<chrono::Utc>)],
-) -> diesel::QueryResult<Vec<i64>> {
-    use diesel::sql_types::Array;
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        ticket_id: i64,
-    }
-    let ids: Vec<i64> = batch.iter().map(|&(id, _)| id).collect();
-    let held: Vec<Id> = sql_query(
-        "SELECT ticket_id FROM ticket_keys WHERE ticket_id = ANY($1) ORDER BY ticket_id FOR UPDATE SKIP LOCKED",
-    )
-    .bind::<Array<BigInt>, _>(&ids)
-    .load(conn)?;
-    if held.len() == ids.len() {
-        return Ok(Vec::new());
-    }
-    // The rest: keys held elsewhere, or tickets without one (nothing can reference those).
-    let keyed: Vec<Id> = sql_query("SELECT ticket_id FROM ticket_keys WHERE ticket_id = ANY($1) ORDER BY ticket_id")
-        .bind::<Array<BigInt>, _>(&ids)
-        .load(conn)?;
-    let held: Vec<i64> = held.into_iter().map(|k| k.ticket_id).collect();
-    Ok(keyed
-        .into_iter()
-        .map(|k| k.ticket_id)
-        .filter(|id| held.binary_search(id).is_err())
-        .collect())
 }
 
 impl Layout {
@@ -537,8 +495,8 @@ impl Partitions {
         }
     }
 
-    /// Makes sure each month of `times` has its partition of tickets and of ticket_tags, with
-    /// the foreign key between them (`ticketops_create_months`: pg_partman's
+    /// Makes sure each month of `times` has its partition of tickets, ticket_tags and comments,
+    /// with the foreign keys between them (`ticketops_create_months`: pg_partman's
     /// `create_partition_time`, which skips those that exist and attaches the others — a SHARE
     /// UPDATE EXCLUSIVE lock on the parent, and an exclusive one on the default partition while
     /// it checks that none of its rows belong to the month, held to the end of the caller's
@@ -569,7 +527,7 @@ impl Partitions {
         if bounds.is_empty() {
             return Ok(());
         }
-        // The same months of tag links, and the foreign keys between them.
+        // The same months of tag links and comments, and the foreign keys between them.
         sql_query("SELECT ticketops_create_months($1::timestamptz[], $2)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(&bounds)
             .bind::<diesel::sql_types::Bool, _>(!self.month_keys_later)
@@ -667,27 +625,28 @@ pub fn monthly_partitions_of(conn: &mut PgConnection, table: &str) -> anyhow::Re
     .with_context(|| format!("cannot list the partitions of {table}"))
 }
 
-/// The month of ticket_tags with the bounds of `tickets_month` (a partition of tickets, as the
-/// catalog names it), if there is one.
-pub fn links_month_of(conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<Option<String>> {
-    Ok(links_months_of(conn, &[tickets_month])?.pop())
+/// The month of `table` (ticket_tags or comments) with the bounds of `tickets_month` (a
+/// partition of tickets, as the catalog names it), if it exists.
+pub fn same_month_of(conn: &mut PgConnection, table: &str, tickets_month: &str) -> anyhow::Result<Option<String>> {
+    Ok(same_months_of(conn, table, &[tickets_month])?.pop())
 }
 
-/// The months of ticket_tags with the bounds of `tickets_months` (partitions of tickets), those
-/// that exist.
-pub fn links_months_of(conn: &mut PgConnection, tickets_months: &[&str]) -> anyhow::Result<Vec<String>> {
-    let links: Vec<crate::db::Name> = sql_query(
+/// The months of `table` (ticket_tags or comments) with the bounds of `tickets_months`
+/// (partitions of tickets), those that exist.
+pub fn same_months_of(conn: &mut PgConnection, table: &str, tickets_months: &[&str]) -> anyhow::Result<Vec<String>> {
+    let months: Vec<crate::db::Name> = sql_query(
         "SELECT l.oid::regclass::text AS name
          FROM unnest($1::text[]) AS m(name)
          JOIN pg_class t ON t.oid = m.name::regclass
-         JOIN pg_inherits i ON i.inhparent = 'ticket_tags'::regclass
+         JOIN pg_inherits i ON i.inhparent = $2::regclass
          JOIN pg_class l ON l.oid = i.inhrelid
          WHERE pg_get_expr(l.relpartbound, l.oid) = pg_get_expr(t.relpartbound, t.oid)",
     )
     .bind::<diesel::sql_types::Array<Text>, _>(tickets_months)
+    .bind::<Text, _>(table)
     .load(conn)
-    .with_context(|| format!("cannot find the months of tag links of {}", tickets_months.join(", ")))?;
-    Ok(links.into_iter().map(|l| l.name).collect())
+    .with_context(|| format!("cannot find the months of {table} of {}", tickets_months.join(", ")))?;
+    Ok(months.into_iter().map(|l| l.name).collect())
 }
 
 /// How the partitions of tickets stand (partitioned layout), for `doctor`.
@@ -718,6 +677,49 @@ pub struct PartitionHealth {
     /// Months of tag links without their foreign key to their month of tickets (made by
     /// pg_partman's maintenance since ticketops last made months).
     pub links_months_without_key: Vec<String>,
+    /// The same two for comments.
+    pub months_without_comments: Vec<String>,
+    pub comments_months_without_key: Vec<String>,
+}
+
+/// The months of tickets (the default partition too) without their month of `table`
+/// (ticket_tags or comments), by the first day (`default` for the default partition).
+fn months_without(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<String>> {
+    let months: Vec<crate::db::Name> = sql_query(
+        "SELECT coalesce(to_char(m.starts, 'YYYY-MM-DD'), 'default') AS name FROM (
+             SELECT pg_get_expr(c.relpartbound, c.oid) AS bound,
+                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz
+                      AS starts
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'tickets'::regclass
+         ) m
+         WHERE NOT EXISTS (SELECT 1 FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
+                           WHERE li.inhparent = $1::regclass
+                             AND pg_get_expr(l.relpartbound, l.oid) = m.bound)
+         ORDER BY m.starts NULLS LAST",
+    )
+    .bind::<Text, _>(table)
+    .load(conn)
+    .with_context(|| format!("cannot compare the months of tickets and of {table}"))?;
+    Ok(months.into_iter().map(|m| m.name).collect())
+}
+
+/// The months of `table` (ticket_tags or comments) without their foreign key to their month of
+/// tickets.
+fn months_without_key(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<String>> {
+    let months: Vec<crate::db::Name> = sql_query(
+        "SELECT l.oid::regclass::text AS name
+         FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
+         WHERE li.inhparent = $1::regclass
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                           JOIN pg_inherits ti ON ti.inhrelid = c.confrelid AND ti.inhparent = 'tickets'::regclass
+                           WHERE c.conrelid = l.oid AND c.contype = 'f')
+         ORDER BY 1",
+    )
+    .bind::<Text, _>(table)
+    .load(conn)
+    .with_context(|| format!("cannot read the foreign keys of the months of {table}"))?;
+    Ok(months.into_iter().map(|m| m.name).collect())
 }
 
 impl PartitionHealth {
@@ -743,32 +745,6 @@ impl PartitionHealth {
         )
         .get_result(conn)
         .context("cannot read the default partition of tickets")?;
-        let months_without_links: Vec<crate::db::Name> = sql_query(
-            "SELECT coalesce(to_char(m.starts, 'YYYY-MM-DD'), 'default') AS name FROM (
-                 SELECT pg_get_expr(c.relpartbound, c.oid) AS bound,
-                        (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz
-                          AS starts
-                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                 WHERE i.inhparent = 'tickets'::regclass
-             ) m
-             WHERE NOT EXISTS (SELECT 1 FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
-                               WHERE li.inhparent = 'ticket_tags'::regclass
-                                 AND pg_get_expr(l.relpartbound, l.oid) = m.bound)
-             ORDER BY m.starts NULLS LAST",
-        )
-        .load(conn)
-        .context("cannot compare the months of tickets and of tag links")?;
-        let links_months_without_key: Vec<crate::db::Name> = sql_query(
-            "SELECT l.oid::regclass::text AS name
-             FROM pg_inherits li JOIN pg_class l ON l.oid = li.inhrelid
-             WHERE li.inhparent = 'ticket_tags'::regclass
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c
-                               JOIN pg_inherits ti ON ti.inhrelid = c.confrelid AND ti.inhparent = 'tickets'::regclass
-                               WHERE c.conrelid = l.oid AND c.contype = 'f')
-             ORDER BY 1",
-        )
-        .load(conn)
-        .context("cannot read the foreign keys of the months of tag links")?;
         let now = chrono::Utc::now();
         let spans: Vec<_> = months.iter().map(|m| (m.from, m.until)).collect();
         let ahead_until = contiguous_until(&spans, now);
@@ -783,8 +759,10 @@ impl PartitionHealth {
                 .zip(row.premake)
                 .and_then(|(until, premake)| until.checked_sub_months(chrono::Months::new(premake.max(0) as u32 + 1))),
             partman_retention: row.retention,
-            months_without_links: months_without_links.into_iter().map(|m| m.name).collect(),
-            links_months_without_key: links_months_without_key.into_iter().map(|m| m.name).collect(),
+            months_without_links: months_without(conn, "ticket_tags")?,
+            links_months_without_key: months_without_key(conn, "ticket_tags")?,
+            months_without_comments: months_without(conn, "comments")?,
+            comments_months_without_key: months_without_key(conn, "comments")?,
         })
     }
 
@@ -832,29 +810,38 @@ impl PartitionHealth {
                  old months with `ticketops cleanup retention`"
             ));
         }
-        if !self.months_without_links.is_empty() {
-            let firsts: Vec<String> = self
-                .months_without_links
-                .iter()
-                .filter(|m| *m != "default")
-                .map(|m| format!("'{m}'"))
-                .collect();
-            problems.push(format!(
-                "{} month(s) of tickets have no month of tag links ({}), which pg_partman makes with them: \
-                 a link of their tickets cannot be written; make them with \
-                 SELECT ticketops_create_months(ARRAY[{}]::timestamptz[])",
-                self.months_without_links.len(),
-                self.months_without_links.join(", "),
-                firsts.join(", ")
-            ));
-        }
-        if !self.links_months_without_key.is_empty() {
-            problems.push(format!(
-                "{} month(s) of tag links lack the foreign key to their month of tickets ({}; made by pg_partman's \
-                 maintenance since ticketops last made months): SELECT ticketops_month_keys() adds them (an import does too)",
-                self.links_months_without_key.len(),
-                self.links_months_without_key.join(", ")
-            ));
+        for (what, without, without_key) in [
+            ("tag links", &self.months_without_links, &self.links_months_without_key),
+            (
+                "comments",
+                &self.months_without_comments,
+                &self.comments_months_without_key,
+            ),
+        ] {
+            if !without.is_empty() {
+                let firsts: Vec<String> = without
+                    .iter()
+                    .filter(|m| *m != "default")
+                    .map(|m| format!("'{m}'"))
+                    .collect();
+                problems.push(format!(
+                    "{} month(s) of tickets have no month of {what} ({}), which pg_partman makes with them: \
+                     {what} of their tickets cannot be written; make them with \
+                     SELECT ticketops_create_months(ARRAY[{}]::timestamptz[])",
+                    without.len(),
+                    without.join(", "),
+                    firsts.join(", ")
+                ));
+            }
+            if !without_key.is_empty() {
+                problems.push(format!(
+                    "{} month(s) of {what} lack the foreign key to their month of tickets ({}; made by pg_partman's \
+                     maintenance since ticketops last made months): SELECT ticketops_month_keys() adds them (an import \
+                     does too)",
+                    without_key.len(),
+                    without_key.join(", ")
+                ));
+            }
         }
         if self.default_rows > 0 {
             problems.push(format!(
@@ -984,7 +971,7 @@ pub fn analyze_partitioned_tickets(
     if let Some(months) = months_due {
         // Their months of tag links too (`ANALYZE ticket_tags` would analyze every month of
         // them). Every other month on each side, each ANALYZE committed on its own.
-        let links = links_months_of(conn, &months)?;
+        let links = same_months_of(conn, "ticket_tags", &months)?;
         let all: Vec<&str> = months.iter().copied().chain(links.iter().map(String::as_str)).collect();
         return std::thread::scope(|scope| {
             let helper = scope.spawn(|| analyze_each(&mut helper_conn, all.iter().copied().step_by(2)));

@@ -159,17 +159,16 @@ pub struct Removed {
     pub comments: u64,
 }
 
-/// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it against writes,
-/// appends its tickets and their comments to the archives (`COPY … TO`, synced), deletes their
-/// comments and per-row audit rows and their keys, then detaches and drops its month of tag links
-/// (locked with it) and itself (tickets and ticket_tags are locked only for those last steps). A
-/// failure rolls back and cuts the archives back.
+/// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it and its months of
+/// tag links and comments against writes, appends its tickets and their comments to the
+/// archives (`COPY … TO`, synced), deletes their per-row audit rows and their keys (tickets' and
+/// comments'), then detaches and drops the months of links and comments and itself (tickets,
+/// ticket_tags and comments are locked only for those last steps). A failure rolls back and cuts
+/// the archives back.
 ///
-/// Why one snapshot: comments reference `ticket_keys`, not the partition, so its lock does not
-/// keep an application from adding one to its tickets meanwhile. Read committed,
-/// such a comment, committed after the archive was written, would be deleted with the rest
-/// and never archived. Here the deletes see what the archive saw, and the keys' `ON DELETE
-/// RESTRICT` check (which looks past the snapshot) fails the step instead: it is tried again.
+/// Each month of links and of comments references its month of tickets, so its lock keeps every
+/// writer of the month's tickets, links and comments out until the month is gone; one snapshot
+/// makes the archive and the deletes see the same rows.
 pub fn remove_partition(
     conn: &mut PgConnection,
     op_id: i64,
@@ -187,37 +186,33 @@ pub fn remove_partition(
         .run(|conn| -> anyhow::Result<Removed> {
             db::set_local_timeouts(conn, timeouts)?;
             // Before the snapshot, which LOCK does not take: it then holds every write to the
-            // month.
-            // Its tag links, in their own month, with it.
-            let links = crate::layout::links_month_of(conn, name)?;
-            let locked = match &links {
-                Some(links) => format!("{name}, {links}"),
-                None => name.clone(),
-            };
+            // month. Its tag links and comments, in their own months, with it.
+            let links = crate::layout::same_month_of(conn, "ticket_tags", name)?;
+            let comments = crate::layout::same_month_of(conn, "comments", name)?;
+            let months = MonthParts { links, comments };
+            let locked: Vec<&str> = std::iter::once(name.as_str()).chain(months.names()).collect();
+            let locked = locked.join(", ");
             sql_query(format!("LOCK TABLE {locked} IN SHARE MODE"))
                 .execute(conn)
                 .with_context(|| format!("cannot lock {locked} against writes while it is archived"))?;
-            export::stage_partition(conn, name)?;
+            export::stage_partition(conn, name, months.comments.as_deref())?;
             archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
             export::unstage(conn)?;
-            let removed = remove_month_rows(conn, name, links.is_none())?;
-            if links.is_some() {
-                // Both parents first, in the order readers lock them (a parent, then its
-                // partitions): dropping the links' month takes the tickets' month exclusively
-                // (its foreign key's triggers live there), and holding that while waiting for
-                // tickets itself deadlocked with a reader of tickets.
-                sql_query("LOCK TABLE tickets, ticket_tags IN ACCESS EXCLUSIVE MODE")
-                    .execute(conn)
-                    .context("cannot lock tickets and ticket_tags to detach the month")?;
-            }
-            if let Some(links) = &links {
-                sql_query(format!("ALTER TABLE ticket_tags DETACH PARTITION {links}"))
-                    .execute(conn)
-                    .with_context(|| format!("cannot detach {links} from ticket_tags"))?;
-                sql_query(format!("DROP TABLE {links}"))
-                    .execute(conn)
-                    .with_context(|| format!("cannot drop {links} (nothing of {name} was removed)"))?;
-            }
+            let removed = remove_month_rows(conn, name, &months)?;
+            // The parents first, in the order readers lock them (a parent, then its
+            // partitions): dropping a month of links or comments takes the tickets' month
+            // exclusively (its foreign key's triggers live there), and holding that while
+            // waiting for tickets itself deadlocked with a reader of tickets. In short tries:
+            // readers queue behind the lock while it waits.
+            let parents: Vec<&str> = std::iter::once("tickets").chain(months.parents()).collect();
+            let parents = parents.join(", ");
+            db::lock_in_short_tries(
+                conn,
+                &format!("LOCK TABLE {parents} IN ACCESS EXCLUSIVE MODE"),
+                timeouts.lock_timeout,
+            )
+            .with_context(|| format!("cannot lock {parents} to detach the month"))?;
+            months.detach_and_drop(conn, name)?;
             sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot detach {name} from tickets"))?;
@@ -233,15 +228,68 @@ pub fn remove_partition(
     removed
 }
 
-/// Stages the ids of the tickets of the month `name` in [`GONE`] and deletes what hangs off them:
-/// their comments, tag links (with `links`: their month of links goes whole otherwise) and
-/// per-row audit rows, then their keys.
-fn remove_month_rows(conn: &mut PgConnection, name: &str, links: bool) -> anyhow::Result<Removed> {
+/// The months of tag links and of comments that go with a month of tickets, those that exist
+/// (each references it; a month made by hand may lack them, and its rows are then deleted
+/// row by row).
+struct MonthParts {
+    links: Option<String>,
+    comments: Option<String>,
+}
+
+impl MonthParts {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().chain(&self.comments).map(String::as_str)
+    }
+
+    /// The parents of the months that exist.
+    fn parents(&self) -> impl Iterator<Item = &'static str> {
+        let links = self.links.as_ref().map(|_| "ticket_tags");
+        let comments = self.comments.as_ref().map(|_| "comments");
+        links.into_iter().chain(comments)
+    }
+
+    fn detach_and_drop(&self, conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<()> {
+        for (parent, month) in self.parents().zip(self.names()) {
+            sql_query(format!("ALTER TABLE {parent} DETACH PARTITION {month}"))
+                .execute(conn)
+                .with_context(|| format!("cannot detach {month} from {parent}"))?;
+            sql_query(format!("DROP TABLE {month}"))
+                .execute(conn)
+                .with_context(|| format!("cannot drop {month} (nothing of {tickets_month} was removed)"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Stages the ids of the tickets of the month `name` in [`GONE`] and deletes what hangs off them
+/// and does not go with the months of `months`: their per-row audit rows and those of their
+/// comments, the comments' keys and the tickets' keys (and the links and comments themselves
+/// where their month is missing).
+fn remove_month_rows(conn: &mut PgConnection, name: &str, months: &MonthParts) -> anyhow::Result<Removed> {
     stage_gone(conn)?;
     let tickets = sql_query(format!("INSERT INTO {GONE} SELECT id FROM {name}")).execute(conn)? as u64;
     analyze_gone(conn, true)?;
-    let comments = remove_hanging(conn, links)?;
-    delete_gone_keys(conn, name)?;
+    let comments = match &months.comments {
+        Some(month) => {
+            sql_query(format!(
+                "DELETE FROM audit_log WHERE table_name = 'comments' AND row_id IN (SELECT id FROM {month})"
+            ))
+            .execute(conn)?;
+            sql_query(format!(
+                "DELETE FROM comment_keys WHERE external_id IN (SELECT external_id FROM {month})"
+            ))
+            .execute(conn)?;
+            sql_query(format!("SELECT count(*) AS n FROM {month}"))
+                .get_result::<db::Count>(conn)?
+                .n as u64
+        }
+        None => remove_comments(conn)?,
+    };
+    remove_ticket_rows(conn, months.links.is_none())?;
+    sql_query(format!(
+        "DELETE FROM ticket_keys WHERE ticket_id IN (SELECT id FROM {GONE})"
+    ))
+    .execute(conn)?;
     Ok(Removed { tickets, comments })
 }
 
@@ -259,27 +307,6 @@ fn record_month(conn: &mut PgConnection, op_id: i64, name: &str, removed: Remove
     Ok(())
 }
 
-/// Deletes the keys of the tickets in [`GONE`] (after the comments, which reference them). A
-/// comment that a foreign-key check finds still pointing at one was added after the archive's
-/// snapshot: the error says so, in the words [`crate::job::is_transient`] retries.
-fn delete_gone_keys(conn: &mut PgConnection, name: &str) -> anyhow::Result<()> {
-    match sql_query(format!(
-        "DELETE FROM ticket_keys WHERE ticket_id IN (SELECT id FROM {GONE})"
-    ))
-    .execute(conn)
-    {
-        Ok(_) => Ok(()),
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, info)) => {
-            Err(anyhow::anyhow!("{}", info.message()).context(format!(
-                "{}: a comment was added to a ticket of {name} while it was archived; \
-                 nothing of {name} was removed",
-                crate::job::CONCURRENT_CHANGE
-            )))
-        }
-        Err(err) => Err(err.into()),
-    }
-}
-
 /// Drops a partition that a run of an earlier version detached and archived but did not get to
 /// drop (it went in two transactions then), and everything that hangs off its tickets.
 pub fn drop_detached(
@@ -289,24 +316,35 @@ pub fn drop_detached(
     timeouts: BatchTimeouts,
 ) -> anyhow::Result<Removed> {
     db::in_batch_transaction(conn, timeouts, |conn| -> anyhow::Result<Removed> {
-        // Its month of tag links (archived with it), which references it.
-        let links: Vec<db::Name> = sql_query(
-            "SELECT c.conrelid::regclass::text AS name FROM pg_constraint c
-             JOIN pg_inherits i ON i.inhrelid = c.conrelid AND i.inhparent = 'ticket_tags'::regclass
+        // Its months of tag links and comments (archived with it), which reference it.
+        let referencing: Vec<Referencing> = sql_query(
+            "SELECT c.conrelid::regclass::text AS name, i.inhparent::regclass::text AS parent FROM pg_constraint c
+             JOIN pg_inherits i ON i.inhrelid = c.conrelid
+              AND i.inhparent IN ('ticket_tags'::regclass, 'comments'::regclass)
              WHERE c.contype = 'f' AND c.confrelid = $1::regclass",
         )
         .bind::<Text, _>(name)
         .load(conn)?;
-        let removed = remove_month_rows(conn, name, links.is_empty())?;
-        for links in &links {
-            sql_query(format!("ALTER TABLE ticket_tags DETACH PARTITION {}", links.name)).execute(conn)?;
-            sql_query(format!("DROP TABLE {}", links.name)).execute(conn)?;
-        }
+        let month = |parent: &str| referencing.iter().find(|r| r.parent == parent).map(|r| r.name.clone());
+        let months = MonthParts {
+            links: month("ticket_tags"),
+            comments: month("comments"),
+        };
+        let removed = remove_month_rows(conn, name, &months)?;
+        months.detach_and_drop(conn, name)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
         record_month(conn, op_id, name, removed)?;
         Ok(removed)
     })
     .with_context(|| format!("cannot drop the detached partition {name} (archived; the next run finishes it)"))
+}
+
+#[derive(QueryableByName)]
+struct Referencing {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    parent: String,
 }
 
 /// The ids of the tickets a step removes, in a temporary table with a primary key: a join to
@@ -339,22 +377,47 @@ fn analyze_gone(conn: &mut PgConnection, by_key: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes the comments and (with `links`) tag links of the tickets in [`GONE`], and the per-row
-/// audit rows of tickets and comments; returns the comments deleted. Set-based, before the
-/// tickets or keys go (on plain and Citus their cascades then find nothing to do; on partitions
-/// the keys and tickets could not go before).
-fn remove_hanging(conn: &mut PgConnection, links: bool) -> anyhow::Result<u64> {
+/// Deletes the comments of the tickets in [`GONE`] and their per-row audit rows (and on the
+/// keyed layouts their keys); returns how many went. Set-based, before the tickets go (on plain
+/// and Citus their cascades then find nothing to do; on partitions they could not go before).
+fn remove_comments(conn: &mut PgConnection) -> anyhow::Result<u64> {
     let ids_sql = format!("SELECT id FROM {GONE}");
     sql_query(format!(
         "DELETE FROM audit_log WHERE table_name = 'comments'
            AND row_id IN (SELECT id FROM comments WHERE ticket_id IN ({ids_sql}))"
     ))
     .execute(conn)?;
+    Ok(sql_query(format!("DELETE FROM comments WHERE ticket_id IN ({ids_sql})")).execute(conn)? as u64)
+}
+
+/// [`remove_comments`] on the partitioned layout, for the tickets `ids` created at
+/// `created_at`: in their months of comments alone (their keys go with the tickets').
+fn remove_comments_in_months(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    created_at: &[DateTime<Utc>],
+) -> anyhow::Result<u64> {
+    use diesel::sql_types::{Array, Timestamptz};
+    let of_batch = "ticket_id = ANY($1) AND ticket_created_at = ANY($2)";
+    sql_query(format!(
+        "DELETE FROM audit_log WHERE table_name = 'comments' AND row_id IN (SELECT id FROM comments WHERE {of_batch})"
+    ))
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Timestamptz>, _>(created_at)
+    .execute(conn)?;
+    Ok(sql_query(format!("DELETE FROM comments WHERE {of_batch}"))
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Timestamptz>, _>(created_at)
+        .execute(conn)? as u64)
+}
+
+/// Deletes the per-row audit rows of the tickets in [`GONE`] and (with `links`) their tag links.
+fn remove_ticket_rows(conn: &mut PgConnection, links: bool) -> anyhow::Result<()> {
+    let ids_sql = format!("SELECT id FROM {GONE}");
     sql_query(format!(
         "DELETE FROM audit_log WHERE table_name = 'tickets' AND row_id IN ({ids_sql})"
     ))
     .execute(conn)?;
-    let comments = sql_query(format!("DELETE FROM comments WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
     // Their tickets go in this transaction: no fingerprint to forget (see the migration
     // `import_fingerprint`). Without this, on partitions, each link's trigger probed every
     // month for a ticket whose month was already dropped: 48 s a month of 120,000 links.
@@ -362,7 +425,7 @@ fn remove_hanging(conn: &mut PgConnection, links: bool) -> anyhow::Result<u64> {
         db::keep_fingerprints(conn)?;
         sql_query(format!("DELETE FROM ticket_tags WHERE ticket_id IN ({ids_sql})")).execute(conn)?;
     }
-    Ok(comments as u64)
+    Ok(())
 }
 
 /// One batch of the rows that do not go by partition: the next `limit` matching tickets after
@@ -405,8 +468,16 @@ pub fn remove_batch(
             .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
             .execute(conn)?;
         analyze_gone(conn, !layout.distributed())?;
+        // On partitions in the batch's months (by ticket id alone each ticket would probe
+        // every month of comments).
+        let comments = if layout.partitioned() {
+            remove_comments_in_months(conn, &ids, &created_at)?
+        } else {
+            remove_comments(conn)?
+        };
+        remove_ticket_rows(conn, true)?;
         let removed = Removed {
-            comments: remove_hanging(conn, true)?,
+            comments,
             tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,
         };
         audit::record_batch(

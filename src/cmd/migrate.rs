@@ -24,7 +24,8 @@ Layouts (chosen once, on an empty database; recorded in ticketops_layout, read b
   partitioned  tickets range-partitioned by created_at, a partition a month, made ahead and
                maintained by pg_partman (package postgresql-15-partman), a default partition
                for stray rows, and ticket_keys keeping external_id unique across partitions;
-               tag links partitioned the same way, each month referencing its month of tickets.
+               tag links and comments partitioned the same way, each month referencing its month
+               of tickets, and comment_keys keeping comments' external_id unique.
                Run `SELECT partman.run_maintenance(), ticketops_month_keys()` from cron so that
                months are made ahead with their keys; imports make the months their rows need.
 

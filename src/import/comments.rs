@@ -1,7 +1,8 @@
 //! `import comments`: ticket_external_id, author_email, body, public, created_at and an
 //! optional external_id (the upsert key). A comment without external_id is matched on
 //! (ticket, author, body, created_at), so importing the same file twice adds nothing. A batch
-//! is one merge statement, or on the distributed layout the steps of `comments/distributed.rs`.
+//! is one merge statement, or where comment_keys keeps external_id unique (distributed and
+//! partitioned layouts) the steps of `comments/keyed.rs`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -18,7 +19,7 @@ use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
 use crate::layout::Layout;
 use crate::models::UserRole;
 
-mod distributed;
+mod keyed;
 
 const EXTERNAL_ID: usize = 0;
 const TICKET_EXTERNAL_ID: usize = 1;
@@ -214,16 +215,16 @@ impl ImportKind for CommentImport {
             .context("cannot resolve comment authors")?;
         let author_id = |r: &Numbered<CommentRow>| self.cache.user_id(&r.row.author_email).expect("resolved above");
 
-        let merged = if layout.distributed() {
-            let resolved: Vec<distributed::Resolved<'_>> = rows
+        let merged = if layout.keyed() {
+            let resolved: Vec<keyed::Resolved<'_>> = rows
                 .iter()
-                .map(|r| distributed::Resolved {
+                .map(|r| keyed::Resolved {
                     row: r,
                     ticket_id: tickets[&r.row.ticket_external_id],
                     author_id: author_id(r),
                 })
                 .collect();
-            distributed::merge(conn, op_id, &resolved, Utc::now())?
+            keyed::merge(conn, layout, op_id, &resolved, Utc::now())?
         } else {
             let external_ids: Vec<Option<&str>> = rows.iter().map(|r| r.row.external_id.as_deref()).collect();
             let ticket_ids: Vec<i64> = rows.iter().map(|r| tickets[&r.row.ticket_external_id]).collect();

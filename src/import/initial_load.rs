@@ -114,7 +114,7 @@ pub(super) fn drop_indexes_and_keys(
     Ok(rebuild)
 }
 
-/// Drops the foreign keys of the months of ticket_tags (partitioned layout).
+/// Drops the foreign keys of the months of ticket_tags and comments (partitioned layout).
 fn drop_month_keys(conn: &mut PgConnection) -> QueryResult<()> {
     #[derive(QueryableByName)]
     struct MonthKey {
@@ -126,7 +126,7 @@ fn drop_month_keys(conn: &mut PgConnection) -> QueryResult<()> {
     let keys: Vec<MonthKey> = sql_query(
         "SELECT c.conrelid::regclass::text AS table_name, quote_ident(c.conname) AS name
          FROM pg_constraint c JOIN pg_inherits i ON i.inhrelid = c.conrelid
-         WHERE i.inhparent = 'ticket_tags'::regclass AND c.contype = 'f' AND c.conparentid = 0
+         WHERE i.inhparent IN ('ticket_tags'::regclass, 'comments'::regclass) AND c.contype = 'f' AND c.conparentid = 0
            AND c.confrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'tickets'::regclass)",
     )
     .load(conn)?;

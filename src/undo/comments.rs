@@ -45,7 +45,7 @@ const WINDOW: &str = "AND id < $2 ORDER BY id DESC LIMIT $3";
 
 /// Deletes a batch of the comments the import inserted.
 pub(super) fn revert_inserted_sql(undo_op: i64, layout: Layout) -> String {
-    let keys = if layout.distributed() {
+    let keys = if layout.keyed() {
         "keys AS (
              DELETE FROM comment_keys k USING deleted d WHERE k.external_id = d.external_id
          ),"
@@ -84,8 +84,9 @@ pub(super) fn plan_inserted_sql(layout: Layout) -> String {
 /// An undo's `delete` rows in the window (`a`), decoded (`v`), and whether each can come back:
 /// its id is free, its external_id too, its ticket and author exist.
 fn deleted_ctes(window: &str, layout: Layout) -> String {
-    // Where a comment's external_id is unique: comments itself, or on Citus its key table.
-    let keys = if layout.distributed() {
+    // Where a comment's external_id is unique: comments itself, or on Citus and partitions its
+    // key table.
+    let keys = if layout.keyed() {
         "SELECT k.external_id FROM v JOIN comment_keys k ON k.external_id = v.external_id"
     } else {
         "SELECT c.external_id FROM v JOIN comments c ON c.external_id = v.external_id"
@@ -120,7 +121,7 @@ fn deleted_ctes(window: &str, layout: Layout) -> String {
 
 /// Puts back a batch of the comments an undo deleted (undo of that undo).
 pub(super) fn revert_deleted_sql(undo_op: i64, layout: Layout) -> String {
-    let keys = if layout.distributed() {
+    let keys = if layout.keyed() {
         "keys AS (
              INSERT INTO comment_keys (external_id, comment_id, ticket_id)
              SELECT external_id, id, ticket_id FROM added WHERE external_id IS NOT NULL
@@ -128,11 +129,23 @@ pub(super) fn revert_deleted_sql(undo_op: i64, layout: Layout) -> String {
     } else {
         ""
     };
+    // On partitions a comment comes back into its ticket's month as it is now.
+    let (column, month, ticket_keys) = if layout.partitioned() {
+        (
+            ", ticket_created_at",
+            ", k.created_at",
+            " JOIN ticket_keys k ON k.ticket_id = target.ticket_id",
+        )
+    } else {
+        ("", "", "")
+    };
     format!(
         "WITH {ctes}, added AS (
-             INSERT INTO comments (id, external_id, ticket_id, author_id, body, public, created_at)
-             SELECT id, external_id, ticket_id, author_id, body, public, created_at FROM target
-             WHERE NOT present AND possible AND $4 = $4
+             INSERT INTO comments (id, external_id, ticket_id, author_id, body, public, created_at{column})
+             SELECT target.id, target.external_id, target.ticket_id, target.author_id, target.body, target.public,
+                    target.created_at{month}
+             FROM target{ticket_keys}
+             WHERE NOT target.present AND target.possible AND $4 = $4
              RETURNING id, external_id, ticket_id
          ), {keys} audited AS (
              INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)

@@ -558,6 +558,14 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                      UPDATE ticket_keys k SET created_at = c.created_at
                      FROM changed c WHERE k.ticket_id = c.id AND k.created_at <> c.created_at
                  ),"
+            } else if layout.partitioned() && table == "comments" {
+                // The key of a comment that goes back to another ticket names that ticket.
+                "keys_moved AS (
+                     UPDATE comment_keys k SET ticket_id = (c.before ->> 'ticket_id')::bigint
+                     FROM changed c
+                     WHERE c.before ? 'ticket_id' AND k.ticket_id = (c.old_values ->> 'ticket_id')::bigint
+                       AND k.comment_id = c.id AND k.ticket_id <> (c.before ->> 'ticket_id')::bigint
+                 ),"
             } else {
                 ""
             };
@@ -596,6 +604,9 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                     "links_moved AS (
                          UPDATE ticket_tags x SET ticket_created_at = c.created_at FROM changed c
                          WHERE x.ticket_id = c.id AND x.ticket_created_at <> c.created_at{kept}
+                     ), comments_moved AS (
+                         UPDATE comments x SET ticket_created_at = c.created_at FROM changed c
+                         WHERE x.ticket_id = c.id AND x.ticket_created_at <> c.created_at
                      ),"
                 );
             }
@@ -631,7 +642,12 @@ fn revert_sql(part: &Part, undo_op: i64, force: bool, restate: RestateUnchanged,
                    AND action IN ('{FIX_ACTION}', '{UPDATE_ACTION}') AND id < $2
                  ORDER BY id DESC LIMIT $3"
             );
-            let set = images.restore("a.before", restate);
+            let mut set = images.restore("a.before", restate);
+            if layout.partitioned() && table == "comments" && images.columns.iter().any(|(c, _)| *c == "ticket_id") {
+                // A comment going back to another ticket goes to that ticket's month.
+                set += ", ticket_created_at = coalesce((SELECT k.created_at FROM ticket_keys k
+                           WHERE k.ticket_id = (a.before ->> 'ticket_id')::bigint), t.ticket_created_at)";
+            }
             let returning = format!("RETURNING t.id, t.created_at, a.before, {old_values} AS old_values");
             let before = images.holds("a.before");
             // On partitions each ticket is read, updated and counted where its key says it is

@@ -371,10 +371,15 @@ fn a_comment_being_added_does_not_keep_its_ticket_from_a_soft_delete() {
     use diesel::connection::SimpleConnection;
     let (db, dir) = dataset();
     let mut app = db.conn();
-    app.batch_execute(
-        "BEGIN; INSERT INTO comments (ticket_id, author_id, body)
-                SELECT t.id, t.requester_id, 'still typing' FROM tickets t WHERE t.external_id = 'C-2'",
-    )
+    app.batch_execute(&format!(
+        "BEGIN; {}",
+        insert_comment_sql(
+            &db,
+            "(SELECT id FROM tickets WHERE external_id = 'C-2')",
+            "(SELECT requester_id FROM tickets WHERE external_id = 'C-2')",
+            "still typing"
+        )
+    ))
     .unwrap();
     let started = Instant::now();
     let run = ticketops(
@@ -622,9 +627,8 @@ fn purge_with_archive_then_import_brings_the_tickets_back() {
 
 /// A comment added by an application to a ticket that a purge batch holds must wait for the
 /// batch (and then fail, its ticket gone), or it could commit between the batch's archive and
-/// its delete and go unarchived. On plain the batch's row lock stops it (the foreign-key check
-/// locks the ticket); on partitions comments reference the ticket's key, which the batch holds
-/// too (before, the comment went in at once).
+/// its delete and go unarchived. The batch's row lock stops it: the foreign-key check locks the
+/// ticket (on partitions in the ticket's month, which the comment's month references).
 #[test]
 fn a_comment_added_to_a_ticket_a_purge_batch_holds_waits_for_the_batch() {
     use diesel::connection::SimpleConnection;
@@ -632,8 +636,11 @@ fn a_comment_added_to_a_ticket_a_purge_batch_holds_waits_for_the_batch() {
     db.execute("UPDATE tickets SET deleted_at = now() - interval '100 days' WHERE external_id = 'C-2'");
     let ticket = db.scalar("SELECT id FROM tickets WHERE external_id = 'C-2'");
     let author = db.scalar("SELECT requester_id FROM tickets WHERE external_id = 'C-2'");
-    db.execute(&format!(
-        "INSERT INTO comments (ticket_id, author_id, body) VALUES ({ticket}, {author}, 'early')"
+    db.execute(&insert_comment_sql(
+        &db,
+        &ticket.to_string(),
+        &author.to_string(),
+        "early",
     ));
     let early = db.scalar("SELECT id FROM comments WHERE body = 'early'");
     // Holds the purge inside its batch, after the archive: its delete of the ticket's comments
@@ -671,11 +678,8 @@ fn a_comment_added_to_a_ticket_a_purge_batch_holds_waits_for_the_batch() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut app = db.conn();
-    let late = std::thread::spawn(move || {
-        app.batch_execute(&format!(
-            "INSERT INTO comments (ticket_id, author_id, body) VALUES ({ticket}, {author}, 'late')"
-        ))
-    });
+    let late = insert_comment_sql(&db, &ticket.to_string(), &author.to_string(), "late");
+    let late = std::thread::spawn(move || app.batch_execute(&late));
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !late.is_finished(),

@@ -127,10 +127,11 @@ fn schema_rs_matches_the_migrated_database() {
                 c.udt_name::text AS udt, c.data_type::text AS dt
          FROM information_schema.columns c
          WHERE c.table_schema = 'public' AND c.table_name <> '__diesel_schema_migrations'
-           -- the partitioned layout's own: its partitions, ticket_keys (declared in layout.rs),
-           -- and the tag links' partition key (written by SQL alone)
-           AND c.table_name <> 'ticket_keys'
-           AND NOT (c.table_name = 'ticket_tags' AND c.column_name = 'ticket_created_at')
+           -- the partitioned layout's own: its partitions, ticket_keys and comment_keys (written
+           -- by SQL alone, as on the distributed layout), and the tag links' and comments'
+           -- partition key (likewise)
+           AND c.table_name NOT IN ('ticket_keys', 'comment_keys')
+           AND NOT (c.table_name IN ('ticket_tags', 'comments') AND c.column_name = 'ticket_created_at')
            AND NOT EXISTS (SELECT 1 FROM pg_class r WHERE r.relname = c.table_name AND r.relispartition)",
     );
     let mut database: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();

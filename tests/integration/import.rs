@@ -1094,8 +1094,12 @@ fn comments_import_rejects_orphans_and_is_idempotent() {
 
 /// A batch of comments is joined to the stored ones by probing their keys. The planner, left
 /// to itself, hashed the whole comments table for every batch (a sequential scan each time:
-/// an import got slower the more comments were stored). On Citus the comments are merged
-/// shard by shard by another statement (tests/distributed-skips.txt).
+/// an import got slower the more comments were stored). On partitions each stored comment is
+/// probed in its ticket's month, which in this small database is a page or two: the planner
+/// may rightly scan such a month instead of its index, so there the probes are counted as
+/// scans of either kind, at least one a row (a hashed batch would scan each month once). On
+/// Citus the comments are merged shard by shard by another statement
+/// (tests/distributed-skips.txt).
 #[test]
 fn comment_batches_probe_the_stored_comments_instead_of_reading_them_all() {
     let db = TestDb::new();
@@ -1107,17 +1111,25 @@ fn comment_batches_probe_the_stored_comments_instead_of_reading_them_all() {
         "comments.csv",
         &["comments", "--rows", "3000", "--tickets", "300"],
     );
-    // (sequential scans, index scans) of comments, once the importing backends have exited
-    // and flushed their counts: the index scans reach at least one probe a row.
+    let by_month = db.layout == "partitioned";
+    // (sequential scans, index scans) of comments (of its months, on the partitioned layout),
+    // once the importing backends have exited and flushed their counts: the probes reach at
+    // least one a row.
+    let of_comments = "FROM pg_stat_user_tables
+                       WHERE relid = 'comments'::regclass OR relid IN (SELECT relid FROM pg_partition_tree('comments'))";
+    let scans = || {
+        (
+            db.scalar(&format!("SELECT coalesce(sum(seq_scan), 0)::bigint {of_comments}")),
+            db.scalar(&format!("SELECT coalesce(sum(idx_scan), 0)::bigint {of_comments}")),
+        )
+    };
+    let probes = |(seq, idx): (i64, i64)| if by_month { seq + idx } else { idx };
     let settled = |probes_at_least: i64| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let scans = (
-                db.scalar("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'comments'"),
-                db.scalar("SELECT coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'comments'"),
-            );
-            if scans.1 >= probes_at_least || Instant::now() > deadline {
-                return scans;
+            let now = scans();
+            if probes(now) >= probes_at_least || Instant::now() > deadline {
+                return now;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1126,18 +1138,20 @@ fn comment_batches_probe_the_stored_comments_instead_of_reading_them_all() {
     run.expect_code(0);
     let inserted = first["inserted"].as_i64().unwrap();
     assert_eq!(inserted, 3000, "{}", run.explain());
-    let (seq_before, idx_before) = settled(inserted);
+    let before = settled(inserted);
 
     let (run, again) = import(&db, &dir, "comments", &comments, &["--batch-size", "300"]);
     run.expect_code(0);
     assert_eq!(outcome(&again), [0, 0, 3000, 0, 0, 0], "{}", run.explain());
-    let (seq_after, idx_after) = settled(idx_before + inserted);
+    let after = settled(probes(before) + inserted);
     assert!(
-        idx_after >= idx_before + inserted,
-        "the re-import probed the comments' index {} times for {inserted} rows",
-        idx_after - idx_before
+        probes(after) >= probes(before) + inserted,
+        "the re-import probed the comments {} times for {inserted} rows",
+        probes(after) - probes(before)
     );
-    assert_eq!(seq_after, seq_before, "the re-import read the comments table whole");
+    if !by_month {
+        assert_eq!(after.0, before.0, "the re-import read the comments table whole");
+    }
 }
 
 /// A comment re-imported onto another ticket moves there keeping its id (on Citus from one

@@ -94,6 +94,24 @@ pub fn insert_links_sql(ticket_id: &str, tags: &str) -> String {
     }
 }
 
+/// An application's `INSERT INTO comments` of one comment on the ticket `ticket_id` by the
+/// user `author_id` (SQL expressions): on the partitioned layout a comment carries its
+/// ticket's created_at, read now.
+pub fn insert_comment_sql(db: &TestDb, ticket_id: &str, author_id: &str, body: &str) -> String {
+    if db.layout == "partitioned" {
+        // As an application would: with the created_at it read with the ticket.
+        let created_at = db
+            .strings(&format!("SELECT created_at::text FROM tickets WHERE id = {ticket_id}"))
+            .remove(0);
+        format!(
+            "INSERT INTO comments (ticket_id, author_id, body, ticket_created_at)
+             SELECT {ticket_id}, {author_id}, '{body}', '{created_at}'"
+        )
+    } else {
+        format!("INSERT INTO comments (ticket_id, author_id, body) SELECT {ticket_id}, {author_id}, '{body}'")
+    }
+}
+
 pub fn distributed() -> bool {
     layout() == "distributed"
 }

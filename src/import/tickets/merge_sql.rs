@@ -164,6 +164,12 @@ impl TicketImport {
                  FROM written w
                  WHERE x.ticket_id = w.id AND x.ticket_created_at = w.stored_created_at
                    AND w.created_at <> w.stored_created_at
+             ), comments_moved AS (
+                 -- (and comments, likewise)
+                 UPDATE comments x SET ticket_created_at = w.created_at
+                 FROM written w
+                 WHERE x.ticket_id = w.id AND x.ticket_created_at = w.stored_created_at
+                   AND w.created_at <> w.stored_created_at
              ), audited AS (
                  INSERT INTO audit_log (operation_id, table_name, row_id, action, before, after)
                  SELECT {op_id}, 'tickets', w.id, '{update}', w.before_image, w.after_image
