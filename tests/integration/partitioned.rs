@@ -57,11 +57,19 @@ fn drop_months(db: &TestDb, which: &str) {
     ));
 }
 
-fn assert_no_key_outlives_its_ticket(db: &TestDb) {
+fn assert_every_ticket_and_only_they_keyed(db: &TestDb) {
     assert_eq!(
         db.scalar("SELECT count(*) FROM ticket_keys k LEFT JOIN tickets t ON t.id = k.ticket_id WHERE t.id IS NULL"),
         0,
         "no key outlives its ticket"
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM tickets t LEFT JOIN ticket_keys k ON k.ticket_id = t.id AND k.created_at = t.created_at
+             WHERE k.ticket_id IS NULL"
+        ),
+        0,
+        "every ticket keeps its key"
     );
 }
 
@@ -715,7 +723,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
         0,
         "the months are gone, not emptied"
     );
-    assert_no_key_outlives_its_ticket(&db);
+    assert_every_ticket_and_only_they_keyed(&db);
     // The archive holds every removed ticket once, whole months and boundary alike.
     let mut archived: Vec<String> = csv::Reader::from_path(dir.join("a.csv"))
         .unwrap()
@@ -786,7 +794,7 @@ fn retention_finishes_a_month_an_earlier_version_left_detached_and_archived() {
         db.scalar(&format!("SELECT count(*) FROM pg_class WHERE relname = '{month}'")),
         0
     );
-    assert_no_key_outlives_its_ticket(&db);
+    assert_every_ticket_and_only_they_keyed(&db);
     let archived = std::fs::read_to_string(dir.join("b.csv")).unwrap_or_default();
     assert_eq!(archived.lines().count(), 0, "archived again: {archived}");
 }
@@ -941,7 +949,7 @@ fn retention_by_a_role_that_does_not_own_the_months_goes_in_batches() {
         1,
         "the months stay, emptied"
     );
-    assert_no_key_outlives_its_ticket(&db);
+    assert_every_ticket_and_only_they_keyed(&db);
     let archived = csv::Reader::from_path(dir.join("r.csv")).unwrap().records().count();
     assert_eq!(archived as i64, old);
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
@@ -1289,7 +1297,7 @@ fn a_month_dropped_outside_ticketops_is_named_and_its_leftovers_can_be_cleaned_u
         .collect::<Vec<_>>()
         .join("\n");
     db.execute(&sql);
-    assert_no_key_outlives_its_ticket(&db);
+    assert_every_ticket_and_only_they_keyed(&db);
     assert_eq!(db.strings("SELECT body FROM comments"), ["On the July ticket"]);
     assert_eq!(db.strings("SELECT external_id FROM comment_keys"), ["C-2"]);
 
@@ -1352,5 +1360,5 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
     );
     // The pause ends with the signal, not after its 3 s.
     assert!(summary["duration_ms"].as_u64().unwrap() < 2500, "{summary}");
-    assert_no_key_outlives_its_ticket(&db);
+    assert_every_ticket_and_only_they_keyed(&db);
 }
