@@ -112,11 +112,6 @@ fn whole_partitions(
     conn: &mut PgConnection,
     cutoff: DateTime<Utc>,
 ) -> anyhow::Result<(Vec<WholePartition>, Vec<String>)> {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
     let mut partitions = Vec::new();
     let mut not_owned = Vec::new();
     for month in crate::layout::monthly_partitions(conn)?
@@ -127,10 +122,11 @@ fn whole_partitions(
             not_owned.push(month.name);
             continue;
         }
-        let count: Count = sql_query("SELECT count(*) AS n FROM tickets WHERE created_at >= $1 AND created_at < $2")
-            .bind::<diesel::sql_types::Timestamptz, _>(month.from)
-            .bind::<diesel::sql_types::Timestamptz, _>(month.until)
-            .get_result(conn)?;
+        let count: db::Count =
+            sql_query("SELECT count(*) AS n FROM tickets WHERE created_at >= $1 AND created_at < $2")
+                .bind::<diesel::sql_types::Timestamptz, _>(month.from)
+                .bind::<diesel::sql_types::Timestamptz, _>(month.until)
+                .get_result(conn)?;
         partitions.push(WholePartition {
             name: month.name,
             until: month.until,
@@ -475,7 +471,9 @@ pub fn remove_batch(
         } else {
             remove_comments(conn)?
         };
-        remove_ticket_rows(conn, true)?;
+        // On partitions the tickets' delete takes their links in their months (by ticket id alone
+        // each ticket would probe every month of links).
+        remove_ticket_rows(conn, !layout.partitioned())?;
         let removed = Removed {
             comments,
             tickets: layout.delete_tickets(conn, &ids, &created_at)? as u64,

@@ -124,12 +124,6 @@ impl<'a> Arrays<'a> {
     }
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
 /// Writes `rows` (their tickets exist, their authors are resolved) and returns the counts.
 pub(super) fn merge(
     conn: &mut PgConnection,
@@ -357,7 +351,7 @@ fn update(conn: &mut PgConnection, layout: Layout, op_id: i64, rows: &[Write<'_>
     ))
     .into_boxed()
     .bind::<BigInt, _>(op_id);
-    let count: Count = arrays.bind(query).get_result(conn).context("cannot update comments")?;
+    let count: crate::db::Count = arrays.bind(query).get_result(conn).context("cannot update comments")?;
     Ok(count.n)
 }
 
@@ -412,7 +406,7 @@ fn move_to_tickets(
     ))
     .into_boxed()
     .bind::<BigInt, _>(op_id);
-    let count: Count = arrays
+    let count: crate::db::Count = arrays
         .bind(query)
         .bind::<Array<BigInt>, _>(&old_tickets)
         .get_result(conn)
