@@ -358,12 +358,7 @@ pub fn copy_staged(
     };
     // Belt and braces for an archive: the rows counted as they passed against the rows there
     // are, in the same transaction (and snapshot: retention's is REPEATABLE READ).
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = sql_types::BigInt)]
-        n: i64,
-    }
-    let expected: Count = diesel::sql_query(format!("SELECT count(*) AS n FROM {rows}"))
+    let expected: crate::db::Count = diesel::sql_query(format!("SELECT count(*) AS n FROM {rows}"))
         .get_result(conn)
         .context("cannot check the archive against the rows")?;
     let records = counted.records() - u64::from(header);

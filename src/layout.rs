@@ -360,12 +360,7 @@ pub fn choose(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {
     if current == to {
         return Ok(());
     }
-    #[derive(QueryableByName)]
-    struct Rows {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let rows: Rows = sql_query(
+    let rows: crate::db::Count = sql_query(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM tickets LIMIT 1) t)
               + (SELECT count(*) FROM (SELECT 1 FROM users LIMIT 1) u)
               + (SELECT count(*) FROM (SELECT 1 FROM comments LIMIT 1) c) AS n",

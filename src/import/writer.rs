@@ -524,7 +524,8 @@ fn name_held_rows<K: ImportKind>(
 /// Of `keys` in `table.column`, those whose rows another session holds locked now: the rows
 /// that are not locked are taken with SKIP LOCKED in a transaction that is rolled back at
 /// once. On Citus, which takes row locks only in one-shard statements, the rows of a
-/// distributed table are found first and then tried shard by shard. `None` when the lookup
+/// distributed table are found first and then tried shard by shard; comments on the keyed
+/// layouts are found by their keys, then taken by their tickets. `None` when the lookup
 /// itself fails.
 pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys: &[String]) -> Option<Vec<String>> {
     use diesel::RunQueryDsl;
@@ -545,14 +546,20 @@ pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys
     // The ticket id each distributed table is spread by.
     let ticket_column = match table {
         "tickets" if layout.distributed() => Some("id"),
-        "comments" if layout.distributed() => Some("ticket_id"),
+        "comments" if layout.keyed() => Some("ticket_id"),
         _ => None,
+    };
+    // Where the keys are found with their ticket: the comments' external_id has no index of
+    // its own on the keyed layouts (comment_keys keeps it unique).
+    let keys_table = match table {
+        "comments" if layout.keyed() => "comment_keys",
+        _ => table,
     };
     let mut held = None;
     let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
         let (all, free): (Vec<String>, Vec<String>) = if let Some(ticket_column) = ticket_column {
             let placed: Vec<Placed> = diesel::sql_query(format!(
-                "SELECT {ticket_column} AS ticket_id, {column}::text AS key FROM {table} WHERE {column} = ANY($1)"
+                "SELECT {ticket_column} AS ticket_id, {column}::text AS key FROM {keys_table} WHERE {column} = ANY($1)"
             ))
             .bind::<Array<Text>, _>(keys)
             .load(conn)?;

@@ -536,6 +536,59 @@ fn an_import_that_cannot_get_its_rows_names_them_and_resumes_from_that_batch() {
     assert_eq!(read_rejects(&rejects), first);
 }
 
+/// The comments' keys have no index on the comments table of the keyed layouts: the comment
+/// another session holds is found by its key and named all the same.
+#[test]
+fn a_comments_import_that_cannot_get_a_held_comment_names_it() {
+    let db = TestDb::new();
+    let dir = scratch("comments-held");
+    let tickets = generate(&dir, "t.csv", &["tickets", "--rows", "50", "--seed", "4"]);
+    import(&db, &dir, "tickets", &tickets, &[]).0.expect_code(0);
+    let comments = generate(
+        &dir,
+        "c.csv",
+        &["comments", "--rows", "200", "--tickets", "50", "--seed", "4"],
+    );
+    import(&db, &dir, "comments", &comments, &[]).0.expect_code(0);
+    let held = db
+        .json("SELECT external_id, ticket_id, id FROM comments ORDER BY external_id DESC LIMIT 1")
+        .remove(0);
+    let (key, ticket, id) = (
+        held["external_id"].as_str().unwrap().to_string(),
+        held["ticket_id"].as_i64().unwrap(),
+        held["id"].as_i64().unwrap(),
+    );
+    db.execute(&format!(
+        "UPDATE comments SET body = 'changed by the app' WHERE ticket_id = {ticket} AND id = {id}"
+    ));
+    // By its ticket too: on Citus a one-shard statement, which may lock rows.
+    use diesel::connection::SimpleConnection;
+    let mut app = db.conn();
+    app.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM comments WHERE ticket_id = {ticket} AND id = {id} FOR UPDATE"
+    ))
+    .unwrap();
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "comments",
+        &comments,
+        &["--lock-timeout", "200ms", "--retries", "0"],
+    );
+    run.expect_code(1)
+        .stderr_has("another session held 1 of the batch's rows past --lock-timeout")
+        .stderr_has(&key);
+    assert_eq!(summary["status"], "failed", "{summary}");
+    app.batch_execute("ROLLBACK").unwrap();
+    let (run, summary) = import(&db, &dir, "comments", &comments, &["--resume"]);
+    run.expect_code(0);
+    assert_eq!(summary["updated"], 1, "{summary}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM comments WHERE body = 'changed by the app'"),
+        0
+    );
+}
+
 /// A shell prefix that lets the binary write files of at most `kib` KiB: past that a write
 /// fails as it would on a full disk (EFBIG instead of ENOSPC; the same path in ticketops).
 fn disk_full_after(kib: u32) -> String {
