@@ -270,22 +270,12 @@ struct ListedLookup {
 
 impl ListedLookup {
     /// Looks up the pending values of each kind once there are `at_least` of them: external ids
-    /// through `ticket_ids_by_external_id` (on partitions the keys; a ticket without a key,
-    /// written by hand, through the parent, which probes every partition), ids by themselves.
+    /// through `ticket_ids_by_external_id` (on partitions the keys), ids by themselves.
     fn flush(&mut self, conn: &mut PgConnection, at_least: usize) -> QueryResult<()> {
         let listed = &mut self.listed;
         if !self.external_ids.is_empty() && self.external_ids.len() >= at_least {
             let values: Vec<&str> = self.external_ids.iter().map(String::as_str).collect();
-            let mut found = ticket_ids_by_external_id(conn, self.layout, &values)?;
-            if self.layout.partitioned() && found.len() < values.len() {
-                let keyless: Vec<&str> = values.iter().copied().filter(|e| !found.contains_key(*e)).collect();
-                found.extend(
-                    tickets::table
-                        .select((tickets::external_id, tickets::id))
-                        .filter(tickets::external_id.eq_any(&keyless))
-                        .load::<(String, i64)>(conn)?,
-                );
-            }
+            let found = ticket_ids_by_external_id(conn, self.layout, &values)?;
             for value in self.external_ids.drain(..) {
                 listed.unmatched.listed += 1;
                 match found.get(&value) {

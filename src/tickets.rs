@@ -212,14 +212,14 @@ struct Extra {
     comment_count: i64,
 }
 
-/// The ticket with this external id, or `None`; with its newest `comments` comments.
+/// The ticket with this external id, or `None`; with its newest `comments` comments. Found by
+/// its key on the partitioned layout (its tickets.external_id has no index).
 pub fn show(conn: &mut PgConnection, external_id: &str, comments: i64) -> anyhow::Result<Option<TicketDetail>> {
-    let id: Option<i64> = tickets::table
-        .filter(tickets::external_id.eq(external_id))
-        .select(tickets::id)
-        .first(conn)
-        .optional()?;
-    let Some(id) = id else { return Ok(None) };
+    let layout = crate::layout::Layout::of(conn)?;
+    let found = crate::import::tickets::ticket_ids_by_external_id(conn, layout, &[external_id])?;
+    let Some(&id) = found.get(external_id) else {
+        return Ok(None);
+    };
     let Some(ticket) = sql_query(LISTED_SQL)
         .bind::<Array<BigInt>, _>(vec![id])
         .load::<ListedTicket>(conn)?

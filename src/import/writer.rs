@@ -543,23 +543,32 @@ pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys
         key: String,
     }
     let layout = crate::layout::Layout::of(conn).ok()?;
-    // The ticket id each distributed table is spread by.
+    // The ticket id each distributed table is spread by (on partitions, what the rows are
+    // taken by).
     let ticket_column = match table {
-        "tickets" if layout.distributed() => Some("id"),
+        "tickets" if layout.keyed() => Some("id"),
         "comments" if layout.keyed() => Some("ticket_id"),
         _ => None,
     };
-    // Where the keys are found with their ticket: the comments' external_id has no index of
-    // its own on the keyed layouts (comment_keys keeps it unique).
+    // Where the keys are found with their ticket: on partitions the tickets' external_id and
+    // on both keyed layouts the comments' have no index of their own (the keys tables keep
+    // them unique).
     let keys_table = match table {
+        "tickets" if layout.partitioned() => "ticket_keys",
         "comments" if layout.keyed() => "comment_keys",
         _ => table,
     };
     let mut held = None;
     let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
         let (all, free): (Vec<String>, Vec<String>) = if let Some(ticket_column) = ticket_column {
+            // (Both key tables name the ticket `ticket_id`.)
+            let placed_ticket = if keys_table == table {
+                ticket_column
+            } else {
+                "ticket_id"
+            };
             let placed: Vec<Placed> = diesel::sql_query(format!(
-                "SELECT {ticket_column} AS ticket_id, {column}::text AS key FROM {keys_table} WHERE {column} = ANY($1)"
+                "SELECT {placed_ticket} AS ticket_id, {column}::text AS key FROM {keys_table} WHERE {column} = ANY($1)"
             ))
             .bind::<Array<Text>, _>(keys)
             .load(conn)?;

@@ -375,8 +375,13 @@ fn links_and_comments_live_in_their_tickets_months_and_the_migrations_put_them_t
     .to_string();
     assert!(err.contains("comment_keys_pkey"), "{err}");
 
-    // Databases made before: comments referencing the keys RESTRICT with one table of links
-    // in months; before that links referencing the keys too; before that with cascades.
+    // Databases made before: an index on tickets.external_id in every month; before that
+    // comments referencing the keys RESTRICT with one table of links in months; before that
+    // links referencing the keys too; before that with cascades.
+    let external_id_indexes = "SELECT count(*) FROM pg_indexes WHERE indexname = 'tickets_external_id_idx'";
+    assert_eq!(db.scalar(external_id_indexes), 0);
+    ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
+    assert_eq!(db.scalar(external_id_indexes), 1);
     ticketops(Some(&db), &dir, &["migrate", "revert"]).run().expect_code(0);
     assert_eq!(db.strings(actions), ["comments_ticket_id_fkey=r"]);
     assert_eq!(db.scalar(months_of_comments), 0);
@@ -393,6 +398,7 @@ fn links_and_comments_live_in_their_tickets_months_and_the_migrations_put_them_t
         ["comments_ticket_id_fkey=c,ticket_tags_ticket_id_fkey=c"]
     );
     ticketops(Some(&db), &dir, &["migrate", "run"]).run().expect_code(0);
+    assert_eq!(db.scalar(external_id_indexes), 0);
     assert_eq!(db.strings(actions), [""]);
     assert_eq!(db.strings(links), in_months);
     assert_eq!(db.strings(comments_where), comments_in_months);
@@ -998,8 +1004,6 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
     )
     .unwrap();
     import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
-    // As if an application had written C-1 without its key: fix apply finds it all the same.
-    db.execute("DELETE FROM ticket_keys WHERE external_id = 'C-1'");
     std::fs::write(
         dir.join("fixes.csv"),
         "external_id,priority,subject\nA-1,high,\nB-1,,July (edited)\nC-1,urgent,\n",
@@ -1028,13 +1032,15 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
         db.scalar(&format!("SELECT count(*) FROM audit_log WHERE operation_id = {op}")),
         3
     );
-    // The undo, too, finds each ticket in its month, and the one without a key by id; two
-    // tickets edited since, one of them C-1, are left alone, and reverted with --force (read
-    // and locked in their month first, the one without a key by id).
+    // As if an application had written C-1 without its key. The undo, too, finds each ticket
+    // in its month, and the one without a key by id; two tickets edited since, one of them
+    // C-1, are left alone, and reverted with --force (read and locked in their month first,
+    // the one without a key by id).
     // (Straight through a connection: `db.execute` would give C-1 its key back.)
     diesel::connection::SimpleConnection::batch_execute(
         &mut db.conn(),
-        "UPDATE tickets SET priority = 'low' WHERE external_id IN ('A-1', 'C-1')",
+        "DELETE FROM ticket_keys WHERE external_id = 'C-1';
+         UPDATE tickets SET priority = 'low' WHERE external_id IN ('A-1', 'C-1')",
     )
     .unwrap();
     let undo = |force: bool| {
@@ -1067,6 +1073,24 @@ C-1,Also July,open,bob@example.com,2024-07-19T10:00:00Z
     assert_eq!(
         db.strings("SELECT external_id || ' ' || priority || ' ' || subject FROM tickets ORDER BY 1"),
         set(&["A-1 normal March", "B-1 normal July", "C-1 normal Also July"])
+    );
+    // Looked up by its external_id, a ticket without a key is found by nothing — as on the
+    // distributed layout (tickets.external_id has no index on partitions): fix apply rejects it.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "fix", "apply", "fixes.csv", "--apply", "--yes"],
+    )
+    .run();
+    let v = run.expect_code(3).json();
+    assert_eq!(
+        (v["changed"].as_i64(), v["unknown"].as_i64()),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    assert_eq!(
+        db.strings("SELECT external_id || ' ' || priority FROM tickets ORDER BY 1"),
+        set(&["A-1 high", "B-1 normal", "C-1 normal"])
     );
 }
 

@@ -331,37 +331,30 @@ pub(super) struct TicketRef {
 
 /// The tickets with these external ids. On the partitioned layout through their keys, each
 /// ticket then read in its one partition (by the parent, a batch of 5,000 external ids took
-/// 40 ms to plan and 125 ms to probe every partition's index); a ticket without a key
-/// (written by hand) is looked for through the parent.
+/// 40 ms to plan and 125 ms to probe every partition's index); there a ticket without a key
+/// (written by an application that skips them) is not found, as on the distributed layout:
+/// tickets.external_id has no index there.
 fn tickets_by_external_id(
     conn: &mut PgConnection,
     layout: Layout,
     keys: Vec<&str>,
 ) -> anyhow::Result<HashMap<String, TicketRef>> {
-    let by_parent = "SELECT external_id AS key, id, deleted_at IS NOT NULL AS deleted, NULL::timestamptz AS created_at
-                     FROM tickets WHERE external_id = ANY($1)";
-    let mut found: Vec<FoundTicket> = Vec::new();
-    let mut missing = keys;
-    if layout.partitioned() {
-        found = sql_query(format!(
+    let sql = if layout.partitioned() {
+        format!(
             "SELECT k.external_id AS key, k.id, t.deleted_at IS NOT NULL AS deleted, k.created_at
              FROM (SELECT ticket_id AS id, created_at, external_id FROM ticket_keys WHERE external_id = ANY($1)) k
              {}",
             probe_tickets("k", "t")
-        ))
-        .bind::<Array<Text>, _>(&missing)
+        )
+    } else {
+        "SELECT external_id AS key, id, deleted_at IS NOT NULL AS deleted, NULL::timestamptz AS created_at
+         FROM tickets WHERE external_id = ANY($1)"
+            .to_string()
+    };
+    let found: Vec<FoundTicket> = sql_query(sql)
+        .bind::<Array<Text>, _>(&keys)
         .load(conn)
         .context("cannot look up tickets")?;
-        let keyed: std::collections::HashSet<&str> = found.iter().map(|f| f.found.key.as_str()).collect();
-        missing.retain(|k| !keyed.contains(k));
-    }
-    if !missing.is_empty() {
-        let unkeyed: Vec<FoundTicket> = sql_query(by_parent)
-            .bind::<Array<Text>, _>(&missing)
-            .load(conn)
-            .context("cannot look up tickets")?;
-        found.extend(unkeyed);
-    }
     Ok(found
         .into_iter()
         .map(|FoundTicket { found, created_at }| {
