@@ -524,8 +524,9 @@ fn name_held_rows<K: ImportKind>(
 /// Of `keys` in `table.column`, those whose rows another session holds locked now: the rows
 /// that are not locked are taken with SKIP LOCKED in a transaction that is rolled back at
 /// once. On Citus, which takes row locks only in one-shard statements, the rows of a
-/// distributed table are found first and then tried shard by shard; comments on the keyed
-/// layouts are found by their keys, then taken by their tickets. `None` when the lookup
+/// distributed table are found first and then tried shard by shard; where the key has no index
+/// on the table itself (the tickets' on partitions, the comments' on both keyed layouts) the
+/// rows are found through their key table, then taken by their tickets. `None` when the lookup
 /// itself fails.
 pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys: &[String]) -> Option<Vec<String>> {
     use diesel::RunQueryDsl;
@@ -543,65 +544,53 @@ pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys
         key: String,
     }
     let layout = crate::layout::Layout::of(conn).ok()?;
-    // The ticket id each distributed table is spread by (on partitions, what the rows are
-    // taken by).
-    let ticket_column = match table {
-        "tickets" if layout.keyed() => Some("id"),
-        "comments" if layout.keyed() => Some("ticket_id"),
+    // On the keyed layouts: where the keys are found with their ticket's id (that column
+    // there), and the column of `table` holding the ticket's id, which the rows are taken by.
+    let by_ticket = match table {
+        "tickets" if layout.partitioned() => Some(("ticket_keys", "ticket_id", "id")),
+        "tickets" if layout.distributed() => Some(("tickets", "id", "id")),
+        "comments" if layout.keyed() => Some(("comment_keys", "ticket_id", "ticket_id")),
         _ => None,
-    };
-    // Where the keys are found with their ticket: on partitions the tickets' external_id and
-    // on both keyed layouts the comments' have no index of their own (the keys tables keep
-    // them unique).
-    let keys_table = match table {
-        "tickets" if layout.partitioned() => "ticket_keys",
-        "comments" if layout.keyed() => "comment_keys",
-        _ => table,
     };
     let mut held = None;
     let _ = conn.transaction::<(), diesel::result::Error, _>(|conn| {
-        let (all, free): (Vec<String>, Vec<String>) = if let Some(ticket_column) = ticket_column {
-            // (Both key tables name the ticket `ticket_id`.)
-            let placed_ticket = if keys_table == table {
-                ticket_column
-            } else {
-                "ticket_id"
-            };
-            let placed: Vec<Placed> = diesel::sql_query(format!(
+        let (all, free): (Vec<String>, Vec<String>) =
+            if let Some((keys_table, placed_ticket, ticket_column)) = by_ticket {
+                let placed: Vec<Placed> = diesel::sql_query(format!(
                 "SELECT {placed_ticket} AS ticket_id, {column}::text AS key FROM {keys_table} WHERE {column} = ANY($1)"
             ))
             .bind::<Array<Text>, _>(keys)
             .load(conn)?;
-            let mut tickets: Vec<i64> = placed.iter().map(|p| p.ticket_id).collect();
-            tickets.sort_unstable();
-            tickets.dedup();
-            let free = layout.lock_per_shard(conn, &tickets, |conn, tickets| {
-                diesel::sql_query(format!(
-                    "SELECT {column}::text AS key FROM {table}
+                let mut tickets: Vec<i64> = placed.iter().map(|p| p.ticket_id).collect();
+                tickets.sort_unstable();
+                tickets.dedup();
+                let free = layout.lock_per_shard(conn, &tickets, |conn, tickets| {
+                    diesel::sql_query(format!(
+                        "SELECT {column}::text AS key FROM {table}
                      WHERE {ticket_column} = ANY($1) AND {column} = ANY($2) FOR NO KEY UPDATE SKIP LOCKED"
-                ))
-                .bind::<Array<BigInt>, _>(tickets)
-                .bind::<Array<Text>, _>(keys)
-                .load::<Key>(conn)
-            })?;
-            (
-                placed.into_iter().map(|p| p.key).collect(),
-                free.into_iter().map(|k| k.key).collect(),
-            )
-        } else {
-            let select = |lock: &str| {
-                diesel::sql_query(format!(
-                    "SELECT {column}::text AS key FROM {table} WHERE {column} = ANY($1) ORDER BY 1 {lock}"
-                ))
-                .bind::<Array<Text>, _>(keys)
+                    ))
+                    .bind::<Array<BigInt>, _>(tickets)
+                    .bind::<Array<Text>, _>(keys)
+                    .load::<Key>(conn)
+                })?;
+                (
+                    placed.into_iter().map(|p| p.key).collect(),
+                    free.into_iter().map(|k| k.key).collect(),
+                )
+            } else {
+                let select = |lock: &str| {
+                    diesel::sql_query(format!(
+                        "SELECT {column}::text AS key FROM {table} WHERE {column} = ANY($1) ORDER BY 1 {lock}"
+                    ))
+                    .bind::<Array<Text>, _>(keys)
+                };
+                let all: Vec<Key> = select("").load(conn)?;
+                let free: Vec<Key> = select("FOR NO KEY UPDATE SKIP LOCKED").load(conn)?;
+                (
+                    all.into_iter().map(|k| k.key).collect(),
+                    free.into_iter().map(|k| k.key).collect(),
+                )
             };
-            let all: Vec<Key> = select("").load(conn)?;
-            let free: Vec<Key> = select("FOR NO KEY UPDATE SKIP LOCKED").load(conn)?;
-            (
-                all.into_iter().map(|k| k.key).collect(),
-                free.into_iter().map(|k| k.key).collect(),
-            )
-        };
         let free: std::collections::HashSet<String> = free.into_iter().collect();
         let mut still_held: Vec<String> = all.into_iter().filter(|k| !free.contains(k)).collect();
         still_held.sort();
