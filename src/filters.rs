@@ -13,9 +13,9 @@ use diesel::sql_types::{BigInt, Bool, Timestamptz};
 
 use crate::exit::UsageError;
 use crate::import::normalize::{self, InputZone};
-use crate::import::tickets::ticket_ids_by_external_id;
 use crate::layout::Layout;
 use crate::layout::partition_rows::{self, LOCKED_COLUMNS, LockedByPartition, PartitionRows};
+use crate::layout::ticket_ids_by_external_id;
 use crate::models::{TicketChannel, TicketPriority, TicketStatus};
 use crate::schema::{organizations, tags, ticket_tags, tickets, users};
 

@@ -196,6 +196,35 @@ impl Layout {
     }
 }
 
+/// The ids of the tickets with these external ids (those that exist). On the partitioned
+/// layout from the keys, which are written with their tickets: tickets.external_id has no index
+/// there (a ticket an application wrote without its key is not found, as on the distributed
+/// layout), and a probe of the parent would be a probe of every partition.
+pub fn ticket_ids_by_external_id(
+    conn: &mut PgConnection,
+    layout: Layout,
+    external_ids: &[&str],
+) -> diesel::QueryResult<std::collections::HashMap<String, i64>> {
+    #[derive(QueryableByName)]
+    struct IdExternal {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = Text)]
+        external_id: String,
+    }
+    let sql = if layout.partitioned() {
+        "SELECT ticket_id AS id, external_id FROM ticket_keys WHERE external_id = ANY($1)"
+    } else {
+        "SELECT id, external_id FROM tickets WHERE external_id = ANY($1)"
+    };
+    Ok(sql_query(sql)
+        .bind::<diesel::sql_types::Array<Text>, _>(external_ids)
+        .load::<IdExternal>(conn)?
+        .into_iter()
+        .map(|r| (r.external_id, r.id))
+        .collect())
+}
+
 /// The tickets of one batch as a statement addresses them. By id everywhere; on the partitioned
 /// layout also by each ticket's `created_at` (read from the keys), so that PostgreSQL reads only
 /// the partitions that hold them: by id alone, which is not the partition key, each batch read

@@ -216,7 +216,7 @@ struct Extra {
 /// its key on the partitioned layout (its tickets.external_id has no index).
 pub fn show(conn: &mut PgConnection, external_id: &str, comments: i64) -> anyhow::Result<Option<TicketDetail>> {
     let layout = crate::layout::Layout::of(conn)?;
-    let found = crate::import::tickets::ticket_ids_by_external_id(conn, layout, &[external_id])?;
+    let found = crate::layout::ticket_ids_by_external_id(conn, layout, &[external_id])?;
     let Some(&id) = found.get(external_id) else {
         return Ok(None);
     };

@@ -14,9 +14,9 @@ use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 use super::entities::{EntityCache, UserRef};
 use super::normalize;
 use super::source::{FieldSpec, RecordFields, RowError};
-use super::tickets::ticket_ids_by_external_id;
 use super::{Counts, ImportKind, Numbered, ParseOptions, WriterReject};
 use crate::layout::Layout;
+use crate::layout::ticket_ids_by_external_id;
 use crate::models::UserRole;
 
 mod keyed;

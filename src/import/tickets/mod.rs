@@ -11,7 +11,6 @@
 //!    before-images written to `audit_log` by the same statement. Unchanged rows are never
 //!    written, so a re-import leaves no dead tuples.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -37,7 +36,6 @@ pub use row::TicketRow;
 use write::{GATHERED_BATCHES, Gathered};
 
 use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
-pub(crate) use stored::ticket_ids_by_external_id;
 use stored::{Stored, StoredByKey, StoredFingerprints, StoredLookup, index_paths_only};
 use write::{STAGE_INDEX_SQL, STAGE_TABLE_SQL};
 

@@ -228,28 +228,6 @@ fn aggregated_links(conn: &mut PgConnection, stored: &[Ticket], dense: bool) -> 
         .collect())
 }
 
-/// The ids of the tickets with these external ids (those that exist). On the partitioned
-/// layout from the keys, which are written with their tickets and which comments and tag
-/// links refer to: every partition has its own index on external_id, and a probe of the
-/// parent is a probe of each (2,000 keys: 47 ms and 18 ms of planning against 12 ms).
-pub(crate) fn ticket_ids_by_external_id(
-    conn: &mut PgConnection,
-    layout: crate::layout::Layout,
-    external_ids: &[&str],
-) -> QueryResult<HashMap<String, i64>> {
-    let sql = if layout.partitioned() {
-        "SELECT ticket_id AS id, external_id FROM ticket_keys WHERE external_id = ANY($1)"
-    } else {
-        "SELECT id, external_id FROM tickets WHERE external_id = ANY($1)"
-    };
-    Ok(sql_query(sql)
-        .bind::<Array<Text>, _>(external_ids)
-        .load::<IdExternal>(conn)?
-        .into_iter()
-        .map(|r| (r.external_id, r.id))
-        .collect())
-}
-
 /// Reads the import fingerprints stored for a batch's keys, for the reader to skip the records
 /// that did not change. Like [`StoredLookup`], it guesses that a batch's tickets are the id
 /// range after the previous batch's: one primary-key range scan instead of 5,000 probes of the
@@ -438,11 +416,3 @@ pub(super) type Stored = (Ticket, Vec<i64>);
 /// as many slots as tickets, and an empty slot then takes a pointer instead of a ticket
 /// (1.1 MB instead of 0.6 for 2,000 tickets, with two or three batches in flight).
 pub(super) type StoredByKey = StrMap<String, Box<Stored>>;
-
-#[derive(QueryableByName)]
-pub(super) struct IdExternal {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = Text)]
-    external_id: String,
-}
