@@ -557,17 +557,18 @@ pub(super) fn held_keys(conn: &mut PgConnection, table: &str, column: &str, keys
         let (all, free): (Vec<String>, Vec<String>) =
             if let Some((keys_table, placed_ticket, ticket_column)) = by_ticket {
                 let placed: Vec<Placed> = diesel::sql_query(format!(
-                "SELECT {placed_ticket} AS ticket_id, {column}::text AS key FROM {keys_table} WHERE {column} = ANY($1)"
-            ))
-            .bind::<Array<Text>, _>(keys)
-            .load(conn)?;
+                    "SELECT {placed_ticket} AS ticket_id, {column}::text AS key
+                     FROM {keys_table} WHERE {column} = ANY($1)"
+                ))
+                .bind::<Array<Text>, _>(keys)
+                .load(conn)?;
                 let mut tickets: Vec<i64> = placed.iter().map(|p| p.ticket_id).collect();
                 tickets.sort_unstable();
                 tickets.dedup();
                 let free = layout.lock_per_shard(conn, &tickets, |conn, tickets| {
                     diesel::sql_query(format!(
                         "SELECT {column}::text AS key FROM {table}
-                     WHERE {ticket_column} = ANY($1) AND {column} = ANY($2) FOR NO KEY UPDATE SKIP LOCKED"
+                         WHERE {ticket_column} = ANY($1) AND {column} = ANY($2) FOR NO KEY UPDATE SKIP LOCKED"
                     ))
                     .bind::<Array<BigInt>, _>(tickets)
                     .bind::<Array<Text>, _>(keys)
