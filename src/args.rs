@@ -112,7 +112,7 @@ pub struct CsvArgs {
     #[arg(long, value_name = "FILE")]
     pub map_file: Option<PathBuf>,
     /// Read timestamps in this strftime format, e.g. '%d/%b/%y %I:%M %p' for 14/Jul/25 3:42 PM
-    /// (repeatable: tried in order, then the built-in RFC 3339 / ISO shapes)
+    /// (repeatable: tried in order, then the built-in RFC 3339 / ISO / RFC 2822 shapes)
     #[arg(long, value_name = "FORMAT")]
     pub date_format: Vec<String>,
     /// Field delimiter: one ASCII character, or 'tab'

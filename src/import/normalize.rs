@@ -189,14 +189,15 @@ pub fn timestamp_in(value: &str, zone: InputZone, formats: &[String]) -> Result<
     }
     timestamp(v, zone).map_err(|_| {
         format!(
-            "not a timestamp: {v:?} (tried --date-format {} and RFC 3339, YYYY-MM-DD HH:MM:SS[.frac], YYYY-MM-DD)",
+            "not a timestamp: {v:?} (tried --date-format {} and RFC 3339, YYYY-MM-DD HH:MM:SS[.frac], YYYY-MM-DD, RFC 2822)",
             formats.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
         )
     })
 }
 
 /// RFC 3339 (`2024-03-01T12:00:00Z`, `+02:00`), `YYYY-MM-DD HH:MM:SS[.frac]` (with `T` or a
-/// space, optional offset), or a bare date (midnight). An empty value is `None`.
+/// space, optional offset), a bare date (midnight), or RFC 2822 (`Tue, 14 May 2019 09:38:20
+/// +0000`). An empty value is `None`.
 pub fn timestamp(value: &str, zone: InputZone) -> Result<Option<DateTime<Utc>>, String> {
     let v = value.trim();
     if v.is_empty() {
@@ -268,6 +269,11 @@ fn parse_timestamp_formats(v: &str, zone: InputZone) -> Result<Option<DateTime<U
     if let Ok(dt) = DateTime::parse_from_rfc3339(v) {
         return Ok(Some(dt.with_timezone(&Utc)));
     }
+    // E-mail's date (`Tue, 14 May 2019 09:38:20 +0000`), as mail-fed helpdesks export it: it
+    // names its offset, so it is as unambiguous as RFC 3339.
+    if let Ok(dt) = DateTime::parse_from_rfc2822(v) {
+        return Ok(Some(dt.with_timezone(&Utc)));
+    }
     for format in [
         "%Y-%m-%d %H:%M:%S%.f%:z",
         "%Y-%m-%d %H:%M:%S%.f%#z",
@@ -310,8 +316,8 @@ fn parse_timestamp_formats(v: &str, zone: InputZone) -> Result<Option<DateTime<U
         }
     }
     Err(format!(
-        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM[:SS[.frac]], YYYY/MM/DD … or YYYY-MM-DD; \
-         another format can be named with --date-format)"
+        "not a timestamp: {v:?} (expected RFC 3339, YYYY-MM-DD HH:MM[:SS[.frac]], YYYY/MM/DD …, YYYY-MM-DD \
+         or RFC 2822; another format can be named with --date-format)"
     ))
 }
 
@@ -405,6 +411,13 @@ mod tests {
         assert_eq!(expect("2024-03-01T12:00Z"), "2024-03-01T12:00:00+00:00");
         assert_eq!(expect("2024/03/01 12:00:00"), "2024-03-01T12:00:00+00:00");
         assert_eq!(expect("2024/03/01"), "2024-03-01T00:00:00+00:00");
+        assert_eq!(expect("Tue, 14 May 2019 09:38:20 +0200"), "2019-05-14T07:38:20+00:00");
+        assert_eq!(expect("14 May 2019 09:38 -0000"), "2019-05-14T09:38:00+00:00");
+        assert_eq!(expect("Tue, 14 May 2019 09:38:20 GMT"), "2019-05-14T09:38:20+00:00");
+        assert!(
+            timestamp("Tue, 14 May 2019 09:38:20", utc).is_err(),
+            "RFC 2822 names its offset"
+        );
         assert!(timestamp("01/03/2024", utc).is_err(), "day or month first: ambiguous");
         assert_eq!(timestamp("  ", utc), Ok(None));
         assert!(timestamp("2024-13-01", utc).is_err());
