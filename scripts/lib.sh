@@ -73,6 +73,37 @@ ensure_citus() {
 
 # Starts the project-local server (if needed) and exports DATABASE_URL for it. Sets
 # STARTED_PG=1 when this call started it, so the caller can stop it again.
+# For the test suite: the de_DE.UTF-8 locale, so that a test can give a database translated
+# server messages (lc_messages) — ticketops must still tell a lock timeout from them. Made with
+# localedef from the distribution's `locales` data; a server that was running before the locale
+# existed cannot use it until it restarts, which this does when it started it.
+ensure_test_locale() {
+    locale -a 2>/dev/null | grep -qix 'de_DE.utf8' && return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || {
+            echo "error: the tests need the de_DE.UTF-8 locale; make it as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8" >&2
+            exit 1
+        }
+        sudo=sudo
+    fi
+    if [ ! -e /usr/share/i18n/locales/de_DE ]; then
+        echo "installing locales from the distribution's packages (for the de_DE.UTF-8 test locale)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        $sudo apt-get update -qq >&2
+        $sudo apt-get install -y -qq locales >&2
+    fi
+    echo "making the de_DE.UTF-8 locale for the tests (localedef)" >&2
+    $sudo localedef -i de_DE -f UTF-8 de_DE.UTF-8
+    if "$project_dir/scripts/pg" status >/dev/null 2>&1; then
+        echo "restarting the local server so that it sees the new locale" >&2
+        "$project_dir/scripts/pg" stop >/dev/null
+    fi
+    if "$project_dir/scripts/pg" status --citus >/dev/null 2>&1; then
+        "$project_dir/scripts/pg" stop --citus >/dev/null
+    fi
+}
+
 start_local_pg() {
     STARTED_PG=0
     if ! "$project_dir/scripts/pg" status >/dev/null 2>&1; then

@@ -74,12 +74,20 @@ impl Context {
     /// A pool of `size` connections to the configured database, checked to be reachable and
     /// to have every migration of this binary applied.
     pub fn pool(&self, size: u32) -> anyhow::Result<db::Pool> {
-        db::connect_pool(self.database_url()?, size, db::SchemaCheck::UpToDate)
+        self.pool_checking(size, db::SchemaCheck::UpToDate)
     }
 
     /// A pool to a database whose schema may be behind (for `doctor`, which reports it).
     pub fn pool_any_schema(&self, size: u32) -> anyhow::Result<db::Pool> {
-        db::connect_pool(self.database_url()?, size, db::SchemaCheck::None)
+        self.pool_checking(size, db::SchemaCheck::None)
+    }
+
+    fn pool_checking(&self, size: u32, schema: db::SchemaCheck) -> anyhow::Result<db::Pool> {
+        let (pool, warning) = db::connect_pool_noting(self.database_url()?, size, schema)?;
+        if let Some(warning) = warning {
+            self.info(format_args!("warning: {warning}"));
+        }
+        Ok(pool)
     }
 
     /// Where progress bars go: `--progress always` draws even when stderr is no terminal;

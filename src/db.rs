@@ -25,14 +25,24 @@ use crate::conninfo::{scrub, with_connection_params};
 /// Connects once directly, so that an unreachable server gives libpq's own message rather
 /// than the pool's "timed out", then builds the pool.
 pub fn connect_pool(url: &str, size: u32, schema: SchemaCheck) -> anyhow::Result<Pool> {
+    connect_pool_noting(url, size, schema).map(|(pool, _)| pool)
+}
+
+/// `connect_pool`, and a warning for the person running the command when the server's
+/// messages stay translated (see [`MessageLanguage`]).
+pub fn connect_pool_noting(url: &str, size: u32, schema: SchemaCheck) -> anyhow::Result<(Pool, Option<String>)> {
     let full_url = with_connection_params(url);
     let mut first = establish(url)?;
     if schema == SchemaCheck::UpToDate {
         require_current_schema(&mut first)?;
     }
+    let language = MessageLanguage::of(&mut first)?;
+    if language == MessageLanguage::SetToC {
+        UNTRANSLATED_MESSAGES.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     drop(first);
     let manager = ConnectionManager::<PgConnection>::new(full_url);
-    diesel::r2d2::Pool::builder()
+    let pool = diesel::r2d2::Pool::builder()
         .max_size(size.max(1))
         .min_idle(Some(0))
         .test_on_check_out(true)
@@ -45,7 +55,67 @@ pub fn connect_pool(url: &str, size: u32, schema: SchemaCheck) -> anyhow::Result
                 mask_url(url),
                 scrub(&err.to_string(), url)
             )
+        })?;
+    Ok((pool, language.warning()))
+}
+
+/// Whether ticketops' sessions ask for untranslated messages ([`MessageLanguage::SetToC`]): each
+/// pooled session, and each batch transaction again with `SET LOCAL`, which Citus passes on to
+/// the workers' sessions, whose errors the coordinator relays in the workers' language. One
+/// flag for the process: a run works on one database.
+static UNTRANSLATED_MESSAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The language of the server's messages to ticketops' sessions. ticketops tells the
+/// failures worth retrying — a lock timeout, a deadlock, a lock not available
+/// ([`crate::job::is_transient`]) — by their English text: Diesel's errors carry no SQLSTATE.
+/// On a server whose `lc_messages` translates them, each would end a run instead of being
+/// retried. So where the server lets a session choose (`lc_messages` is a superuser's setting,
+/// or granted with `GRANT SET ON PARAMETER`), every session asks for untranslated messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageLanguage {
+    /// English already (`C`, `POSIX`, `en_*`), or the server's environment's (an empty setting).
+    English,
+    /// Translated by default, untranslated in ticketops' sessions.
+    SetToC,
+    /// Translated, and this role may not change it: the value and the role.
+    Translated { value: String, role: String },
+}
+
+impl MessageLanguage {
+    fn of(conn: &mut PgConnection) -> anyhow::Result<Self> {
+        use diesel::connection::SimpleConnection;
+        #[derive(diesel::QueryableByName)]
+        struct Setting {
+            #[diesel(sql_type = Text)]
+            value: String,
+            #[diesel(sql_type = Text)]
+            role: String,
+        }
+        let Setting { value, role } =
+            sql_query("SELECT current_setting('lc_messages') AS value, quote_ident(current_user) AS role")
+                .get_result(conn)
+                .context("cannot read the server's lc_messages")?;
+        let lower = value.to_ascii_lowercase();
+        if lower.is_empty() || lower == "c" || lower.starts_with("c.") || lower == "posix" || lower.starts_with("en") {
+            return Ok(Self::English);
+        }
+        Ok(match conn.batch_execute("SET lc_messages TO 'C'") {
+            Ok(()) => Self::SetToC,
+            Err(_) => Self::Translated { value, role },
         })
+    }
+
+    fn warning(&self) -> Option<String> {
+        match self {
+            Self::Translated { value, role } => Some(format!(
+                "the server's messages are in {value:?} (lc_messages) and role {role} may not change that: \
+                 lock timeouts and deadlocks, recognized by their English text, will fail the run instead of \
+                 being retried; a superuser can allow it (PostgreSQL 15+: GRANT SET ON PARAMETER lc_messages \
+                 TO {role}) or set it (ALTER ROLE {role} SET lc_messages = 'C')"
+            )),
+            Self::English | Self::SetToC => None,
+        }
+    }
 }
 
 /// Whether a command needs the schema of this binary's migrations before it starts.
@@ -126,6 +196,8 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// but it also replanned every foreign-key check and cascade the server runs for each row
 /// and every statement of the PL/pgSQL triggers: an import's inserts and a retention's key
 /// deletes cost twice their time.)
+/// And with untranslated messages where the server translates them and lets the role choose
+/// ([`MessageLanguage`]).
 #[derive(Debug)]
 struct UtcSession;
 
@@ -136,7 +208,12 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
         // On Citus, SET LOCAL (the batch timeouts) reaches the workers' sessions too; elsewhere
         // the setting is an unused placeholder.
         conn.batch_execute("SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local'")
-            .map_err(diesel::r2d2::Error::QueryError)
+            .map_err(diesel::r2d2::Error::QueryError)?;
+        if UNTRANSLATED_MESSAGES.load(std::sync::atomic::Ordering::Relaxed) {
+            conn.batch_execute("SET lc_messages TO 'C'")
+                .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(())
     }
 }
 
@@ -224,11 +301,17 @@ pub fn keep_fingerprints(conn: &mut PgConnection) -> QueryResult<()> {
     conn.batch_execute("SET LOCAL ticketops.fingerprints_kept = on")
 }
 
-/// Sets the timeouts for the rest of the current transaction only.
+/// Sets the timeouts for the rest of the current transaction only (and untranslated
+/// messages again, for Citus' workers: see [`UNTRANSLATED_MESSAGES`]).
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;
+    let messages = if UNTRANSLATED_MESSAGES.load(std::sync::atomic::Ordering::Relaxed) {
+        "; SET LOCAL lc_messages TO 'C'"
+    } else {
+        ""
+    };
     conn.batch_execute(&format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}{messages}",
         timeouts.lock_timeout.as_millis(),
         timeouts.statement_timeout.as_millis()
     ))

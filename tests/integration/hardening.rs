@@ -469,6 +469,49 @@ fn an_import_batch_waiting_on_a_held_row_is_retried_with_backoff() {
     );
 }
 
+/// ticketops tells a lock timeout by its English text (Diesel's errors carry no SQLSTATE). On a
+/// server whose messages are translated its sessions ask for untranslated ones, so the batch is
+/// still retried; a role that may not choose is warned, until it is granted the setting. Needs
+/// the de_DE.UTF-8 locale on the server's machine (scripts/test makes it).
+#[test]
+fn lock_timeouts_are_retried_on_a_server_whose_messages_are_translated() {
+    let db = TestDb::new();
+    db.conn_result(&format!("ALTER DATABASE {} SET lc_messages = 'de_DE.UTF-8'", db.name))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: the server's machine needs the de_DE.UTF-8 locale, made before the server started \
+                 (scripts/test makes it: localedef -i de_DE -f UTF-8 de_DE.UTF-8)"
+            )
+        });
+    assert!(
+        db.conn_result("SELECT 1/0")
+            .unwrap_err()
+            .contains("Division durch Null"),
+        "the database's messages are not translated"
+    );
+    let dir = scratch("import-retry-translated");
+    let file = generate(&dir, "t.csv", &["tickets", "--rows", "300", "--seed", "4"]);
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    db.execute("UPDATE tickets SET subject = 'changed by the app' WHERE external_id = 'T-000005'");
+    let holder = hold_ticket_lock(&db, "T-000005", Duration::from_millis(1500));
+    let (run, summary) = import(&db, &dir, "tickets", &file, &["--lock-timeout", "200ms", "-v"]);
+    run.expect_code(0)
+        .stderr_has("canceling statement due to lock timeout; retry 1 of 5");
+    holder.join().unwrap();
+    assert_eq!(summary["updated"], 1);
+    assert!(!run.stderr.contains("lc_messages"), "{}", run.explain());
+
+    let (role, url) = db.cleaner_role("translated");
+    let doctor = |url: &str| ticketops(None, &dir, &["doctor"]).env("DATABASE_URL", url).run();
+    doctor(&url).stderr_has("warning: the server's messages are in \"de_DE.UTF-8\" (lc_messages)");
+    db.execute(&format!("GRANT SET ON PARAMETER lc_messages TO {role}"));
+    let granted = doctor(&url);
+    assert!(!granted.stderr.contains("lc_messages"), "{}", granted.explain());
+    db.execute(&format!(
+        "REVOKE SET ON PARAMETER lc_messages FROM {role}; DROP OWNED BY {role}; DROP ROLE {role}"
+    ));
+}
+
 #[test]
 fn an_import_that_cannot_get_its_rows_names_them_and_resumes_from_that_batch() {
     let db = TestDb::new();
