@@ -20,18 +20,28 @@ ensure_system_packages() {
         missing+=(postgresql-15-partman)
     fi
     [ ${#missing[@]} -eq 0 ] && return 0
-    local sudo=""
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || {
-            echo "error: missing packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
-            exit 1
-        }
-        sudo=sudo
-    fi
-    echo "installing ${missing[*]} from the distribution's packages" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq >&2
-    $sudo apt-get install -y -qq "${missing[@]}" >&2
+    can_be_root || {
+        echo "error: missing packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
+        exit 1
+    }
+    apt_install "${missing[@]}"
+}
+
+# Whether this user can run commands as root: is root, or has sudo.
+can_be_root() {
+    [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1
+}
+
+# Runs a command as root: directly, or through sudo (see can_be_root).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Installs packages from the distribution's archive, as root.
+apt_install() {
+    echo "installing $* from the distribution's packages" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
 
 # The PostgreSQL major whose server binaries the local clusters use (the newest installed).
@@ -51,12 +61,8 @@ ensure_citus() {
     [ -f "$CITUS_SRC" ] || { echo "error: CITUS_SRC=$CITUS_SRC is not a file" >&2; exit 1; }
     [ "$(id -u)" -eq 0 ] || { echo "error: building Citus from $CITUS_SRC needs root (it installs into the server)" >&2; exit 1; }
     echo "building Citus from $CITUS_SRC for PostgreSQL $major (a few minutes)" >&2
-    export DEBIAN_FRONTEND=noninteractive
     local packages=(build-essential "postgresql-server-dev-$major" libkrb5-dev liblz4-dev libzstd-dev)
-    if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then
-        apt-get update -qq >&2
-        apt-get install -y -qq "${packages[@]}" >&2
-    fi
+    dpkg -s "${packages[@]}" >/dev/null 2>&1 || apt_install "${packages[@]}"
     local build
     build=$(mktemp -d)
     tar -xzf "$CITUS_SRC" -C "$build"
@@ -76,32 +82,23 @@ ensure_citus() {
 # For the test suite: the de_DE.UTF-8 locale, so that a test can give a database translated
 # server messages (lc_messages) — ticketops must still tell a lock timeout from them. Made with
 # localedef from the distribution's `locales` data; a server that was running before the locale
-# existed cannot use it until it restarts, which this does when it started it.
+# existed cannot use it until it restarts, so a running local server is stopped (the suite starts it).
 ensure_test_locale() {
     locale -a 2>/dev/null | grep -qix 'de_DE.utf8' && return 0
-    local sudo=""
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || {
-            echo "error: the tests need the de_DE.UTF-8 locale; make it as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8" >&2
-            exit 1
-        }
-        sudo=sudo
-    fi
-    if [ ! -e /usr/share/i18n/locales/de_DE ]; then
-        echo "installing locales from the distribution's packages (for the de_DE.UTF-8 test locale)" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        $sudo apt-get update -qq >&2
-        $sudo apt-get install -y -qq locales >&2
-    fi
+    can_be_root || {
+        echo "error: the tests need the de_DE.UTF-8 locale; make it as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8" >&2
+        exit 1
+    }
+    [ -e /usr/share/i18n/locales/de_DE ] || apt_install locales
     echo "making the de_DE.UTF-8 locale for the tests (localedef)" >&2
-    $sudo localedef -i de_DE -f UTF-8 de_DE.UTF-8
-    if "$project_dir/scripts/pg" status >/dev/null 2>&1; then
-        echo "restarting the local server so that it sees the new locale" >&2
-        "$project_dir/scripts/pg" stop >/dev/null
-    fi
-    if "$project_dir/scripts/pg" status --citus >/dev/null 2>&1; then
-        "$project_dir/scripts/pg" stop --citus >/dev/null
-    fi
+    as_root localedef -i de_DE -f UTF-8 de_DE.UTF-8
+    local citus
+    for citus in "" --citus; do
+        if "$project_dir/scripts/pg" status $citus >/dev/null 2>&1; then
+            echo "stopping the local server${citus:+ (Citus)}: it starts again with the new locale" >&2
+            "$project_dir/scripts/pg" stop $citus >/dev/null
+        fi
+    done
 }
 
 start_local_pg() {
