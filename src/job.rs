@@ -91,10 +91,20 @@ pub struct RunStats {
 pub const CONCURRENT_CHANGE: &str = "changed concurrently";
 
 /// Whether a database error is worth retrying: the batch lost a race with another
-/// transaction, and a moment later it will likely win.
+/// transaction, and a moment later it will likely win. A serialization failure is told by its
+/// SQLSTATE (Diesel's one transient kind); the others by their English text, which
+/// `db::MessageLanguage` keeps untranslated where the server allows.
 pub fn is_transient(err: &anyhow::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    let serialization_failure = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<Error>(),
+            Some(Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _))
+        )
+    });
     let text = format!("{err:#}");
-    text.contains("lock timeout")
+    serialization_failure
+        || text.contains("lock timeout")
         || text.contains(CONCURRENT_CHANGE)
         || text.contains("deadlock detected")
         || text.contains("could not serialize access")
@@ -390,6 +400,30 @@ mod tests {
     use super::*;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn transient_errors_by_sqlstate_or_english_text() {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let database = |kind, message: &str| {
+            anyhow::Error::from(Error::DatabaseError(kind, Box::new(message.to_string())))
+                .context("cannot merge changed tickets")
+        };
+        let german = "konnte Zugriff nicht serialisieren wegen Lese/Schreib-Abhängigkeiten zwischen Transaktionen";
+        assert!(is_transient(&database(DatabaseErrorKind::SerializationFailure, german)));
+        assert!(is_transient(&database(
+            DatabaseErrorKind::Unknown,
+            "canceling statement due to lock timeout"
+        )));
+        assert!(is_transient(&database(DatabaseErrorKind::Unknown, "deadlock detected")));
+        assert!(!is_transient(&database(
+            DatabaseErrorKind::UniqueViolation,
+            "duplicate key value violates unique constraint"
+        )));
+        assert!(!is_transient(&database(
+            DatabaseErrorKind::Unknown,
+            "canceling statement due to statement timeout"
+        )));
+    }
 
     #[test]
     fn a_slow_batch_shrinks_the_next_at_once_and_a_quick_one_grows_it_at_most_twofold() {
