@@ -67,7 +67,8 @@ static UNTRANSLATED_MESSAGES: std::sync::atomic::AtomicBool = std::sync::atomic:
 
 /// The language of the server's messages to ticketops' sessions. ticketops tells the
 /// failures worth retrying — a lock timeout, a deadlock, a lock not available
-/// ([`crate::job::is_transient`]) — by their English text: Diesel's errors carry no SQLSTATE.
+/// ([`crate::job::is_transient`]) — by their English text: Diesel's errors carry no SQLSTATE
+/// for them.
 /// On a server whose `lc_messages` translates them, each would end a run instead of being
 /// retried. So where the server lets a session choose (`lc_messages` is a superuser's setting,
 /// or granted with `GRANT SET ON PARAMETER`), every session asks for untranslated messages.
@@ -99,10 +100,16 @@ impl MessageLanguage {
         if lower.is_empty() || lower == "c" || lower.starts_with("c.") || lower == "posix" || lower.starts_with("en") {
             return Ok(Self::English);
         }
-        Ok(match conn.batch_execute("SET lc_messages TO 'C'") {
-            Ok(()) => Self::SetToC,
-            Err(_) => Self::Translated { value, role },
-        })
+        if conn.batch_execute("SET lc_messages TO 'C'").is_ok() {
+            return Ok(Self::SetToC);
+        }
+        // A server built without translations (or without this language's) speaks English
+        // whatever the setting: ask it something it must refuse, and read the answer.
+        let answer = conn.batch_execute("SELECT 1 / 0").map_err(|e| e.to_string());
+        if answer.is_err_and(|message| message.contains("division by zero")) {
+            return Ok(Self::English);
+        }
+        Ok(Self::Translated { value, role })
     }
 
     fn warning(&self) -> Option<String> {
