@@ -104,8 +104,11 @@ impl MessageLanguage {
             return Ok(Self::SetToC);
         }
         // A server built without translations (or without this language's) speaks English
-        // whatever the setting: ask it something it must refuse, and read the answer.
-        let answer = conn.batch_execute("SELECT 1 / 0").map_err(|e| e.to_string());
+        // whatever the setting: ask it something it must refuse, and read the answer (named,
+        // for whoever reads the server log's error line).
+        let answer = conn
+            .batch_execute("SELECT 1 / 0 AS ticketops_asks_the_language_of_messages")
+            .map_err(|e| e.to_string());
         if answer.is_err_and(|message| message.contains("division by zero")) {
             return Ok(Self::English);
         }
