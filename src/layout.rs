@@ -704,6 +704,12 @@ pub struct PartitionHealth {
     /// The same two for comments.
     pub months_without_comments: Vec<String>,
     pub comments_months_without_key: Vec<String>,
+    /// Tickets created since `recent_since` (the previous month's first day, in UTC: the months
+    /// applications write into) without a row in ticket_keys: written by an application that
+    /// does not write keys, so their external_id is kept unique by nothing and lookups by it do
+    /// not find them. Older months are not read (an anti-join of every ticket: minutes at 10^8).
+    pub recent_without_key: i64,
+    pub recent_since: chrono::DateTime<chrono::Utc>,
 }
 
 /// The months of tickets (the default partition too) without their month of `table`
@@ -772,6 +778,15 @@ impl PartitionHealth {
         let now = chrono::Utc::now();
         let spans: Vec<_> = months.iter().map(|m| (m.from, m.until)).collect();
         let ahead_until = contiguous_until(&spans, now);
+        let recent_since = previous_month_start(now);
+        let recent_without_key: crate::db::Count = sql_query(
+            "SELECT count(*) AS n FROM tickets t
+             WHERE t.created_at >= $1
+               AND NOT EXISTS (SELECT 1 FROM ticket_keys k WHERE k.ticket_id = t.id)",
+        )
+        .bind::<diesel::sql_types::Timestamptz, _>(recent_since)
+        .get_result(conn)
+        .context("cannot look for recent tickets without their key")?;
         Ok(PartitionHealth {
             partitions: months.len() as i64,
             first_from: months.iter().map(|m| m.from).min(),
@@ -787,6 +802,8 @@ impl PartitionHealth {
             links_months_without_key: months_without_key(conn, "ticket_tags")?,
             months_without_comments: months_without(conn, "comments")?,
             comments_months_without_key: months_without_key(conn, "comments")?,
+            recent_without_key: recent_without_key.n,
+            recent_since,
         })
     }
 
@@ -867,6 +884,19 @@ impl PartitionHealth {
                 ));
             }
         }
+        if self.recent_without_key > 0 {
+            problems.push(format!(
+                "{} ticket(s) created since {} have no row in ticket_keys: something writes tickets without their \
+                 keys, so nothing keeps their external_id unique and no lookup by external_id finds them (an import \
+                 would add a second ticket); write the key in the ticket's transaction (docs/scaling.md), and for \
+                 these: INSERT INTO ticket_keys (ticket_id, external_id, created_at) SELECT id, external_id, \
+                 created_at FROM tickets t WHERE created_at >= '{}' AND NOT EXISTS \
+                 (SELECT 1 FROM ticket_keys k WHERE k.ticket_id = t.id)",
+                self.recent_without_key,
+                self.recent_since.format("%Y-%m-%d"),
+                self.recent_since.format("%Y-%m-%d"),
+            ));
+        }
         if self.default_rows > 0 {
             problems.push(format!(
                 "{} row(s) in the default partition tickets_default: a partition for their month cannot be made \
@@ -876,6 +906,14 @@ impl PartitionHealth {
         }
         problems
     }
+}
+
+/// Midnight UTC of the first day of the month before `now`'s.
+fn previous_month_start(now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    use chrono::Datelike;
+    let first = now.date_naive().with_day(1).expect("every month has a first day");
+    let previous = first.checked_sub_months(chrono::Months::new(1)).unwrap_or(first);
+    previous.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
 }
 
 /// Where the spans (each `[from, until)`, sorted by `from`) cover time without a gap from the

@@ -12,7 +12,7 @@ use crate::layout::{Layout, PartitionHealth};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Exits 1 when the database is unreachable, migrations are\npending, a foreign key lacks an index, the months ahead end within a month, the maintenance has\nnot run for a whole month, rows sit in the default partition, or pg_partman has a retention of its own\nfor tickets (it would drop months without their keys, comments and tag links)."
+    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Also counts the tickets of this month and the last\nwithout their row in ticket_keys (written by something that does not write keys). Exits 1 when the\ndatabase is unreachable, migrations are pending, a foreign key lacks an index, the months ahead end\nwithin a month, the maintenance has not run for a whole month, rows sit in the default partition,\nrecent tickets lack their keys, or pg_partman has a retention of its own for tickets (it would drop\nmonths without their keys, comments and tag links)."
 )]
 pub struct Args {}
 
@@ -195,6 +195,11 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 "maintenance    pg_partman premake {}: months made ahead to {}, {ran}",
                 p.premake.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
                 day(p.ahead_until),
+            );
+            crate::outln!(
+                "keys           {} ticket(s) created since {} without their row in ticket_keys",
+                p.recent_without_key,
+                day(Some(p.recent_since))
             );
         }
         if let Some(c) = &cluster {
