@@ -22,12 +22,18 @@ pub struct Archive {
 }
 
 impl Archive {
-    pub fn new(path: PathBuf, header: &'static [&'static str]) -> Archive {
-        Archive {
+    /// The archive at `path`, created at the first batch or appended to. Checked now, before
+    /// anything is removed: an existing file must be an archive of the same kind that ends with
+    /// a whole line — appended to anything else, the file would not import back (a header of
+    /// another kind, or the first record glued to a line a crash cut short) — and a new one's
+    /// directory must exist.
+    pub fn open(path: PathBuf, header: &'static [&'static str]) -> anyhow::Result<Archive> {
+        check_appendable(&path, header)?;
+        Ok(Archive {
             path,
             header,
             file: None,
-        }
+        })
     }
 
     /// Appends rows; returns the length before them, to cut back to on failure.
@@ -83,6 +89,59 @@ impl Archive {
             let _ = file.sync_data();
         }
     }
+}
+
+fn check_appendable(path: &std::path::Path, header: &[&str]) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let shown = path.display();
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+                anyhow::bail!(
+                    "cannot write the archive {shown}: the directory {} does not exist",
+                    dir.display()
+                );
+            }
+            return Ok(());
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot read the archive {shown}")),
+    };
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot read the archive {shown}"))?
+        .len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::End(-1))
+        .and_then(|_| file.read_exact(&mut last))
+        .with_context(|| format!("cannot read the archive {shown}"))?;
+    if last[0] != b'\n' {
+        anyhow::bail!(
+            "the archive {shown} exists and does not end with a line end (a write cut short?): what is appended \
+             would join its last line; check that line, or name another file"
+        );
+    }
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("cannot read the archive {shown}"))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(std::io::BufReader::new(file).take(1 << 20));
+    let first = reader.records().next().and_then(Result::ok);
+    if !first
+        .as_ref()
+        .is_some_and(|record| record.iter().eq(header.iter().copied()))
+    {
+        anyhow::bail!(
+            "the archive {shown} exists but does not begin with this archive's header ({}): what is appended \
+             could not be imported back from it; name another file",
+            header.join(",")
+        );
+    }
+    Ok(())
 }
 
 #[derive(QueryableByName)]

@@ -770,6 +770,88 @@ fn ops_list_and_show() {
         .expect_code(2);
 }
 
+/// A retention or purge appends to an existing archive only if it is one of the same kind
+/// ending with a whole line; anything else is refused before anything is removed. Two runs into
+/// the same archives (on the partitioned layout whole months, written by COPY) import back whole.
+#[test]
+fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
+    let db = TestDb::new();
+    let dir = scratch("archive-append");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
+    let before = db.checksum("tickets");
+    let retention = |cutoff: &str, archive: &str, comments: &str| {
+        ticketops(
+            Some(&db),
+            &dir,
+            &[
+                "--json",
+                "cleanup",
+                "retention",
+                "--created-before",
+                cutoff,
+                "--archive",
+                archive,
+                "--archive-comments",
+                comments,
+                "--apply",
+                "--yes",
+            ],
+        )
+        .run()
+    };
+    std::fs::write(dir.join("notes.csv"), "my notes\n").unwrap();
+    std::fs::write(dir.join("cut.csv"), "external_id,subject\nT-1,half a li").unwrap();
+    retention("2023-07-01", "notes.csv", "new-comments.csv")
+        .expect_code(1)
+        .stderr_has("the archive notes.csv exists but does not begin with this archive's header");
+    retention("2023-07-01", "cut.csv", "new-comments.csv")
+        .expect_code(1)
+        .stderr_has("the archive cut.csv exists and does not end with a line end");
+    retention("2023-07-01", "missing/old.csv", "new-comments.csv")
+        .expect_code(1)
+        .stderr_has("the directory missing does not exist");
+    ticketops(
+        Some(&db),
+        &dir,
+        &["cleanup", "purge", "--deleted-before", "0d", "--archive", "notes.csv"],
+    )
+    .run()
+    .expect_code(1)
+    .stderr_has("does not begin with this archive's header");
+    assert_eq!(db.checksum("tickets"), before);
+    assert!(!dir.join("new-comments.csv").exists());
+
+    let first = retention("2023-04-01", "old.csv", "old-comments.csv")
+        .expect_code(0)
+        .json();
+    // A tickets archive is not a comments archive.
+    retention("2023-07-01", "old.csv", "old.csv").expect_code(1).stderr_has(
+        "the archive old.csv exists but does not begin with this archive's header (external_id,ticket_external_id",
+    );
+    let second = retention("2023-07-01", "old.csv", "old-comments.csv")
+        .expect_code(0)
+        .json();
+    let removed = first["removed"].as_u64().unwrap() + second["removed"].as_u64().unwrap();
+    let comments = first["comments_removed"].as_u64().unwrap() + second["comments_removed"].as_u64().unwrap();
+    assert!(first["removed"].as_u64().unwrap() > 0 && second["removed"].as_u64().unwrap() > 0);
+    if partitioned() {
+        assert!(!second["partitions_dropped"].as_array().unwrap().is_empty(), "{second}");
+    }
+    let (_, back) = import(&db, &dir, "tickets", &dir.join("old.csv"), &[]);
+    assert_eq!(
+        (back["rows_read"].as_u64(), back["inserted"].as_u64()),
+        (Some(removed), Some(removed)),
+        "{back}"
+    );
+    let (_, back) = import(&db, &dir, "comments", &dir.join("old-comments.csv"), &[]);
+    assert_eq!(
+        (back["rows_read"].as_u64(), back["inserted"].as_u64()),
+        (Some(comments), Some(comments)),
+        "{back}"
+    );
+}
+
 #[test]
 fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_them() {
     let db = TestDb::new();

@@ -288,6 +288,10 @@ fn purge(
     batching: BatchArgs,
 ) -> anyhow::Result<i32> {
     let kind = "cleanup purge";
+    let mut tickets_archive = archive.clone().map(|p| Archive::open(p, TICKET_COLUMNS)).transpose()?;
+    let mut comments_archive = (archive_comments.clone())
+        .map(|p| Archive::open(p, COMMENT_COLUMNS))
+        .transpose()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
     let purgeable = || {
@@ -308,8 +312,6 @@ fn purge(
     )?;
     let op_id = job.operation_id;
     let layout = Layout::of(&mut conn)?;
-    let mut tickets_archive = archive.clone().map(|p| Archive::new(p, TICKET_COLUMNS));
-    let mut comments_archive = archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let mut last_id = 0i64;
     let mut comments_purged = 0u64;
     let watch = ctx.watch_counted(&job.kind, &mut conn, batching.max_rows, |c| {

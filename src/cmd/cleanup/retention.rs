@@ -63,6 +63,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             UsageError("cleanup retention needs --created-before AGE (a date, or an age like 2555d)".into()).into(),
         );
     };
+    let mut archive = Archive::open(args.archive.clone(), TICKET_COLUMNS)?;
+    let mut comments_archive = (args.archive_comments.clone())
+        .map(|p| Archive::open(p, COMMENT_COLUMNS))
+        .transpose()?;
     let pool = ctx.pool(2)?;
     let mut conn = db::get(&pool)?;
     let filters = args.filters.resolve(&mut conn)?;
@@ -144,8 +148,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                "archive_comments": args.archive_comments, "batching": settings.to_json()}),
     )?;
     let op_id = job.operation_id;
-    let mut archive = Archive::new(args.archive.clone(), TICKET_COLUMNS);
-    let mut comments_archive = args.archive_comments.clone().map(|p| Archive::new(p, COMMENT_COLUMNS));
     let watch = ctx.watch(&job.kind).with_total(Some(plan.tickets as u64));
 
     // Whole partitions (and any an earlier run left detached) first: one step each.
