@@ -91,6 +91,30 @@ impl Archive {
     }
 }
 
+/// `--archive` and `--archive-comments` name two files: the same file would take tickets and
+/// comments under one header, and import back neither.
+pub fn check_distinct(tickets: &std::path::Path, comments: Option<&std::path::Path>) -> anyhow::Result<()> {
+    // Where a path leads: itself resolved when it exists, else its resolved directory and name.
+    fn resolved(path: &std::path::Path) -> PathBuf {
+        path.canonicalize().unwrap_or_else(|_| {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(".".as_ref());
+            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            dir.join(path.file_name().unwrap_or_default())
+        })
+    }
+    match comments {
+        Some(comments) if resolved(tickets) == resolved(comments) => Err(crate::exit::UsageError(format!(
+            "--archive and --archive-comments name the same file ({}): tickets and comments need an archive each",
+            comments.display()
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 fn check_appendable(path: &std::path::Path, header: &[&str]) -> anyhow::Result<()> {
     use std::io::Read as _;
     let shown = path.display();

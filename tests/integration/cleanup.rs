@@ -811,6 +811,9 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
     retention("2023-07-01", "missing/old.csv", "new-comments.csv")
         .expect_code(1)
         .stderr_has("the directory missing does not exist");
+    retention("2023-07-01", "old.csv", "./old.csv")
+        .expect_code(2)
+        .stderr_has("--archive and --archive-comments name the same file");
     ticketops(
         Some(&db),
         &dir,
@@ -826,9 +829,12 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
         .expect_code(0)
         .json();
     // A tickets archive is not a comments archive.
-    retention("2023-07-01", "old.csv", "old.csv").expect_code(1).stderr_has(
-        "the archive old.csv exists but does not begin with this archive's header (external_id,ticket_external_id",
-    );
+    std::fs::copy(dir.join("old.csv"), dir.join("copy.csv")).unwrap();
+    retention("2023-07-01", "old.csv", "copy.csv")
+        .expect_code(1)
+        .stderr_has(
+            "the archive copy.csv exists but does not begin with this archive's header (external_id,ticket_external_id",
+        );
     let second = retention("2023-07-01", "old.csv", "old-comments.csv")
         .expect_code(0)
         .json();

@@ -288,6 +288,9 @@ fn purge(
     batching: BatchArgs,
 ) -> anyhow::Result<i32> {
     let kind = "cleanup purge";
+    if let Some(tickets) = &archive {
+        crate::archive::check_distinct(tickets, archive_comments.as_deref())?;
+    }
     let mut tickets_archive = archive.clone().map(|p| Archive::open(p, TICKET_COLUMNS)).transpose()?;
     let mut comments_archive = (archive_comments.clone())
         .map(|p| Archive::open(p, COMMENT_COLUMNS))

@@ -63,6 +63,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             UsageError("cleanup retention needs --created-before AGE (a date, or an age like 2555d)".into()).into(),
         );
     };
+    crate::archive::check_distinct(&args.archive, args.archive_comments.as_deref())?;
     let mut archive = Archive::open(args.archive.clone(), TICKET_COLUMNS)?;
     let mut comments_archive = (args.archive_comments.clone())
         .map(|p| Archive::open(p, COMMENT_COLUMNS))
