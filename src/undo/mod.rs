@@ -39,6 +39,9 @@ pub enum Undo {
 /// error for an operation that changed no rows, an error naming what it recorded for one that
 /// cannot be undone.
 pub fn what_to_undo(conn: &mut PgConnection, op: &BulkOperation) -> anyhow::Result<Undo> {
+    if matches!(op.kind.as_str(), "cleanup purge" | "cleanup retention") {
+        bail!("{}", removed_for_good(op));
+    }
     let actions: Vec<ActionCount> =
         sql_query("SELECT DISTINCT table_name, action FROM audit_log WHERE operation_id = $1 ORDER BY 1, 2")
             .bind::<BigInt, _>(op.id)
@@ -92,6 +95,26 @@ pub fn what_to_undo(conn: &mut PgConnection, op: &BulkOperation) -> anyhow::Resu
         parts.push(Part::Inserted { low, high });
     }
     Ok(Undo::Parts(parts))
+}
+
+/// Why a purge or retention cannot be undone, and where what it removed is: its archives, as
+/// their paths were given to it (relative to where it ran).
+fn removed_for_good(op: &BulkOperation) -> String {
+    let path = |key: &str| op.args.get(key).and_then(serde_json::Value::as_str).map(str::to_owned);
+    let head = format!(
+        "undo of operation {} ({}) is not supported: what it removed is gone from the database",
+        op.id, op.kind
+    );
+    match (path("archive"), path("archive_comments")) {
+        (None, _) => format!("{head}, and it was written to no archive"),
+        (Some(tickets), None) => format!(
+            "{head}; its archive has the tickets: ticketops import tickets {tickets} (the path as given to that run)"
+        ),
+        (Some(tickets), Some(comments)) => format!(
+            "{head}; its archives have them: ticketops import tickets {tickets}, then ticketops import comments \
+             {comments} (the paths as given to that run)"
+        ),
+    }
 }
 
 /// What undoing `parts` of operation `op` would do: a pass over every row (for the dry run and

@@ -844,6 +844,13 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
     if partitioned() {
         assert!(!second["partitions_dropped"].as_array().unwrap().is_empty(), "{second}");
     }
+    // What was removed for good cannot be undone; the undo says where it is.
+    let op = second["operation_id"].as_i64().unwrap().to_string();
+    ticketops(Some(&db), &dir, &["undo", &op])
+        .run()
+        .expect_code(1)
+        .stderr_has("what it removed is gone from the database")
+        .stderr_has("ticketops import tickets old.csv, then ticketops import comments old-comments.csv");
     let (_, back) = import(&db, &dir, "tickets", &dir.join("old.csv"), &[]);
     assert_eq!(
         (back["rows_read"].as_u64(), back["inserted"].as_u64()),
