@@ -37,8 +37,9 @@ pub fn connect_pool_noting(url: &str, size: u32, schema: SchemaCheck) -> anyhow:
         require_current_schema(&mut first)?;
     }
     let language = MessageLanguage::of(&mut first)?;
-    if language == MessageLanguage::SetToC {
+    if let MessageLanguage::SetToC { superuser } = language {
         UNTRANSLATED_MESSAGES.store(true, std::sync::atomic::Ordering::Relaxed);
+        UNTRANSLATED_IN_BATCHES.store(superuser, std::sync::atomic::Ordering::Relaxed);
     }
     drop(first);
     let manager = ConnectionManager::<PgConnection>::new(full_url);
@@ -60,10 +61,15 @@ pub fn connect_pool_noting(url: &str, size: u32, schema: SchemaCheck) -> anyhow:
 }
 
 /// Whether ticketops' sessions ask for untranslated messages ([`MessageLanguage::SetToC`]): each
-/// pooled session, and each batch transaction again with `SET LOCAL`, which Citus passes on to
-/// the workers' sessions, whose errors the coordinator relays in the workers' language. One
-/// flag for the process: a run works on one database.
+/// pooled session. One flag for the process: a run works on one database.
 static UNTRANSLATED_MESSAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether each batch transaction asks again with `SET LOCAL`, which Citus passes on to the
+/// workers' sessions, whose errors the coordinator relays in the workers' language. For a
+/// superuser only: a role granted `lc_messages` on the coordinator may not have it on the
+/// workers (Citus does not pass `GRANT SET ON PARAMETER` on), where the `SET LOCAL` would fail
+/// every batch.
+static UNTRANSLATED_IN_BATCHES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The language of the server's messages to ticketops' sessions. ticketops tells the
 /// failures worth retrying — a lock timeout, a deadlock, a lock not available
@@ -76,8 +82,9 @@ static UNTRANSLATED_MESSAGES: std::sync::atomic::AtomicBool = std::sync::atomic:
 pub enum MessageLanguage {
     /// English already (`C`, `POSIX`, `en_*`), or the server's environment's (an empty setting).
     English,
-    /// Translated by default, untranslated in ticketops' sessions.
-    SetToC,
+    /// Translated by default, untranslated in ticketops' sessions (this role is a superuser, or
+    /// was granted the setting).
+    SetToC { superuser: bool },
     /// Translated, and this role may not change it: the value and the role.
     Translated { value: String, role: String },
 }
@@ -91,17 +98,21 @@ impl MessageLanguage {
             value: String,
             #[diesel(sql_type = Text)]
             role: String,
+            #[diesel(sql_type = Bool)]
+            superuser: bool,
         }
-        let Setting { value, role } =
-            sql_query("SELECT current_setting('lc_messages') AS value, quote_ident(current_user) AS role")
-                .get_result(conn)
-                .context("cannot read the server's lc_messages")?;
+        let Setting { value, role, superuser } = sql_query(
+            "SELECT current_setting('lc_messages') AS value, quote_ident(current_user) AS role,
+                    coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) AS superuser",
+        )
+        .get_result(conn)
+        .context("cannot read the server's lc_messages")?;
         let lower = value.to_ascii_lowercase();
         if lower.is_empty() || lower == "c" || lower.starts_with("c.") || lower == "posix" || lower.starts_with("en") {
             return Ok(Self::English);
         }
         if conn.batch_execute("SET lc_messages TO 'C'").is_ok() {
-            return Ok(Self::SetToC);
+            return Ok(Self::SetToC { superuser });
         }
         // A server built without translations (or without this language's) speaks English
         // whatever the setting: ask it something it must refuse, and read the answer (named,
@@ -123,7 +134,7 @@ impl MessageLanguage {
                  being retried; a superuser can allow it (PostgreSQL 15+: GRANT SET ON PARAMETER lc_messages \
                  TO {role}) or set it (ALTER ROLE {role} SET lc_messages = 'C')"
             )),
-            Self::English | Self::SetToC => None,
+            Self::English | Self::SetToC { .. } => None,
         }
     }
 }
@@ -312,10 +323,10 @@ pub fn keep_fingerprints(conn: &mut PgConnection) -> QueryResult<()> {
 }
 
 /// Sets the timeouts for the rest of the current transaction only (and untranslated
-/// messages again, for Citus' workers: see [`UNTRANSLATED_MESSAGES`]).
+/// messages again, for Citus' workers: see [`UNTRANSLATED_IN_BATCHES`]).
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;
-    let messages = if UNTRANSLATED_MESSAGES.load(std::sync::atomic::Ordering::Relaxed) {
+    let messages = if UNTRANSLATED_IN_BATCHES.load(std::sync::atomic::Ordering::Relaxed) {
         "; SET LOCAL lc_messages TO 'C'"
     } else {
         ""
