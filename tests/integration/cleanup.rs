@@ -780,40 +780,50 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
     import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
     import(&db, &dir, "comments", &fixture("comments.csv"), &["--rejects", "c.csv"]);
     let before = db.checksum("tickets");
-    let retention = |cutoff: &str, archive: &str, comments: &str| {
+    let run_retention = |cutoff: &str, archive: &str, comments: &str| {
         ticketops(
             Some(&db),
             &dir,
-            &[
-                "--json",
-                "cleanup",
-                "retention",
-                "--created-before",
+            &retention(
                 cutoff,
-                "--archive",
                 archive,
-                "--archive-comments",
-                comments,
-                "--apply",
-                "--yes",
-            ],
+                &["--json", "--archive-comments", comments, "--apply", "--yes"],
+            ),
         )
         .run()
     };
     std::fs::write(dir.join("notes.csv"), "my notes\n").unwrap();
     std::fs::write(dir.join("cut.csv"), "external_id,subject\nT-1,half a li").unwrap();
-    retention("2023-07-01", "notes.csv", "new-comments.csv")
-        .expect_code(1)
-        .stderr_has("the archive notes.csv exists but does not begin with this archive's header");
-    retention("2023-07-01", "cut.csv", "new-comments.csv")
-        .expect_code(1)
-        .stderr_has("the archive cut.csv exists and does not end with a line end");
-    retention("2023-07-01", "missing/old.csv", "new-comments.csv")
-        .expect_code(1)
-        .stderr_has("the directory missing does not exist");
-    retention("2023-07-01", "old.csv", "./old.csv")
-        .expect_code(2)
-        .stderr_has("--archive and --archive-comments name the same file");
+    for (archive, comments, code, refusal) in [
+        (
+            "notes.csv",
+            "new-comments.csv",
+            1,
+            "the archive notes.csv exists but does not begin with this archive's header",
+        ),
+        (
+            "cut.csv",
+            "new-comments.csv",
+            1,
+            "the archive cut.csv exists and does not end with a line end",
+        ),
+        (
+            "missing/old.csv",
+            "new-comments.csv",
+            1,
+            "the directory missing does not exist",
+        ),
+        (
+            "old.csv",
+            "./old.csv",
+            2,
+            "--archive and --archive-comments name the same file",
+        ),
+    ] {
+        run_retention("2023-07-01", archive, comments)
+            .expect_code(code)
+            .stderr_has(refusal);
+    }
     ticketops(
         Some(&db),
         &dir,
@@ -825,17 +835,17 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
     assert_eq!(db.checksum("tickets"), before);
     assert!(!dir.join("new-comments.csv").exists());
 
-    let first = retention("2023-04-01", "old.csv", "old-comments.csv")
+    let first = run_retention("2023-04-01", "old.csv", "old-comments.csv")
         .expect_code(0)
         .json();
     // A tickets archive is not a comments archive.
     std::fs::copy(dir.join("old.csv"), dir.join("copy.csv")).unwrap();
-    retention("2023-07-01", "old.csv", "copy.csv")
+    run_retention("2023-07-01", "old.csv", "copy.csv")
         .expect_code(1)
         .stderr_has(
             "the archive copy.csv exists but does not begin with this archive's header (external_id,ticket_external_id",
         );
-    let second = retention("2023-07-01", "old.csv", "old-comments.csv")
+    let second = run_retention("2023-07-01", "old.csv", "old-comments.csv")
         .expect_code(0)
         .json();
     let removed = first["removed"].as_u64().unwrap() + second["removed"].as_u64().unwrap();
@@ -915,20 +925,7 @@ fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_t
     }
 
     // The dry run counts and writes nothing.
-    let dry = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "--json",
-            "cleanup",
-            "retention",
-            "--created-before",
-            cutoff,
-            "--archive",
-            "old.csv",
-        ],
-    )
-    .run();
+    let dry = ticketops(Some(&db), &dir, &retention(cutoff, "old.csv", &["--json"])).run();
     let v = dry.expect_code(0).json();
     assert_eq!(
         (v["would_remove"].as_i64(), v["comments"].as_i64()),
@@ -937,37 +934,18 @@ fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_t
     assert_eq!(db.checksum("tickets"), before);
     assert!(!dir.join("old.csv").exists());
     // Without a terminal, --apply needs --yes.
-    ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "cleanup",
-            "retention",
-            "--created-before",
-            cutoff,
-            "--archive",
-            "old.csv",
-            "--apply",
-        ],
-    )
-    .run()
-    .expect_code(2);
+    ticketops(Some(&db), &dir, &retention(cutoff, "old.csv", &["--apply"]))
+        .run()
+        .expect_code(2);
 
     let v = apply(
         &db,
         &dir,
-        &[
-            "cleanup",
-            "retention",
-            "--created-before",
+        &retention(
             cutoff,
-            "--archive",
             "old.csv",
-            "--archive-comments",
-            "old-comments.csv",
-            "--batch-size",
-            "25",
-        ],
+            &["--archive-comments", "old-comments.csv", "--batch-size", "25"],
+        ),
     );
     assert_eq!(v["removed"].as_i64(), Some(old_tickets), "{v}");
     assert_eq!(v["comments_removed"].as_i64(), Some(old_comments), "{v}");
@@ -1033,16 +1011,7 @@ fn retention_archives_then_removes_exactly_the_old_tickets_with_what_hangs_off_t
     ticketops(
         Some(&db),
         &dir,
-        &[
-            "cleanup",
-            "retention",
-            "--created-before",
-            "2020-01-01",
-            "--archive",
-            "none.csv",
-            "--apply",
-            "--yes",
-        ],
+        &retention("2020-01-01", "none.csv", &["--apply", "--yes"]),
     )
     .run()
     .expect_code(0);

@@ -660,22 +660,10 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
     ));
     let old = db.scalar(&format!("SELECT count(*) FROM tickets WHERE created_at < '{cutoff}'"));
     assert!(boundary > 0);
-    let plan = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "--json",
-            "cleanup",
-            "retention",
-            "--created-before",
-            cutoff,
-            "--archive",
-            "a.csv",
-        ],
-    )
-    .run()
-    .expect_code(0)
-    .json();
+    let plan = ticketops(Some(&db), &dir, &retention(cutoff, "a.csv", &["--json"]))
+        .run()
+        .expect_code(0)
+        .json();
     let planned: Vec<&str> = plan["partitions"]
         .as_array()
         .unwrap()
@@ -685,12 +673,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
     assert_eq!(planned, whole);
     assert_eq!(plan["batched"].as_i64(), Some(boundary));
     // The dry run's text says what would be done, not that it was.
-    let text = ticketops(
-        Some(&db),
-        &dir,
-        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
-    )
-    .run();
+    let text = ticketops(Some(&db), &dir, &retention(cutoff, "a.csv", &[])).run();
     let shown = &text.expect_code(0).stdout;
     assert!(shown.contains("5 whole partition(s) to archive and drop: "), "{shown}");
     assert!(
@@ -705,17 +688,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
     let run = ticketops(
         Some(&db),
         &dir,
-        &[
-            "--json",
-            "cleanup",
-            "retention",
-            "--created-before",
-            cutoff,
-            "--archive",
-            "a.csv",
-            "--apply",
-            "--yes",
-        ],
+        &retention(cutoff, "a.csv", &["--json", "--apply", "--yes"]),
     )
     .run();
     run.expect_code(1).stderr_has("cannot drop tickets_p2023_03");
@@ -732,18 +705,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
     let in_months =
         db.scalar("SELECT count(*) FROM tickets WHERE created_at >= '2023-03-01' AND created_at < '2023-06-01'");
     // Up to the month's start: whole months only, no batch.
-    let v = apply(
-        &db,
-        &dir,
-        &[
-            "cleanup",
-            "retention",
-            "--created-before",
-            "2023-06-01",
-            "--archive",
-            "a.csv",
-        ],
-    );
+    let v = apply(&db, &dir, &retention("2023-06-01", "a.csv", &[]));
     assert_eq!(
         v["partitions_dropped"],
         serde_json::json!(["tickets_p2023_03", "tickets_p2023_04", "tickets_p2023_05"])
@@ -754,11 +716,7 @@ fn retention_drops_whole_months_in_one_step_and_the_boundary_month_in_batches() 
         v["duration_ms"].as_i64().unwrap() >= v["longest_batch_ms"].as_i64().unwrap(),
         "{v}"
     );
-    let v = apply(
-        &db,
-        &dir,
-        &["cleanup", "retention", "--created-before", cutoff, "--archive", "a.csv"],
-    );
+    let v = apply(&db, &dir, &retention(cutoff, "a.csv", &[]));
     assert_eq!(v["partitions_dropped"], serde_json::json!([]));
     assert_eq!(v["removed"].as_i64(), Some(boundary), "{v}");
     assert_eq!(
@@ -806,35 +764,12 @@ fn retention_finishes_a_month_an_earlier_version_left_detached_and_archived() {
         "ALTER TABLE tickets DETACH PARTITION {month};
          COMMENT ON TABLE {month} IS 'ticketops retention: detached and archived by operation 1'"
     ));
-    let plan = ticketops(
-        Some(&db),
-        &dir,
-        &[
-            "--json",
-            "cleanup",
-            "retention",
-            "--created-before",
-            "2000-01-01",
-            "--archive",
-            "b.csv",
-        ],
-    )
-    .run()
-    .expect_code(0)
-    .json();
+    let plan = ticketops(Some(&db), &dir, &retention("2000-01-01", "b.csv", &["--json"]))
+        .run()
+        .expect_code(0)
+        .json();
     assert_eq!(plan["leftover_detached"], serde_json::json!([month]), "{plan}");
-    let v = apply(
-        &db,
-        &dir,
-        &[
-            "cleanup",
-            "retention",
-            "--created-before",
-            "2000-01-01",
-            "--archive",
-            "b.csv",
-        ],
-    );
+    let v = apply(&db, &dir, &retention("2000-01-01", "b.csv", &[]));
     assert_eq!(v["partitions_dropped"], serde_json::json!([month]), "{v}");
     assert_eq!(v["removed"].as_i64(), Some(tickets), "{v}");
     assert_eq!(
@@ -1392,19 +1327,7 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
     let child = ticketops(
         Some(&db),
         &dir,
-        &[
-            "--json",
-            "cleanup",
-            "retention",
-            "--created-before",
-            cutoff,
-            "--archive",
-            "a.csv",
-            "--apply",
-            "--yes",
-            "--sleep",
-            "3s",
-        ],
+        &retention(cutoff, "a.csv", &["--json", "--apply", "--yes", "--sleep", "3s"]),
     )
     .spawn();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

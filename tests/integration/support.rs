@@ -890,6 +890,14 @@ pub fn tickets_and_tags(db: &TestDb, filter: &str) -> String {
     ))
 }
 
+/// The arguments of `cleanup retention --created-before CUTOFF --archive ARCHIVE`, then `more`
+/// (`--json`, `--apply`, `--archive-comments` and the like).
+pub fn retention<'a>(cutoff: &'a str, archive: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["cleanup", "retention", "--created-before", cutoff, "--archive", archive];
+    args.extend_from_slice(more);
+    args
+}
+
 pub fn apply(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
