@@ -97,10 +97,7 @@ pub fn check_distinct(tickets: &std::path::Path, comments: Option<&std::path::Pa
     // Where a path leads: itself resolved when it exists, else its resolved directory and name.
     fn resolved(path: &std::path::Path) -> PathBuf {
         path.canonicalize().unwrap_or_else(|_| {
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(".".as_ref());
+            let dir = directory_named(path).unwrap_or(".".as_ref());
             let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
             dir.join(path.file_name().unwrap_or_default())
         })
@@ -115,14 +112,19 @@ pub fn check_distinct(tickets: &std::path::Path, comments: Option<&std::path::Pa
     }
 }
 
+/// The directory a path names, if it names one (`a.csv` names none: the working directory).
+fn directory_named(path: &std::path::Path) -> Option<&std::path::Path> {
+    path.parent().filter(|d| !d.as_os_str().is_empty())
+}
+
 fn check_appendable(path: &std::path::Path, header: &[&str]) -> anyhow::Result<()> {
     use std::io::Read as _;
     let shown = path.display();
+    let cannot_read = || format!("cannot read the archive {shown}");
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            if let Some(dir) = directory_named(path).filter(|d| !d.is_dir()) {
                 anyhow::bail!(
                     "cannot write the archive {shown}: the directory {} does not exist",
                     dir.display()
@@ -130,27 +132,23 @@ fn check_appendable(path: &std::path::Path, header: &[&str]) -> anyhow::Result<(
             }
             return Ok(());
         }
-        Err(err) => return Err(err).with_context(|| format!("cannot read the archive {shown}")),
+        Err(err) => return Err(err).with_context(cannot_read),
     };
-    let len = file
-        .metadata()
-        .with_context(|| format!("cannot read the archive {shown}"))?
-        .len();
+    let len = file.metadata().with_context(cannot_read)?.len();
     if len == 0 {
         return Ok(());
     }
     let mut last = [0u8; 1];
     file.seek(SeekFrom::End(-1))
         .and_then(|_| file.read_exact(&mut last))
-        .with_context(|| format!("cannot read the archive {shown}"))?;
+        .with_context(cannot_read)?;
     if last[0] != b'\n' {
         anyhow::bail!(
             "the archive {shown} exists and does not end with a line end (a write cut short?): what is appended \
              would join its last line; check that line, or name another file"
         );
     }
-    file.seek(SeekFrom::Start(0))
-        .with_context(|| format!("cannot read the archive {shown}"))?;
+    file.seek(SeekFrom::Start(0)).with_context(cannot_read)?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .from_reader(std::io::BufReader::new(file).take(1 << 20));

@@ -74,11 +74,10 @@ static UNTRANSLATED_IN_BATCHES: std::sync::atomic::AtomicBool = std::sync::atomi
 /// The language of the server's messages to ticketops' sessions. ticketops tells the
 /// failures worth retrying — a lock timeout, a deadlock, a lock not available
 /// ([`crate::job::is_transient`]) — by their English text: Diesel's errors carry no SQLSTATE
-/// for them.
-/// On a server whose `lc_messages` translates them, each would end a run instead of being
+/// for them. On a server whose `lc_messages` translates them, each would end a run instead of being
 /// retried. So where the server lets a session choose (`lc_messages` is a superuser's setting,
 /// or granted with `GRANT SET ON PARAMETER`), every session asks for untranslated messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum MessageLanguage {
     /// English already (`C`, `POSIX`, `en_*`), or the server's environment's (an empty setting).
     English,
