@@ -60,6 +60,37 @@ fn bad_timestamp() {
     );
 }
 
+/// E-mail's dates (RFC 2822) name their offset and go in as the instant they name; without an
+/// offset, or day and month in an unknown order, a value is rejected with its line.
+#[test]
+fn email_dates_go_in_and_ambiguous_ones_are_rejected() {
+    let db = TestDb::new();
+    let dir = scratch("rfc2822");
+    let file = dir.join("mail.csv");
+    std::fs::write(
+        &file,
+        "external_id,subject,status,requester_email,created_at\n\
+         M-1,From mail,open,ann@example.com,\"Tue, 14 May 2019 09:38:20 +0200\"\n\
+         M-2,No offset,open,ann@example.com,\"Tue, 14 May 2019 09:38:20\"\n\
+         M-3,Which order,open,ann@example.com,01/03/2024\n",
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &file, &[]);
+    run.expect_code(3);
+    assert_accounted(&summary, &run);
+    assert_eq!(
+        (summary["inserted"].as_u64(), summary["rejected"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        db.strings("SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') FROM tickets"),
+        ["2019-05-14 07:38:20"]
+    );
+    let rejects = std::fs::read_to_string(dir.join("mail.rejects.csv")).unwrap();
+    assert!(rejects.contains("M-2") && rejects.contains("M-3"), "{rejects}");
+    assert!(rejects.contains("not a timestamp"), "{rejects}");
+}
+
 #[test]
 fn unknown_status_and_aliases() {
     let db = check_fixture(
