@@ -621,7 +621,7 @@ pub struct MonthlyPartition {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub insertable: bool,
     /// Whether this user owns (is a member of the owner of) both the partition and tickets, as
-    /// detaching and dropping it takes.
+    /// retention asks before it drops the month whole (dropping takes the owner of the month).
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub owned: bool,
 }

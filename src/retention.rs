@@ -4,8 +4,8 @@
 //!
 //! On the partitioned layout, with no filter but the cut-off, each monthly partition that lies
 //! wholly before it goes in one step — archived by `COPY … TO` from the partition (locked
-//! against writes meanwhile), detached, then dropped with its keys — no row-by-row DELETE of
-//! tickets, no dead tuples in them, and tickets itself is locked only for the detach. The
+//! against writes meanwhile), then dropped with its keys — no row-by-row DELETE of tickets, no
+//! dead tuples in them, and tickets itself is locked only for the drop. The
 //! boundary partition, filtered runs and the plain layout go in batches like `cleanup purge`.
 
 use anyhow::Context as _;
@@ -158,9 +158,9 @@ pub struct Removed {
 /// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it and its months of
 /// tag links and comments against writes, appends its tickets and their comments to the
 /// archives (`COPY … TO`, synced), deletes their per-row audit rows and their keys (tickets' and
-/// comments'), then detaches and drops the months of links and comments and itself (tickets,
-/// ticket_tags and comments are locked only for those last steps). A failure rolls back and cuts
-/// the archives back.
+/// comments'), then drops the months of links and comments and itself (tickets, ticket_tags and
+/// comments themselves are locked only for that last step, and nothing else the application
+/// reads is). A failure rolls back and cuts the archives back.
 ///
 /// Each month of links and of comments references its month of tickets, so its lock keeps every
 /// writer of the month's tickets, links and comments out until the month is gone; one snapshot
@@ -199,19 +199,21 @@ pub fn remove_partition(
             // partitions): dropping a month of links or comments takes the tickets' month
             // exclusively (its foreign key's triggers live there), and holding that while
             // waiting for tickets itself deadlocked with a reader of tickets. In short tries:
-            // readers queue behind the lock while it waits.
+            // readers queue behind the lock while it waits. ONLY: the other months are not
+            // this step's to hold.
             let parents: Vec<&str> = std::iter::once("tickets").chain(months.parents()).collect();
-            let parents = parents.join(", ");
+            let only: Vec<String> = parents.iter().map(|parent| format!("ONLY {parent}")).collect();
             db::lock_in_short_tries(
                 conn,
-                &format!("LOCK TABLE {parents} IN ACCESS EXCLUSIVE MODE"),
+                &format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", only.join(", ")),
                 timeouts.lock_timeout,
             )
-            .with_context(|| format!("cannot lock {parents} to detach the month"))?;
-            months.detach_and_drop(conn, name)?;
-            sql_query(format!("ALTER TABLE tickets DETACH PARTITION {name}"))
-                .execute(conn)
-                .with_context(|| format!("cannot detach {name} from tickets"))?;
+            .with_context(|| format!("cannot lock {} to drop the month", parents.join(", ")))?;
+            months.drop_attached(conn, name)?;
+            // Dropped while attached, not detached first: a detached month's foreign keys
+            // (to users, organizations, tags, bulk_operations) become constraints of their own
+            // with triggers on those tables, which its DROP then takes exclusively to remove —
+            // every reader of users waited for that.
             sql_query(format!("DROP TABLE {name}"))
                 .execute(conn)
                 .with_context(|| format!("cannot drop {name} (nothing of it was removed)"))?;
@@ -244,11 +246,9 @@ impl MonthParts {
         links.into_iter().chain(comments)
     }
 
-    fn detach_and_drop(&self, conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<()> {
-        for (parent, month) in self.parents().zip(self.names()) {
-            sql_query(format!("ALTER TABLE {parent} DETACH PARTITION {month}"))
-                .execute(conn)
-                .with_context(|| format!("cannot detach {month} from {parent}"))?;
+    /// Drops them, attached (see [`remove_partition`]).
+    fn drop_attached(&self, conn: &mut PgConnection, tickets_month: &str) -> anyhow::Result<()> {
+        for month in self.names() {
             sql_query(format!("DROP TABLE {month}"))
                 .execute(conn)
                 .with_context(|| format!("cannot drop {month} (nothing of {tickets_month} was removed)"))?;
@@ -327,7 +327,7 @@ pub fn drop_detached(
             comments: month("comments"),
         };
         let removed = remove_month_rows(conn, name, &months)?;
-        months.detach_and_drop(conn, name)?;
+        months.drop_attached(conn, name)?;
         sql_query(format!("DROP TABLE {name}")).execute(conn)?;
         record_month(conn, op_id, name, removed)?;
         Ok(removed)

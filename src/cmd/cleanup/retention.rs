@@ -25,14 +25,14 @@ retention policy asks. Everything removed is first appended to --archive (and th
 brings it back. A dry run until --apply, which asks (count and sample) unless --yes.
 
 On the partitioned layout with no other filter, each monthly partition wholly before the
-cut-off is archived by COPY, its keys and audit rows deleted, and it is detached and dropped
-with its months of tag links and comments in one transaction: no row-by-row DELETE of them, no
-dead tuples, tickets, ticket_tags and comments locked only for the detach and drop (a month's
-COPY is one statement: give big months a longer --statement-timeout). A month goes whole or not
-at all; a comment being added to it meanwhile waits for it, never deleted unarchived. The
-boundary month, filtered runs, months this role does not own (detaching and dropping takes the
-owner) and the plain layout go in batches like `cleanup purge` (rows the application holds are
-skipped for the next run). Exit codes as the other cleanup jobs.
+cut-off is archived by COPY, its keys and audit rows deleted, and it is dropped with its months
+of tag links and comments in one transaction: no row-by-row DELETE of them, no dead tuples;
+tickets, ticket_tags and comments themselves are locked only for the drop, nothing else the
+application reads is (a month's COPY is one statement: give big months a longer
+--statement-timeout). A month goes whole or not at all; a comment being added to it meanwhile
+waits for it, never deleted unarchived. The boundary month, filtered runs, months this role does
+not own (dropping takes the owner) and the plain layout go in batches like `cleanup purge` (rows
+the application holds are skipped for the next run). Exit codes as the other cleanup jobs.
 
 Examples:
   ticketops cleanup retention --created-before 7y --archive old.csv             # dry run
@@ -103,7 +103,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
             crate::outln!("  {} ticket(s) to remove in batches", plan.batched);
             if !plan.months_not_owned.is_empty() {
                 crate::outln!(
-                    "  in batches too, as this role does not own them and tickets (detaching and dropping takes the owner): {}",
+                    "  in batches too, as this role does not own them and tickets (dropping takes the owner): {}",
                     plan.months_not_owned.join(", ")
                 );
             }
