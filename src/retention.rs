@@ -159,8 +159,8 @@ pub struct Removed {
 /// tag links and comments against writes, appends its tickets and their comments to the
 /// archives (`COPY … TO`, synced), deletes their per-row audit rows and their keys (tickets' and
 /// comments'), then drops the months of links and comments and itself (tickets, ticket_tags and
-/// comments themselves are locked only for that last step, and nothing else the application
-/// reads is). A failure rolls back and cuts the archives back.
+/// comments themselves, and their default partitions, are locked only for that last step, and
+/// nothing else the application reads is). A failure rolls back and cuts the archives back.
 ///
 /// Each month of links and of comments references its month of tickets, so its lock keeps every
 /// writer of the month's tickets, links and comments out until the month is gone; one snapshot
