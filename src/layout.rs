@@ -519,6 +519,13 @@ impl Partitions {
         }
     }
 
+    /// Whether a month of `times` is not known to have its partitions yet (`ensure` would ask
+    /// for it).
+    pub fn any_missing(&self, times: impl IntoIterator<Item = chrono::DateTime<chrono::Utc>>) -> bool {
+        use chrono::Datelike;
+        times.into_iter().any(|t| !self.known.contains(&(t.year(), t.month())))
+    }
+
     /// Makes sure each month of `times` has its partition of tickets, ticket_tags and comments,
     /// with the foreign keys between them (`ticketops_create_months`: pg_partman's
     /// `create_partition_time`, which skips those that exist and attaches the others — a SHARE

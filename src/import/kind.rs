@@ -103,6 +103,21 @@ pub trait ImportKind: Send {
         None
     }
 
+    /// What a batch needs made that is better committed at once, before the batch's own
+    /// transaction (one writer runs this in a short transaction of its own; several writers
+    /// make it in `resolve`, which they run in a transaction of its own anyway, and one
+    /// transaction for the whole file does it there too). The partitioned layout's new months:
+    /// making one locks the default partitions exclusively and users, organizations, tags and
+    /// bulk_operations against writes until its transaction ends.
+    fn prepare(&mut self, _conn: &mut PgConnection, _rows: &[Numbered<Self::Row>]) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Whether `prepare` has anything to make for these rows (without it, no transaction).
+    fn needs_preparing(&self, _rows: &[Numbered<Self::Row>]) -> bool {
+        false
+    }
+
     /// Creates or finds what the batch's rows refer to (users, organizations, tags), in the
     /// batch's transaction before `write_batch`. With several writers the batches do this in
     /// file order, one after the other, so that where the file fills in a value (a user's

@@ -320,6 +320,9 @@ fn write_batches<K: ImportKind>(
 /// transaction rolls back: the file is cut back to the length recorded with the last
 /// committed batch. False when the import stopped before the batch's turn came.
 ///
+/// With one writer, what the batch needs made before it (`ImportKind::prepare`) is committed
+/// first in a short transaction of its own.
+///
 /// With several writers (`parallel`), the batch's new users, organizations and tags are
 /// committed first, in a short transaction of their own in the batch's turn: inside the
 /// batch's transaction they would stay uncommitted until it ends, and the next batch that
@@ -378,58 +381,70 @@ fn write_batch<K: ImportKind>(
         let mut batch_counts = base_counts;
         let mut batch_tally = RejectTally::default();
         let retry_left = batched && attempt < options.retries;
-        let result = in_batch_transaction(conn, batched, |conn| {
-            db::set_local_timeouts(conn, options.timeouts)?;
-            if !std::mem::take(&mut resolved) {
-                kind.resolve(conn, &rows)?;
-            }
-            let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
-            // From here on the batch holds the lock on what is committed, through its COMMIT.
-            let mut committed = lock(shared.committed);
-            let written = (|| {
-                for (record, line, raw, error) in &reader_rejects {
-                    committed.rejects.write(raw, *record, *line, error)?;
-                    batch_counts.rejected += 1;
-                    batch_tally.add(&error.reason, *line);
+        let prepared = if !parallel && batched && kind.needs_preparing(&rows) {
+            conn.transaction(|conn| {
+                db::set_local_timeouts(conn, options.timeouts)?;
+                kind.prepare(conn, &rows)
+            })
+        } else {
+            Ok(())
+        };
+        let result = prepared.and_then(|()| {
+            in_batch_transaction(conn, batched, |conn| {
+                db::set_local_timeouts(conn, options.timeouts)?;
+                if !std::mem::take(&mut resolved) {
+                    kind.resolve(conn, &rows)?;
                 }
-                for r in &writer_rejects {
-                    committed.rejects.write(&r.raw, r.record, r.line, &r.error)?;
-                    batch_counts.rejected += 1;
-                    batch_tally.add(&r.error.reason, r.line);
-                }
-                let rejects_bytes = committed.rejects.flush()?;
-                let next =
-                    committed
-                        .state
-                        .with_batch((batch.start, batch.end), &batch_counts, &batch_tally, rejects_bytes);
-                let wrote = batch_counts.inserted + batch_counts.updated + batch_counts.rejected > 0;
-                if batched && (wrote || committed.checkpoint_saved.elapsed() >= CHECKPOINT_AT_LEAST_EVERY) {
-                    committed.checkpoint_saved = Instant::now();
-                    let checkpoint = Checkpoint {
-                        position: next.prefix,
+                let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
+                // From here on the batch holds the lock on what is committed, through its COMMIT.
+                let mut committed = lock(shared.committed);
+                let written = (|| {
+                    for (record, line, raw, error) in &reader_rejects {
+                        committed.rejects.write(raw, *record, *line, error)?;
+                        batch_counts.rejected += 1;
+                        batch_tally.add(&error.reason, *line);
+                    }
+                    for r in &writer_rejects {
+                        committed.rejects.write(&r.raw, r.record, r.line, &r.error)?;
+                        batch_counts.rejected += 1;
+                        batch_tally.add(&r.error.reason, r.line);
+                    }
+                    let rejects_bytes = committed.rejects.flush()?;
+                    let next = committed.state.with_batch(
+                        (batch.start, batch.end),
+                        &batch_counts,
+                        &batch_tally,
                         rejects_bytes,
-                        counts: next.counts,
-                        tally: next.tally.clone(),
-                        done: next.done.iter().map(|(start, end)| (*start, *end)).collect(),
-                        batch_size: (!next.done.is_empty()).then_some(committed.batch_size),
-                    };
-                    operation::save_checkpoint(
-                        conn,
-                        op_id,
-                        &serde_json::to_value(&checkpoint)?,
-                        &serde_json::to_value(next.counts)?,
-                    )?;
+                    );
+                    let wrote = batch_counts.inserted + batch_counts.updated + batch_counts.rejected > 0;
+                    if batched && (wrote || committed.checkpoint_saved.elapsed() >= CHECKPOINT_AT_LEAST_EVERY) {
+                        committed.checkpoint_saved = Instant::now();
+                        let checkpoint = Checkpoint {
+                            position: next.prefix,
+                            rejects_bytes,
+                            counts: next.counts,
+                            tally: next.tally.clone(),
+                            done: next.done.iter().map(|(start, end)| (*start, *end)).collect(),
+                            batch_size: (!next.done.is_empty()).then_some(committed.batch_size),
+                        };
+                        operation::save_checkpoint(
+                            conn,
+                            op_id,
+                            &serde_json::to_value(&checkpoint)?,
+                            &serde_json::to_value(next.counts)?,
+                        )?;
+                    }
+                    anyhow::Ok(next)
+                })();
+                match written {
+                    Ok(next) => Ok((committed, next)),
+                    Err(e) => {
+                        let committed_len = committed.state.rejects_bytes;
+                        let _ = committed.rejects.cut_back(committed_len);
+                        Err(e)
+                    }
                 }
-                anyhow::Ok(next)
-            })();
-            match written {
-                Ok(next) => Ok((committed, next)),
-                Err(e) => {
-                    let committed_len = committed.state.rejects_bytes;
-                    let _ = committed.rejects.cut_back(committed_len);
-                    Err(e)
-                }
-            }
+            })
         });
         let err = match result {
             Ok((mut committed, next)) => {

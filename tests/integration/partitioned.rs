@@ -1193,6 +1193,83 @@ fn an_import_in_one_transaction_that_makes_months_does_not_wait_for_its_own_lock
     );
 }
 
+/// An import commits the months it makes at once, in a short transaction of their own. Making
+/// a month locks the default partitions exclusively (every query on tickets not pruned to its
+/// months waits for them) and users, organizations, tags and bulk_operations against writes;
+/// inside the batch's transaction, as one writer made them, those locks stayed until the batch
+/// ended — here, while it waited for a ticket the application holds.
+#[test]
+fn an_import_commits_the_months_it_makes_before_its_batch_goes_on() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = partitioned_db("months-committed-first");
+    let header = "external_id,subject,requester_email,status,created_at";
+    let first = dir.join("first.csv");
+    std::fs::write(
+        &first,
+        format!("{header}\nT-1,Printer,ann@example.com,open,2024-05-01 10:00\n"),
+    )
+    .unwrap();
+    import(&db, &dir, "tickets", &first, &[]).0.expect_code(0);
+    let mut app = db.conn();
+    // (In its month: through tickets the application would hold the default partitions too,
+    // and making a month waits for that whoever makes it.)
+    let month = partition_of(&db, "T-1");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM {month} WHERE external_id = 'T-1' FOR UPDATE"
+    ))
+    .unwrap();
+    // The held ticket changed, and a ticket of a month the database has no partition for.
+    let second = dir.join("second.csv");
+    std::fs::write(
+        &second,
+        format!("{header}\nT-1,Printer on fire,ann@example.com,open,2024-05-01 10:00\nT-2,Old,bob@example.com,solved,2015-03-10 09:00\n"),
+    )
+    .unwrap();
+    let child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            second.to_str().unwrap(),
+            "--lock-timeout",
+            "20s",
+        ],
+    )
+    .spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import never waited for the held ticket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let held = db.strings(
+        "SELECT relation::regclass::text FROM pg_locks
+         WHERE granted AND mode = 'AccessExclusiveLock' AND relation IN
+               ('tickets_default'::regclass, 'ticket_tags_default'::regclass, 'comments_default'::regclass)
+         ORDER BY 1",
+    );
+    let month_made = db.scalar("SELECT count(*) FROM pg_class WHERE relname = 'tickets_p2015_03'");
+    app.batch_execute("COMMIT").unwrap();
+    let run = Run::from_output("import".into(), child.wait_with_output().unwrap());
+    let summary = run.expect_code(0).json();
+    assert_eq!(
+        (summary["inserted"].as_i64(), summary["updated"].as_i64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
+    assert_eq!(
+        held,
+        Vec::<String>::new(),
+        "the batch held the default partitions while it waited"
+    );
+    assert_eq!(month_made, 1, "the month was not committed before the batch went on");
+    assert_eq!(partition_of(&db, "T-2"), "tickets_p2015_03");
+}
+
 #[test]
 fn a_reimport_in_batches_finds_tickets_whose_created_at_moved_out_of_their_batch() {
     let (db, dir) = partitioned_db("moved-in-batches");

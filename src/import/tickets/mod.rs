@@ -449,6 +449,26 @@ impl ImportKind for TicketImport {
         })
     }
 
+    fn needs_preparing(&self, rows: &[Numbered<TicketRow>]) -> bool {
+        let import_time = self.import_time;
+        self.layout.partitioned()
+            && self
+                .partitions
+                .any_missing(rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))
+    }
+
+    /// The months the rows need (see `ImportKind::prepare`).
+    fn prepare(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> anyhow::Result<()> {
+        if self.layout.partitioned() {
+            let started = std::time::Instant::now();
+            let import_time = self.import_time;
+            self.partitions
+                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+            self.phases.add("make months", started);
+        }
+        Ok(())
+    }
+
     fn resolve(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -457,16 +477,11 @@ impl ImportKind for TicketImport {
         let started = std::time::Instant::now();
         self.resolve_entities(conn, rows)
             .context("cannot resolve organizations, users and tags")?;
-        if self.layout.partitioned() {
-            // The months the rows need (the only place they are made): with several writers
-            // this runs in a transaction of its own, so that two writers never make the same
-            // month at once.
-            let import_time = self.import_time;
-            self.partitions
-                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
-        }
         self.phases.add("resolve users/orgs/tags", started);
-        Ok(())
+        // The months the rows need, unless `prepare` made them already: with several writers
+        // this runs in turn in a transaction of its own, so that two writers never make the
+        // same month at once.
+        self.prepare(conn, rows)
     }
 
     fn another_writer(&self) -> Option<TicketImport> {
