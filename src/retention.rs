@@ -49,7 +49,7 @@ pub struct Plan {
     pub batched: i64,
     /// Partitions an earlier run detached and archived but did not drop.
     pub leftover: Vec<String>,
-    /// Months wholly before the cut-off that this role may not detach and drop (that takes the
+    /// Months wholly before the cut-off that this role may not drop whole (that takes the
     /// owner of the month and of tickets): removed in batches instead.
     pub months_not_owned: Vec<String>,
 }
@@ -107,7 +107,7 @@ pub fn plan(
 
 /// The monthly partitions of tickets that end at or before `cutoff`, oldest first, with their
 /// row counts (read through tickets, as the role may read no partition by name), and apart the
-/// names of those this role does not own with tickets: detaching and dropping one takes that.
+/// names of those this role does not own with tickets: retention asks that before it drops one whole.
 fn whole_partitions(
     conn: &mut PgConnection,
     cutoff: DateTime<Utc>,
