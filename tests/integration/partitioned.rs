@@ -1239,7 +1239,11 @@ fn an_import_commits_the_months_it_makes_before_its_batch_goes_on() {
     )
     .spawn();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while db.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted") == 0 {
+    // (pg_locks and pg_stat_activity are the whole server's; other tests' databases, cloned
+    // from one template, have tables with the same OIDs.)
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    while db.scalar(waiting) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the import never waited for the held ticket"
@@ -1248,7 +1252,8 @@ fn an_import_commits_the_months_it_makes_before_its_batch_goes_on() {
     }
     let held = db.strings(
         "SELECT relation::regclass::text FROM pg_locks
-         WHERE granted AND mode = 'AccessExclusiveLock' AND relation IN
+         WHERE granted AND mode = 'AccessExclusiveLock'
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND relation IN
                ('tickets_default'::regclass, 'ticket_tags_default'::regclass, 'comments_default'::regclass)
          ORDER BY 1",
     );
