@@ -277,3 +277,11 @@ pub fn cut_back(tickets: Option<&mut Archive>, comments: Option<&mut Archive>, m
         a.cut_back(len);
     }
 }
+
+/// The directory a run's relative archive paths are relative to, recorded with the operation
+/// so that `undo` can name the archives wherever it runs (None when it has no UTF-8 name).
+pub fn working_directory() -> Option<String> {
+    std::env::current_dir()
+        .ok()
+        .and_then(|dir| dir.to_str().map(str::to_owned))
+}

@@ -97,23 +97,46 @@ pub fn what_to_undo(conn: &mut PgConnection, op: &BulkOperation) -> anyhow::Resu
     Ok(Undo::Parts(parts))
 }
 
-/// Why a purge or retention cannot be undone, and where what it removed is: its archives, as
-/// their paths were given to it (relative to where it ran).
+/// Why a purge or retention cannot be undone, and where what it removed is: its archives, by
+/// the paths given to it, made absolute with the directory it ran in (recorded since
+/// 2026-12-05; older operations name them as given).
 fn removed_for_good(op: &BulkOperation) -> String {
-    let path = |key: &str| op.args.get(key).and_then(serde_json::Value::as_str).map(str::to_owned);
+    let text = |key: &str| op.args.get(key).and_then(serde_json::Value::as_str);
+    let ran_in = text("working_directory").map(std::path::Path::new);
+    let path = |key: &str| {
+        text(key).map(|given| match ran_in {
+            Some(dir) => shell_word(&dir.join(given).to_string_lossy()),
+            None => shell_word(given),
+        })
+    };
     let head = format!(
         "undo of operation {} ({}) is not supported: what it removed is gone from the database",
         op.id, op.kind
     );
+    let as_given = if ran_in.is_some() {
+        ""
+    } else {
+        " (as given to that run, relative to where it ran)"
+    };
     match (path("archive"), path("archive_comments")) {
         (None, _) => format!("{head}, and it was written to no archive"),
-        (Some(tickets), None) => format!(
-            "{head}; its archive has the tickets: ticketops import tickets {tickets} (the path as given to that run)"
-        ),
+        (Some(tickets), None) => {
+            format!("{head}; its archive has the tickets: ticketops import tickets {tickets}{as_given}")
+        }
         (Some(tickets), Some(comments)) => format!(
             "{head}; its archives have them: ticketops import tickets {tickets}, then ticketops import comments \
-             {comments} (the paths as given to that run)"
+             {comments}{as_given}"
         ),
+    }
+}
+
+/// `word` as a shell reads it back: quoted when it holds anything but plain path characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._+-=@%,:".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
     }
 }
 
@@ -820,4 +843,17 @@ fn inserted_by_partition_sql(undo_op: i64) -> String {
                  FROM keyed k) AS already",
         audited = inserted_audited(undo_op),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_word;
+
+    #[test]
+    fn archive_paths_are_named_as_a_shell_reads_them_back() {
+        assert_eq!(shell_word("/srv/archive/old-2026.csv"), "/srv/archive/old-2026.csv");
+        assert_eq!(shell_word("/srv/my archive/old.csv"), "'/srv/my archive/old.csv'");
+        assert_eq!(shell_word("it's.csv"), r"'it'\''s.csv'");
+        assert_eq!(shell_word(""), "''");
+    }
 }

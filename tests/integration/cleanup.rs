@@ -854,13 +854,19 @@ fn an_archive_is_appended_to_only_when_it_is_one_of_the_same_kind() {
     if partitioned() {
         assert!(!second["partitions_dropped"].as_array().unwrap().is_empty(), "{second}");
     }
-    // What was removed for good cannot be undone; the undo says where it is.
+    // What was removed for good cannot be undone; the undo says where it is, wherever it runs
+    // (the archives were named relative to the retention's directory).
     let op = second["operation_id"].as_i64().unwrap().to_string();
-    ticketops(Some(&db), &dir, &["undo", &op])
+    let elsewhere = scratch("retention-undo-elsewhere");
+    ticketops(Some(&db), &elsewhere, &["undo", &op])
         .run()
         .expect_code(1)
         .stderr_has("what it removed is gone from the database")
-        .stderr_has("ticketops import tickets old.csv, then ticketops import comments old-comments.csv");
+        .stderr_has(&format!(
+            "ticketops import tickets {}, then ticketops import comments {}",
+            dir.join("old.csv").display(),
+            dir.join("old-comments.csv").display()
+        ));
     let (_, back) = import(&db, &dir, "tickets", &dir.join("old.csv"), &[]);
     assert_eq!(
         (back["rows_read"].as_u64(), back["inserted"].as_u64()),

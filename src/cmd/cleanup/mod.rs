@@ -311,7 +311,7 @@ fn purge(
         &mut conn,
         kind,
         json!({"deleted_before": deleted_before, "archive": archive, "archive_comments": archive_comments,
-               "batching": batching.settings().to_json()}),
+               "working_directory": crate::archive::working_directory(), "batching": batching.settings().to_json()}),
     )?;
     let op_id = job.operation_id;
     let layout = Layout::of(&mut conn)?;

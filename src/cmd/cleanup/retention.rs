@@ -146,7 +146,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
         &mut conn,
         KIND,
         json!({"created_before": cutoff, "filters": args.filters.to_json(), "archive": args.archive,
-               "archive_comments": args.archive_comments, "batching": settings.to_json()}),
+               "archive_comments": args.archive_comments, "working_directory": crate::archive::working_directory(),
+               "batching": settings.to_json()}),
     )?;
     let op_id = job.operation_id;
     let watch = ctx.watch(&job.kind).with_total(Some(plan.tickets as u64));
