@@ -389,63 +389,61 @@ fn write_batch<K: ImportKind>(
         } else {
             Ok(())
         };
-        let result = prepared.and_then(|()| {
-            in_batch_transaction(conn, batched, |conn| {
-                db::set_local_timeouts(conn, options.timeouts)?;
-                if !std::mem::take(&mut resolved) {
-                    kind.resolve(conn, &rows)?;
+        // The batch's own transaction, once what it needs made is committed.
+        let write = |conn: &mut PgConnection| {
+            db::set_local_timeouts(conn, options.timeouts)?;
+            if !std::mem::take(&mut resolved) {
+                kind.resolve(conn, &rows)?;
+            }
+            let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
+            // From here on the batch holds the lock on what is committed, through its COMMIT.
+            let mut committed = lock(shared.committed);
+            let written = (|| {
+                for (record, line, raw, error) in &reader_rejects {
+                    committed.rejects.write(raw, *record, *line, error)?;
+                    batch_counts.rejected += 1;
+                    batch_tally.add(&error.reason, *line);
                 }
-                let writer_rejects = kind.write_batch(conn, op_id, &rows, prefetched.take(), &mut batch_counts)?;
-                // From here on the batch holds the lock on what is committed, through its COMMIT.
-                let mut committed = lock(shared.committed);
-                let written = (|| {
-                    for (record, line, raw, error) in &reader_rejects {
-                        committed.rejects.write(raw, *record, *line, error)?;
-                        batch_counts.rejected += 1;
-                        batch_tally.add(&error.reason, *line);
-                    }
-                    for r in &writer_rejects {
-                        committed.rejects.write(&r.raw, r.record, r.line, &r.error)?;
-                        batch_counts.rejected += 1;
-                        batch_tally.add(&r.error.reason, r.line);
-                    }
-                    let rejects_bytes = committed.rejects.flush()?;
-                    let next = committed.state.with_batch(
-                        (batch.start, batch.end),
-                        &batch_counts,
-                        &batch_tally,
+                for r in &writer_rejects {
+                    committed.rejects.write(&r.raw, r.record, r.line, &r.error)?;
+                    batch_counts.rejected += 1;
+                    batch_tally.add(&r.error.reason, r.line);
+                }
+                let rejects_bytes = committed.rejects.flush()?;
+                let next =
+                    committed
+                        .state
+                        .with_batch((batch.start, batch.end), &batch_counts, &batch_tally, rejects_bytes);
+                let wrote = batch_counts.inserted + batch_counts.updated + batch_counts.rejected > 0;
+                if batched && (wrote || committed.checkpoint_saved.elapsed() >= CHECKPOINT_AT_LEAST_EVERY) {
+                    committed.checkpoint_saved = Instant::now();
+                    let checkpoint = Checkpoint {
+                        position: next.prefix,
                         rejects_bytes,
-                    );
-                    let wrote = batch_counts.inserted + batch_counts.updated + batch_counts.rejected > 0;
-                    if batched && (wrote || committed.checkpoint_saved.elapsed() >= CHECKPOINT_AT_LEAST_EVERY) {
-                        committed.checkpoint_saved = Instant::now();
-                        let checkpoint = Checkpoint {
-                            position: next.prefix,
-                            rejects_bytes,
-                            counts: next.counts,
-                            tally: next.tally.clone(),
-                            done: next.done.iter().map(|(start, end)| (*start, *end)).collect(),
-                            batch_size: (!next.done.is_empty()).then_some(committed.batch_size),
-                        };
-                        operation::save_checkpoint(
-                            conn,
-                            op_id,
-                            &serde_json::to_value(&checkpoint)?,
-                            &serde_json::to_value(next.counts)?,
-                        )?;
-                    }
-                    anyhow::Ok(next)
-                })();
-                match written {
-                    Ok(next) => Ok((committed, next)),
-                    Err(e) => {
-                        let committed_len = committed.state.rejects_bytes;
-                        let _ = committed.rejects.cut_back(committed_len);
-                        Err(e)
-                    }
+                        counts: next.counts,
+                        tally: next.tally.clone(),
+                        done: next.done.iter().map(|(start, end)| (*start, *end)).collect(),
+                        batch_size: (!next.done.is_empty()).then_some(committed.batch_size),
+                    };
+                    operation::save_checkpoint(
+                        conn,
+                        op_id,
+                        &serde_json::to_value(&checkpoint)?,
+                        &serde_json::to_value(next.counts)?,
+                    )?;
                 }
-            })
-        });
+                anyhow::Ok(next)
+            })();
+            match written {
+                Ok(next) => Ok((committed, next)),
+                Err(e) => {
+                    let committed_len = committed.state.rejects_bytes;
+                    let _ = committed.rejects.cut_back(committed_len);
+                    Err(e)
+                }
+            }
+        };
+        let result = prepared.and_then(|()| in_batch_transaction(conn, batched, write));
         let err = match result {
             Ok((mut committed, next)) => {
                 committed.state = next;

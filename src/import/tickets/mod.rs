@@ -234,6 +234,11 @@ fn parse_time(
     })
 }
 
+/// The created_at each row's ticket gets: its own, or the import's time when it has none.
+fn created_at_of(rows: &[Numbered<TicketRow>], import_time: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+    rows.iter().map(move |r| r.row.created_at.unwrap_or(import_time))
+}
+
 impl ImportKind for TicketImport {
     type Row = TicketRow;
     type Prefetched = StoredByKey;
@@ -450,20 +455,14 @@ impl ImportKind for TicketImport {
     }
 
     fn needs_preparing(&self, rows: &[Numbered<TicketRow>]) -> bool {
-        let import_time = self.import_time;
-        self.layout.partitioned()
-            && self
-                .partitions
-                .any_missing(rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))
+        self.layout.partitioned() && self.partitions.any_missing(created_at_of(rows, self.import_time))
     }
 
     /// The months the rows need (see `ImportKind::prepare`).
     fn prepare(&mut self, conn: &mut PgConnection, rows: &[Numbered<TicketRow>]) -> anyhow::Result<()> {
         if self.layout.partitioned() {
             let started = std::time::Instant::now();
-            let import_time = self.import_time;
-            self.partitions
-                .ensure(conn, rows.iter().map(|r| r.row.created_at.unwrap_or(import_time)))?;
+            self.partitions.ensure(conn, created_at_of(rows, self.import_time))?;
             self.phases.add("make months", started);
         }
         Ok(())
