@@ -253,19 +253,23 @@ pub fn archive_batch(
 
 /// Appends the tickets and comments staged by [`crate::export::stage_partition`] to the
 /// archives, by `COPY … TO` (checked against the rows staged), synced; records in `marks` where
-/// each archive stood before.
+/// each archive stood before. Returns how many tickets it archived.
 pub fn archive_staged(
     conn: &mut PgConnection,
     tickets: &mut Archive,
     comments: Option<&mut Archive>,
     marks: &mut Marks,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     use crate::export::{Dataset, copy_staged};
-    marks.tickets = Some(tickets.append_with(|out, header| copy_staged(conn, Dataset::Tickets, header, out))?);
+    let mut archived = 0;
+    marks.tickets = Some(tickets.append_with(|out, header| {
+        archived = copy_staged(conn, Dataset::Tickets, header, out)?;
+        Ok(archived)
+    })?);
     if let Some(a) = comments {
         marks.comments = Some(a.append_with(|out, header| copy_staged(conn, Dataset::Comments, header, out))?);
     }
-    Ok(())
+    Ok(archived)
 }
 
 /// Cuts the archives back to `marks` after the batch that appended to them failed.

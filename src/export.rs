@@ -334,7 +334,7 @@ pub fn unstage(conn: &mut diesel::PgConnection) -> anyhow::Result<()> {
 /// and checks that every row arrived: Diesel does not read the status that ends a `COPY … TO`,
 /// so a server-side error in the middle (a cancel, a timeout) would otherwise look like the end
 /// of the data. The records written are counted as they pass and compared with the count of
-/// the partition's rows (or their comments) in the same transaction. Returns the bytes written.
+/// the partition's rows (or their comments) in the same transaction. Returns the records written.
 pub fn copy_staged(
     conn: &mut diesel::PgConnection,
     dataset: Dataset,
@@ -343,7 +343,7 @@ pub fn copy_staged(
 ) -> anyhow::Result<u64> {
     use diesel::RunQueryDsl;
     let mut counted = RecordCounter::new(out);
-    let (bytes, view, rows) = match dataset {
+    let (_, view, rows) = match dataset {
         Dataset::Tickets => (
             copy_csv(StagedTicketsExport::<true>, conn, header, &mut counted)?,
             STAGED_TICKETS,
@@ -368,7 +368,7 @@ pub fn copy_staged(
             expected.n
         );
     }
-    Ok(bytes)
+    Ok(records)
 }
 
 /// A writer that counts the CSV records passing through it.

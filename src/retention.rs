@@ -157,16 +157,18 @@ pub struct Removed {
 
 /// Removes one whole partition, in one `REPEATABLE READ` transaction: locks it and its months of
 /// tag links and comments against writes, appends its tickets and their comments to the
-/// archives (`COPY … TO`, synced), deletes their per-row audit rows and their keys (tickets' and
-/// comments'), then drops the months of links and comments and itself (tickets, ticket_tags and
-/// comments themselves, and their default partitions, are locked only for that last step, and
-/// nothing else the application reads is). A failure rolls back and cuts the archives back.
+/// archives (`COPY … TO`, synced) on `archive_conn` while it deletes their per-row audit rows
+/// and their keys (tickets' and comments'), then drops the months of links and comments and
+/// itself (tickets, ticket_tags and comments themselves, and their default partitions, are
+/// locked only for that last step, and nothing else the application reads is). A failure rolls
+/// back and cuts the archives back.
 ///
 /// Each month of links and of comments references its month of tickets, so its lock keeps every
-/// writer of the month's tickets, links and comments out until the month is gone; one snapshot
-/// makes the archive and the deletes see the same rows.
+/// writer of the month's tickets, links and comments out until the month is gone: the archive's
+/// snapshot and the deletes', both taken after the lock, see the same rows.
 pub fn remove_partition(
     conn: &mut PgConnection,
+    archive_conn: &mut PgConnection,
     op_id: i64,
     partition: &WholePartition,
     archive: &mut Archive,
@@ -174,6 +176,13 @@ pub fn remove_partition(
     timeouts: BatchTimeouts,
 ) -> anyhow::Result<Removed> {
     let name = &partition.name;
+    // Its tag links and comments, in their own months, go with it. Looked up before the
+    // transaction: a query in it would take its snapshot before the lock, and rows written in
+    // between would be dropped unseen.
+    let months = MonthParts {
+        links: crate::layout::same_month_of(conn, "ticket_tags", name)?,
+        comments: crate::layout::same_month_of(conn, "comments", name)?,
+    };
     let mut marks = Marks::default();
     let mut comments_archive = comments_archive;
     let removed = conn
@@ -182,19 +191,40 @@ pub fn remove_partition(
         .run(|conn| -> anyhow::Result<Removed> {
             db::set_local_timeouts(conn, timeouts)?;
             // Before the snapshot, which LOCK does not take: it then holds every write to the
-            // month. Its tag links and comments, in their own months, with it.
-            let links = crate::layout::same_month_of(conn, "ticket_tags", name)?;
-            let comments = crate::layout::same_month_of(conn, "comments", name)?;
-            let months = MonthParts { links, comments };
+            // month.
             let locked: Vec<&str> = std::iter::once(name.as_str()).chain(months.names()).collect();
             let locked = locked.join(", ");
             sql_query(format!("LOCK TABLE {locked} IN SHARE MODE"))
                 .execute(conn)
                 .with_context(|| format!("cannot lock {locked} against writes while it is archived"))?;
-            export::stage_partition(conn, name, months.comments.as_deref())?;
-            archive_staged(conn, archive, comments_archive.as_deref_mut(), &mut marks)?;
-            export::unstage(conn)?;
-            let removed = remove_month_rows(conn, name, &months)?;
+            // The archive on the second connection while this one deletes the keys and audit
+            // rows: the two take the machine's cores side by side instead of in turn (the
+            // deletes were ~40% of a month's time besides its archive).
+            let (archived, removed) = std::thread::scope(|scope| {
+                let archiving = scope.spawn(|| {
+                    archive_month(
+                        archive_conn,
+                        name,
+                        &months,
+                        archive,
+                        comments_archive.as_deref_mut(),
+                        &mut marks,
+                        timeouts,
+                    )
+                });
+                let removed = remove_month_rows(conn, name, &months);
+                let archived = archiving
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (archived, removed)
+            });
+            let (archived, removed) = (archived?, removed?);
+            if archived != removed.tickets {
+                anyhow::bail!(
+                    "the archive of {name} holds {archived} tickets but {} were to go; nothing is removed",
+                    removed.tickets
+                );
+            }
             // The parents first, in the order readers lock them (a parent, then its
             // partitions): dropping a month of links or comments takes the tickets' month
             // exclusively (its foreign key's triggers live there), and holding that while
@@ -224,6 +254,29 @@ pub fn remove_partition(
         cut_back(Some(archive), comments_archive, marks);
     }
     removed
+}
+
+/// Appends the month `name`'s tickets and their comments to the archives, synced, in a
+/// transaction of `conn`'s own, which ends (releasing its locks on the month) before the month
+/// is dropped. Returns how many tickets it archived.
+fn archive_month(
+    conn: &mut PgConnection,
+    name: &str,
+    months: &MonthParts,
+    archive: &mut Archive,
+    comments_archive: Option<&mut Archive>,
+    marks: &mut Marks,
+    timeouts: BatchTimeouts,
+) -> anyhow::Result<u64> {
+    conn.build_transaction()
+        .repeatable_read()
+        .run(|conn| -> anyhow::Result<u64> {
+            db::set_local_timeouts(conn, timeouts)?;
+            export::stage_partition(conn, name, months.comments.as_deref())?;
+            let archived = archive_staged(conn, archive, comments_archive, marks)?;
+            export::unstage(conn)?;
+            Ok(archived)
+        })
 }
 
 /// The months of tag links and of comments that go with a month of tickets, those that exist

@@ -25,8 +25,9 @@ retention policy asks. Everything removed is first appended to --archive (and th
 brings it back. A dry run until --apply, which asks (count and sample) unless --yes.
 
 On the partitioned layout with no other filter, each monthly partition wholly before the
-cut-off is archived by COPY, its keys and audit rows deleted, and it is dropped with its months
-of tag links and comments in one transaction: no row-by-row DELETE of them, no dead tuples;
+cut-off is archived by COPY (on a second connection, while its keys and audit rows are
+deleted), and it is dropped with its months of tag links and comments in one transaction: no
+row-by-row DELETE of them, no dead tuples;
 tickets, ticket_tags and comments themselves are locked only for the drop, nothing else the
 application reads is (a month's COPY is one statement: give big months a longer
 --statement-timeout). A month goes whole or not at all; a comment being added to it meanwhile
@@ -68,7 +69,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut comments_archive = (args.archive_comments.clone())
         .map(|p| Archive::open(p, COMMENT_COLUMNS))
         .transpose()?;
-    let pool = ctx.pool(2)?;
+    // This connection, the job's lock and the whole months' archive (written alongside).
+    let pool = ctx.pool(3)?;
     let mut conn = db::get(&pool)?;
     let filters = args.filters.resolve(&mut conn)?;
     if let Some(warning) = filters.unmatched_ids_warning() {
@@ -160,6 +162,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut stopped = None;
     let mut error = None;
     let mut partition_retries = 0u64;
+    let mut archive_conn = match plan.partitions.is_empty() {
+        true => None,
+        false => Some(db::get(&pool)?),
+    };
     // A leftover is a name (its archive is written); a planned month, the partition itself.
     let leftover = plan.leftover.iter().map(|name| (name.clone(), None));
     let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
@@ -190,6 +196,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
                 None => retention::drop_detached(&mut conn, op_id, &name, settings.timeouts),
                 Some(partition) => retention::remove_partition(
                     &mut conn,
+                    archive_conn.as_mut().expect("got with the months to remove"),
                     op_id,
                     partition,
                     &mut archive,
