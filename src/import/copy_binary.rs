@@ -28,6 +28,24 @@ impl<W: Write> BinaryCopy<W> {
         Ok(BinaryCopy { out })
     }
 
+    /// A stream of rows alone, without the header (rows gathered to be sent later with
+    /// [`BinaryCopy::raw_rows`]); `flush_rows` instead of `finish` at its end.
+    pub fn rows_only(out: W) -> Self {
+        BinaryCopy {
+            out: BufWriter::with_capacity(64 * 1024, out),
+        }
+    }
+
+    /// Rows encoded earlier by a [`BinaryCopy::rows_only`] stream.
+    pub fn raw_rows(&mut self, rows: &[u8]) -> io::Result<()> {
+        self.out.write_all(rows)
+    }
+
+    /// Flushes the rows of a [`BinaryCopy::rows_only`] stream (no trailer).
+    pub fn flush_rows(mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Starts a row of `fields` fields; exactly that many field calls must follow.
     pub fn row(&mut self, fields: i16) -> io::Result<()> {
         self.out.write_all(&fields.to_be_bytes())
