@@ -599,10 +599,11 @@ fn purge_with_archive_then_import_brings_the_tickets_back() {
             "purge",
             "--deleted-before",
             "90d",
+            // Relative to the run's directory, which the operation records for its undo.
             "--archive",
-            archive.to_str().unwrap(),
+            "archive.csv",
             "--archive-comments",
-            archive_comments.to_str().unwrap(),
+            "archive-comments.csv",
             "--batch-size",
             "7",
         ],
@@ -610,6 +611,17 @@ fn purge_with_archive_then_import_brings_the_tickets_back() {
     .run();
     let s = run.expect_code(0).json();
     assert_eq!(s["purged"].as_i64().unwrap(), closed);
+    // What was purged cannot be undone; the undo names the archives wherever it runs.
+    let op = s["operation_id"].as_i64().unwrap().to_string();
+    ticketops(Some(&db), &scratch("purge-undo-elsewhere"), &["undo", &op])
+        .run()
+        .expect_code(1)
+        .stderr_has("what it removed is gone from the database")
+        .stderr_has(&format!(
+            "ticketops import tickets {}, then ticketops import comments {}",
+            archive.display(),
+            archive_comments.display()
+        ));
     assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE status = 'closed'"), 0);
     assert!(
         db.scalar("SELECT count(*) FROM tickets WHERE status = 'solved'") > 0,
