@@ -162,10 +162,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut stopped = None;
     let mut error = None;
     let mut partition_retries = 0u64;
-    let mut archive_conn = match plan.partitions.is_empty() {
-        true => None,
-        false => Some(db::get(&pool)?),
-    };
+    let mut archive_conn = (!plan.partitions.is_empty()).then(|| db::get(&pool)).transpose()?;
     // A leftover is a name (its archive is written); a planned month, the partition itself.
     let leftover = plan.leftover.iter().map(|name| (name.clone(), None));
     let partitions = plan.partitions.iter().map(|p| (p.name.clone(), Some(p)));
