@@ -882,6 +882,80 @@ fn a_comment_added_while_retention_archives_its_month_waits_for_it() {
     );
 }
 
+/// A comment committed while retention waits for its month's lock is archived with the month:
+/// the step's snapshot (its archive's and its deletes') is taken after the lock, not before it
+/// by a query of the same transaction (the months of links and comments are looked up before
+/// the transaction begins). Taken before, the comment was dropped with the month unarchived.
+#[test]
+fn a_comment_committed_while_retention_waits_for_its_month_is_archived() {
+    use diesel::connection::SimpleConnection;
+    let (db, dir) = partitioned_db("retention-lock-wait");
+    import(&db, &dir, "tickets", &fixture("tickets.csv"), &["--rejects", "t.csv"]);
+    let ticket = db.scalar("SELECT id FROM tickets ORDER BY created_at, id LIMIT 1");
+    let author = db.scalar(&format!("SELECT requester_id FROM tickets WHERE id = {ticket}"));
+    let month = partition_of(
+        &db,
+        &db.strings(&format!("SELECT external_id FROM tickets WHERE id = {ticket}"))
+            .remove(0),
+    );
+    let cutoff = db
+        .strings(&format!(
+            "SELECT to_char(date_trunc('month', created_at) + interval '1 month', 'YYYY-MM-DD') FROM tickets WHERE id = {ticket}"
+        ))
+        .remove(0);
+    let in_month = db.scalar(&format!("SELECT count(*) FROM {month}"));
+    // An application's comment on a ticket of the month, not yet committed: the run's lock of
+    // the month's comments waits for it.
+    let mut app = db.conn();
+    app.batch_execute(&format!(
+        "BEGIN; {}",
+        insert_comment_sql(&db, &ticket.to_string(), &author.to_string(), "waited-for")
+    ))
+    .unwrap();
+    let archive_comments = dir.join("comments-archive.csv");
+    let child = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "retention",
+            "--created-before",
+            &cutoff,
+            "--archive",
+            "archive.csv",
+            "--archive-comments",
+            archive_comments.to_str().unwrap(),
+            "--apply",
+            "--yes",
+            "--lock-timeout",
+            "20s",
+        ],
+    )
+    .spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    // (pg_stat_activity is the whole server's.)
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'
+                     AND query LIKE 'LOCK TABLE % IN SHARE MODE%'";
+    while db.scalar(waiting) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never waited for the month's lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    app.batch_execute("COMMIT").unwrap();
+    let run = Run::from_output("cleanup retention".into(), child.wait_with_output().unwrap());
+    let v = run.expect_code(0).json();
+    assert_eq!(v["partitions_dropped"], serde_json::json!([month]), "{v}");
+    assert_eq!(v["removed"].as_i64(), Some(in_month), "{v}");
+    assert_eq!(v["comments_removed"].as_i64(), Some(1), "{v}");
+    assert_eq!(db.scalar("SELECT count(*) FROM comments"), 0);
+    let archived = std::fs::read_to_string(&archive_comments).unwrap();
+    assert_eq!(archived.matches("waited-for").count(), 1, "{archived}");
+}
+
 /// A month goes by dropping its partitions, which locks tickets, ticket_tags and comments
 /// themselves and nothing else the application reads: a long transaction that has read
 /// users, organizations, tags, ticketops' own operations and a live month does not hold it up.
