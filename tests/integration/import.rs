@@ -890,16 +890,17 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
         &file,
         &["--rejects", "a.csv", "--batch-size", "500"],
     );
-    // Batches of 50: the load writes its keys four batches' worth at a time, and its tag
-    // links (with, on partitions, its months' tickets before them) 16 times that on
-    // partitions, so some go in the middle of the load and the rest at its end.
+    // Batches of 25: the load writes its keys four batches' worth at a time, and on
+    // partitions its months' tickets and tag links, held in temporary files, 16 times that
+    // (or 32 MiB), so some go in the middle of the load (the files then written over) and the
+    // rest at its end.
     let fast = TestDb::new();
     let (run, b) = import(
         &fast,
         &dir,
         "tickets",
         &file,
-        &["--initial-load", "--rejects", "b.csv", "--batch-size", "50"],
+        &["--initial-load", "--rejects", "b.csv", "--batch-size", "25"],
     );
     run.expect_code(3);
     assert_eq!(outcome(&a), outcome(&b));

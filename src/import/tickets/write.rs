@@ -361,6 +361,9 @@ impl TicketImport {
         }
         let links = links.into_inner();
         match &mut self.gathered {
+            Some(gathered) if into_months => {
+                gather_month_links(conn, &mut self.link_months, &mut gathered.month_links, &links)?
+            }
             Some(gathered) => gathered.links.extend(links),
             None => copy_links(conn, self.layout, &mut self.link_months, &links, self.initial_load)?,
         }
@@ -391,21 +394,17 @@ impl TicketImport {
         let Some(gathered) = &mut self.gathered else {
             return Ok(());
         };
-        // The tickets before their links (whose months reference theirs), at the latest with
-        // them.
-        let links_at_least = if self.layout.partitioned() {
-            at_least.saturating_mul(LINK_MONTHS_GATHERED)
-        } else {
-            at_least
-        };
-        let links_due = !gathered.links.is_empty() && gathered.links.len() >= links_at_least;
-        if gathered.ticket_bytes > 0 && (links_due || gathered.ticket_bytes >= GATHERED_TICKET_BYTES || at_least == 0) {
+        // (In any order: the load dropped the foreign keys of the months of links to the
+        // months of tickets, and validates them at its end.)
+        if gathered.tickets.due(at_least) {
             let started = std::time::Instant::now();
-            for (month, buffer) in std::mem::take(&mut gathered.tickets) {
-                copy_gathered_tickets(conn, &month, &buffer)?;
-            }
-            gathered.ticket_bytes = 0;
+            gathered.tickets.copy_all(conn, tickets::table, "new tickets")?;
             self.phases.add("COPY new tickets", started);
+        }
+        if gathered.month_links.due(at_least) {
+            let started = std::time::Instant::now();
+            gathered.month_links.copy_all(conn, ticket_tags::table, "tag links")?;
+            self.phases.add("COPY tag links", started);
         }
         if !gathered.keys.is_empty() && gathered.keys.len() >= at_least {
             let started = std::time::Instant::now();
@@ -417,10 +416,7 @@ impl TicketImport {
             gathered.keys.clear();
             self.phases.add("COPY ticket keys", started);
         }
-        // On partitions the links go in a COPY per month: gathered longer (`links_at_least`),
-        // so that fewer COPYs pay their set-up (~2 ms each; one per month every four batches
-        // made 1,250 of them in a 1M load).
-        if links_due {
+        if !gathered.links.is_empty() && gathered.links.len() >= at_least {
             let started = std::time::Instant::now();
             copy_links(conn, self.layout, &mut self.link_months, &gathered.links, true)?;
             gathered.links.clear();
@@ -481,26 +477,25 @@ impl TicketImport {
         links: &RefCell<Vec<NewLink>>,
     ) -> anyhow::Result<usize> {
         let mut gathered = self.gathered.take().expect("gathering");
-        let result = (|| -> std::io::Result<usize> {
+        let result = (|| -> anyhow::Result<usize> {
             let mut links = links.borrow_mut();
             let mut n = 0;
             for group in groups {
                 let month = self.months.name(routes[group[0]].expect("routed to a month"));
-                let buffer = gathered.tickets.entry(month.to_owned()).or_default();
-                let before = buffer.bytes.len();
-                let mut copy = BinaryCopy::rows_only(&mut buffer.bytes);
-                for &i in group.iter() {
-                    self.encode_ticket(&mut copy, rows[i], op_id, &mut links)?;
-                }
-                copy.flush_rows()?;
-                buffer.rows += group.len() as u64;
-                gathered.ticket_bytes += buffer.bytes.len() - before;
+                let target = format!("{month} ({TICKET_COPY_COLUMNS})");
+                gathered.tickets.append(&target, true, group.len(), |out| {
+                    let mut copy = BinaryCopy::rows_only(out);
+                    for &i in group.iter() {
+                        self.encode_ticket(&mut copy, rows[i], op_id, &mut links)?;
+                    }
+                    copy.flush_rows()
+                })?;
                 n += group.len();
             }
             Ok(n)
         })();
         self.gathered = Some(gathered);
-        Ok(result?)
+        result
     }
 
     /// One binary COPY of `rows` (each with its id and created_at) into `target`, tickets or
@@ -762,41 +757,174 @@ type NewTicket<'r> = (&'r TicketRow, i64, DateTime<Utc>, Option<&'r [u8]>);
 #[derive(Default)]
 pub(super) struct Gathered {
     keys: Vec<(i64, String, DateTime<Utc>)>,
+    /// The tag links (on the partitioned layout `month_links`).
     links: Vec<NewLink>,
-    /// On the partitioned layout, the new tickets' COPY rows by month (partition name).
-    tickets: HashMap<String, GatheredRows>,
-    /// Their bytes in all.
-    ticket_bytes: usize,
+    /// On the partitioned layout, the new tickets and their tag links, by month.
+    tickets: HeldRows,
+    month_links: HeldRows,
 }
 
-/// A month's gathered tickets: their binary COPY rows (no header) and how many.
+/// Rows held for one COPY per target (a month of tickets or of tag links) over the initial
+/// load's batches: their binary COPY rows (no header) in an unnamed temporary file, so that the
+/// page cache holds them rather than the import, which stays within its memory (held in its
+/// memory, they took a 2M load's peak from 29 to 75 MiB), with where each target's lie in it.
 #[derive(Default)]
-struct GatheredRows {
-    bytes: Vec<u8>,
-    rows: u64,
+struct HeldRows {
+    /// Made at the first row held.
+    file: Option<std::fs::File>,
+    /// What the file holds, in bytes.
+    bytes: u64,
+    /// By target: the table and its columns, as the COPY names them.
+    targets: HashMap<String, HeldPieces>,
 }
 
-/// How many bytes of tickets wait for their months' COPYs at most (they are written with their
-/// tag links, or before when they reach this): ~110,000 tickets of the benchmark's.
-const GATHERED_TICKET_BYTES: usize = 32 << 20;
+/// Where a target's held rows lie in the file (offset and length of each batch's), how many
+/// they are, and whether they go in frozen.
+#[derive(Default)]
+struct HeldPieces {
+    pieces: Vec<(u64, u64)>,
+    rows: u64,
+    freeze: bool,
+}
 
-/// One binary COPY, frozen, of a month's gathered tickets into `month`; checks that the server
-/// took every row.
-fn copy_gathered_tickets(conn: &mut PgConnection, month: &str, rows: &GatheredRows) -> anyhow::Result<()> {
-    let copied = NamedCopyTarget::<tickets::table>::with(&format!("{month} ({TICKET_COPY_COLUMNS})"), |target| {
-        diesel::copy_from(tickets::table)
-            .from_raw_data(target, |out| -> Result<(), diesel::result::Error> {
-                let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                copy.raw_rows(&rows.bytes).map_err(write_error)?;
-                copy.finish().map_err(write_error)
-            })
-            .with_format(CopyFormat::Binary)
-            .with_freeze(true)
-            .execute(conn)
-            .with_context(|| format!("cannot COPY new tickets into {month}"))
-    })?;
-    if copied as u64 != rows.rows {
-        anyhow::bail!("the COPY into {month} took {copied} of {} new tickets", rows.rows);
+/// How many bytes of tickets, and of tag links, are held at most for their months' COPYs:
+/// ~110,000 tickets of the benchmark's, ~880,000 links.
+const HELD_BYTES: u64 = 32 << 20;
+
+/// How many times the keys' [`GATHERED_BATCHES`] batches' worth of rows are held at most.
+const HELD_TIMES: usize = 16;
+
+impl HeldRows {
+    /// Whether the rows held are to be written: [`HELD_BYTES`] of them, or [`HELD_TIMES`]
+    /// `at_least` rows in a target; `at_least` 0 at the end of the load.
+    fn due(&self, at_least: usize) -> bool {
+        self.bytes > 0
+            && (at_least == 0
+                || self.bytes >= HELD_BYTES
+                || self.targets.values().map(|t| t.rows).sum::<u64>() >= (at_least * HELD_TIMES) as u64)
+    }
+
+    /// Appends `rows` rows for `target`, which `encode` writes to the file.
+    fn append(
+        &mut self,
+        target: &str,
+        freeze: bool,
+        rows: usize,
+        encode: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        use std::io::Seek as _;
+        let held = || {
+            format!(
+                "cannot hold the rows for {} in a temporary file in {} (TMPDIR)",
+                table_of(target),
+                std::env::temp_dir().display()
+            )
+        };
+        let file = match &mut self.file {
+            Some(file) => file,
+            file => file.insert(tempfile::tempfile().with_context(held)?),
+        };
+        encode(file).with_context(held)?;
+        let end = file.stream_position().with_context(held)?;
+        let target = self.targets.entry(target.to_owned()).or_default();
+        target.pieces.push((self.bytes, end - self.bytes));
+        target.rows += rows as u64;
+        target.freeze = freeze;
+        self.bytes = end;
+        Ok(())
+    }
+
+    /// One binary COPY of each target's held rows, each checked to have taken every row; then
+    /// starts the file over. `what` names the rows in errors.
+    fn copy_all<T>(&mut self, conn: &mut PgConnection, table: T, what: &str) -> anyhow::Result<()>
+    where
+        T: diesel::Table + Copy,
+        NamedCopyTarget<T>: CopyTarget<Table = T>,
+    {
+        use std::io::Seek as _;
+        use std::os::unix::fs::FileExt as _;
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        for (target, held) in std::mem::take(&mut self.targets) {
+            let copied = NamedCopyTarget::<T>::with(&target, |copy_target| {
+                diesel::copy_from(table)
+                    .from_raw_data(copy_target, |out| -> Result<(), diesel::result::Error> {
+                        let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                        let mut buffer = vec![0u8; 256 * 1024];
+                        for &(mut offset, length) in &held.pieces {
+                            let end = offset + length;
+                            while offset < end {
+                                let n = (end - offset).min(buffer.len() as u64) as usize;
+                                file.read_exact_at(&mut buffer[..n], offset).map_err(write_error)?;
+                                copy.raw_rows(&buffer[..n]).map_err(write_error)?;
+                                offset += n as u64;
+                            }
+                        }
+                        copy.finish().map_err(write_error)
+                    })
+                    .with_format(CopyFormat::Binary)
+                    .with_freeze(held.freeze)
+                    .execute(conn)
+                    .with_context(|| format!("cannot COPY {what} into {}", table_of(&target)))
+            })?;
+            if copied as u64 != held.rows {
+                anyhow::bail!(
+                    "the COPY into {} took {copied} of {} {what}",
+                    table_of(&target),
+                    held.rows
+                );
+            }
+        }
+        // Written over from its start: its pages stay in the page cache for the next rows,
+        // where truncating it had them freed and allocated again (1.7 s of system time a 2M load).
+        (&*file)
+            .rewind()
+            .context("cannot rewind a temporary file of held rows")?;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// The table of a COPY target (`table (columns)`).
+fn table_of(target: &str) -> &str {
+    target.split_once(' ').map_or(target, |(table, _)| table)
+}
+
+/// The tag links of a batch of the initial load on the partitioned layout, held by month (see
+/// [`HeldRows`]); those of tickets of no month of their own (the default partition) go through
+/// the parent, unfrozen.
+fn gather_month_links(
+    conn: &mut PgConnection,
+    months: &mut MonthRouter,
+    held: &mut HeldRows,
+    links: &[NewLink],
+) -> anyhow::Result<()> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    let created: Vec<DateTime<Utc>> = links.iter().map(|l| l.created_at).collect();
+    let routes = months
+        .route(conn, &created)
+        .context("cannot route the tag links to their months")?;
+    let mut order: Vec<usize> = (0..links.len()).collect();
+    order.sort_by_key(|&i| routes[i]);
+    for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
+        let (target, freeze) = match routes[group[0]] {
+            Some(month) => (months.name(month), true),
+            None => ("ticket_tags", false),
+        };
+        let target = format!("{target} (ticket_id, tag_id, ticket_created_at)");
+        held.append(&target, freeze, group.len(), |out| {
+            let mut copy = BinaryCopy::rows_only(out);
+            for &i in group {
+                copy.row(3)?;
+                copy.int8(links[i].ticket_id)?;
+                copy.int8(links[i].tag_id)?;
+                copy.timestamptz(links[i].created_at)?;
+            }
+            copy.flush_rows()
+        })?;
     }
     Ok(())
 }
@@ -804,12 +932,6 @@ fn copy_gathered_tickets(conn: &mut PgConnection, month: &str, rows: &GatheredRo
 /// How many batches' worth of keys (or tag links) wait for their COPY at most: with the
 /// initial load's 5,000-row batches, 20,000 keys, ~1.5 MiB.
 pub(super) const GATHERED_BATCHES: usize = 4;
-
-/// How many times [`GATHERED_BATCHES`] the tag links wait on the partitioned layout, where they
-/// are copied month by month: with the initial load's 5,000-row batches 320,000 links (~10 MiB)
-/// at most. A 1M load over 24 months: its links' COPYs 3.34 s, 3.54 s waiting a sixth as long,
-/// 4.75 s not waiting longer than the keys.
-const LINK_MONTHS_GATHERED: usize = 16;
 
 /// A new ticket's tag link, with the ticket's created_at (by which the links are partitioned on
 /// the partitioned layout).
