@@ -158,6 +158,8 @@ pub(super) fn reserve_id_block(
 pub(super) struct Rebuild {
     /// Keys first (a duplicate fails the load before the long part), then indexes.
     pub keys_and_indexes: Vec<String>,
+    /// How many of `keys_and_indexes` are keys.
+    pub keys: usize,
     /// Last: each validation reads the rebuilt keys.
     pub foreign_keys: Vec<String>,
 }
@@ -183,6 +185,7 @@ pub(super) fn drop_for_rebuild(conn: &mut PgConnection, mut definitions: Vec<Def
                 rebuild.foreign_keys.push(statement);
             } else {
                 rebuild.keys_and_indexes.push(statement);
+                rebuild.keys += 1;
             }
         } else {
             sql_query(format!("DROP INDEX {}", d.name)).execute(conn)?;

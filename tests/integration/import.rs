@@ -1632,6 +1632,78 @@ fn an_overflowing_entity_cache_keeps_what_the_batch_needs() {
     assert!(cache.user_id("u1@example.com").is_some());
 }
 
+/// Under the initial load's lock of an empty users table, a cache that overflows forgets users
+/// it inserted: those a batch names again are looked up (by the e-mail key, rebuilt then) and
+/// neither inserted twice nor left unfilled, while ones it never inserted are inserted without
+/// a lookup; at the end every index and key of users is back.
+#[test]
+fn an_initial_load_whose_users_cache_overflows_inserts_each_user_once() {
+    use diesel::Connection as _;
+    use ticketops::import::entities::{EntityCache, UserRef};
+    use ticketops::models::UserRole;
+    let db = TestDb::new();
+    let schema = "SELECT indexdef FROM pg_indexes WHERE tablename = 'users'
+                  UNION ALL SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'users'::regclass
+                  ORDER BY 1";
+    let before = db.strings(schema);
+    let emails: Vec<String> = (0..10).map(|i| format!("u{i}@example.com")).collect();
+    let names: Vec<String> = (0..10).map(|i| format!("name {i}")).collect();
+    let refs = |range: std::ops::Range<usize>, named: bool| -> Vec<UserRef<'_>> {
+        range
+            .map(|i| UserRef {
+                email: &emails[i],
+                name: named.then(|| names[i].as_str()),
+                role: UserRole::Customer,
+                organization_id: None,
+            })
+            .collect()
+    };
+    let mut conn = db.conn();
+    let ids = conn
+        .transaction(|conn| -> anyhow::Result<Vec<i64>> {
+            let mut cache = EntityCache::with_limit(3);
+            cache.lock_users_for_load(conn)?;
+            // The second and later batches find the cache full: it forgets, and the batches
+            // name users inserted before (forgotten) and new ones.
+            for (batch, named) in [
+                (0..3, false),
+                (3..6, false),
+                (0..6, true),
+                (6..10, false),
+                (0..10, false),
+            ] {
+                cache.ensure_users(conn, &refs(batch.clone(), named))?;
+                for email in &emails[batch.clone()] {
+                    assert!(cache.user_id(email).is_some(), "{email} of batch {batch:?}");
+                }
+            }
+            let ids = emails.iter().map(|e| cache.user_id(e).unwrap()).collect();
+            cache.flush_held_users(conn)?;
+            Ok(ids)
+        })
+        .unwrap();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users"),
+        10,
+        "{:?}",
+        db.strings("SELECT email FROM users ORDER BY id")
+    );
+    let stored: Vec<String> =
+        db.strings("SELECT id || ' ' || email || ' ' || coalesce(name, '-') FROM users ORDER BY email");
+    let expected: Vec<String> = (0..10)
+        .map(|i| {
+            let name = if i < 6 { names[i].as_str() } else { "-" };
+            format!("{} {} {name}", ids[i], emails[i])
+        })
+        .collect();
+    assert_eq!(stored, expected);
+    assert_eq!(
+        db.strings(schema),
+        before,
+        "the indexes and keys of users must come back"
+    );
+}
+
 /// Without --batch-size an import runs 2,000-row batches and an initial load 5,000-row ones;
 /// the operation records the size it used.
 #[test]
