@@ -35,9 +35,10 @@ pub enum What {
         undelete: bool,
         /// Fast first load into EMPTY tickets/ticket_tags: drops their indexes, keys and foreign
         /// keys, loads the rows frozen (COPY FREEZE), recreates and validates them, all in one
-        /// transaction (users stay
-        /// readable but no other session can write them until it ends; an empty users table
-        /// is loaded bare the same way)
+        /// transaction (users stay readable but no other session can write them until it ends;
+        /// an empty users table is loaded bare the same way). On the partitioned layout each
+        /// month's rows are held in temporary files in TMPDIR (up to 32 MiB each) for one COPY
+        /// a month
         #[arg(long)]
         initial_load: bool,
     },
