@@ -917,6 +917,22 @@ fn table_of(target: &str) -> &str {
     target.split_once(' ').map_or(target, |(table, _)| table)
 }
 
+/// The months of `links` (indexes of `months`; None: the default partition), and the links'
+/// indexes in the order of their months.
+fn route_links(
+    conn: &mut PgConnection,
+    months: &mut MonthRouter,
+    links: &[NewLink],
+) -> anyhow::Result<(Vec<Option<usize>>, Vec<usize>)> {
+    let created: Vec<DateTime<Utc>> = links.iter().map(|l| l.created_at).collect();
+    let routes = months
+        .route(conn, &created)
+        .context("cannot route the tag links to their months")?;
+    let mut order: Vec<usize> = (0..links.len()).collect();
+    order.sort_by_key(|&i| routes[i]);
+    Ok((routes, order))
+}
+
 /// The tag links of a batch of the initial load on the partitioned layout, held by month (see
 /// [`HeldRows`]); those of tickets of no month of their own (the default partition) go through
 /// the parent, unfrozen.
@@ -929,12 +945,7 @@ fn gather_month_links(
     if links.is_empty() {
         return Ok(());
     }
-    let created: Vec<DateTime<Utc>> = links.iter().map(|l| l.created_at).collect();
-    let routes = months
-        .route(conn, &created)
-        .context("cannot route the tag links to their months")?;
-    let mut order: Vec<usize> = (0..links.len()).collect();
-    order.sort_by_key(|&i| routes[i]);
+    let (routes, order) = route_links(conn, months, links)?;
     for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
         let (target, freeze) = match routes[group[0]] {
             Some(month) => (months.name(month), true),
@@ -992,12 +1003,7 @@ fn copy_links(
             |target| copy_links_into(conn, target, links.iter(), true, false),
         );
     }
-    let created: Vec<DateTime<Utc>> = links.iter().map(|l| l.created_at).collect();
-    let routes = months
-        .route(conn, &created)
-        .context("cannot route the tag links to their months")?;
-    let mut order: Vec<usize> = (0..links.len()).collect();
-    order.sort_by_key(|&i| routes[i]);
+    let (routes, order) = route_links(conn, months, links)?;
     for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
         let group_links = group.iter().map(|&i| &links[i]);
         // Links of no month of their own (the default partition) through the parent, unfrozen.
