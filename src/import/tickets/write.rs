@@ -769,7 +769,8 @@ impl TicketImport {
 type NewTicket<'r> = (&'r TicketRow, i64, DateTime<Utc>, Option<&'r [u8]>);
 
 /// The initial load's ticket keys and tag links, gathered over its batches and written by one
-/// COPY per [`GATHERED_BATCHES`] batches' worth (and at the end) instead of one per batch. A COPY
+/// COPY per [`GATHERED_BATCHES`] batches' worth (and at the end) instead of one per batch; on the
+/// partitioned layout, with its new tickets, held in temporary files ([`HeldRows`]). A COPY
 /// costs the server a set-up that grows with the rows it holds before its first flush —
 /// PostgreSQL 15 registers each of up to 1,000 row slots with the statement's resource owner,
 /// each registration and release searching the ones before — ~2 ms for a COPY of 1,000 rows or
