@@ -272,28 +272,25 @@ impl TicketImport {
             let keys = rows
                 .iter()
                 .map(|&(row, id, created_at, _)| (id, row.external_id(), created_at));
-            if let Some(gathered) = &mut self.gathered
-                && self.layout.partitioned()
-            {
+            match &mut self.gathered {
                 // Frozen: the initial load truncated ticket_keys, as its months.
-                gathered.held_keys.append(KEY_COPY_TARGET, true, rows.len(), |out| {
-                    let mut copy = BinaryCopy::rows_only(out);
-                    for (id, external_id, created_at) in keys {
-                        copy.row(3)?;
-                        copy.int8(id)?;
-                        copy.text(external_id)?;
-                        copy.timestamptz(created_at)?;
-                    }
-                    copy.flush_rows()
-                })?;
-            } else if let Some(gathered) = &mut self.gathered {
-                gathered
+                Some(gathered) if self.layout.partitioned() => {
+                    gathered.held_keys.append(KEY_COPY_TARGET, true, rows.len(), |out| {
+                        let mut copy = BinaryCopy::rows_only(out);
+                        for key in keys {
+                            encode_key(&mut copy, key)?;
+                        }
+                        copy.flush_rows()
+                    })?
+                }
+                Some(gathered) => gathered
                     .keys
-                    .extend(keys.map(|(id, external_id, created_at)| (id, external_id.to_string(), created_at)));
-            } else {
-                let keys_started = std::time::Instant::now();
-                copy_keys(conn, self.layout, self.freeze_keys(), keys)?;
-                self.phases.add("COPY ticket keys", keys_started);
+                    .extend(keys.map(|(id, external_id, created_at)| (id, external_id.to_string(), created_at))),
+                None => {
+                    let keys_started = std::time::Instant::now();
+                    copy_keys(conn, self.layout, self.freeze_keys(), keys)?;
+                    self.phases.add("COPY ticket keys", keys_started);
+                }
             }
             std::time::Instant::now()
         } else {
@@ -823,7 +820,7 @@ const HELD_TIMES: usize = 16;
 
 impl HeldRows {
     /// Whether the rows held are to be written: [`HELD_BYTES`] of them, or [`HELD_TIMES`]
-    /// `at_least` rows in a target; `at_least` 0 at the end of the load.
+    /// `at_least` rows over all targets; `at_least` 0 at the end of the load.
     fn due(&self, at_least: usize) -> bool {
         self.bytes > 0
             && (at_least == 0
@@ -956,10 +953,7 @@ fn gather_month_links(
         held.append(&target, freeze, group.len(), |out| {
             let mut copy = BinaryCopy::rows_only(out);
             for &i in group {
-                copy.row(3)?;
-                copy.int8(links[i].ticket_id)?;
-                copy.int8(links[i].tag_id)?;
-                copy.timestamptz(links[i].created_at)?;
+                encode_link(&mut copy, &links[i], true)?;
             }
             copy.flush_rows()
         })?;
@@ -1035,16 +1029,7 @@ fn copy_links_into<'l, C: CopyTarget<Table = ticket_tags::table>>(
             let links = pending.take().expect("the COPY callback runs once");
             let mut copy = BinaryCopy::start(out).map_err(write_error)?;
             for link in links {
-                (|| -> std::io::Result<()> {
-                    copy.row(if with_created_at { 3 } else { 2 })?;
-                    copy.int8(link.ticket_id)?;
-                    copy.int8(link.tag_id)?;
-                    if with_created_at {
-                        copy.timestamptz(link.created_at)?;
-                    }
-                    Ok(())
-                })()
-                .map_err(write_error)?;
+                encode_link(&mut copy, link, with_created_at).map_err(write_error)?;
             }
             copy.finish().map_err(write_error)
         })
@@ -1053,6 +1038,32 @@ fn copy_links_into<'l, C: CopyTarget<Table = ticket_tags::table>>(
         .execute(conn)
         .context("cannot COPY tag links")?;
     Ok(())
+}
+
+/// One tag link's COPY row: ticket_id, tag_id (and ticket_created_at when `with_created_at`).
+fn encode_link<W: std::io::Write>(
+    copy: &mut BinaryCopy<W>,
+    link: &NewLink,
+    with_created_at: bool,
+) -> std::io::Result<()> {
+    copy.row(if with_created_at { 3 } else { 2 })?;
+    copy.int8(link.ticket_id)?;
+    copy.int8(link.tag_id)?;
+    if with_created_at {
+        copy.timestamptz(link.created_at)?;
+    }
+    Ok(())
+}
+
+/// One key's COPY row: ticket_id, external_id, created_at.
+fn encode_key<W: std::io::Write>(
+    copy: &mut BinaryCopy<W>,
+    (id, external_id, created_at): (i64, &str, DateTime<Utc>),
+) -> std::io::Result<()> {
+    copy.row(3)?;
+    copy.int8(id)?;
+    copy.text(external_id)?;
+    copy.timestamptz(created_at)
 }
 
 /// The key rows of new tickets (partitioned layout), by binary COPY; `freeze` when ticket_keys
@@ -1075,14 +1086,8 @@ fn copy_keys<'a>(
             |out| -> Result<(), diesel::result::Error> {
                 let keys = keys.take().expect("the COPY callback runs once");
                 let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                for (id, external_id, created_at) in keys {
-                    (|| -> std::io::Result<()> {
-                        copy.row(3)?;
-                        copy.int8(id)?;
-                        copy.text(external_id)?;
-                        copy.timestamptz(created_at)
-                    })()
-                    .map_err(write_error)?;
+                for key in keys {
+                    encode_key(&mut copy, key).map_err(write_error)?;
                 }
                 copy.finish().map_err(write_error)
             },
