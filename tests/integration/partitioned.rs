@@ -278,6 +278,39 @@ fn an_initial_load_by_a_role_that_does_not_own_the_tables_says_what_to_do() {
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
 
+/// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it
+/// cannot make one, the load fails whole — nothing written, every index and key back — and says
+/// which directory; with a usable TMPDIR the same load then goes in.
+#[test]
+fn an_initial_load_that_cannot_hold_its_rows_in_tmpdir_fails_whole_and_names_the_directory() {
+    let (db, dir) = partitioned_db("initial-load-tmpdir");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    let schema = "SELECT count(*) FROM pg_indexes WHERE tablename IN ('tickets', 'ticket_tags', 'ticket_keys')";
+    let indexes = db.scalar(schema);
+    let missing = dir.join("no-such-dir");
+    let load = |tmpdir: &std::path::Path| {
+        ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "import", "tickets", file.to_str().unwrap(), "--initial-load"],
+        )
+        .env("TMPDIR", tmpdir.to_str().unwrap())
+        .run()
+    };
+    load(&missing)
+        .expect_code(1)
+        .stderr_has("cannot hold the rows for ")
+        .stderr_has(&format!("in a temporary file in {} (TMPDIR)", missing.display()));
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM ticket_keys"), 0);
+    assert_eq!(db.scalar(schema), indexes);
+    let run = load(&dir);
+    assert_eq!(run.expect_code(0).json()["inserted"], 2, "{}", run.explain());
+    assert_eq!(partition_of(&db, "B-1"), "tickets_p2024_07");
+    assert_eq!(db.scalar(schema), indexes);
+}
+
 #[test]
 fn external_ids_stay_unique_across_partitions_by_the_database_itself() {
     let (db, dir) = partitioned_db("unique");
