@@ -931,6 +931,19 @@ fn route_links(
     Ok((routes, order))
 }
 
+/// The COPY target of the initial load's tag links of a month (`route`, see [`route_links`]),
+/// frozen; links of no month of their own (the default partition) go through the parent,
+/// unfrozen.
+fn link_copy_target(months: &MonthRouter, route: Option<usize>) -> (String, bool) {
+    match route {
+        Some(month) => (
+            format!("{} (ticket_id, tag_id, ticket_created_at)", months.name(month)),
+            true,
+        ),
+        None => ("ticket_tags (ticket_id, tag_id, ticket_created_at)".to_owned(), false),
+    }
+}
+
 /// The tag links of a batch of the initial load on the partitioned layout, held by month (see
 /// [`HeldRows`]); those of tickets of no month of their own (the default partition) go through
 /// the parent, unfrozen.
@@ -945,11 +958,7 @@ fn gather_month_links(
     }
     let (routes, order) = route_links(conn, months, links)?;
     for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
-        let (target, freeze) = match routes[group[0]] {
-            Some(month) => (months.name(month), true),
-            None => ("ticket_tags", false),
-        };
-        let target = format!("{target} (ticket_id, tag_id, ticket_created_at)");
+        let (target, freeze) = link_copy_target(months, routes[group[0]]);
         held.append(&target, freeze, group.len(), |out| {
             let mut copy = BinaryCopy::rows_only(out);
             for &i in group {
@@ -1001,15 +1010,10 @@ fn copy_links(
     let (routes, order) = route_links(conn, months, links)?;
     for group in order.chunk_by(|&a, &b| routes[a] == routes[b]) {
         let group_links = group.iter().map(|&i| &links[i]);
-        // Links of no month of their own (the default partition) through the parent, unfrozen.
-        let (target, freeze) = match routes[group[0]] {
-            Some(month) => (months.name(month).to_owned(), true),
-            None => ("ticket_tags".to_owned(), false),
-        };
-        NamedCopyTarget::<ticket_tags::table>::with(
-            &format!("{target} (ticket_id, tag_id, ticket_created_at)"),
-            |copy_target| copy_links_into(conn, copy_target, group_links, true, freeze),
-        )?;
+        let (target, freeze) = link_copy_target(months, routes[group[0]]);
+        NamedCopyTarget::<ticket_tags::table>::with(&target, |copy_target| {
+            copy_links_into(conn, copy_target, group_links, true, freeze)
+        })?;
     }
     Ok(())
 }
