@@ -870,12 +870,14 @@ impl HeldRows {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        // One read buffer for every target (diesel's COPY callback is a `Fn`, hence the cell).
+        let buffer = RefCell::new(vec![0u8; 256 * 1024]);
         for (target, held) in std::mem::take(&mut self.targets) {
             let copied = NamedCopyTarget::<T>::with(&target, |copy_target| {
                 diesel::copy_from(table)
                     .from_raw_data(copy_target, |out| -> Result<(), diesel::result::Error> {
                         let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                        let mut buffer = vec![0u8; 256 * 1024];
+                        let mut buffer = buffer.borrow_mut();
                         for &(mut offset, length) in &held.pieces {
                             let end = offset + length;
                             while offset < end {
