@@ -218,6 +218,13 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// deletes cost twice their time.)
 /// And with untranslated messages where the server translates them and lets the role choose
 /// ([`MessageLanguage`]).
+///
+/// And in READ COMMITTED whatever the database's or role's `default_transaction_isolation`:
+/// the batches are written for it — a writer that waited for another's lock (an advisory lock,
+/// a row lock, a unique key) then sees what the other committed. A repeatable read snapshot,
+/// taken before the wait, does not: with `--jobs 4` a comment without external_id repeated in
+/// the file was made twice. What needs one snapshot (exports, reports, a retention month, the
+/// import's read-ahead) asks for REPEATABLE READ itself.
 #[derive(Debug)]
 struct UtcSession;
 
@@ -227,8 +234,11 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
         conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
         // On Citus, SET LOCAL (the batch timeouts) reaches the workers' sessions too; elsewhere
         // the setting is an unused placeholder.
-        conn.batch_execute("SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local'")
-            .map_err(diesel::r2d2::Error::QueryError)?;
+        conn.batch_execute(
+            "SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local';
+             SET default_transaction_isolation TO 'read committed'",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)?;
         if UNTRANSLATED_MESSAGES.load(std::sync::atomic::Ordering::Relaxed) {
             conn.batch_execute("SET lc_messages TO 'C'")
                 .map_err(diesel::r2d2::Error::QueryError)?;
