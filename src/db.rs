@@ -225,6 +225,13 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// taken before the wait, does not: with `--jobs 4` a comment without external_id repeated in
 /// the file was made twice. What needs one snapshot (exports, reports, a retention month, the
 /// import's read-ahead) asks for REPEATABLE READ itself.
+///
+/// And without the server's idle timeouts (`idle_session_timeout`, `idle_in_transaction_session_timeout`),
+/// which a DBA may set against forgotten sessions: a run's sessions live only as long as the run, and
+/// some wait idle by design — the one holding a job's advisory lock for the whole run (ended by the
+/// server, the lock would let a second cron run start beside this one), a transaction waiting for
+/// the work of the run's other connection (a retention month's archive, the ANALYZE helper) or for
+/// the reader (`--atomic`, `--initial-load`). Every wait for a lock is bounded by `lock_timeout`.
 #[derive(Debug)]
 struct UtcSession;
 
@@ -236,7 +243,9 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
         // the setting is an unused placeholder.
         conn.batch_execute(
             "SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local';
-             SET default_transaction_isolation TO 'read committed'",
+             SET default_transaction_isolation TO 'read committed';
+             SELECT set_config(name, '0', false) FROM pg_settings
+             WHERE name IN ('idle_session_timeout', 'idle_in_transaction_session_timeout')",
         )
         .map_err(diesel::r2d2::Error::QueryError)?;
         if UNTRANSLATED_MESSAGES.load(std::sync::atomic::Ordering::Relaxed) {

@@ -322,6 +322,89 @@ fn a_killed_run_is_marked_abandoned_never_left_running() {
 }
 
 #[test]
+fn the_servers_idle_timeouts_end_neither_a_jobs_lock_nor_a_transaction_waiting_for_input() {
+    // A DBA may end idle sessions, and idle transactions, after a while; a run's own sessions wait
+    // idle by design.
+    let (db, dir) = dataset();
+    db.execute(&format!(
+        "ALTER DATABASE {0} SET idle_session_timeout = '1s';
+         ALTER DATABASE {0} SET idle_in_transaction_session_timeout = '1s'",
+        db.name
+    ));
+    // The session holding a job's lock sits idle for the whole run: ended by the server, its
+    // lock would let a second cron run start beside the first.
+    let pool = ticketops::db::connect_pool(&db.url, 2, ticketops::db::SchemaCheck::UpToDate).unwrap();
+    let held = ticketops::db::AdvisoryLock::try_acquire(&pool, "cleanup soft-delete").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let run = ticketops(Some(&db), &dir, &["cleanup", "soft-delete", "--status", "closed"]).run();
+    run.expect_code(75).stderr_has("another ticketops run holds the lock");
+    drop(held);
+    // Batches with pauses between them longer than the timeouts.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "cleanup",
+            "soft-delete",
+            "--status",
+            "closed",
+            "--batch-size",
+            "1",
+            "--sleep",
+            "1500ms",
+        ],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["soft_deleted"], 3, "{}", run.explain());
+
+    // An import in one transaction whose input pauses for longer than the timeouts.
+    let part = |from: usize| -> String {
+        (from..from + 30)
+            .map(|i| format!("P-{i},pause {i},open,p{i}@example.com\n"))
+            .collect()
+    };
+    let before = dir.join("before.csv");
+    let after = dir.join("after.csv");
+    std::fs::write(
+        &before,
+        format!("external_id,subject,status,requester_email\n{}", part(0)),
+    )
+    .unwrap();
+    std::fs::write(&after, part(30)).unwrap();
+    let fifo = dir.join("paused.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let prefix = format!(
+        "mkfifo {fifo}; (cat {before}; sleep 2; cat {after}) > {fifo} & exec < {fifo}",
+        fifo = fifo.display(),
+        before = before.display(),
+        after = after.display()
+    );
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &[
+            "--json",
+            "import",
+            "tickets",
+            "-",
+            "--atomic",
+            "--batch-size",
+            "10",
+            "--rejects",
+            "paused-rejects.csv",
+        ],
+    )
+    .shell_prefix(&prefix)
+    .run();
+    assert_eq!(run.expect_code(0).json()["inserted"], 60, "{}", run.explain());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE external_id LIKE 'P-%'"),
+        60
+    );
+}
+
+#[test]
 fn a_lost_connection_mid_cleanup_records_what_was_committed() {
     let dir = scratch("lost-cleanup");
     let file = generate(&dir, "t.csv", &["tickets", "--rows", "3000", "--seed", "23"]);
