@@ -48,8 +48,12 @@ impl std::error::Error for LockHeld {}
 pub fn report(err: &anyhow::Error) -> i32 {
     let code = code_of(err);
     if code != SUCCESS {
-        // Messages quote input (headers, values, server text): never raw control bytes.
-        eprintln!("error: {}", crate::output::escape_controls(&format!("{err:#}")));
+        // Messages quote input (headers, values, server text): never raw control bytes. libpq
+        // continues its own messages on further lines ("…unexpectedly\n\tThis probably means…\n"):
+        // those go on the one line as words, not as escapes.
+        let text = format!("{err:#}");
+        let text = text.trim_end().replace("\n\t", " ");
+        eprintln!("error: {}", crate::output::escape_controls(&text));
     }
     code
 }
