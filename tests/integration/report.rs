@@ -206,7 +206,9 @@ fn flow_counts_created_and_solved_per_utc_day() {
         .collect();
     assert_eq!(days, [(0, 0), (2, 1), (1, 2)], "{v}");
     assert_eq!((v["created"].as_i64(), v["solved"].as_i64()), (Some(3), Some(3)));
-    let today = db.strings("SELECT (now() AT TIME ZONE 'UTC')::date::text").remove(0);
+    let today = db
+        .strings("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
+        .remove(0);
     assert_eq!(v["to"], today.as_str());
 
     let v = report(&db, &dir, &["flow", "--days", "7", "--include-deleted"]);
