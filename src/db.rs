@@ -341,7 +341,9 @@ pub fn keep_fingerprints(conn: &mut PgConnection) -> QueryResult<()> {
 }
 
 /// Sets the timeouts for the rest of the current transaction only (and untranslated
-/// messages again, for Citus' workers: see [`UNTRANSLATED_IN_BATCHES`]).
+/// messages again, for Citus' workers: see [`UNTRANSLATED_IN_BATCHES`]). And no idle timeout
+/// for it: the session's own setting ([`UtcSession`]) does not reach the sessions Citus opens on
+/// its workers, which sit idle in the transaction while ticketops waits (for the reader, say).
 pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;
     let messages = if UNTRANSLATED_IN_BATCHES.load(std::sync::atomic::Ordering::Relaxed) {
@@ -350,7 +352,8 @@ pub fn set_local_timeouts(conn: &mut PgConnection, timeouts: BatchTimeouts) -> Q
         ""
     };
     conn.batch_execute(&format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}{messages}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {};
+         SET LOCAL idle_in_transaction_session_timeout = 0{messages}",
         timeouts.lock_timeout.as_millis(),
         timeouts.statement_timeout.as_millis()
     ))
