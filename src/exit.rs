@@ -51,11 +51,28 @@ pub fn report(err: &anyhow::Error) -> i32 {
         // Messages quote input (headers, values, server text): never raw control bytes. libpq
         // continues its own messages on further lines ("…unexpectedly\n\tThis probably means…\n"):
         // those go on the one line as words, not as escapes.
-        let text = format!("{err:#}");
+        let text = error_text(err);
         let text = text.trim_end().replace("\n\t", " ");
         eprintln!("error: {}", crate::output::escape_controls(&text));
     }
     code
+}
+
+/// An error as one line of text for the person running the command (`{err:#}`, the whole chain),
+/// with the server's HINT where it gave one: Diesel's message leaves it out, and it is often the
+/// remedy ("out of shared memory" — "You might need to increase max_locks_per_transaction.").
+pub fn error_text(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    let hint = err
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<diesel::result::Error>() {
+            Some(diesel::result::Error::DatabaseError(_, info)) => info.hint().map(str::to_owned),
+            _ => None,
+        });
+    match hint {
+        Some(hint) if !text.contains(&hint) => format!("{text} (HINT: {hint})"),
+        _ => text,
+    }
 }
 
 /// The exit code for an error.
@@ -78,5 +95,64 @@ pub fn code_of(err: &anyhow::Error) -> i32 {
         LOCKED
     } else {
         FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server error as libpq reports it to Diesel.
+    struct ServerError {
+        message: &'static str,
+        hint: Option<&'static str>,
+    }
+
+    impl diesel::result::DatabaseErrorInformation for ServerError {
+        fn message(&self) -> &str {
+            self.message
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            self.hint
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn failed(message: &'static str, hint: Option<&'static str>) -> anyhow::Error {
+        let err = diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(ServerError { message, hint }),
+        );
+        anyhow::Error::from(err).context("cannot recreate after the initial load: CREATE INDEX …")
+    }
+
+    #[test]
+    fn an_error_text_carries_the_servers_hint_once() {
+        let hint = Some("You might need to increase max_locks_per_transaction.");
+        assert_eq!(
+            error_text(&failed("out of shared memory", hint)),
+            "cannot recreate after the initial load: CREATE INDEX …: out of shared memory \
+             (HINT: You might need to increase max_locks_per_transaction.)"
+        );
+        assert_eq!(
+            error_text(&failed("out of shared memory", None)),
+            "cannot recreate after the initial load: CREATE INDEX …: out of shared memory"
+        );
+        let already = "out of shared memory; HINT: You might need to increase max_locks_per_transaction.";
+        assert!(!error_text(&failed(already, hint)).contains("(HINT"));
     }
 }

@@ -310,7 +310,7 @@ impl Job {
             );
         }
         let message = match (&stats.error, stats.stopped) {
-            (Some(err), _) => format!("{err:#}"),
+            (Some(err), _) => crate::exit::error_text(err),
             (None, StopReason::Signal(code)) => format!("stopped by {}", StopFlags::signal_name(code)),
             (None, reason) => format!("stopped: {}", reason.as_str()),
         };
@@ -333,7 +333,7 @@ impl Job {
         if let (Some(s), Some(c)) = (json.as_object_mut(), counts.as_object()) {
             s.extend(c.clone());
             if let Some(err) = &stats.error {
-                s.insert("error".into(), format!("{err:#}").into());
+                s.insert("error".into(), crate::exit::error_text(err).into());
             }
         }
         JobSummary {

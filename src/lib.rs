@@ -72,7 +72,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<i32> {
             let status = if code == exit::LOCKED { "locked" } else { "failed" };
             let mut summary = serde_json::json!({
                 "status": status,
-                "error": format!("{err:#}"),
+                "error": exit::error_text(err),
                 "exit_code": code,
             });
             ctx.stamp(&mut summary);

@@ -307,7 +307,7 @@ pub fn run<K: ImportKind>(
         error: result
             .as_ref()
             .err()
-            .map(|e| format!("{e:#}"))
+            .map(crate::exit::error_text)
             .or_else(|| end.message.clone().filter(|_| end.status != OperationStatus::Succeeded)),
         dry_run: options.mode == Mode::DryRun,
         inserts: K::INSERTS,
@@ -712,7 +712,7 @@ impl Ending {
         match result {
             Err(e) => Ending {
                 status: unless_rolled_back(OperationStatus::Failed),
-                message: Some(format!("{e:#}")),
+                message: Some(crate::exit::error_text(e)),
                 exit_code: exit::FAILURE,
                 stop_reason: "error",
             },
