@@ -597,8 +597,15 @@ fn months_error(message: &str, bounds: &[chrono::DateTime<chrono::Utc>]) -> anyh
         .collect();
     let reason = parts.join("; ");
     let mut months: Vec<String> = bounds.iter().map(|t| t.format("%Y-%m").to_string()).collect();
+    months.sort();
     months.dedup();
-    let next = if reason.contains("permission denied") || reason.contains("must be owner") {
+    let next = if reason.contains("out of shared memory") {
+        // Each month made or written holds locks on its partitions and their indexes until the
+        // transaction ends: hundreds of months in one transaction overflow the lock table.
+        " — a transaction locks every month it makes or writes, with its indexes, until it ends: raise \
+         max_locks_per_transaction (a server restart; see docs/scaling.md)"
+            .to_owned()
+    } else if reason.contains("permission denied") || reason.contains("must be owner") {
         let first_days: Vec<String> = months.iter().map(|m| format!("'{m}-01'")).collect();
         format!(
             " — the owner of tickets makes them: run the import as the owner, or have the owner run \
@@ -608,10 +615,14 @@ fn months_error(message: &str, bounds: &[chrono::DateTime<chrono::Utc>]) -> anyh
     } else {
         String::new()
     };
-    anyhow::anyhow!(
-        "cannot create the monthly partitions of tickets the rows need ({}): {reason}{next}",
+    // A dump of decades names hundreds of months: the first ones say enough.
+    const SHOWN: usize = 12;
+    let shown = if months.len() > SHOWN {
+        format!("{}, and {} more", months[..SHOWN].join(", "), months.len() - SHOWN)
+    } else {
         months.join(", ")
-    )
+    };
+    anyhow::anyhow!("cannot create the monthly partitions of tickets the rows need ({shown}): {reason}{next}")
 }
 
 /// A monthly partition of tickets, as the catalog bounds it.
@@ -1135,6 +1146,23 @@ mod tests {
         assert_eq!(
             other,
             "cannot create the monthly partitions of tickets the rows need (2019-05): lock timeout; DETAIL: something held it"
+        );
+        // Thirty years of months: the first twelve named, the lock table's remedy said.
+        let decades: Vec<_> = (0..360)
+            .map(|m| day(&format!("{}-{:02}-01", 1990 + m / 12, 1 + m % 12)))
+            .collect();
+        let full = months_error(
+            "out of shared memory\nHINT: You might need to increase max_locks_per_transaction.",
+            &decades,
+        )
+        .to_string();
+        assert!(
+            full.starts_with(
+                "cannot create the monthly partitions of tickets the rows need (1990-01, 1990-02, 1990-03, 1990-04, \
+                 1990-05, 1990-06, 1990-07, 1990-08, 1990-09, 1990-10, 1990-11, 1990-12, and 348 more): out of shared \
+                 memory; HINT: You might need to increase max_locks_per_transaction. — a transaction locks every month"
+            ),
+            "{full}"
         );
     }
 
