@@ -232,6 +232,11 @@ pub fn require_current_schema(conn: &mut PgConnection) -> anyhow::Result<()> {
 /// server, the lock would let a second cron run start beside this one), a transaction waiting for
 /// the work of the run's other connection (a retention month's archive, the ANALYZE helper) or for
 /// the reader (`--atomic`, `--initial-load`). Every wait for a lock is bounded by `lock_timeout`.
+///
+/// And with `standard_conforming_strings` on (every connection, [`establish`]'s too): the SQL
+/// written here and in the migrations has backslashes in its string literals (the regular
+/// expressions that read a partition's bounds), which a database set to `off` read as escapes —
+/// every import on the partitioned layout failed there ("Unexpected null for non-null column").
 #[derive(Debug)]
 struct UtcSession;
 
@@ -243,7 +248,7 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
         // the setting is an unused placeholder.
         conn.batch_execute(
             "SET TIME ZONE 'UTC'; SET jit = off; SET citus.propagate_set_commands TO 'local';
-             SET default_transaction_isolation TO 'read committed';
+             SET default_transaction_isolation TO 'read committed'; SET standard_conforming_strings = on;
              SELECT set_config(name, '0', false) FROM pg_settings
              WHERE name IN ('idle_session_timeout', 'idle_in_transaction_session_timeout')",
         )
@@ -256,8 +261,17 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Ut
     }
 }
 
-/// One connection outside any pool, with a message a person can act on when it fails.
+/// One connection outside any pool, with a message a person can act on when it fails; string
+/// literals read as standard SQL (see [`UtcSession`]).
 pub fn establish(url: &str) -> anyhow::Result<PgConnection> {
+    use diesel::connection::SimpleConnection as _;
+    let mut conn = connect(url)?;
+    conn.batch_execute("SET standard_conforming_strings = on")
+        .context("cannot set up the session")?;
+    Ok(conn)
+}
+
+fn connect(url: &str) -> anyhow::Result<PgConnection> {
     PgConnection::establish(&with_connection_params(url)).map_err(|err| {
         let reason = scrub(err.to_string().trim(), url)
             .replace("\\n", " ")
