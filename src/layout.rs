@@ -382,6 +382,39 @@ pub fn any_plans(conn: &mut PgConnection) -> diesel::QueryResult<()> {
     )
 }
 
+/// Refuses, before anything is migrated, to make the partitioned layout where this session
+/// would create the tables in a schema other than `public`: its SQL and pg_partman's
+/// configuration name `public.tickets` (and the migrations do, which are history). A role or
+/// database whose `search_path` puts another schema first got the plain tables made there and
+/// then failed half way. Later commands find the tables in `public` through such a path.
+pub fn require_public_schema(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {
+    #[derive(QueryableByName)]
+    struct Schema {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        schema: Option<String>,
+        #[diesel(sql_type = Text)]
+        search_path: String,
+    }
+    if to != Layout::Partitioned {
+        return Ok(());
+    }
+    let here: Schema = sql_query("SELECT current_schema() AS schema, current_setting('search_path') AS search_path")
+        .get_result(conn)
+        .context("cannot read the session's search_path")?;
+    if here.schema.as_deref() == Some("public") {
+        return Ok(());
+    }
+    Err(crate::exit::UsageError(format!(
+        "the partitioned layout keeps its tables in the schema public, but this session would make them in {} \
+         (search_path = {}): migrate with public first, e.g. PGOPTIONS='-c search_path=public' ticketops migrate run \
+         --layout partitioned (later commands find the tables in public through the same search_path)",
+        here.schema
+            .map_or_else(|| "no schema".to_owned(), |s| format!("\"{s}\"")),
+        here.search_path
+    ))
+    .into())
+}
+
 /// Turns the freshly migrated, empty plain schema into `to`. Refuses when tickets, comments
 /// or users hold rows: a layout is chosen before the data comes.
 pub fn choose(conn: &mut PgConnection, to: Layout) -> anyhow::Result<()> {

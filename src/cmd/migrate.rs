@@ -52,6 +52,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<i32> {
     let mut conn = db::establish(url)?;
     match args.action {
         Action::Run { layout } => {
+            if let Some(layout) = layout {
+                crate::layout::require_public_schema(&mut conn, layout)?;
+            }
             let applied = conn
                 .run_pending_migrations(MIGRATIONS)
                 .map_err(|e| anyhow::anyhow!("{e}"))

@@ -1578,3 +1578,37 @@ fn retention_sleeps_between_months_and_stops_between_them_on_sigterm() {
     assert!(summary["duration_ms"].as_u64().unwrap() < 2500, "{summary}");
     assert_every_ticket_and_only_they_keyed(&db);
 }
+
+#[test]
+fn the_partitioned_layout_is_made_in_public_or_not_at_all() {
+    // A database whose search_path puts another schema first: the plain tables went there and
+    // the partitioned layout, whose SQL names public.tickets, then failed half way.
+    let db = TestDb::empty();
+    let dir = scratch("search-path");
+    db.execute(&format!(
+        "CREATE SCHEMA app; ALTER DATABASE {} SET search_path = app, public",
+        db.name
+    ));
+    ticketops(Some(&db), &dir, &["migrate", "run", "--layout", "partitioned"])
+        .run()
+        .expect_code(2)
+        .stderr_has("would make them in \"app\" (search_path = app, public)")
+        .stderr_has("PGOPTIONS='-c search_path=public'");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_tables WHERE schemaname IN ('app', 'public')"),
+        0,
+        "nothing migrated"
+    );
+    ticketops(Some(&db), &dir, &["migrate", "run", "--layout", "partitioned"])
+        .env("PGOPTIONS", "-c search_path=public")
+        .run()
+        .expect_code(0);
+    // Every later command finds the tables in public through the database's own search_path.
+    let file = dir.join("dataset.csv");
+    std::fs::write(&file, DATASET).unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &file, &[]);
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 6);
+    assert!(partition_of(&db, "C-1").starts_with("tickets_p2023_01"));
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+}
