@@ -61,8 +61,17 @@ pub fn report(err: &anyhow::Error) -> i32 {
 /// An error as one line of text for the person running the command (`{err:#}`, the whole chain),
 /// with the server's HINT where it gave one: Diesel's message leaves it out, and it is often the
 /// remedy ("out of shared memory" — "You might need to increase max_locks_per_transaction.").
+/// And with the grant a missing privilege of ticketops' own making needs.
 pub fn error_text(err: &anyhow::Error) -> String {
-    let text = format!("{err:#}");
+    let mut text = format!("{err:#}");
+    // Imports stage their rows, and exports and retention their selections, in temporary
+    // tables: a database hardened with REVOKE TEMPORARY … FROM PUBLIC refuses them.
+    if text.contains("permission denied to create temporary tables") {
+        text.push_str(
+            " — ticketops keeps a run's working rows in temporary tables: the database's owner can \
+             GRANT TEMPORARY ON DATABASE to this role",
+        );
+    }
     let hint = err
         .chain()
         .find_map(|cause| match cause.downcast_ref::<diesel::result::Error>() {
@@ -154,5 +163,10 @@ mod tests {
         );
         let already = "out of shared memory; HINT: You might need to increase max_locks_per_transaction.";
         assert!(!error_text(&failed(already, hint)).contains("(HINT"));
+        let denied = error_text(&failed(
+            "permission denied to create temporary tables in database \"support\"",
+            None,
+        ));
+        assert!(denied.ends_with("GRANT TEMPORARY ON DATABASE to this role"), "{denied}");
     }
 }
