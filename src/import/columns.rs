@@ -106,13 +106,20 @@ impl ColumnMap {
             .collect();
         if !missing.is_empty() {
             // A one-column header holding another common delimiter: the file is not split.
-            let hint = match header {
-                [only] => [(';', "';'"), ('\t', "tab"), ('|', "'|'")]
-                    .into_iter()
-                    .find(|(c, _)| only.contains(*c))
-                    .map(|(_, name)| format!(" — the header looks {name}-separated: try --delimiter {name}"))
-                    .unwrap_or_default(),
-                _ => String::new(),
+            let hint = if header.iter().any(|name| name.contains('\0')) {
+                // Every other byte zero: UTF-16, as Excel's "Unicode Text" saves a sheet.
+                " — the file looks UTF-16 (as Excel's \"Unicode Text\" saves it): convert it to UTF-8 first, \
+                 e.g. iconv -f UTF-16 -t UTF-8 export.txt > export.csv (such files are tab-separated: --delimiter tab)"
+                    .to_owned()
+            } else {
+                match header {
+                    [only] => [(';', "';'"), ('\t', "tab"), ('|', "'|'")]
+                        .into_iter()
+                        .find(|(c, _)| only.contains(*c))
+                        .map(|(_, name)| format!(" — the header looks {name}-separated: try --delimiter {name}"))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                }
             };
             bail!(
                 "the header has no column for the required field(s) {} (header: {}); use --map 'Header Name=field'{hint}",
@@ -207,6 +214,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("--delimiter"), "{err}");
+        // UTF-16LE with its BOM, as read as UTF-8: "external_id\tsubject" in two-byte units.
+        let header = vec!["\u{fffd}\u{fffd}e\0x\0t\0e\0r\0".to_string()];
+        let err = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ',')
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("looks UTF-16") && err.contains("iconv -f UTF-16"), "{err}");
     }
 
     #[test]
