@@ -105,22 +105,7 @@ impl ColumnMap {
             .map(|(f, _)| f.name)
             .collect();
         if !missing.is_empty() {
-            // A one-column header holding another common delimiter: the file is not split.
-            let hint = if header.iter().any(|name| name.contains('\0')) {
-                // Every other byte zero: UTF-16, as Excel's "Unicode Text" saves a sheet.
-                " — the file looks UTF-16 (as Excel's \"Unicode Text\" saves it): convert it to UTF-8 first, \
-                 e.g. iconv -f UTF-16 -t UTF-8 export.txt > export.csv (such files are tab-separated: --delimiter tab)"
-                    .to_owned()
-            } else {
-                match header {
-                    [only] => [(';', "';'"), ('\t', "tab"), ('|', "'|'")]
-                        .into_iter()
-                        .find(|(c, _)| only.contains(*c))
-                        .map(|(_, name)| format!(" — the header looks {name}-separated: try --delimiter {name}"))
-                        .unwrap_or_default(),
-                    _ => String::new(),
-                }
-            };
+            let hint = header_hint(header);
             bail!(
                 "the header has no column for the required field(s) {} (header: {}); use --map 'Header Name=field'{hint}",
                 missing.join(", "),
@@ -138,6 +123,36 @@ impl ColumnMap {
 
     pub fn has(&self, field: usize) -> bool {
         self.positions[field].is_some()
+    }
+}
+
+/// What a header without the required columns most likely is, for the error: "" when nothing
+/// is recognized.
+fn header_hint(header: &[String]) -> String {
+    if header.iter().any(|name| name.contains('\0')) {
+        // Every other byte zero: UTF-16, as Excel's "Unicode Text" saves a sheet.
+        return " — the file looks UTF-16 (as Excel's \"Unicode Text\" saves it): convert it to UTF-8 first, \
+                e.g. iconv -f UTF-16 -t UTF-8 export.txt > export.csv (such files are tab-separated: --delimiter tab)"
+            .to_owned();
+    }
+    if let [first, ..] = header
+        && first.trim().to_ascii_lowercase().starts_with("sep=")
+    {
+        // Excel's first line "sep=;" declares the delimiter; the header is the next line.
+        return format!(
+            " — the first line ({:?}) is Excel's delimiter declaration: remove it (e.g. tail -n +2) and give that \
+             delimiter with --delimiter",
+            header.join(",")
+        );
+    }
+    match header {
+        // A one-column header holding another common delimiter: the file is not split.
+        [only] => [(';', "';'"), ('\t', "tab"), ('|', "'|'")]
+            .into_iter()
+            .find(|(c, _)| only.contains(*c))
+            .map(|(_, name)| format!(" — the header looks {name}-separated: try --delimiter {name}"))
+            .unwrap_or_default(),
+        _ => String::new(),
     }
 }
 
@@ -220,6 +235,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("looks UTF-16") && err.contains("iconv -f UTF-16"), "{err}");
+        // Excel's delimiter line before the header, split on the delimiter or not.
+        for first_line in [vec!["sep=;"], vec!["sep=", ""]] {
+            let header: Vec<String> = first_line.iter().map(|s| s.to_string()).collect();
+            let err = ColumnMap::resolve(&header, FIELDS, &Mapping::default(), ',')
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("Excel's delimiter declaration"), "{err}");
+        }
     }
 
     #[test]
