@@ -108,12 +108,22 @@ pub fn boolean(value: &str) -> Result<Option<bool>, String> {
 }
 
 /// Lower-cases and checks the shape `local@domain.tld`, no spaces. An empty value is `None`.
+/// The address of a mail header's `Display Name <local@domain.tld>` and of a `mailto:` link is
+/// taken as it is: exports of mail-based helpdesks write their people so.
 pub fn email(value: &str) -> Result<Option<String>, String> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         return Ok(None);
     }
-    let lower = trimmed.to_lowercase();
+    let address = trimmed
+        .strip_suffix('>')
+        .and_then(|named| named.split_once('<'))
+        .map_or(trimmed, |(_, address)| address.trim());
+    let address = match address.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("mailto:") => &address[7..],
+        _ => address,
+    };
+    let lower = address.to_lowercase();
     let valid = match lower.split_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
@@ -134,6 +144,19 @@ pub fn email(value: &str) -> Result<Option<String>, String> {
     } else {
         Err(format!("not an e-mail address: {trimmed:?}"))
     }
+}
+
+/// The display name of a `Display Name <local@domain.tld>` address (its quotes removed), which
+/// names the person where the file has no name column or leaves it empty.
+pub fn display_name(value: &str) -> Option<String> {
+    let (name, _) = value.trim().strip_suffix('>')?.split_once('<')?;
+    let name = name.trim();
+    let name = name
+        .strip_prefix('"')
+        .and_then(|quoted| quoted.strip_suffix('"'))
+        .unwrap_or(name)
+        .trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 /// The time zone assumed for timestamps that carry no offset.
@@ -396,6 +419,17 @@ mod tests {
         assert!(email("a@b").is_err());
         assert!(email("a b@c.com").is_err());
         assert!(email("a@@c.com").is_err());
+        assert_eq!(email("Jane Doe <Jane@X.com>"), Ok(Some("jane@x.com".into())));
+        assert_eq!(email("\"Smith, Al\" <al@x.com> "), Ok(Some("al@x.com".into())));
+        assert_eq!(email("<al@x.com>"), Ok(Some("al@x.com".into())));
+        assert_eq!(email("MAILTO:zed@x.com"), Ok(Some("zed@x.com".into())));
+        assert!(email("Jane <not an address>").is_err());
+        assert!(email("a@b.co;c@d.co").is_err(), "two addresses are not one");
+        assert!(email("Jane <a@b.co> <c@d.co>").is_err());
+        assert_eq!(display_name(" Jane Doe <jane@x.com>"), Some("Jane Doe".into()));
+        assert_eq!(display_name("\"Smith, Al\" <al@x.com>"), Some("Smith, Al".into()));
+        assert_eq!(display_name("<al@x.com>"), None);
+        assert_eq!(display_name("al@x.com"), None);
     }
 
     #[test]

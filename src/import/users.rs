@@ -123,7 +123,11 @@ impl ImportKind for UserImport {
         };
         Ok(UserRow {
             email,
-            name: fields.non_empty(NAME)?.map(|v| v.into_owned()),
+            // Or the display name of a `Name <address>` e-mail.
+            name: match fields.non_empty(NAME)? {
+                Some(name) => Some(name.into_owned()),
+                None => fields.get(EMAIL)?.and_then(|v| normalize::display_name(&v)),
+            },
             role,
             organization: fields.non_empty(ORGANIZATION)?.map(|v| v.into_owned()),
         })

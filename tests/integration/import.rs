@@ -1946,3 +1946,35 @@ fn verbose_import_names_the_phases_it_went_through() {
         assert!(!named.iter().any(|p| p == "COPY new tickets"), "{lines:?}");
     }
 }
+
+#[test]
+fn addresses_written_as_mail_headers_or_links_are_taken_with_their_names() {
+    // Exports of mail-based helpdesks write people as mail headers do.
+    let db = TestDb::new();
+    let dir = scratch("named-addresses");
+    let file = dir.join("named.csv");
+    std::fs::write(
+        &file,
+        "external_id,subject,status,requester_email,requester_name,assignee_email\n\
+         N-1,a,open,Jane Doe <Jane@X.com>,,\"Agent A <agent@corp.com>\"\n\
+         N-2,b,open,\"\"\"Smith, Al\"\" <al@x.com>\",Albert Smith,\n\
+         N-3,c,open,mailto:zed@x.com,,\n\
+         N-4,d,open,a@b.co; c@d.co,,\n",
+    )
+    .unwrap();
+    let (run, summary) = import(&db, &dir, "tickets", &file, &[]);
+    run.expect_code(3);
+    assert_eq!(outcome(&summary), [3, 0, 0, 0, 0, 1], "{}", run.explain());
+    assert_eq!(
+        db.strings("SELECT email || ' ' || coalesce(name, '-') FROM users ORDER BY email"),
+        [
+            "agent@corp.com -",
+            "al@x.com Albert Smith",
+            "jane@x.com Jane Doe",
+            "zed@x.com -"
+        ]
+    );
+    let (again, summary) = import(&db, &dir, "tickets", &file, &[]);
+    again.expect_code(3);
+    assert_eq!(outcome(&summary), [0, 0, 3, 0, 0, 1], "a re-run changes nothing");
+}

@@ -272,7 +272,14 @@ impl ImportKind for TicketImport {
         let updated_at = parse_time(fields, UPDATED_AT, options)?;
         let solved_at = parse_time(fields, SOLVED_AT, options)?;
         let description = fields.non_empty(DESCRIPTION)?;
-        let requester_name = fields.non_empty(REQUESTER_NAME)?;
+        // Or the display name of a `Name <address>` requester.
+        let requester_name = match fields.non_empty(REQUESTER_NAME)? {
+            Some(name) => Some(name),
+            None => fields
+                .get(REQUESTER_EMAIL)?
+                .and_then(|v| normalize::display_name(&v))
+                .map(std::borrow::Cow::Owned),
+        };
         let assignee_email = parse_email(fields, ASSIGNEE_EMAIL)?;
         let organization = fields.non_empty(ORGANIZATION)?;
         TicketRow::new(RowValues {
