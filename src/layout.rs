@@ -761,6 +761,35 @@ pub struct PartitionHealth {
     /// not find them. Older months are not read (an anti-join of every ticket: minutes at 10^8).
     pub recent_without_key: i64,
     pub recent_since: chrono::DateTime<chrono::Utc>,
+    /// The server's lock table, for every session together: `max_locks_per_transaction` ×
+    /// (`max_connections` + `max_prepared_transactions`).
+    pub lock_table: i64,
+}
+
+/// The locks one statement over every month of tickets takes through the parent, a month:
+/// the partition and its indexes (measured: 4,942 for 449 months; with the tag links joined,
+/// 6,290; an initial load ~66 a month).
+const LOCKS_PER_MONTH: i64 = 11;
+
+/// The locks one statement over `months` months of tickets takes.
+fn statement_locks(months: i64) -> i64 {
+    months * LOCKS_PER_MONTH
+}
+
+/// The problem, if any, of `months` monthly partitions for a server whose lock table holds
+/// `lock_table` locks: past half of it, a report over all time or an export of all tickets, with
+/// any other session's locks, can fail with "out of shared memory".
+fn lock_table_problem(months: i64, lock_table: i64) -> Option<String> {
+    let statement = statement_locks(months);
+    (statement > lock_table / 2).then(|| {
+        format!(
+            "{months} months of tickets: a statement over all of them takes ~{statement} locks (their partitions and \
+             indexes; an initial load ~{} and more with tag links and comments), against ~{lock_table} in the server's \
+             lock table for every session together: raise max_locks_per_transaction (a server restart), or remove old \
+             months with `ticketops cleanup retention` (docs/scaling.md)",
+            months * 66
+        )
+    })
 }
 
 /// The months of tickets (the default partition too) without their month of `table`
@@ -804,6 +833,11 @@ fn months_without_key(conn: &mut PgConnection, table: &str) -> anyhow::Result<Ve
 }
 
 impl PartitionHealth {
+    /// About how many locks one statement over every month takes.
+    pub fn statement_locks(&self) -> i64 {
+        statement_locks(self.partitions)
+    }
+
     pub fn read(conn: &mut PgConnection) -> anyhow::Result<PartitionHealth> {
         #[derive(QueryableByName)]
         struct Row {
@@ -838,6 +872,13 @@ impl PartitionHealth {
         .bind::<diesel::sql_types::Timestamptz, _>(recent_since)
         .get_result(conn)
         .context("cannot look for recent tickets without their key")?;
+        let lock_table: crate::db::Count = sql_query(
+            "SELECT current_setting('max_locks_per_transaction')::bigint
+                    * (current_setting('max_connections')::bigint + current_setting('max_prepared_transactions')::bigint)
+                    AS n",
+        )
+        .get_result(conn)
+        .context("cannot read the size of the server's lock table")?;
         Ok(PartitionHealth {
             partitions: months.len() as i64,
             first_from: months.iter().map(|m| m.from).min(),
@@ -855,6 +896,7 @@ impl PartitionHealth {
             comments_months_without_key: months_without_key(conn, "comments")?,
             recent_without_key: recent_without_key.n,
             recent_since,
+            lock_table: lock_table.n,
         })
     }
 
@@ -948,6 +990,7 @@ impl PartitionHealth {
                 self.recent_since.format("%Y-%m-%d"),
             ));
         }
+        problems.extend(lock_table_problem(self.partitions, self.lock_table));
         if self.default_rows > 0 {
             problems.push(format!(
                 "{} row(s) in the default partition tickets_default: a partition for their month cannot be made \
@@ -1196,6 +1239,22 @@ mod tests {
                  memory; HINT: You might need to increase max_locks_per_transaction. — a transaction locks every month"
             ),
             "{full}"
+        );
+    }
+
+    #[test]
+    fn hundreds_of_months_on_a_default_lock_table_are_a_problem() {
+        // A default server: 64 × (100 + 0).
+        assert_eq!(lock_table_problem(240, 6_400), None, "20 years");
+        let problem = lock_table_problem(449, 6_400).expect("37 years");
+        assert!(
+            problem.starts_with("449 months of tickets: a statement over all of them takes ~4939 locks"),
+            "{problem}"
+        );
+        assert_eq!(
+            lock_table_problem(449, 64 * 1_000),
+            None,
+            "a raised max_locks_per_transaction"
         );
     }
 

@@ -12,7 +12,7 @@ use crate::layout::{Layout, PartitionHealth};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Also counts the tickets of this month and the last\nwithout their row in ticket_keys (written by something that does not write keys). Exits 1 when the\ndatabase is unreachable, migrations are pending, a foreign key lacks an index, the months ahead end\nwithin a month, the maintenance has not run for a whole month, rows sit in the default partition,\nrecent tickets lack their keys, or pg_partman has a retention of its own for tickets (it would drop\nmonths without their keys, comments and tag links)."
+    after_help = "Shows the layout; on the partitioned one, the monthly partitions (how far ahead, rows in the\ndefault partition) and when pg_partman's maintenance last ran at the earliest (each run makes the\nmonths up to premake after its own). Also counts the tickets of this month and the last\nwithout their row in ticket_keys (written by something that does not write keys). Exits 1 when the\ndatabase is unreachable, migrations are pending, a foreign key lacks an index, the months ahead end\nwithin a month, the maintenance has not run for a whole month, rows sit in the default partition,\nrecent tickets lack their keys, pg_partman has a retention of its own for tickets (it would drop\nmonths without their keys, comments and tag links), or the months are so many that a statement over\nall of them takes more than half the server's lock table (max_locks_per_transaction)."
 )]
 pub struct Args {}
 
@@ -200,6 +200,11 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 "keys           {} ticket(s) created since {} without their row in ticket_keys",
                 p.recent_without_key,
                 day(Some(p.recent_since))
+            );
+            crate::outln!(
+                "locks          ~{} for a statement over every month, of ~{} in the server's lock table",
+                p.statement_locks(),
+                p.lock_table
             );
         }
         if let Some(c) = &cluster {

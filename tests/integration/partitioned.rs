@@ -551,6 +551,12 @@ fn old_dumps_get_their_months_and_doctor_watches_the_partitions() {
     assert_eq!(v["layout"], "partitioned");
     assert_eq!(v["partitions"]["default_rows"], 0);
     assert!(v["partitions"]["partitions"].as_i64().unwrap() >= 17 + 2, "{v}");
+    // The server's lock table, against which doctor weighs the number of months.
+    let settings = db.scalar(
+        "SELECT current_setting('max_locks_per_transaction')::bigint
+                * (current_setting('max_connections')::bigint + current_setting('max_prepared_transactions')::bigint)",
+    );
+    assert_eq!(v["partitions"]["lock_table"], settings, "{v}");
     // Partitions that run out (pg_partman's maintenance not scheduled) are reported with what
     // to do, and its maintenance makes the months ahead again.
     drop_months(&db, "WHERE starts > now()");
