@@ -34,7 +34,8 @@ pub enum What {
         #[arg(long)]
         undelete: bool,
         /// Fast first load into EMPTY tickets/ticket_tags: drops their indexes, keys and foreign
-        /// keys, loads the rows frozen (COPY FREEZE), recreates and validates them, all in one
+        /// keys, loads the rows frozen (COPY FREEZE), recreates and validates them (without
+        /// --statement-timeout: they take as long as the table needs), all in one
         /// transaction (users stay readable but no other session can write them until it ends;
         /// an empty users table is loaded bare the same way). On the partitioned layout each
         /// month's rows are held in temporary files in TMPDIR (up to 32 MiB each) for one COPY

@@ -1156,3 +1156,36 @@ fn ops_show_changes_of_a_large_operation_streams_its_json() {
         base_kib / 1024
     );
 }
+
+#[test]
+fn an_initial_loads_rebuilds_are_not_cut_by_the_statement_timeout_of_its_batches() {
+    // An index whose build takes longer than --statement-timeout (its expression sleeps 20 ms a
+    // row), as the largest tables' builds do: the load's batches are bound by the timeout, its
+    // rebuilds at the end are not.
+    let db = TestDb::new();
+    let dir = scratch("rebuild-timeout");
+    db.execute(
+        "CREATE FUNCTION slow_id(bigint) RETURNS bigint LANGUAGE sql IMMUTABLE
+             AS 'SELECT $1 + 0 * length(pg_sleep(0.02)::text)'",
+    );
+    db.execute("CREATE INDEX tickets_slow_idx ON tickets (slow_id(id))");
+    let file = generate(&dir, "rebuild.csv", &["tickets", "--rows", "60", "--seed", "41"]);
+    let (run, summary) = import(
+        &db,
+        &dir,
+        "tickets",
+        &file,
+        &["--initial-load", "--statement-timeout", "500ms"],
+    );
+    run.expect_code(0);
+    assert_eq!(summary["inserted"], 60, "{}", run.explain());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_indexes WHERE indexdef LIKE '%slow_id(id)%'"),
+        1 + if partitioned() {
+            db.scalar("SELECT count(*) FROM pg_partition_tree('tickets') WHERE isleaf")
+        } else {
+            0
+        },
+        "the slow index is back"
+    );
+}

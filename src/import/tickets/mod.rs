@@ -350,6 +350,10 @@ impl ImportKind for TicketImport {
         )?;
         if self.initial_load {
             self.write_gathered(conn, 0)?;
+            // What follows takes as long as the whole table needs — index builds, validations of
+            // every row — with the load's locks held either way: --statement-timeout, a bound for
+            // each batch's statements, cancelled a large load there, at its very end.
+            sql_query("SET LOCAL statement_timeout = 0").execute(conn)?;
             let started = std::time::Instant::now();
             self.cache
                 .flush_held_users(conn)
