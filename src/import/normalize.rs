@@ -115,10 +115,7 @@ pub fn email(value: &str) -> Result<Option<String>, String> {
     if trimmed.is_empty() {
         return Ok(None);
     }
-    let address = trimmed
-        .strip_suffix('>')
-        .and_then(|named| named.split_once('<'))
-        .map_or(trimmed, |(_, address)| address.trim());
+    let address = name_addr(trimmed).map_or(trimmed, |(_, address)| address.trim());
     let address = match address.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case("mailto:") => &address[7..],
         _ => address,
@@ -149,7 +146,7 @@ pub fn email(value: &str) -> Result<Option<String>, String> {
 /// The display name of a `Display Name <local@domain.tld>` address (its quotes removed), which
 /// names the person where the file has no name column or leaves it empty.
 pub fn display_name(value: &str) -> Option<String> {
-    let (name, _) = value.trim().strip_suffix('>')?.split_once('<')?;
+    let (name, _) = name_addr(value.trim())?;
     let name = name.trim();
     let name = name
         .strip_prefix('"')
@@ -157,6 +154,12 @@ pub fn display_name(value: &str) -> Option<String> {
         .unwrap_or(name)
         .trim();
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// A mail header's `Display Name <address>` split in its two parts (untrimmed), for
+/// [`email`] and [`display_name`]; `None` when the value is not of that form.
+fn name_addr(value: &str) -> Option<(&str, &str)> {
+    value.strip_suffix('>')?.split_once('<')
 }
 
 /// The time zone assumed for timestamps that carry no offset.
