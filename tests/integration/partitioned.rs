@@ -278,6 +278,41 @@ fn an_initial_load_by_a_role_that_does_not_own_the_tables_says_what_to_do() {
     db.execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
 
+/// After an initial load autovacuum analyzes the months within its naptime, and the load
+/// analyzes only the parents (which autovacuum never does); where autovacuum would not reach a
+/// month — off for one of them, or for the server — the load analyzes every month itself.
+#[test]
+fn an_initial_load_analyzes_the_months_itself_where_autovacuum_would_not() {
+    let (db, dir) = partitioned_db("initial-load-analyze");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    let a_month = db.strings("SELECT relid::regclass::text FROM pg_partition_tree('tickets') WHERE isleaf LIMIT 1");
+    db.execute(&format!("ALTER TABLE {} SET (autovacuum_enabled = off)", a_month[0]));
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["-v", "import", "tickets", file.to_str().unwrap(), "--initial-load"],
+    )
+    .run();
+    run.expect_code(0).stderr_has("ticket_tags, tickets and its ");
+    // Every month that holds rows, of tickets and of their tag links.
+    assert_eq!(
+        db.strings(
+            "SELECT s.relname::text FROM pg_stat_user_tables s
+             WHERE s.n_live_tup > 0 AND s.last_analyze IS NOT NULL
+               AND s.relid IN (SELECT relid FROM pg_partition_tree('tickets') WHERE isleaf
+                               UNION ALL SELECT relid FROM pg_partition_tree('ticket_tags') WHERE isleaf)
+             ORDER BY 1"
+        ),
+        [
+            "ticket_tags_p2023_03",
+            "ticket_tags_p2024_07",
+            "tickets_p2023_03",
+            "tickets_p2024_07"
+        ]
+    );
+}
+
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it
 /// cannot make one, the load fails whole — nothing written, every index and key back — and says
 /// which directory; with a usable TMPDIR the same load then goes in.
