@@ -1234,6 +1234,9 @@ fn analyze_parents_only(conn: &mut PgConnection, helper: &mut PgConnection) -> a
     .collect();
     helper.transaction(|helper| -> anyhow::Result<()> {
         if !months.is_empty() {
+            // Behind a vacuum that will not yield (one against wraparound) the import would wait
+            // as long: better a warning that the months' statistics are not fresh.
+            sql_query("SET LOCAL lock_timeout = '10s'").execute(helper)?;
             sql_query(format!(
                 "LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
                 months.join(", ")
