@@ -764,6 +764,11 @@ pub struct PartitionHealth {
     /// The server's lock table, for every session together: `max_locks_per_transaction` ×
     /// (`max_connections` + `max_prepared_transactions`).
     pub lock_table: i64,
+    /// Months of tickets and tag links that hold rows but have no statistics yet: after an
+    /// initial load (or an import of a tenth of the table), autovacuum's to analyze.
+    pub months_without_statistics: i64,
+    /// Whether autovacuum will analyze them (on, and not off for any month).
+    pub autovacuum_analyzes_months: bool,
 }
 
 /// The locks one statement over every month of tickets takes through the parent, a month:
@@ -883,6 +888,18 @@ impl PartitionHealth {
         )
         .get_result(conn)
         .context("cannot read the size of the server's lock table")?;
+        // By pg_stats, which outlives the server's activity counters (reset by a crash).
+        let without_statistics: crate::db::Count = sql_query(
+            "SELECT count(*) AS n
+             FROM (SELECT relid FROM pg_partition_tree('tickets') WHERE isleaf
+                   UNION ALL SELECT relid FROM pg_partition_tree('ticket_tags') WHERE isleaf) t
+             JOIN pg_class c ON c.oid = t.relid
+             WHERE c.reltuples > 0
+               AND NOT EXISTS (SELECT 1 FROM pg_stats s
+                               WHERE s.schemaname = c.relnamespace::regnamespace::text AND s.tablename = c.relname)",
+        )
+        .get_result(conn)
+        .context("cannot look for months without statistics")?;
         Ok(PartitionHealth {
             partitions: months.len() as i64,
             first_from: months.iter().map(|m| m.from).min(),
@@ -901,6 +918,8 @@ impl PartitionHealth {
             recent_without_key: recent_without_key.n,
             recent_since,
             lock_table: lock_table.n,
+            months_without_statistics: without_statistics.n,
+            autovacuum_analyzes_months: autovacuum_analyzes_months(conn)?,
         })
     }
 
@@ -995,6 +1014,14 @@ impl PartitionHealth {
             ));
         }
         problems.extend(lock_table_problem(self.partitions, self.lock_table));
+        if self.months_without_statistics > 0 && !self.autovacuum_analyzes_months {
+            problems.push(format!(
+                "{} month(s) of tickets and tag links hold rows but have no statistics, and autovacuum will not \
+                 analyze them (off on the server or for a month): the planner guesses their rows' values; run \
+                 ANALYZE tickets, ticket_tags",
+                self.months_without_statistics
+            ));
+        }
         if self.default_rows > 0 {
             problems.push(format!(
                 "{} row(s) in the default partition tickets_default: a partition for their month cannot be made \

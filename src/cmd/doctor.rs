@@ -206,6 +206,15 @@ pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<i32> {
                 p.statement_locks(),
                 p.lock_table
             );
+            crate::outln!(
+                "statistics     {} month(s) with rows not analyzed yet{}",
+                p.months_without_statistics,
+                match (p.months_without_statistics, p.autovacuum_analyzes_months) {
+                    (0, _) => "",
+                    (_, true) => " (autovacuum analyzes them, within a minute of a load)",
+                    (_, false) => " (autovacuum will not: run ANALYZE tickets, ticket_tags)",
+                }
+            );
         }
         if let Some(c) = &cluster {
             for n in &c.nodes {

@@ -311,6 +311,16 @@ fn an_initial_load_analyzes_the_months_itself_where_autovacuum_would_not() {
             "tickets_p2024_07"
         ]
     );
+    // doctor names months without statistics when autovacuum will not analyze them.
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+    db.execute("DELETE FROM pg_statistic WHERE starelid = 'tickets_p2023_03'::regclass");
+    let run = ticketops(Some(&db), &dir, &["--json", "doctor"]).run();
+    run.expect_code(1).stderr_has(
+        "1 month(s) of tickets and tag links hold rows but have no statistics, and autovacuum will not analyze them",
+    );
+    let partitions = &run.json()["partitions"];
+    assert_eq!(partitions["months_without_statistics"], 1, "{}", run.explain());
+    assert_eq!(partitions["autovacuum_analyzes_months"], false);
 }
 
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it
