@@ -700,6 +700,64 @@ pub fn monthly_partitions_of(conn: &mut PgConnection, table: &str) -> anyhow::Re
     .with_context(|| format!("cannot list the partitions of {table}"))
 }
 
+/// A range of created_at that reaches one partition of tickets (`None`: open on that side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Span {
+    /// Every created_at.
+    pub const ALL: Span = Span {
+        from: None,
+        until: None,
+    };
+
+    /// Whether some created_at at or after `after` and before `before` falls in it.
+    pub fn meets(
+        &self,
+        after: Option<chrono::DateTime<chrono::Utc>>,
+        before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> bool {
+        let starts_before_it_ends = match (after, self.until) {
+            (Some(after), Some(until)) => after < until,
+            _ => true,
+        };
+        let ends_after_it_starts = match (before, self.from) {
+            (Some(before), Some(from)) => from < before,
+            _ => true,
+        };
+        starts_before_it_ends && ends_after_it_starts
+    }
+}
+
+/// The created_at ranges that each reach one partition of tickets, oldest first: each month's
+/// bounds and, before, between and after the months, what goes to the default partition.
+/// `months` oldest first, as `monthly_partitions` lists them.
+pub fn partition_spans(months: &[MonthlyPartition]) -> Vec<Span> {
+    let mut spans = Vec::with_capacity(months.len() * 2 + 1);
+    let mut covered_until = None;
+    for month in months {
+        if covered_until.is_none_or(|until| until < month.from) {
+            spans.push(Span {
+                from: covered_until,
+                until: Some(month.from),
+            });
+        }
+        spans.push(Span {
+            from: Some(month.from),
+            until: Some(month.until),
+        });
+        covered_until = Some(month.until);
+    }
+    spans.push(Span {
+        from: covered_until,
+        until: None,
+    });
+    spans
+}
+
 /// The month of `table` (ticket_tags or comments) with the bounds of `tickets_month` (a
 /// partition of tickets, as the catalog names it), if it exists.
 pub fn same_month_of(conn: &mut PgConnection, table: &str, tickets_month: &str) -> anyhow::Result<Option<String>> {
@@ -1293,6 +1351,50 @@ fn analyze_each<'t>(conn: &mut PgConnection, tables: impl Iterator<Item = &'t st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spans_of_the_partitions_cover_every_time_once() {
+        let day = |s: &str| {
+            Some(
+                format!("{s}T00:00:00Z")
+                    .parse::<chrono::DateTime<chrono::Utc>>()
+                    .unwrap(),
+            )
+        };
+        let month = |from: &str, until: &str| MonthlyPartition {
+            name: from.into(),
+            from: day(from).unwrap(),
+            until: day(until).unwrap(),
+            insertable: true,
+            owned: true,
+        };
+        assert_eq!(partition_spans(&[]), [Span::ALL]);
+        let spans = partition_spans(&[
+            month("2023-01-01", "2023-02-01"),
+            month("2023-02-01", "2023-03-01"),
+            month("2024-07-01", "2024-08-01"),
+        ]);
+        let span = |from: Option<_>, until: Option<_>| Span { from, until };
+        assert_eq!(
+            spans,
+            [
+                span(None, day("2023-01-01")),
+                span(day("2023-01-01"), day("2023-02-01")),
+                span(day("2023-02-01"), day("2023-03-01")),
+                span(day("2023-03-01"), day("2024-07-01")),
+                span(day("2024-07-01"), day("2024-08-01")),
+                span(day("2024-08-01"), None),
+            ]
+        );
+        // --created-after 2023-02-01 --created-before 2023-03-01: February alone.
+        let met: Vec<_> = spans
+            .iter()
+            .filter(|s| s.meets(day("2023-02-01"), day("2023-03-01")))
+            .collect();
+        assert_eq!(met, [&span(day("2023-02-01"), day("2023-03-01"))]);
+        assert_eq!(spans.iter().filter(|s| s.meets(None, day("2023-01-01"))).count(), 1);
+        assert_eq!(spans.iter().filter(|s| s.meets(None, None)).count(), 6);
+    }
 
     fn added(rows: &[(Option<&str>, u64)]) -> RowsByPartition {
         let mut added = RowsByPartition::default();

@@ -119,6 +119,68 @@ fn a_soft_delete_changes_its_own_rows_even_where_two_partitions_share_a_ctid() {
     );
 }
 
+/// A soft-delete goes month by month (each month's batches in id order), and between and
+/// around the months through the default partition: every matching ticket, whichever month
+/// or none, and with --created-after/--created-before only those of the months they reach.
+#[test]
+fn a_soft_delete_walks_the_months_and_the_default_partition_and_misses_no_ticket() {
+    let (db, dir) = partitioned_db("soft-delete-months");
+    // Ids in the file's order, months out of it: batches of 2 cross months and come back.
+    let file = dir.join("months.csv");
+    let mut csv = String::from("external_id,subject,status,requester_email,created_at\n");
+    for (i, day) in [
+        "2023-03-05",
+        "2024-07-09",
+        "2023-03-06",
+        "2023-04-01",
+        "2024-07-10",
+        "2023-03-07",
+        "2023-04-02",
+    ]
+    .iter()
+    .enumerate()
+    {
+        csv.push_str(&format!("M-{i},Ticket {i},closed,ann@example.com,{day}T10:00:00Z\n"));
+    }
+    std::fs::write(&file, csv).unwrap();
+    import(&db, &dir, "tickets", &file, &[]).0.expect_code(0);
+    // Rows without a month: before the first, between two, after the last (as an application
+    // may write them into the default partition).
+    for (id, day) in [(9001, "2019-01-01"), (9002, "2023-12-24"), (9003, "2099-01-01")] {
+        db.execute(&format!(
+            "INSERT INTO tickets (id, external_id, subject, status, requester_id, created_at)
+             VALUES ({id}, 'D-{id}', 'stray', 'closed', (SELECT min(id) FROM users), '{day}')"
+        ));
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tickets WHERE tableoid = 'tickets_default'::regclass"),
+        3,
+        "the stray rows are in the default partition"
+    );
+    let deleted = || db.strings("SELECT external_id FROM tickets WHERE deleted_at IS NOT NULL");
+    let soft_delete = |args: &[&str]| {
+        let mut all = vec!["--json", "cleanup", "soft-delete", "--batch-size", "2"];
+        all.extend_from_slice(args);
+        let run = ticketops(Some(&db), &dir, &all).run();
+        run.expect_code(0);
+        run
+    };
+    // March 2023 alone.
+    let run = soft_delete(&["--created-after", "2023-03-01", "--created-before", "2023-04-01"]);
+    assert_eq!(run.json()["soft_deleted"], 3, "{}", run.explain());
+    assert_eq!(deleted(), set(&["M-0", "M-2", "M-5"]));
+    // Everything else, in batches that cross from month to month and through the default partition.
+    let run = soft_delete(&["--status", "closed"]);
+    assert_eq!(run.json()["soft_deleted"], 7, "{}", run.explain());
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets WHERE deleted_at IS NULL"), 0);
+    // And its restore brings back exactly those.
+    let op = run.json()["operation_id"].to_string();
+    ticketops(Some(&db), &dir, &["restore", "--operation", &op])
+        .run()
+        .expect_code(0);
+    assert_eq!(deleted(), set(&["M-0", "M-2", "M-5"]));
+}
+
 #[test]
 fn a_soft_delete_by_partition_honours_what_is_declared_on_tickets_alone() {
     let (db, dir) = partitioned_db("declared");

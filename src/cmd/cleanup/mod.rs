@@ -20,7 +20,7 @@ use crate::audit::{self, Action};
 use crate::context::Context;
 use crate::db::{self};
 use crate::exit;
-use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters, parse_when};
+use crate::filters::{DeletedScope, RestateUnchanged, TicketFilters, WalkPosition, parse_when};
 use crate::job::{self, Step};
 use crate::layout::Layout;
 use crate::operation;
@@ -241,19 +241,19 @@ fn soft_delete(
              last_operation_id (slower: index inserts clean up earlier batches' row versions as they go)"
         );
     }
-    let mut last_id = 0i64;
+    let walk = resolved.month_walk(&mut conn, layout)?;
+    let mut at = WalkPosition::default();
     let watch = ctx.watch_counted(&job.kind, &mut conn, batching.max_rows, |c| {
         resolved.query(DeletedScope::Exclude).count().get_result(c)
     });
     let stats = job.run(&mut conn, &batching.settings(), &watch, |conn, limit| {
         let now = Utc::now();
-        let (ids, last_candidate) =
-            resolved.soft_delete_batch(conn, last_id, limit as i64, now, op_id, restate, layout)?;
-        let Some(max) = last_candidate else {
+        let (ids, next) = resolved.soft_delete_batch(conn, &walk, at, limit as i64, now, op_id, restate, layout)?;
+        let Some(next) = next else {
             return Ok(Step { rows: 0, done: true });
         };
         if ids.is_empty() {
-            last_id = max;
+            at = next;
             return Ok(Step { rows: 0, done: false });
         }
         let changed = ids.len();
@@ -268,8 +268,13 @@ fn soft_delete(
             Some(json!({"deleted_at": null})),
             Some(json!({"deleted_at": now, "ids": ids})),
         )?;
-        operation::save_checkpoint(conn, op_id, &json!({"last_id": max}), &json!({"soft_deleted": null}))?;
-        last_id = max;
+        operation::save_checkpoint(
+            conn,
+            op_id,
+            &json!({"last_id": next.after_id}),
+            &json!({"soft_deleted": null}),
+        )?;
+        at = next;
         Ok(Step {
             rows: changed as u64,
             done: false,
