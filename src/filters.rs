@@ -509,25 +509,25 @@ impl ResolvedFilters {
         // next (batches stay full however the rows spread over the months).
         let mut at = at;
         let mut deleted = Vec::new();
+        let mut next = None;
         while let Some(&span) = walk.spans.get(at.span) {
             let want = limit - deleted.len() as i64;
             let (more, last) = self.soft_delete_batch_in(conn, span, at.after_id, want, now, op_id, restate, layout)?;
             let full = more.len() as i64 >= want;
             deleted.extend(more);
             if let (true, Some(last)) = (full, last) {
-                deleted.sort_unstable();
-                return Ok((deleted, Some(WalkPosition { after_id: last, ..at })));
+                next = Some(WalkPosition { after_id: last, ..at });
+                break;
             }
             at = WalkPosition {
                 span: at.span + 1,
                 after_id: 0,
             };
         }
-        if deleted.is_empty() {
-            return Ok((deleted, None));
-        }
+        // Past the last range: done once a batch finds nothing more.
+        let next = next.or((!deleted.is_empty()).then_some(at));
         deleted.sort_unstable();
-        Ok((deleted, Some(at)))
+        Ok((deleted, next))
     }
 
     /// [`Self::soft_delete_batch`] within the created_at range `span`.

@@ -947,15 +947,14 @@ impl PartitionHealth {
         .get_result(conn)
         .context("cannot read the size of the server's lock table")?;
         // By pg_stats, which outlives the server's activity counters (reset by a crash).
-        let without_statistics: crate::db::Count = sql_query(
+        let without_statistics: crate::db::Count = sql_query(format!(
             "SELECT count(*) AS n
-             FROM (SELECT relid FROM pg_partition_tree('tickets') WHERE isleaf
-                   UNION ALL SELECT relid FROM pg_partition_tree('ticket_tags') WHERE isleaf) t
+             FROM ({MONTHS_OF_TICKETS_AND_LINKS}) t
              JOIN pg_class c ON c.oid = t.relid
              WHERE c.reltuples > 0
                AND NOT EXISTS (SELECT 1 FROM pg_stats s
-                               WHERE s.schemaname = c.relnamespace::regnamespace::text AND s.tablename = c.relname)",
-        )
+                               WHERE s.schemaname = c.relnamespace::regnamespace::text AND s.tablename = c.relname)"
+        ))
         .get_result(conn)
         .context("cannot look for months without statistics")?;
         Ok(PartitionHealth {
@@ -1273,6 +1272,10 @@ pub fn analyze_partitioned_tickets(
     })
 }
 
+/// The partitions (`relid`) of tickets and of ticket_tags, the default ones too: a subquery.
+const MONTHS_OF_TICKETS_AND_LINKS: &str = "SELECT relid FROM pg_partition_tree('tickets') WHERE isleaf
+     UNION ALL SELECT relid FROM pg_partition_tree('ticket_tags') WHERE isleaf";
+
 /// Whether autovacuum will analyze the months of tickets and ticket_tags that a load filled: it
 /// runs, counts rows, and neither its analyze scale factor (1 or more: never for a table that was
 /// empty) nor a month's own `autovacuum_enabled = false` keeps it away.
@@ -1282,17 +1285,16 @@ fn autovacuum_analyzes_months(conn: &mut PgConnection) -> anyhow::Result<bool> {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         analyzes: bool,
     }
-    let will: Will = sql_query(
+    let will: Will = sql_query(format!(
         "SELECT current_setting('autovacuum')::bool
                 AND current_setting('track_counts')::bool
                 AND current_setting('autovacuum_analyze_scale_factor')::float8 < 1
                 AND NOT EXISTS (
-                    SELECT FROM (SELECT relid FROM pg_partition_tree('tickets')
-                                 UNION ALL SELECT relid FROM pg_partition_tree('ticket_tags')) t
+                    SELECT FROM ({MONTHS_OF_TICKETS_AND_LINKS}) t
                     JOIN pg_class c ON c.oid = t.relid, unnest(c.reloptions) o
                     WHERE o ~* '^autovacuum_enabled=(f|fa|fal|fals|false|n|no|of|off|0)$'
-                ) AS analyzes",
-    )
+                ) AS analyzes"
+    ))
     .get_result(conn)
     .context("cannot read the autovacuum settings")?;
     Ok(will.analyzes)
@@ -1306,12 +1308,10 @@ fn autovacuum_analyzes_months(conn: &mut PgConnection) -> anyhow::Result<bool> {
 /// analyzes each within its naptime, as after pg_restore.
 fn analyze_parents_only(conn: &mut PgConnection, helper: &mut PgConnection) -> anyhow::Result<()> {
     use diesel::Connection as _;
-    let months: Vec<String> = sql_query(
-        "SELECT t.relid::regclass::text AS name
-         FROM (SELECT relid, isleaf FROM pg_partition_tree('tickets')
-               UNION ALL SELECT relid, isleaf FROM pg_partition_tree('ticket_tags')) t
-         WHERE t.isleaf AND has_table_privilege(t.relid, 'UPDATE')",
-    )
+    let months: Vec<String> = sql_query(format!(
+        "SELECT t.relid::regclass::text AS name FROM ({MONTHS_OF_TICKETS_AND_LINKS}) t
+         WHERE has_table_privilege(t.relid, 'UPDATE')"
+    ))
     .load::<crate::db::Name>(conn)
     .context("cannot list the partitions of tickets and ticket_tags")?
     .into_iter()
