@@ -891,9 +891,10 @@ fn initial_load_matches_a_normal_import_and_restores_the_schema() {
         &["--rejects", "a.csv", "--batch-size", "500"],
     );
     // Batches of 25: the load writes its keys four batches' worth at a time, and on
-    // partitions its months' tickets and tag links, held in temporary files, 16 times that
-    // (or 32 MiB), so some go in the middle of the load (the files then written over) and the
-    // rest at its end.
+    // partitions, held in a temporary file a month (and one for the keys), a batch writes the
+    // fullest month of tickets and of tag links once it holds four batches' worth (or 1 MiB),
+    // so some go in the middle of the load (their files then written over) and the rest at
+    // its end.
     let fast = TestDb::new();
     let (run, b) = import(
         &fast,

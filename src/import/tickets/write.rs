@@ -407,21 +407,25 @@ impl TicketImport {
         };
         // (In any order: the load dropped the foreign keys of the months of links to the
         // months of tickets, and validates them at its end.)
-        if gathered.tickets.due(at_least) {
+        if gathered.tickets.bytes > 0 {
             let started = std::time::Instant::now();
-            gathered.tickets.copy_all(conn, tickets::table, "new tickets")?;
+            gathered
+                .tickets
+                .copy_due(conn, tickets::table, "new tickets", at_least)?;
             self.phases.add("COPY new tickets", started);
         }
-        if gathered.month_links.due(at_least) {
+        if gathered.month_links.bytes > 0 {
             let started = std::time::Instant::now();
-            gathered.month_links.copy_all(conn, ticket_tags::table, "tag links")?;
+            gathered
+                .month_links
+                .copy_due(conn, ticket_tags::table, "tag links", at_least)?;
             self.phases.add("COPY tag links", started);
         }
-        if gathered.held_keys.due(at_least) {
+        if gathered.held_keys.bytes > 0 {
             let started = std::time::Instant::now();
             gathered
                 .held_keys
-                .copy_all(conn, crate::layout::ticket_keys::table, "ticket keys")?;
+                .copy_due(conn, crate::layout::ticket_keys::table, "ticket keys", at_least)?;
             self.phases.add("COPY ticket keys", started);
         }
         if !gathered.keys.is_empty() && gathered.keys.len() >= at_least {
@@ -789,46 +793,47 @@ pub(super) struct Gathered {
 const KEY_COPY_TARGET: &str = "ticket_keys (ticket_id, external_id, created_at)";
 
 /// Rows held for one COPY per target (a month of tickets or of tag links) over the initial
-/// load's batches: their binary COPY rows (no header) in an unnamed temporary file, so that the
-/// page cache holds them rather than the import, which stays within its memory (held in its
-/// memory, they took a 2M load's peak from 29 to 75 MiB), with where each target's lie in it.
+/// load's batches: their binary COPY rows (no header), each target's in an unnamed temporary
+/// file of its own, so that the page cache holds them rather than the import, which stays within
+/// its memory (held in its memory, they took a 2M load's peak from 29 to 75 MiB).
+///
+/// A batch writes the fullest target once it holds [`COPY_AT_BYTES`] or [`GATHERED_BATCHES`]
+/// batches' rows (and more while all of them hold over [`HELD_BYTES`]): one COPY of about a batch's rows a batch, so that the reader keeps
+/// parsing the next batches while the server takes them. Written all at once when 32 MiB had
+/// gathered, each a half-second COPY of every month during which the reader, one batch ahead,
+/// waited: 0.6 s of a 1M-row load.
 #[derive(Default)]
 struct HeldRows {
-    /// Made at the first row held.
-    file: Option<std::fs::File>,
-    /// What the file holds, in bytes.
+    /// What the targets hold, in bytes.
     bytes: u64,
     /// By target: the table and its columns, as the COPY names them.
-    targets: HashMap<String, HeldPieces>,
+    targets: HashMap<String, HeldTarget>,
 }
 
-/// Where a target's held rows lie in the file (offset and length of each batch's), how many
-/// they are, and whether they go in frozen.
-#[derive(Default)]
-struct HeldPieces {
-    pieces: Vec<(u64, u64)>,
+/// One target's held rows: how many, their bytes from the start of its file, and whether they
+/// go in frozen.
+struct HeldTarget {
+    file: std::fs::File,
+    bytes: u64,
     rows: u64,
     freeze: bool,
 }
 
-/// How many bytes of tickets, and of tag links, are held at most for their months' COPYs:
+/// How many bytes of tickets, of tag links and of keys are held at most for their COPYs:
 /// ~110,000 tickets of the benchmark's, ~880,000 links.
 const HELD_BYTES: u64 = 32 << 20;
 
-/// How many times the keys' [`GATHERED_BATCHES`] batches' worth of rows are held at most.
-const HELD_TIMES: usize = 16;
+/// How full a target is written by a batch: ~3,500 tickets of the benchmark's, ~35,000 links
+/// or keys — COPYs of at least 1,000 rows, whose set-up (above) the rows outweigh.
+const COPY_AT_BYTES: u64 = 1 << 20;
+
+/// A target's file is cut back after its COPY once it grew past this (rows written over from
+/// the start otherwise: their pages stay in the page cache for the next rows, where truncating
+/// every file had them freed and allocated again, 1.7 s of system time a 2M load).
+const FILE_KEPT_BYTES: u64 = 4 * COPY_AT_BYTES;
 
 impl HeldRows {
-    /// Whether the rows held are to be written: [`HELD_BYTES`] of them, or [`HELD_TIMES`]
-    /// `at_least` rows over all targets; `at_least` 0 at the end of the load.
-    fn due(&self, at_least: usize) -> bool {
-        self.bytes > 0
-            && (at_least == 0
-                || self.bytes >= HELD_BYTES
-                || self.targets.values().map(|t| t.rows).sum::<u64>() >= (at_least * HELD_TIMES) as u64)
-    }
-
-    /// Appends `rows` rows for `target`, which `encode` writes to the file.
+    /// Appends `rows` rows for `target`, which `encode` writes to the target's file.
     fn append(
         &mut self,
         target: &str,
@@ -844,70 +849,105 @@ impl HeldRows {
                 std::env::temp_dir().display()
             )
         };
-        let file = match &mut self.file {
-            Some(file) => file,
-            file => file.insert(tempfile::tempfile().with_context(held)?),
+        let held_target = match self.targets.get_mut(target) {
+            Some(held_target) => held_target,
+            None => self.targets.entry(target.to_owned()).or_insert(HeldTarget {
+                file: tempfile::tempfile().with_context(held)?,
+                bytes: 0,
+                rows: 0,
+                freeze,
+            }),
         };
-        encode(file).with_context(held)?;
-        let end = file.stream_position().with_context(held)?;
-        let target = self.targets.entry(target.to_owned()).or_default();
-        target.pieces.push((self.bytes, end - self.bytes));
-        target.rows += rows as u64;
-        target.freeze = freeze;
-        self.bytes = end;
+        encode(&held_target.file).with_context(held)?;
+        let end = (&held_target.file).stream_position().with_context(held)?;
+        self.bytes += end - held_target.bytes;
+        held_target.bytes = end;
+        held_target.rows += rows as u64;
+        held_target.freeze = freeze;
         Ok(())
     }
 
-    /// One binary COPY of each target's held rows, each checked to have taken every row; then
-    /// starts the file over. `what` names the rows in errors.
-    fn copy_all<T>(&mut self, conn: &mut PgConnection, table: T, what: &str) -> anyhow::Result<()>
+    /// Writes what is due after a batch (see [`HeldRows`]): the fullest target once it holds
+    /// [`COPY_AT_BYTES`] or `at_least` rows; everything when `at_least` is 0 (the load's end).
+    fn copy_due<T>(&mut self, conn: &mut PgConnection, table: T, what: &str, at_least: usize) -> anyhow::Result<()>
+    where
+        T: diesel::Table + Copy,
+        NamedCopyTarget<T>: CopyTarget<Table = T>,
+    {
+        let all = at_least == 0;
+        let mut first = true;
+        while let Some(target) = self.fullest() {
+            let held = &self.targets[&target];
+            let full = held.bytes >= COPY_AT_BYTES || held.rows >= at_least as u64;
+            if !(all || (first && full) || self.bytes > HELD_BYTES) {
+                break;
+            }
+            first = false;
+            self.copy_target(conn, table, what, &target)?;
+        }
+        Ok(())
+    }
+
+    /// The target holding the most rows, if any holds rows.
+    fn fullest(&self) -> Option<String> {
+        self.targets
+            .iter()
+            .filter(|(_, held)| held.bytes > 0)
+            .max_by_key(|(_, held)| held.bytes)
+            .map(|(target, _)| target.clone())
+    }
+
+    /// One binary COPY of `target`'s held rows, checked to have taken every row; then starts
+    /// its file over. `what` names the rows in errors.
+    fn copy_target<T>(&mut self, conn: &mut PgConnection, table: T, what: &str, target: &str) -> anyhow::Result<()>
     where
         T: diesel::Table + Copy,
         NamedCopyTarget<T>: CopyTarget<Table = T>,
     {
         use std::io::Seek as _;
         use std::os::unix::fs::FileExt as _;
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
-        // One read buffer for every target (diesel's COPY callback is a `Fn`, hence the cell).
-        let buffer = RefCell::new(vec![0u8; 256 * 1024]);
-        for (target, held) in std::mem::take(&mut self.targets) {
-            let copied = NamedCopyTarget::<T>::with(&target, |copy_target| {
-                diesel::copy_from(table)
-                    .from_raw_data(copy_target, |out| -> Result<(), diesel::result::Error> {
-                        let mut copy = BinaryCopy::start(out).map_err(write_error)?;
-                        let mut buffer = buffer.borrow_mut();
-                        for &(mut offset, length) in &held.pieces {
-                            let end = offset + length;
-                            while offset < end {
-                                let n = (end - offset).min(buffer.len() as u64) as usize;
-                                file.read_exact_at(&mut buffer[..n], offset).map_err(write_error)?;
-                                copy.raw_rows(&buffer[..n]).map_err(write_error)?;
-                                offset += n as u64;
-                            }
-                        }
-                        copy.finish().map_err(write_error)
-                    })
-                    .with_format(CopyFormat::Binary)
-                    .with_freeze(held.freeze)
-                    .execute(conn)
-                    .with_context(|| format!("cannot COPY {what} into {}", table_of(&target)))
-            })?;
-            if copied as u64 != held.rows {
-                anyhow::bail!(
-                    "the COPY into {} took {copied} of {} {what}",
-                    table_of(&target),
-                    held.rows
-                );
-            }
+        let held = self.targets.get_mut(target).expect("a target held");
+        let file = &held.file;
+        let length = held.bytes;
+        let copied = NamedCopyTarget::<T>::with(target, |copy_target| {
+            diesel::copy_from(table)
+                .from_raw_data(copy_target, |out| -> Result<(), diesel::result::Error> {
+                    let mut copy = BinaryCopy::start(out).map_err(write_error)?;
+                    let mut buffer = vec![0u8; 256 * 1024];
+                    let mut offset = 0;
+                    while offset < length {
+                        let n = (length - offset).min(buffer.len() as u64) as usize;
+                        file.read_exact_at(&mut buffer[..n], offset).map_err(write_error)?;
+                        copy.raw_rows(&buffer[..n]).map_err(write_error)?;
+                        offset += n as u64;
+                    }
+                    copy.finish().map_err(write_error)
+                })
+                .with_format(CopyFormat::Binary)
+                .with_freeze(held.freeze)
+                .execute(conn)
+                .with_context(|| format!("cannot COPY {what} into {}", table_of(target)))
+        })?;
+        if copied as u64 != held.rows {
+            anyhow::bail!(
+                "the COPY into {} took {copied} of {} {what}",
+                table_of(target),
+                held.rows
+            );
         }
-        // Written over from its start: its pages stay in the page cache for the next rows,
-        // where truncating it had them freed and allocated again (1.7 s of system time a 2M load).
-        (&*file)
-            .rewind()
-            .context("cannot rewind a temporary file of held rows")?;
-        self.bytes = 0;
+        let cut = || {
+            format!(
+                "cannot start over a temporary file of held rows in {}",
+                std::env::temp_dir().display()
+            )
+        };
+        if held.file.metadata().with_context(cut)?.len() > FILE_KEPT_BYTES {
+            held.file.set_len(0).with_context(cut)?;
+        }
+        (&held.file).rewind().with_context(cut)?;
+        self.bytes -= length;
+        held.bytes = 0;
+        held.rows = 0;
         Ok(())
     }
 }
