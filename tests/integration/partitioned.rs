@@ -385,6 +385,46 @@ fn an_initial_load_analyzes_the_months_itself_where_autovacuum_would_not() {
     assert_eq!(partitions["autovacuum_analyzes_months"], false);
 }
 
+/// The initial load rebuilds the partitioned indexes month by month, attaching each month's to
+/// its parent's: an index a month has of its own (made on it alone) stays as it was, and is not
+/// taken for the one just made.
+#[test]
+fn an_initial_load_rebuilds_the_months_indexes_around_an_index_a_month_has_of_its_own() {
+    let (db, dir) = partitioned_db("initial-load-own-index");
+    let file = dir.join("two.csv");
+    std::fs::write(&file, TWO_MONTHS).unwrap();
+    // A month made ahead (those of the file's rows the load makes).
+    let month = db.strings(
+        "SELECT relid::regclass::text FROM pg_partition_tree('tickets')
+         WHERE isleaf AND relid::regclass::text LIKE 'tickets_p%' ORDER BY 1 LIMIT 1",
+    )[0]
+    .clone();
+    db.execute(&format!("CREATE INDEX {month}_subject_idx ON {month} (subject)"));
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["import", "tickets", file.to_str().unwrap(), "--initial-load"],
+    )
+    .run();
+    run.expect_code(0);
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT c.relname || ' ' || EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = '{month}'::regclass ORDER BY 1"
+        )),
+        db.strings(&format!(
+            "SELECT '{month}_subject_idx false' UNION ALL
+             SELECT replace(c.relname, 'tickets_', '{month}_') || ' true'
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = 'tickets'::regclass ORDER BY 1"
+        )),
+        "the month's own index, and each of the parent's attached"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid"), 0);
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+}
+
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it
 /// cannot make one, the load fails whole — nothing written, every index and key back — and says
 /// which directory; with a usable TMPDIR the same load then goes in.

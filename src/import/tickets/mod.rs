@@ -35,7 +35,7 @@ use row::RowValues;
 pub use row::TicketRow;
 use write::{GATHERED_BATCHES, Gathered};
 
-use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate};
+use super::initial_load::{Rebuild, drop_indexes_and_keys, recreate, recreate_by_month};
 use stored::{Stored, StoredByKey, StoredFingerprints, StoredLookup, index_paths_only};
 use write::{STAGE_INDEX_SQL, STAGE_TABLE_SQL};
 
@@ -366,6 +366,7 @@ impl ImportKind for TicketImport {
             let started = std::time::Instant::now();
             sql_query("SET LOCAL maintenance_work_mem = '256MB'").execute(conn)?;
             recreate(conn, &self.dropped.keys_and_indexes)?;
+            recreate_by_month(conn, &self.dropped.by_month)?;
             self.phases.add("rebuild keys and indexes", started);
             // Statistics before the validations: they tell the planner that the frozen pages
             // are all visible, so that the rebuilt indexes can be read without the heap (on the
