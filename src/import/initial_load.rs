@@ -107,9 +107,8 @@ pub(super) fn drop_indexes_and_keys(
     }
     // The foreign keys first (among `definitions`): they depend on the keys.
     let mut rebuild = drop_for_rebuild(conn, definitions)?;
-    let by_month_kept: Vec<Definition> = by_month.iter().map(Definition::clone).collect();
-    drop_for_rebuild(conn, by_month)?;
-    rebuild.by_month = by_month_kept;
+    drop_for_rebuild(conn, by_month.clone())?;
+    rebuild.by_month = by_month;
     if layout.partitioned() {
         rebuild.foreign_keys.push("SELECT ticketops_month_keys()".into());
     }

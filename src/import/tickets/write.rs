@@ -798,10 +798,10 @@ const KEY_COPY_TARGET: &str = "ticket_keys (ticket_id, external_id, created_at)"
 /// its memory (held in its memory, they took a 2M load's peak from 29 to 75 MiB).
 ///
 /// A batch writes the fullest target once it holds [`COPY_AT_BYTES`] or [`GATHERED_BATCHES`]
-/// batches' rows (and more while all of them hold over [`HELD_BYTES`]): one COPY of about a batch's rows a batch, so that the reader keeps
-/// parsing the next batches while the server takes them. Written all at once when 32 MiB had
-/// gathered, each a half-second COPY of every month during which the reader, one batch ahead,
-/// waited: 0.6 s of a 1M-row load.
+/// batches' rows (and more while all of them hold over [`HELD_BYTES`]): about a batch's rows a
+/// batch, so that the reader keeps parsing the next batches while the server takes them.
+/// Written all at once at 32 MiB — half a second of COPYs into every month — they had the
+/// reader, one batch ahead, wait: 0.66 s of a 1M-row load.
 #[derive(Default)]
 struct HeldRows {
     /// What the targets hold, in bytes.
