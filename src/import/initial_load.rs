@@ -188,14 +188,8 @@ struct TableName {
 /// 41 months 3.1-3.2 s → 2.9-3.0 s. The partitions' indexes are named by PostgreSQL as the
 /// parent's `CREATE INDEX` names them.
 pub(super) fn recreate_by_month(conn: &mut PgConnection, definitions: &[Definition]) -> anyhow::Result<()> {
-    let run = |conn: &mut PgConnection, statement: &str| -> anyhow::Result<()> {
-        sql_query(statement)
-            .execute(conn)
-            .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
-        Ok(())
-    };
     for d in definitions {
-        run(conn, &d.on_parent_alone()?)?;
+        recreate_one(conn, &d.on_parent_alone()?)?;
     }
     let mut tables: Vec<&str> = definitions.iter().map(|d| d.table_name.as_str()).collect();
     tables.sort_unstable();
@@ -221,12 +215,12 @@ pub(super) fn recreate_by_month(conn: &mut PgConnection, definitions: &[Definiti
             };
             let own = unattached(conn)?;
             for d in definitions.iter().filter(|d| d.table_name == table) {
-                run(conn, &d.on_partition(&partition.name)?)?;
+                recreate_one(conn, &d.on_partition(&partition.name)?)?;
                 let made = unattached(conn)?
                     .into_iter()
                     .find(|name| !own.contains(name))
                     .with_context(|| format!("cannot find the index just made on {}", partition.name))?;
-                run(conn, &format!("ALTER INDEX {} ATTACH PARTITION {made}", d.name))?;
+                recreate_one(conn, &format!("ALTER INDEX {} ATTACH PARTITION {made}", d.name))?;
             }
         }
     }
@@ -300,9 +294,14 @@ pub(super) fn drop_for_rebuild(conn: &mut PgConnection, mut definitions: Vec<Def
 
 pub(super) fn recreate(conn: &mut PgConnection, statements: &[String]) -> anyhow::Result<()> {
     for statement in statements {
-        sql_query(statement)
-            .execute(conn)
-            .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
+        recreate_one(conn, statement)?;
     }
+    Ok(())
+}
+
+fn recreate_one(conn: &mut PgConnection, statement: &str) -> anyhow::Result<()> {
+    sql_query(statement)
+        .execute(conn)
+        .with_context(|| format!("cannot recreate after the initial load: {statement}"))?;
     Ok(())
 }
