@@ -888,7 +888,7 @@ impl HeldRows {
         Ok(())
     }
 
-    /// The target holding the most rows, if any holds rows.
+    /// The target holding the most bytes of rows, if any holds rows.
     fn fullest(&self) -> Option<String> {
         self.targets
             .iter()
