@@ -186,8 +186,13 @@ struct TableName {
 /// again, the months (11 MiB each at 1M tickets) long gone from shared buffers since the last
 /// index; month by month they are read from there: the nine secondary indexes of 1M tickets'
 /// 41 months 3.1-3.2 s → 2.9-3.0 s. The partitions' indexes are named by PostgreSQL as the
-/// parent's `CREATE INDEX` names them.
-pub(super) fn recreate_by_month(conn: &mut PgConnection, definitions: &[Definition]) -> anyhow::Result<()> {
+/// parent's `CREATE INDEX` names them. `ready`: indexes built already (the staged months of
+/// tickets), by partition and place in `definitions`, attached instead.
+pub(super) fn recreate_by_month(
+    conn: &mut PgConnection,
+    definitions: &[Definition],
+    ready: &std::collections::HashMap<(String, usize), String>,
+) -> anyhow::Result<()> {
     for d in definitions {
         recreate_one(conn, &d.on_parent_alone()?)?;
     }
@@ -214,7 +219,11 @@ pub(super) fn recreate_by_month(conn: &mut PgConnection, definitions: &[Definiti
                 Ok(names.into_iter().map(|n| n.name).collect())
             };
             let own = unattached(conn)?;
-            for d in definitions.iter().filter(|d| d.table_name == table) {
+            for (k, d) in definitions.iter().enumerate().filter(|(_, d)| d.table_name == table) {
+                if let Some(built) = ready.get(&(partition.name.clone(), k)) {
+                    recreate_one(conn, &format!("ALTER INDEX {} ATTACH PARTITION {built}", d.name))?;
+                    continue;
+                }
                 recreate_one(conn, &d.on_partition(&partition.name)?)?;
                 let made = unattached(conn)?
                     .into_iter()
@@ -228,6 +237,35 @@ pub(super) fn recreate_by_month(conn: &mut PgConnection, definitions: &[Definiti
 }
 
 impl Definition {
+    /// The table it belongs to, as the catalog names it.
+    pub(super) fn table(&self) -> &str {
+        &self.table_name
+    }
+
+    /// Its name after the table's (`status_idx` of `tickets_status_idx`), with which a
+    /// partition's copy is named after the partition; the whole name when it does not start
+    /// with the table's.
+    pub(super) fn suffix(&self) -> String {
+        let name = match self.name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => self.name.clone(),
+        };
+        match name.strip_prefix(&format!("{}_", self.table_name)) {
+            Some(suffix) if !suffix.is_empty() => suffix.to_owned(),
+            _ => name,
+        }
+    }
+
+    /// The same key or index on a table of its own (a staged month), named `name`.
+    pub(super) fn on_staged(&self, table: &str, name: &str) -> anyhow::Result<String> {
+        if self.kind.is_some() {
+            return Ok(format!("ALTER TABLE {table} ADD CONSTRAINT {name} {}", self.definition));
+        }
+        let on_table = self.on_partition(table)?;
+        let (create, rest) = on_table.split_once(" ON ").expect("on_partition's shape");
+        Ok(format!("{create} {name} ON {rest}"))
+    }
+
     /// The key or index on the partitioned table alone.
     fn on_parent_alone(&self) -> anyhow::Result<String> {
         Ok(match self.kind {

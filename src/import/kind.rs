@@ -78,6 +78,9 @@ pub trait ImportKind: Send {
     /// most once in the whole import (earlier occurrences are dropped as duplicates).
     fn keys_seen_once(&mut self) {}
 
+    /// Given the import's pool and mode before anything is read (connections of its own).
+    fn use_pool(&mut self, _pool: &crate::db::Pool, _mode: super::Mode) {}
+
     /// Called once inside the import's transaction (atomic modes) or before the first batch.
     fn begin(&mut self, _conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
         Ok(())

@@ -110,7 +110,8 @@ fn default_rejects_path(input: &Input) -> Option<PathBuf> {
 }
 
 /// How many connections an import with one writer uses: the writer, the advisory lock, the
-/// read-ahead and the reader's lookup of stored fingerprints.
+/// read-ahead and the reader's lookup of stored fingerprints; or the two of an initial load's
+/// staged months (partitioned layout), which uses neither the read-ahead nor the lookup.
 pub const CONNECTIONS: u32 = 4;
 
 /// How many connections an import with `jobs` writers uses.
@@ -151,6 +152,7 @@ pub fn run<K: ImportKind>(
         Some(sha) if options.mode != Mode::DryRun => Some(AdvisoryLock::try_acquire(pool, &format!("import:{sha}"))?),
         _ => None,
     };
+    kind.use_pool(pool, options.mode);
     let mut conn = db::get(pool)?;
     let resumed = match source_sha.as_deref().filter(|_| options.resume) {
         Some(sha) => find_resume(&mut conn, &op_kind, sha, log)?,

@@ -101,6 +101,11 @@ impl MonthRouter {
         &self.months[index].name
     }
 
+    /// The partition, with its bounds.
+    pub fn month(&self, index: usize) -> &MonthlyPartition {
+        &self.months[index]
+    }
+
     fn load(&mut self, conn: &mut PgConnection) -> anyhow::Result<()> {
         let mut months = monthly_partitions_of(conn, self.table)?;
         months.retain(|m| m.insertable);

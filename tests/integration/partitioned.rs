@@ -16,6 +16,14 @@ fn partition_of(db: &TestDb, external_id: &str) -> String {
     .remove(0)
 }
 
+/// The month of tickets that holds `time`, as pg_partman names it.
+fn partition_of_time(db: &TestDb, time: &str) -> String {
+    db.strings(&format!(
+        "SELECT partition_table::text FROM partman.show_partition_name('public.tickets', '{time}')"
+    ))
+    .remove(0)
+}
+
 /// A login role named after the database and `suffix` that may read and write the tables
 /// through tickets but owns nothing (as a DBA may set up an import or cleanup job), and the URL
 /// to connect as it. `DROP OWNED BY role; DROP ROLE role` removes it.
@@ -423,6 +431,102 @@ fn an_initial_load_rebuilds_the_months_indexes_around_an_index_a_month_has_of_it
     );
     assert_eq!(db.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid"), 0);
     ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+}
+
+/// The initial load writes the months' rows into tables of their own, committed on a second
+/// connection, and puts each in place of its empty month at its end. A month with something of
+/// its own (here an insert trigger, then an index) is kept and gets its rows copied in: a
+/// failure there fails the load whole — tickets empty, the schema as it was, no staged table
+/// left, and one left by a killed load dropped; a month with its own index keeps it. The others
+/// are swapped in, named and attached as pg_partman's months.
+#[test]
+fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_its_own() {
+    let (db, dir) = partitioned_db("initial-load-staged");
+    let file = dir.join("three.csv");
+    let today = db.strings("SELECT to_char(now(), 'YYYY-MM-DD')").remove(0);
+    std::fs::write(
+        &file,
+        format!("{TWO_MONTHS}C-1,Of today,open,cat@example.com,vip,{today}T01:00:00Z\n"),
+    )
+    .unwrap();
+    // This month's, made ahead by pg_partman.
+    let month = partition_of_time(&db, &format!("{today}T01:00:00Z"));
+    let indexes = |db: &TestDb| {
+        db.strings(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
+             WHERE i.indrelid IN (SELECT relid FROM pg_partition_tree('tickets')) ORDER BY 1",
+        )
+    };
+    let before = indexes(&db);
+    let staged_tables = "SELECT count(*) FROM pg_class WHERE relname LIKE 'ticketops\\_staged\\_%'";
+    db.execute("CREATE TABLE ticketops_staged_1_0 (id bigint)");
+    db.execute(&format!(
+        "CREATE FUNCTION no_c1() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.external_id = 'C-1' THEN RAISE EXCEPTION 'no C-1 here'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER no_c1 BEFORE INSERT ON {month} FOR EACH ROW EXECUTE FUNCTION no_c1()"
+    ));
+    let load = || {
+        ticketops(
+            Some(&db),
+            &dir,
+            &["--json", "import", "tickets", file.to_str().unwrap(), "--initial-load"],
+        )
+        .run()
+    };
+    load().expect_code(1).stderr_has("no C-1 here");
+    assert_eq!(db.scalar("SELECT count(*) FROM tickets"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM ticket_keys"), 0);
+    assert_eq!(indexes(&db), before, "the months and their indexes as they were");
+    assert_eq!(
+        db.scalar(staged_tables),
+        0,
+        "no staged table left, nor the killed load's"
+    );
+
+    db.execute(&format!(
+        "DROP TRIGGER no_c1 ON {month}; CREATE INDEX {month}_subject_idx ON {month} (subject)"
+    ));
+    let run = load();
+    assert_eq!(run.expect_code(0).json()["inserted"], 3, "{}", run.explain());
+    assert_eq!(partition_of(&db, "A-1"), "tickets_p2023_03");
+    assert_eq!(partition_of(&db, "C-1"), month);
+    assert_eq!(db.scalar(staged_tables), 0);
+    assert_eq!(
+        db.strings(&format!(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = '{month}'::regclass
+             AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = indexrelid)"
+        )),
+        [format!("{month}_subject_idx")],
+        "the month's own index kept"
+    );
+    // A swapped month: named, indexed and keyed as pg_partman's, with no constraint of its own.
+    assert_eq!(
+        indexes(&db)
+            .into_iter()
+            .filter(|i| i.starts_with("tickets_p2023_03"))
+            .collect::<Vec<_>>(),
+        db.strings(
+            "SELECT replace(c.relname, 'tickets_', 'tickets_p2023_03_') FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'tickets'::regclass ORDER BY 1"
+        )
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'tickets_p2023_03'::regclass AND conislocal
+             AND contype <> 'p'"
+        ),
+        0
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid"), 0);
+    ticketops(Some(&db), &dir, &["doctor"]).run().expect_code(0);
+    // The rows as a regular import finds them: a re-import changes nothing.
+    let run = ticketops(
+        Some(&db),
+        &dir,
+        &["--json", "import", "tickets", file.to_str().unwrap()],
+    )
+    .run();
+    assert_eq!(run.expect_code(0).json()["unchanged"], 3, "{}", run.explain());
 }
 
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it

@@ -28,6 +28,7 @@ use crate::layout::{Layout, Partitions, RowsByPartition};
 
 mod merge_sql;
 mod row;
+mod staged;
 mod stored;
 mod write;
 
@@ -122,6 +123,11 @@ pub struct TicketImport {
     link_months: MonthRouter,
     /// The initial load's keys and tag links not yet written, when every key comes once.
     gathered: Option<Gathered>,
+    /// Where the initial load's staged months (partitioned layout, see `staged`) get their
+    /// connections; None where they are not staged (a dry run).
+    staging_pool: Option<crate::db::Pool>,
+    /// The initial load's months of tickets, staged.
+    staged: Option<staged::StagedMonths>,
 }
 
 /// What the writers of one import share: how many there are, how many have ended, and the
@@ -216,6 +222,8 @@ impl TicketImport {
             months: MonthRouter::default(),
             link_months: MonthRouter::of("ticket_tags"),
             gathered: None,
+            staging_pool: None,
+            staged: None,
             phases: PhaseTimes {
                 verbose,
                 totals: Vec::new(),
@@ -324,6 +332,10 @@ impl ImportKind for TicketImport {
         Ok(())
     }
 
+    fn use_pool(&mut self, pool: &crate::db::Pool, mode: super::Mode) {
+        self.staging_pool = (mode != super::Mode::DryRun).then(|| pool.clone());
+    }
+
     fn begin(&mut self, conn: &mut PgConnection, _op_id: i64) -> anyhow::Result<()> {
         self.layout = Layout::of(conn)?;
         sql_query(STAGE_TABLE_SQL)
@@ -335,10 +347,20 @@ impl ImportKind for TicketImport {
                 .context("cannot create the staging table")?;
         }
         if self.initial_load {
+            // (Staged where the rows are gathered: see `staged`.)
+            let staged_columns = match &self.staging_pool {
+                Some(_) if self.layout.partitioned() && self.keys_seen_once => staged::columns_of_tickets(conn)?,
+                _ => None,
+            };
             self.dropped = drop_indexes_and_keys(conn, !self.keys_seen_once, self.layout)?;
             // Nothing reads a key or a tag link back before the load ends when no key comes
             // twice: they can wait for larger COPYs.
             self.gathered = self.keys_seen_once.then(Gathered::default);
+            self.staged = None;
+            if let (Some(pool), Some(columns)) = (&self.staging_pool, staged_columns) {
+                self.staged =
+                    Some(staged::StagedMonths::start(pool, columns).context("cannot stage the months of tickets")?);
+            }
             self.cache
                 .lock_users_for_load(conn)
                 .context("cannot lock users for the initial load")?;
@@ -358,15 +380,26 @@ impl ImportKind for TicketImport {
             // every row — with the load's locks held either way: --statement-timeout, a bound for
             // each batch's statements, cancelled a large load there, at its very end.
             sql_query("SET LOCAL statement_timeout = 0").execute(conn)?;
-            let started = std::time::Instant::now();
-            self.cache
-                .flush_held_users(conn)
-                .context("cannot write the users the load held back")?;
-            self.phases.add("write held-back users", started);
-            let started = std::time::Instant::now();
             sql_query("SET LOCAL maintenance_work_mem = '256MB'").execute(conn)?;
-            recreate(conn, &self.dropped.keys_and_indexes)?;
-            recreate_by_month(conn, &self.dropped.by_month)?;
+            let started = std::time::Instant::now();
+            let mut held_users_and_keys = |conn: &mut PgConnection| -> anyhow::Result<()> {
+                self.cache
+                    .flush_held_users(conn)
+                    .context("cannot write the users the load held back")?;
+                recreate(conn, &self.dropped.keys_and_indexes)
+            };
+            // The staged months' indexes are built on two other connections meanwhile.
+            let ready = match &mut self.staged {
+                Some(staged) => {
+                    staged.build(&self.dropped.by_month, || held_users_and_keys(conn))?;
+                    staged.swap_in(conn, &self.dropped.by_month)?
+                }
+                None => {
+                    held_users_and_keys(conn)?;
+                    Default::default()
+                }
+            };
+            recreate_by_month(conn, &self.dropped.by_month, &ready)?;
             self.phases.add("rebuild keys and indexes", started);
             // Statistics before the validations: they tell the planner that the frozen pages
             // are all visible, so that the rebuilt indexes can be read without the heap (on the
@@ -447,6 +480,8 @@ impl ImportKind for TicketImport {
 
     fn reset(&mut self) {
         self.cache.clear();
+        // A rolled-back load's staged months are dropped.
+        self.staged = None;
         // Months made by a rolled-back batch are gone with it.
         self.partitions = Partitions::for_import(self.initial_load);
         self.months = MonthRouter::default();

@@ -409,9 +409,13 @@ impl TicketImport {
         // months of tickets, and validates them at its end.)
         if gathered.tickets.bytes > 0 {
             let started = std::time::Instant::now();
+            let tickets_conn = match &mut self.staged {
+                Some(staged) => staged.conn(),
+                None => &mut *conn,
+            };
             gathered
                 .tickets
-                .copy_due(conn, tickets::table, "new tickets", at_least)?;
+                .copy_due(tickets_conn, tickets::table, "new tickets", at_least)?;
             self.phases.add("COPY new tickets", started);
         }
         if gathered.month_links.bytes > 0 {
@@ -498,14 +502,22 @@ impl TicketImport {
         op_id: i64,
         links: &RefCell<Vec<NewLink>>,
     ) -> anyhow::Result<usize> {
+        // Into their months, or the tables staged for them (see `staged`).
+        let mut targets = Vec::with_capacity(groups.len());
+        for group in groups {
+            let month = routes[group[0]].expect("routed to a month");
+            let table = match &mut self.staged {
+                Some(staged) => staged.table_for(self.months.month(month), group.len())?,
+                None => self.months.name(month),
+            };
+            targets.push(format!("{table} ({TICKET_COPY_COLUMNS})"));
+        }
         let mut gathered = self.gathered.take().expect("gathering");
         let result = (|| -> anyhow::Result<usize> {
             let mut links = links.borrow_mut();
             let mut n = 0;
-            for group in groups {
-                let month = self.months.name(routes[group[0]].expect("routed to a month"));
-                let target = format!("{month} ({TICKET_COPY_COLUMNS})");
-                gathered.tickets.append(&target, true, group.len(), |out| {
+            for (group, target) in groups.iter().zip(&targets) {
+                gathered.tickets.append(target, true, group.len(), |out| {
                     let mut copy = BinaryCopy::rows_only(out);
                     for &i in group.iter() {
                         self.encode_ticket(&mut copy, rows[i], op_id, &mut links)?;
