@@ -825,6 +825,9 @@ pub struct PartitionHealth {
     /// Months of tickets and tag links that hold rows but have no statistics yet: after an
     /// initial load (or an import of a tenth of the table), autovacuum's to analyze.
     pub months_without_statistics: i64,
+    /// Tables of an initial load's staged months (`ticketops_staged_<pid>_<n>`) whose load's
+    /// connection is gone: left by a load that was killed (the next initial load drops them).
+    pub staged_tables_left: Vec<String>,
     /// Whether autovacuum will analyze them (on, and not off for any month).
     pub autovacuum_analyzes_months: bool,
 }
@@ -879,6 +882,20 @@ fn months_without(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<St
     .load(conn)
     .with_context(|| format!("cannot compare the months of tickets and of {table}"))?;
     Ok(months.into_iter().map(|m| m.name).collect())
+}
+
+/// The tables of initial loads' staged months whose load's connection (the pid in their name)
+/// is gone.
+fn staged_tables_left(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    let tables: Vec<crate::db::Name> = sql_query(
+        "SELECT c.oid::regclass::text AS name FROM pg_class c
+         WHERE c.relname LIKE 'ticketops\\_staged\\_%' AND c.relkind = 'r'
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid::text = split_part(c.relname, '_', 3))
+         ORDER BY 1",
+    )
+    .load(conn)
+    .context("cannot look for tables left by an initial load")?;
+    Ok(tables.into_iter().map(|t| t.name).collect())
 }
 
 /// The months of `table` (ticket_tags or comments) without their foreign key to their month of
@@ -976,6 +993,7 @@ impl PartitionHealth {
             recent_since,
             lock_table: lock_table.n,
             months_without_statistics: without_statistics.n,
+            staged_tables_left: staged_tables_left(conn)?,
             autovacuum_analyzes_months: autovacuum_analyzes_months(conn)?,
         })
     }
@@ -1071,6 +1089,14 @@ impl PartitionHealth {
             ));
         }
         problems.extend(lock_table_problem(self.partitions, self.lock_table));
+        if !self.staged_tables_left.is_empty() {
+            problems.push(format!(
+                "{} table(s) left by an initial load that did not end ({}): they hold its months' rows, which it \
+                 never put in place; the next initial load drops them, or DROP TABLE them",
+                self.staged_tables_left.len(),
+                self.staged_tables_left.join(", ")
+            ));
+        }
         if self.months_without_statistics > 0 && !self.autovacuum_analyzes_months {
             problems.push(format!(
                 "{} month(s) of tickets and tag links hold rows but have no statistics, and autovacuum will not \

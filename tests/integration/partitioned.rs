@@ -444,13 +444,20 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
     let (db, dir) = partitioned_db("initial-load-staged");
     let file = dir.join("three.csv");
     let today = db.strings("SELECT to_char(now(), 'YYYY-MM-DD')").remove(0);
+    let next = db
+        .strings("SELECT to_char(now() + interval '1 month', 'YYYY-MM-DD')")
+        .remove(0);
     std::fs::write(
         &file,
-        format!("{TWO_MONTHS}C-1,Of today,open,cat@example.com,vip,{today}T01:00:00Z\n"),
+        format!(
+            "{TWO_MONTHS}C-1,Of today,open,cat@example.com,vip,{today}T01:00:00Z\n\
+             D-1,Of next month,open,dan@example.com,vip,{next}T01:00:00Z\n"
+        ),
     )
     .unwrap();
-    // This month's, made ahead by pg_partman.
+    // This month's and the next, made ahead by pg_partman.
     let month = partition_of_time(&db, &format!("{today}T01:00:00Z"));
+    let next_month = partition_of_time(&db, &format!("{next}T01:00:00Z"));
     let indexes = |db: &TestDb| {
         db.strings(
             "SELECT c.relname::text FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
@@ -459,7 +466,15 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
     };
     let before = indexes(&db);
     let staged_tables = "SELECT count(*) FROM pg_class WHERE relname LIKE 'ticketops\\_staged\\_%'";
+    // What a killed load leaves (pid 1 is no server process): doctor names it.
     db.execute("CREATE TABLE ticketops_staged_1_0 (id bigint)");
+    let run = ticketops(Some(&db), &dir, &["--json", "doctor"]).run();
+    run.expect_code(1)
+        .stderr_has("1 table(s) left by an initial load that did not end (ticketops_staged_1_0)");
+    assert_eq!(
+        run.json()["partitions"]["staged_tables_left"][0],
+        "ticketops_staged_1_0"
+    );
     db.execute(&format!(
         "CREATE FUNCTION no_c1() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN IF NEW.external_id = 'C-1' THEN RAISE EXCEPTION 'no C-1 here'; END IF; RETURN NEW; END $$;
@@ -487,9 +502,10 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
         "DROP TRIGGER no_c1 ON {month}; CREATE INDEX {month}_subject_idx ON {month} (subject)"
     ));
     let run = load();
-    assert_eq!(run.expect_code(0).json()["inserted"], 3, "{}", run.explain());
+    assert_eq!(run.expect_code(0).json()["inserted"], 4, "{}", run.explain());
     assert_eq!(partition_of(&db, "A-1"), "tickets_p2023_03");
     assert_eq!(partition_of(&db, "C-1"), month);
+    assert_eq!(partition_of(&db, "D-1"), next_month);
     assert_eq!(db.scalar(staged_tables), 0);
     assert_eq!(
         db.strings(&format!(
@@ -499,7 +515,21 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
         [format!("{month}_subject_idx")],
         "the month's own index kept"
     );
-    // A swapped month: named, indexed and keyed as pg_partman's, with no constraint of its own.
+    // Swapped months: named, indexed and keyed as pg_partman's, with no constraint or storage
+    // option of their own, and referenced by their months of tag links and comments.
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM pg_class WHERE oid IN ('tickets_p2023_03'::regclass, '{next_month}'::regclass)
+             AND reloptions IS NULL"
+        )),
+        2
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid = '{next_month}'::regclass"
+        )),
+        2
+    );
     assert_eq!(
         indexes(&db)
             .into_iter()
@@ -526,7 +556,7 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
         &["--json", "import", "tickets", file.to_str().unwrap()],
     )
     .run();
-    assert_eq!(run.expect_code(0).json()["unchanged"], 3, "{}", run.explain());
+    assert_eq!(run.expect_code(0).json()["unchanged"], 4, "{}", run.explain());
 }
 
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it

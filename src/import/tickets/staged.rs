@@ -34,6 +34,8 @@ pub(super) struct StagedMonths {
     open: bool,
     /// This load's prefix.
     prefix: String,
+    /// The schema of tickets, where the staged tables go (quoted).
+    schema: String,
     /// The columns (and CHECK constraints) of tickets, as `CREATE TABLE` takes them.
     columns: String,
     /// The names of the columns of tickets, in their order.
@@ -46,8 +48,9 @@ pub(super) struct StagedMonths {
 struct StagedMonth {
     /// The month of tickets, as the catalog names it.
     month: String,
-    /// The staged table.
+    /// The staged table: its name, and with its schema.
     table: String,
+    qualified: String,
     from: chrono::DateTime<chrono::Utc>,
     until: chrono::DateTime<chrono::Utc>,
     rows: u64,
@@ -82,12 +85,18 @@ impl StagedMonths {
         }
         let prefix: Name =
             sql_query(format!("SELECT '{PREFIX}' || pg_backend_pid() || '_' AS name")).get_result(&mut conn)?;
+        let schema: Name = sql_query(
+            "SELECT quote_ident(n.nspname) AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = 'tickets'::regclass",
+        )
+        .get_result(&mut conn)?;
         conn.batch_execute("BEGIN")?;
         Ok(StagedMonths {
             conn,
             pool: pool.clone(),
             open: true,
             prefix: prefix.name,
+            schema: schema.name,
             columns: columns.definitions,
             column_names: columns.names,
             months: Vec::new(),
@@ -102,12 +111,19 @@ impl StagedMonths {
             Some(&index) => index,
             None => {
                 let table = format!("{}{}", self.prefix, self.months.len());
-                sql_query(format!("CREATE TABLE {table} ({})", self.columns))
-                    .execute(&mut *self.conn)
-                    .with_context(|| format!("cannot create a table for the rows of {}", month.name))?;
+                let qualified = format!("{}.{table}", self.schema);
+                // Autovacuum kept off until it is a month: it would hold up the index builds and
+                // the swap (for up to deadlock_timeout, when it yields).
+                sql_query(format!(
+                    "CREATE TABLE {qualified} ({}) WITH (autovacuum_enabled = false)",
+                    self.columns
+                ))
+                .execute(&mut *self.conn)
+                .with_context(|| format!("cannot create a table for the rows of {}", month.name))?;
                 self.months.push(StagedMonth {
                     month: month.name.clone(),
                     table,
+                    qualified,
                     from: month.from,
                     until: month.until,
                     rows: 0,
@@ -117,7 +133,7 @@ impl StagedMonths {
             }
         };
         self.months[index].rows += rows as u64;
-        Ok(&self.months[index].table)
+        Ok(&self.months[index].qualified)
     }
 
     /// The staging connection, for the COPYs into the staged tables.
@@ -211,29 +227,39 @@ impl StagedMonths {
                 .iter()
                 .find(|m| m.name == staged.month)
                 .with_context(|| format!("the month {} is gone", staged.month))?;
-            let table = &staged.table;
+            let (table, qualified) = (&staged.table, &staged.qualified);
             let statements = if month.plain {
                 let relname = quote_ident(&month.relname);
                 let mut statements = vec![
                     format!("DROP TABLE {}", staged.month),
-                    format!("ALTER TABLE {table} RENAME TO {relname}"),
+                    format!("ALTER TABLE {qualified} RENAME TO {relname}"),
                     format!(
                         "ALTER TABLE tickets ATTACH PARTITION {} FOR VALUES FROM ('{}') TO ('{}')",
                         staged.month,
                         staged.from.to_rfc3339(),
                         staged.until.to_rfc3339()
                     ),
-                    format!("ALTER TABLE {} DROP CONSTRAINT {table}_bound", staged.month),
+                    format!(
+                        "ALTER TABLE {} DROP CONSTRAINT {table}_bound, RESET (autovacuum_enabled)",
+                        staged.month
+                    ),
                 ];
+                let mut names = std::collections::HashSet::new();
                 for (k, d) in definitions.iter().enumerate().filter(|(_, d)| d.table() == "tickets") {
-                    let name = truncated(format!("{}_{}", month.relname, d.suffix()));
-                    statements.push(format!("ALTER INDEX {table}_{k} RENAME TO {}", quote_ident(&name)));
-                    ready.insert((staged.month.clone(), k), quote_ident(&name));
+                    let mut name = truncated(format!("{}_{}", month.relname, d.suffix()));
+                    // (two long names cut to the same: the second numbered, as PostgreSQL does)
+                    if !names.insert(name.clone()) {
+                        name = truncated(format!("{}_{}{k}", month.relname, d.suffix()));
+                        names.insert(name.clone());
+                    }
+                    let name = quote_ident(&name);
+                    statements.push(format!("ALTER INDEX {}.{table}_{k} RENAME TO {name}", self.schema));
+                    ready.insert((staged.month.clone(), k), format!("{}.{name}", self.schema));
                 }
                 statements
             } else {
                 vec![format!(
-                    "INSERT INTO {} ({columns}) SELECT {columns} FROM {table}",
+                    "INSERT INTO {} ({columns}) SELECT {columns} FROM {qualified}",
                     staged.month,
                     columns = self.column_names
                 )]
@@ -297,7 +323,7 @@ fn build_month(
     month: &StagedMonth,
     definitions: &[(usize, &Definition)],
 ) -> anyhow::Result<()> {
-    let table = &month.table;
+    let (table, qualified) = (&month.table, &month.qualified);
     let mut statements = vec![
         "BEGIN".to_owned(),
         "SET LOCAL statement_timeout = 0".to_owned(),
@@ -306,13 +332,13 @@ fn build_month(
         "SET LOCAL max_parallel_maintenance_workers = 0".to_owned(),
         // (created_at, the partition key of tickets)
         format!(
-            "ALTER TABLE {table} ADD CONSTRAINT {table}_bound CHECK (created_at >= '{}' AND created_at < '{}')",
+            "ALTER TABLE {qualified} ADD CONSTRAINT {table}_bound CHECK (created_at >= '{}' AND created_at < '{}')",
             month.from.to_rfc3339(),
             month.until.to_rfc3339()
         ),
     ];
     for (k, d) in definitions {
-        statements.push(d.on_staged(table, &format!("{table}_{k}"))?);
+        statements.push(d.on_staged(qualified, &format!("{table}_{k}"))?);
     }
     statements.push("COMMIT".to_owned());
     let result = conn.batch_execute(&statements.join("; "));
@@ -335,7 +361,7 @@ impl Drop for StagedMonths {
         for staged in &self.months {
             let _ = self
                 .conn
-                .batch_execute(&format!("DROP TABLE IF EXISTS {}", staged.table));
+                .batch_execute(&format!("DROP TABLE IF EXISTS {}", staged.qualified));
         }
         let _ = self.conn.batch_execute("RESET lock_timeout");
     }
