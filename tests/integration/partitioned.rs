@@ -501,11 +501,19 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
     db.execute(&format!(
         "DROP TRIGGER no_c1 ON {month}; CREATE INDEX {month}_subject_idx ON {month} (subject)"
     ));
+    let oid = |month: &str| db.scalar(&format!("SELECT '{month}'::regclass::oid::bigint"));
+    let (kept, swapped) = (oid(&month), oid(&next_month));
     let run = load();
     assert_eq!(run.expect_code(0).json()["inserted"], 4, "{}", run.explain());
     assert_eq!(partition_of(&db, "A-1"), "tickets_p2023_03");
     assert_eq!(partition_of(&db, "C-1"), month);
     assert_eq!(partition_of(&db, "D-1"), next_month);
+    assert_eq!(oid(&month), kept, "the month with an index of its own kept");
+    assert_ne!(
+        oid(&next_month),
+        swapped,
+        "the empty month made ahead replaced by the staged one"
+    );
     assert_eq!(db.scalar(staged_tables), 0);
     assert_eq!(
         db.strings(&format!(
