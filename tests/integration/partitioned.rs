@@ -447,17 +447,23 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
     let next = db
         .strings("SELECT to_char(now() + interval '1 month', 'YYYY-MM-DD')")
         .remove(0);
+    let after = db
+        .strings("SELECT to_char(now() + interval '2 months', 'YYYY-MM-DD')")
+        .remove(0);
     std::fs::write(
         &file,
         format!(
             "{TWO_MONTHS}C-1,Of today,open,cat@example.com,vip,{today}T01:00:00Z\n\
-             D-1,Of next month,open,dan@example.com,vip,{next}T01:00:00Z\n"
+             D-1,Of next month,open,dan@example.com,vip,{next}T01:00:00Z\n\
+             E-1,Of the month after,open,eve@example.com,vip,{after}T01:00:00Z\n"
         ),
     )
     .unwrap();
     // This month's and the next, made ahead by pg_partman.
     let month = partition_of_time(&db, &format!("{today}T01:00:00Z"));
     let next_month = partition_of_time(&db, &format!("{next}T01:00:00Z"));
+    let viewed_month = partition_of_time(&db, &format!("{after}T01:00:00Z"));
+    db.execute(&format!("CREATE VIEW viewed AS SELECT external_id FROM {viewed_month}"));
     let indexes = |db: &TestDb| {
         db.strings(
             "SELECT c.relname::text FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
@@ -502,13 +508,15 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
         "DROP TRIGGER no_c1 ON {month}; CREATE INDEX {month}_subject_idx ON {month} (subject)"
     ));
     let oid = |month: &str| db.scalar(&format!("SELECT '{month}'::regclass::oid::bigint"));
-    let (kept, swapped) = (oid(&month), oid(&next_month));
+    let (kept, swapped, viewed) = (oid(&month), oid(&next_month), oid(&viewed_month));
     let run = load();
-    assert_eq!(run.expect_code(0).json()["inserted"], 4, "{}", run.explain());
+    assert_eq!(run.expect_code(0).json()["inserted"], 5, "{}", run.explain());
     assert_eq!(partition_of(&db, "A-1"), "tickets_p2023_03");
     assert_eq!(partition_of(&db, "C-1"), month);
     assert_eq!(partition_of(&db, "D-1"), next_month);
     assert_eq!(oid(&month), kept, "the month with an index of its own kept");
+    assert_eq!(oid(&viewed_month), viewed, "the month a view reads kept");
+    assert_eq!(db.strings("SELECT external_id FROM viewed"), ["E-1"]);
     assert_ne!(
         oid(&next_month),
         swapped,
@@ -564,7 +572,7 @@ fn an_initial_load_puts_its_staged_months_in_place_and_keeps_a_month_that_has_it
         &["--json", "import", "tickets", file.to_str().unwrap()],
     )
     .run();
-    assert_eq!(run.expect_code(0).json()["unchanged"], 4, "{}", run.explain());
+    assert_eq!(run.expect_code(0).json()["unchanged"], 5, "{}", run.explain());
 }
 
 /// The initial load holds each month's rows in unnamed temporary files in TMPDIR: where it

@@ -189,7 +189,10 @@ impl StagedMonths {
     /// In the load's transaction, after [`build`](Self::build): each staged table in place of
     /// its month, which is dropped (empty: the load writes the months' rows here), and its
     /// indexes named as the month's own would be. A month with anything of its own (an index,
-    /// a trigger, a constraint, storage options, grants, another owner) is kept, and gets the
+    /// a trigger, a constraint, storage options, column statistics targets, grants, policies,
+    /// statistics objects,
+    /// a publication, a comment, another owner, something that depends on it such as a view)
+    /// is kept, and gets the
     /// staged rows copied in instead, its indexes built by `recreate_by_month`. Returns the
     /// indexes ready for the parent's: by month and definition (its place in `definitions`).
     pub(super) fn swap_in(
@@ -214,6 +217,17 @@ impl StagedMonths {
                     AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid)
                     AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.conislocal)
                     AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgparentid = 0)
+                    AND NOT EXISTS (SELECT 1 FROM pg_policy po WHERE po.polrelid = c.oid)
+                    AND NOT EXISTS (SELECT 1 FROM pg_statistic_ext x WHERE x.stxrelid = c.oid)
+                    AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prrelid = c.oid)
+                    AND NOT EXISTS (SELECT 1 FROM pg_description de
+                                    WHERE de.classoid = 'pg_class'::regclass AND de.objoid = c.oid)
+                    AND NOT EXISTS (SELECT 1 FROM pg_attribute at WHERE at.attrelid = c.oid AND at.attnum > 0
+                                      AND at.attstattarget >= 0)
+                    -- (a view on it, say: what would keep the month from being dropped)
+                    AND NOT EXISTS (SELECT 1 FROM pg_depend dep
+                                    WHERE dep.refclassid = 'pg_class'::regclass AND dep.refobjid = c.oid
+                                      AND dep.deptype = 'n')
                     AS plain
              FROM unnest($1::text[]) m(name) JOIN pg_class c ON c.oid = m.name::regclass
              JOIN pg_class p ON p.oid = 'tickets'::regclass
