@@ -39,7 +39,9 @@ pub enum What {
         /// transaction (users stay readable but no other session can write them until it ends;
         /// an empty users table is loaded bare the same way). On the partitioned layout each
         /// month's rows are held in temporary files in TMPDIR (up to 32 MiB each) for one COPY
-        /// a month
+        /// a month, the months of tickets staged in tables of their own (ticketops_staged_*)
+        /// indexed on two more connections and swapped in at the end; tickets stays as it was
+        /// until the load commits
         #[arg(long)]
         initial_load: bool,
     },
