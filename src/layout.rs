@@ -884,17 +884,26 @@ fn months_without(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<St
     Ok(months.into_iter().map(|m| m.name).collect())
 }
 
-/// The tables of initial loads' staged months whose load's connection (the pid in their name)
-/// is gone.
-fn staged_tables_left(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+/// The prefix of the tables an initial load stages its months of tickets in
+/// (`ticketops_staged_<pid>_<n>`, the pid of the connection that made them; see
+/// `import::tickets::staged`).
+pub const STAGED_TABLE_PREFIX: &str = "ticketops_staged_";
+
+/// The tables of initial loads' staged months, in the schema of tickets; `abandoned`: only those
+/// whose load's connection (the pid in their name) is gone.
+pub fn staged_tables(conn: &mut PgConnection, abandoned: bool) -> anyhow::Result<Vec<String>> {
     let tables: Vec<crate::db::Name> = sql_query(
         "SELECT c.oid::regclass::text AS name FROM pg_class c
-         WHERE c.relname LIKE 'ticketops\\_staged\\_%' AND c.relkind = 'r'
-           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid::text = split_part(c.relname, '_', 3))
+         WHERE c.relname LIKE $1 AND c.relkind = 'r'
+           AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tickets'::regclass)
+           AND NOT ($2 AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid::text = split_part(c.relname, '_', 3)))
          ORDER BY 1",
     )
+    .bind::<Text, _>(format!("{}%", STAGED_TABLE_PREFIX.replace('_', "\\_")))
+    .bind::<diesel::sql_types::Bool, _>(abandoned)
     .load(conn)
-    .context("cannot look for tables left by an initial load")?;
+    .context("cannot look for the tables of initial loads' staged months")?;
     Ok(tables.into_iter().map(|t| t.name).collect())
 }
 
@@ -993,7 +1002,7 @@ impl PartitionHealth {
             recent_since,
             lock_table: lock_table.n,
             months_without_statistics: without_statistics.n,
-            staged_tables_left: staged_tables_left(conn)?,
+            staged_tables_left: staged_tables(conn, true)?,
             autovacuum_analyzes_months: autovacuum_analyzes_months(conn)?,
         })
     }

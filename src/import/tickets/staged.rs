@@ -19,12 +19,10 @@ use diesel::connection::SimpleConnection as _;
 use diesel::sql_types::{Array, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl, sql_query};
 
-use crate::db::{Pool, PooledConn};
+use crate::db::{Name, Pool, PooledConn};
 use crate::import::initial_load::Definition;
 use crate::layout::MonthlyPartition;
-
-/// The prefix of staged tables' names (a load's own: `ticketops_staged_<pid>_`).
-const PREFIX: &str = "ticketops_staged_";
+use crate::layout::STAGED_TABLE_PREFIX;
 
 pub(super) struct StagedMonths {
     /// The staging connection: in the staging transaction until [`build`](Self::build).
@@ -56,35 +54,22 @@ struct StagedMonth {
     rows: u64,
 }
 
-#[derive(QueryableByName)]
-struct Name {
-    #[diesel(sql_type = Text)]
-    name: String,
-}
-
 impl StagedMonths {
     /// Opens the staging connection and its transaction, once the load holds tickets: drops
     /// what a killed load left. `columns`: [`columns_of_tickets`], read before.
     pub(super) fn start(pool: &Pool, columns: TicketColumns) -> anyhow::Result<StagedMonths> {
         let mut conn = crate::db::get(pool)?;
-        let leftovers: Vec<Name> = sql_query(
-            "SELECT c.oid::regclass::text AS name FROM pg_class c
-             WHERE c.relname LIKE 'ticketops\\_staged\\_%' AND c.relkind = 'r'
-               AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tickets'::regclass)",
-        )
-        .load(&mut conn)?;
+        // (Any: a load that is staging holds tickets, which this one holds now.)
+        let leftovers = crate::layout::staged_tables(&mut conn, false)?;
         for leftover in leftovers {
-            sql_query(format!("DROP TABLE IF EXISTS {}", leftover.name))
+            sql_query(format!("DROP TABLE IF EXISTS {}", leftover))
                 .execute(&mut conn)
-                .with_context(|| {
-                    format!(
-                        "cannot drop {}, left by an initial load that did not end",
-                        leftover.name
-                    )
-                })?;
+                .with_context(|| format!("cannot drop {}, left by an initial load that did not end", leftover))?;
         }
-        let prefix: Name =
-            sql_query(format!("SELECT '{PREFIX}' || pg_backend_pid() || '_' AS name")).get_result(&mut conn)?;
+        let prefix: Name = sql_query(format!(
+            "SELECT '{STAGED_TABLE_PREFIX}' || pg_backend_pid() || '_' AS name"
+        ))
+        .get_result(&mut conn)?;
         let schema: Name = sql_query(
             "SELECT quote_ident(n.nspname) AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.oid = 'tickets'::regclass",
